@@ -1,0 +1,46 @@
+"""Reference paged attention over a ragged batch, in plain torch (CPU and GPU).
+
+Queries of each sequence are gathered into a padded [B, heads, max_q, head_dim] block and
+attend to that sequence's cached keys, gathered through its page table. A faster kernel
+can replace this behind the same signature.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from worker.plan import AttentionPlan
+
+
+def attention_mask(plan: AttentionPlan, sliding_window: int | None) -> torch.Tensor:
+    """[B, 1, max_q, max_kv] bool: causal, within the sequence, within the window."""
+    max_kv = plan.kv_index.shape[1]
+    kv_pos = torch.arange(max_kv, device=plan.kv_index.device)
+    q_pos = plan.q_pos[:, :, None]
+    mask = (kv_pos[None, None, :] <= q_pos) & (kv_pos[None, None, :] < plan.kv_len[:, None, None])
+    if sliding_window is not None:
+        mask &= kv_pos[None, None, :] > q_pos - sliding_window
+    # Padded query rows attend to key 0 so softmax has no all-masked row (their output is dropped).
+    mask[:, :, 0] |= ~plan.q_valid
+    return mask[:, None]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    plan: AttentionPlan,
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, heads, head_dim]; keys/values: one layer's cache [slots, kv_heads, head_dim].
+
+    Returns [T, heads, head_dim].
+    """
+    q_padded = q[plan.q_index].transpose(1, 2)  # [B, H, max_q, D]
+    k = keys[plan.kv_index].transpose(1, 2)  # [B, KVH, max_kv, D]
+    v = values[plan.kv_index].transpose(1, 2)
+    out = F.scaled_dot_product_attention(q_padded, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    # Sequences are contiguous in the flat batch, so valid rows in [B, max_q] order are flat order.
+    return out.transpose(1, 2)[plan.q_valid]

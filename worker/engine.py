@@ -1,0 +1,275 @@
+"""The worker engine: executes the scheduler's commands, owns every tensor.
+
+Mechanism only: which adapter goes to which slot, what to stage or evict, is decided by the
+caller. Commands never block on a copy unless asked to (`blocking=True`, the seed's
+baseline); `poll` reports finished staging and loads without blocking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from worker.batch import NO_ADAPTER, ForwardOutput, SampledToken, SequenceInput
+from worker.errors import AdapterNotFoundError, AdapterStateError, CapacityError
+from worker.kv_cache import PagedKVCache
+from worker.lora.adapter import TARGET_MODULES, AdapterManifest, read_adapter_manifest
+from worker.lora.copier import CudaCopier, LayerCopiedHook, LoadJob, ThreadCopier
+from worker.lora.host_cache import HostCache
+from worker.lora.slots import LoraSlots
+from worker.model.config import DTYPES, ModelConfig, load_model_config
+from worker.model.llama import LlamaModel, fuse_weights
+from worker.model.weights import dummy_weights, load_safetensors
+from worker.plan import ForwardPlan, LoraSegment, build_plan
+from worker.sampling import sample, validate_sampling
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str
+    load_format: Literal["safetensors", "dummy"] = "safetensors"
+    dtype: str = "auto"  # "auto" takes the checkpoint's dtype
+    device: str = "auto"  # "auto" takes CUDA when present
+    page_size: int = 16
+    num_kv_pages: int = 1024
+    max_loras_per_batch: int = 8
+    max_lora_rank: int = 64
+    lora_target_modules: tuple[str, ...] = TARGET_MODULES
+    max_loaded_loras: int = 16
+    host_cache_bytes: int = 1 << 30
+    seed: int = 0  # for dummy weights
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    path: Path
+    rank: int
+    nbytes: int
+    modules: frozenset[str]
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    staged: list[str] = field(default_factory=list)
+    loaded: list[tuple[str, int]] = field(default_factory=list)  # (adapter, slot)
+    failed: list[tuple[str, Exception]] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, *, load_hook: LayerCopiedHook | None = None) -> None:
+        self.config = config
+        self.device = _device(config.device)
+        self.model_config = load_model_config(config.model_path)
+        self.dtype = _dtype(config.dtype, self.model_config)
+        self.model = LlamaModel(self.model_config, self._load_weights(), self.device)
+        c = self.model_config
+        self.kv_cache = PagedKVCache(
+            num_layers=c.num_layers, num_pages=config.num_kv_pages, page_size=config.page_size,
+            num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=self.dtype, device=self.device,
+        )
+        self.slots = LoraSlots(
+            c, num_slots=config.max_loras_per_batch, max_rank=config.max_lora_rank,
+            modules=config.lora_target_modules, dtype=self.dtype, device=self.device,
+        )
+        on_gpu = self.device.type == "cuda"
+        self.host_cache = HostCache(c, config.host_cache_bytes, config.max_loaded_loras, self.dtype, pin=on_gpu)
+        self.copier = (CudaCopier(self.slots, c.num_layers, self.device, load_hook) if on_gpu
+                       else ThreadCopier(self.slots, c.num_layers, load_hook))
+        self.adapters: dict[str, AdapterManifest] = {}
+        self.pending: dict[int, LoadJob] = {}  # slot -> load in flight
+
+    # Adapters -------------------------------------------------------------------------
+
+    def register_adapter(self, name: str, path: str | Path) -> AdapterInfo:
+        """Validates the adapter's files against this model; reads no weights."""
+        if name in self.adapters:
+            raise AdapterStateError(f"adapter {name!r} is already registered")
+        manifest = read_adapter_manifest(path, self.model_config, self.config.max_lora_rank)
+        self.slots.check_servable(name, manifest.modules)
+        self.adapters[name] = manifest
+        return self.adapter_info(name)
+
+    def adapter_info(self, name: str) -> AdapterInfo:
+        manifest = self._manifest(name)
+        nbytes = manifest.nbytes(self.model_config, self.dtype.itemsize)
+        return AdapterInfo(name, manifest.path, manifest.max_rank, nbytes, manifest.modules)
+
+    def unregister_adapter(self, name: str) -> None:
+        self._manifest(name)
+        if name in self.slots.occupants:
+            raise AdapterStateError(f"adapter {name!r} occupies a GPU slot; evict it first")
+        self.host_cache.evict(name)
+        del self.adapters[name]
+
+    def stage_adapter(self, name: str) -> None:
+        """Starts reading the adapter from disk into the pinned host cache."""
+        self.host_cache.stage(name, self._manifest(name))
+
+    def wait_staged(self, name: str) -> None:
+        self._manifest(name)
+        if name not in self.host_cache.entries:
+            raise AdapterStateError(f"adapter {name!r} is not being staged")
+        self.host_cache.wait(name)
+
+    def evict_host(self, name: str) -> None:
+        self.host_cache.evict(name)
+
+    def load_adapter(self, name: str, slot: int, *, blocking: bool = False) -> None:
+        """Copies a staged adapter into `slot` on the load stream (or waits, if blocking)."""
+        adapter = self._staged(name)
+        self._check_slot_free_for(name, slot)
+        self.slots.assign(slot, adapter)
+        job = LoadJob(name, slot, adapter, adapter.nbytes)
+        adapter.copies_in_flight += 1
+        self.pending[slot] = job
+        self.copier.start(job)
+        if blocking:
+            self.copier.wait(job)
+
+    def evict_slot(self, slot: int) -> None:
+        if slot in self.pending:
+            raise AdapterStateError(f"slot {slot} has a load in flight")
+        self.slots.clear(slot)
+
+    def slot_of(self, name: str) -> int | None:
+        return self.slots.occupants.index(name) if name in self.slots.occupants else None
+
+    def poll(self) -> LoadReport:
+        """Finished staging and loads since the last poll; never blocks."""
+        report = LoadReport()
+        for result in self.host_cache.poll():
+            if result.error is None:
+                report.staged.append(result.name)
+            else:
+                report.failed.append((result.name, result.error))
+        for slot, job in list(self.pending.items()):
+            if self.copier.is_done(job):
+                self._finish_load(job, report)
+        return report
+
+    def _finish_load(self, job: LoadJob, report: LoadReport) -> None:
+        del self.pending[job.slot]
+        job.adapter.copies_in_flight -= 1
+        error = job.finished.exception() if job.finished.done() else None
+        if error is None:
+            report.loaded.append((job.name, job.slot))
+        else:
+            self.slots.clear(job.slot)
+            report.failed.append((job.name, error))
+
+    # Forward --------------------------------------------------------------------------
+
+    def forward(self, inputs: Sequence[SequenceInput], *, return_logits: bool = False) -> ForwardOutput:
+        for seq in inputs:
+            validate_sampling(seq.sampling)
+            self._check_slot_served(seq)
+        plan = build_plan(
+            inputs, page_size=self.config.page_size, num_pages=self.config.num_kv_pages,
+            vocab_size=self.model_config.vocab_size, device=self.device,
+        )
+        lora = _ForwardLora(self, plan)
+        with torch.inference_mode(), self.copier.reading(plan.active_slots):
+            hidden = self.model.forward(plan, self.kv_cache, lora)
+            tokens = self._sample(plan, hidden)
+            logits = self._all_logits(plan, hidden) if return_logits else None
+        return ForwardOutput(tokens=tokens, logits=logits)
+
+    def _sample(self, plan: ForwardPlan, hidden: torch.Tensor) -> list[SampledToken]:
+        chosen = [i for i, seq in enumerate(plan.sequences) if seq.sample]
+        if not chosen:
+            return []
+        rows = [plan.seq_starts[i] + len(plan.sequences[i].token_ids) - 1 for i in chosen]
+        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        seqs = [plan.sequences[i] for i in chosen]
+        token_ids, logprobs = sample(logits, [s.sampling for s in seqs], [s.total_len for s in seqs])
+        by_caller_order = sorted(zip((plan.order[i] for i in chosen), seqs, token_ids, logprobs))
+        return [SampledToken(seq.request_id, token, logprob) for _, seq, token, logprob in by_caller_order]
+
+    def _all_logits(self, plan: ForwardPlan, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.model.logits(hidden).cpu()
+        return {
+            seq.request_id: logits[start:start + len(seq.token_ids)]
+            for seq, start in zip(plan.sequences, plan.seq_starts)
+        }
+
+    def close(self) -> None:
+        self.copier.close()
+        self.host_cache.close()
+
+    # Helpers --------------------------------------------------------------------------
+
+    def _load_weights(self) -> "object":
+        path = Path(self.config.model_path)
+        if self.config.load_format == "dummy":
+            tensors = dummy_weights(self.model_config, self.dtype, self.device, self.config.seed)
+        elif self.config.load_format == "safetensors":
+            tensors = load_safetensors(path, self.model_config, self.dtype, self.device)
+        else:
+            raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.config.load_format!r}")
+        return fuse_weights(self.model_config, tensors)
+
+    def _manifest(self, name: str) -> AdapterManifest:
+        if name not in self.adapters:
+            raise AdapterNotFoundError(f"adapter {name!r} is not registered")
+        return self.adapters[name]
+
+    def _staged(self, name: str):
+        self._manifest(name)
+        entry = self.host_cache.entries.get(name)
+        if entry is None or not entry.is_ready():
+            raise AdapterStateError(f"adapter {name!r} is not staged in the host cache yet")
+        return entry
+
+    def _check_slot_free_for(self, name: str, slot: int) -> None:
+        if not 0 <= slot < self.slots.num_slots:
+            raise CapacityError(f"slot {slot} outside [0, {self.slots.num_slots})")
+        if slot in self.pending:
+            raise AdapterStateError(f"slot {slot} has a load in flight")
+        other = self.slot_of(name)
+        if other is not None and other != slot:
+            raise AdapterStateError(f"adapter {name!r} already occupies slot {other}")
+
+    def _check_slot_served(self, seq: SequenceInput) -> None:
+        slot = seq.adapter_slot
+        if slot == NO_ADAPTER:
+            return
+        if not 0 <= slot < self.slots.num_slots or self.slots.occupants[slot] is None:
+            raise ValueError(f"request {seq.request_id}: adapter slot {slot} holds no adapter")
+
+
+class _ForwardLora:
+    """The model's LoRA hook for one forward: waits per layer on loads still landing."""
+
+    def __init__(self, engine: Engine, plan: ForwardPlan) -> None:
+        self.slots = engine.slots
+        self.copier = engine.copier
+        self.segments: list[LoraSegment] = plan.lora_segments
+        self.landing = [job for slot, job in engine.pending.items() if slot in plan.active_slots]
+
+    def before_layer(self, layer: int) -> None:
+        for job in self.landing:
+            self.copier.wait_layer(job, layer)
+
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
+        if self.segments:
+            self.slots.add_delta(out, x, layer, module, self.segments)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dtype(name: str, model: ModelConfig) -> torch.dtype:
+    if name == "auto":
+        checkpoint_dtype = getattr(model.hf_config, "dtype", None) or torch.float32
+        return checkpoint_dtype if isinstance(checkpoint_dtype, torch.dtype) else DTYPES[str(checkpoint_dtype)]
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]

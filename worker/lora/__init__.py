@@ -1,0 +1,1 @@
+"""LoRA adapters: validation, pinned host cache, GPU slots and asynchronous loads."""

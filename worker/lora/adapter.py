@@ -1,0 +1,200 @@
+"""Reading and validating PEFT LoRA adapter directories without loading their weights.
+
+Validation reads adapter_config.json and the safetensors header only, so registering an
+adapter is cheap and every reason it cannot be served is reported before any load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from worker.errors import (
+    AdapterNotFoundError,
+    AdapterRankError,
+    AdapterShapeError,
+    CorruptAdapterError,
+    PickleRefusedError,
+    UnsupportedAdapterError,
+)
+from worker.model.config import ModelConfig
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_UNSERVABLE_TARGETS = ("embed_tokens", "lm_head")
+_LORA_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$"
+)
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """One adapted linear module of one layer: delta(x) = scaling * (x @ A.T) @ B.T."""
+
+    layer: int
+    module: str
+    rank: int
+    scaling: float
+    a_key: str  # safetensors key of A, shape [rank, in_features]
+    b_key: str  # safetensors key of B, shape [out_features, rank]
+
+
+@dataclass(frozen=True)
+class FileFingerprint:
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class AdapterManifest:
+    """A validated adapter: where its tensors are and how to scale them."""
+
+    path: Path
+    targets: tuple[LoraTarget, ...]
+    max_rank: int
+    fingerprint: FileFingerprint
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+    @property
+    def modules(self) -> frozenset[str]:
+        return frozenset(t.module for t in self.targets)
+
+    def nbytes(self, model: ModelConfig, element_size: int) -> int:
+        shapes = model.module_shapes()
+        return sum(t.rank * sum(shapes[t.module]) * element_size for t in self.targets)
+
+
+def read_adapter_manifest(path: str | Path, model: ModelConfig, max_lora_rank: int) -> AdapterManifest:
+    directory = Path(path)
+    config = _read_config(directory)
+    _check_config(config)
+    weights = _weights_file(directory)
+    targets = _read_targets(weights, config, model)
+    max_rank = max(t.rank for t in targets)
+    if max_rank > max_lora_rank:
+        raise AdapterRankError(f"adapter {directory} has rank {max_rank}, above max_lora_rank {max_lora_rank}")
+    stat = weights.stat()
+    return AdapterManifest(directory, targets, max_rank, FileFingerprint(stat.st_size, stat.st_mtime_ns))
+
+
+def _read_config(directory: Path) -> dict:
+    if not directory.is_dir():
+        raise AdapterNotFoundError(f"adapter directory {directory} does not exist")
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterNotFoundError(f"{directory} has no {CONFIG_FILE}: not a PEFT adapter directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CorruptAdapterError(f"{config_path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise CorruptAdapterError(f"{config_path} must hold a JSON object")
+    return config
+
+
+def _check_config(config: dict) -> None:
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise UnsupportedAdapterError(f"peft_type {peft_type!r} is not supported; only LORA adapters are")
+    if config.get("use_dora"):
+        raise UnsupportedAdapterError("DoRA adapters (use_dora=true) are not supported")
+    if config.get("modules_to_save"):
+        raise UnsupportedAdapterError(
+            f"modules_to_save {config['modules_to_save']} is not supported: it replaces base weights per adapter"
+        )
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise UnsupportedAdapterError("adapters with trained biases are not supported (bias must be 'none')")
+    targets = config.get("target_modules") or []
+    if isinstance(targets, list):
+        unservable = [t for t in targets if t.split(".")[-1] in _UNSERVABLE_TARGETS]
+        if unservable:
+            raise UnsupportedAdapterError(
+                f"target modules {unservable} cannot be served; supported: {', '.join(TARGET_MODULES)}"
+            )
+
+
+def _weights_file(directory: Path) -> Path:
+    weights = directory / WEIGHTS_FILE
+    if weights.is_file():
+        return weights
+    pickled = [name for name in PICKLE_WEIGHTS_FILES if (directory / name).is_file()]
+    if pickled:
+        raise PickleRefusedError(
+            f"{directory} holds only {pickled[0]}, a pickle file; loading pickles can run arbitrary code, "
+            f"so only {WEIGHTS_FILE} is accepted (convert it with safetensors)"
+        )
+    raise AdapterNotFoundError(f"{directory} has no {WEIGHTS_FILE}")
+
+
+def _read_targets(weights: Path, config: dict, model: ModelConfig) -> tuple[LoraTarget, ...]:
+    shapes = _header_shapes(weights)
+    pairs: dict[tuple[int, str], dict[str, str]] = {}
+    for key in shapes:
+        layer, module, which = _parse_key(key, model)
+        pairs.setdefault((layer, module), {})[which] = key
+    if not pairs:
+        raise CorruptAdapterError(f"{weights} holds no LoRA tensors")
+    targets = [
+        _target(layer, module, keys, shapes, config, model) for (layer, module), keys in sorted(pairs.items())
+    ]
+    return tuple(targets)
+
+
+def _header_shapes(weights: Path) -> dict[str, list[int]]:
+    try:
+        with safe_open(weights, framework="pt") as tensors:
+            return {key: tensors.get_slice(key).get_shape() for key in tensors.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CorruptAdapterError(f"{weights} is not a readable safetensors file: {error}") from error
+
+
+def _parse_key(key: str, model: ModelConfig) -> tuple[int, str, str]:
+    match = _LORA_KEY.match(key)
+    if match is None:
+        raise UnsupportedAdapterError(
+            f"tensor {key!r} is not a LoRA A/B weight of a supported module "
+            f"({', '.join(TARGET_MODULES)}); embeddings, lm_head, DoRA and bias tensors are not served"
+        )
+    layer, parent, module, which = int(match[1]), match[2], match[3], match[4]
+    if module not in TARGET_MODULES or _PARENT[module] != parent:
+        raise UnsupportedAdapterError(f"tensor {key!r} targets {parent}.{module}, which cannot be served")
+    if layer >= model.num_layers:
+        raise AdapterShapeError(f"tensor {key!r} is for layer {layer}; the model has {model.num_layers} layers")
+    return layer, module, which
+
+
+def _target(layer, module, keys, shapes, config, model: ModelConfig) -> LoraTarget:
+    if set(keys) != {"A", "B"}:
+        raise CorruptAdapterError(f"layer {layer} {module} has lora_{next(iter(keys))} without its pair")
+    in_features, out_features = model.module_shapes()[module]
+    a_shape, b_shape = shapes[keys["A"]], shapes[keys["B"]]
+    rank = a_shape[0] if len(a_shape) == 2 else -1
+    if a_shape != [rank, in_features] or b_shape != [out_features, rank] or rank <= 0:
+        raise AdapterShapeError(
+            f"layer {layer} {module}: A {a_shape} and B {b_shape} do not fit the base model "
+            f"(expected [r, {in_features}] and [{out_features}, r]); is the adapter for another base model?"
+        )
+    return LoraTarget(layer, module, rank, _scaling(config, layer, module, rank), keys["A"], keys["B"])
+
+
+def _scaling(config: dict, layer: int, module: str, rank: int) -> float:
+    """PEFT's scaling: lora_alpha / r, or / sqrt(r) with rslora; alpha_pattern overrides alpha."""
+    module_key = f"model.layers.{layer}.{_PARENT[module]}.{module}"
+    alpha = config.get("lora_alpha", 8)
+    for pattern, pattern_alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module_key):
+            alpha = pattern_alpha
+            break
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank

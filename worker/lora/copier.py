@@ -1,0 +1,143 @@
+"""Host-to-slot copies that run beside the forward, and the waits that keep them safe.
+
+The three hazards (ARCHITECTURE.md), handled by both back-ends:
+1. compute must not read a slot before its copy landed: `wait_layer` before each layer;
+2. a copy must not overwrite a slot a pending forward still reads: each copy first waits
+   on the slot's last-use marker, recorded when a forward that read the slot was issued;
+3. the pinned source must outlive the copy: the caller holds `copies_in_flight` on the
+   host entry until `is_done` reports the job finished.
+
+`CudaCopier` uses a dedicated CUDA stream and events; `ThreadCopier` offers the same
+interface on CPU with worker threads and threading events.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from worker.lora.host_cache import HostAdapter
+from worker.lora.slots import LoraSlots
+
+# Called after each layer's copies are issued: (adapter name, slot, layer). Tests use it to
+# make loads slow or out of order; on CUDA it runs with the load stream current.
+LayerCopiedHook = Callable[[str, int, int], None]
+
+
+@dataclass
+class LoadJob:
+    name: str
+    slot: int
+    adapter: HostAdapter
+    nbytes: int
+    started_at: float = field(default_factory=time.perf_counter)
+    layer_ready: list = field(default_factory=list)  # one event per layer
+    finished: Future = field(default_factory=Future)  # thread back-end only
+
+
+class CudaCopier:
+    def __init__(self, slots: LoraSlots, num_layers: int, device: torch.device,
+                 hook: LayerCopiedHook | None = None) -> None:
+        self.slots = slots
+        self.num_layers = num_layers
+        self.stream = torch.cuda.Stream(device=device)
+        self.hook = hook
+        self._last_use: dict[int, torch.cuda.Event] = {}
+
+    def start(self, job: LoadJob) -> None:
+        with torch.cuda.stream(self.stream):
+            if job.slot in self._last_use:
+                self.stream.wait_event(self._last_use[job.slot])
+            for layer in range(self.num_layers):
+                for destination, source in self.slots.copy_pairs(job.slot, layer, job.adapter):
+                    destination.copy_(source, non_blocking=True)
+                if self.hook is not None:
+                    self.hook(job.name, job.slot, layer)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+                job.layer_ready.append(event)
+
+    def is_done(self, job: LoadJob) -> bool:
+        return job.layer_ready[-1].query()
+
+    def wait(self, job: LoadJob) -> None:
+        job.layer_ready[-1].synchronize()
+
+    def wait_layer(self, job: LoadJob, layer: int) -> None:
+        torch.cuda.current_stream().wait_event(job.layer_ready[layer])
+
+    @contextmanager
+    def reading(self, slots: Iterable[int]) -> Iterator[None]:
+        """Marks `slots` as read by the forward issued inside the block."""
+        slots = list(slots)
+        try:
+            yield
+        finally:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream())
+            for slot in slots:
+                self._last_use[slot] = event
+
+    def close(self) -> None:
+        self.stream.synchronize()
+
+
+class ThreadCopier:
+    def __init__(self, slots: LoraSlots, num_layers: int, hook: LayerCopiedHook | None = None) -> None:
+        self.slots = slots
+        self.num_layers = num_layers
+        self.hook = hook
+        self._pool = ThreadPoolExecutor(max_workers=max(1, slots.num_slots), thread_name_prefix="slot-copy")
+        self._last_use: dict[int, threading.Event] = {}
+
+    def start(self, job: LoadJob) -> None:
+        job.layer_ready = [threading.Event() for _ in range(self.num_layers)]
+        previous_reader = self._last_use.get(job.slot)
+        self._pool.submit(self._copy, job, previous_reader)
+
+    def _copy(self, job: LoadJob, previous_reader: threading.Event | None) -> None:
+        try:
+            if previous_reader is not None:
+                previous_reader.wait()
+            for layer in range(self.num_layers):
+                for destination, source in self.slots.copy_pairs(job.slot, layer, job.adapter):
+                    destination.copy_(source)
+                if self.hook is not None:
+                    self.hook(job.name, job.slot, layer)
+                job.layer_ready[layer].set()
+        except BaseException as error:  # reported through the job, never lost in the thread
+            job.finished.set_exception(error)
+            for event in job.layer_ready:
+                event.set()
+            return
+        job.finished.set_result(None)
+
+    def is_done(self, job: LoadJob) -> bool:
+        return job.finished.done()
+
+    def wait(self, job: LoadJob) -> None:
+        job.finished.result()
+
+    def wait_layer(self, job: LoadJob, layer: int) -> None:
+        job.layer_ready[layer].wait()
+        if job.finished.done() and job.finished.exception() is not None:
+            raise job.finished.exception()
+
+    @contextmanager
+    def reading(self, slots: Iterable[int]) -> Iterator[None]:
+        done = threading.Event()
+        for slot in slots:
+            self._last_use[slot] = done
+        try:
+            yield
+        finally:
+            done.set()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,1 @@
+"""Llama-family causal LMs over a ragged batch and a paged KV cache."""

@@ -1,0 +1,155 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) over a ragged batch.
+
+One forward takes every token of every sequence flattened into [T]; q/k/v and gate/up
+are fused into one matrix each; LoRA deltas are added per module through a `LoraHook`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from worker.attention import attention_mask, paged_attention
+from worker.kv_cache import PagedKVCache
+from worker.model.config import ModelConfig
+from worker.model.rope import RotaryEmbedding
+from worker.plan import ForwardPlan
+
+
+class LoraHook(Protocol):
+    def before_layer(self, layer: int) -> None:
+        """Called before a layer's first use of adapter weights (a load may still be landing)."""
+
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
+        """out[t] += the adapted module's LoRA delta for token t; out may be a column slice."""
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [q + 2 kv, hidden]
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 intermediate, hidden]
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    lm_head: torch.Tensor
+
+
+def fuse_weights(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> ModelWeights:
+    """Checkpoint tensors by HF name -> fused per-layer weights (consumes `tensors`)."""
+    layers = [_fuse_layer(config, tensors, f"model.layers.{i}.") for i in range(config.num_layers)]
+    embed = tensors.pop("model.embed_tokens.weight")
+    lm_head = embed if config.tie_word_embeddings else tensors.pop("lm_head.weight")
+    return ModelWeights(embed=embed, layers=layers, norm=tensors.pop("model.norm.weight"), lm_head=lm_head)
+
+
+def _fuse_layer(config: ModelConfig, tensors: dict[str, torch.Tensor], prefix: str) -> LayerWeights:
+    def take(name: str) -> torch.Tensor | None:
+        return tensors.pop(prefix + name, None)
+
+    def cat(*names: str) -> torch.Tensor | None:
+        parts = [take(n) for n in names]
+        return None if parts[0] is None else torch.cat(parts)
+
+    return LayerWeights(
+        input_norm=take("input_layernorm.weight"),
+        qkv=cat("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        qkv_bias=cat("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+        q_norm=take("self_attn.q_norm.weight"),
+        k_norm=take("self_attn.k_norm.weight"),
+        o=take("self_attn.o_proj.weight"),
+        o_bias=take("self_attn.o_proj.bias"),
+        post_norm=take("post_attention_layernorm.weight"),
+        gate_up=cat("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+        gate_up_bias=cat("mlp.gate_proj.bias", "mlp.up_proj.bias"),
+        down=take("mlp.down_proj.weight"),
+        down_bias=take("mlp.down_proj.bias"),
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As HF: normalise in float32, cast back, then scale."""
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, device: torch.device) -> None:
+        self.config = config
+        self.weights = weights
+        self.rope = RotaryEmbedding(config, device)
+        self.scale = config.head_dim**-0.5
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.embed.dtype
+
+    def forward(self, plan: ForwardPlan, kv_cache: PagedKVCache, lora: LoraHook) -> torch.Tensor:
+        """Runs all layers; returns final-normed hidden states [T, hidden]."""
+        hidden = self.weights.embed[plan.input_ids]
+        cos, sin = self.rope.cos_sin(plan.positions, self.dtype)
+        masks = {w: attention_mask(plan.attention, w) for w in set(self.config.sliding_windows)}
+        for index, layer in enumerate(self.weights.layers):
+            lora.before_layer(index)
+            mask = masks[self.config.sliding_windows[index]]
+            hidden = self._layer(index, layer, hidden, plan, kv_cache, lora, cos, sin, mask)
+        return rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weights.lm_head).float()
+
+    def _layer(self, index, layer: LayerWeights, hidden, plan, kv_cache, lora, cos, sin, mask) -> torch.Tensor:
+        eps = self.config.rms_norm_eps
+        x = rms_norm(hidden, layer.input_norm, eps)
+        hidden = hidden + self._attention(index, layer, x, plan, kv_cache, lora, cos, sin, mask)
+        x = rms_norm(hidden, layer.post_norm, eps)
+        return hidden + self._mlp(index, layer, x, lora)
+
+    def _attention(self, index, layer: LayerWeights, x, plan, kv_cache, lora, cos, sin, mask) -> torch.Tensor:
+        c = self.config
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        q_end, k_end = c.q_size, c.q_size + c.kv_size
+        lora.add_delta(qkv[:, :q_end], x, index, "q_proj")
+        lora.add_delta(qkv[:, q_end:k_end], x, index, "k_proj")
+        lora.add_delta(qkv[:, k_end:], x, index, "v_proj")
+        q = qkv[:, :q_end].view(-1, c.num_heads, c.head_dim)
+        k = qkv[:, q_end:k_end].view(-1, c.num_kv_heads, c.head_dim)
+        v = qkv[:, k_end:].view(-1, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q = rms_norm(q, layer.q_norm, c.rms_norm_eps)
+            k = rms_norm(k, layer.k_norm, c.rms_norm_eps)
+        q = RotaryEmbedding.rotate(q, cos, sin)
+        k = RotaryEmbedding.rotate(k, cos, sin)
+        kv_cache.write(index, plan.kv_write_index, k, v)
+        attn = paged_attention(q, kv_cache.keys(index), kv_cache.values(index), plan.attention, mask, self.scale)
+        attn = attn.reshape(-1, c.q_size)
+        out = F.linear(attn, layer.o, layer.o_bias)
+        lora.add_delta(out, attn, index, "o_proj")
+        return out
+
+    def _mlp(self, index, layer: LayerWeights, x, lora) -> torch.Tensor:
+        i = self.config.intermediate_size
+        gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
+        lora.add_delta(gate_up[:, :i], x, index, "gate_proj")
+        lora.add_delta(gate_up[:, i:], x, index, "up_proj")
+        h = F.silu(gate_up[:, :i]) * gate_up[:, i:]
+        out = F.linear(h, layer.down, layer.down_bias)
+        lora.add_delta(out, h, index, "down_proj")
+        return out

@@ -1,0 +1,40 @@
+"""Rotary position embeddings, with the frequency initialisers of transformers."""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from worker.model.config import ModelConfig
+
+
+class RotaryEmbedding:
+    """Computes cos/sin for arbitrary positions and rotates q and k (HF's rotate_half layout)."""
+
+    def __init__(self, config: ModelConfig, device: torch.device) -> None:
+        self.inv_freq, self.attention_scaling = _inv_freq(config, device)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T] positions -> cos, sin of shape [T, 1, head_dim], computed in float32 like HF."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        return cos[:, None, :], sin[:, None, :]
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim]."""
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+def _inv_freq(config: ModelConfig, device: torch.device) -> tuple[torch.Tensor, float]:
+    if config.rope_type == "default":
+        base = config.hf_config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
+        return inv_freq.to(device), 1.0
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[config.rope_type](config.hf_config, device)
+    return inv_freq.to(device=device, dtype=torch.float32), float(scaling)

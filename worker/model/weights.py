@@ -1,0 +1,128 @@
+"""The model's tensors, by checkpoint name and shape, and the strict loaders that fill them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from worker.errors import ModelLoadError
+from worker.model.config import ModelConfig
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Buffers some checkpoints carry that are recomputed at load time.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+DUMMY_INIT_RANGE = 1e-3  # as vLLM's dummy loader: small enough that 8B-sized stacks stay finite
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config must contain, with its shape."""
+    h, i = config.hidden_size, config.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for layer in range(config.num_layers):
+        shapes.update(_layer_shapes(config, f"model.layers.{layer}.", h, i))
+    return shapes
+
+
+def _layer_shapes(config: ModelConfig, prefix: str, h: int, i: int) -> dict[str, tuple[int, ...]]:
+    shapes = {
+        prefix + "input_layernorm.weight": (h,),
+        prefix + "post_attention_layernorm.weight": (h,),
+    }
+    for module, (in_features, out_features) in config.module_shapes().items():
+        parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        name = f"{prefix}{parent}.{module}"
+        shapes[name + ".weight"] = (out_features, in_features)
+        if _has_bias(config, module):
+            shapes[name + ".bias"] = (out_features,)
+    if config.qk_norm:
+        shapes[prefix + "self_attn.q_norm.weight"] = (config.head_dim,)
+        shapes[prefix + "self_attn.k_norm.weight"] = (config.head_dim,)
+    return shapes
+
+
+def _has_bias(config: ModelConfig, module: str) -> bool:
+    if module in ("q_proj", "k_proj", "v_proj"):
+        return config.qkv_bias
+    if module == "o_proj":
+        return config.o_bias
+    return config.mlp_bias
+
+
+def load_safetensors(
+    model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Reads every tensor, refusing unknown, missing and mis-shaped ones."""
+    expected = expected_shapes(config)
+    tensors: dict[str, torch.Tensor] = {}
+    for file, names in _files_and_names(model_dir).items():
+        tensors.update(_read_file(file, names, expected, dtype, device))
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ModelLoadError(f"checkpoint {model_dir} is missing {len(missing)} tensors, e.g. {missing[:3]}")
+    return tensors
+
+
+def _files_and_names(model_dir: Path) -> dict[Path, list[str] | None]:
+    """Checkpoint files, each with the tensor names the index assigns to it (None: all)."""
+    index = model_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files: dict[Path, list[str] | None] = {}
+        for name, file in weight_map.items():
+            names = files.setdefault(model_dir / file, [])
+            assert names is not None
+            names.append(name)
+        return files
+    single = model_dir / SINGLE_FILE
+    if single.is_file():
+        return {single: None}
+    if any(model_dir.glob("*.bin")):
+        raise ModelLoadError(f"{model_dir} holds only pickle (*.bin) weights; only safetensors are loaded")
+    raise ModelLoadError(f"{model_dir} has neither {SINGLE_FILE} nor {SAFETENSORS_INDEX}")
+
+
+def _read_file(file, names, expected, dtype, device) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise ModelLoadError(f"checkpoint shard {file} is missing")
+    tensors = {}
+    try:
+        with safe_open(file, framework="pt", device=str(device)) as shard:
+            for name in names if names is not None else shard.keys():
+                if name.endswith(IGNORED_SUFFIXES):
+                    continue
+                if name not in expected:
+                    raise ModelLoadError(f"unexpected tensor {name!r} in {file.name} for this config")
+                tensor = shard.get_tensor(name)
+                if tuple(tensor.shape) != expected[name]:
+                    raise ModelLoadError(
+                        f"tensor {name!r} has shape {tuple(tensor.shape)}, config expects {expected[name]}"
+                    )
+                tensors[name] = tensor.to(dtype)
+    except SafetensorError as error:
+        raise ModelLoadError(f"cannot read {file}: {error}") from error
+    return tensors
+
+
+def dummy_weights(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int
+) -> dict[str, torch.Tensor]:
+    """Random weights from the config alone, created on the target device."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tensors = {}
+    for name, shape in expected_shapes(config).items():
+        if name.endswith("norm.weight"):
+            tensors[name] = torch.ones(shape, dtype=dtype, device=device)
+            continue
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        tensor.uniform_(-DUMMY_INIT_RANGE, DUMMY_INIT_RANGE, generator=generator)
+        tensors[name] = tensor
+    return tensors

@@ -1,0 +1,154 @@
+"""Host-side preparation of one forward: flat token tensors, KV indices, LoRA segments.
+
+Sequences are reordered by adapter slot so that each adapter's tokens form one contiguous
+segment of the flat batch (what segmented multi-LoRA kernels want); results are mapped
+back to the caller's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from worker.batch import NO_ADAPTER, SequenceInput
+
+
+@dataclass(frozen=True)
+class LoraSegment:
+    slot: int
+    start: int  # flat token range [start, end)
+    end: int
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Padded [num_seqs, max_q] queries against padded [num_seqs, max_kv] cached keys."""
+
+    q_index: torch.Tensor  # [B, max_q] flat token index (0 where padded)
+    q_valid: torch.Tensor  # [B, max_q] bool
+    q_pos: torch.Tensor  # [B, max_q] absolute position of each query
+    kv_index: torch.Tensor  # [B, max_kv] flat KV-cache index (0 where padded)
+    kv_len: torch.Tensor  # [B]
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    sequences: list[SequenceInput]  # sorted by adapter slot
+    order: list[int]  # order[i] = caller's index of sequences[i]
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    kv_write_index: torch.Tensor  # [T]
+    attention: AttentionPlan
+    lora_segments: list[LoraSegment]
+    token_slots: torch.Tensor  # [T] adapter slot per token, NO_ADAPTER for base
+    seq_starts: list[int]  # flat start of each sorted sequence
+    active_slots: frozenset[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def build_plan(
+    inputs: Sequence[SequenceInput],
+    *,
+    page_size: int,
+    num_pages: int,
+    vocab_size: int,
+    device: torch.device,
+) -> ForwardPlan:
+    if not inputs:
+        raise ValueError("a forward needs at least one sequence")
+    order = sorted(range(len(inputs)), key=lambda i: inputs[i].adapter_slot)
+    sequences = [inputs[i] for i in order]
+    for seq in sequences:
+        _validate(seq, page_size, num_pages, vocab_size)
+
+    input_ids: list[int] = []
+    positions: list[int] = []
+    kv_write: list[int] = []
+    token_slots: list[int] = []
+    seq_starts: list[int] = []
+    for seq in sequences:
+        seq_starts.append(len(input_ids))
+        new_positions = range(seq.context_len, seq.total_len)
+        input_ids.extend(seq.token_ids)
+        positions.extend(new_positions)
+        kv_write.extend(_flat_index(seq.page_table, p, page_size) for p in new_positions)
+        token_slots.extend([seq.adapter_slot] * len(seq.token_ids))
+
+    def to_device(values: list[int] | list[list[int]], dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    return ForwardPlan(
+        sequences=sequences,
+        order=order,
+        input_ids=to_device(input_ids),
+        positions=to_device(positions),
+        kv_write_index=to_device(kv_write),
+        attention=_attention_plan(sequences, seq_starts, page_size, to_device),
+        lora_segments=_lora_segments(sequences, seq_starts),
+        token_slots=to_device(token_slots),
+        seq_starts=seq_starts,
+        active_slots=frozenset(s.adapter_slot for s in sequences if s.adapter_slot != NO_ADAPTER),
+    )
+
+
+def _validate(seq: SequenceInput, page_size: int, num_pages: int, vocab_size: int) -> None:
+    if not seq.token_ids:
+        raise ValueError(f"request {seq.request_id}: no new tokens")
+    if seq.context_len < 0:
+        raise ValueError(f"request {seq.request_id}: negative context length")
+    needed_pages = -(-seq.total_len // page_size)
+    if len(seq.page_table) < needed_pages:
+        raise ValueError(
+            f"request {seq.request_id}: {seq.total_len} tokens need {needed_pages} pages, "
+            f"page table has {len(seq.page_table)}"
+        )
+    if any(not 0 <= page < num_pages for page in seq.page_table[:needed_pages]):
+        raise ValueError(f"request {seq.request_id}: page id outside [0, {num_pages})")
+    if any(not 0 <= t < vocab_size for t in seq.token_ids):
+        raise ValueError(f"request {seq.request_id}: token id outside the vocabulary [0, {vocab_size})")
+
+
+def _flat_index(page_table: Sequence[int], position: int, page_size: int) -> int:
+    return page_table[position // page_size] * page_size + position % page_size
+
+
+def _attention_plan(sequences, seq_starts, page_size, to_device) -> AttentionPlan:
+    max_q = max(len(s.token_ids) for s in sequences)
+    max_kv = max(s.total_len for s in sequences)
+    q_index, q_valid, q_pos, kv_index, kv_len = [], [], [], [], []
+    for seq, start in zip(sequences, seq_starts):
+        n = len(seq.token_ids)
+        pad_q = max_q - n
+        q_index.append(list(range(start, start + n)) + [0] * pad_q)
+        q_valid.append([True] * n + [False] * pad_q)
+        q_pos.append(list(range(seq.context_len, seq.total_len)) + [0] * pad_q)
+        kv_index.append(
+            [_flat_index(seq.page_table, p, page_size) for p in range(seq.total_len)]
+            + [0] * (max_kv - seq.total_len)
+        )
+        kv_len.append(seq.total_len)
+    return AttentionPlan(
+        q_index=to_device(q_index),
+        q_valid=to_device(q_valid, torch.bool),
+        q_pos=to_device(q_pos),
+        kv_index=to_device(kv_index),
+        kv_len=to_device(kv_len),
+    )
+
+
+def _lora_segments(sequences: list[SequenceInput], seq_starts: list[int]) -> list[LoraSegment]:
+    segments: list[LoraSegment] = []
+    for seq, start in zip(sequences, seq_starts):
+        if seq.adapter_slot == NO_ADAPTER:
+            continue
+        end = start + len(seq.token_ids)
+        if segments and segments[-1].slot == seq.adapter_slot:
+            segments[-1] = LoraSegment(seq.adapter_slot, segments[-1].start, end)
+        else:
+            segments.append(LoraSegment(seq.adapter_slot, start, end))
+    return segments

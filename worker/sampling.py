@@ -1,0 +1,70 @@
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+
+A seeded request draws from a generator seeded by (seed, position of the new token), so
+its output does not depend on what else is in the batch or how its prompt was chunked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from worker.batch import SamplingParams
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) over 64 bits
+_MASK64 = (1 << 64) - 1
+
+
+def validate_sampling(params: SamplingParams) -> None:
+    if params.temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k < -1 or params.top_k == 0:
+        raise ValueError(f"top_k must be -1 (off) or >= 1, got {params.top_k}")
+
+
+def sample(
+    logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]
+) -> tuple[list[int], list[float | None]]:
+    """logits: [N, vocab] float32, one row per sampled sequence; positions of the new tokens."""
+    chosen = torch.argmax(logits, dim=-1)
+    for row, (p, position) in enumerate(zip(params, positions)):
+        if not p.greedy:
+            chosen[row] = _sample_row(logits[row], p, position)
+    token_ids = chosen.tolist()
+    logprobs: list[float | None] = [None] * len(params)
+    wanted = [i for i, p in enumerate(params) if p.logprobs]
+    if wanted:
+        rows = torch.tensor(wanted, device=logits.device)
+        values = torch.log_softmax(logits[rows], dim=-1).gather(1, chosen[rows, None]).squeeze(1).tolist()
+        for i, value in zip(wanted, values):
+            logprobs[i] = value
+    return token_ids, logprobs
+
+
+def _sample_row(logits: torch.Tensor, params: SamplingParams, position: int) -> torch.Tensor:
+    scaled = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(scaled, min(params.top_k, scaled.numel())).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if params.top_p < 1:
+        probs = _top_p(probs, params.top_p)
+    return torch.multinomial(probs, 1, generator=_generator(params, position, logits.device)).squeeze(0)
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keeps the smallest set of most likely tokens whose mass reaches top_p."""
+    sorted_probs, order = torch.sort(probs, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+
+
+def _generator(params: SamplingParams, position: int, device: torch.device) -> torch.Generator | None:
+    if params.seed is None:
+        return None
+    seed = ((params.seed & _MASK64) * _SEED_MIX + position) & _MASK64
+    return torch.Generator(device=device).manual_seed(seed % (1 << 63))

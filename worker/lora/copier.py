@@ -38,6 +38,7 @@ class LoadJob:
     nbytes: int
     started_at: float = field(default_factory=time.perf_counter)
     layer_ready: list = field(default_factory=list)  # one event per layer
+    copy_started: torch.cuda.Event | None = None  # CUDA only: when the load stream began copying
     finished: Future = field(default_factory=Future)  # thread back-end only
 
 
@@ -54,12 +55,14 @@ class CudaCopier:
         with torch.cuda.stream(self.stream):
             if job.slot in self._last_use:
                 self.stream.wait_event(self._last_use[job.slot])
+            job.copy_started = torch.cuda.Event(enable_timing=True)
+            job.copy_started.record(self.stream)
             for layer in range(self.num_layers):
                 for destination, source in self.slots.copy_pairs(job.slot, layer, job.adapter):
                     destination.copy_(source, non_blocking=True)
                 if self.hook is not None:
                     self.hook(job.name, job.slot, layer)
-                event = torch.cuda.Event()
+                event = torch.cuda.Event(enable_timing=True)
                 event.record(self.stream)
                 job.layer_ready.append(event)
 

@@ -1,0 +1,47 @@
+"""PEFT-format adapters with random weights for any model config, written without PEFT.
+
+Used where building the base model with transformers would be too large (GPU tests and
+benchmarks on dummy 8B-class weights).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from worker.model.config import ModelConfig
+
+_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def write_random_adapter(
+    out_dir: Path,
+    model: ModelConfig,
+    *,
+    rank: int,
+    alpha: float,
+    modules: Sequence[str],
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    std: float = 0.02,
+) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    shapes = model.module_shapes()
+    tensors = {}
+    for layer in range(model.num_layers):
+        for module in modules:
+            in_features, out_features = shapes[module]
+            prefix = f"base_model.model.model.layers.{layer}.{_PARENT[module]}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, in_features, generator=generator) * std).to(dtype)
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(out_features, rank, generator=generator) * std).to(dtype)
+    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(modules),
+              "bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": None}
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out_dir

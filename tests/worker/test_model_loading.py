@@ -1,0 +1,86 @@
+"""The strict checkpoint loader, dummy weights, and batch validation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.driver import Driver, Request, make_engine
+from worker.batch import SequenceInput
+from worker.errors import ModelLoadError
+
+
+def copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_weights(model_dir, change) -> None:
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.pop("model.layers.0.mlp.up_proj.weight"), "missing"),
+    (lambda t: t.__setitem__("model.extra.weight", torch.zeros(2)), "unexpected tensor"),
+    (lambda t: t.__setitem__("model.norm.weight", torch.ones(3)), "shape"),
+])
+def test_strict_loader_refuses_bad_checkpoints(change, message, model_dirs, tmp_path):
+    model_dir = copy_model(model_dirs["llama"], tmp_path / "model")
+    rewrite_weights(model_dir, change)
+    with pytest.raises(ModelLoadError, match=message):
+        make_engine(model_dir)
+
+
+def test_unsupported_architecture_and_pickles_are_refused(model_dirs, tmp_path):
+    model_dir = copy_model(model_dirs["llama"], tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="not supported"):
+        make_engine(model_dir)
+    pickled = copy_model(model_dirs["llama"], tmp_path / "pickled")
+    (pickled / "model.safetensors").unlink()
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ModelLoadError, match="pickle"):
+        make_engine(pickled)
+
+
+def test_dummy_weights_need_only_the_config(model_dirs, tmp_path):
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(model_dirs["qwen3"] / "config.json", config_only / "config.json")
+    engine = make_engine(config_only, load_format="dummy")
+    request = Request("r", [1, 2, 3, 4, 5], max_new_tokens=3)
+    Driver(engine).run([request])
+    assert torch.isfinite(request.all_logits()).all()
+    assert len(request.generated) == 3
+    engine.close()
+
+
+def test_generation_config_end_tokens_are_read(model_dirs, tmp_path):
+    model_dir = copy_model(model_dirs["llama"], tmp_path / "model")
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 77]}))
+    engine = make_engine(model_dir)
+    assert 77 in engine.model_config.eos_token_ids
+    engine.close()
+
+
+@pytest.mark.parametrize("bad_input, message", [
+    (SequenceInput("r", [1, 2, 3, 4, 5], 0, [0]), "need 2 pages"),
+    (SequenceInput("r", [1, 2], 0, [10_000]), "page id"),
+    (SequenceInput("r", [1, 99_999], 0, [0]), "vocabulary"),
+    (SequenceInput("r", [], 0, [0]), "no new tokens"),
+    (SequenceInput("r", [1], 0, [0], adapter_slot=2), "holds no adapter"),
+])
+def test_bad_batches_are_refused_before_running(bad_input, message, model_dirs):
+    engine = make_engine(model_dirs["llama"])
+    with pytest.raises(ValueError, match=message):
+        engine.forward([bad_input])
+    engine.close()

@@ -1,0 +1,363 @@
+"""Tiny random-weight HF models, a tokenizer and PEFT LoRA adapters, written as real files.
+
+Everything is built locally (no hub access) and seeded, so the same arguments give the same
+bytes. The models are small enough for CPU tests yet use the features a server must get
+right: GQA, rope variants, sliding windows, q/k/v bias, q/k norm, tied embeddings, shards.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+ARCHITECTURES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+
+VOCAB_SIZE = 256
+MAX_POSITIONS = 256
+SLIDING_WINDOW = 16  # far below MAX_POSITIONS so longer test sequences cross it
+OTHER_BASE_HIDDEN_SIZE = 96  # for adapters whose tensors must not fit the 64-wide models
+
+# Special tokens take ids 0..3 in this order; the model configs use the same ids.
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(len(SPECIAL_TOKENS))
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A server answers many requests at once, "
+    "and each request may ask for a different adapter. The model reads the prompt, writes "
+    "one token after another, and stops at the end of the sentence or when it has written "
+    "enough. Hello, world! How are you today? I am fine, thank you. What is the weather "
+    "like in the city? It is sunny and warm, with a light wind from the sea. Numbers such "
+    "as 0, 1, 2, 3, 4, 5, 6, 7, 8 and 9 appear in text too, as do names like Alice and Bob. "
+    "She said that the answer was forty two; he did not believe her, but it was true. "
+    "In the beginning there was the word, and the word was tokenized into bytes. "
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Llama 3 rope with rope_theta 10000 and head_dim 16: the 8 frequencies have wavelengths
+# from 6 to ~4000 positions, so the high (< 32/4), smoothed and low (> 32/1) bands are all
+# used. With Llama 3's theta of 500000 the smoothed band would be empty.
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
+_ARCH_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
+    "llama": (LlamaConfig, {}),
+    "llama3": (LlamaConfig, {"rope_parameters": _LLAMA3_ROPE}),
+    "mistral": (MistralConfig, {"sliding_window": SLIDING_WINDOW}),
+    "qwen2": (Qwen2Config, {}),
+    # head_dim * heads = 128 != hidden 64, so q/o projections are not square.
+    "qwen3": (Qwen3Config, {"head_dim": 32}),
+}
+
+# Default init leaves biases at 0 and norm weights at 1; perturb them so a server that
+# drops a bias or a norm weight produces different logits.
+_BIAS_STD = 0.1
+_NORM_WEIGHT_STD = 0.1
+
+# Per-element std of the scaled LoRA delta (scaling * B @ A), half the base weights' 0.02:
+# large enough to change greedy tokens, small enough to keep the model's behaviour.
+_LORA_DELTA_STD = 0.01
+
+
+def build_tiny_model(
+    out_dir: Path,
+    arch: str,
+    *,
+    dtype: str = "float32",
+    tie_word_embeddings: bool = False,
+    shard: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Write a random-weight `arch` model plus tokenizer and generation config to `out_dir`."""
+    _write_model(out_dir, _config(arch, tie_word_embeddings), dtype=dtype, shard=shard, seed=seed)
+    build_tokenizer(out_dir)
+    return out_dir
+
+
+def _config(arch: str, tie_word_embeddings: bool) -> PretrainedConfig:
+    if arch not in _ARCH_CONFIGS:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+    config_class, extra = _ARCH_CONFIGS[arch]
+    return config_class(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        initializer_range=0.02,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        **extra,
+    )
+
+
+def _write_model(out_dir: Path, config: PretrainedConfig, *, dtype: str, shard: bool, seed: int) -> None:
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {tuple(_DTYPES)}")
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        _perturb_biases_and_norms(model)
+    model.to(_DTYPES[dtype])
+    # Without a small limit the whole model fits in one file.
+    max_shard_size = "100KB" if shard else "10GB"
+    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
+
+
+@torch.no_grad()
+def _perturb_biases_and_norms(model: torch.nn.Module) -> None:
+    for name, param in model.named_parameters():
+        if name.endswith(".bias"):
+            param.normal_(0.0, _BIAS_STD)
+        elif name.endswith("norm.weight"):
+            param.copy_(1.0 + _NORM_WEIGHT_STD * torch.randn_like(param))
+
+
+def build_tokenizer(out_dir: Path) -> None:
+    """Write a byte-level BPE tokenizer (at most VOCAB_SIZE tokens) with a chat template.
+
+    The alphabet is every byte that occurs in valid UTF-8 text except control characters
+    other than tab, newline and carriage return: 213 bytes, leaving room for 4 special tokens
+    and 39 merges. So any such text round-trips exactly, multi-byte characters included;
+    an uncovered byte encodes to <unk>.
+    """
+    byte_to_char = bytes_to_unicode()
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=[byte_to_char[b] for b in _utf8_text_bytes()],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_CORPUS], trainer=trainer)
+    # Like Llama: plain encoding starts with <s>; the chat template writes its own.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", BOS_ID)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=MAX_POSITIONS,
+        clean_up_tokenization_spaces=False,  # would alter spaces and break round trips
+    ).save_pretrained(out_dir)
+
+
+def _utf8_text_bytes() -> list[int]:
+    printable_ascii = [0x09, 0x0A, 0x0D, *range(0x20, 0x7F)]
+    continuation = range(0x80, 0xC0)
+    leading = range(0xC2, 0xF5)  # 0xC0, 0xC1 and 0xF5.. never occur in valid UTF-8
+    return [*printable_ascii, *continuation, *leading]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What `build_adapter` asks PEFT for; mirrors `peft.LoraConfig` fields."""
+
+    rank: int = 8
+    alpha: float = 16
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | None = None
+    dtype: str = "float32"  # dtype of the saved adapter tensors
+    seed: int = 0
+
+
+STANDARD_ADAPTER_SPECS: dict[str, AdapterSpec] = {
+    "qv_r8": AdapterSpec(seed=1),
+    "all7_r16_a8": AdapterSpec(
+        rank=16,
+        alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        seed=2,
+    ),
+    "rslora_r4": AdapterSpec(rank=4, use_rslora=True, target_modules=["o_proj", "gate_proj", "down_proj"], seed=3),
+    "regex_q_up": AdapterSpec(target_modules=r".*\.(q_proj|up_proj)", seed=4),
+    "all_linear": AdapterSpec(target_modules="all-linear", seed=5),
+    # The form PEFT itself saves for "all-linear": full module paths rather than suffixes.
+    "full_paths": AdapterSpec(
+        target_modules=["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"], seed=6
+    ),
+    "rank_alpha_pattern": AdapterSpec(
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        rank_pattern={"k_proj": 2, "model.layers.1.self_attn.q_proj": 12},
+        alpha_pattern={"o_proj": 4, "model.layers.0.self_attn.v_proj": 32},
+        seed=7,
+    ),
+    "fan_in_fan_out": AdapterSpec(fan_in_fan_out=True, seed=8),
+    "layer1_only": AdapterSpec(target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1], seed=9),
+    "bf16_qv": AdapterSpec(dtype="bfloat16", seed=10),
+}
+
+
+def build_adapter(model_dir: Path, out_dir: Path, spec: AdapterSpec) -> Path:
+    """Write a PEFT LoRA adapter for the model in `model_dir` with random non-zero A and B."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        peft_model = get_peft_model(model, _lora_config(spec))
+        _randomise_lora(peft_model)
+    peft_model.to(_DTYPES[spec.dtype]).save_pretrained(out_dir, safe_serialization=True)
+    _restore_spec_fields(out_dir, spec)
+    return out_dir
+
+
+def _lora_config(spec: AdapterSpec) -> LoraConfig:
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=spec.target_modules,
+        use_rslora=spec.use_rslora,
+        rank_pattern=dict(spec.rank_pattern),
+        alpha_pattern=dict(spec.alpha_pattern),
+        fan_in_fan_out=spec.fan_in_fan_out,
+        use_dora=spec.use_dora,
+        modules_to_save=spec.modules_to_save,
+        layers_to_transform=spec.layers_to_transform,
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )
+
+
+@torch.no_grad()
+def _randomise_lora(model: PeftModel) -> None:
+    """Draw A and B so that scaling * B @ A has per-element std _LORA_DELTA_STD.
+
+    init_lora_weights=False keeps nn.Linear's default init, B ~ U(+-1/sqrt(r)), whose delta
+    dwarfs the base weights. Normalising by each layer's own scaling keeps every adapter's
+    effect comparable whatever its rank, alpha, rslora or rank/alpha pattern, while a server
+    that gets the scaling wrong still produces a delta of the wrong size.
+    """
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name, lora_a in module.lora_A.items():  # empty for LoRA on embeddings
+            rank, fan_in = lora_a.weight.shape
+            lora_a.weight.normal_(0.0, fan_in**-0.5)
+            b_std = _LORA_DELTA_STD * fan_in**0.5 / (module.scaling[name] * rank**0.5)
+            module.lora_B[name].weight.normal_(0.0, b_std)
+
+
+def _restore_spec_fields(out_dir: Path, spec: AdapterSpec) -> None:
+    """Make adapter_config.json state the spec's target_modules and fan_in_fan_out.
+
+    PEFT rewrites both before saving: "all-linear" becomes the matched module paths (and lists
+    come back in set order), and fan_in_fan_out is reset to False for nn.Linear. PEFT reloads
+    the original values to the same model, so the server must accept them too.
+    """
+    path = out_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["target_modules"] = spec.target_modules
+    config["fan_in_fan_out"] = spec.fan_in_fan_out
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+# --- Adapters the server must refuse -------------------------------------------------------
+
+
+def build_dora_adapter(model_dir: Path, out_dir: Path) -> Path:
+    """DoRA: adds `lora_magnitude_vector` tensors and `use_dora: true`."""
+    return build_adapter(model_dir, out_dir, AdapterSpec(use_dora=True))
+
+
+def build_pickle_only_adapter(model_dir: Path, out_dir: Path) -> Path:
+    """A valid adapter whose weights exist only as a torch.save pickle (adapter_model.bin)."""
+    build_adapter(model_dir, out_dir, AdapterSpec())
+    safetensors_path = out_dir / "adapter_model.safetensors"
+    torch.save(load_file(safetensors_path), out_dir / "adapter_model.bin")
+    safetensors_path.unlink()
+    return out_dir
+
+
+def build_truncated_adapter(model_dir: Path, out_dir: Path) -> Path:
+    """A valid adapter whose safetensors file lost its second half (header intact)."""
+    build_adapter(model_dir, out_dir, AdapterSpec())
+    path = out_dir / "adapter_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return out_dir
+
+
+def build_corrupt_adapter(model_dir: Path, out_dir: Path) -> Path:
+    """A valid adapter_config.json next to an adapter_model.safetensors of random bytes."""
+    build_adapter(model_dir, out_dir, AdapterSpec())
+    path = out_dir / "adapter_model.safetensors"
+    path.write_bytes(random.Random(0).randbytes(path.stat().st_size))
+    return out_dir
+
+
+def build_embedding_adapter(model_dir: Path, out_dir: Path, *, target: str = "embed_tokens") -> Path:
+    """LoRA on `target` ("embed_tokens" or "lm_head") besides q_proj.
+
+    For embed_tokens PEFT saves `lora_embedding_A`/`lora_embedding_B` (no `.weight`) and the
+    full base embedding as `...embed_tokens.base_layer.weight`.
+    """
+    return build_adapter(model_dir, out_dir, AdapterSpec(target_modules=["q_proj", target]))
+
+
+def build_modules_to_save_adapter(model_dir: Path, out_dir: Path) -> Path:
+    """modules_to_save=["lm_head"]: the adapter carries a full `base_model.model.lm_head.weight`."""
+    return build_adapter(model_dir, out_dir, AdapterSpec(modules_to_save=["lm_head"]))
+
+
+def build_adapter_for_other_base(model_dir: Path, out_dir: Path) -> Path:
+    """An adapter for the same architecture with hidden size 96, so lora_A shapes do not fit."""
+    config = AutoConfig.from_pretrained(model_dir)
+    config.hidden_size = OTHER_BASE_HIDDEN_SIZE
+    with tempfile.TemporaryDirectory() as other_base:
+        _write_model(Path(other_base), config, dtype="float32", shard=False, seed=0)
+        return build_adapter(Path(other_base), out_dir, AdapterSpec())
+
+
+def build_high_rank_adapter(model_dir: Path, out_dir: Path, rank: int) -> Path:
+    """Rank `rank` on q/v with alpha = rank (scaling 1), e.g. to exceed max_lora_rank."""
+    return build_adapter(model_dir, out_dir, AdapterSpec(rank=rank, alpha=rank))

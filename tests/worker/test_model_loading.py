@@ -84,3 +84,30 @@ def test_bad_batches_are_refused_before_running(bad_input, message, model_dirs):
     with pytest.raises(ValueError, match=message):
         engine.forward([bad_input])
     engine.close()
+
+
+def test_llama31_config_in_the_v4_format_gives_transformers_rope(tmp_path):
+    """Real Llama 3.1 checkpoints carry rope_theta + rope_scaling (the transformers v4 form)."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from worker.model.config import load_model_config
+    from worker.model.rope import RotaryEmbedding
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "eos_token_id": [128001, 128008, 128009],
+    }))
+    config = load_model_config(tmp_path)
+    assert (config.rope_type, config.eos_token_ids) == ("llama3", (128001, 128008, 128009))
+    positions = torch.tensor([0, 5, 9000, 100_000])
+    cos, sin = RotaryEmbedding(config, torch.device("cpu")).cos_sin(positions, torch.float32)
+    hf_cos, hf_sin = LlamaRotaryEmbedding(AutoConfig.from_pretrained(tmp_path))(
+        torch.zeros(1, dtype=torch.float32), positions[None])
+    torch.testing.assert_close(cos[:, 0], hf_cos[0])
+    torch.testing.assert_close(sin[:, 0], hf_sin[0])

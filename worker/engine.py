@@ -139,6 +139,15 @@ class Engine:
     def slot_of(self, name: str) -> int | None:
         return self.slots.occupants.index(name) if name in self.slots.occupants else None
 
+    @property
+    def busy_loading(self) -> bool:
+        """True while staging or slot loads are in flight (worth polling for)."""
+        return bool(self.pending) or self.host_cache.staging_in_progress
+
+    def is_staged(self, name: str) -> bool:
+        entry = self.host_cache.entries.get(name)
+        return entry is not None and entry.is_ready()
+
     def poll(self) -> LoadReport:
         """Finished staging and loads since the last poll; never blocks."""
         report = LoadReport()

@@ -53,18 +53,19 @@ def reference_outputs(model_dir, adapters, requests_spec):
 
 
 class RandomDelays:
-    """A load hook that sleeps a random time after each layer: loads finish out of order."""
+    """A load hook that sleeps a random time after each layer; `slow` adapters sleep longer."""
 
-    def __init__(self, seed: int, max_delay_s: float, num_layers: int) -> None:
+    def __init__(self, seed: int, max_delay_s: float, num_layers: int, slow: set[str]) -> None:
         self.random = random.Random(seed)
         self.max_delay_s = max_delay_s
         self.last_layer = num_layers - 1
+        self.slow = slow
         self.lock = threading.Lock()
         self.completed: list[str] = []
 
     def __call__(self, name: str, slot: int, layer: int) -> None:
         with self.lock:
-            delay = self.random.uniform(0, self.max_delay_s)
+            delay = self.random.uniform(0, self.max_delay_s) + (0.05 if name in self.slow else 0.0)
         time.sleep(delay)
         if layer == self.last_layer:
             with self.lock:
@@ -79,12 +80,14 @@ def test_churn_with_slow_out_of_order_loads_matches_all_resident(model_dirs, chu
     """
     rng = random.Random(7)
     names = list(churn_adapters)
-    requests_spec = [(f"r{i}", rng.choice(names), prompt(100 + i, rng.randint(3, 14)), rng.randint(1, 5))
-                     for i in range(18)]
+    # The first three requests start three loads at once, the first of them slow: they land out of order.
+    adapters = names[:3] + [rng.choice(names) for _ in range(15)]
+    requests_spec = [(f"r{i}", adapter, prompt(100 + i, rng.randint(3, 14)), rng.randint(1, 5))
+                     for i, adapter in enumerate(adapters)]
     expected = reference_outputs(model_dirs["llama3"], churn_adapters, requests_spec)
 
     engine = make_engine(model_dirs["llama3"], max_loras_per_batch=3, max_loaded_loras=4)
-    delays = RandomDelays(seed=3, max_delay_s=0.01, num_layers=engine.model_config.num_layers)
+    delays = RandomDelays(seed=3, max_delay_s=0.01, num_layers=engine.model_config.num_layers, slow={names[0]})
     engine.copier.hook = delays
     for name, path in churn_adapters.items():
         engine.register_adapter(name, path)
@@ -112,7 +115,7 @@ def test_churn_with_slow_out_of_order_loads_matches_all_resident(model_dirs, chu
         assert request.generated == reference.generated, request.request_id
         torch.testing.assert_close(request.all_logits(), reference.all_logits(), atol=1e-5, rtol=0)
     assert len(started_order) >= 6 and sorted(delays.completed) == sorted(started_order)
-    assert delays.completed != started_order, "the loads should have finished out of order"
+    assert delays.completed.index(names[0]) > delays.completed.index(names[1]), "loads should land out of order"
     engine.close()
 
 

@@ -57,6 +57,10 @@ class HostCache:
         self._unreported: list[str] = []
 
     @property
+    def staging_in_progress(self) -> bool:
+        return bool(self._unreported)
+
+    @property
     def used_bytes(self) -> int:
         return self.arena.capacity - self.arena.free_bytes
 

@@ -1,0 +1,229 @@
+"""The worker process: executes the scheduler's commands on the engine, over ZeroMQ.
+
+The worker connects a DEALER socket to the scheduler's ROUTER, announces itself with a
+`WorkerHello`, answers every `WorkerCommand` with a `CommandResult` in order, and, while
+idle with staging or loads in flight, polls the engine and sends `LoadEvents` unprompted.
+A load of an adapter still being staged is started as soon as staging finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from protos.loraserve.v1 import internal_pb2 as pb
+from worker.batch import SamplingParams, SequenceInput
+from worker.engine import Engine, EngineConfig, LoadReport
+from worker.errors import (
+    AdapterNotFoundError,
+    AdapterStateError,
+    CapacityError,
+    InvalidAdapterError,
+)
+
+log = logging.getLogger("loraserve.worker")
+IDLE_POLL_MS = 100
+LOADING_POLL_MS = 1
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    scheduler_address: str
+    engine: EngineConfig
+    # Test-only: adapter name -> extra seconds each of its loads takes (spread over layers).
+    slow_loads: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeferredLoad:
+    name: str
+    slot: int
+
+
+def error_message(error: Exception) -> pb.Error:
+    if isinstance(error, AdapterNotFoundError):
+        code = pb.NOT_FOUND
+    elif isinstance(error, InvalidAdapterError | ValueError):
+        code = pb.INVALID_ARGUMENT
+    elif isinstance(error, CapacityError):
+        code = pb.RESOURCE_EXHAUSTED
+    elif isinstance(error, AdapterStateError):
+        code = pb.FAILED_PRECONDITION
+    else:
+        code = pb.INTERNAL
+    return pb.Error(code=code, message=str(error))
+
+
+def slow_load_hook(delays: dict[str, float], num_layers: int, on_gpu: bool) -> Callable[[str, int, int], None]:
+    """Makes the named adapters' copies slow: a spin kernel on the load stream, or a sleep."""
+
+    def hook(name: str, slot: int, layer: int) -> None:
+        seconds = delays.get(name, 0.0) / num_layers
+        if seconds <= 0:
+            return
+        if on_gpu:
+            torch.cuda._sleep(int(seconds * torch.cuda.clock_rate() * 1e6))
+        else:
+            time.sleep(seconds)
+
+    return hook
+
+
+class WorkerService:
+    def __init__(self, config: WorkerConfig, engine: Engine | None = None) -> None:
+        self.config = config
+        self.engine = engine or Engine(config.engine)
+        if config.slow_loads:
+            on_gpu = self.engine.device.type == "cuda"
+            self.engine.copier.hook = slow_load_hook(
+                config.slow_loads, self.engine.model_config.num_layers, on_gpu
+            )
+        self.deferred: list[DeferredLoad] = []
+        self.context = zmq.Context.instance()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.stopping = False
+
+    def run(self) -> None:
+        self.socket.connect(self.config.scheduler_address)
+        self._send(pb.WorkerEvent(hello=self._hello()))
+        log.info("worker connected to %s", self.config.scheduler_address)
+        while not self.stopping:
+            timeout = LOADING_POLL_MS if self._loading() else IDLE_POLL_MS
+            if self.socket.poll(timeout):
+                command = pb.WorkerCommand.FromString(self.socket.recv())
+                self._send(pb.WorkerEvent(result=self.execute(command)))
+            elif self._loading():
+                events = self._poll_events()
+                if _has_events(events):
+                    self._send(pb.WorkerEvent(load_events=events))
+        self.close()
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.engine.close()
+
+    def execute(self, command: pb.WorkerCommand) -> pb.CommandResult:
+        result = pb.CommandResult(command_id=command.command_id)
+        try:
+            self._dispatch(command, result)
+        except Exception as error:  # reported to the scheduler; the worker keeps serving
+            if error_message(error).code == pb.INTERNAL:
+                log.exception("command %s failed", command.WhichOneof("kind"))
+            result.error.CopyFrom(error_message(error))
+        result.load_events.CopyFrom(self._poll_events())
+        return result
+
+    def _dispatch(self, command: pb.WorkerCommand, result: pb.CommandResult) -> None:
+        kind = command.WhichOneof("kind")
+        engine = self.engine
+        if kind == "register_adapter":
+            info = engine.register_adapter(command.register_adapter.name, command.register_adapter.path)
+            result.adapter.CopyFrom(pb.RegisteredAdapter(
+                name=info.name, rank=info.rank, size_bytes=info.nbytes, target_modules=sorted(info.modules)))
+        elif kind == "unregister_adapter":
+            engine.unregister_adapter(command.unregister_adapter.name)
+        elif kind == "stage_adapter":
+            engine.stage_adapter(command.stage_adapter.name)
+        elif kind == "evict_host":
+            engine.evict_host(command.evict_host.name)
+        elif kind == "load_slot":
+            self._load(command.load_slot)
+        elif kind == "evict_slot":
+            engine.evict_slot(command.evict_slot.slot)
+        elif kind == "forward":
+            result.forward.CopyFrom(self._forward(command.forward))
+        else:
+            raise ValueError(f"unknown worker command {kind!r}")
+
+    def _load(self, load: pb.LoadSlot) -> None:
+        engine = self.engine
+        if load.name not in engine.host_cache.entries:
+            engine.stage_adapter(load.name)
+        if load.blocking:
+            engine.wait_staged(load.name)
+            engine.load_adapter(load.name, load.slot, blocking=True)
+        elif engine.is_staged(load.name):
+            engine.load_adapter(load.name, load.slot)
+        else:
+            self.deferred.append(DeferredLoad(load.name, load.slot))
+
+    def _forward(self, forward: pb.Forward) -> pb.ForwardResult:
+        started = time.perf_counter()
+        output = self.engine.forward([_sequence_input(s) for s in forward.sequences])
+        result = pb.ForwardResult(forward_ms=(time.perf_counter() - started) * 1e3)
+        for token in output.tokens:
+            sampled = result.tokens.add(request_id=token.request_id, token_id=token.token_id)
+            if token.logprob is not None:
+                sampled.logprob = token.logprob
+        return result
+
+    def _loading(self) -> bool:
+        return self.engine.busy_loading or bool(self.deferred)
+
+    def _poll_events(self) -> pb.LoadEvents:
+        report = self.engine.poll()
+        self._start_deferred(report)
+        return _load_events(report)
+
+    def _start_deferred(self, report: LoadReport) -> None:
+        failed = {name for name, _ in report.failed}
+        for load in list(self.deferred):
+            if load.name in failed:
+                self.deferred.remove(load)
+            elif self.engine.is_staged(load.name):
+                self.deferred.remove(load)
+                try:
+                    self.engine.load_adapter(load.name, load.slot)
+                except Exception as error:  # surfaces as a failed load, never kills the worker
+                    report.failed.append((load.name, error))
+
+    def _hello(self) -> pb.WorkerHello:
+        engine, model = self.engine, self.engine.model_config
+        config = engine.config
+        return pb.WorkerHello(
+            model=config.model_path, architecture=model.architecture, dtype=str(engine.dtype).removeprefix("torch."),
+            device=str(engine.device), vocab_size=model.vocab_size,
+            max_context_length=model.max_position_embeddings, num_kv_pages=config.num_kv_pages,
+            page_size=config.page_size, max_loras_per_batch=config.max_loras_per_batch,
+            max_loaded_loras=config.max_loaded_loras, max_lora_rank=config.max_lora_rank,
+            host_cache_bytes=config.host_cache_bytes, eos_token_ids=list(model.eos_token_ids), pid=os.getpid(),
+        )
+
+    def _send(self, event: pb.WorkerEvent) -> None:
+        self.socket.send(event.SerializeToString())
+
+
+def _sequence_input(message: pb.SequenceInput) -> SequenceInput:
+    s = message.sampling
+    return SequenceInput(
+        request_id=message.request_id,
+        token_ids=list(message.token_ids),
+        context_len=message.context_len,
+        page_table=list(message.page_table),
+        adapter_slot=message.adapter_slot,
+        sample=message.sample,
+        sampling=SamplingParams(
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+            seed=s.seed if s.HasField("seed") else None, logprobs=s.logprobs,
+        ),
+    )
+
+
+def _load_events(report: LoadReport) -> pb.LoadEvents:
+    events = pb.LoadEvents(staged=report.staged)
+    for name, slot in report.loaded:
+        events.loaded.add(name=name, slot=slot)
+    for name, error in report.failed:
+        events.failed.add(name=name, error=error_message(error))
+    return events
+
+
+def _has_events(events: pb.LoadEvents) -> bool:
+    return bool(events.staged or events.loaded or events.failed)

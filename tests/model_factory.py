@@ -17,18 +17,17 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
-    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from loraserve.demo import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 
 ARCHITECTURES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
 
@@ -36,29 +35,6 @@ VOCAB_SIZE = 256
 MAX_POSITIONS = 256
 SLIDING_WINDOW = 16  # far below MAX_POSITIONS so longer test sequences cross it
 OTHER_BASE_HIDDEN_SIZE = 96  # for adapters whose tensors must not fit the 64-wide models
-
-# Special tokens take ids 0..3 in this order; the model configs use the same ids.
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
-UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(len(SPECIAL_TOKENS))
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
-
-_CORPUS = (
-    "The quick brown fox jumps over the lazy dog. A server answers many requests at once, "
-    "and each request may ask for a different adapter. The model reads the prompt, writes "
-    "one token after another, and stops at the end of the sentence or when it has written "
-    "enough. Hello, world! How are you today? I am fine, thank you. What is the weather "
-    "like in the city? It is sunny and warm, with a light wind from the sea. Numbers such "
-    "as 0, 1, 2, 3, 4, 5, 6, 7, 8 and 9 appear in text too, as do names like Alice and Bob. "
-    "She said that the answer was forty two; he did not believe her, but it was true. "
-    "In the beginning there was the word, and the word was tokenized into bytes. "
-)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -104,7 +80,7 @@ def build_tiny_model(
 ) -> Path:
     """Write a random-weight `arch` model plus tokenizer and generation config to `out_dir`."""
     _write_model(out_dir, _config(arch, tie_word_embeddings), dtype=dtype, shard=shard, seed=seed)
-    build_tokenizer(out_dir)
+    build_tokenizer(out_dir, max_length=MAX_POSITIONS)
     return out_dir
 
 
@@ -149,48 +125,6 @@ def _perturb_biases_and_norms(model: torch.nn.Module) -> None:
             param.normal_(0.0, _BIAS_STD)
         elif name.endswith("norm.weight"):
             param.copy_(1.0 + _NORM_WEIGHT_STD * torch.randn_like(param))
-
-
-def build_tokenizer(out_dir: Path) -> None:
-    """Write a byte-level BPE tokenizer (at most VOCAB_SIZE tokens) with a chat template.
-
-    The alphabet is every byte that occurs in valid UTF-8 text except control characters
-    other than tab, newline and carriage return: 213 bytes, leaving room for 4 special tokens
-    and 39 merges. So any such text round-trips exactly, multi-byte characters included;
-    an uncovered byte encodes to <unk>.
-    """
-    byte_to_char = bytes_to_unicode()
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=[byte_to_char[b] for b in _utf8_text_bytes()],
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator([_CORPUS], trainer=trainer)
-    # Like Llama: plain encoding starts with <s>; the chat template writes its own.
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", BOS_ID)]
-    )
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=MAX_POSITIONS,
-        clean_up_tokenization_spaces=False,  # would alter spaces and break round trips
-    ).save_pretrained(out_dir)
-
-
-def _utf8_text_bytes() -> list[int]:
-    printable_ascii = [0x09, 0x0A, 0x0D, *range(0x20, 0x7F)]
-    continuation = range(0x80, 0xC0)
-    leading = range(0xC2, 0xF5)  # 0xC0, 0xC1 and 0xF5.. never occur in valid UTF-8
-    return [*printable_ascii, *continuation, *leading]
 
 
 @dataclass(frozen=True)

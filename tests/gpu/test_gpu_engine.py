@@ -14,7 +14,7 @@ import torch
 from tests.driver import Driver, Request, make_engine, make_resident
 from tests.model_factory import ARCHITECTURES
 from tests.oracle import PeftOracle
-from tests.synthetic_adapters import write_random_adapter
+from loraserve.synthetic import write_random_adapter
 from worker.batch import SequenceInput
 from worker.lora.copier import LoadJob
 

@@ -1,0 +1,1 @@
+"""loraserve: command line, launcher, client and the built-in demo."""

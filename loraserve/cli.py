@@ -1,0 +1,109 @@
+"""The `loraserve` command: serve, generate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+
+from loraserve.flags import configure_logging, name_value_pairs
+from loraserve.launcher import ServeConfig, serve
+
+
+def add_serve_parser(commands) -> None:
+    parser = commands.add_parser("serve", help="start the frontend, scheduler and worker",
+                                 description="With no --model-path, serves the built-in demo model and adapters.")
+    parser.add_argument("--model-path", help="a Hugging Face model directory (default: the built-in demo)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory, if it has one)")
+    parser.add_argument("--lora-paths", nargs="*", metavar="NAME=PATH", default=[])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
+    parser.add_argument("--max-loras-per-batch", type=int, default=8)
+    parser.add_argument("--max-loaded-loras", type=int, default=16)
+    parser.add_argument("--max-lora-rank", type=int, default=64)
+    overlap = parser.add_mutually_exclusive_group()
+    overlap.add_argument("--enable-lora-overlap-loading", dest="overlap", action="store_true", default=True)
+    overlap.add_argument("--disable-lora-overlap-loading", dest="overlap", action="store_false")
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--num-kv-pages", type=int, default=2048)
+    parser.add_argument("--host-cache-gb", type=float, default=4.0)
+    parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--max-running-requests", type=int, default=256)
+    parser.add_argument("--max-queued-requests", type=int, default=1024)
+    parser.add_argument("--log-level", default="info")
+    parser.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level, "launcher")
+    lora_paths = name_value_pairs(args.lora_paths, "--lora-paths")
+    model_path = args.model_path
+    if model_path is None:
+        from loraserve.demo import ensure_demo
+
+        assets = ensure_demo()
+        model_path = str(assets.model_dir)
+        lora_paths = {name: str(path) for name, path in assets.adapters.items()} | lora_paths
+    tokenizer = args.tokenizer or (model_path if _has_tokenizer(Path(model_path)) else None)
+    config = ServeConfig(
+        model_path=model_path, tokenizer_path=tokenizer, lora_paths=lora_paths, host=args.host, port=args.port,
+        device=args.device, dtype=args.dtype,
+        load_format="dummy" if args.load_format == "dummy" else "safetensors",
+        max_loras_per_batch=args.max_loras_per_batch, max_loaded_loras=args.max_loaded_loras,
+        max_lora_rank=args.max_lora_rank, overlap_loading=args.overlap, page_size=args.page_size,
+        num_kv_pages=args.num_kv_pages, host_cache_bytes=int(args.host_cache_gb * (1 << 30)),
+        max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
+        max_queued_requests=args.max_queued_requests, log_level=args.log_level,
+    )
+    return serve(config)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+
+def add_generate_parser(commands) -> None:
+    parser = commands.add_parser("generate", help="send one prompt to a running server")
+    parser.add_argument("prompt")
+    parser.add_argument("--address", default="127.0.0.1:50051")
+    parser.add_argument("--adapter", default="", help="adapter name (default: the base model)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--stream", action="store_true")
+    parser.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from loraserve.client import LoraServeClient
+
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    try:
+        with LoraServeClient(args.address) as client:
+            if args.stream:
+                for message in client.generate_stream(args.prompt, adapter=args.adapter, **sampling):
+                    print(message.text, end="", flush=True)
+                print()
+            else:
+                print(client.generate(args.prompt, adapter=args.adapter, **sampling).text)
+    except grpc.RpcError as error:
+        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loraserve", description="A multi-LoRA inference server.")
+    commands = parser.add_subparsers(required=True)
+    add_serve_parser(commands)
+    add_generate_parser(commands)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

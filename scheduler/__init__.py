@@ -1,0 +1,1 @@
+"""The scheduler: policy only (queues, KV pages, adapter state machine); no torch."""

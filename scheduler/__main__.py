@@ -1,0 +1,43 @@
+"""`python -m scheduler`: the scheduler process (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+
+from loraserve.flags import configure_logging, name_value_pairs, on_termination
+from scheduler.config import SchedulerConfig
+from scheduler.service import SchedulerService, SchedulerServiceConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m scheduler", description=__doc__)
+    parser.add_argument("--frontend-address", required=True, help="bound; frontends connect here")
+    parser.add_argument("--worker-address", required=True, help="bound; the worker connects here")
+    parser.add_argument("--lora-paths", nargs="*", metavar="NAME=PATH", help="adapters registered at start")
+    overlap = parser.add_mutually_exclusive_group()
+    overlap.add_argument("--enable-lora-overlap-loading", dest="overlap", action="store_true", default=True)
+    overlap.add_argument("--disable-lora-overlap-loading", dest="overlap", action="store_false")
+    parser.add_argument("--max-running-requests", type=int, default=256)
+    parser.add_argument("--max-queued-requests", type=int, default=1024)
+    parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                        help="stage and load adapters only on demand")
+    parser.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging(args.log_level, "scheduler")
+    config = SchedulerConfig(
+        overlap_loading=args.overlap, max_running_requests=args.max_running_requests,
+        max_queued_requests=args.max_queued_requests, max_batch_tokens=args.max_batch_tokens,
+        initial_adapters=name_value_pairs(args.lora_paths, "--lora-paths"), prefetch=args.prefetch,
+    )
+    service = SchedulerService(SchedulerServiceConfig(args.frontend_address, args.worker_address, config))
+    on_termination(lambda: setattr(service, "stopping", True))
+    service.run()
+
+
+if __name__ == "__main__":
+    main()

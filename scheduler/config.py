@@ -1,0 +1,15 @@
+"""Scheduler settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    overlap_loading: bool = True  # False: the seed's blocking baseline
+    max_running_requests: int = 256
+    max_queued_requests: int = 1024  # beyond it, RESOURCE_EXHAUSTED at once
+    max_batch_tokens: int = 2048  # tokens per forward: decodes first, then prefill chunks
+    initial_adapters: dict[str, str] = field(default_factory=dict)  # name -> path, registered at start
+    prefetch: bool = True  # stage idle adapters into host memory and free slots ahead of demand

@@ -1,0 +1,402 @@
+"""Scheduling policy, free of sockets: feed it events, take out worker commands and outputs.
+
+Each step: admit waiting requests in arrival order (starting the adapter loads they need,
+so loads overlap the step that follows), then build one ragged batch of decodes and
+prefill chunks under the token budget. With overlap on, only requests whose adapter is
+resident run; the rest are admitted as their loads complete. With overlap off (the seed's
+baseline) a request's load is issued as a blocking load ahead of the forward, stalling it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from protos.loraserve.v1 import internal_pb2 as pb
+from protos.loraserve.v1 import serving_pb2
+from scheduler.adapters import Adapter, AdapterState, AdapterTable
+from scheduler.config import SchedulerConfig
+from scheduler.pages import PageAllocator
+from scheduler.requests import Phase, Request, Sampling
+
+
+class RequestRejected(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Counters:
+    requests_finished: int = 0
+    requests_aborted: int = 0
+    forward_steps: int = 0
+    loads_started: int = 0
+    loads_finished: int = 0
+
+
+UnloadDone = Callable[[], None]
+
+
+@dataclass
+class PendingUnload:
+    name: str
+    on_done: list[UnloadDone] = field(default_factory=list)
+
+
+class SchedulerCore:
+    def __init__(self, config: SchedulerConfig, hello: pb.WorkerHello) -> None:
+        self.config = config
+        self.hello = hello
+        self.pages = PageAllocator(hello.num_kv_pages, hello.page_size)
+        self.adapters = AdapterTable(hello.max_loras_per_batch, hello.host_cache_bytes, hello.max_loaded_loras)
+        self.eos_token_ids = frozenset(hello.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.commands: list[pb.WorkerCommand] = []
+        self.outputs: list[tuple[bytes, pb.SchedulerMessage]] = []
+        self.unloads: dict[str, PendingUnload] = {}
+        self.counters = Counters()
+        self.draining_slot: int | None = None
+        self.forward_in_flight: list[Request] | None = None
+
+    # Requests -------------------------------------------------------------------------
+
+    def submit(self, client: bytes, submit: pb.SubmitRequest) -> None:
+        try:
+            request = self._new_request(client, submit)
+        except RequestRejected as rejection:
+            self._emit_error(client, submit.request_id, rejection.code, str(rejection))
+            return
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+        if request.adapter:
+            self.adapters[request.adapter].waiting += 1
+
+    def _new_request(self, client: bytes, submit: pb.SubmitRequest) -> Request:
+        if submit.request_id in self.requests:
+            raise RequestRejected(pb.ALREADY_EXISTS, f"request id {submit.request_id!r} is already in use")
+        if len(self.waiting) >= self.config.max_queued_requests:
+            raise RequestRejected(pb.RESOURCE_EXHAUSTED,
+                                  f"the queue is full ({self.config.max_queued_requests} requests waiting)")
+        adapter = submit.adapter
+        if adapter and (adapter not in self.adapters or self.adapters[adapter].unloading):
+            raise RequestRejected(pb.NOT_FOUND, f"adapter {adapter!r} is not loaded")
+        sampling = Sampling.from_proto(submit.sampling)
+        total = len(submit.input_ids) + sampling.max_new_tokens
+        if not submit.input_ids or total > self.hello.max_context_length:
+            raise RequestRejected(pb.INVALID_ARGUMENT,
+                                  f"prompt of {len(submit.input_ids)} tokens plus {sampling.max_new_tokens} new "
+                                  f"tokens exceeds the context of {self.hello.max_context_length}")
+        if self.pages.pages_for(total) > self.pages.num_pages:
+            raise RequestRejected(pb.INVALID_ARGUMENT, f"{total} tokens exceed the whole KV cache")
+        if any(t >= self.hello.vocab_size for t in submit.input_ids):
+            raise RequestRejected(pb.INVALID_ARGUMENT, f"token ids must be below {self.hello.vocab_size}")
+        return Request(submit.request_id, client, list(submit.input_ids), adapter, sampling)
+
+    def abort(self, request_id: str) -> None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        self.counters.requests_aborted += 1
+        self._finish(request, "abort")
+
+    # Adapter events -------------------------------------------------------------------
+
+    def on_load_events(self, events: pb.LoadEvents) -> None:
+        for name in events.staged:
+            adapter = self.adapters.adapters.get(name)
+            if adapter is not None and adapter.state is AdapterState.STAGING:
+                adapter.state = AdapterState.HOST
+        for loaded in events.loaded:
+            adapter = self.adapters.adapters.get(loaded.name)
+            if adapter is not None and adapter.slot == loaded.slot and adapter.state is AdapterState.LOADING:
+                adapter.state = AdapterState.RESIDENT
+                adapter.loaded_at = time.monotonic()
+                self.counters.loads_finished += 1
+        for failed in events.failed:
+            self.on_adapter_failed(failed.name, failed.error)
+        self._complete_unloads()
+
+    def on_adapter_failed(self, name: str, error: pb.Error) -> None:
+        """A stage or load failed: roll the adapter back; requests fail unless it may pass later."""
+        adapter = self.adapters.adapters.get(name)
+        if adapter is None:
+            return
+        if adapter.slot is not None:
+            self.adapters.slot_owner[adapter.slot] = None
+            adapter.slot = None
+        adapter.state = AdapterState.ON_DISK
+        if error.code != pb.RESOURCE_EXHAUSTED:
+            for request in [r for r in self.waiting if r.adapter == name]:
+                self._emit_error(request.client, request.request_id, error.code,
+                                 f"adapter {name!r} could not be loaded: {error.message}")
+                self._drop(request)
+
+    def register(self, registered: pb.RegisteredAdapter, path: str) -> Adapter:
+        adapter = Adapter(registered.name, path, registered.rank, registered.size_bytes,
+                          tuple(registered.target_modules))
+        self.adapters.add(adapter)
+        return adapter
+
+    def begin_unload(self, name: str, on_done: UnloadDone) -> None:
+        """Marks the adapter unloading; `on_done()` runs once it is unreferenced and gone."""
+        adapter = self.adapters[name]
+        adapter.unloading = True
+        self.unloads.setdefault(name, PendingUnload(name)).on_done.append(on_done)
+        self._complete_unloads()
+
+    def _complete_unloads(self) -> None:
+        for name, unload in list(self.unloads.items()):
+            adapter = self.adapters[name]
+            if adapter.references or adapter.waiting or adapter.state in (AdapterState.STAGING, AdapterState.LOADING):
+                continue
+            if adapter.slot is not None:
+                self.commands.append(pb.WorkerCommand(evict_slot=pb.EvictSlot(slot=adapter.slot)))
+            self.commands.append(pb.WorkerCommand(unregister_adapter=pb.UnregisterAdapter(name=name)))
+            self.adapters.remove(name)
+            del self.unloads[name]
+            for callback in unload.on_done:
+                callback()
+
+    # Steps ----------------------------------------------------------------------------
+
+    def schedule(self) -> pb.Forward | None:
+        """Admits what it can, starts loads, and returns the next batch (None: nothing to run)."""
+        if self.forward_in_flight is not None:
+            return None
+        self._admit()
+        if self.config.prefetch:
+            self._prefetch()
+        batch, members = self._build_batch()
+        if not members:
+            return None
+        self.forward_in_flight = members
+        self.counters.forward_steps += 1
+        return batch
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        self.draining_slot = None  # re-chosen below if a waiting request still lacks a slot
+        for request in list(self.waiting):
+            if len(self.running) >= self.config.max_running_requests:
+                return
+            if not self._adapter_ready(request):
+                continue
+            if not self.pages.can_allocate(len(request.prompt) + request.sampling.max_new_tokens):
+                return  # arrival order: later requests wait behind this one for pages
+            self._start_running(request, now)
+
+    def _adapter_ready(self, request: Request) -> bool:
+        if not request.adapter:
+            return True
+        adapter = self.adapters[request.adapter]
+        if adapter.state is AdapterState.RESIDENT:
+            return adapter.slot != self.draining_slot
+        return self._ensure_loading(adapter) and not self.config.overlap_loading
+
+    def _ensure_loading(self, adapter: Adapter) -> bool:
+        """Starts staging and loading `adapter` if a slot can be had; True once it has a slot."""
+        if adapter.state is AdapterState.LOADING:
+            return True
+        slot = self._claim_slot()
+        if slot is None:
+            return False
+        if adapter.state is AdapterState.ON_DISK:
+            if not self._make_host_room(adapter):
+                return False
+            adapter.state = AdapterState.STAGING
+            self.commands.append(pb.WorkerCommand(stage_adapter=pb.StageAdapter(name=adapter.name)))
+        self.adapters.assign_slot(adapter, slot)
+        blocking = not self.config.overlap_loading
+        self.commands.append(pb.WorkerCommand(load_slot=pb.LoadSlot(name=adapter.name, slot=slot, blocking=blocking)))
+        self.counters.loads_started += 1
+        if blocking:  # the worker finishes the copy before it runs the next forward
+            adapter.state = AdapterState.RESIDENT
+            adapter.loaded_at = time.monotonic()
+            self.counters.loads_finished += 1
+        return True
+
+    def _claim_slot(self) -> int | None:
+        slot = self.adapters.free_slot()
+        if slot is not None:
+            return slot
+        slot = self.adapters.slot_victim()
+        if slot is None:
+            # Every slot is referenced: stop admitting to the one that frees soonest, so a
+            # waiting request cannot starve behind a stream of requests for resident adapters.
+            if self.draining_slot is None:
+                self.draining_slot = self.adapters.busiest_slot_to_drain()
+            return None
+        victim = self.adapters[self.adapters.slot_owner[slot]]
+        self.adapters.release_slot(victim)
+        self.commands.append(pb.WorkerCommand(evict_slot=pb.EvictSlot(slot=slot)))
+        return slot
+
+    def _make_host_room(self, adapter: Adapter) -> bool:
+        while not self.adapters.host_has_room(adapter):
+            victim = self.adapters.host_victim(keep={adapter.name})
+            if victim is None:
+                return False
+            victim.state = AdapterState.ON_DISK
+            self.commands.append(pb.WorkerCommand(evict_host=pb.EvictHost(name=victim.name)))
+        return True
+
+    def _prefetch(self) -> None:
+        """Fills never-used capacity ahead of demand: host memory first, then free slots."""
+        for adapter in list(self.adapters.adapters.values()):
+            if adapter.unloading:
+                continue
+            if adapter.state is AdapterState.ON_DISK and self.adapters.host_has_room(adapter):
+                adapter.state = AdapterState.STAGING
+                self.commands.append(pb.WorkerCommand(stage_adapter=pb.StageAdapter(name=adapter.name)))
+            if adapter.state is AdapterState.HOST and self.adapters.free_slot() is not None:
+                self._ensure_loading(adapter)
+
+    def _start_running(self, request: Request, now: float) -> None:
+        self.waiting.remove(request)
+        request.phase = Phase.RUNNING
+        request.admitted_at = now
+        request.pages = self.pages.allocate(len(request.prompt) + request.sampling.max_new_tokens)
+        if request.adapter:
+            adapter = self.adapters[request.adapter]
+            adapter.waiting -= 1
+            adapter.references += 1
+            adapter.last_used = now
+            request.slot = adapter.slot
+            request.adapter_ready_at = max(request.arrival, adapter.loaded_at or request.arrival)
+        else:
+            request.adapter_ready_at = request.arrival
+        self.running.append(request)
+
+    def _build_batch(self) -> tuple[pb.Forward, list[Request]]:
+        budget = self.config.max_batch_tokens
+        batch = pb.Forward()
+        members: list[Request] = []
+        decodes = [r for r in self.running if not r.in_prefill]
+        prefills = [r for r in self.running if r.in_prefill]
+        for request in decodes + prefills:
+            if budget <= 0:
+                break
+            remaining = len(request.tokens) - request.fed
+            count = min(remaining, budget)
+            budget -= count
+            self._add_sequence(batch, request, count)
+            members.append(request)
+        return batch, members
+
+    def _add_sequence(self, batch: pb.Forward, request: Request, count: int) -> None:
+        s = request.sampling
+        sampling = pb.SequenceSampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, logprobs=s.logprobs)
+        if s.seed is not None:
+            sampling.seed = s.seed
+        batch.sequences.add(
+            request_id=request.request_id,
+            token_ids=request.tokens[request.fed:request.fed + count],
+            context_len=request.fed,
+            page_table=request.pages,
+            adapter_slot=request.slot,
+            sample=request.fed + count == len(request.tokens),
+            sampling=sampling,
+        )
+        request.fed += count
+
+    def on_forward_result(self, result: pb.ForwardResult | None, error: pb.Error | None = None) -> None:
+        members = self.forward_in_flight or []
+        self.forward_in_flight = None
+        if error is not None:
+            for request in members:
+                if request.phase is Phase.RUNNING:
+                    self._emit_error(request.client, request.request_id, error.code, error.message)
+                    self._drop(request)
+            return
+        now = time.monotonic()
+        for token in result.tokens:
+            request = self.requests.get(token.request_id)
+            if request is None or request.phase is not Phase.RUNNING:
+                continue  # aborted while the forward ran
+            self._append_token(request, token, now)
+
+    def _append_token(self, request: Request, token: pb.SampledToken, now: float) -> None:
+        request.generated.append(token.token_id)
+        if request.first_token_at is None:
+            request.first_token_at = now
+        output = pb.RequestOutput(request_id=request.request_id, token_ids=[token.token_id])
+        if token.HasField("logprob"):
+            output.logprobs.append(token.logprob)
+        reason = self._finish_reason(request, token.token_id)
+        if reason is None:
+            self.outputs.append((request.client, pb.SchedulerMessage(output=output)))
+            return
+        self.counters.requests_finished += 1
+        self._finish(request, reason, output)
+
+    def _finish_reason(self, request: Request, token_id: int) -> str | None:
+        s = request.sampling
+        if token_id in s.stop_token_ids or (token_id in self.eos_token_ids and not s.ignore_eos):
+            return "stop"
+        if len(request.generated) >= s.max_new_tokens:
+            return "length"
+        return None
+
+    def _finish(self, request: Request, reason: str, output: pb.RequestOutput | None = None) -> None:
+        output = output or pb.RequestOutput(request_id=request.request_id)
+        output.finished = True
+        output.finish_reason = reason
+        output.prompt_tokens = len(request.prompt)
+        output.timing.CopyFrom(request.timing(time.monotonic()))
+        self.outputs.append((request.client, pb.SchedulerMessage(output=output)))
+        self._drop(request)
+
+    def _drop(self, request: Request) -> None:
+        """Releases everything the request holds."""
+        self.requests.pop(request.request_id, None)
+        if request.phase is Phase.WAITING:
+            self.waiting.remove(request)
+            if request.adapter in self.adapters:
+                self.adapters[request.adapter].waiting -= 1
+        elif request.phase is Phase.RUNNING:
+            self.running.remove(request)
+            self.pages.release(request.pages)
+            request.pages = []
+            if request.adapter in self.adapters:
+                adapter = self.adapters[request.adapter]
+                adapter.references -= 1
+                adapter.last_used = time.monotonic()
+        request.phase = Phase.FINISHED
+        self._complete_unloads()
+
+    def fail_all(self, code: int, message: str) -> None:
+        """The worker is gone: every request ends with `code`."""
+        for request in list(self.requests.values()):
+            self._emit_error(request.client, request.request_id, code, message)
+            self._drop(request)
+        self.forward_in_flight = None
+
+    def _emit_error(self, client: bytes, request_id: str, code: int, message: str) -> None:
+        output = pb.RequestOutput(request_id=request_id, finished=True, error=pb.Error(code=code, message=message))
+        self.outputs.append((client, pb.SchedulerMessage(output=output)))
+
+    # Introspection --------------------------------------------------------------------
+
+    def stats(self) -> serving_pb2.ServerStats:
+        c = self.counters
+        return serving_pb2.ServerStats(
+            waiting_requests=len(self.waiting), running_requests=len(self.running),
+            kv_pages_used=self.pages.used, kv_pages_total=self.pages.num_pages,
+            slot_references=sum(a.references for a in self.adapters.adapters.values()),
+            slots_used=self.adapters.slots_used, host_cache_bytes=self.adapters.host_bytes,
+            requests_finished=c.requests_finished, requests_aborted=c.requests_aborted,
+            forward_steps=c.forward_steps, loads_started=c.loads_started, loads_finished=c.loads_finished,
+        )
+
+    def take_commands(self) -> list[pb.WorkerCommand]:
+        commands, self.commands = self.commands, []
+        return commands
+
+    def take_outputs(self) -> list[tuple[bytes, pb.SchedulerMessage]]:
+        outputs, self.outputs = self.outputs, []
+        return outputs

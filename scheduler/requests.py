@@ -1,0 +1,77 @@
+"""A generation request as the scheduler tracks it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from protos.loraserve.v1 import serving_pb2
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop_token_ids: frozenset[int]
+    ignore_eos: bool
+    logprobs: bool
+
+    @classmethod
+    def from_proto(cls, params: serving_pb2.SamplingParams) -> Sampling:
+        return cls(
+            max_new_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed if params.HasField("seed") else None,
+            stop_token_ids=frozenset(params.stop_token_ids),
+            ignore_eos=params.ignore_eos,
+            logprobs=params.logprobs,
+        )
+
+
+@dataclass
+class Request:
+    request_id: str
+    client: bytes  # the frontend's ZeroMQ identity, where outputs go
+    prompt: list[int]
+    adapter: str  # "" for the base model
+    sampling: Sampling
+    arrival: float = field(default_factory=time.monotonic)
+    phase: Phase = Phase.WAITING
+    generated: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    fed: int = 0  # tokens already written to the KV cache
+    slot: int = -1
+    admitted_at: float | None = None
+    adapter_ready_at: float | None = None
+    first_token_at: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.fed < len(self.prompt)
+
+    def timing(self, now: float) -> serving_pb2.Timing:
+        def ms(since: float | None, until: float | None) -> float:
+            return 0.0 if since is None or until is None else max(0.0, (until - since) * 1e3)
+
+        return serving_pb2.Timing(
+            queued_ms=ms(self.arrival, self.admitted_at),
+            adapter_wait_ms=ms(self.arrival, self.adapter_ready_at),
+            time_to_first_token_ms=ms(self.arrival, self.first_token_at),
+            e2e_ms=ms(self.arrival, now),
+        )

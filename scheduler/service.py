@@ -1,0 +1,271 @@
+"""The scheduler process: routes frontends' requests and the worker's events through the core.
+
+Sockets: a ROUTER bound at the frontend address (any number of frontends connect DEALERs)
+and a ROUTER bound at the worker address (the worker connects a DEALER and says hello).
+One forward is in flight at a time; frontend messages are handled while it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+import zmq
+
+from protos.loraserve.v1 import internal_pb2 as pb
+from protos.loraserve.v1 import serving_pb2
+from scheduler.config import SchedulerConfig
+from scheduler.core import SchedulerCore
+
+log = logging.getLogger("loraserve.scheduler")
+IDLE_POLL_MS = 50
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+
+CommandDone = Callable[[pb.CommandResult], None]
+
+
+@dataclass(frozen=True)
+class SchedulerServiceConfig:
+    frontend_address: str
+    worker_address: str
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+def _package_version() -> str:
+    try:
+        return version("loraserve")
+    except PackageNotFoundError:
+        return "dev"
+
+
+class SchedulerService:
+    def __init__(self, config: SchedulerServiceConfig) -> None:
+        self.config = config
+        self.context = zmq.Context.instance()
+        self.frontends = self._bind(config.frontend_address)
+        self.worker = self._bind(config.worker_address)
+        self.worker_identity: bytes | None = None
+        self.core: SchedulerCore | None = None
+        self.callbacks: dict[int, CommandDone] = {}
+        self.next_command_id = 1
+        self.registered_paths: dict[str, str] = dict(config.scheduler.initial_adapters)
+        self.registrations_pending = 0
+        self.stopping = False
+
+    def _bind(self, address: str) -> zmq.Socket:
+        socket = self.context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.bind(address)
+        return socket
+
+    @property
+    def ready(self) -> bool:
+        return self.core is not None and self.registrations_pending == 0
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.frontends, zmq.POLLIN)
+        poller.register(self.worker, zmq.POLLIN)
+        log.info("scheduler: frontends at %s, worker at %s", self.config.frontend_address,
+                 self.config.worker_address)
+        while not self.stopping:
+            busy = self.core is not None and (self.core.waiting or self.core.running)
+            events = dict(poller.poll(0 if busy and self.core.forward_in_flight is None else IDLE_POLL_MS))
+            if self.worker in events:
+                self._drain(self.worker, self._on_worker_message)
+            if self.frontends in events:
+                self._drain(self.frontends, self._on_frontend_message)
+            self._step()
+        self.close()
+
+    def close(self) -> None:
+        self.frontends.close(linger=0)
+        self.worker.close(linger=0)
+
+    def _drain(self, socket: zmq.Socket, handle: Callable[[bytes, bytes], None]) -> None:
+        while True:
+            try:
+                identity, payload = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(identity, payload)
+
+    def _step(self) -> None:
+        if not self.ready:
+            self._flush()
+            return
+        batch = self.core.schedule()
+        self._flush()
+        if batch is not None:
+            self._send_command(pb.WorkerCommand(forward=batch), self._on_forward_done)
+
+    def _flush(self) -> None:
+        if self.core is None:
+            return
+        for command in self.core.take_commands():
+            self._send_command(command, self._on_adapter_command_done(command))
+        for client, message in self.core.take_outputs():
+            self._send_frontend(client, message)
+
+    # Worker -----------------------------------------------------------------------------
+
+    def _on_worker_message(self, identity: bytes, payload: bytes) -> None:
+        event = pb.WorkerEvent.FromString(payload)
+        kind = event.WhichOneof("kind")
+        if kind == "hello":
+            self._on_hello(identity, event.hello)
+        elif identity != self.worker_identity:
+            log.warning("ignoring a message from a worker that is not the current one")
+        elif kind == "result":
+            self.core.on_load_events(event.result.load_events)
+            callback = self.callbacks.pop(event.result.command_id, None)
+            if callback is not None:
+                callback(event.result)
+        elif kind == "load_events":
+            self.core.on_load_events(event.load_events)
+
+    def _on_hello(self, identity: bytes, hello: pb.WorkerHello) -> None:
+        if self.core is not None:
+            log.warning("worker restarted (pid %d): failing in-flight requests", hello.pid)
+            self.core.fail_all(pb.UNAVAILABLE, "the worker restarted; retry the request")
+            self._flush()
+            for callback in self.callbacks.values():
+                callback(pb.CommandResult(error=pb.Error(code=pb.UNAVAILABLE, message="the worker restarted")))
+            self.callbacks.clear()
+        log.info("worker ready: %s on %s (%s)", hello.model, hello.device, hello.dtype)
+        self.worker_identity = identity
+        self.core = SchedulerCore(self.config.scheduler, hello)
+        for name, path in self.registered_paths.items():
+            self._register_at_start(name, path)
+
+    def _register_at_start(self, name: str, path: str) -> None:
+        self.registrations_pending += 1
+
+        def done(result: pb.CommandResult) -> None:
+            self.registrations_pending -= 1
+            if result.HasField("error"):
+                log.error("adapter %s at %s cannot be served: %s", name, path, result.error.message)
+                self.registered_paths.pop(name, None)
+                if name in self.config.scheduler.initial_adapters:
+                    raise SystemExit(f"adapter {name!r}: {result.error.message}")
+                return
+            self.core.register(result.adapter, path)
+
+        self._send_command(pb.WorkerCommand(register_adapter=pb.RegisterAdapter(name=name, path=path)), done)
+
+    def _send_command(self, command: pb.WorkerCommand, done: CommandDone | None) -> None:
+        command.command_id = self.next_command_id
+        self.next_command_id += 1
+        if done is not None:
+            self.callbacks[command.command_id] = done
+        self.worker.send_multipart([self.worker_identity, command.SerializeToString()])
+
+    def _on_forward_done(self, result: pb.CommandResult) -> None:
+        self.core.on_forward_result(result.forward, result.error if result.HasField("error") else None)
+
+    def _on_adapter_command_done(self, command: pb.WorkerCommand) -> CommandDone | None:
+        kind = command.WhichOneof("kind")
+        name = getattr(command, kind).name if kind in ("stage_adapter", "load_slot") else None
+
+        def done(result: pb.CommandResult) -> None:
+            if not result.HasField("error"):
+                return
+            log.warning("%s failed: %s", kind, result.error.message)
+            if name is not None and self.core is not None:
+                self.core.on_adapter_failed(name, result.error)
+
+        return done
+
+    # Frontends ------------------------------------------------------------------------
+
+    def _on_frontend_message(self, client: bytes, payload: bytes) -> None:
+        message = pb.FrontendMessage.FromString(payload)
+        kind = message.WhichOneof("kind")
+        if kind == "admin":
+            self._on_admin(client, message.admin)
+        elif not self.ready:
+            if kind == "submit":
+                self._send_frontend(client, pb.SchedulerMessage(output=pb.RequestOutput(
+                    request_id=message.submit.request_id, finished=True,
+                    error=pb.Error(code=pb.UNAVAILABLE, message="the server is starting; retry shortly"))))
+        elif kind == "submit":
+            self.core.submit(client, message.submit)
+        elif kind == "abort":
+            self.core.abort(message.abort.request_id)
+
+    def _on_admin(self, client: bytes, admin: pb.AdminRequest) -> None:
+        def reply(response: pb.AdminResponse) -> None:
+            response.correlation_id = admin.correlation_id
+            self._send_frontend(client, pb.SchedulerMessage(admin=response))
+
+        def fail(code: int, message: str) -> None:
+            reply(pb.AdminResponse(error=pb.Error(code=code, message=message)))
+
+        if not self.ready:
+            fail(pb.UNAVAILABLE, "the server is starting (waiting for the worker); retry shortly")
+            return
+        command = admin.WhichOneof("command")
+        if command == "server_info":
+            reply(pb.AdminResponse(server_info=self._server_info()))
+        elif command == "stats":
+            reply(pb.AdminResponse(stats=self.core.stats()))
+        elif command == "list_adapters":
+            adapters = [a.info() for _, a in sorted(self.core.adapters.adapters.items())]
+            reply(pb.AdminResponse(list_adapters=serving_pb2.ListAdaptersResponse(adapters=adapters)))
+        elif command == "load_adapter":
+            self._load_adapter(admin.load_adapter, reply, fail)
+        elif command == "unload_adapter":
+            self._unload_adapter(admin.unload_adapter.name, reply, fail)
+        else:
+            fail(pb.INVALID_ARGUMENT, f"unknown admin command {command!r}")
+
+    def _load_adapter(self, request: serving_pb2.LoadAdapterRequest, reply, fail) -> None:
+        name, path = request.name, request.path
+        if not ADAPTER_NAME.match(name):
+            fail(pb.INVALID_ARGUMENT, f"adapter name {name!r} must be 1-128 letters, digits or ._:/@+-")
+            return
+        if not path:
+            fail(pb.INVALID_ARGUMENT, "an adapter path is required")
+            return
+        if name in self.registered_paths:
+            fail(pb.ALREADY_EXISTS, f"adapter {name!r} is already loaded")
+            return
+        self.registered_paths[name] = path
+
+        def done(result: pb.CommandResult) -> None:
+            if result.HasField("error"):
+                self.registered_paths.pop(name, None)
+                fail(result.error.code, result.error.message)
+                return
+            adapter = self.core.register(result.adapter, path)
+            reply(pb.AdminResponse(load_adapter=serving_pb2.LoadAdapterResponse(adapter=adapter.info())))
+
+        self._send_command(pb.WorkerCommand(register_adapter=pb.RegisterAdapter(name=name, path=path)), done)
+
+    def _unload_adapter(self, name: str, reply, fail) -> None:
+        if name not in self.core.adapters or self.core.adapters[name].unloading:
+            fail(pb.NOT_FOUND, f"adapter {name!r} is not loaded")
+            return
+
+        def done() -> None:
+            self.registered_paths.pop(name, None)
+            reply(pb.AdminResponse(unload_adapter=serving_pb2.UnloadAdapterResponse()))
+
+        self.core.begin_unload(name, done)
+
+    def _server_info(self) -> serving_pb2.ServerInfo:
+        hello, config = self.core.hello, self.config.scheduler
+        return serving_pb2.ServerInfo(
+            model=hello.model, architecture=hello.architecture, dtype=hello.dtype, device=hello.device,
+            max_context_length=hello.max_context_length, vocab_size=hello.vocab_size,
+            max_loras_per_batch=hello.max_loras_per_batch, max_loaded_loras=hello.max_loaded_loras,
+            max_lora_rank=hello.max_lora_rank, overlap_loading=config.overlap_loading,
+            num_kv_pages=hello.num_kv_pages, page_size=hello.page_size,
+            max_queued_requests=config.max_queued_requests, version=_package_version(),
+        )
+
+    def _send_frontend(self, client: bytes, message: pb.SchedulerMessage) -> None:
+        self.frontends.send_multipart([client, message.SerializeToString()])

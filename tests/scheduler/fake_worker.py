@@ -1,0 +1,115 @@
+"""A stand-in for the worker that executes the scheduler core's commands in memory.
+
+Loads complete after `load_steps` forwards (per adapter, default 0: at the next poll),
+and a forward samples a token derived from the request id and position, so tests can
+predict every output without a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from protos.loraserve.v1 import internal_pb2 as pb
+from scheduler.core import SchedulerCore
+
+EOS = 2
+
+
+def hello(**overrides) -> pb.WorkerHello:
+    fields = dict(model="fake", architecture="LlamaForCausalLM", dtype="float32", device="cpu",
+                  vocab_size=1000, max_context_length=512, num_kv_pages=64, page_size=4,
+                  max_loras_per_batch=2, max_loaded_loras=4, max_lora_rank=64,
+                  host_cache_bytes=1 << 20, eos_token_ids=[EOS])
+    fields.update(overrides)
+    return pb.WorkerHello(**fields)
+
+
+def token_for(request_id: str, position: int) -> int:
+    return 100 + (sum(map(ord, request_id)) * 31 + position * 7) % 800
+
+
+@dataclass
+class FakeWorker:
+    core: SchedulerCore
+    load_steps: dict[str, int] = field(default_factory=dict)
+    slots: dict[int, str] = field(default_factory=dict)
+    host: set[str] = field(default_factory=set)
+    loading: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (slot, steps left)
+    staged: list[str] = field(default_factory=list)  # reported at the next tick
+    log: list[pb.WorkerCommand] = field(default_factory=list)
+    batches: list[pb.Forward] = field(default_factory=list)
+
+    def register(self, name: str, size: int = 1000, rank: int = 8) -> None:
+        self.core.register(pb.RegisteredAdapter(name=name, rank=rank, size_bytes=size,
+                                                target_modules=["q_proj"]), f"/adapters/{name}")
+
+    def step(self) -> bool:
+        """One scheduler step: run the commands, the forward, and report finished loads."""
+        batch = self.core.schedule()
+        self._execute(self.core.take_commands())
+        if batch is not None:
+            self.batches.append(batch)
+            self._check_batch(batch)
+            self.core.on_forward_result(self._forward(batch))
+        self.core.on_load_events(self._tick_loads())
+        self._execute(self.core.take_commands())
+        return batch is not None
+
+    def run_until_idle(self, max_steps: int = 500) -> None:
+        for _ in range(max_steps):
+            if not (self.core.waiting or self.core.running):
+                return
+            self.step()
+        raise AssertionError("the scheduler did not finish its requests")
+
+    def _execute(self, commands: list[pb.WorkerCommand]) -> None:
+        for command in commands:
+            self.log.append(command)
+            kind = command.WhichOneof("kind")
+            if kind == "stage_adapter":
+                self.host.add(command.stage_adapter.name)
+                self.staged.append(command.stage_adapter.name)
+            elif kind == "evict_host":
+                assert command.evict_host.name not in self.loading
+                self.host.discard(command.evict_host.name)
+            elif kind == "load_slot":
+                load = command.load_slot
+                assert load.slot not in [s for s, _ in self.loading.values()], "slot already loading"
+                self.host.add(load.name)
+                steps = 0 if load.blocking else self.load_steps.get(load.name, 0)
+                self.loading[load.name] = (load.slot, steps)
+                self.slots[load.slot] = load.name
+                if load.blocking:
+                    self.core.on_load_events(self._tick_loads())
+            elif kind == "evict_slot":
+                self.slots.pop(command.evict_slot.slot, None)
+            elif kind == "unregister_adapter":
+                self.host.discard(command.unregister_adapter.name)
+
+    def _check_batch(self, batch: pb.Forward) -> None:
+        """What the real engine would refuse: a slot that is empty or still loading."""
+        for seq in batch.sequences:
+            if seq.adapter_slot >= 0:
+                assert seq.adapter_slot in self.slots, f"{seq.request_id} uses an empty slot"
+                name = self.slots[seq.adapter_slot]
+                request = self.core.requests.get(seq.request_id)
+                assert request is None or request.adapter == name, "request runs with another adapter's slot"
+
+    def _forward(self, batch: pb.Forward) -> pb.ForwardResult:
+        result = pb.ForwardResult()
+        for seq in batch.sequences:
+            if seq.sample:
+                position = seq.context_len + len(seq.token_ids)
+                result.tokens.add(request_id=seq.request_id, token_id=token_for(seq.request_id, position))
+        return result
+
+    def _tick_loads(self) -> pb.LoadEvents:
+        events = pb.LoadEvents(staged=self.staged)
+        self.staged = []
+        for name, (slot, steps) in list(self.loading.items()):
+            if steps <= 0:
+                del self.loading[name]
+                events.loaded.add(name=name, slot=slot)
+            else:
+                self.loading[name] = (slot, steps - 1)
+        return events

@@ -1,0 +1,213 @@
+"""Scheduling policy against an in-memory worker: admission, loads, eviction, budgets, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from protos.loraserve.v1 import internal_pb2 as pb
+from protos.loraserve.v1 import serving_pb2
+from scheduler.adapters import AdapterState
+from scheduler.config import SchedulerConfig
+from scheduler.core import SchedulerCore
+from scheduler.pages import PageAllocator
+from tests.scheduler.fake_worker import EOS, FakeWorker, hello, token_for
+
+CLIENT = b"frontend-1"
+
+
+def make(overlap: bool = True, adapters: tuple[str, ...] = ("a", "b", "c"), **config) -> FakeWorker:
+    core = SchedulerCore(SchedulerConfig(overlap_loading=overlap, prefetch=False, **config), hello())
+    worker = FakeWorker(core)
+    for name in adapters:
+        worker.register(name)
+    return worker
+
+
+def submit(worker: FakeWorker, request_id: str, adapter: str = "", prompt_len: int = 5,
+           max_new_tokens: int = 3, **sampling) -> None:
+    params = serving_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=0, top_p=1, top_k=-1,
+                                        ignore_eos=sampling.pop("ignore_eos", True), **sampling)
+    worker.core.submit(CLIENT, pb.SubmitRequest(request_id=request_id, input_ids=list(range(10, 10 + prompt_len)),
+                                                adapter=adapter, sampling=params))
+
+
+def finished(worker: FakeWorker) -> dict[str, pb.RequestOutput]:
+    return {m.output.request_id: m.output for _, m in worker.core.outputs if m.output.finished}
+
+
+def tokens_of(worker: FakeWorker, request_id: str) -> list[int]:
+    return [t for _, m in worker.core.outputs if m.output.request_id == request_id for t in m.output.token_ids]
+
+
+def assert_idle(worker: FakeWorker) -> None:
+    stats = worker.core.stats()
+    assert (stats.kv_pages_used, stats.slot_references, stats.running_requests, stats.waiting_requests) == (0, 0, 0, 0)
+
+
+def test_page_allocator_round_trip():
+    pages = PageAllocator(num_pages=8, page_size=4)
+    first = pages.allocate(9)
+    assert len(first) == 3 and pages.used == 3
+    assert not pages.can_allocate(21)
+    with pytest.raises(MemoryError):
+        pages.allocate(21)
+    pages.release(first)
+    assert pages.used == 0 and len(set(pages.allocate(32))) == 8
+
+
+def test_outputs_follow_the_worker_and_resources_return():
+    worker = make()
+    submit(worker, "r1", "a", prompt_len=9, max_new_tokens=4)
+    submit(worker, "r2", "", prompt_len=3, max_new_tokens=2)
+    worker.run_until_idle()
+    done = finished(worker)
+    assert done["r1"].finish_reason == "length" and done["r1"].prompt_tokens == 9
+    assert tokens_of(worker, "r1") == [token_for("r1", p) for p in range(9, 13)]
+    assert tokens_of(worker, "r2") == [token_for("r2", p) for p in range(3, 5)]
+    assert_idle(worker)
+
+
+def test_overlap_on_runs_ready_requests_while_a_load_lands():
+    worker = make(overlap=True)
+    worker.load_steps["a"] = 4
+    submit(worker, "slow", "a", max_new_tokens=2)
+    submit(worker, "base", "", max_new_tokens=3)
+    worker.step()
+    worker.step()
+    assert "base" not in finished(worker) and tokens_of(worker, "base")
+    assert not tokens_of(worker, "slow")
+    worker.run_until_idle()
+    done = finished(worker)
+    assert done["base"].timing.e2e_ms <= done["slow"].timing.e2e_ms
+    assert done["slow"].timing.adapter_wait_ms > 0
+    loads = [c.load_slot for c in worker.log if c.WhichOneof("kind") == "load_slot"]
+    assert [(l.name, l.blocking) for l in loads] == [("a", False)]
+
+
+def test_overlap_off_issues_blocking_loads_before_the_forward():
+    worker = make(overlap=False)
+    worker.load_steps["a"] = 4  # ignored: blocking loads finish before the forward
+    submit(worker, "r", "a", max_new_tokens=2)
+    worker.step()
+    assert tokens_of(worker, "r")
+    kinds = [c.WhichOneof("kind") for c in worker.log]
+    assert kinds[:2] == ["stage_adapter", "load_slot"] and worker.log[1].load_slot.blocking
+    worker.run_until_idle()
+    assert_idle(worker)
+
+
+def test_lru_eviction_never_takes_a_referenced_slot():
+    worker = make(adapters=("a", "b", "c", "d"))
+    for i, adapter in enumerate(["a", "b", "c", "a", "d", "b", "c", "d"]):
+        submit(worker, f"r{i}", adapter, max_new_tokens=2 + i % 3)
+    worker.run_until_idle()  # FakeWorker._check_batch asserts every slot a batch reads holds its adapter
+    assert len(finished(worker)) == 8
+    evicted = [c.evict_slot.slot for c in worker.log if c.WhichOneof("kind") == "evict_slot"]
+    assert evicted, "four adapters through two slots must evict"
+    assert_idle(worker)
+
+
+def test_waiting_request_is_not_starved_by_a_stream_of_ready_ones():
+    worker = make(adapters=("a", "b", "c"))
+    submit(worker, "a0", "a", max_new_tokens=3)
+    submit(worker, "b0", "b", max_new_tokens=3)
+    worker.step()
+    submit(worker, "c0", "c", max_new_tokens=2)  # both slots referenced: c must wait
+    for i in range(1, 30):  # requests for a and b keep arriving
+        submit(worker, f"a{i}", "a", max_new_tokens=3)
+        submit(worker, f"b{i}", "b", max_new_tokens=3)
+        worker.step()
+        if "c0" in finished(worker):
+            break
+    assert "c0" in finished(worker), "c0 starved behind requests for resident adapters"
+    worker.run_until_idle()
+    assert_idle(worker)
+
+
+def test_token_budget_and_chunked_prefill():
+    worker = make(max_batch_tokens=8)
+    submit(worker, "long", "", prompt_len=20, max_new_tokens=2)
+    submit(worker, "short", "", prompt_len=3, max_new_tokens=6)
+    worker.run_until_idle()
+    fed: dict[str, int] = {}
+    for batch in worker.batches:
+        assert sum(len(s.token_ids) for s in batch.sequences) <= 8
+        for seq in batch.sequences:
+            assert seq.context_len == fed.get(seq.request_id, 0), "chunks must continue where the last ended"
+            fed[seq.request_id] = seq.context_len + len(seq.token_ids)
+    assert tokens_of(worker, "long") == [token_for("long", 20), token_for("long", 21)]
+
+
+def test_abort_releases_pages_and_slot_references():
+    worker = make()
+    submit(worker, "r1", "a", max_new_tokens=50)
+    submit(worker, "r2", "b", max_new_tokens=50)
+    submit(worker, "r3", "c", max_new_tokens=50)  # waits for a slot
+    for _ in range(3):
+        worker.step()
+    assert worker.core.stats().kv_pages_used > 0
+    for request_id in ("r1", "r2", "r3"):
+        worker.core.abort(request_id)
+    assert_idle(worker)
+    assert {r.finish_reason for r in finished(worker).values()} == {"abort"}
+
+
+def test_stop_tokens_and_end_of_sequence():
+    worker = make()
+    stop = token_for("s", 5)
+    submit(worker, "s", "", max_new_tokens=10, stop_token_ids=[stop])
+    worker.core.eos_token_ids = frozenset({token_for("e", 5)})
+    submit(worker, "e", "", max_new_tokens=10, ignore_eos=False)
+    worker.run_until_idle()
+    done = finished(worker)
+    assert done["s"].finish_reason == "stop" and tokens_of(worker, "s") == [stop]
+    assert done["e"].finish_reason == "stop" and len(tokens_of(worker, "e")) == 1
+    assert EOS not in worker.core.eos_token_ids
+
+
+@pytest.mark.parametrize("kwargs, code", [
+    (dict(adapter="nope"), pb.NOT_FOUND),
+    (dict(prompt_len=500, max_new_tokens=100), pb.INVALID_ARGUMENT),
+    (dict(prompt_len=0), pb.INVALID_ARGUMENT),
+])
+def test_bad_requests_are_refused_with_their_code(kwargs, code):
+    worker = make()
+    submit(worker, "bad", **kwargs)
+    assert finished(worker)["bad"].error.code == code
+    assert_idle(worker)
+
+
+def test_full_queue_is_refused_at_once():
+    worker = make(max_queued_requests=2)
+    for i in range(3):
+        submit(worker, f"r{i}")
+    assert finished(worker)["r2"].error.code == pb.RESOURCE_EXHAUSTED
+    assert len(worker.core.waiting) == 2
+
+
+def test_unload_waits_for_running_requests_and_refuses_new_ones():
+    worker = make()
+    submit(worker, "r", "a", max_new_tokens=4)
+    worker.step()
+    unloaded = []
+    worker.core.begin_unload("a", lambda: unloaded.append(True))
+    assert not unloaded
+    submit(worker, "late", "a")
+    assert finished(worker)["late"].error.code == pb.NOT_FOUND
+    worker.run_until_idle()
+    assert unloaded and "a" not in worker.core.adapters
+    assert finished(worker)["r"].finish_reason == "length"
+    assert worker.core.adapters.slot_owner.count(None) == 2
+
+
+def test_host_cache_stays_within_its_entry_bound():
+    worker = make(adapters=tuple("abcdefg"))
+    for i, adapter in enumerate("abcdefgabc"):
+        submit(worker, f"r{i}", adapter, max_new_tokens=2)
+        worker.step()
+        assert len(worker.core.adapters.host_entries) <= 4
+    worker.run_until_idle()
+    assert any(c.WhichOneof("kind") == "evict_host" for c in worker.log)
+    assert len(finished(worker)) == 10
+    assert all(a.state in (AdapterState.ON_DISK, AdapterState.HOST, AdapterState.RESIDENT)
+               for a in worker.core.adapters.adapters.values())

@@ -19,12 +19,15 @@ from worker.lora.arena import PinnedArena, Region
 from worker.model.config import ModelConfig
 
 
+AdapterTensors = tuple[torch.Tensor, torch.Tensor]  # (A, B.T) of one adapted module
+
+
 @dataclass
 class HostAdapter:
     name: str
     manifest: AdapterManifest
     region: Region
-    tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, module) -> (A, B.T)
+    tensors: dict[tuple[int, str], AdapterTensors]  # keyed by (layer, module)
     staged: Future = field(default_factory=Future)
     copies_in_flight: int = 0  # the pinned region must outlive every copy reading it
 
@@ -120,7 +123,7 @@ class HostCache:
         del self.entries[entry.name]
         self.arena.release(entry.region)
 
-    def _layout(self, manifest: AdapterManifest, region: Region) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    def _layout(self, manifest: AdapterManifest, region: Region) -> dict[tuple[int, str], AdapterTensors]:
         shapes = self.model.module_shapes()
         tensors = {}
         offset = 0

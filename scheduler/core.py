@@ -35,6 +35,7 @@ class Counters:
     forward_steps: int = 0
     loads_started: int = 0
     loads_finished: int = 0
+    worker_forward_seconds: float = 0.0
 
 
 UnloadDone = Callable[[], None]
@@ -313,6 +314,7 @@ class SchedulerCore:
                     self._emit_error(request.client, request.request_id, error.code, error.message)
                     self._drop(request)
             return
+        self.counters.worker_forward_seconds += result.forward_ms / 1e3
         now = time.monotonic()
         for token in result.tokens:
             request = self.requests.get(token.request_id)
@@ -391,6 +393,7 @@ class SchedulerCore:
             slots_used=self.adapters.slots_used, host_cache_bytes=self.adapters.host_bytes,
             requests_finished=c.requests_finished, requests_aborted=c.requests_aborted,
             forward_steps=c.forward_steps, loads_started=c.loads_started, loads_finished=c.loads_finished,
+            worker_forward_seconds=c.worker_forward_seconds,
         )
 
     def take_commands(self) -> list[pb.WorkerCommand]:

@@ -27,7 +27,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from loraserve.demo import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
+from loraserve.demo import BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_tokenizer  # noqa: F401 (re-exported for tests)
 
 ARCHITECTURES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
 

@@ -1,4 +1,4 @@
-.PHONY: setup test test-gpu
+.PHONY: setup test test-gpu serve
 
 setup:
 	bash scripts/setup.sh
@@ -9,3 +9,6 @@ test: setup
 # On a CUDA machine (the device tool runs this): the GPU equivalence and overlap tests.
 test-gpu:
 	HF_HUB_OFFLINE=1 python3 -m pytest -q -m gpu tests/gpu
+
+serve: setup
+	.venv/bin/loraserve serve $(ARGS)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 
+from loraserve.bench import add_bench_parser
 from loraserve.flags import configure_logging, name_value_pairs
 from loraserve.launcher import ServeConfig, serve
 
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(required=True)
     add_serve_parser(commands)
     add_generate_parser(commands)
+    add_bench_parser(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 

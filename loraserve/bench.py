@@ -1,0 +1,253 @@
+"""`loraserve bench`: the seed's serving benchmark (SGLang's bench_serving) for our gRPC API.
+
+Random prompts of token ids, Poisson arrivals, streaming requests, adapters picked per
+request by a distribution; prints mean/median/P99 of E2E, TTFT, TPOT and ITL and writes
+the per-request records and the summary as JSON. `loraserve bench compare` puts several
+result files side by side with % changes against the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from tqdm import tqdm
+
+from protos.loraserve.v1 import serving_pb2, serving_pb2_grpc
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    index: int
+    input_ids: list[int]
+    output_len: int
+    adapter: str
+    send_at: float  # seconds after the start
+
+
+@dataclass
+class Record:
+    index: int
+    adapter: str
+    input_len: int
+    output_len: int
+    success: bool = False
+    error: str = ""
+    output_tokens: int = 0
+    ttft_ms: float = 0.0
+    e2e_ms: float = 0.0
+    itl_ms: list[float] = field(default_factory=list)
+    server_timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tpot_ms(self) -> float | None:
+        if self.output_tokens <= 1:
+            return None
+        return (self.e2e_ms - self.ttft_ms) / (self.output_tokens - 1)
+
+
+def lengths(rng: random.Random, target: int, range_ratio: float, count: int) -> list[int]:
+    """As SGLang's random dataset: uniform over [max(1, target * ratio), target]."""
+    low = max(int(target * range_ratio), 1)
+    return [rng.randint(low, target) for _ in range(count)]
+
+
+def pick_adapters(rng: random.Random, names: list[str], distribution: str, count: int,
+                  zipf_alpha: float) -> list[str]:
+    if not names:
+        return [""] * count
+    if distribution == "distinct":
+        return [names[i % len(names)] for i in range(count)]
+    if distribution == "uniform":
+        return [rng.choice(names) for _ in range(count)]
+    weights = [1.0 / (rank ** zipf_alpha) for rank in range(1, len(names) + 1)]
+    return rng.choices(names, weights=weights, k=count)
+
+
+def arrival_times(rng: random.Random, rate: float, count: int) -> list[float]:
+    """Poisson arrivals at `rate` per second; all at 0 when the rate is infinite."""
+    if math.isinf(rate):
+        return [0.0] * count
+    now, times = 0.0, []
+    for _ in range(count):
+        times.append(now)
+        now += rng.expovariate(rate)
+    return times
+
+
+def build_workload(args: argparse.Namespace, vocab_size: int) -> list[WorkItem]:
+    rng = random.Random(args.seed)
+    inputs = lengths(rng, args.random_input_len, args.random_range_ratio, args.num_prompts)
+    outputs = lengths(rng, args.random_output_len, args.random_range_ratio, args.num_prompts)
+    adapters = pick_adapters(rng, args.lora_name or [], args.lora_request_distribution, args.num_prompts,
+                             args.lora_zipf_alpha)
+    times = arrival_times(rng, args.request_rate, args.num_prompts)
+    token_limit = min(vocab_size, 32000)  # ids of ordinary tokens in any real vocabulary
+    return [
+        WorkItem(i, [rng.randrange(10, token_limit) for _ in range(inputs[i])], outputs[i], adapters[i], times[i])
+        for i in range(args.num_prompts)
+    ]
+
+
+async def send(stub, item: WorkItem, start: float, semaphore: asyncio.Semaphore | None, bar: tqdm) -> Record:
+    await asyncio.sleep(max(0.0, start + item.send_at - time.perf_counter()))
+    record = Record(item.index, item.adapter, len(item.input_ids), item.output_len)
+    if semaphore is not None:
+        await semaphore.acquire()
+    try:
+        await _stream(stub, item, record)
+    finally:
+        if semaphore is not None:
+            semaphore.release()
+        bar.update(1)
+    return record
+
+
+async def _stream(stub, item: WorkItem, record: Record) -> None:
+    request = serving_pb2.GenerateRequest(
+        input_ids=item.input_ids, adapter=item.adapter,
+        sampling=serving_pb2.SamplingParams(max_new_tokens=item.output_len, temperature=0.0, ignore_eos=True))
+    sent = last = time.perf_counter()
+    try:
+        async for message in stub.GenerateStream(request):
+            now = time.perf_counter()
+            if message.token_ids:
+                if record.output_tokens == 0:
+                    record.ttft_ms = (now - sent) * 1e3
+                else:
+                    record.itl_ms.append((now - last) * 1e3)
+                record.output_tokens += len(message.token_ids)
+                last = now
+            if message.finished:
+                t = message.timing
+                record.server_timing = {"queued_ms": t.queued_ms, "adapter_wait_ms": t.adapter_wait_ms,
+                                        "ttft_ms": t.time_to_first_token_ms, "e2e_ms": t.e2e_ms}
+        record.e2e_ms = (time.perf_counter() - sent) * 1e3
+        record.success = True
+    except grpc.aio.AioRpcError as error:
+        record.error = f"{error.code().name}: {error.details()}"
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "median": 0.0, "p99": 0.0}
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+    return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered), "p99": p99}
+
+
+def summarize(records: list[Record], duration_s: float) -> dict:
+    done = [r for r in records if r.success]
+    output_tokens = sum(r.output_tokens for r in done)
+    input_tokens = sum(r.input_len for r in done)
+    return {
+        "completed": len(done),
+        "failed": len(records) - len(done),
+        "duration_s": duration_s,
+        "request_throughput": len(done) / duration_s,
+        "input_token_throughput": input_tokens / duration_s,
+        "output_token_throughput": output_tokens / duration_s,
+        "total_token_throughput": (input_tokens + output_tokens) / duration_s,
+        "e2e_ms": _stats([r.e2e_ms for r in done]),
+        "ttft_ms": _stats([r.ttft_ms for r in done]),
+        "tpot_ms": _stats([r.tpot_ms for r in done if r.tpot_ms is not None]),
+        "itl_ms": _stats([x for r in done for x in r.itl_ms]),
+    }
+
+
+async def run_benchmark(args: argparse.Namespace) -> dict:
+    async with grpc.aio.insecure_channel(args.address) as channel:
+        stub = serving_pb2_grpc.LoraServingStub(channel)
+        info = await stub.GetServerInfo(serving_pb2.GetServerInfoRequest())
+        workload = build_workload(args, info.vocab_size)
+        semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+        bar = tqdm(total=len(workload), disable=args.disable_progress, desc="requests")
+        start = time.perf_counter()
+        records = await asyncio.gather(*(send(stub, item, start, semaphore, bar) for item in workload))
+        duration = time.perf_counter() - start
+        bar.close()
+    return {"args": vars(args) | {"request_rate": str(args.request_rate)},
+            "server": {"model": info.model, "device": info.device, "dtype": info.dtype,
+                       "overlap_loading": info.overlap_loading, "max_loras_per_batch": info.max_loras_per_batch},
+            "summary": summarize(records, duration), "records": [asdict(r) for r in records]}
+
+
+TABLE_ROWS = [
+    ("Successful requests", lambda s: s["completed"], "{:.0f}"),
+    ("Failed requests", lambda s: s["failed"], "{:.0f}"),
+    ("Duration (s)", lambda s: s["duration_s"], "{:.2f}"),
+    ("Request throughput (req/s)", lambda s: s["request_throughput"], "{:.2f}"),
+    ("Output token throughput (tok/s)", lambda s: s["output_token_throughput"], "{:.2f}"),
+    ("Total token throughput (tok/s)", lambda s: s["total_token_throughput"], "{:.2f}"),
+    *[(f"{stat.capitalize()} {name} (ms)", (lambda key, stat: lambda s: s[key][stat])(key, stat), "{:.2f}")
+      for name, key in (("E2E Latency", "e2e_ms"), ("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"))
+      for stat in ("mean", "median", "p99")],
+]
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["{:=^60}".format(" Serving Benchmark Result ")]
+    lines += [f"{label:<44}{fmt.format(get(summary)):>16}" for label, get, fmt in TABLE_ROWS]
+    return "\n".join(lines)
+
+
+def format_comparison(names: list[str], summaries: list[dict]) -> str:
+    width = max(14, *(len(n) for n in names))
+    header = f"{'metric':<34}" + "".join(f"{n:>{width}}" for n in names)
+    header += "".join(f"{'% vs ' + names[0][:8]:>{width}}" for _ in names[1:])
+    lines = [header]
+    for label, get, fmt in TABLE_ROWS:
+        values = [get(s) for s in summaries]
+        row = f"{label:<34}" + "".join(f"{fmt.format(v):>{width}}" for v in values)
+        for value in values[1:]:
+            change = (value - values[0]) / values[0] * 100 if values[0] else float("nan")
+            row += f"{change:>{width - 1}.1f}%"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def add_bench_parser(commands) -> None:
+    parser = commands.add_parser("bench", help="benchmark a running server (or compare result files)",
+                                 description=__doc__)
+    sub = parser.add_subparsers(dest="bench_command")
+    compare = sub.add_parser("compare", help="side-by-side table of result files")
+    compare.add_argument("files", nargs="+", type=Path)
+    compare.set_defaults(run=run_compare)
+    parser.add_argument("--address", default="127.0.0.1:50051")
+    parser.add_argument("--dataset", choices=("random",), default="random")
+    parser.add_argument("--random-input-len", type=int, default=512)
+    parser.add_argument("--random-output-len", type=int, default=512)
+    parser.add_argument("--random-range-ratio", type=float, default=0.0)
+    parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument("--request-rate", type=float, default=float("inf"))
+    parser.add_argument("--max-concurrency", type=int)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--lora-name", nargs="*")
+    parser.add_argument("--lora-request-distribution", choices=("uniform", "distinct", "skewed"), default="uniform")
+    parser.add_argument("--lora-zipf-alpha", type=float, default=1.5)
+    parser.add_argument("--output-file", type=Path, help="JSON with the summary and every request's record")
+    parser.add_argument("--disable-progress", action="store_true")
+    parser.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    result = asyncio.run(run_benchmark(args))
+    print(format_summary(result["summary"]))
+    if args.output_file:
+        args.output_file.parent.mkdir(parents=True, exist_ok=True)
+        args.output_file.write_text(json.dumps(result, indent=1) + "\n")
+    return 0 if result["summary"]["failed"] == 0 else 1
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    summaries = [json.loads(path.read_text())["summary"] for path in args.files]
+    print(format_comparison([path.stem for path in args.files], summaries))
+    return 0

@@ -138,9 +138,9 @@ def test_slow_load_does_not_hold_back_resident_adapters(base_config, oracle, ref
             slow = pool.submit(run, *WORKLOAD[4])  # a3
             time.sleep(0.2)
             fast = [pool.submit(run, *WORKLOAD[i]) for i in (0, 1)]  # a0 and the base model
-            fast_responses = [f.result() for f in fast]
+            [f.result() for f in fast]
             slow_response = slow.result()
-    assert all(finished_at[r.request_id] < finished_at[slow_response.request_id] for r in fast_responses)
+    assert max(finished_at[WORKLOAD[i][0]] for i in (0, 1)) < finished_at[WORKLOAD[4][0]]
     assert slow_response.timing.adapter_wait_ms >= 0.8 * slow_seconds * 1e3
     assert slow_response.timing.time_to_first_token_ms >= slow_response.timing.adapter_wait_ms
     request_id, adapter, ids, _ = WORKLOAD[4]
@@ -162,7 +162,10 @@ def test_cancel_and_deadline_release_pages_and_slots(server):
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_for(lambda: (lambda s: (s.kv_pages_used, s.slot_references, s.running_requests, s.waiting_requests)
                       == (0, 0, 0, 0))(client.stats()), "resources released")
-    assert client.stats().requests_aborted >= idle.requests_aborted + 10
+    after = client.stats()
+    aborted = after.requests_aborted - idle.requests_aborted
+    assert aborted + after.requests_finished - idle.requests_finished == 10
+    assert aborted >= 8, "cancelled streams and most expired deadlines must abort in the scheduler"
 
 
 def test_load_and_unload_while_requests_run(server, service_model, artifacts, oracle):

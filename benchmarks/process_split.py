@@ -67,12 +67,15 @@ def three_process(model_dir: Path, concurrency: int, new_tokens: int, port: int)
         launcher.stop()
     steps = after.forward_steps - before.forward_steps
     forward_s = after.worker_forward_seconds - before.worker_forward_seconds
+    scheduling_s = after.scheduler_step_seconds - before.scheduler_step_seconds
     return {
         "tokens_per_s": concurrency * new_tokens / elapsed,
         "steps": steps,
         "ms_per_step": elapsed / steps * 1e3,
         "worker_forward_ms_per_step": forward_s / steps * 1e3,
         "outside_forward_us_per_step": (elapsed - forward_s) / steps * 1e6,
+        "scheduler_us_per_step": scheduling_s / steps * 1e6,
+        "zmq_and_idle_us_per_step": (elapsed - forward_s - scheduling_s) / steps * 1e6,
     }
 
 

@@ -36,6 +36,7 @@ class Counters:
     loads_started: int = 0
     loads_finished: int = 0
     worker_forward_seconds: float = 0.0
+    scheduler_step_seconds: float = 0.0
 
 
 UnloadDone = Callable[[], None]
@@ -282,7 +283,7 @@ class SchedulerCore:
         for request in decodes + prefills:
             if budget <= 0:
                 break
-            remaining = len(request.tokens) - request.fed
+            remaining = request.num_tokens - request.fed
             count = min(remaining, budget)
             budget -= count
             self._add_sequence(batch, request, count)
@@ -290,18 +291,14 @@ class SchedulerCore:
         return batch, members
 
     def _add_sequence(self, batch: pb.Forward, request: Request, count: int) -> None:
-        s = request.sampling
-        sampling = pb.SequenceSampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, logprobs=s.logprobs)
-        if s.seed is not None:
-            sampling.seed = s.seed
         batch.sequences.add(
             request_id=request.request_id,
-            token_ids=request.tokens[request.fed:request.fed + count],
+            token_ids=request.tokens_from(request.fed, count),
             context_len=request.fed,
             page_table=request.pages,
             adapter_slot=request.slot,
-            sample=request.fed + count == len(request.tokens),
-            sampling=sampling,
+            sample=request.fed + count == request.num_tokens,
+            sampling=request.sampling.worker_params,
         )
         request.fed += count
 
@@ -393,7 +390,7 @@ class SchedulerCore:
             slots_used=self.adapters.slots_used, host_cache_bytes=self.adapters.host_bytes,
             requests_finished=c.requests_finished, requests_aborted=c.requests_aborted,
             forward_steps=c.forward_steps, loads_started=c.loads_started, loads_finished=c.loads_finished,
-            worker_forward_seconds=c.worker_forward_seconds,
+            worker_forward_seconds=c.worker_forward_seconds, scheduler_step_seconds=c.scheduler_step_seconds,
         )
 
     def take_commands(self) -> list[pb.WorkerCommand]:

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from protos.loraserve.v1 import serving_pb2
+from protos.loraserve.v1 import internal_pb2, serving_pb2
 
 
 class Phase(enum.Enum):
@@ -17,6 +17,8 @@ class Phase(enum.Enum):
 
 @dataclass(frozen=True)
 class Sampling:
+    """A request's sampling settings, and the part the worker needs, built once."""
+
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -25,9 +27,14 @@ class Sampling:
     stop_token_ids: frozenset[int]
     ignore_eos: bool
     logprobs: bool
+    worker_params: internal_pb2.SequenceSampling
 
     @classmethod
     def from_proto(cls, params: serving_pb2.SamplingParams) -> Sampling:
+        worker_params = internal_pb2.SequenceSampling(
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, logprobs=params.logprobs)
+        if params.HasField("seed"):
+            worker_params.seed = params.seed
         return cls(
             max_new_tokens=params.max_new_tokens,
             temperature=params.temperature,
@@ -37,6 +44,7 @@ class Sampling:
             stop_token_ids=frozenset(params.stop_token_ids),
             ignore_eos=params.ignore_eos,
             logprobs=params.logprobs,
+            worker_params=worker_params,
         )
 
 
@@ -58,8 +66,16 @@ class Request:
     first_token_at: float | None = None
 
     @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.generated
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.generated)
+
+    def tokens_from(self, start: int, count: int) -> list[int]:
+        """tokens[start:start + count] of prompt + generated, without concatenating them."""
+        prompt_len = len(self.prompt)
+        if start >= prompt_len:
+            return self.generated[start - prompt_len:start - prompt_len + count]
+        head = self.prompt[start:start + count]
+        return head + self.generated[:count - len(head)]
 
     @property
     def in_prefill(self) -> bool:

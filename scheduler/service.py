@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -53,6 +54,7 @@ class SchedulerService:
         self.next_command_id = 1
         self.registered_paths: dict[str, str] = dict(config.scheduler.initial_adapters)
         self.registrations_pending = 0
+        self.last_result_at: float | None = None  # when the last forward's result arrived
         self.stopping = False
 
     def _bind(self, address: str) -> zmq.Socket:
@@ -101,6 +103,9 @@ class SchedulerService:
         self._flush()
         if batch is not None:
             self._send_command(pb.WorkerCommand(forward=batch), self._on_forward_done)
+            if self.last_result_at is not None:
+                self.core.counters.scheduler_step_seconds += time.perf_counter() - self.last_result_at
+                self.last_result_at = None
 
     def _flush(self) -> None:
         if self.core is None:
@@ -164,6 +169,7 @@ class SchedulerService:
         self.worker.send_multipart([self.worker_identity, command.SerializeToString()])
 
     def _on_forward_done(self, result: pb.CommandResult) -> None:
+        self.last_result_at = time.perf_counter()
         self.core.on_forward_result(result.forward, result.error if result.HasField("error") else None)
 
     def _on_adapter_command_done(self, command: pb.WorkerCommand) -> CommandDone | None:

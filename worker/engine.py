@@ -26,6 +26,7 @@ from worker.model.llama import LlamaModel, fuse_weights
 from worker.model.weights import dummy_weights, load_safetensors
 from worker.plan import ForwardPlan, LoraSegment, build_plan
 from worker.sampling import sample, validate_sampling
+from worker.timeline import COMPUTE_LANE, COPY_LANE, Timeline
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Engine:
         self.host_cache = HostCache(c, config.host_cache_bytes, config.max_loaded_loras, self.dtype, pin=on_gpu)
         self.copier = (CudaCopier(self.slots, c.num_layers, self.device, load_hook) if on_gpu
                        else ThreadCopier(self.slots, c.num_layers, load_hook))
+        self.timeline = Timeline(self.device)
         self.adapters: dict[str, AdapterManifest] = {}
         self.pending: dict[int, LoadJob] = {}  # slot -> load in flight
 
@@ -128,6 +130,9 @@ class Engine:
         adapter.copies_in_flight += 1
         self.pending[slot] = job
         self.copier.start(job)
+        if job.copy_started is not None:
+            self.timeline.add_gpu_span(COPY_LANE, name, job.copy_started, job.layer_ready[-1],
+                                       slot=slot, bytes=job.nbytes, blocking=blocking)
         if blocking:
             self.copier.wait(job)
 
@@ -165,6 +170,8 @@ class Engine:
         del self.pending[job.slot]
         job.adapter.copies_in_flight -= 1
         error = job.finished.exception() if job.finished.done() else None
+        if job.host_copy_span is not None:
+            self.timeline.add_host_span(COPY_LANE, job.name, *job.host_copy_span, slot=job.slot, bytes=job.nbytes)
         if error is None:
             report.loaded.append((job.name, job.slot))
         else:
@@ -182,8 +189,11 @@ class Engine:
             vocab_size=self.model_config.vocab_size, device=self.device,
         )
         lora = _ForwardLora(self, plan)
+        span = self.timeline.begin(COMPUTE_LANE, "forward", sequences=len(inputs), tokens=plan.num_tokens,
+                                   adapters=sorted({self.slots.occupants[s] for s in plan.active_slots}))
         with torch.inference_mode(), self.copier.reading(plan.active_slots):
             hidden = self.model.forward(plan, self.kv_cache, lora)
+            self.timeline.end(span)
             tokens = self._sample(plan, hidden)
             logits = self._all_logits(plan, hidden) if return_logits else None
         return ForwardOutput(tokens=tokens, logits=logits)

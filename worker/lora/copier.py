@@ -39,6 +39,7 @@ class LoadJob:
     started_at: float = field(default_factory=time.perf_counter)
     layer_ready: list = field(default_factory=list)  # one event per layer
     copy_started: torch.cuda.Event | None = None  # CUDA only: when the load stream began copying
+    host_copy_span: tuple[float, float] | None = None  # thread back-end: wall-clock copy start and end
     finished: Future = field(default_factory=Future)  # thread back-end only
 
 
@@ -108,12 +109,14 @@ class ThreadCopier:
         try:
             if previous_reader is not None:
                 previous_reader.wait()
+            started = time.time()
             for layer in range(self.num_layers):
                 for destination, source in self.slots.copy_pairs(job.slot, layer, job.adapter):
                     destination.copy_(source)
                 if self.hook is not None:
                     self.hook(job.name, job.slot, layer)
                 job.layer_ready[layer].set()
+            job.host_copy_span = (started, time.time())
         except BaseException as error:  # reported through the job, never lost in the thread
             job.finished.set_exception(error)
             for event in job.layer_ready:

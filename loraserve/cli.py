@@ -11,6 +11,7 @@ import grpc
 from loraserve.bench import add_bench_parser
 from loraserve.flags import configure_logging, name_value_pairs
 from loraserve.launcher import ServeConfig, serve
+from loraserve.timeline import add_timeline_parsers
 
 
 def add_serve_parser(commands) -> None:
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_parser(commands)
     add_generate_parser(commands)
     add_bench_parser(commands)
+    add_timeline_parsers(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 

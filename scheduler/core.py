@@ -22,6 +22,9 @@ from scheduler.pages import PageAllocator
 from scheduler.requests import Phase, Request, Sampling
 
 
+TRACE_CAPACITY = 100_000  # request spans kept for the timeline
+
+
 class RequestRejected(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -64,6 +67,7 @@ class SchedulerCore:
         self.counters = Counters()
         self.draining_slot: int | None = None
         self.forward_in_flight: list[Request] | None = None
+        self.request_trace: deque[dict] = deque(maxlen=TRACE_CAPACITY)
 
     # Requests -------------------------------------------------------------------------
 
@@ -348,7 +352,21 @@ class SchedulerCore:
         output.prompt_tokens = len(request.prompt)
         output.timing.CopyFrom(request.timing(time.monotonic()))
         self.outputs.append((request.client, pb.SchedulerMessage(output=output)))
+        self._trace(request, reason)
         self._drop(request)
+
+    def _trace(self, request: Request, reason: str) -> None:
+        """Queued and running spans of a finished request, in wall-clock microseconds."""
+        to_wall = time.time() - time.monotonic()
+        args = {"request_id": request.request_id, "adapter": request.adapter, "finish_reason": reason,
+                "prompt_tokens": len(request.prompt), "output_tokens": len(request.generated)}
+        admitted = request.admitted_at or time.monotonic()
+        spans = [("queued", request.arrival, admitted)]
+        if request.admitted_at is not None:
+            spans.append(("running", admitted, time.monotonic()))
+        for name, start, end in spans:
+            self.request_trace.append({"name": name, "ph": "X", "pid": "scheduler", "tid": request.request_id,
+                                       "ts": (start + to_wall) * 1e6, "dur": (end - start) * 1e6, "args": args})
 
     def _drop(self, request: Request) -> None:
         """Releases everything the request holds."""

@@ -7,6 +7,7 @@ One forward is in flight at a time; frontend messages are handled while it runs.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -225,6 +226,8 @@ class SchedulerService:
             self._load_adapter(admin.load_adapter, reply, fail)
         elif command == "unload_adapter":
             self._unload_adapter(admin.unload_adapter.name, reply, fail)
+        elif command == "timeline":
+            self._timeline(reply, fail)
         else:
             fail(pb.INVALID_ARGUMENT, f"unknown admin command {command!r}")
 
@@ -261,6 +264,17 @@ class SchedulerService:
             reply(pb.AdminResponse(unload_adapter=serving_pb2.UnloadAdapterResponse()))
 
         self.core.begin_unload(name, done)
+
+    def _timeline(self, reply, fail) -> None:
+        def done(result: pb.CommandResult) -> None:
+            if result.HasField("error"):
+                fail(result.error.code, result.error.message)
+                return
+            events = json.loads(result.timeline_json) + list(self.core.request_trace)
+            trace = json.dumps({"traceEvents": events, "displayTimeUnit": "ms"})
+            reply(pb.AdminResponse(timeline=serving_pb2.Timeline(chrome_trace_json=trace)))
+
+        self._send_command(pb.WorkerCommand(export_timeline=pb.ExportTimeline()), done)
 
     def _server_info(self) -> serving_pb2.ServerInfo:
         hello, config = self.core.hello, self.config.scheduler

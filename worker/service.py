@@ -8,6 +8,7 @@ A load of an adapter still being staged is started as soon as staging finishes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -139,6 +140,8 @@ class WorkerService:
             engine.evict_slot(command.evict_slot.slot)
         elif kind == "forward":
             result.forward.CopyFrom(self._forward(command.forward))
+        elif kind == "export_timeline":
+            result.timeline_json = json.dumps(engine.timeline.chrome_trace())
         else:
             raise ValueError(f"unknown worker command {kind!r}")
 

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from protos.loraserve.v1 import serving_pb2 as protos_dot_loraserve_dot_v1_dot_serving__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/loraserve/v1/internal.proto\x12\x15loraserve.internal.v1\x1a!protos/loraserve/v1/serving.proto\"H\n\x05\x45rror\x12.\n\x04\x63ode\x18\x01 \x01(\x0e\x32 .loraserve.internal.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xbd\x01\n\x0f\x46rontendMessage\x12\x36\n\x06submit\x18\x01 \x01(\x0b\x32$.loraserve.internal.v1.SubmitRequestH\x00\x12\x34\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32#.loraserve.internal.v1.AbortRequestH\x00\x12\x34\n\x05\x61\x64min\x18\x03 \x01(\x0b\x32#.loraserve.internal.v1.AdminRequestH\x00\x42\x06\n\x04kind\"w\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xd0\x02\n\x0c\x41\x64minRequest\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12\x38\n\x0cload_adapter\x18\x02 \x01(\x0b\x32 .loraserve.v1.LoadAdapterRequestH\x00\x12<\n\x0eunload_adapter\x18\x03 \x01(\x0b\x32\".loraserve.v1.UnloadAdapterRequestH\x00\x12:\n\rlist_adapters\x18\x04 \x01(\x0b\x32!.loraserve.v1.ListAdaptersRequestH\x00\x12\x39\n\x0bserver_info\x18\x05 \x01(\x0b\x32\".loraserve.v1.GetServerInfoRequestH\x00\x12.\n\x05stats\x18\x06 \x01(\x0b\x32\x1d.loraserve.v1.GetStatsRequestH\x00\x42\t\n\x07\x63ommand\"\x89\x01\n\x10SchedulerMessage\x12\x36\n\x06output\x18\x01 \x01(\x0b\x32$.loraserve.internal.v1.RequestOutputH\x00\x12\x35\n\x05\x61\x64min\x18\x02 \x01(\x0b\x32$.loraserve.internal.v1.AdminResponseH\x00\x42\x06\n\x04kind\"\xdb\x01\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12+\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1c.loraserve.internal.v1.Error\x12$\n\x06timing\x18\x07 \x01(\x0b\x32\x14.loraserve.v1.Timing\x12\x15\n\rprompt_tokens\x18\x08 \x01(\r\"\xf2\x02\n\rAdminResponse\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12+\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1c.loraserve.internal.v1.Error\x12\x39\n\x0cload_adapter\x18\x03 \x01(\x0b\x32!.loraserve.v1.LoadAdapterResponseH\x00\x12=\n\x0eunload_adapter\x18\x04 \x01(\x0b\x32#.loraserve.v1.UnloadAdapterResponseH\x00\x12;\n\rlist_adapters\x18\x05 \x01(\x0b\x32\".loraserve.v1.ListAdaptersResponseH\x00\x12/\n\x0bserver_info\x18\x06 \x01(\x0b\x32\x18.loraserve.v1.ServerInfoH\x00\x12*\n\x05stats\x18\x07 \x01(\x0b\x32\x19.loraserve.v1.ServerStatsH\x00\x42\x08\n\x06result\"\xce\x03\n\rWorkerCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\x04\x12\x42\n\x10register_adapter\x18\x02 \x01(\x0b\x32&.loraserve.internal.v1.RegisterAdapterH\x00\x12\x46\n\x12unregister_adapter\x18\x03 \x01(\x0b\x32(.loraserve.internal.v1.UnregisterAdapterH\x00\x12<\n\rstage_adapter\x18\x04 \x01(\x0b\x32#.loraserve.internal.v1.StageAdapterH\x00\x12\x36\n\nevict_host\x18\x05 \x01(\x0b\x32 .loraserve.internal.v1.EvictHostH\x00\x12\x34\n\tload_slot\x18\x06 \x01(\x0b\x32\x1f.loraserve.internal.v1.LoadSlotH\x00\x12\x36\n\nevict_slot\x18\x07 \x01(\x0b\x32 .loraserve.internal.v1.EvictSlotH\x00\x12\x31\n\x07\x66orward\x18\x08 \x01(\x0b\x32\x1e.loraserve.internal.v1.ForwardH\x00\x42\x06\n\x04kind\"-\n\x0fRegisterAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"!\n\x11UnregisterAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x0cStageAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\tEvictHost\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x08LoadSlot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\r\x12\x10\n\x08\x62locking\x18\x03 \x01(\x08\"\x19\n\tEvictSlot\x12\x0c\n\x04slot\x18\x01 \x01(\r\"s\n\x10SequenceSampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\x05 \x01(\x08\x42\x07\n\x05_seed\"\xc0\x01\n\rSequenceInput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x13\n\x0b\x63ontext_len\x18\x03 \x01(\r\x12\x12\n\npage_table\x18\x04 \x03(\r\x12\x14\n\x0c\x61\x64\x61pter_slot\x18\x05 \x01(\x05\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x12\x39\n\x08sampling\x18\x07 \x01(\x0b\x32\'.loraserve.internal.v1.SequenceSampling\"B\n\x07\x46orward\x12\x37\n\tsequences\x18\x01 \x03(\x0b\x32$.loraserve.internal.v1.SequenceInput\"\xbc\x01\n\x0bWorkerEvent\x12\x33\n\x05hello\x18\x01 \x01(\x0b\x32\".loraserve.internal.v1.WorkerHelloH\x00\x12\x36\n\x06result\x18\x02 \x01(\x0b\x32$.loraserve.internal.v1.CommandResultH\x00\x12\x38\n\x0bload_events\x18\x03 \x01(\x0b\x32!.loraserve.internal.v1.LoadEventsH\x00\x42\x06\n\x04kind\"\xb6\x02\n\x0bWorkerHello\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1a\n\x12max_context_length\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_pages\x18\x07 \x01(\r\x12\x11\n\tpage_size\x18\x08 \x01(\r\x12\x1b\n\x13max_loras_per_batch\x18\t \x01(\r\x12\x18\n\x10max_loaded_loras\x18\n \x01(\r\x12\x15\n\rmax_lora_rank\x18\x0b \x01(\r\x12\x18\n\x10host_cache_bytes\x18\x0c \x01(\x04\x12\x15\n\reos_token_ids\x18\r \x03(\r\x12\x0b\n\x03pid\x18\x0e \x01(\r\"[\n\x11RegisteredAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"V\n\x0cSampledToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\n\n\x08_logprob\"X\n\rForwardResult\x12\x33\n\x06tokens\x18\x01 \x03(\x0b\x32#.loraserve.internal.v1.SampledToken\x12\x12\n\nforward_ms\x18\x02 \x01(\x01\"(\n\nLoadedSlot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\r\"G\n\nFailedLoad\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1c.loraserve.internal.v1.Error\"\x82\x01\n\nLoadEvents\x12\x0e\n\x06staged\x18\x01 \x03(\t\x12\x31\n\x06loaded\x18\x02 \x03(\x0b\x32!.loraserve.internal.v1.LoadedSlot\x12\x31\n\x06\x66\x61iled\x18\x03 \x03(\x0b\x32!.loraserve.internal.v1.FailedLoad\"\xfa\x01\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\x04\x12+\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1c.loraserve.internal.v1.Error\x12\x39\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32(.loraserve.internal.v1.RegisteredAdapter\x12\x35\n\x07\x66orward\x18\x04 \x01(\x0b\x32$.loraserve.internal.v1.ForwardResult\x12\x36\n\x0bload_events\x18\x05 \x01(\x0b\x32!.loraserve.internal.v1.LoadEvents*\xb0\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x12\n\x0e\x41LREADY_EXISTS\x10\x03\x12\x16\n\x12RESOURCE_EXHAUSTED\x10\x04\x12\x0f\n\x0bUNAVAILABLE\x10\x05\x12\x17\n\x13\x46\x41ILED_PRECONDITION\x10\x06\x12\x0c\n\x08INTERNAL\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/loraserve/v1/internal.proto\x12\x15loraserve.internal.v1\x1a!protos/loraserve/v1/serving.proto\"H\n\x05\x45rror\x12.\n\x04\x63ode\x18\x01 \x01(\x0e\x32 .loraserve.internal.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xbd\x01\n\x0f\x46rontendMessage\x12\x36\n\x06submit\x18\x01 \x01(\x0b\x32$.loraserve.internal.v1.SubmitRequestH\x00\x12\x34\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32#.loraserve.internal.v1.AbortRequestH\x00\x12\x34\n\x05\x61\x64min\x18\x03 \x01(\x0b\x32#.loraserve.internal.v1.AdminRequestH\x00\x42\x06\n\x04kind\"w\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x86\x03\n\x0c\x41\x64minRequest\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12\x38\n\x0cload_adapter\x18\x02 \x01(\x0b\x32 .loraserve.v1.LoadAdapterRequestH\x00\x12<\n\x0eunload_adapter\x18\x03 \x01(\x0b\x32\".loraserve.v1.UnloadAdapterRequestH\x00\x12:\n\rlist_adapters\x18\x04 \x01(\x0b\x32!.loraserve.v1.ListAdaptersRequestH\x00\x12\x39\n\x0bserver_info\x18\x05 \x01(\x0b\x32\".loraserve.v1.GetServerInfoRequestH\x00\x12.\n\x05stats\x18\x06 \x01(\x0b\x32\x1d.loraserve.v1.GetStatsRequestH\x00\x12\x34\n\x08timeline\x18\x07 \x01(\x0b\x32 .loraserve.v1.GetTimelineRequestH\x00\x42\t\n\x07\x63ommand\"\x89\x01\n\x10SchedulerMessage\x12\x36\n\x06output\x18\x01 \x01(\x0b\x32$.loraserve.internal.v1.RequestOutputH\x00\x12\x35\n\x05\x61\x64min\x18\x02 \x01(\x0b\x32$.loraserve.internal.v1.AdminResponseH\x00\x42\x06\n\x04kind\"\xdb\x01\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12+\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1c.loraserve.internal.v1.Error\x12$\n\x06timing\x18\x07 \x01(\x0b\x32\x14.loraserve.v1.Timing\x12\x15\n\rprompt_tokens\x18\x08 \x01(\r\"\x9e\x03\n\rAdminResponse\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12+\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1c.loraserve.internal.v1.Error\x12\x39\n\x0cload_adapter\x18\x03 \x01(\x0b\x32!.loraserve.v1.LoadAdapterResponseH\x00\x12=\n\x0eunload_adapter\x18\x04 \x01(\x0b\x32#.loraserve.v1.UnloadAdapterResponseH\x00\x12;\n\rlist_adapters\x18\x05 \x01(\x0b\x32\".loraserve.v1.ListAdaptersResponseH\x00\x12/\n\x0bserver_info\x18\x06 \x01(\x0b\x32\x18.loraserve.v1.ServerInfoH\x00\x12*\n\x05stats\x18\x07 \x01(\x0b\x32\x19.loraserve.v1.ServerStatsH\x00\x12*\n\x08timeline\x18\x08 \x01(\x0b\x32\x16.loraserve.v1.TimelineH\x00\x42\x08\n\x06result\"\x90\x04\n\rWorkerCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\x04\x12\x42\n\x10register_adapter\x18\x02 \x01(\x0b\x32&.loraserve.internal.v1.RegisterAdapterH\x00\x12\x46\n\x12unregister_adapter\x18\x03 \x01(\x0b\x32(.loraserve.internal.v1.UnregisterAdapterH\x00\x12<\n\rstage_adapter\x18\x04 \x01(\x0b\x32#.loraserve.internal.v1.StageAdapterH\x00\x12\x36\n\nevict_host\x18\x05 \x01(\x0b\x32 .loraserve.internal.v1.EvictHostH\x00\x12\x34\n\tload_slot\x18\x06 \x01(\x0b\x32\x1f.loraserve.internal.v1.LoadSlotH\x00\x12\x36\n\nevict_slot\x18\x07 \x01(\x0b\x32 .loraserve.internal.v1.EvictSlotH\x00\x12\x31\n\x07\x66orward\x18\x08 \x01(\x0b\x32\x1e.loraserve.internal.v1.ForwardH\x00\x12@\n\x0f\x65xport_timeline\x18\t \x01(\x0b\x32%.loraserve.internal.v1.ExportTimelineH\x00\x42\x06\n\x04kind\"\x10\n\x0e\x45xportTimeline\"-\n\x0fRegisterAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"!\n\x11UnregisterAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x0cStageAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\tEvictHost\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x08LoadSlot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\r\x12\x10\n\x08\x62locking\x18\x03 \x01(\x08\"\x19\n\tEvictSlot\x12\x0c\n\x04slot\x18\x01 \x01(\r\"s\n\x10SequenceSampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\x05 \x01(\x08\x42\x07\n\x05_seed\"\xc0\x01\n\rSequenceInput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x13\n\x0b\x63ontext_len\x18\x03 \x01(\r\x12\x12\n\npage_table\x18\x04 \x03(\r\x12\x14\n\x0c\x61\x64\x61pter_slot\x18\x05 \x01(\x05\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x12\x39\n\x08sampling\x18\x07 \x01(\x0b\x32\'.loraserve.internal.v1.SequenceSampling\"B\n\x07\x46orward\x12\x37\n\tsequences\x18\x01 \x03(\x0b\x32$.loraserve.internal.v1.SequenceInput\"\xbc\x01\n\x0bWorkerEvent\x12\x33\n\x05hello\x18\x01 \x01(\x0b\x32\".loraserve.internal.v1.WorkerHelloH\x00\x12\x36\n\x06result\x18\x02 \x01(\x0b\x32$.loraserve.internal.v1.CommandResultH\x00\x12\x38\n\x0bload_events\x18\x03 \x01(\x0b\x32!.loraserve.internal.v1.LoadEventsH\x00\x42\x06\n\x04kind\"\xb6\x02\n\x0bWorkerHello\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1a\n\x12max_context_length\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_pages\x18\x07 \x01(\r\x12\x11\n\tpage_size\x18\x08 \x01(\r\x12\x1b\n\x13max_loras_per_batch\x18\t \x01(\r\x12\x18\n\x10max_loaded_loras\x18\n \x01(\r\x12\x15\n\rmax_lora_rank\x18\x0b \x01(\r\x12\x18\n\x10host_cache_bytes\x18\x0c \x01(\x04\x12\x15\n\reos_token_ids\x18\r \x03(\r\x12\x0b\n\x03pid\x18\x0e \x01(\r\"[\n\x11RegisteredAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"V\n\x0cSampledToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\n\n\x08_logprob\"X\n\rForwardResult\x12\x33\n\x06tokens\x18\x01 \x03(\x0b\x32#.loraserve.internal.v1.SampledToken\x12\x12\n\nforward_ms\x18\x02 \x01(\x01\"(\n\nLoadedSlot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\r\"G\n\nFailedLoad\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1c.loraserve.internal.v1.Error\"\x82\x01\n\nLoadEvents\x12\x0e\n\x06staged\x18\x01 \x03(\t\x12\x31\n\x06loaded\x18\x02 \x03(\x0b\x32!.loraserve.internal.v1.LoadedSlot\x12\x31\n\x06\x66\x61iled\x18\x03 \x03(\x0b\x32!.loraserve.internal.v1.FailedLoad\"\x91\x02\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\x04\x12+\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1c.loraserve.internal.v1.Error\x12\x39\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32(.loraserve.internal.v1.RegisteredAdapter\x12\x35\n\x07\x66orward\x18\x04 \x01(\x0b\x32$.loraserve.internal.v1.ForwardResult\x12\x36\n\x0bload_events\x18\x05 \x01(\x0b\x32!.loraserve.internal.v1.LoadEvents\x12\x15\n\rtimeline_json\x18\x06 \x01(\t*\xb0\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x12\n\x0e\x41LREADY_EXISTS\x10\x03\x12\x16\n\x12RESOURCE_EXHAUSTED\x10\x04\x12\x0f\n\x0bUNAVAILABLE\x10\x05\x12\x17\n\x13\x46\x41ILED_PRECONDITION\x10\x06\x12\x0c\n\x08INTERNAL\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.loraserve.v1.internal_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORCODE']._serialized_start=3939
-  _globals['_ERRORCODE']._serialized_end=4115
+  _globals['_ERRORCODE']._serialized_start=4144
+  _globals['_ERRORCODE']._serialized_end=4320
   _globals['_ERROR']._serialized_start=96
   _globals['_ERROR']._serialized_end=168
   _globals['_FRONTENDMESSAGE']._serialized_start=171
@@ -43,49 +43,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ABORTREQUEST']._serialized_start=483
   _globals['_ABORTREQUEST']._serialized_end=517
   _globals['_ADMINREQUEST']._serialized_start=520
-  _globals['_ADMINREQUEST']._serialized_end=856
-  _globals['_SCHEDULERMESSAGE']._serialized_start=859
-  _globals['_SCHEDULERMESSAGE']._serialized_end=996
-  _globals['_REQUESTOUTPUT']._serialized_start=999
-  _globals['_REQUESTOUTPUT']._serialized_end=1218
-  _globals['_ADMINRESPONSE']._serialized_start=1221
-  _globals['_ADMINRESPONSE']._serialized_end=1591
-  _globals['_WORKERCOMMAND']._serialized_start=1594
-  _globals['_WORKERCOMMAND']._serialized_end=2056
-  _globals['_REGISTERADAPTER']._serialized_start=2058
-  _globals['_REGISTERADAPTER']._serialized_end=2103
-  _globals['_UNREGISTERADAPTER']._serialized_start=2105
-  _globals['_UNREGISTERADAPTER']._serialized_end=2138
-  _globals['_STAGEADAPTER']._serialized_start=2140
-  _globals['_STAGEADAPTER']._serialized_end=2168
-  _globals['_EVICTHOST']._serialized_start=2170
-  _globals['_EVICTHOST']._serialized_end=2195
-  _globals['_LOADSLOT']._serialized_start=2197
-  _globals['_LOADSLOT']._serialized_end=2253
-  _globals['_EVICTSLOT']._serialized_start=2255
-  _globals['_EVICTSLOT']._serialized_end=2280
-  _globals['_SEQUENCESAMPLING']._serialized_start=2282
-  _globals['_SEQUENCESAMPLING']._serialized_end=2397
-  _globals['_SEQUENCEINPUT']._serialized_start=2400
-  _globals['_SEQUENCEINPUT']._serialized_end=2592
-  _globals['_FORWARD']._serialized_start=2594
-  _globals['_FORWARD']._serialized_end=2660
-  _globals['_WORKEREVENT']._serialized_start=2663
-  _globals['_WORKEREVENT']._serialized_end=2851
-  _globals['_WORKERHELLO']._serialized_start=2854
-  _globals['_WORKERHELLO']._serialized_end=3164
-  _globals['_REGISTEREDADAPTER']._serialized_start=3166
-  _globals['_REGISTEREDADAPTER']._serialized_end=3257
-  _globals['_SAMPLEDTOKEN']._serialized_start=3259
-  _globals['_SAMPLEDTOKEN']._serialized_end=3345
-  _globals['_FORWARDRESULT']._serialized_start=3347
-  _globals['_FORWARDRESULT']._serialized_end=3435
-  _globals['_LOADEDSLOT']._serialized_start=3437
-  _globals['_LOADEDSLOT']._serialized_end=3477
-  _globals['_FAILEDLOAD']._serialized_start=3479
-  _globals['_FAILEDLOAD']._serialized_end=3550
-  _globals['_LOADEVENTS']._serialized_start=3553
-  _globals['_LOADEVENTS']._serialized_end=3683
-  _globals['_COMMANDRESULT']._serialized_start=3686
-  _globals['_COMMANDRESULT']._serialized_end=3936
+  _globals['_ADMINREQUEST']._serialized_end=910
+  _globals['_SCHEDULERMESSAGE']._serialized_start=913
+  _globals['_SCHEDULERMESSAGE']._serialized_end=1050
+  _globals['_REQUESTOUTPUT']._serialized_start=1053
+  _globals['_REQUESTOUTPUT']._serialized_end=1272
+  _globals['_ADMINRESPONSE']._serialized_start=1275
+  _globals['_ADMINRESPONSE']._serialized_end=1689
+  _globals['_WORKERCOMMAND']._serialized_start=1692
+  _globals['_WORKERCOMMAND']._serialized_end=2220
+  _globals['_EXPORTTIMELINE']._serialized_start=2222
+  _globals['_EXPORTTIMELINE']._serialized_end=2238
+  _globals['_REGISTERADAPTER']._serialized_start=2240
+  _globals['_REGISTERADAPTER']._serialized_end=2285
+  _globals['_UNREGISTERADAPTER']._serialized_start=2287
+  _globals['_UNREGISTERADAPTER']._serialized_end=2320
+  _globals['_STAGEADAPTER']._serialized_start=2322
+  _globals['_STAGEADAPTER']._serialized_end=2350
+  _globals['_EVICTHOST']._serialized_start=2352
+  _globals['_EVICTHOST']._serialized_end=2377
+  _globals['_LOADSLOT']._serialized_start=2379
+  _globals['_LOADSLOT']._serialized_end=2435
+  _globals['_EVICTSLOT']._serialized_start=2437
+  _globals['_EVICTSLOT']._serialized_end=2462
+  _globals['_SEQUENCESAMPLING']._serialized_start=2464
+  _globals['_SEQUENCESAMPLING']._serialized_end=2579
+  _globals['_SEQUENCEINPUT']._serialized_start=2582
+  _globals['_SEQUENCEINPUT']._serialized_end=2774
+  _globals['_FORWARD']._serialized_start=2776
+  _globals['_FORWARD']._serialized_end=2842
+  _globals['_WORKEREVENT']._serialized_start=2845
+  _globals['_WORKEREVENT']._serialized_end=3033
+  _globals['_WORKERHELLO']._serialized_start=3036
+  _globals['_WORKERHELLO']._serialized_end=3346
+  _globals['_REGISTEREDADAPTER']._serialized_start=3348
+  _globals['_REGISTEREDADAPTER']._serialized_end=3439
+  _globals['_SAMPLEDTOKEN']._serialized_start=3441
+  _globals['_SAMPLEDTOKEN']._serialized_end=3527
+  _globals['_FORWARDRESULT']._serialized_start=3529
+  _globals['_FORWARDRESULT']._serialized_end=3617
+  _globals['_LOADEDSLOT']._serialized_start=3619
+  _globals['_LOADEDSLOT']._serialized_end=3659
+  _globals['_FAILEDLOAD']._serialized_start=3661
+  _globals['_FAILEDLOAD']._serialized_end=3732
+  _globals['_LOADEVENTS']._serialized_start=3735
+  _globals['_LOADEVENTS']._serialized_end=3865
+  _globals['_COMMANDRESULT']._serialized_start=3868
+  _globals['_COMMANDRESULT']._serialized_end=4141
 # @@protoc_insertion_point(module_scope)

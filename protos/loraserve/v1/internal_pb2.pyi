@@ -64,20 +64,22 @@ class AbortRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class AdminRequest(_message.Message):
-    __slots__ = ("correlation_id", "load_adapter", "unload_adapter", "list_adapters", "server_info", "stats")
+    __slots__ = ("correlation_id", "load_adapter", "unload_adapter", "list_adapters", "server_info", "stats", "timeline")
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     UNLOAD_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     LIST_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     SERVER_INFO_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
     correlation_id: int
     load_adapter: _serving_pb2.LoadAdapterRequest
     unload_adapter: _serving_pb2.UnloadAdapterRequest
     list_adapters: _serving_pb2.ListAdaptersRequest
     server_info: _serving_pb2.GetServerInfoRequest
     stats: _serving_pb2.GetStatsRequest
-    def __init__(self, correlation_id: _Optional[int] = ..., load_adapter: _Optional[_Union[_serving_pb2.LoadAdapterRequest, _Mapping]] = ..., unload_adapter: _Optional[_Union[_serving_pb2.UnloadAdapterRequest, _Mapping]] = ..., list_adapters: _Optional[_Union[_serving_pb2.ListAdaptersRequest, _Mapping]] = ..., server_info: _Optional[_Union[_serving_pb2.GetServerInfoRequest, _Mapping]] = ..., stats: _Optional[_Union[_serving_pb2.GetStatsRequest, _Mapping]] = ...) -> None: ...
+    timeline: _serving_pb2.GetTimelineRequest
+    def __init__(self, correlation_id: _Optional[int] = ..., load_adapter: _Optional[_Union[_serving_pb2.LoadAdapterRequest, _Mapping]] = ..., unload_adapter: _Optional[_Union[_serving_pb2.UnloadAdapterRequest, _Mapping]] = ..., list_adapters: _Optional[_Union[_serving_pb2.ListAdaptersRequest, _Mapping]] = ..., server_info: _Optional[_Union[_serving_pb2.GetServerInfoRequest, _Mapping]] = ..., stats: _Optional[_Union[_serving_pb2.GetStatsRequest, _Mapping]] = ..., timeline: _Optional[_Union[_serving_pb2.GetTimelineRequest, _Mapping]] = ...) -> None: ...
 
 class SchedulerMessage(_message.Message):
     __slots__ = ("output", "admin")
@@ -108,7 +110,7 @@ class RequestOutput(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., timing: _Optional[_Union[_serving_pb2.Timing, _Mapping]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class AdminResponse(_message.Message):
-    __slots__ = ("correlation_id", "error", "load_adapter", "unload_adapter", "list_adapters", "server_info", "stats")
+    __slots__ = ("correlation_id", "error", "load_adapter", "unload_adapter", "list_adapters", "server_info", "stats", "timeline")
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     LOAD_ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +118,7 @@ class AdminResponse(_message.Message):
     LIST_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     SERVER_INFO_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
     correlation_id: int
     error: Error
     load_adapter: _serving_pb2.LoadAdapterResponse
@@ -123,10 +126,11 @@ class AdminResponse(_message.Message):
     list_adapters: _serving_pb2.ListAdaptersResponse
     server_info: _serving_pb2.ServerInfo
     stats: _serving_pb2.ServerStats
-    def __init__(self, correlation_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., load_adapter: _Optional[_Union[_serving_pb2.LoadAdapterResponse, _Mapping]] = ..., unload_adapter: _Optional[_Union[_serving_pb2.UnloadAdapterResponse, _Mapping]] = ..., list_adapters: _Optional[_Union[_serving_pb2.ListAdaptersResponse, _Mapping]] = ..., server_info: _Optional[_Union[_serving_pb2.ServerInfo, _Mapping]] = ..., stats: _Optional[_Union[_serving_pb2.ServerStats, _Mapping]] = ...) -> None: ...
+    timeline: _serving_pb2.Timeline
+    def __init__(self, correlation_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., load_adapter: _Optional[_Union[_serving_pb2.LoadAdapterResponse, _Mapping]] = ..., unload_adapter: _Optional[_Union[_serving_pb2.UnloadAdapterResponse, _Mapping]] = ..., list_adapters: _Optional[_Union[_serving_pb2.ListAdaptersResponse, _Mapping]] = ..., server_info: _Optional[_Union[_serving_pb2.ServerInfo, _Mapping]] = ..., stats: _Optional[_Union[_serving_pb2.ServerStats, _Mapping]] = ..., timeline: _Optional[_Union[_serving_pb2.Timeline, _Mapping]] = ...) -> None: ...
 
 class WorkerCommand(_message.Message):
-    __slots__ = ("command_id", "register_adapter", "unregister_adapter", "stage_adapter", "evict_host", "load_slot", "evict_slot", "forward")
+    __slots__ = ("command_id", "register_adapter", "unregister_adapter", "stage_adapter", "evict_host", "load_slot", "evict_slot", "forward", "export_timeline")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     REGISTER_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     UNREGISTER_ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +139,7 @@ class WorkerCommand(_message.Message):
     LOAD_SLOT_FIELD_NUMBER: _ClassVar[int]
     EVICT_SLOT_FIELD_NUMBER: _ClassVar[int]
     FORWARD_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_TIMELINE_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     register_adapter: RegisterAdapter
     unregister_adapter: UnregisterAdapter
@@ -143,7 +148,12 @@ class WorkerCommand(_message.Message):
     load_slot: LoadSlot
     evict_slot: EvictSlot
     forward: Forward
-    def __init__(self, command_id: _Optional[int] = ..., register_adapter: _Optional[_Union[RegisterAdapter, _Mapping]] = ..., unregister_adapter: _Optional[_Union[UnregisterAdapter, _Mapping]] = ..., stage_adapter: _Optional[_Union[StageAdapter, _Mapping]] = ..., evict_host: _Optional[_Union[EvictHost, _Mapping]] = ..., load_slot: _Optional[_Union[LoadSlot, _Mapping]] = ..., evict_slot: _Optional[_Union[EvictSlot, _Mapping]] = ..., forward: _Optional[_Union[Forward, _Mapping]] = ...) -> None: ...
+    export_timeline: ExportTimeline
+    def __init__(self, command_id: _Optional[int] = ..., register_adapter: _Optional[_Union[RegisterAdapter, _Mapping]] = ..., unregister_adapter: _Optional[_Union[UnregisterAdapter, _Mapping]] = ..., stage_adapter: _Optional[_Union[StageAdapter, _Mapping]] = ..., evict_host: _Optional[_Union[EvictHost, _Mapping]] = ..., load_slot: _Optional[_Union[LoadSlot, _Mapping]] = ..., evict_slot: _Optional[_Union[EvictSlot, _Mapping]] = ..., forward: _Optional[_Union[Forward, _Mapping]] = ..., export_timeline: _Optional[_Union[ExportTimeline, _Mapping]] = ...) -> None: ...
+
+class ExportTimeline(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class RegisterAdapter(_message.Message):
     __slots__ = ("name", "path")
@@ -324,15 +334,17 @@ class LoadEvents(_message.Message):
     def __init__(self, staged: _Optional[_Iterable[str]] = ..., loaded: _Optional[_Iterable[_Union[LoadedSlot, _Mapping]]] = ..., failed: _Optional[_Iterable[_Union[FailedLoad, _Mapping]]] = ...) -> None: ...
 
 class CommandResult(_message.Message):
-    __slots__ = ("command_id", "error", "adapter", "forward", "load_events")
+    __slots__ = ("command_id", "error", "adapter", "forward", "load_events", "timeline_json")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     LOAD_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_JSON_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     error: Error
     adapter: RegisteredAdapter
     forward: ForwardResult
     load_events: LoadEvents
-    def __init__(self, command_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., adapter: _Optional[_Union[RegisteredAdapter, _Mapping]] = ..., forward: _Optional[_Union[ForwardResult, _Mapping]] = ..., load_events: _Optional[_Union[LoadEvents, _Mapping]] = ...) -> None: ...
+    timeline_json: str
+    def __init__(self, command_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., adapter: _Optional[_Union[RegisteredAdapter, _Mapping]] = ..., forward: _Optional[_Union[ForwardResult, _Mapping]] = ..., load_events: _Optional[_Union[LoadEvents, _Mapping]] = ..., timeline_json: _Optional[str] = ...) -> None: ...

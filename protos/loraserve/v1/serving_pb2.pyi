@@ -257,3 +257,13 @@ class ServerStats(_message.Message):
     worker_forward_seconds: float
     scheduler_step_seconds: float
     def __init__(self, waiting_requests: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., slot_references: _Optional[int] = ..., slots_used: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., forward_steps: _Optional[int] = ..., loads_started: _Optional[int] = ..., loads_finished: _Optional[int] = ..., worker_forward_seconds: _Optional[float] = ..., scheduler_step_seconds: _Optional[float] = ...) -> None: ...
+
+class GetTimelineRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Timeline(_message.Message):
+    __slots__ = ("chrome_trace_json",)
+    CHROME_TRACE_JSON_FIELD_NUMBER: _ClassVar[int]
+    chrome_trace_json: str
+    def __init__(self, chrome_trace_json: _Optional[str] = ...) -> None: ...

@@ -74,6 +74,11 @@ class LoraServingStub:
                 request_serializer=protos_dot_loraserve_dot_v1_dot_serving__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=protos_dot_loraserve_dot_v1_dot_serving__pb2.ServerStats.FromString,
                 _registered_method=True)
+        self.GetTimeline = channel.unary_unary(
+                '/loraserve.v1.LoraServing/GetTimeline',
+                request_serializer=protos_dot_loraserve_dot_v1_dot_serving__pb2.GetTimelineRequest.SerializeToString,
+                response_deserializer=protos_dot_loraserve_dot_v1_dot_serving__pb2.Timeline.FromString,
+                _registered_method=True)
 
 
 class LoraServingServicer:
@@ -132,6 +137,13 @@ class LoraServingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTimeline(self, request, context):
+        """Recent forwards, adapter loads and requests as a Chrome trace (Perfetto, chrome://tracing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoraServingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +186,11 @@ def add_LoraServingServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=protos_dot_loraserve_dot_v1_dot_serving__pb2.GetStatsRequest.FromString,
                     response_serializer=protos_dot_loraserve_dot_v1_dot_serving__pb2.ServerStats.SerializeToString,
+            ),
+            'GetTimeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTimeline,
+                    request_deserializer=protos_dot_loraserve_dot_v1_dot_serving__pb2.GetTimelineRequest.FromString,
+                    response_serializer=protos_dot_loraserve_dot_v1_dot_serving__pb2.Timeline.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +409,33 @@ class LoraServing:
             '/loraserve.v1.LoraServing/GetStats',
             protos_dot_loraserve_dot_v1_dot_serving__pb2.GetStatsRequest.SerializeToString,
             protos_dot_loraserve_dot_v1_dot_serving__pb2.ServerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTimeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.LoraServing/GetTimeline',
+            protos_dot_loraserve_dot_v1_dot_serving__pb2.GetTimelineRequest.SerializeToString,
+            protos_dot_loraserve_dot_v1_dot_serving__pb2.Timeline.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,100 @@
+"""`loraserve trace` fetches a running server's Chrome trace; `loraserve timeline` draws it.
+
+The drawing follows the seed's picture: a compute lane (forwards), a PCIe lane (adapter
+loads), and one row per request (queued, then running), coloured by adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import grpc
+
+from protos.loraserve.v1 import serving_pb2, serving_pb2_grpc
+
+BASE_MODEL_COLOUR = "#9e9e9e"
+
+
+def fetch_trace(address: str) -> dict:
+    with grpc.insecure_channel(address) as channel:
+        stub = serving_pb2_grpc.LoraServingStub(channel)
+        return json.loads(stub.GetTimeline(serving_pb2.GetTimelineRequest(), timeout=60).chrome_trace_json)
+
+
+def draw(trace: dict, output: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    if not events:
+        raise ValueError("the trace has no spans")
+    origin = min(e["ts"] for e in events)
+    requests = sorted({e["tid"] for e in events if e["pid"] == "scheduler"},
+                      key=lambda tid: min(e["ts"] for e in events if e["tid"] == tid))
+    rows = ["compute", "pcie", *requests]
+    colours = _adapter_colours(events)
+    height = min(30.0, 2 + 0.12 * len(rows))
+    figure, axis = plt.subplots(figsize=(14, height))
+    for event in events:
+        row = rows.index(event["tid"]) if event["tid"] in rows else None
+        if row is None:
+            continue
+        start, width = (event["ts"] - origin) / 1e3, max(event["dur"] / 1e3, 0.05)
+        colour, alpha = _style(event, colours)
+        axis.barh(row, width, left=start, height=0.8, color=colour, alpha=alpha, linewidth=0)
+    axis.set_yticks(range(len(rows)), ["GPU compute", "PCIe (adapter loads)", *[""] * len(requests)])
+    axis.invert_yaxis()
+    axis.set_xlabel("time (ms)")
+    axis.set_title(title or "loraserve timeline: forwards, adapter loads, requests by adapter")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    axis.legend(handles, [name or "base model" for name in colours], loc="lower right", fontsize=7, ncol=4)
+    figure.tight_layout()
+    figure.savefig(output, dpi=120)
+    plt.close(figure)
+
+
+def _adapter_colours(events: list[dict]) -> dict[str, str]:
+    import matplotlib
+
+    names = sorted({e["args"].get("adapter", "") for e in events if e["pid"] == "scheduler"}
+                   | {e["name"] for e in events if e["tid"] == "pcie"})
+    palette = matplotlib.colormaps["tab20"]
+    return {name: BASE_MODEL_COLOUR if not name else matplotlib.colors.to_hex(palette(i % 20))
+            for i, name in enumerate(names)}
+
+
+def _style(event: dict, colours: dict[str, str]) -> tuple[str, float]:
+    if event["tid"] == "compute":
+        return "#37474f", 0.9
+    if event["tid"] == "pcie":
+        return colours.get(event["name"], "#000000"), 0.9
+    colour = colours.get(event["args"].get("adapter", ""), BASE_MODEL_COLOUR)
+    return colour, 0.3 if event["name"] == "queued" else 0.9
+
+
+def add_timeline_parsers(commands) -> None:
+    trace = commands.add_parser("trace", help="save a running server's timeline as a Chrome trace")
+    trace.add_argument("--address", default="127.0.0.1:50051")
+    trace.add_argument("-o", "--output", type=Path, default=Path("trace.json"))
+    trace.set_defaults(run=run_trace)
+    timeline = commands.add_parser("timeline", help="draw a Chrome trace as the seed's timeline picture")
+    timeline.add_argument("trace", type=Path)
+    timeline.add_argument("-o", "--output", type=Path, default=Path("timeline.png"))
+    timeline.add_argument("--title", default="")
+    timeline.set_defaults(run=run_timeline)
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    args.output.write_text(json.dumps(fetch_trace(args.address)))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def run_timeline(args: argparse.Namespace) -> int:
+    draw(json.loads(args.trace.read_text()), args.output, args.title)
+    print(f"wrote {args.output}")
+    return 0

@@ -7,8 +7,8 @@ three (SIGTERM, then SIGKILL after a grace period), leaving no process behind.
 
 from __future__ import annotations
 
-import ctypes
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -21,8 +21,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loraserve.flags import PARENT_PID_VARIABLE
+
 log = logging.getLogger("loraserve.launcher")
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -83,14 +84,6 @@ def process_commands(config: ServeConfig, addresses: Addresses) -> dict[str, lis
     return {"scheduler": scheduler, "worker": worker, "frontend": frontend}
 
 
-def _die_with_parent() -> None:
-    """Linux: a child gets SIGTERM if the launcher dies, even by SIGKILL."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
-
 class Launcher:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
@@ -106,7 +99,8 @@ class Launcher:
 
     def start(self) -> None:
         for name, command in process_commands(self.config, self.addresses).items():
-            self.processes[name] = subprocess.Popen(command, preexec_fn=_die_with_parent)
+            environment = os.environ | {PARENT_PID_VARIABLE: str(os.getpid())}
+            self.processes[name] = subprocess.Popen(command, env=environment)
             log.debug("started %s (pid %d)", name, self.processes[name].pid)
 
     def wait_until_serving(self) -> None:

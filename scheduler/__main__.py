@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from loraserve.flags import configure_logging, name_value_pairs, on_termination
+from loraserve.flags import configure_logging, die_with_parent, name_value_pairs, on_termination
 from scheduler.config import SchedulerConfig
 from scheduler.service import SchedulerService, SchedulerServiceConfig
 
@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    die_with_parent()
     configure_logging(args.log_level, "scheduler")
     config = SchedulerConfig(
         overlap_loading=args.overlap, max_running_requests=args.max_running_requests,

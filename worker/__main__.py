@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from loraserve.flags import configure_logging, name_value_pairs, on_termination
+from loraserve.flags import configure_logging, die_with_parent, name_value_pairs, on_termination
 from worker.engine import EngineConfig
 from worker.service import WorkerConfig, WorkerService
 
@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    die_with_parent()
     configure_logging(args.log_level, "worker")
     engine = EngineConfig(
         model_path=args.model_path, load_format=args.load_format, device=args.device, dtype=args.dtype,

@@ -81,7 +81,7 @@ def test_overlap_on_runs_ready_requests_while_a_load_lands():
     assert done["base"].timing.e2e_ms <= done["slow"].timing.e2e_ms
     assert done["slow"].timing.adapter_wait_ms > 0
     loads = [c.load_slot for c in worker.log if c.WhichOneof("kind") == "load_slot"]
-    assert [(l.name, l.blocking) for l in loads] == [("a", False)]
+    assert [(load.name, load.blocking) for load in loads] == [("a", False)]
 
 
 def test_overlap_off_issues_blocking_loads_before_the_forward():

@@ -1,0 +1,1 @@
+"""The gRPC frontend process: public API, tokenizer, detokenizer, stop strings, streaming."""

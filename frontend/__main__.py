@@ -1,0 +1,46 @@
+"""`python -m frontend --scheduler-address ADDR [...]`: serve the public gRPC API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from frontend.server import BindError, FrontendConfig, serve
+from loraserve.flags import configure_logging, die_with_parent
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[FrontendConfig, str]:
+    parser = argparse.ArgumentParser(prog="python -m frontend", description="loraserve's gRPC frontend")
+    parser.add_argument("--scheduler-address", required=True,
+                        help="the scheduler's socket for frontends, e.g. ipc:///tmp/x/scheduler.sock")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1 only)")
+    parser.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    parser.add_argument("--tokenizer", help="tokenizer directory; without one, prompts must be input_ids")
+    parser.add_argument("--model-name", help="the model name GetServerInfo reports")
+    parser.add_argument("--max-message-bytes", type=int, default=16 << 20)
+    parser.add_argument("--grace-seconds", type=float, default=5.0,
+                        help="on SIGTERM/SIGINT, how long in-flight RPCs may take to finish")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    config = FrontendConfig(
+        scheduler_address=args.scheduler_address, host=args.host, port=args.port, tokenizer_path=args.tokenizer,
+        model_name=args.model_name, max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds,
+    )
+    return config, args.log_level
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, log_level = parse_args(argv)
+    die_with_parent()
+    configure_logging(log_level, "frontend")
+    try:
+        asyncio.run(serve(config))
+    except BindError as error:
+        print(f"frontend: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The Hugging Face tokenizer, as the frontend uses it: prompts in, output text out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+
+class PromptTokenizer:
+    """Encodes prompts on one worker thread, decodes on the caller's.
+
+    A long prompt must not stall other requests' streams on the event loop, and one thread
+    is enough: encoding is fast, and a fast tokenizer is not meant to be shared by several
+    threads that might reconfigure it.
+    """
+
+    def __init__(self, path: str) -> None:
+        # Imported here: transformers takes seconds to import, and a server without a
+        # tokenizer should not pay for it.
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+
+    async def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with the special tokens the model expects (such as BOS)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._tokenizer.encode, text)
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        return [str(token) for token in self._tokenizer.convert_ids_to_tokens(list(token_ids))]
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

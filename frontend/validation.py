@@ -1,0 +1,105 @@
+"""Checks a GenerateRequest before anything reaches the scheduler, and resolves its defaults.
+
+Two stages because the prompt's length is known only after tokenization:
+`check_request` looks at the request itself, `check_prompt` at the prompt's token ids.
+Both raise `InvalidRequest`, which the servicer turns into INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from protos.loraserve.v1 import serving_pb2
+
+DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_TEMPERATURE = 0.0  # greedy
+DEFAULT_TOP_P = 1.0
+DEFAULT_TOP_K = -1  # off
+
+NO_TOKENIZER = "this server has no tokenizer; send input_ids"
+
+
+class InvalidRequest(ValueError):
+    """The request is malformed or cannot fit the model (INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    vocab_size: int
+    max_context_length: int
+
+    @classmethod
+    def from_server_info(cls, info: serving_pb2.ServerInfo) -> ModelLimits:
+        return cls(vocab_size=info.vocab_size, max_context_length=info.max_context_length)
+
+
+def check_request(request: serving_pb2.GenerateRequest, limits: ModelLimits, has_tokenizer: bool) -> None:
+    _check_prompt_form(request, has_tokenizer)
+    _check_sampling(request.sampling, limits, has_tokenizer)
+
+
+def check_prompt(prompt_ids: Sequence[int], sampling: serving_pb2.SamplingParams, limits: ModelLimits) -> None:
+    if not prompt_ids:
+        raise InvalidRequest("the prompt is empty: its text produced no tokens")
+    out_of_vocab = next((token for token in prompt_ids if token >= limits.vocab_size), None)
+    if out_of_vocab is not None:
+        raise InvalidRequest(f"token id {out_of_vocab} is not below the vocabulary size {limits.vocab_size}")
+    context = limits.max_context_length
+    if len(prompt_ids) >= context:
+        raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context} tokens")
+    new_tokens = max_new_tokens(sampling, len(prompt_ids), limits)
+    if len(prompt_ids) + new_tokens > context:
+        raise InvalidRequest(f"the prompt's {len(prompt_ids)} tokens plus max_new_tokens {new_tokens} exceed "
+                             f"the model's context of {context} tokens")
+
+
+def max_new_tokens(sampling: serving_pb2.SamplingParams, prompt_tokens: int, limits: ModelLimits) -> int:
+    """The requested limit, or the default capped to what is left of the context."""
+    if sampling.HasField("max_new_tokens"):
+        return sampling.max_new_tokens
+    return min(DEFAULT_MAX_NEW_TOKENS, limits.max_context_length - prompt_tokens)
+
+
+def resolve_sampling(sampling: serving_pb2.SamplingParams, prompt_tokens: int,
+                     limits: ModelLimits) -> serving_pb2.SamplingParams:
+    """A copy with every default filled in, as the scheduler expects (seed stays absent if unset)."""
+    resolved = serving_pb2.SamplingParams()
+    resolved.CopyFrom(sampling)
+    resolved.max_new_tokens = max_new_tokens(sampling, prompt_tokens, limits)
+    if not sampling.HasField("temperature"):
+        resolved.temperature = DEFAULT_TEMPERATURE
+    if not sampling.HasField("top_p"):
+        resolved.top_p = DEFAULT_TOP_P
+    if not sampling.HasField("top_k"):
+        resolved.top_k = DEFAULT_TOP_K
+    return resolved
+
+
+def _check_prompt_form(request: serving_pb2.GenerateRequest, has_tokenizer: bool) -> None:
+    if request.text and request.input_ids:
+        raise InvalidRequest("send exactly one of text and input_ids, not both")
+    if not request.text and not request.input_ids:
+        raise InvalidRequest("the prompt is empty: send text or input_ids")
+    if request.text and not has_tokenizer:
+        raise InvalidRequest(NO_TOKENIZER)
+
+
+def _check_sampling(sampling: serving_pb2.SamplingParams, limits: ModelLimits, has_tokenizer: bool) -> None:
+    if sampling.HasField("max_new_tokens"):
+        if sampling.max_new_tokens == 0:
+            raise InvalidRequest("max_new_tokens must be at least 1")
+        if sampling.max_new_tokens > limits.max_context_length:
+            raise InvalidRequest(f"max_new_tokens {sampling.max_new_tokens} exceeds the model's context of "
+                                 f"{limits.max_context_length} tokens")
+    if sampling.HasField("temperature") and not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
+        raise InvalidRequest(f"temperature must be a finite number >= 0, got {sampling.temperature}")
+    if sampling.HasField("top_p") and not 0.0 < sampling.top_p <= 1.0:
+        raise InvalidRequest(f"top_p must be in (0, 1], got {sampling.top_p}")
+    if sampling.HasField("top_k") and (sampling.top_k < -1 or sampling.top_k == 0):
+        raise InvalidRequest(f"top_k must be -1 (off) or at least 1, got {sampling.top_k}")
+    if any(not stop for stop in sampling.stop):
+        raise InvalidRequest("stop strings must not be empty")
+    if sampling.stop and not has_tokenizer:
+        raise InvalidRequest("stop strings need a tokenizer, and this server has none")

@@ -1,0 +1,110 @@
+"""A small synchronous client for loraserve's gRPC API.
+
+    with LoraServeClient("127.0.0.1:50051", timeout=30) as client:
+        client.wait_until_ready(60)
+        print(client.generate("Hello", adapter="sql", max_new_tokens=32).text)
+        for message in client.generate_stream(input_ids=[1, 2, 3], temperature=0.7, seed=1):
+            print(message.text, end="")
+
+Sampling keyword arguments are the fields of `SamplingParams` (max_new_tokens, temperature,
+top_p, top_k, seed, stop, stop_token_ids, ignore_eos, logprobs). Errors are raised as
+`grpc.RpcError`, whose `code()` says what went wrong.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.loraserve.v1 import serving_pb2, serving_pb2_grpc
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+READY_POLL_S = 0.1
+
+
+class GenerateStream(Iterator[serving_pb2.GenerateStreamResponse], Protocol):
+    """The messages of one streamed generation; `cancel()` stops it (the server frees its resources)."""
+
+    def cancel(self) -> bool: ...
+
+
+class LoraServeClient:
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        """`timeout` (seconds) is every call's default deadline; None waits as long as needed."""
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", max_message_bytes),
+                                                                ("grpc.max_send_message_length", max_message_bytes)])
+        self._stub = serving_pb2_grpc.LoraServingStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def generate(self, text: str | None = None, *, input_ids: Sequence[int] | None = None, adapter: str = "",
+                 request_id: str = "", timeout: float | None = None, **sampling: Any) -> serving_pb2.GenerateResponse:
+        request = _generate_request(text, input_ids, adapter, request_id, sampling)
+        return self._stub.Generate(request, timeout=self._deadline(timeout))
+
+    def generate_stream(self, text: str | None = None, *, input_ids: Sequence[int] | None = None, adapter: str = "",
+                        request_id: str = "", timeout: float | None = None, **sampling: Any) -> GenerateStream:
+        """New text and tokens as they are produced; the last message has `finished` set."""
+        request = _generate_request(text, input_ids, adapter, request_id, sampling)
+        return self._stub.GenerateStream(request, timeout=self._deadline(timeout))
+
+    def load_adapter(self, name: str, path: str, timeout: float | None = None) -> serving_pb2.LoadAdapterResponse:
+        request = serving_pb2.LoadAdapterRequest(name=name, path=path)
+        return self._stub.LoadAdapter(request, timeout=self._deadline(timeout))
+
+    def unload_adapter(self, name: str, timeout: float | None = None) -> serving_pb2.UnloadAdapterResponse:
+        """Returns once the adapter's queued and running requests have finished and it is gone."""
+        request = serving_pb2.UnloadAdapterRequest(name=name)
+        return self._stub.UnloadAdapter(request, timeout=self._deadline(timeout))
+
+    def list_adapters(self, timeout: float | None = None) -> serving_pb2.ListAdaptersResponse:
+        return self._stub.ListAdapters(serving_pb2.ListAdaptersRequest(), timeout=self._deadline(timeout))
+
+    def tokenize(self, text: str, timeout: float | None = None) -> serving_pb2.TokenizeResponse:
+        return self._stub.Tokenize(serving_pb2.TokenizeRequest(text=text), timeout=self._deadline(timeout))
+
+    def server_info(self, timeout: float | None = None) -> serving_pb2.ServerInfo:
+        return self._stub.GetServerInfo(serving_pb2.GetServerInfoRequest(), timeout=self._deadline(timeout))
+
+    def stats(self, timeout: float | None = None) -> serving_pb2.ServerStats:
+        return self._stub.GetStats(serving_pb2.GetStatsRequest(), timeout=self._deadline(timeout))
+
+    def is_ready(self) -> bool:
+        """True when the server's health check says SERVING."""
+        try:
+            response = self._health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError:
+            return False
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
+    def wait_until_ready(self, timeout: float) -> None:
+        """Blocks until the server is SERVING; raises TimeoutError after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.is_ready():
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"loraserve at {self.address} was not ready within {timeout:g} s")
+            time.sleep(READY_POLL_S)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> LoraServeClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+
+def _generate_request(text: str | None, input_ids: Sequence[int] | None, adapter: str, request_id: str,
+                      sampling: dict[str, Any]) -> serving_pb2.GenerateRequest:
+    return serving_pb2.GenerateRequest(request_id=request_id, text=text or "", input_ids=list(input_ids or []),
+                                       adapter=adapter, sampling=serving_pb2.SamplingParams(**sampling))

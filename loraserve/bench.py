@@ -174,7 +174,9 @@ async def run_benchmark(args: argparse.Namespace) -> dict:
         records = await asyncio.gather(*(send(stub, item, start, semaphore, bar) for item in workload))
         duration = time.perf_counter() - start
         bar.close()
-    return {"args": vars(args) | {"request_rate": str(args.request_rate)},
+    settings = {k: v for k, v in vars(args).items() if k != "run"}
+    settings |= {"request_rate": str(args.request_rate), "output_file": str(args.output_file)}
+    return {"args": settings,
             "server": {"model": info.model, "device": info.device, "dtype": info.dtype,
                        "overlap_loading": info.overlap_loading, "max_loras_per_batch": info.max_loras_per_batch},
             "summary": summarize(records, duration), "records": [asdict(r) for r in records]}

@@ -1,0 +1,82 @@
+"""Per-step cost of the engine on the 8B shape (dummy weights): prefill and decode, with LoRA.
+
+    python benchmarks/engine_step.py --out $OUT/engine_step.json
+Records the GPU, commit and raw timings; a baseline for the GPU-performance work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from loraserve.synthetic import write_random_adapter
+from worker.batch import SequenceInput
+from worker.engine import Engine, EngineConfig
+
+LLAMA31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+}
+ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--rank", type=int, default=256)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp())
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text(json.dumps(LLAMA31_8B))
+    engine = Engine(EngineConfig(str(root / "model"), load_format="dummy", dtype="bfloat16", device="cuda",
+                                 num_kv_pages=8192, page_size=16, max_loras_per_batch=8, max_lora_rank=args.rank,
+                                 host_cache_bytes=4 << 30, max_loaded_loras=2))
+    adapter = write_random_adapter(root / "adapter", engine.model_config, rank=args.rank, alpha=2 * args.rank,
+                                   modules=ALL_MODULES)
+    info = engine.register_adapter("big", adapter)
+    engine.stage_adapter("big")
+    engine.wait_staged("big")
+    copy_ms = timed(lambda: engine.load_adapter("big", 0, blocking=True) or engine.poll(), 3)
+    results = {"gpu": torch.cuda.get_device_name(), "adapter_bytes": info.nbytes,
+               "blocking_load_ms": copy_ms,
+               "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()}
+    for batch, lora in ((1, False), (32, False), (32, True), (64, True)):
+        tables = [list(range(i * 64, i * 64 + 64)) for i in range(batch)]
+        slot = 0 if lora else -1
+        prefill = [SequenceInput(f"r{i}", list(range(100, 612)), 0, tables[i], adapter_slot=slot) for i in range(batch)]
+        decode = [SequenceInput(f"r{i}", [7], 512, tables[i], adapter_slot=slot) for i in range(batch)]
+        engine.forward(prefill[:4])
+        engine.forward(decode)
+        results[f"decode_b{batch}_lora{int(lora)}_ms"] = timed(lambda: engine.forward(decode), 10)
+        if batch == 1 or lora:
+            results[f"prefill512_b{min(batch, 4)}_lora{int(lora)}_ms"] = timed(
+                lambda: engine.forward(prefill[:min(batch, 4)]), 3)
+    summary = {k: (sorted(v)[len(v) // 2] if isinstance(v, list) else v) for k, v in results.items()}
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps({"median": summary, "raw": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

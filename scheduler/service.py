@@ -101,20 +101,27 @@ class SchedulerService:
             self._flush()
             return
         batch = self.core.schedule()
-        self._flush()
+        self._flush_commands()
         if batch is not None:
             self._send_command(pb.WorkerCommand(forward=batch), self._on_forward_done)
             if self.last_result_at is not None:
                 self.core.counters.scheduler_step_seconds += time.perf_counter() - self.last_result_at
                 self.last_result_at = None
+        self._flush_outputs()  # after the forward is on its way: streaming overlaps the GPU
 
     def _flush(self) -> None:
-        if self.core is None:
-            return
-        for command in self.core.take_commands():
-            self._send_command(command, self._on_adapter_command_done(command))
-        for client, message in self.core.take_outputs():
-            self._send_frontend(client, message)
+        self._flush_commands()
+        self._flush_outputs()
+
+    def _flush_commands(self) -> None:
+        if self.core is not None:
+            for command in self.core.take_commands():
+                self._send_command(command, self._on_adapter_command_done(command))
+
+    def _flush_outputs(self) -> None:
+        if self.core is not None:
+            for client, message in self.core.take_outputs():
+                self._send_frontend(client, message)
 
     # Worker -----------------------------------------------------------------------------
 

@@ -1,0 +1,202 @@
+"""The seed's H200 workload in one invocation: overlap off, overlap on and all-resident.
+
+Llama-3.1-8B shape with dummy bf16 weights; large adapters (one rank-256 all-module file,
+~1.3 GB, under 16 names) and small adapters (8 files, ranks 8-64, each under 2 names);
+100 random prompts (input and output uniform over [1, 512]) at 4 requests/s, adapters
+`distinct`; small adapters also at 16 requests/s for throughput. Writes every run's raw
+JSON, comparison tables, timeline PNGs and a targets summary under --out-dir.
+
+    python benchmarks/seed_workload.py --out-dir $OUT --sets large small
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from loraserve.bench import format_comparison, run_benchmark
+from loraserve.client import LoraServeClient
+from loraserve.launcher import Launcher, ServeConfig
+from loraserve.synthetic import write_random_adapter
+from loraserve.timeline import draw, fetch_trace
+from protos.loraserve.v1 import serving_pb2
+from worker.model.config import load_model_config
+
+LLAMA31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "torch_dtype": "bfloat16", "tie_word_embeddings": False, "eos_token_id": 128001,
+}
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SMALL_SPECS = [(8, ("q_proj", "v_proj")), (16, ("q_proj", "k_proj", "v_proj", "o_proj")), (32, ALL),
+               (64, ("q_proj", "v_proj")), (8, ALL), (16, ("gate_proj", "up_proj", "down_proj")),
+               (32, ("q_proj", "k_proj", "v_proj")), (64, ("o_proj", "down_proj"))]
+MODES = {"off": dict(overlap_loading=False), "on": dict(overlap_loading=True),
+         "resident": dict(overlap_loading=True, max_loras_per_batch=16)}
+
+
+def pinned_bandwidth_gbps() -> dict[str, float]:
+    size = 1 << 30
+    pinned = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    pageable = torch.empty(size, dtype=torch.uint8)
+    device = torch.empty(size, dtype=torch.uint8, device="cuda")
+    result = {}
+    for name, source in (("pinned", pinned), ("pageable", pageable)):
+        times = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            device.copy_(source, non_blocking=True)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        result[f"{name}_h2d_gbps"] = size / sorted(times)[2] / 1e9
+    del pinned, pageable, device
+    torch.cuda.empty_cache()
+    return result
+
+
+def write_assets(root: Path) -> dict:
+    model_dir = root / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text(json.dumps(LLAMA31_8B))
+    config = load_model_config(model_dir)
+    large = write_random_adapter(root / "large", config, rank=256, alpha=512, modules=ALL, seed=1)
+    small = [write_random_adapter(root / f"small{i}", config, rank=r, alpha=2 * r, modules=m, seed=10 + i)
+             for i, (r, m) in enumerate(SMALL_SPECS)]
+    return {
+        "model": model_dir,
+        "large": {f"adapter{i}": large for i in range(16)},
+        "small": {f"adapter{i}": small[i % 8] for i in range(16)},
+        "large_bytes": (large / "adapter_model.safetensors").stat().st_size,
+    }
+
+
+def wait_for_adapters(client: LoraServeClient, resident: bool, timeout: float = 600) -> None:
+    """As the seed's server before the clock starts: adapters in host memory (or all on the GPU)."""
+    wanted = {serving_pb2.ADAPTER_STATE_RESIDENT} if resident else {
+        serving_pb2.ADAPTER_STATE_HOST, serving_pb2.ADAPTER_STATE_RESIDENT}
+    room = client.server_info().max_loaded_loras
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        adapters = client.list_adapters().adapters
+        if sum(a.state in wanted for a in adapters) >= min(len(adapters), room):
+            return
+        time.sleep(0.5)
+    raise TimeoutError("adapters were not staged in time")
+
+
+def bench_args(address: str, names: list[str], rate: float, num_prompts: int, output: Path):
+    return argparse.Namespace(
+        address=address, dataset="random", random_input_len=512, random_output_len=512, random_range_ratio=0.0,
+        num_prompts=num_prompts, request_rate=rate, max_concurrency=None, seed=1, lora_name=names,
+        lora_request_distribution="distinct", lora_zipf_alpha=1.5, output_file=output, disable_progress=True)
+
+
+def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: float, num_prompts: int,
+             out_dir: Path, label: str, draw_timeline: bool) -> dict:
+    config = replace(base, lora_paths={n: str(p) for n, p in adapters.items()}, **MODES[mode])
+    launcher = Launcher(config)
+    launcher.start()
+    try:
+        launcher.wait_until_serving()
+        with LoraServeClient(launcher.address, timeout=600) as client:
+            wait_for_adapters(client, resident=mode == "resident")
+            output = out_dir / f"{label}.json"
+            result = asyncio.run(
+                run_benchmark(bench_args(launcher.address, list(adapters), rate, num_prompts, output)))
+            result["stats"] = json_stats(client.stats())
+            output.write_text(json.dumps(result, indent=1))
+            if draw_timeline:
+                trace = fetch_trace(launcher.address)
+                (out_dir / f"{label}.trace.json").write_text(json.dumps(trace))
+                draw(trace, out_dir / f"{label}.png", title=f"{label}: forwards, adapter loads, requests")
+                result["copy_gbps"] = copy_bandwidth(trace)
+    finally:
+        launcher.stop()
+    print(f"{label}: median TTFT {result['summary']['ttft_ms']['median']:.1f} ms, median TPOT "
+          f"{result['summary']['tpot_ms']['median']:.2f} ms, mean E2E {result['summary']['e2e_ms']['mean']:.0f} ms, "
+          f"failed {result['summary']['failed']}", flush=True)
+    return result
+
+
+def json_stats(stats: serving_pb2.ServerStats) -> dict:
+    return {field.name: getattr(stats, field.name) for field in stats.DESCRIPTOR.fields}
+
+
+def copy_bandwidth(trace: dict) -> float | None:
+    loads = [e for e in trace["traceEvents"] if e.get("tid") == "pcie" and e["dur"] > 0 and "bytes" in e["args"]]
+    if not loads:
+        return None
+    return sorted(e["args"]["bytes"] / e["dur"] * 1e6 / 1e9 for e in loads)[len(loads) // 2]
+
+
+def targets(results: dict, bandwidth: dict, large_bytes: int) -> dict:
+    checks = {}
+    if {"large-off", "large-on", "large-resident"} <= results.keys():
+        on, res = results["large-on"]["summary"], results["large-resident"]["summary"]
+        copy_ms = large_bytes / (bandwidth["pinned_h2d_gbps"] * 1e9) * 1e3
+        checks["median_tpot_on_vs_resident"] = on["tpot_ms"]["median"] / res["tpot_ms"]["median"]
+        checks["median_ttft_on_minus_resident_ms"] = on["ttft_ms"]["median"] - res["ttft_ms"]["median"]
+        checks["median_ttft_allowed_ms (1.2 x copy)"] = 1.2 * copy_ms
+        checks["mean_e2e_on_vs_resident"] = on["e2e_ms"]["mean"] / res["e2e_ms"]["mean"]
+        copy = results["large-on"].get("copy_gbps")
+        checks["copy_bandwidth_vs_pinned"] = copy / bandwidth["pinned_h2d_gbps"] if copy else None
+    if {"small16-off", "small16-on"} <= results.keys():
+        checks["small16_throughput_on_vs_off"] = (results["small16-on"]["summary"]["output_token_throughput"]
+                                                  / results["small16-off"]["summary"]["output_token_throughput"])
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--sets", nargs="+", default=["large", "small"], choices=("large", "small", "small16"))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--num-prompts", type=int, default=100)
+    args = parser.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    bandwidth = pinned_bandwidth_gbps()
+    print(f"bandwidth: {bandwidth}", flush=True)
+    assets = write_assets(Path(tempfile.mkdtemp()))
+    base = ServeConfig(model_path=str(assets["model"]), tokenizer_path=None, port=50123, device="cuda",
+                       dtype="bfloat16", load_format="dummy", max_loras_per_batch=8, max_loaded_loras=16,
+                       max_lora_rank=256, num_kv_pages=16384, page_size=16, host_cache_bytes=24 << 30,
+                       max_batch_tokens=4096, startup_timeout_s=600, log_level="warning")
+    results = {}
+    for adapter_set in args.sets:
+        adapters = assets["small" if adapter_set.startswith("small") else "large"]
+        rate = 16.0 if adapter_set == "small16" else 4.0
+        modes = [m for m in args.modes if not (adapter_set == "small16" and m == "resident")]
+        for mode in modes:
+            label = f"{adapter_set}-{mode}"
+            results[label] = run_mode(base, adapters, mode, rate, args.num_prompts, args.out_dir, label,
+                                      draw_timeline=adapter_set == "large" and mode != "resident")
+        names = [f"{adapter_set}-{m}" for m in modes]
+        table = format_comparison(names, [results[n]["summary"] for n in names])
+        (args.out_dir / f"{adapter_set}-table.txt").write_text(table + "\n")
+        print(table, flush=True)
+    summary = {
+        "command": "python benchmarks/seed_workload.py --out-dir OUT --sets " + " ".join(args.sets),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "gpu": torch.cuda.get_device_name(), "bandwidth": bandwidth, "large_adapter_bytes": assets["large_bytes"],
+        "targets": targets(results, bandwidth, assets["large_bytes"]),
+        "summaries": {label: r["summary"] for label, r in results.items()},
+    }
+    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary["targets"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

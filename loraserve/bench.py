@@ -202,16 +202,16 @@ def format_summary(summary: dict) -> str:
 
 
 def format_comparison(names: list[str], summaries: list[dict]) -> str:
-    width = max(14, *(len(n) for n in names))
+    width = max(12, *(len(n) for n in names)) + 4
     header = f"{'metric':<34}" + "".join(f"{n:>{width}}" for n in names)
-    header += "".join(f"{'% vs ' + names[0][:8]:>{width}}" for _ in names[1:])
-    lines = [header]
+    header += "".join(f"{"% " + n:>{width}}" for n in names[1:])
+    lines = [f"(% columns: change against {names[0]})", header]
     for label, get, fmt in TABLE_ROWS:
         values = [get(s) for s in summaries]
         row = f"{label:<34}" + "".join(f"{fmt.format(v):>{width}}" for v in values)
         for value in values[1:]:
-            change = (value - values[0]) / values[0] * 100 if values[0] else float("nan")
-            row += f"{change:>{width - 1}.1f}%"
+            change = f"{(value - values[0]) / values[0] * 100:.1f}%" if values[0] else "-"
+            row += f"{change:>{width}}"
         lines.append(row)
     return "\n".join(lines)
 

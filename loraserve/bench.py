@@ -204,7 +204,7 @@ def format_summary(summary: dict) -> str:
 def format_comparison(names: list[str], summaries: list[dict]) -> str:
     width = max(12, *(len(n) for n in names)) + 4
     header = f"{'metric':<34}" + "".join(f"{n:>{width}}" for n in names)
-    header += "".join(f"{"% " + n:>{width}}" for n in names[1:])
+    header += "".join(f"{'% ' + n:>{width}}" for n in names[1:])
     lines = [f"(% columns: change against {names[0]})", header]
     for label, get, fmt in TABLE_ROWS:
         values = [get(s) for s in summaries]

@@ -15,18 +15,10 @@ from pathlib import Path
 
 import torch
 
-from loraserve.synthetic import write_random_adapter
+from loraserve.synthetic import LLAMA31_8B, write_random_adapter
 from worker.batch import SequenceInput
 from worker.engine import Engine, EngineConfig
 
-LLAMA31_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "torch_dtype": "bfloat16", "tie_word_embeddings": False,
-}
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -25,19 +25,11 @@ import torch
 from loraserve.bench import format_comparison, run_benchmark
 from loraserve.client import LoraServeClient
 from loraserve.launcher import Launcher, ServeConfig
-from loraserve.synthetic import write_random_adapter
+from loraserve.synthetic import LLAMA31_8B, write_random_adapter
 from loraserve.timeline import draw, fetch_trace
 from protos.loraserve.v1 import serving_pb2
 from worker.model.config import load_model_config
 
-LLAMA31_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "torch_dtype": "bfloat16", "tie_word_embeddings": False, "eos_token_id": 128001,
-}
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SMALL_SPECS = [(8, ("q_proj", "v_proj")), (16, ("q_proj", "k_proj", "v_proj", "o_proj")), (32, ALL),
                (64, ("q_proj", "v_proj")), (8, ALL), (16, ("gate_proj", "up_proj", "down_proj")),

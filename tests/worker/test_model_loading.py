@@ -91,18 +91,11 @@ def test_llama31_config_in_the_v4_format_gives_transformers_rope(tmp_path):
     from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+    from loraserve.synthetic import LLAMA31_8B
     from worker.model.config import load_model_config
     from worker.model.rope import RotaryEmbedding
 
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
-        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "eos_token_id": [128001, 128008, 128009],
-    }))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA31_8B | {"eos_token_id": [128001, 128008, 128009]}))
     config = load_model_config(tmp_path)
     assert (config.rope_type, config.eos_token_ids) == ("llama3", (128001, 128008, 128009))
     positions = torch.tensor([0, 5, 9000, 100_000])

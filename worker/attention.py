@@ -30,17 +30,26 @@ def paged_attention(
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    plan: AttentionPlan,
-    mask: torch.Tensor,
+    groups: list[AttentionPlan],
+    masks: list[torch.Tensor],
     scale: float,
 ) -> torch.Tensor:
     """q: [T, heads, head_dim]; keys/values: one layer's cache [slots, kv_heads, head_dim].
 
     Returns [T, heads, head_dim].
     """
+    if len(groups) == 1:  # one group covers every token, already in flat order
+        return _group_attention(q, keys, values, groups[0], masks[0], scale)
+    out = torch.empty_like(q)
+    for group, mask in zip(groups, masks):
+        out[group.token_index] = _group_attention(q, keys, values, group, mask, scale)
+    return out
+
+
+def _group_attention(q, keys, values, plan: AttentionPlan, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The group's valid query rows, in padded-row order (= its token_index order)."""
     q_padded = q[plan.q_index].transpose(1, 2)  # [B, H, max_q, D]
     k = keys[plan.kv_index].transpose(1, 2)  # [B, KVH, max_kv, D]
     v = values[plan.kv_index].transpose(1, 2)
     out = F.scaled_dot_product_attention(q_padded, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    # Sequences are contiguous in the flat batch, so valid rows in [B, max_q] order are flat order.
     return out.transpose(1, 2)[plan.q_valid]

@@ -24,8 +24,13 @@ class LoraSegment:
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """Padded [num_seqs, max_q] queries against padded [num_seqs, max_kv] cached keys."""
+    """One group of sequences: padded [num_seqs, max_q] queries against [num_seqs, max_kv] keys.
 
+    Decodes and prefill chunks form separate groups, so a long prefill chunk does not pad
+    every decode's single query to its length.
+    """
+
+    token_index: torch.Tensor  # [tokens of the group] flat indices, in padded-row order
     q_index: torch.Tensor  # [B, max_q] flat token index (0 where padded)
     q_valid: torch.Tensor  # [B, max_q] bool
     q_pos: torch.Tensor  # [B, max_q] absolute position of each query
@@ -40,7 +45,7 @@ class ForwardPlan:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     kv_write_index: torch.Tensor  # [T]
-    attention: AttentionPlan
+    attention: list[AttentionPlan]  # decodes, then prefill chunks (groups that are not empty)
     lora_segments: list[LoraSegment]
     token_slots: torch.Tensor  # [T] adapter slot per token, NO_ADAPTER for base
     seq_starts: list[int]  # flat start of each sorted sequence
@@ -88,7 +93,7 @@ def build_plan(
         input_ids=to_device(input_ids),
         positions=to_device(positions),
         kv_write_index=to_device(kv_write),
-        attention=_attention_plan(sequences, seq_starts, page_size, to_device),
+        attention=_attention_groups(sequences, seq_starts, page_size, to_device),
         lora_segments=_lora_segments(sequences, seq_starts),
         token_slots=to_device(token_slots),
         seq_starts=seq_starts,
@@ -117,6 +122,13 @@ def _flat_index(page_table: Sequence[int], position: int, page_size: int) -> int
     return page_table[position // page_size] * page_size + position % page_size
 
 
+def _attention_groups(sequences, seq_starts, page_size, to_device) -> list[AttentionPlan]:
+    decodes = [(s, start) for s, start in zip(sequences, seq_starts) if len(s.token_ids) == 1]
+    prefills = [(s, start) for s, start in zip(sequences, seq_starts) if len(s.token_ids) > 1]
+    return [_attention_plan([s for s, _ in group], [start for _, start in group], page_size, to_device)
+            for group in (decodes, prefills) if group]
+
+
 def _attention_plan(sequences, seq_starts, page_size, to_device) -> AttentionPlan:
     max_q = max(len(s.token_ids) for s in sequences)
     max_kv = max(s.total_len for s in sequences)
@@ -132,7 +144,9 @@ def _attention_plan(sequences, seq_starts, page_size, to_device) -> AttentionPla
             + [0] * (max_kv - seq.total_len)
         )
         kv_len.append(seq.total_len)
+    token_index = [i for seq, start in zip(sequences, seq_starts) for i in range(start, start + len(seq.token_ids))]
     return AttentionPlan(
+        token_index=to_device(token_index),
         q_index=to_device(q_index),
         q_valid=to_device(q_valid, torch.bool),
         q_pos=to_device(q_pos),

@@ -105,7 +105,7 @@ class LlamaModel:
         """Runs all layers; returns final-normed hidden states [T, hidden]."""
         hidden = self.weights.embed[plan.input_ids]
         cos, sin = self.rope.cos_sin(plan.positions, self.dtype)
-        masks = {w: attention_mask(plan.attention, w) for w in set(self.config.sliding_windows)}
+        masks = {w: [attention_mask(group, w) for group in plan.attention] for w in set(self.config.sliding_windows)}
         for index, layer in enumerate(self.weights.layers):
             lora.before_layer(index)
             mask = masks[self.config.sliding_windows[index]]

@@ -43,7 +43,7 @@ def main() -> None:
     (root / "model" / "config.json").write_text(json.dumps(LLAMA31_8B))
     engine = Engine(EngineConfig(str(root / "model"), load_format="dummy", dtype="bfloat16", device="cuda",
                                  num_kv_pages=8192, page_size=16, max_loras_per_batch=8, max_lora_rank=args.rank,
-                                 host_cache_bytes=4 << 30, max_loaded_loras=2))
+                                 host_cache_bytes=12 << 30, max_loaded_loras=8))
     adapter = write_random_adapter(root / "adapter", engine.model_config, rank=args.rank, alpha=2 * args.rank,
                                    modules=ALL_MODULES)
     info = engine.register_adapter("big", adapter)
@@ -53,6 +53,17 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(), "adapter_bytes": info.nbytes,
                "blocking_load_ms": copy_ms,
                "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()}
+    for name in (f"big{i}" for i in range(1, 8)):  # eight slots, as the seed's server
+        engine.register_adapter(name, adapter)
+        engine.stage_adapter(name)
+        engine.wait_staged(name)
+        engine.load_adapter(name, int(name[3:]), blocking=True)
+    engine.poll()
+    tables = [list(range(i * 64, i * 64 + 64)) for i in range(64)]
+    spread = [SequenceInput(f"r{i}", [7], 512, tables[i], adapter_slot=i % 8) for i in range(64)]
+    engine.forward([SequenceInput(f"r{i}", list(range(100, 612)), 0, tables[i], adapter_slot=i % 8)
+                    for i in range(8)])
+    results["decode_b64_8adapters_ms"] = timed(lambda: engine.forward(spread), 10)
     for batch, lora in ((1, False), (32, False), (32, True), (64, True)):
         tables = [list(range(i * 64, i * 64 + 64)) for i in range(batch)]
         slot = 0 if lora else -1

@@ -24,7 +24,7 @@ from worker.lora.slots import LoraSlots
 from worker.model.config import DTYPES, ModelConfig, load_model_config
 from worker.model.llama import LlamaModel, fuse_weights
 from worker.model.weights import dummy_weights, load_safetensors
-from worker.plan import ForwardPlan, LoraSegment, build_plan
+from worker.plan import ForwardPlan, build_plan
 from worker.sampling import sample, validate_sampling
 from worker.timeline import COMPUTE_LANE, COPY_LANE, Timeline
 
@@ -267,7 +267,7 @@ class _ForwardLora:
     def __init__(self, engine: Engine, plan: ForwardPlan) -> None:
         self.slots = engine.slots
         self.copier = engine.copier
-        self.segments: list[LoraSegment] = plan.lora_segments
+        self.batch = engine.slots.segment_batch(plan.lora_segments, plan.num_tokens, engine.device)
         self.landing = [job for slot, job in engine.pending.items() if slot in plan.active_slots]
 
     def before_layer(self, layer: int) -> None:
@@ -275,8 +275,8 @@ class _ForwardLora:
             self.copier.wait_layer(job, layer)
 
     def add_delta(self, out: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
-        if self.segments:
-            self.slots.add_delta(out, x, layer, module, self.segments)
+        if self.batch is not None:
+            self.slots.add_delta(out, x, layer, module, self.batch)
 
 
 def _device(name: str) -> torch.device:

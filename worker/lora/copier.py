@@ -59,8 +59,11 @@ class CudaCopier:
             job.copy_started = torch.cuda.Event(enable_timing=True)
             job.copy_started.record(self.stream)
             for layer in range(self.num_layers):
-                for destination, source in self.slots.copy_pairs(job.slot, layer, job.adapter):
+                writes = self.slots.layer_writes(job.slot, layer, job.adapter)
+                for destination, source in writes.copies:
                     destination.copy_(source, non_blocking=True)
+                for region in writes.zeros:
+                    region.zero_()
                 if self.hook is not None:
                     self.hook(job.name, job.slot, layer)
                 event = torch.cuda.Event(enable_timing=True)
@@ -111,8 +114,11 @@ class ThreadCopier:
                 previous_reader.wait()
             started = time.time()
             for layer in range(self.num_layers):
-                for destination, source in self.slots.copy_pairs(job.slot, layer, job.adapter):
+                writes = self.slots.layer_writes(job.slot, layer, job.adapter)
+                for destination, source in writes.copies:
                     destination.copy_(source)
+                for region in writes.zeros:
+                    region.zero_()
                 if self.hook is not None:
                     self.hook(job.name, job.slot, layer)
                 job.layer_ready[layer].set()

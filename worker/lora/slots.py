@@ -1,15 +1,18 @@
 """GPU adapter slots: stacked A and B.T buffers per target module, and the multi-LoRA product.
 
 For module m, `a[m]` is [layers, slots, max_rank, in] and `b_t[m]` is [layers, slots,
-max_rank, out]. A slot holding an adapter of rank r uses rows [:r]; rows beyond it are
-stale and never read, so heterogeneous ranks share one buffer without zeroing.
+max_rank, out]. A slot holding an adapter of rank r has A rows [r:] zeroed on load (and
+all of A for modules it does not adapt), so one batched product over several slots, cut at
+the largest rank among them, serves heterogeneous ranks exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from worker.errors import UnsupportedAdapterError
 from worker.lora.host_cache import HostAdapter
@@ -53,7 +56,7 @@ class LoraSlots:
             )
 
     def assign(self, slot: int, adapter: HostAdapter) -> None:
-        """Records the slot's new occupant; its weights arrive through `copy_pairs`."""
+        """Records the slot's new occupant; its weights arrive through `layer_writes`."""
         self.ranks[slot] = {key: a.shape[0] for key, (a, _) in adapter.tensors.items()}
         self.occupants[slot] = adapter.name
 
@@ -61,28 +64,84 @@ class LoraSlots:
         self.ranks[slot] = {}
         self.occupants[slot] = None
 
-    def copy_pairs(self, slot: int, layer: int, adapter: HostAdapter) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(destination, source) pairs that write one layer of `adapter` into `slot`."""
-        pairs = []
-        for (target_layer, module), (a, b_t) in adapter.tensors.items():
-            if target_layer != layer:
-                continue
-            rank = a.shape[0]
-            pairs.append((self.a[module][layer, slot, :rank], a))
-            pairs.append((self.b_t[module][layer, slot, :rank], b_t))
-        return pairs
+    def layer_writes(self, slot: int, layer: int, adapter: HostAdapter) -> LayerWrites:
+        """What loading one layer of `adapter` into `slot` writes.
 
-    def add_delta(
-        self, out: torch.Tensor, x: torch.Tensor, layer: int, module: str, segments: Sequence[LoraSegment]
-    ) -> None:
-        """Reference multi-LoRA: out[s:e] += (x[s:e] @ A[slot, :r].T) @ B.T[slot, :r] per segment."""
-        if module not in self.a:
-            return
-        for segment in segments:
-            rank = self.ranks[segment.slot].get((layer, module), 0)
-            if rank == 0:
+        Rows of A past the adapter's rank, and A of served modules it does not adapt in this
+        layer, are zeroed: the batched product then reads every slot up to the largest rank
+        in the batch and gets exact zeros from them (B may stay stale: it meets only zeros).
+        """
+        copies, zeros = [], []
+        for module in self.modules:
+            tensors = adapter.tensors.get((layer, module))
+            if tensors is None:
+                zeros.append(self.a[module][layer, slot])
                 continue
-            a = self.a[module][layer, segment.slot, :rank]
-            b_t = self.b_t[module][layer, segment.slot, :rank]
-            rows = slice(segment.start, segment.end)
-            out[rows] += (x[rows] @ a.t()) @ b_t
+            a, b_t = tensors
+            rank = a.shape[0]
+            copies.append((self.a[module][layer, slot, :rank], a))
+            copies.append((self.b_t[module][layer, slot, :rank], b_t))
+            if rank < self.max_rank:
+                zeros.append(self.a[module][layer, slot, rank:])
+        return LayerWrites(copies, zeros)
+
+    def segment_batch(self, segments: Sequence[LoraSegment], num_tokens: int,
+                      device: torch.device) -> SegmentBatch | None:
+        return SegmentBatch.build(segments, num_tokens, self.ranks, device)
+
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor, layer: int, module: str, batch: SegmentBatch) -> None:
+        """out[t] += (x[t] @ A[slot(t)].T) @ B.T[slot(t)] for every adapted token, as two bmm.
+
+        Segments are padded to the longest into [slots, L, in]; the slot range is a view of
+        the stacked buffers (no copy), and ranks are cut at the batch's largest for the module.
+        """
+        rank = batch.max_rank.get((layer, module), 0)
+        if rank == 0 or module not in self.a:
+            return
+        a = self.a[module][layer, batch.first_slot:batch.stop_slot, :rank]  # [S, r, in]
+        b_t = self.b_t[module][layer, batch.first_slot:batch.stop_slot, :rank]  # [S, r, out]
+        x_padded = F.pad(x, (0, 0, 0, 1))[batch.gather_index]  # [S, L, in]; row T is zeros
+        delta = torch.bmm(torch.bmm(x_padded, a.transpose(1, 2)), b_t)  # [S, L, out]
+        out[batch.first_token:] += delta.reshape(-1, delta.shape[-1])[batch.valid_rows]
+
+
+@dataclass(frozen=True)
+class LayerWrites:
+    copies: list[tuple[torch.Tensor, torch.Tensor]]  # (slot destination, pinned source)
+    zeros: list[torch.Tensor]  # slot regions to clear
+
+
+@dataclass(frozen=True)
+class SegmentBatch:
+    """One forward's adapted tokens laid out per slot, built once and shared by all layers.
+
+    Adapted tokens are the flat range [first_token, T) (sequences are sorted by slot, the
+    base model first), one contiguous segment per slot.
+    """
+
+    first_slot: int
+    stop_slot: int
+    first_token: int
+    gather_index: torch.Tensor  # [S, L] flat token index, or T (a zero row) for padding
+    valid_rows: torch.Tensor  # indices into the flattened [S * L] rows, in token order
+    max_rank: dict[tuple[int, str], int]  # (layer, module) -> largest rank among the slots used
+
+    @classmethod
+    def build(cls, segments: Sequence[LoraSegment], num_tokens: int, ranks: list[dict[tuple[int, str], int]],
+              device: torch.device) -> SegmentBatch | None:
+        if not segments:
+            return None
+        first, stop = segments[0].slot, segments[-1].slot + 1
+        longest = max(seg.end - seg.start for seg in segments)
+        gather = [[num_tokens] * longest for _ in range(stop - first)]
+        valid = []
+        for seg in segments:
+            row = seg.slot - first
+            gather[row][:seg.end - seg.start] = range(seg.start, seg.end)
+            valid.extend(row * longest + i for i in range(seg.end - seg.start))
+        max_rank: dict[tuple[int, str], int] = {}
+        for seg in segments:
+            for key, rank in ranks[seg.slot].items():
+                max_rank[key] = max(max_rank.get(key, 0), rank)
+        return cls(first, stop, segments[0].start, torch.tensor(gather).to(device, non_blocking=True),
+                   torch.tensor(valid).to(device, non_blocking=True), max_rank)

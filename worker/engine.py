@@ -269,14 +269,18 @@ class _ForwardLora:
         self.copier = engine.copier
         self.batch = engine.slots.segment_batch(plan.lora_segments, plan.num_tokens, engine.device)
         self.landing = [job for slot, job in engine.pending.items() if slot in plan.active_slots]
+        self._padded: tuple[torch.Tensor, torch.Tensor] | None = None  # q/k/v and gate/up share an input
 
     def before_layer(self, layer: int) -> None:
         for job in self.landing:
             self.copier.wait_layer(job, layer)
 
     def add_delta(self, out: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
-        if self.batch is not None:
-            self.slots.add_delta(out, x, layer, module, self.batch)
+        if self.batch is None:
+            return
+        if self._padded is None or self._padded[0] is not x:
+            self._padded = (x, self.batch.pad(x))
+        self.slots.add_delta(out, self._padded[1], layer, module, self.batch)
 
 
 def _device(name: str) -> torch.device:

@@ -89,18 +89,19 @@ class LoraSlots:
                       device: torch.device) -> SegmentBatch | None:
         return SegmentBatch.build(segments, num_tokens, self.ranks, device)
 
-    def add_delta(self, out: torch.Tensor, x: torch.Tensor, layer: int, module: str, batch: SegmentBatch) -> None:
+    def add_delta(self, out: torch.Tensor, x_padded: torch.Tensor, layer: int, module: str,
+                  batch: SegmentBatch) -> None:
         """out[t] += (x[t] @ A[slot(t)].T) @ B.T[slot(t)] for every adapted token, as two bmm.
 
-        Segments are padded to the longest into [slots, L, in]; the slot range is a view of
-        the stacked buffers (no copy), and ranks are cut at the batch's largest for the module.
+        `x_padded` is the input laid out by `batch.pad` ([slots, L, in]); the slot range is a
+        view of the stacked buffers (no copy), and ranks are cut at the batch's largest for the
+        module.
         """
         rank = batch.max_rank.get((layer, module), 0)
         if rank == 0 or module not in self.a:
             return
         a = self.a[module][layer, batch.first_slot:batch.stop_slot, :rank]  # [S, r, in]
         b_t = self.b_t[module][layer, batch.first_slot:batch.stop_slot, :rank]  # [S, r, out]
-        x_padded = F.pad(x, (0, 0, 0, 1))[batch.gather_index]  # [S, L, in]; row T is zeros
         delta = torch.bmm(torch.bmm(x_padded, a.transpose(1, 2)), b_t)  # [S, L, out]
         out[batch.first_token:] += delta.reshape(-1, delta.shape[-1])[batch.valid_rows]
 
@@ -125,6 +126,10 @@ class SegmentBatch:
     gather_index: torch.Tensor  # [S, L] flat token index, or T (a zero row) for padding
     valid_rows: torch.Tensor  # indices into the flattened [S * L] rows, in token order
     max_rank: dict[tuple[int, str], int]  # (layer, module) -> largest rank among the slots used
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, in] -> [S, L, in], each slot's tokens in a row, zeros where padded."""
+        return F.pad(x, (0, 0, 0, 1))[self.gather_index]  # row T of the padded x is zeros
 
     @classmethod
     def build(cls, segments: Sequence[LoraSegment], num_tokens: int, ranks: list[dict[tuple[int, str], int]],

@@ -111,12 +111,8 @@ class Launcher:
                 if self.stopping:
                     raise InterruptedError("stopped during start-up")
                 self._check_alive()
-                try:
-                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
+                if _is_serving(health):
+                    return
                 time.sleep(0.2)
         raise TimeoutError(f"loraserve did not become ready within {self.config.startup_timeout_s} s")
 
@@ -150,6 +146,14 @@ class Launcher:
                 process.kill()
                 process.wait()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+def _is_serving(health: health_pb2_grpc.HealthStub) -> bool:
+    try:
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+    except grpc.RpcError:  # not listening yet
+        return False
+    return status == health_pb2.HealthCheckResponse.SERVING
 
 
 def serve(config: ServeConfig) -> int:

@@ -267,7 +267,7 @@ class _ForwardLora:
     def __init__(self, engine: Engine, plan: ForwardPlan) -> None:
         self.slots = engine.slots
         self.copier = engine.copier
-        self.batch = engine.slots.segment_batch(plan.lora_segments, plan.num_tokens, engine.device)
+        self.batch = engine.slots.segment_batch(plan.token_slots, engine.device)
         self.landing = [job for slot, job in engine.pending.items() if slot in plan.active_slots]
         self._padded: tuple[torch.Tensor, torch.Tensor] | None = None  # q/k/v and gate/up share an input
 

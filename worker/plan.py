@@ -1,8 +1,8 @@
 """Host-side preparation of one forward: flat token tensors, KV indices, LoRA segments.
 
-Sequences are reordered by adapter slot so that each adapter's tokens form one contiguous
-segment of the flat batch (what segmented multi-LoRA kernels want); results are mapped
-back to the caller's order.
+Sequences are reordered by adapter slot, so the per-token slot indices are sorted and each
+adapter's tokens form one contiguous run of the flat batch (what segmented multi-LoRA
+kernels want); results are mapped back to the caller's order.
 """
 
 from __future__ import annotations
@@ -13,13 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from worker.batch import NO_ADAPTER, SequenceInput
-
-
-@dataclass(frozen=True)
-class LoraSegment:
-    slot: int
-    start: int  # flat token range [start, end)
-    end: int
 
 
 @dataclass(frozen=True)
@@ -46,8 +39,7 @@ class ForwardPlan:
     positions: torch.Tensor  # [T]
     kv_write_index: torch.Tensor  # [T]
     attention: list[AttentionPlan]  # decodes, then prefill chunks (groups that are not empty)
-    lora_segments: list[LoraSegment]
-    token_slots: torch.Tensor  # [T] adapter slot per token, NO_ADAPTER for base
+    token_slots: list[int]  # adapter slot per flat token, NO_ADAPTER for base; sorted by slot
     seq_starts: list[int]  # flat start of each sorted sequence
     active_slots: frozenset[int]
 
@@ -94,8 +86,7 @@ def build_plan(
         positions=to_device(positions),
         kv_write_index=to_device(kv_write),
         attention=_attention_groups(sequences, seq_starts, page_size, to_device),
-        lora_segments=_lora_segments(sequences, seq_starts),
-        token_slots=to_device(token_slots),
+        token_slots=token_slots,
         seq_starts=seq_starts,
         active_slots=frozenset(s.adapter_slot for s in sequences if s.adapter_slot != NO_ADAPTER),
     )
@@ -153,16 +144,3 @@ def _attention_plan(sequences, seq_starts, page_size, to_device) -> AttentionPla
         kv_index=to_device(kv_index),
         kv_len=to_device(kv_len),
     )
-
-
-def _lora_segments(sequences: list[SequenceInput], seq_starts: list[int]) -> list[LoraSegment]:
-    segments: list[LoraSegment] = []
-    for seq, start in zip(sequences, seq_starts):
-        if seq.adapter_slot == NO_ADAPTER:
-            continue
-        end = start + len(seq.token_ids)
-        if segments and segments[-1].slot == seq.adapter_slot:
-            segments[-1] = LoraSegment(seq.adapter_slot, segments[-1].start, end)
-        else:
-            segments.append(LoraSegment(seq.adapter_slot, start, end))
-    return segments

@@ -8,16 +8,17 @@ the largest rank among them, serves heterogeneous ranks exactly.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from worker.batch import NO_ADAPTER
 from worker.errors import UnsupportedAdapterError
 from worker.lora.host_cache import HostAdapter
 from worker.model.config import ModelConfig
-from worker.plan import LoraSegment
 
 
 class LoraSlots:
@@ -85,9 +86,8 @@ class LoraSlots:
                 zeros.append(self.a[module][layer, slot, rank:])
         return LayerWrites(copies, zeros)
 
-    def segment_batch(self, segments: Sequence[LoraSegment], num_tokens: int,
-                      device: torch.device) -> SegmentBatch | None:
-        return SegmentBatch.build(segments, num_tokens, self.ranks, device)
+    def segment_batch(self, token_slots: Sequence[int], device: torch.device) -> SegmentBatch | None:
+        return SegmentBatch.build(token_slots, self.ranks, device)
 
     def add_delta(self, out: torch.Tensor, x_padded: torch.Tensor, layer: int, module: str,
                   batch: SegmentBatch) -> None:
@@ -116,8 +116,7 @@ class LayerWrites:
 class SegmentBatch:
     """One forward's adapted tokens laid out per slot, built once and shared by all layers.
 
-    Adapted tokens are the flat range [first_token, T) (sequences are sorted by slot, the
-    base model first), one contiguous segment per slot.
+    Adapted tokens are the flat range [first_token, T), one contiguous run per slot.
     """
 
     first_slot: int
@@ -132,21 +131,38 @@ class SegmentBatch:
         return F.pad(x, (0, 0, 0, 1))[self.gather_index]  # row T of the padded x is zeros
 
     @classmethod
-    def build(cls, segments: Sequence[LoraSegment], num_tokens: int, ranks: list[dict[tuple[int, str], int]],
+    def build(cls, token_slots: Sequence[int], ranks: list[dict[tuple[int, str], int]],
               device: torch.device) -> SegmentBatch | None:
-        if not segments:
+        """From per-token slot indices, sorted by slot with base-model tokens first."""
+        runs = _adapter_runs(token_slots)
+        if not runs:
             return None
-        first, stop = segments[0].slot, segments[-1].slot + 1
-        longest = max(seg.end - seg.start for seg in segments)
+        num_tokens = len(token_slots)
+        first, stop = runs[0][0], runs[-1][0] + 1
+        longest = max(end - start for _, start, end in runs)
         gather = [[num_tokens] * longest for _ in range(stop - first)]
         valid = []
-        for seg in segments:
-            row = seg.slot - first
-            gather[row][:seg.end - seg.start] = range(seg.start, seg.end)
-            valid.extend(row * longest + i for i in range(seg.end - seg.start))
+        for slot, start, end in runs:
+            row = slot - first
+            gather[row][:end - start] = range(start, end)
+            valid.extend(row * longest + i for i in range(end - start))
         max_rank: dict[tuple[int, str], int] = {}
-        for seg in segments:
-            for key, rank in ranks[seg.slot].items():
+        for slot, _, _ in runs:
+            for key, rank in ranks[slot].items():
                 max_rank[key] = max(max_rank.get(key, 0), rank)
-        return cls(first, stop, segments[0].start, torch.tensor(gather).to(device, non_blocking=True),
+        return cls(first, stop, runs[0][1], torch.tensor(gather).to(device, non_blocking=True),
                    torch.tensor(valid).to(device, non_blocking=True), max_rank)
+
+
+def _adapter_runs(token_slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(slot, start, end) of each adapter's tokens; they must tile [first adapted token, T)."""
+    runs, position = [], 0
+    for slot, group in itertools.groupby(token_slots):
+        length = sum(1 for _ in group)
+        if slot != NO_ADAPTER:
+            runs.append((slot, position, position + length))
+        position += length
+    ordered = all(a[0] < b[0] and a[2] == b[1] for a, b in zip(runs, runs[1:]))
+    if not ordered or (runs and runs[-1][2] != len(token_slots)):
+        raise ValueError("per-token adapter slots must be sorted by slot, base-model tokens first")
+    return runs

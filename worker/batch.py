@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 NO_ADAPTER = -1  # adapter slot of a request served by the base model
 
 
@@ -53,4 +55,4 @@ class SampledToken:
 @dataclass
 class ForwardOutput:
     tokens: list[SampledToken]  # one per sequence with sample=True, in input order
-    logits: dict[str, "object"] | None = None  # request_id -> [new tokens, vocab] when asked for
+    logits: dict[str, torch.Tensor] | None = None  # request_id -> [new tokens, vocab] when asked for

@@ -19,10 +19,10 @@ from worker.errors import AdapterNotFoundError, AdapterStateError, CapacityError
 from worker.kv_cache import PagedKVCache
 from worker.lora.adapter import TARGET_MODULES, AdapterManifest, read_adapter_manifest
 from worker.lora.copier import CudaCopier, LayerCopiedHook, LoadJob, ThreadCopier
-from worker.lora.host_cache import HostCache
+from worker.lora.host_cache import HostAdapter, HostCache
 from worker.lora.slots import LoraSlots
 from worker.model.config import DTYPES, ModelConfig, load_model_config
-from worker.model.llama import LlamaModel, fuse_weights
+from worker.model.llama import LlamaModel, ModelWeights, fuse_weights
 from worker.model.weights import dummy_weights, load_safetensors
 from worker.plan import ForwardPlan, build_plan
 from worker.sampling import sample, validate_sampling
@@ -222,7 +222,7 @@ class Engine:
 
     # Helpers --------------------------------------------------------------------------
 
-    def _load_weights(self) -> "object":
+    def _load_weights(self) -> ModelWeights:
         path = Path(self.config.model_path)
         if self.config.load_format == "dummy":
             tensors = dummy_weights(self.model_config, self.dtype, self.device, self.config.seed)
@@ -237,7 +237,7 @@ class Engine:
             raise AdapterNotFoundError(f"adapter {name!r} is not registered")
         return self.adapters[name]
 
-    def _staged(self, name: str):
+    def _staged(self, name: str) -> HostAdapter:
         self._manifest(name)
         entry = self.host_cache.entries.get(name)
         if entry is None or not entry.is_ready():

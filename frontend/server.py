@@ -63,6 +63,9 @@ class FrontendConfig:
     admin_timeout_s: float = 5.0
     load_adapter_timeout_s: float = 30.0  # the worker validates the adapter's files first
     readiness_retry_s: float = 0.5  # between server_info attempts while the scheduler is not ready
+    # A probe sent while the connection is being re-established can be lost with the old
+    # pipe; a short wait retries it soon instead of holding readiness for admin_timeout_s.
+    readiness_probe_timeout_s: float = 1.0
     stop_ack_timeout_s: float = 1.0  # wait for the scheduler's timing after aborting at a stop string
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
 
@@ -238,10 +241,10 @@ class LoraServingServicer(serving_pb2_grpc.LoraServingServicer):
         admin = internal_pb2.AdminRequest(timeline=request)
         return (await self._link.admin(admin, self._config.load_adapter_timeout_s)).timeline
 
-    async def fetch_server_info(self) -> serving_pb2.ServerInfo:
+    async def fetch_server_info(self, timeout_s: float | None = None) -> serving_pb2.ServerInfo:
         """Asks the scheduler, keeps the answer for validation, and names the model as configured."""
         admin = internal_pb2.AdminRequest(server_info=serving_pb2.GetServerInfoRequest())
-        info = (await self._link.admin(admin, self._config.admin_timeout_s)).server_info
+        info = (await self._link.admin(admin, timeout_s or self._config.admin_timeout_s)).server_info
         if self._config.model_name:
             info.model = self._config.model_name
         self.server_info = info
@@ -300,7 +303,7 @@ class FrontendServer:
         await self._set_health(NOT_SERVING)
         for attempt in itertools.count():
             try:
-                info = await self._servicer.fetch_server_info()
+                info = await self._servicer.fetch_server_info(self.config.readiness_probe_timeout_s)
             except (SchedulerUnavailable, SchedulerFailure) as error:
                 log.log(logging.INFO if attempt == 0 else logging.DEBUG, "waiting for the scheduler at %s: %s",
                         self.config.scheduler_address, error)

@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import sys
 
+from frontend.auth import AuthTokens
 from frontend.server import BindError, FrontendConfig, serve
+from frontend.tls import TlsFiles
 from loraserve.flags import configure_logging, die_with_parent
 
 
@@ -21,11 +23,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[FrontendConfig, str]:
     parser.add_argument("--max-message-bytes", type=int, default=16 << 20)
     parser.add_argument("--grace-seconds", type=float, default=5.0,
                         help="on SIGTERM/SIGINT, how long in-flight RPCs may take to finish")
+    parser.add_argument("--auth-token-file", help="file holding the bearer token every RPC but health needs")
+    parser.add_argument("--admin-token-file", help="file holding the bearer token LoadAdapter/UnloadAdapter need")
+    parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", help="PEM CA: mutual TLS, clients need a certificate it signed")
+    parser.add_argument("--ready-file", help="created once the server first turns SERVING")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        parser.error("--tls-cert and --tls-key go together, and --tls-client-ca needs them")
     config = FrontendConfig(
         scheduler_address=args.scheduler_address, host=args.host, port=args.port, tokenizer_path=args.tokenizer,
         model_name=args.model_name, max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds,
+        auth=AuthTokens.from_files(args.auth_token_file, args.admin_token_file),
+        tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
+        ready_file=args.ready_file,
     )
     return config, args.log_level
 

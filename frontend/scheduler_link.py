@@ -112,6 +112,11 @@ class SchedulerLink:
             self._monitor = None
         self._context.term()
 
+    @property
+    def in_flight(self) -> int:
+        """Generations and admin calls waiting for the scheduler."""
+        return len(self._streams) + len(self._pending_admin)
+
     # Generation ---------------------------------------------------------------------------
 
     def open_stream(self, request_id: str) -> asyncio.Queue[internal_pb2.RequestOutput]:

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,7 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from frontend.auth import AuthTokens, BearerAuthInterceptor
 from frontend.generation import OutputAssembler, accumulate
+from frontend.malformed import MalformedRequestInterceptor
 from frontend.scheduler_link import (
     LivenessConfig,
     RequestIdInUse,
@@ -33,6 +36,7 @@ from frontend.scheduler_link import (
     SchedulerLink,
     SchedulerUnavailable,
 )
+from frontend.tls import TlsFiles, server_credentials
 from frontend.tokenizer import PromptTokenizer
 from frontend.validation import (
     NO_TOKENIZER,
@@ -49,6 +53,7 @@ log = logging.getLogger("loraserve.frontend")
 SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["LoraServing"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+DRAIN_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ class FrontendConfig:
     tokenizer_path: str | None = None  # None: prompts must be input_ids and outputs carry no text
     model_name: str | None = None  # reported as ServerInfo.model instead of the scheduler's model path
     max_message_bytes: int = 16 << 20
-    grace_seconds: float = 5.0  # in-flight RPCs get this long to finish on shutdown
+    grace_seconds: float = 5.0  # on shutdown, in-flight RPCs get this long to finish; new ones are refused
     admin_timeout_s: float = 5.0
     load_adapter_timeout_s: float = 30.0  # the worker validates the adapter's files first
     readiness_retry_s: float = 0.5  # between server_info attempts while the scheduler is not ready
@@ -68,6 +73,9 @@ class FrontendConfig:
     readiness_probe_timeout_s: float = 1.0
     stop_ack_timeout_s: float = 1.0  # wait for the scheduler's timing after aborting at a stop string
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    auth: AuthTokens = field(default_factory=AuthTokens)  # no tokens: no authentication
+    tls: TlsFiles | None = None  # None: plaintext (bind loopback only)
+    ready_file: str | None = None  # created once health first turns SERVING (the launcher waits for it)
 
 
 class BindError(OSError):
@@ -100,6 +108,7 @@ def _unary_rpc(method: UnaryHandler) -> UnaryHandler:
     @functools.wraps(method)
     async def wrapper(self: LoraServingServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            self._refuse_while_draining()
             return await method(self, request, context)
         except Exception as error:  # noqa: BLE001 - every error becomes a status, never a crash
             code, details = _status_of(error)
@@ -121,6 +130,11 @@ class LoraServingServicer(serving_pb2_grpc.LoraServingServicer):
         self._tokenizer = tokenizer
         self._config = config
         self.server_info: serving_pb2.ServerInfo | None = None  # set once the scheduler has answered
+        self.draining = False  # shutting down: new RPCs are refused, in-flight ones finish
+
+    def _refuse_while_draining(self) -> None:
+        if self.draining:
+            raise SchedulerUnavailable("the server is shutting down; retry on another replica or later")
 
     # Generation ---------------------------------------------------------------------------
 
@@ -146,6 +160,7 @@ class LoraServingServicer(serving_pb2_grpc.LoraServingServicer):
 
     async def _generate(self, request: serving_pb2.GenerateRequest) -> AsyncIterator[serving_pb2.GenerateStreamResponse]:
         """Validates, submits and streams one request; aborts it at the scheduler if left early."""
+        self._refuse_while_draining()
         limits = self._limits()
         check_request(request, limits, has_tokenizer=self._tokenizer is not None)
         prompt_ids = list(request.input_ids) or await self._tokenizer.encode(request.text)
@@ -267,7 +282,11 @@ class FrontendServer:
     async def start(self) -> int:
         """Binds, starts serving (NOT_SERVING until the scheduler answers) and returns the port."""
         limit = self.config.max_message_bytes
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
+        if self.config.auth.enabled:
+            interceptors.insert(0, BearerAuthInterceptor(self.config.auth))
+        server = grpc.aio.server(interceptors=interceptors,
+                                 options=[("grpc.max_receive_message_length", limit),
                                           ("grpc.max_send_message_length", limit),
                                           ("grpc.so_reuseport", 0)])  # a port in use is an error, not shared
         serving_pb2_grpc.add_LoraServingServicer_to_server(self._servicer, server)
@@ -277,7 +296,10 @@ class FrontendServer:
             server)
         address = grpc_address(self.config.host, self.config.port)
         try:
-            port = server.add_insecure_port(address)
+            if self.config.tls is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, server_credentials(self.config.tls))
         except RuntimeError as error:
             raise BindError(f"cannot listen on {address}: {error}") from None
         await self._set_health(NOT_SERVING)
@@ -288,13 +310,21 @@ class FrontendServer:
         return port
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING, then lets in-flight RPCs finish for the grace period; the rest are cancelled."""
+        """Drains: NOT_SERVING and new RPCs UNAVAILABLE while in-flight ones finish within the grace period.
+
+        Health keeps answering (NOT_SERVING) during the drain; what is left at its end is cancelled.
+        """
         self._stopping = True
+        self._servicer.draining = True
         await self._health.enter_graceful_shutdown()
         if self._readiness is not None:
             self._readiness.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.config.grace_seconds if grace_s is None else grace_s)
+        while self._link.in_flight and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
         if self._server is not None:
-            await self._server.stop(self.config.grace_seconds if grace_s is None else grace_s)
+            await self._server.stop(max(0.0, deadline - loop.time()))
         await self._link.close()  # after the server: cancelled RPCs still send their aborts
         if self._tokenizer is not None:
             self._tokenizer.close()
@@ -312,6 +342,8 @@ class FrontendServer:
             log.info("scheduler ready: %s (%s, %s, context %d)", info.model, info.architecture, info.device,
                      info.max_context_length)
             await self._set_health(SERVING)
+            if self.config.ready_file:
+                Path(self.config.ready_file).touch()
             return
 
     def _on_scheduler_lost(self) -> None:

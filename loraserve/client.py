@@ -34,12 +34,22 @@ class GenerateStream(Iterator[serving_pb2.GenerateStreamResponse], Protocol):
 
 class LoraServeClient:
     def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        """`timeout` (seconds) is every call's default deadline; None waits as long as needed."""
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None,
+                 tls: grpc.ChannelCredentials | None = None) -> None:
+        """`timeout` (seconds) is every call's default deadline; None waits as long as needed.
+
+        `token` is sent as `authorization: Bearer <token>` on every call; `tls` (e.g.
+        `grpc.ssl_channel_credentials(ca, key, cert)`) makes the channel TLS.
+        """
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", max_message_bytes),
-                                                                ("grpc.max_send_message_length", max_message_bytes)])
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        channel = (grpc.insecure_channel(address, options=options) if tls is None
+                   else grpc.secure_channel(address, tls, options=options))
+        if token is not None:
+            channel = grpc.intercept_channel(channel, _BearerToken(token))
+        self._channel = channel
         self._stub = serving_pb2_grpc.LoraServingStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -102,6 +112,20 @@ class LoraServeClient:
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return details._replace(metadata=[*(details.metadata or ()), self._metadata])
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._with_token(client_call_details), request)
 
 
 def _generate_request(text: str | None, input_ids: Sequence[int] | None, adapter: str, request_id: str,

@@ -37,6 +37,17 @@ def add_serve_parser(commands) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--max-queued-requests", type=int, default=1024)
+    parser.add_argument("--grace-seconds", type=float, default=5.0,
+                        help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
+    parser.add_argument("--max-restarts", type=int, default=5,
+                        help="restarts of a crashed process within 10 minutes before giving up")
+    parser.add_argument("--adapter-root", help="LoadAdapter accepts only paths inside this directory "
+                                               "(default with the demo: the demo's directory)")
+    parser.add_argument("--auth-token-file", help="file holding the bearer token every RPC but health needs")
+    parser.add_argument("--admin-token-file", help="file holding the bearer token LoadAdapter/UnloadAdapter need")
+    parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", help="PEM CA: mutual TLS, clients need a certificate it signed")
     parser.add_argument("--log-level", default="info")
     parser.set_defaults(run=run_serve)
 
@@ -44,13 +55,14 @@ def add_serve_parser(commands) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, "launcher")
     lora_paths = name_value_pairs(args.lora_paths, "--lora-paths")
-    model_path = args.model_path
+    model_path, adapter_root = args.model_path, args.adapter_root
     if model_path is None:
         from loraserve.demo import ensure_demo
 
         assets = ensure_demo()
         model_path = str(assets.model_dir)
         lora_paths = {name: str(path) for name, path in assets.adapters.items()} | lora_paths
+        adapter_root = adapter_root or str(assets.root)
     tokenizer = args.tokenizer or (model_path if _has_tokenizer(Path(model_path)) else None)
     config = ServeConfig(
         model_path=model_path, tokenizer_path=tokenizer, lora_paths=lora_paths, host=args.host, port=args.port,
@@ -60,7 +72,10 @@ def run_serve(args: argparse.Namespace) -> int:
         max_lora_rank=args.max_lora_rank, overlap_loading=args.overlap, page_size=args.page_size,
         num_kv_pages=args.num_kv_pages, host_cache_bytes=int(args.host_cache_gb * (1 << 30)),
         max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
-        max_queued_requests=args.max_queued_requests, log_level=args.log_level,
+        max_queued_requests=args.max_queued_requests, log_level=args.log_level, grace_seconds=args.grace_seconds,
+        max_restarts=args.max_restarts, adapter_root=adapter_root, auth_token_file=args.auth_token_file,
+        admin_token_file=args.admin_token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )
     return serve(config)
 
@@ -77,15 +92,20 @@ def add_generate_parser(commands) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--token-file", help="file holding the bearer token, if the server needs one")
+    parser.add_argument("--tls-ca", help="PEM CA of the server's certificate: connect with TLS")
     parser.set_defaults(run=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from frontend.auth import read_token
     from loraserve.client import LoraServeClient
 
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    token = read_token(args.token_file) if args.token_file else None
+    tls = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes()) if args.tls_ca else None
     try:
-        with LoraServeClient(args.address) as client:
+        with LoraServeClient(args.address, token=token, tls=tls) as client:
             if args.stream:
                 for message in client.generate_stream(args.prompt, adapter=args.adapter, **sampling):
                     print(message.text, end="", flush=True)

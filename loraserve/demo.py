@@ -57,6 +57,7 @@ _CORPUS = (
 
 @dataclass(frozen=True)
 class DemoAssets:
+    root: Path  # the demo's own directory (its adapter root)
     model_dir: Path
     adapters: dict[str, Path]
 
@@ -76,7 +77,7 @@ def ensure_demo(cache_dir: Path | None = None) -> DemoAssets:
         (staging / "complete").write_text(DEMO_VERSION)
         shutil.rmtree(root, ignore_errors=True)
         staging.rename(root)
-    return DemoAssets(root / "model", {name: root / "adapters" / name for name in DEMO_ADAPTERS})
+    return DemoAssets(root, root / "model", {name: root / "adapters" / name for name in DEMO_ADAPTERS})
 
 
 def _build_demo(root: Path) -> None:

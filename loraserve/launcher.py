@@ -1,8 +1,16 @@
 """Starts the worker, scheduler and frontend as three processes, supervises and stops them.
 
-The processes talk over ipc:// sockets in a private runtime directory. If any process
-exits, the others are stopped and the launcher exits non-zero; SIGINT/SIGTERM stop all
-three (SIGTERM, then SIGKILL after a grace period), leaving no process behind.
+The processes talk over ipc:// sockets in a private runtime directory (mode 0700: only
+this user can open them). A process that dies after start-up is restarted: the worker
+alone (the scheduler fails its in-flight requests and re-registers every adapter with the
+new one), the scheduler together with the worker (a new scheduler cannot know the old
+worker's state; it re-registers the adapters its predecessor served from the registry
+file), the frontend alone. More than `max_restarts` restarts of one process within
+`restart_window_s`, or a death during start-up, stops everything and exits non-zero.
+
+SIGINT/SIGTERM drain: the frontend is stopped first (NOT_SERVING, new requests
+UNAVAILABLE, in-flight ones finish within the grace period), then the scheduler and the
+worker; SIGKILL for anything still running after that, leaving no process behind.
 """
 
 from __future__ import annotations
@@ -15,11 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraserve.flags import PARENT_PID_VARIABLE
 
@@ -50,6 +56,14 @@ class ServeConfig:
     startup_timeout_s: float = 300.0
     grace_seconds: float = 5.0
     log_level: str = "info"
+    adapter_root: str | None = None  # LoadAdapter accepts only paths inside it
+    auth_token_file: str | None = None  # bearer token for every RPC but health
+    admin_token_file: str | None = None  # bearer token for LoadAdapter/UnloadAdapter
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # mutual TLS
+    max_restarts: int = 5  # of one process within restart_window_s, then the launcher gives up
+    restart_window_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -58,7 +72,17 @@ class Addresses:
     worker: str  # the scheduler's socket for the worker
 
 
-def process_commands(config: ServeConfig, addresses: Addresses) -> dict[str, list[str]]:
+@dataclass(frozen=True)
+class RuntimeFiles:
+    ready: str  # the frontend creates it once it first serves
+    registry: str  # the scheduler's adapters, for its successor after a crash
+
+
+def _optional(flag: str, value: str | None) -> list[str]:
+    return [flag, value] if value else []
+
+
+def process_commands(config: ServeConfig, addresses: Addresses, files: RuntimeFiles) -> dict[str, list[str]]:
     python = [sys.executable, "-m"]
     worker = [*python, "worker", "--scheduler-address", addresses.worker, "--model-path", config.model_path,
               "--load-format", config.load_format, "--device", config.device, "--dtype", config.dtype,
@@ -73,12 +97,17 @@ def process_commands(config: ServeConfig, addresses: Addresses) -> dict[str, lis
                  "--enable-lora-overlap-loading" if config.overlap_loading else "--disable-lora-overlap-loading",
                  "--max-batch-tokens", str(config.max_batch_tokens),
                  "--max-running-requests", str(config.max_running_requests),
-                 "--max-queued-requests", str(config.max_queued_requests), "--log-level", config.log_level]
+                 "--max-queued-requests", str(config.max_queued_requests), "--log-level", config.log_level,
+                 "--registry-file", files.registry, *_optional("--adapter-root", config.adapter_root)]
     if config.lora_paths:
         scheduler += ["--lora-paths", *(f"{n}={p}" for n, p in config.lora_paths.items())]
     frontend = [*python, "frontend", "--host", config.host, "--port", str(config.port),
                 "--scheduler-address", addresses.frontend, "--model-name", Path(config.model_path).name,
-                "--grace-seconds", str(config.grace_seconds)]
+                "--grace-seconds", str(config.grace_seconds), "--ready-file", files.ready,
+                *_optional("--auth-token-file", config.auth_token_file),
+                *_optional("--admin-token-file", config.admin_token_file),
+                *_optional("--tls-cert", config.tls_cert), *_optional("--tls-key", config.tls_key),
+                *_optional("--tls-client-ca", config.tls_client_ca)]
     if config.tokenizer_path:
         frontend += ["--tokenizer", config.tokenizer_path]
     return {"scheduler": scheduler, "worker": worker, "frontend": frontend}
@@ -87,10 +116,14 @@ def process_commands(config: ServeConfig, addresses: Addresses) -> dict[str, lis
 class Launcher:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="loraserve-"))
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="loraserve-"))  # mode 0700
         self.addresses = Addresses(frontend=f"ipc://{self.runtime_dir}/frontend.sock",
                                    worker=f"ipc://{self.runtime_dir}/worker.sock")
+        self.files = RuntimeFiles(ready=str(self.runtime_dir / "frontend.ready"),
+                                  registry=str(self.runtime_dir / "adapters.json"))
+        self.commands = process_commands(config, self.addresses, self.files)
         self.processes: dict[str, subprocess.Popen] = {}
+        self.restarts: dict[str, deque[float]] = {name: deque() for name in self.commands}
         self.stopping = False
 
     @property
@@ -98,29 +131,31 @@ class Launcher:
         return f"{self.config.host}:{self.config.port}"
 
     def start(self) -> None:
-        for name, command in process_commands(self.config, self.addresses).items():
-            environment = os.environ | {PARENT_PID_VARIABLE: str(os.getpid())}
-            self.processes[name] = subprocess.Popen(command, env=environment)
-            log.debug("started %s (pid %d)", name, self.processes[name].pid)
+        for name in self.commands:
+            self._spawn(name)
+
+    def _spawn(self, name: str) -> None:
+        environment = os.environ | {PARENT_PID_VARIABLE: str(os.getpid())}
+        self.processes[name] = subprocess.Popen(self.commands[name], env=environment)
+        log.debug("started %s (pid %d)", name, self.processes[name].pid)
 
     def wait_until_serving(self) -> None:
+        """Until the frontend first reports SERVING (its ready file); a death meanwhile is fatal."""
         deadline = time.monotonic() + self.config.startup_timeout_s
-        with grpc.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.stopping:
-                    raise InterruptedError("stopped during start-up")
-                self._check_alive()
-                if _is_serving(health):
-                    return
-                time.sleep(0.2)
+        while time.monotonic() < deadline:
+            if self.stopping:
+                raise InterruptedError("stopped during start-up")
+            self._check_alive()
+            if os.path.exists(self.files.ready):
+                return
+            time.sleep(0.2)
         raise TimeoutError(f"loraserve did not become ready within {self.config.startup_timeout_s} s")
 
     def supervise(self) -> int:
-        """Blocks until a signal (exit 0) or a child's death (exit 1), then stops everything."""
+        """Blocks until a signal (exit 0) or a process that keeps dying (exit 1), then stops everything."""
         try:
             while not self.stopping:
-                self._check_alive()
+                self.restart_the_dead()
                 time.sleep(0.2)
             return 0
         except ChildProcessError as error:
@@ -134,26 +169,48 @@ class Launcher:
             if process.poll() is not None:
                 raise ChildProcessError(f"the {name} process exited with code {process.returncode}")
 
+    def restart_the_dead(self) -> None:
+        """Restarts each process that has exited (the scheduler with the worker); see the module's doc."""
+        for name, process in list(self.processes.items()):
+            if process.poll() is None or self.stopping:
+                continue
+            self._count_restart(name, process.returncode)
+            if name == "scheduler":
+                self._terminate([self.processes["worker"]])  # its state belongs to the dead scheduler
+                self._spawn("scheduler")
+                self._spawn("worker")
+            else:
+                self._spawn(name)
+
+    def _count_restart(self, name: str, returncode: int) -> None:
+        now = time.monotonic()
+        recent = self.restarts[name]
+        while recent and now - recent[0] > self.config.restart_window_s:
+            recent.popleft()
+        if len(recent) >= self.config.max_restarts:
+            raise ChildProcessError(f"the {name} process exited with code {returncode} after {len(recent)} "
+                                    f"restarts within {self.config.restart_window_s:g} s: giving up")
+        recent.append(now)
+        log.warning("the %s process exited with code %d; restarting it", name, returncode)
+
     def stop(self) -> None:
-        for process in self.processes.values():
+        """The frontend first, so that its in-flight requests can finish; then the rest."""
+        self._terminate([self.processes[name] for name in ("frontend",) if name in self.processes])
+        self._terminate(list(self.processes.values()))
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def _terminate(self, processes: list[subprocess.Popen]) -> None:
+        """SIGTERM, then SIGKILL whatever still runs after the grace period (and 5 s to exit)."""
+        for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.config.grace_seconds + 5
-        for process in self.processes.values():
+        for process in processes:
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
-
-
-def _is_serving(health: health_pb2_grpc.HealthStub) -> bool:
-    try:
-        status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-    except grpc.RpcError:  # not listening yet
-        return False
-    return status == health_pb2.HealthCheckResponse.SERVING
 
 
 def serve(config: ServeConfig) -> int:

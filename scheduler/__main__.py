@@ -22,6 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                         help="stage and load adapters only on demand")
+    parser.add_argument("--adapter-root", help="LoadAdapter accepts only paths inside this directory")
+    parser.add_argument("--registry-file", help="keeps the adapters loaded at run time across restarts (JSON)")
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         overlap_loading=args.overlap, max_running_requests=args.max_running_requests,
         max_queued_requests=args.max_queued_requests, max_batch_tokens=args.max_batch_tokens,
         initial_adapters=name_value_pairs(args.lora_paths, "--lora-paths"), prefetch=args.prefetch,
+        adapter_root=args.adapter_root, registry_file=args.registry_file,
     )
     service = SchedulerService(SchedulerServiceConfig(args.frontend_address, args.worker_address, config))
     on_termination(lambda: setattr(service, "stopping", True))

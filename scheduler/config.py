@@ -13,3 +13,5 @@ class SchedulerConfig:
     max_batch_tokens: int = 2048  # tokens per forward: decodes first, then prefill chunks
     initial_adapters: dict[str, str] = field(default_factory=dict)  # name -> path, registered at start
     prefetch: bool = True  # stage idle adapters into host memory and free slots ahead of demand
+    adapter_root: str | None = None  # set: LoadAdapter accepts only paths inside this directory
+    registry_file: str | None = None  # set: adapters loaded at run time, kept across scheduler restarts

@@ -3,28 +3,41 @@
 Sockets: a ROUTER bound at the frontend address (any number of frontends connect DEALERs)
 and a ROUTER bound at the worker address (the worker connects a DEALER and says hello).
 One forward is in flight at a time; frontend messages are handled while it runs.
+
+Peers are not trusted: a message that is not one protobuf envelope of the expected type
+is dropped with a warning. When the worker's last connection drops (it died), requests in
+flight fail with UNAVAILABLE at once and the scheduler waits for a new worker's hello,
+which re-registers every adapter.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import zmq
+from google.protobuf.message import DecodeError, Message
+from zmq.utils.monitor import parse_monitor_message
 
 from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
+from scheduler.adapter_paths import OutsideAdapterRoot, confine
 from scheduler.config import SchedulerConfig
 from scheduler.core import SchedulerCore
 
 log = logging.getLogger("loraserve.scheduler")
 IDLE_POLL_MS = 50
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+MAX_FRONTEND_MESSAGE_BYTES = 64 << 20  # a larger message drops the connection, not the scheduler's memory
+WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]")
+NO_WORKER = "the worker is not connected (starting or restarting); retry shortly"
 
 CommandDone = Callable[[pb.CommandResult], None]
 
@@ -48,17 +61,26 @@ class SchedulerService:
         self.config = config
         self.context = zmq.Context.instance()
         self.frontends = self._bind(config.frontend_address)
+        self.frontends.setsockopt(zmq.MAXMSGSIZE, MAX_FRONTEND_MESSAGE_BYTES)
         self.worker = self._bind(config.worker_address)
+        self.worker_monitor = self.worker.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.worker_connections = 0
         self.worker_identity: bytes | None = None
         self.core: SchedulerCore | None = None
         self.callbacks: dict[int, CommandDone] = {}
         self.next_command_id = 1
-        self.registered_paths: dict[str, str] = dict(config.scheduler.initial_adapters)
+        # A restarted scheduler takes the adapters its predecessor served, loads and unloads included.
+        saved = _read_registry(config.scheduler.registry_file)
+        self.registered_paths: dict[str, str] = dict(config.scheduler.initial_adapters if saved is None else saved)
         self.registrations_pending = 0
         self.last_result_at: float | None = None  # when the last forward's result arrived
         self.stopping = False
 
     def _bind(self, address: str) -> zmq.Socket:
+        scheme, _, rest = address.partition("://")
+        if scheme == "tcp" and rest.rpartition(":")[0] in WILDCARD_HOSTS:
+            raise ValueError(f"{address}: bind the scheduler to a named interface (e.g. tcp://127.0.0.1:5555), "
+                             "not every interface")
         socket = self.context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.bind(address)
@@ -72,29 +94,38 @@ class SchedulerService:
         poller = zmq.Poller()
         poller.register(self.frontends, zmq.POLLIN)
         poller.register(self.worker, zmq.POLLIN)
+        poller.register(self.worker_monitor, zmq.POLLIN)
         log.info("scheduler: frontends at %s, worker at %s", self.config.frontend_address,
                  self.config.worker_address)
         while not self.stopping:
             busy = self.core is not None and (self.core.waiting or self.core.running)
             events = dict(poller.poll(0 if busy and self.core.forward_in_flight is None else IDLE_POLL_MS))
             if self.worker in events:
-                self._drain(self.worker, self._on_worker_message)
+                self._drain(self.worker, pb.WorkerEvent, self._on_worker_message)
+            if self.worker_monitor in events:
+                self._on_worker_connection_events()
             if self.frontends in events:
-                self._drain(self.frontends, self._on_frontend_message)
+                self._drain(self.frontends, pb.FrontendMessage, self._on_frontend_message)
             self._step()
         self.close()
 
     def close(self) -> None:
+        self.worker.disable_monitor()
+        self.worker_monitor.close(linger=0)
         self.frontends.close(linger=0)
         self.worker.close(linger=0)
 
-    def _drain(self, socket: zmq.Socket, handle: Callable[[bytes, bytes], None]) -> None:
+    def _drain(self, socket: zmq.Socket, kind: type[Message], handle: Callable[[bytes, Message], None]) -> None:
         while True:
             try:
-                identity, payload = socket.recv_multipart(zmq.NOBLOCK)
+                frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            handle(identity, payload)
+            message = _parse(frames, kind)
+            if message is None:
+                log.warning("dropped a message that is not one %s", kind.DESCRIPTOR.full_name)
+                continue
+            handle(frames[0], message)
 
     def _step(self) -> None:
         if not self.ready:
@@ -125,8 +156,7 @@ class SchedulerService:
 
     # Worker -----------------------------------------------------------------------------
 
-    def _on_worker_message(self, identity: bytes, payload: bytes) -> None:
-        event = pb.WorkerEvent.FromString(payload)
+    def _on_worker_message(self, identity: bytes, event: pb.WorkerEvent) -> None:
         kind = event.WhichOneof("kind")
         if kind == "hello":
             self._on_hello(identity, event.hello)
@@ -140,14 +170,34 @@ class SchedulerService:
         elif kind == "load_events":
             self.core.on_load_events(event.load_events)
 
+    def _on_worker_connection_events(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(self.worker_monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            self.worker_connections += 1 if event["event"] == zmq.EVENT_ACCEPTED else -1
+            if self.worker_connections == 0 and self.core is not None:
+                log.warning("lost the worker: failing in-flight requests until a worker says hello")
+                self._forget_worker("the worker was lost; retry the request")
+
+    def _forget_worker(self, reason: str) -> None:
+        """Everything in flight on the old worker fails; pending unloads are done (the next worker never has them)."""
+        core, callbacks = self.core, list(self.callbacks.values())
+        self.core, self.worker_identity, self.callbacks = None, None, {}
+        core.fail_all(pb.UNAVAILABLE, reason)
+        for client, message in core.take_outputs():
+            self._send_frontend(client, message)
+        for callback in callbacks:
+            callback(pb.CommandResult(error=pb.Error(code=pb.UNAVAILABLE, message=reason)))
+        for unload in core.unloads.values():
+            for on_done in unload.on_done:
+                on_done()
+
     def _on_hello(self, identity: bytes, hello: pb.WorkerHello) -> None:
         if self.core is not None:
             log.warning("worker restarted (pid %d): failing in-flight requests", hello.pid)
-            self.core.fail_all(pb.UNAVAILABLE, "the worker restarted; retry the request")
-            self._flush()
-            for callback in self.callbacks.values():
-                callback(pb.CommandResult(error=pb.Error(code=pb.UNAVAILABLE, message="the worker restarted")))
-            self.callbacks.clear()
+            self._forget_worker("the worker restarted; retry the request")
         log.info("worker ready: %s on %s (%s)", hello.model, hello.device, hello.dtype)
         self.worker_identity = identity
         self.core = SchedulerCore(self.config.scheduler, hello)
@@ -195,8 +245,7 @@ class SchedulerService:
 
     # Frontends ------------------------------------------------------------------------
 
-    def _on_frontend_message(self, client: bytes, payload: bytes) -> None:
-        message = pb.FrontendMessage.FromString(payload)
+    def _on_frontend_message(self, client: bytes, message: pb.FrontendMessage) -> None:
         kind = message.WhichOneof("kind")
         if kind == "admin":
             self._on_admin(client, message.admin)
@@ -204,7 +253,7 @@ class SchedulerService:
             if kind == "submit":
                 self._send_frontend(client, pb.SchedulerMessage(output=pb.RequestOutput(
                     request_id=message.submit.request_id, finished=True,
-                    error=pb.Error(code=pb.UNAVAILABLE, message="the server is starting; retry shortly"))))
+                    error=pb.Error(code=pb.UNAVAILABLE, message=NO_WORKER))))
         elif kind == "submit":
             self.core.submit(client, message.submit)
         elif kind == "abort":
@@ -219,7 +268,7 @@ class SchedulerService:
             reply(pb.AdminResponse(error=pb.Error(code=code, message=message)))
 
         if not self.ready:
-            fail(pb.UNAVAILABLE, "the server is starting (waiting for the worker); retry shortly")
+            fail(pb.UNAVAILABLE, NO_WORKER)
             return
         command = admin.WhichOneof("command")
         if command == "server_info":
@@ -249,6 +298,13 @@ class SchedulerService:
         if name in self.registered_paths:
             fail(pb.ALREADY_EXISTS, f"adapter {name!r} is already loaded")
             return
+        root = self.config.scheduler.adapter_root
+        if root is not None:
+            try:
+                path = confine(path, root)
+            except OutsideAdapterRoot as error:
+                fail(pb.PERMISSION_DENIED, str(error))
+                return
         self.registered_paths[name] = path
 
         def done(result: pb.CommandResult) -> None:
@@ -256,6 +312,7 @@ class SchedulerService:
                 self.registered_paths.pop(name, None)
                 fail(result.error.code, result.error.message)
                 return
+            self._save_registry()
             adapter = self.core.register(result.adapter, path)
             reply(pb.AdminResponse(load_adapter=serving_pb2.LoadAdapterResponse(adapter=adapter.info())))
 
@@ -268,6 +325,7 @@ class SchedulerService:
 
         def done() -> None:
             self.registered_paths.pop(name, None)
+            self._save_registry()
             reply(pb.AdminResponse(unload_adapter=serving_pb2.UnloadAdapterResponse()))
 
         self.core.begin_unload(name, done)
@@ -296,3 +354,37 @@ class SchedulerService:
 
     def _send_frontend(self, client: bytes, message: pb.SchedulerMessage) -> None:
         self.frontends.send_multipart([client, message.SerializeToString()])
+
+    def _save_registry(self) -> None:
+        """Atomically records the adapters to re-register should this scheduler be restarted."""
+        path = self.config.scheduler.registry_file
+        if path is None:
+            return
+        temporary = f"{path}.tmp"
+        Path(temporary).write_text(json.dumps(self.registered_paths))
+        os.replace(temporary, path)
+
+
+def _read_registry(path: str | None) -> dict[str, str] | None:
+    """The saved name -> path table; None if there is none (a first start) or it cannot be read."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        entries = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        log.error("ignoring the adapter registry %s: %s", path, error)
+        return None
+    if not isinstance(entries, dict):
+        return None
+    return {str(name): str(adapter_path) for name, adapter_path in entries.items()}
+
+
+def _parse(frames: list[bytes], kind: type[Message]) -> Message | None:
+    """[identity, payload] with a payload of `kind` that names what it carries, else None."""
+    if len(frames) != 2:
+        return None
+    try:
+        message = kind.FromString(frames[1])
+    except DecodeError:
+        return None
+    return message if message.WhichOneof("kind") is not None else None

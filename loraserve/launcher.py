@@ -171,7 +171,8 @@ class Launcher:
 
     def restart_the_dead(self) -> None:
         """Restarts each process that has exited (the scheduler with the worker); see the module's doc."""
-        for name, process in list(self.processes.items()):
+        for name in list(self.processes):
+            process = self.processes[name]  # after a scheduler restart, the worker is a new one too
             if process.poll() is None or self.stopping:
                 continue
             self._count_restart(name, process.returncode)

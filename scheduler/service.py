@@ -183,16 +183,15 @@ class SchedulerService:
 
     def _forget_worker(self, reason: str) -> None:
         """Everything in flight on the old worker fails; pending unloads are done (the next worker never has them)."""
-        core, callbacks = self.core, list(self.callbacks.values())
-        self.core, self.worker_identity, self.callbacks = None, None, {}
-        core.fail_all(pb.UNAVAILABLE, reason)
-        for client, message in core.take_outputs():
-            self._send_frontend(client, message)
+        callbacks, self.callbacks = list(self.callbacks.values()), {}
+        self.core.fail_all(pb.UNAVAILABLE, reason)
         for callback in callbacks:
             callback(pb.CommandResult(error=pb.Error(code=pb.UNAVAILABLE, message=reason)))
-        for unload in core.unloads.values():
+        for unload in self.core.unloads.values():
             for on_done in unload.on_done:
                 on_done()
+        self._flush_outputs()
+        self.core, self.worker_identity = None, None
 
     def _on_hello(self, identity: bytes, hello: pb.WorkerHello) -> None:
         if self.core is not None:
@@ -209,6 +208,8 @@ class SchedulerService:
 
         def done(result: pb.CommandResult) -> None:
             self.registrations_pending -= 1
+            if result.HasField("error") and result.error.code == pb.UNAVAILABLE:
+                return  # the worker was lost; its successor's hello registers the adapter again
             if result.HasField("error"):
                 log.error("adapter %s at %s cannot be served: %s", name, path, result.error.message)
                 self.registered_paths.pop(name, None)

@@ -18,6 +18,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNAVAILABLE: _ClassVar[ErrorCode]
     FAILED_PRECONDITION: _ClassVar[ErrorCode]
     INTERNAL: _ClassVar[ErrorCode]
+    PERMISSION_DENIED: _ClassVar[ErrorCode]
 ERROR_CODE_UNSPECIFIED: ErrorCode
 INVALID_ARGUMENT: ErrorCode
 NOT_FOUND: ErrorCode
@@ -26,6 +27,7 @@ RESOURCE_EXHAUSTED: ErrorCode
 UNAVAILABLE: ErrorCode
 FAILED_PRECONDITION: ErrorCode
 INTERNAL: ErrorCode
+PERMISSION_DENIED: ErrorCode
 
 class Error(_message.Message):
     __slots__ = ("code", "message")

@@ -208,12 +208,14 @@ class SchedulerCore:
         """Starts staging and loading `adapter` if a slot can be had; True once it has a slot."""
         if adapter.state is AdapterState.LOADING:
             return True
+        # Host room before a slot: evicting a slot for an adapter that cannot be staged would
+        # free it for a moment only, and the next step would evict the adapter reloaded into it.
+        if adapter.state is AdapterState.ON_DISK and not self._make_host_room(adapter):
+            return False
         slot = self._claim_slot()
         if slot is None:
             return False
         if adapter.state is AdapterState.ON_DISK:
-            if not self._make_host_room(adapter):
-                return False
             adapter.state = AdapterState.STAGING
             self.commands.append(pb.WorkerCommand(stage_adapter=pb.StageAdapter(name=adapter.name)))
         self.adapters.assign_slot(adapter, slot)

@@ -317,6 +317,9 @@ class SchedulerService:
             adapter = self.core.register(result.adapter, path)
             reply(pb.AdminResponse(load_adapter=serving_pb2.LoadAdapterResponse(adapter=adapter.info())))
 
+        # Commands the core has queued go first: an unload of the same name just answered has
+        # its UnregisterAdapter waiting there, and the worker must see it before this register.
+        self._flush_commands()
         self._send_command(pb.WorkerCommand(register_adapter=pb.RegisterAdapter(name=name, path=path)), done)
 
     def _unload_adapter(self, name: str, reply, fail) -> None:

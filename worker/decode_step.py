@@ -26,7 +26,7 @@ import torch
 from worker.batch import NO_ADAPTER, SequenceInput
 from worker.kernels.decode_attention import decode_attention, decode_attention_reference
 from worker.kernels.lora_blocks import BLOCK_COLUMNS, lora_blocks, max_blocks
-from worker.kernels.multi_lora import add_lora_delta, add_lora_delta_reference
+from worker.kernels.multi_lora import add_lora_delta, add_lora_delta_reference, shrink_partials_shape
 from worker.kv_cache import PagedKVCache
 from worker.lora.slots import LoraSlots
 from worker.model.llama import LlamaModel
@@ -49,8 +49,7 @@ def decode_shape(num_sequences: int, pages_needed: int) -> DecodeShape:
 class StaticInputs:
     """The device buffers of one shape (views of one int64 block) and their pinned host twin."""
 
-    def __init__(self, shape: DecodeShape, num_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(self, shape: DecodeShape, num_slots: int, lora_partials: torch.Tensor, device: torch.device) -> None:
         self.shape = shape
         b, w = shape.batch, shape.pages
         self.num_block_rows = max_blocks(b, num_slots)
@@ -64,7 +63,7 @@ class StaticInputs:
             self._host_views[name] = self.host.numpy()[offset:offset + size]
             self._device_views[name] = self.device_block[offset:offset + size]
             offset += size
-        self.shrunk = torch.zeros(b, max_rank, dtype=dtype, device=device)
+        self.lora_partials = lora_partials[:, :b]
         self._copied = torch.cuda.Event() if on_gpu else None
 
     def device(self, name: str) -> torch.Tensor:
@@ -119,6 +118,10 @@ class DecodeRunner:
         self._inputs: dict[DecodeShape, StaticInputs] = {}
         self._graphs: dict[DecodeShape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
+        # The multi-LoRA kernels' scratch, shared by every shape (graphs never run concurrently).
+        max_in = max((a.shape[-1] for a in slots.a.values()), default=1)
+        self._lora_partials = torch.zeros(shrink_partials_shape(self.max_batch, max_in, slots.max_rank),
+                                          device=self.device)
 
     def supports(self, sequences: Sequence[SequenceInput]) -> bool:
         return len(sequences) <= self.max_batch and all(len(seq.token_ids) == 1 for seq in sequences)
@@ -141,7 +144,7 @@ class DecodeRunner:
         return hidden[:len(sequences)]
 
     def _new_inputs(self, shape: DecodeShape) -> StaticInputs:
-        inputs = StaticInputs(shape, self.slots.num_slots, self.slots.max_rank, self.model.dtype, self.device)
+        inputs = StaticInputs(shape, self.slots.num_slots, self._lora_partials, self.device)
         self._inputs[shape] = inputs
         return inputs
 
@@ -189,6 +192,6 @@ class _StaticLora:
             return
         a, b_t = self.slots.a[module][layer], self.slots.b_t[module][layer]
         if self.use_triton:
-            add_lora_delta(out, x, a, b_t, self.inputs.device("blocks"), self.inputs.shrunk)
+            add_lora_delta(out, x, a, b_t, self.inputs.device("blocks"), self.inputs.lora_partials)
         else:
             add_lora_delta_reference(out, x, a, b_t, self.inputs.device("token_slots"), self.slots.max_rank)

@@ -14,7 +14,7 @@ from tests.driver import Driver, Request, make_engine, make_resident
 from tests.worker.test_multi_lora import mixes, per_token_reference
 from worker.kernels.decode_attention import decode_attention, decode_attention_reference
 from worker.kernels.lora_blocks import lora_blocks
-from worker.kernels.multi_lora import add_lora_delta, add_lora_delta_reference
+from worker.kernels.multi_lora import add_lora_delta, add_lora_delta_reference, shrink_partials_shape
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,8 +36,8 @@ def lora_engine(model_dirs, mixed_adapter_dirs):
 def triton_delta(x, a, b_t, token_slots, slot_ranks, out_features):
     out = torch.zeros(x.shape[0], out_features, dtype=x.dtype, device=x.device)
     blocks = torch.from_numpy(lora_blocks(token_slots, slot_ranks)).cuda()
-    shrunk = torch.zeros(x.shape[0], a.shape[1], dtype=x.dtype, device=x.device)
-    add_lora_delta(out, x, a, b_t, blocks, shrunk)
+    partials = torch.full(shrink_partials_shape(x.shape[0], x.shape[1], a.shape[1]), float("nan"), device=x.device)
+    add_lora_delta(out, x, a, b_t, blocks, partials)  # reads only what it wrote (NaN elsewhere)
     return out
 
 

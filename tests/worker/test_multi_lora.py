@@ -86,7 +86,7 @@ def test_per_token_reference_product_matches_loop(engine, mix, module):
 
 def test_block_table_cuts_each_adapter_run_and_skips_base_tokens():
     token_slots = [NO_ADAPTER] * 3 + [0] * 20 + [2] * 5
-    table = lora_blocks(token_slots, slot_ranks=[8, 0, 16], num_rows=max_blocks(32, num_slots=3), block_m=16)
+    table = lora_blocks(token_slots, slot_ranks=[8, 0, 16], num_rows=max_blocks(32, 3, block_m=16), block_m=16)
     rows = [tuple(row) for row in table.tolist() if row[1] < row[2]]
     assert rows == [(0, 3, 19, 8), (0, 19, 23, 8), (2, 23, 28, 16)]
     assert table.shape == (max_blocks(32, 3, block_m=16), 4)

@@ -17,7 +17,7 @@ import numpy as np
 
 from worker.batch import NO_ADAPTER
 
-BLOCK_M = 16
+BLOCK_M = 32
 
 
 def max_blocks(max_tokens: int, num_slots: int, block_m: int = BLOCK_M) -> int:

@@ -130,14 +130,16 @@ class LlamaModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.weights.lm_head).float()
 
-    def _layer(self, index, layer: LayerWeights, hidden, kv_write_index, kv_cache, lora, cos, sin, attend) -> torch.Tensor:
+    def _layer(self, index, layer: LayerWeights, hidden, kv_write_index, kv_cache, lora, cos, sin,
+               attend) -> torch.Tensor:
         eps = self.config.rms_norm_eps
         x = rms_norm(hidden, layer.input_norm, eps)
         hidden = hidden + self._attention(index, layer, x, kv_write_index, kv_cache, lora, cos, sin, attend)
         x = rms_norm(hidden, layer.post_norm, eps)
         return hidden + self._mlp(index, layer, x, lora)
 
-    def _attention(self, index, layer: LayerWeights, x, kv_write_index, kv_cache, lora, cos, sin, attend) -> torch.Tensor:
+    def _attention(self, index, layer: LayerWeights, x, kv_write_index, kv_cache, lora, cos, sin,
+                   attend) -> torch.Tensor:
         c = self.config
         qkv = F.linear(x, layer.qkv, layer.qkv_bias)
         q_end, k_end = c.q_size, c.q_size + c.kv_size

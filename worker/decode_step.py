@@ -49,7 +49,8 @@ def decode_shape(num_sequences: int, pages_needed: int) -> DecodeShape:
 class StaticInputs:
     """The device buffers of one shape (views of one int64 block) and their pinned host twin."""
 
-    def __init__(self, shape: DecodeShape, num_slots: int, lora_partials: torch.Tensor, device: torch.device) -> None:
+    def __init__(self, shape: DecodeShape, num_slots: int, lora_scratch: tuple[torch.Tensor, torch.Tensor],
+                 device: torch.device) -> None:
         self.shape = shape
         b, w = shape.batch, shape.pages
         self.num_block_rows = max_blocks(b, num_slots)
@@ -63,7 +64,7 @@ class StaticInputs:
             self._host_views[name] = self.host.numpy()[offset:offset + size]
             self._device_views[name] = self.device_block[offset:offset + size]
             offset += size
-        self.lora_partials = lora_partials[:, :b]
+        self.lora_partials, self.lora_shrunk = lora_scratch[0][:, :b], lora_scratch[1][:b]
         self._copied = torch.cuda.Event() if on_gpu else None
 
     def device(self, name: str) -> torch.Tensor:
@@ -120,8 +121,10 @@ class DecodeRunner:
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
         # The multi-LoRA kernels' scratch, shared by every shape (graphs never run concurrently).
         max_in = max((a.shape[-1] for a in slots.a.values()), default=1)
-        self._lora_partials = torch.zeros(shrink_partials_shape(self.max_batch, max_in, slots.max_rank),
-                                          device=self.device)
+        self._lora_scratch = (
+            torch.zeros(shrink_partials_shape(self.max_batch, max_in, slots.max_rank), device=self.device),
+            torch.zeros(self.max_batch, slots.max_rank, dtype=model.dtype, device=self.device),
+        )
 
     def supports(self, sequences: Sequence[SequenceInput]) -> bool:
         return len(sequences) <= self.max_batch and all(len(seq.token_ids) == 1 for seq in sequences)
@@ -144,7 +147,7 @@ class DecodeRunner:
         return hidden[:len(sequences)]
 
     def _new_inputs(self, shape: DecodeShape) -> StaticInputs:
-        inputs = StaticInputs(shape, self.slots.num_slots, self._lora_partials, self.device)
+        inputs = StaticInputs(shape, self.slots.num_slots, self._lora_scratch, self.device)
         self._inputs[shape] = inputs
         return inputs
 
@@ -192,6 +195,7 @@ class _StaticLora:
             return
         a, b_t = self.slots.a[module][layer], self.slots.b_t[module][layer]
         if self.use_triton:
-            add_lora_delta(out, x, a, b_t, self.inputs.device("blocks"), self.inputs.lora_partials)
+            add_lora_delta(out, x, a, b_t, self.inputs.device("blocks"), self.inputs.lora_partials,
+                           self.inputs.lora_shrunk)
         else:
             add_lora_delta_reference(out, x, a, b_t, self.inputs.device("token_slots"), self.slots.max_rank)

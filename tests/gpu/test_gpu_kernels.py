@@ -36,8 +36,10 @@ def lora_engine(model_dirs, mixed_adapter_dirs):
 def triton_delta(x, a, b_t, token_slots, slot_ranks, out_features):
     out = torch.zeros(x.shape[0], out_features, dtype=x.dtype, device=x.device)
     blocks = torch.from_numpy(lora_blocks(token_slots, slot_ranks)).cuda()
+    # The kernels read only what they wrote: NaN elsewhere in the scratch would show.
     partials = torch.full(shrink_partials_shape(x.shape[0], x.shape[1], a.shape[1]), float("nan"), device=x.device)
-    add_lora_delta(out, x, a, b_t, blocks, partials)  # reads only what it wrote (NaN elsewhere)
+    shrunk = torch.full((x.shape[0], a.shape[1]), float("nan"), dtype=x.dtype, device=x.device)
+    add_lora_delta(out, x, a, b_t, blocks, partials, shrunk)
     return out
 
 

@@ -52,8 +52,28 @@ def _shrink_kernel(x_ptr, a_ptr, partial_ptr, blocks_ptr, in_features,
 
 
 @triton.jit
-def _expand_kernel(partial_ptr, b_ptr, out_ptr, blocks_ptr, out_features, splits,
-                   stride_ps, stride_pt, stride_bs, stride_br, stride_ot,
+def _sum_splits_kernel(partial_ptr, shrunk_ptr, blocks_ptr, splits, stride_ps, stride_pt, stride_st,
+                       BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    row = blocks_ptr + tl.program_id(0) * 4
+    start = tl.load(row + 1)
+    end = tl.load(row + 2)
+    rank = tl.load(row + 3)
+    if (start < end) & (tl.program_id(1) * BLOCK_R < rank):
+        rows = start + tl.arange(0, BLOCK_M)
+        ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = (rows < end)[:, None] & (ranks < rank)[None, :]
+        offsets = rows[:, None] * stride_pt + ranks[None, :]
+        total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for split in range(0, splits):
+            total += tl.load(partial_ptr + split * stride_ps + offsets, mask=mask, other=0.0)
+        # Rounded to the weights' dtype like the unfused product (x @ A.T is a tensor of that dtype).
+        tl.store(shrunk_ptr + rows[:, None] * stride_st + ranks[None, :], total.to(shrunk_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def _expand_kernel(shrunk_ptr, b_ptr, out_ptr, blocks_ptr, out_features,
+                   stride_st, stride_bs, stride_br, stride_ot,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     row = blocks_ptr + tl.program_id(0) * 4
     slot = tl.load(row)
@@ -70,15 +90,11 @@ def _expand_kernel(partial_ptr, b_ptr, out_ptr, blocks_ptr, out_features, splits
         for r0 in range(0, rank, BLOCK_R):
             ranks = r0 + tl.arange(0, BLOCK_R)
             rank_ok = ranks < rank
-            s_mask = row_ok[:, None] & rank_ok[None, :]
-            s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for split in range(0, splits):
-                s += tl.load(partial_ptr + split * stride_ps + rows[:, None] * stride_pt + ranks[None, :],
-                             mask=s_mask, other=0.0)
+            s = tl.load(shrunk_ptr + rows[:, None] * stride_st + ranks[None, :],
+                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
             b = tl.load(b_base + ranks[:, None] * stride_br + cols[None, :],
                         mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-            # Rounded to the weights' dtype like the unfused product (x @ A.T is a tensor of that dtype).
-            acc += _dot(s.to(b.dtype), b, IEEE)
+            acc += _dot(s, b, IEEE)
         out_tile = out_ptr + rows[:, None] * stride_ot + cols[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
         previous = tl.load(out_tile, mask=mask, other=0.0)
@@ -100,12 +116,20 @@ def shrink(x: torch.Tensor, a: torch.Tensor, blocks: torch.Tensor, partials: tor
                          IEEE=x.dtype == torch.float32)
 
 
-def expand(partials: torch.Tensor, splits: int, b_t: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
-    _check_unit_stride(out, b_t, partials)
+def sum_splits(partials: torch.Tensor, splits: int, blocks: torch.Tensor, shrunk: torch.Tensor) -> None:
+    _check_unit_stride(partials, shrunk)
+    block_r = _rank_tile(shrunk.shape[1])
+    grid = (blocks.shape[0], triton.cdiv(shrunk.shape[1], block_r))
+    _sum_splits_kernel[grid](partials, shrunk, blocks, splits, partials.stride(0), partials.stride(1),
+                             shrunk.stride(0), BLOCK_M=BLOCK_M, BLOCK_R=block_r)
+
+
+def expand(shrunk: torch.Tensor, b_t: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
+    _check_unit_stride(out, b_t, shrunk)
     block_n = 128
     grid = (blocks.shape[0], triton.cdiv(out.shape[1], block_n))
-    _expand_kernel[grid](partials, b_t, out, blocks, out.shape[1], splits,
-                         partials.stride(0), partials.stride(1), b_t.stride(0), b_t.stride(1), out.stride(0),
+    _expand_kernel[grid](shrunk, b_t, out, blocks, out.shape[1],
+                         shrunk.stride(0), b_t.stride(0), b_t.stride(1), out.stride(0),
                          BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=_rank_tile(b_t.shape[1]),
                          IEEE=out.dtype == torch.float32)
 

@@ -13,10 +13,11 @@ Two Triton kernels over the block table of `worker.kernels.lora_blocks` (rows
   `partial[split, start:end, r0:r1] = x[start:end, k0:k1] @ a[slot, r0:r1, k0:k1].T` (K splits of
   K_PER_SPLIT columns, so a decode batch of a few tokens still spreads over the GPU; x tile
   [BLOCK_M, BLOCK_K], A tile [BLOCK_R, BLOCK_K]; tiles at or past the block's rank exit);
+- sum: one program per (block, rank tile): `shrunk[start:end, r0:r1] = sum_split(partial)`,
+  rounded to the weights' dtype as in the unfused product (fixed order: deterministic);
 - expand: one program per (block, output tile):
-  `out[start:end, n0:n1] += sum_split(partial)[start:end, :rank] @ b_t[slot, :rank, n0:n1]`
-  (an R loop up to the block's rank; the shrunk rows are rounded to the weights' dtype as
-  in the unfused product; accumulated in float32, added to `out` once).
+  `out[start:end, n0:n1] += shrunk[start:end, :rank] @ b_t[slot, :rank, n0:n1]`
+  (an R loop up to the block's rank; accumulated in float32, added to `out` once).
 
 Each adapter's A and B are read once per block of its tokens, never per token, and slots
 no token uses are never read. Heterogeneous ranks are exact because slot rows of A past an
@@ -50,10 +51,10 @@ def shrink_partials_shape(max_tokens: int, max_in_features: int, max_rank: int) 
 
 
 def add_lora_delta(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor,
-                   blocks: torch.Tensor, partials: torch.Tensor) -> None:
-    """Triton version; `blocks` [rows, 4] int64 on the GPU; `partials` float32 scratch of
-    `shrink_partials_shape` (shrink writes one partial sum per K split, expand adds them up:
-    deterministic, no atomics, no zeroing).
+                   blocks: torch.Tensor, partials: torch.Tensor, shrunk: torch.Tensor) -> None:
+    """Triton version; `blocks` [rows, 4] int64 on the GPU; scratch: `partials` float32 of
+    `shrink_partials_shape` (one partial sum per K split: no atomics, no zeroing) and
+    `shrunk` [>= T, R] in the weights' dtype.
 
     Each block's rank comes from its row (a device tensor), so one captured graph serves any
     mix of ranks up to R = a.shape[1] and reads only the rows each adapter has.
@@ -61,7 +62,8 @@ def add_lora_delta(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: tor
     from worker.kernels import _multi_lora_triton as kernels
 
     kernels.shrink(x, a, blocks, partials)
-    kernels.expand(partials, kernels.num_splits(x.shape[1]), b_t, blocks, out)
+    kernels.sum_splits(partials, kernels.num_splits(x.shape[1]), blocks, shrunk)
+    kernels.expand(shrunk, b_t, blocks, out)
 
 
 __all__ = ["BLOCK_M", "add_lora_delta", "add_lora_delta_reference"]

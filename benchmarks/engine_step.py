@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -54,7 +55,8 @@ def main() -> None:
     copy_ms = timed(lambda: engine.load_adapter("big", 0, blocking=True) or engine.poll(), 3)
     results = {"gpu": torch.cuda.get_device_name(), "adapter_bytes": info.nbytes,
                "blocking_load_ms": copy_ms, "decode_path": "eager" if args.eager else "cuda graphs",
-               "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()}
+               "commit": os.environ.get("LORASERVE_COMMIT") or subprocess.run(
+                   ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()}
     for name in (f"big{i}" for i in range(1, 8)):  # eight slots, as the seed's server
         engine.register_adapter(name, adapter)
         engine.stage_adapter(name)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -181,7 +182,8 @@ def main() -> None:
         print(table, flush=True)
     summary = {
         "command": "python benchmarks/seed_workload.py --out-dir OUT --sets " + " ".join(args.sets),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": os.environ.get("LORASERVE_COMMIT") or subprocess.run(
+                   ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "gpu": torch.cuda.get_device_name(), "bandwidth": bandwidth, "large_adapter_bytes": assets["large_bytes"],
         "targets": targets(results, bandwidth, assets["large_bytes"]),
         "summaries": {label: r["summary"] for label, r in results.items()},

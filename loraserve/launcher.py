@@ -43,6 +43,7 @@ class ServeConfig:
     page_size: int = 16
     num_kv_pages: int = 2048
     host_cache_bytes: int = 4 << 30
+    cuda_graphs: bool = True
     max_batch_tokens: int = 2048
     max_running_requests: int = 256
     max_queued_requests: int = 1024
@@ -66,6 +67,8 @@ def process_commands(config: ServeConfig, addresses: Addresses) -> dict[str, lis
               "--max-loras-per-batch", str(config.max_loras_per_batch),
               "--max-loaded-loras", str(config.max_loaded_loras), "--max-lora-rank", str(config.max_lora_rank),
               "--host-cache-bytes", str(config.host_cache_bytes), "--log-level", config.log_level]
+    if not config.cuda_graphs:
+        worker.append("--disable-cuda-graphs")
     for name, seconds in config.slow_loads.items():
         worker += ["--slow-load", f"{name}={seconds}"]
     scheduler = [*python, "scheduler", "--frontend-address", addresses.frontend,

@@ -117,6 +117,8 @@ class SchedulerCore:
             adapter = self.adapters.adapters.get(name)
             if adapter is not None and adapter.state is AdapterState.STAGING:
                 adapter.state = AdapterState.HOST
+            elif adapter is not None and adapter.state is AdapterState.LOADING:
+                adapter.copy_started = True  # the worker starts a deferred load before it reports staging
         for loaded in events.loaded:
             adapter = self.adapters.adapters.get(loaded.name)
             if adapter is not None and adapter.slot == loaded.slot and adapter.state is AdapterState.LOADING:
@@ -202,7 +204,12 @@ class SchedulerCore:
         adapter = self.adapters[request.adapter]
         if adapter.state is AdapterState.RESIDENT:
             return adapter.slot != self.draining_slot
-        return self._ensure_loading(adapter) and not self.config.overlap_loading
+        if not self._ensure_loading(adapter):
+            return False
+        # Blocking mode: the copy is done before the next forward. Overlap mode, idle server: the
+        # request starts while the copy runs, its forward waiting per layer on the copy (worker);
+        # with other requests running it waits instead, so their decoding never waits on a copy.
+        return not self.config.overlap_loading or (adapter.copy_started and not self.running)
 
     def _ensure_loading(self, adapter: Adapter) -> bool:
         """Starts staging and loading `adapter` if a slot can be had; True once it has a slot."""
@@ -273,7 +280,9 @@ class SchedulerCore:
             adapter.references += 1
             adapter.last_used = now
             request.slot = adapter.slot
-            request.adapter_ready_at = max(request.arrival, adapter.loaded_at or request.arrival)
+            # A pipelined start (copy still running) waited for the adapter until now.
+            ready_at = now if adapter.state is AdapterState.LOADING else (adapter.loaded_at or request.arrival)
+            request.adapter_ready_at = max(request.arrival, ready_at)
         else:
             request.adapter_ready_at = request.arrival
         self.running.append(request)

@@ -32,7 +32,7 @@ from worker.lora.slots import LoraSlots
 from worker.model.llama import LlamaModel
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
-MIN_PAGE_BUCKET = 8
+MIN_PAGE_BUCKET = 64  # 1024 tokens at page size 16; widths grow 4x, so few shapes are ever captured
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,10 @@ class DecodeShape:
 
 def decode_shape(num_sequences: int, pages_needed: int) -> DecodeShape:
     batch = BATCH_BUCKETS[bisect.bisect_left(BATCH_BUCKETS, num_sequences)]
-    return DecodeShape(batch, max(MIN_PAGE_BUCKET, 1 << (pages_needed - 1).bit_length()))
+    pages = MIN_PAGE_BUCKET
+    while pages < pages_needed:
+        pages *= 4
+    return DecodeShape(batch, pages)
 
 
 class StaticInputs:
@@ -132,6 +135,14 @@ class DecodeRunner:
     @property
     def graphs_captured(self) -> int:
         return len(self._graphs)
+
+    def capture_all(self) -> None:
+        """Captures every batch bucket at the first width now, not in the middle of serving."""
+        if self.use_cuda_graphs:
+            for batch in BATCH_BUCKETS:
+                shape = DecodeShape(batch, MIN_PAGE_BUCKET)
+                if batch <= self.max_batch and shape not in self._graphs:
+                    self._capture(self._inputs.get(shape) or self._new_inputs(shape))
 
     def run(self, sequences: Sequence[SequenceInput]) -> torch.Tensor:
         """Final-normed hidden states [len(sequences), hidden]; sequences sorted by adapter slot."""

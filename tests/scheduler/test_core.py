@@ -84,6 +84,24 @@ def test_overlap_on_runs_ready_requests_while_a_load_lands():
     assert [(load.name, load.blocking) for load in loads] == [("a", False)]
 
 
+def test_overlap_on_idle_server_starts_a_request_while_its_adapter_copy_runs():
+    """Pipelined loading: once the copy runs (staged), an idle server starts the request; the
+    worker's forward waits per layer on the copy."""
+    worker = make(overlap=True)
+    worker.load_steps["a"] = 4
+    submit(worker, "cold", "a", max_new_tokens=3)
+    worker.step()  # staging from disk: the copy cannot start yet
+    assert not worker.batches
+    worker.step()  # staged, copy running: the request starts
+    assert tokens_of(worker, "cold") and "a" in worker.loading
+    submit(worker, "second", "a", max_new_tokens=1)
+    worker.step()
+    assert "second" not in {s.request_id for s in worker.batches[-1].sequences}, "others wait for the copy"
+    worker.run_until_idle()
+    assert finished(worker)["second"].finish_reason == "length"
+    assert_idle(worker)
+
+
 def test_overlap_off_issues_blocking_loads_before_the_forward():
     worker = make(overlap=False)
     worker.load_steps["a"] = 4  # ignored: blocking loads finish before the forward

@@ -102,6 +102,8 @@ def test_batches_with_a_landing_adapter_or_a_prefill_take_the_eager_path(model_d
 
 def test_shapes_round_up_to_buckets():
     assert decode_shape(1, 1) == decode_shape(1, MIN_PAGE_BUCKET)
-    assert decode_shape(5, 9).batch == 8 and decode_shape(5, 9).pages == 16
+    assert decode_shape(5, 9) == decode_shape(5, MIN_PAGE_BUCKET)
+    assert decode_shape(5, MIN_PAGE_BUCKET + 1).pages == 4 * MIN_PAGE_BUCKET
+    assert decode_shape(5, 9).batch == 8
     assert decode_shape(BATCH_BUCKETS[-1], 64).batch == BATCH_BUCKETS[-1]
     assert all(decode_shape(n, 1).batch >= n for n in range(1, BATCH_BUCKETS[-1] + 1))

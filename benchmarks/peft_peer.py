@@ -139,7 +139,8 @@ def main() -> None:
     ours = loraserve_throughput(root / "model", adapter, args.prompt_len, args.new_tokens, args.per_adapter,
                                 device)
     print("loraserve", ours, flush=True)
-    result = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)", "commit": os.environ.get("LORASERVE_COMMIT", "unknown"),
+    result = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
+              "commit": os.environ.get("LORASERVE_COMMIT", "unknown"),
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "adapter": "rank 256, all modules, bf16",
               "peft": peft, "loraserve": ours, "ratio": ours["tokens_per_s"] / peft["tokens_per_s"]}
     print(json.dumps({"ratio": result["ratio"]}))

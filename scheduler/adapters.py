@@ -114,13 +114,6 @@ class AdapterTable:
         victim = min(idle, key=lambda a: (a.waiting > 0, a.last_used), default=None)
         return None if victim is None else victim.slot
 
-    def busiest_slot_to_drain(self) -> int | None:
-        """When no slot is idle: the resident slot that will free soonest (fewest references)."""
-        resident = [self.adapters[o] for o in self.slot_owner
-                    if o is not None and self.adapters[o].state is AdapterState.RESIDENT]
-        victim = min(resident, key=lambda a: (a.references, a.last_used), default=None)
-        return None if victim is None else victim.slot
-
     def assign_slot(self, adapter: Adapter, slot: int) -> None:
         self.slot_owner[slot] = adapter.name
         adapter.slot = slot

@@ -65,7 +65,10 @@ class SchedulerCore:
         self.outputs: list[tuple[bytes, pb.SchedulerMessage]] = []
         self.unloads: dict[str, PendingUnload] = {}
         self.counters = Counters()
-        self.draining_slot: int | None = None
+        # Slots that admit no new request until their running ones finish and the slot goes to
+        # an adapter that waits for one. Sticky: a drain is never abandoned halfway.
+        self.draining: dict[int, str] = {}  # slot -> the adapter it is draining
+        self._wanting_slot: set[str] = set()  # adapters refused a slot in this admission pass
         self.forward_in_flight: list[Request] | None = None
         self.request_trace: deque[dict] = deque(maxlen=TRACE_CAPACITY)
 
@@ -188,7 +191,10 @@ class SchedulerCore:
 
     def _admit(self) -> None:
         now = time.monotonic()
-        self.draining_slot = None  # re-chosen below if a waiting request still lacks a slot
+        # A drain ends when its slot changed hands, or when no adapter waited for a slot last pass.
+        self.draining = {slot: name for slot, name in self.draining.items()
+                         if self._wanting_slot and self.adapters.slot_owner[slot] == name}
+        self._wanting_slot = set()
         for request in list(self.waiting):
             if len(self.running) >= self.config.max_running_requests:
                 return
@@ -203,7 +209,7 @@ class SchedulerCore:
             return True
         adapter = self.adapters[request.adapter]
         if adapter.state is AdapterState.RESIDENT:
-            return adapter.slot != self.draining_slot
+            return adapter.slot not in self.draining
         if not self._ensure_loading(adapter):
             return False
         # Blocking mode: the copy is done before the next forward. Overlap mode, idle server: the
@@ -215,7 +221,7 @@ class SchedulerCore:
         """Starts staging and loading `adapter` if a slot can be had; True once it has a slot."""
         if adapter.state is AdapterState.LOADING:
             return True
-        slot = self._claim_slot()
+        slot = self._claim_slot(adapter)
         if slot is None:
             return False
         if adapter.state is AdapterState.ON_DISK:
@@ -233,21 +239,43 @@ class SchedulerCore:
             self.counters.loads_finished += 1
         return True
 
-    def _claim_slot(self) -> int | None:
+    def _claim_slot(self, adapter: Adapter) -> int | None:
         slot = self.adapters.free_slot()
         if slot is not None:
             return slot
         slot = self.adapters.slot_victim()
         if slot is None:
-            # Every slot is referenced: stop admitting to the one that frees soonest, so a
-            # waiting request cannot starve behind a stream of requests for resident adapters.
-            if self.draining_slot is None:
-                self.draining_slot = self.adapters.busiest_slot_to_drain()
+            self._wanting_slot.add(adapter.name)
+            self._drain_for_waiting_adapters()
             return None
         victim = self.adapters[self.adapters.slot_owner[slot]]
         self.adapters.release_slot(victim)
         self.commands.append(pb.WorkerCommand(evict_slot=pb.EvictSlot(slot=slot)))
         return slot
+
+    def _drain_for_waiting_adapters(self) -> None:
+        """Every slot is referenced: stop admitting to the slots that free soonest, one per
+        adapter waiting for a slot (at most `max_draining_slots`), so waiting requests cannot
+        starve behind a stream of requests for resident adapters."""
+        most = self.config.max_draining_slots or max(1, len(self.adapters.slot_owner) // 2)
+        limit = min(len(self._wanting_slot), most)
+        while len(self.draining) < limit:
+            slot = self._soonest_free_slot()
+            if slot is None:
+                return
+            self.draining[slot] = self.adapters.slot_owner[slot]
+
+    def _soonest_free_slot(self) -> int | None:
+        """The resident, not yet draining slot whose running requests have the fewest tokens left."""
+        tokens_left: dict[int, int] = {}
+        for request in self.running:
+            if request.slot >= 0:
+                left = request.sampling.max_new_tokens - len(request.generated)
+                tokens_left[request.slot] = max(tokens_left.get(request.slot, 0), left)
+        candidates = [slot for slot, owner in enumerate(self.adapters.slot_owner)
+                      if owner is not None and slot not in self.draining
+                      and self.adapters[owner].state is AdapterState.RESIDENT]
+        return min(candidates, key=lambda slot: tokens_left.get(slot, 0), default=None)
 
     def _make_host_room(self, adapter: Adapter) -> bool:
         while not self.adapters.host_has_room(adapter):

@@ -229,3 +229,31 @@ def test_host_cache_stays_within_its_entry_bound():
     assert len(finished(worker)) == 10
     assert all(a.state in (AdapterState.ON_DISK, AdapterState.HOST, AdapterState.RESIDENT)
                for a in worker.core.adapters.adapters.values())
+
+
+def test_a_drain_is_sticky_and_waiting_adapters_get_a_slot_each():
+    """4 slots busy, 2 adapters waiting: 2 slots drain (those with the fewest tokens left) and
+    keep draining while new requests for their adapters arrive, then go to the waiting ones."""
+    worker = FakeWorker(SchedulerCore(SchedulerConfig(prefetch=False),
+                                      hello(max_loras_per_batch=4, max_loaded_loras=8, num_kv_pages=512)))
+    for name in "abcdef":
+        worker.register(name)
+    for name, tokens in (("a", 6), ("b", 30), ("c", 30), ("d", 8)):
+        submit(worker, f"{name}0", name, max_new_tokens=tokens)
+    worker.step()
+    worker.step()
+    submit(worker, "e0", "e", max_new_tokens=2)
+    submit(worker, "f0", "f", max_new_tokens=2)
+    worker.step()
+    drained = set(worker.core.draining.values())
+    assert drained == {"a", "d"}, "the slots that free soonest drain, one per waiting adapter"
+    for i in range(1, 40):
+        for name in "abcd":
+            submit(worker, f"{name}{i}", name, max_new_tokens=30)
+        worker.step()
+        if {"e0", "f0"} <= finished(worker).keys():
+            break
+    done = finished(worker)
+    assert {"e0", "f0"} <= done.keys(), "waiting adapters starved"
+    assert "a1" not in done and "b1" in {r.request_id for r in worker.core.running} | done.keys(), \
+        "requests for a draining adapter wait; others are admitted"

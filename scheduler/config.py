@@ -12,5 +12,5 @@ class SchedulerConfig:
     max_queued_requests: int = 1024  # beyond it, RESOURCE_EXHAUSTED at once
     max_batch_tokens: int = 2048  # tokens per forward: decodes first, then prefill chunks
     initial_adapters: dict[str, str] = field(default_factory=dict)  # name -> path, registered at start
-    max_draining_slots: int = 0  # slots drained at once for waiting adapters; 0: half the slots
+    max_draining_slots: int = 1  # slots drained at once for adapters waiting for one (benchmarks/slot_policy_sim.py)
     prefetch: bool = True  # stage idle adapters into host memory and free slots ahead of demand

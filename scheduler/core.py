@@ -257,8 +257,7 @@ class SchedulerCore:
         """Every slot is referenced: stop admitting to the slots that free soonest, one per
         adapter waiting for a slot (at most `max_draining_slots`), so waiting requests cannot
         starve behind a stream of requests for resident adapters."""
-        most = self.config.max_draining_slots or max(1, len(self.adapters.slot_owner) // 2)
-        limit = min(len(self._wanting_slot), most)
+        limit = min(len(self._wanting_slot), self.config.max_draining_slots)
         while len(self.draining) < limit:
             slot = self._soonest_free_slot()
             if slot is None:

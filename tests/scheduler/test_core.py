@@ -234,7 +234,7 @@ def test_host_cache_stays_within_its_entry_bound():
 def test_a_drain_is_sticky_and_waiting_adapters_get_a_slot_each():
     """4 slots busy, 2 adapters waiting: 2 slots drain (those with the fewest tokens left) and
     keep draining while new requests for their adapters arrive, then go to the waiting ones."""
-    worker = FakeWorker(SchedulerCore(SchedulerConfig(prefetch=False),
+    worker = FakeWorker(SchedulerCore(SchedulerConfig(prefetch=False, max_draining_slots=2),
                                       hello(max_loras_per_batch=4, max_loaded_loras=8, num_kv_pages=512)))
     for name in "abcdef":
         worker.register(name)

@@ -31,6 +31,8 @@ def add_serve_parser(commands) -> None:
     overlap = parser.add_mutually_exclusive_group()
     overlap.add_argument("--enable-lora-overlap-loading", dest="overlap", action="store_true", default=True)
     overlap.add_argument("--disable-lora-overlap-loading", dest="overlap", action="store_false")
+    parser.add_argument("--pipelined-loads", action="store_true",
+                        help="idle server: start a request while its adapter's copy runs (per-layer waits)")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--num-kv-pages", type=int, default=2048)
     parser.add_argument("--host-cache-gb", type=float, default=4.0)
@@ -62,7 +64,7 @@ def run_serve(args: argparse.Namespace) -> int:
         num_kv_pages=args.num_kv_pages, host_cache_bytes=int(args.host_cache_gb * (1 << 30)),
         max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
         max_queued_requests=args.max_queued_requests, log_level=args.log_level,
-        cuda_graphs=not args.disable_cuda_graphs,
+        cuda_graphs=not args.disable_cuda_graphs, pipelined_loads=args.pipelined_loads,
     )
     return serve(config)
 

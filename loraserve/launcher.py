@@ -40,6 +40,7 @@ class ServeConfig:
     max_loaded_loras: int = 16
     max_lora_rank: int = 64
     overlap_loading: bool = True
+    pipelined_loads: bool = False
     page_size: int = 16
     num_kv_pages: int = 2048
     host_cache_bytes: int = 4 << 30
@@ -74,6 +75,7 @@ def process_commands(config: ServeConfig, addresses: Addresses) -> dict[str, lis
     scheduler = [*python, "scheduler", "--frontend-address", addresses.frontend,
                  "--worker-address", addresses.worker,
                  "--enable-lora-overlap-loading" if config.overlap_loading else "--disable-lora-overlap-loading",
+                 *(["--pipelined-loads"] if config.pipelined_loads else []),
                  "--max-batch-tokens", str(config.max_batch_tokens),
                  "--max-running-requests", str(config.max_running_requests),
                  "--max-queued-requests", str(config.max_queued_requests), "--log-level", config.log_level]

@@ -20,6 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--max-queued-requests", type=int, default=1024)
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--pipelined-loads", action="store_true",
+                        help="idle server: start a request while its adapter's copy runs (per-layer waits)")
     parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                         help="stage and load adapters only on demand")
     parser.add_argument("--log-level", default="info")
@@ -31,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     die_with_parent()
     configure_logging(args.log_level, "scheduler")
     config = SchedulerConfig(
-        overlap_loading=args.overlap, max_running_requests=args.max_running_requests,
+        overlap_loading=args.overlap, pipelined_loads=args.pipelined_loads,
+        max_running_requests=args.max_running_requests,
         max_queued_requests=args.max_queued_requests, max_batch_tokens=args.max_batch_tokens,
         initial_adapters=name_value_pairs(args.lora_paths, "--lora-paths"), prefetch=args.prefetch,
     )

@@ -212,10 +212,12 @@ class SchedulerCore:
             return adapter.slot not in self.draining
         if not self._ensure_loading(adapter):
             return False
-        # Blocking mode: the copy is done before the next forward. Overlap mode, idle server: the
-        # request starts while the copy runs, its forward waiting per layer on the copy (worker);
-        # with other requests running it waits instead, so their decoding never waits on a copy.
-        return not self.config.overlap_loading or (adapter.copy_started and not self.running)
+        # Blocking mode: the copy is done before the next forward. Pipelined loads on an idle
+        # server: the request starts while the copy runs, its forward waiting per layer on the
+        # copy (worker); with other requests running it waits, so their decoding never does.
+        if not self.config.overlap_loading:
+            return True
+        return self.config.pipelined_loads and adapter.copy_started and not self.running
 
     def _ensure_loading(self, adapter: Adapter) -> bool:
         """Starts staging and loading `adapter` if a slot can be had; True once it has a slot."""

@@ -87,7 +87,7 @@ def test_overlap_on_runs_ready_requests_while_a_load_lands():
 def test_overlap_on_idle_server_starts_a_request_while_its_adapter_copy_runs():
     """Pipelined loading: once the copy runs (staged), an idle server starts the request; the
     worker's forward waits per layer on the copy."""
-    worker = make(overlap=True)
+    worker = make(overlap=True, pipelined_loads=True)
     worker.load_steps["a"] = 4
     submit(worker, "cold", "a", max_new_tokens=3)
     worker.step()  # staging from disk: the copy cannot start yet

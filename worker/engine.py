@@ -47,6 +47,9 @@ class EngineConfig:
     static_decode: bool = True  # decode-only batches run on fixed-size buffers (worker.decode_step)
     cuda_graphs: bool = True  # ... captured and replayed as CUDA graphs on a GPU
     max_decode_batch: int = 256  # larger decode batches take the eager path
+    # Batches with prefill chunks on static buffers too (ragged attention, token buckets); off
+    # until its Triton kernel and graphs are validated on a GPU (CPU tests cover the logic).
+    static_mixed: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class Engine:
         self.timeline = Timeline(self.device)
         self.decode_runner = DecodeRunner(
             self.model, self.kv_cache, self.slots, page_size=config.page_size,
-            max_batch=config.max_decode_batch, use_cuda_graphs=config.cuda_graphs,
+            max_batch=config.max_decode_batch, use_cuda_graphs=config.cuda_graphs, mixed=config.static_mixed,
         ) if config.static_decode else None
         self.adapters: dict[str, AdapterManifest] = {}
         self.pending: dict[int, LoadJob] = {}  # slot -> load in flight

@@ -12,8 +12,13 @@ import torch
 
 from tests.driver import Driver, Request, make_engine, make_resident
 from tests.worker.test_multi_lora import mixes, per_token_reference
-from worker.kernels.decode_attention import decode_attention, decode_attention_reference
-from worker.kernels.lora_blocks import lora_blocks
+from worker.kernels.decode_attention import (
+    decode_attention,
+    decode_attention_reference,
+    ragged_attention,
+    ragged_attention_reference,
+)
+from worker.kernels.lora_blocks import attention_blocks, lora_blocks
 from worker.kernels.multi_lora import add_lora_delta, add_lora_delta_reference, shrink_partials_shape
 
 pytestmark = [
@@ -166,3 +171,49 @@ def test_cuda_graph_decode_bfloat16_first_steps_match_eager(model_dirs, mixed_ad
         rows = len(eager.prompt) + agree  # rows whose inputs (prompt + generated[:agree]) are identical
         torch.testing.assert_close(graphed.all_logits()[:rows].float(), eager.all_logits()[:rows].float(),
                                    atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (8, 2, 16)])
+@pytest.mark.parametrize("window", [0, 37])
+def test_triton_ragged_attention_matches_reference(dtype, heads, kv_heads, head_dim, window):
+    """Prefill chunks (fresh and continued) and decodes in one flat batch, padding tokens after."""
+    page_size, num_pages = 16, 128
+    sequences = [(0, 100), (20, 1), (5, 3), (200, 1), (64, 70), (0, 1)]  # (context, new tokens)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    keys = torch.randn(num_pages * page_size, kv_heads, head_dim, device="cuda", generator=gen, dtype=DTYPES[dtype])
+    values = torch.randn_like(keys)
+    page_table = torch.stack([torch.randperm(num_pages, generator=torch.Generator().manual_seed(i))[:20]
+                              for i in range(len(sequences))]).cuda()
+    token_seq = [row for row, (_, n) in enumerate(sequences) for _ in range(n)] + [-1] * 9
+    positions = [p for context, n in sequences for p in range(context, context + n)] + [0] * 9
+    token_seq, positions = torch.tensor(token_seq, device="cuda"), torch.tensor(positions, device="cuda")
+    q = torch.randn(len(token_seq), heads, head_dim, device="cuda", generator=gen, dtype=DTYPES[dtype])
+    blocks = torch.from_numpy(attention_blocks([n for _, n in sequences], 32)).cuda()
+    scale = head_dim**-0.5
+    out = ragged_attention(q, keys, values, page_table, blocks, positions, 16, scale, window)
+    expected = ragged_attention_reference(q.double(), keys.double(), values.double(), page_table, token_seq,
+                                          positions, page_size, scale, window)
+    tolerance = 1e-4 if dtype == "float32" else 2e-2
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+    assert not out[-9:].any(), "padding tokens give zeros"
+
+
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen3"])
+def test_cuda_graph_mixed_steps_match_eager(arch, model_dirs, mixed_adapter_dirs):
+    """static_mixed: prompts fed 5 tokens a step (prefill chunks beside decodes) replayed from graphs, fp32."""
+    runs = {}
+    for static in (False, True):
+        engine = make_engine(model_dirs[arch], device="cuda", static_decode=static, static_mixed=static)
+        for slot, (name, path) in zip((2, 0), mixed_adapter_dirs[arch].items()):
+            engine.register_adapter(name, path)
+            make_resident(engine, name, slot)
+        requests = decode_requests()
+        Driver(engine, chunk=5).run(requests)
+        if static:
+            assert any(shape.mixed for shape in engine.decode_runner._graphs)
+        runs[static] = requests
+        engine.close()
+    for eager, graphed in zip(runs[False], runs[True]):
+        assert graphed.generated == eager.generated, graphed.request_id
+        torch.testing.assert_close(graphed.all_logits(), eager.all_logits(), atol=1e-3, rtol=1e-3)

@@ -13,7 +13,7 @@ import torch
 from tests.driver import Driver, Request, make_engine, make_resident
 from tests.model_factory import ARCHITECTURES
 from worker.batch import NO_ADAPTER, SequenceInput
-from worker.decode_step import BATCH_BUCKETS, MIN_PAGE_BUCKET, decode_shape
+from worker.decode_step import BATCH_BUCKETS, MIN_PAGE_BUCKET, decode_shape, mixed_shape
 from worker.plan import sort_batch
 
 
@@ -41,24 +41,29 @@ def mixed_requests() -> list[Request]:
     ]
 
 
-def decode_paths_used(engine) -> set[str]:
+def paths_used(engine, *, decode_only: bool) -> set[str]:
+    """The forward paths the timeline recorded for decode-only steps (or for steps with a prefill chunk)."""
     return {event["args"]["path"] for event in engine.timeline.chrome_trace()
-            if event.get("ph") == "X" and event.get("name") == "forward" and len(event["args"]) > 0
-            and event["args"].get("tokens") == event["args"].get("sequences")}
+            if event.get("ph") == "X" and event.get("name") == "forward"
+            and (event["args"]["tokens"] == event["args"]["sequences"]) == decode_only}
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["decodes", "mixed"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_static_decode_matches_eager_forward(arch, model_dirs, mixed_adapter_dirs):
-    """Same requests through both paths: identical tokens, logits equal to float32 rounding."""
+def test_static_decode_matches_eager_forward(arch, mixed, model_dirs, mixed_adapter_dirs):
+    """Same requests through both paths: identical tokens, logits equal to float32 rounding.
+    `mixed`: prompts fed 5 tokens at a time, so steps mix prefill chunks with decodes."""
     runs = {}
     for static in (False, True):
-        engine = engine_with_adapters(model_dirs[arch], mixed_adapter_dirs[arch], static_decode=static)
+        engine = engine_with_adapters(model_dirs[arch], mixed_adapter_dirs[arch], static_decode=static,
+                                      static_mixed=mixed)
         requests = mixed_requests()
-        Driver(engine, chunk=64).run(requests)
+        Driver(engine, chunk=5 if mixed else 64).run(requests)
         runs[static] = requests
         if static:
             assert engine.decode_runner is not None
-            assert "static" in decode_paths_used(engine)
+            assert paths_used(engine, decode_only=True) == {"static"}
+            assert paths_used(engine, decode_only=False) == ({"static"} if mixed else {"eager"})
         engine.close()
     for eager, static in zip(runs[False], runs[True]):
         assert static.generated == eager.generated, static.request_id
@@ -104,6 +109,8 @@ def test_shapes_round_up_to_buckets():
     assert decode_shape(1, 1) == decode_shape(1, MIN_PAGE_BUCKET)
     assert decode_shape(5, 9) == decode_shape(5, MIN_PAGE_BUCKET)
     assert decode_shape(5, MIN_PAGE_BUCKET + 1).pages == 4 * MIN_PAGE_BUCKET
-    assert decode_shape(5, 9).batch == 8
-    assert decode_shape(BATCH_BUCKETS[-1], 64).batch == BATCH_BUCKETS[-1]
-    assert all(decode_shape(n, 1).batch >= n for n in range(1, BATCH_BUCKETS[-1] + 1))
+    assert decode_shape(5, 9).tokens == decode_shape(5, 9).seqs == 8
+    assert decode_shape(BATCH_BUCKETS[-1], 64).tokens == BATCH_BUCKETS[-1]
+    assert all(decode_shape(n, 1).tokens >= n for n in range(1, BATCH_BUCKETS[-1] + 1))
+    assert mixed_shape(65, 256, 1).tokens == 128 and mixed_shape(65, 256, 1).seqs == 128
+    assert mixed_shape(3000, 256, 1).seqs == 256 and mixed_shape(3000, 256, 1).mixed

@@ -37,6 +37,8 @@ def add_serve_parser(commands) -> None:
     parser.add_argument("--num-kv-pages", type=int, default=2048)
     parser.add_argument("--host-cache-gb", type=float, default=4.0)
     parser.add_argument("--disable-cuda-graphs", action="store_true", help="decode steps run eagerly (comparisons)")
+    parser.add_argument("--enable-mixed-graphs", action="store_true",
+                        help="steps with prefill chunks on CUDA graphs too (not yet GPU-validated)")
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--max-queued-requests", type=int, default=1024)
@@ -65,6 +67,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
         max_queued_requests=args.max_queued_requests, log_level=args.log_level,
         cuda_graphs=not args.disable_cuda_graphs, pipelined_loads=args.pipelined_loads,
+        mixed_graphs=args.enable_mixed_graphs,
     )
     return serve(config)
 

@@ -45,6 +45,7 @@ class ServeConfig:
     num_kv_pages: int = 2048
     host_cache_bytes: int = 4 << 30
     cuda_graphs: bool = True
+    mixed_graphs: bool = False
     max_batch_tokens: int = 2048
     max_running_requests: int = 256
     max_queued_requests: int = 1024
@@ -70,6 +71,8 @@ def process_commands(config: ServeConfig, addresses: Addresses) -> dict[str, lis
               "--host-cache-bytes", str(config.host_cache_bytes), "--log-level", config.log_level]
     if not config.cuda_graphs:
         worker.append("--disable-cuda-graphs")
+    if config.mixed_graphs:
+        worker.append("--enable-mixed-graphs")
     for name, seconds in config.slow_loads.items():
         worker += ["--slow-load", f"{name}={seconds}"]
     scheduler = [*python, "scheduler", "--frontend-address", addresses.frontend,

@@ -163,8 +163,8 @@ main() {
     export LORASERVE_LORA_PATHS="demo-qv=/adapters/demo-qv demo-all=/adapters/demo-all"
     export LORASERVE_DEVICE=cpu LORASERVE_DTYPE=float32 LORASERVE_NUM_KV_PAGES=512
     export LORASERVE_HOST_CACHE_BYTES=$((64 << 20)) LORASERVE_MAX_LORA_RANK=16
-    export LORASERVE_PORT=${LORASERVE_PORT:-50151} LORASERVE_SCHEDULER_PORT=${LORASERVE_SCHEDULER_PORT:-50160}
-    export LORASERVE_WORKER_PORT=${LORASERVE_WORKER_PORT:-50161} LORASERVE_MODEL_NAME=demo
+    read -r LORASERVE_PORT LORASERVE_SCHEDULER_PORT LORASERVE_WORKER_PORT < <(free_ports 3)
+    export LORASERVE_PORT LORASERVE_SCHEDULER_PORT LORASERVE_WORKER_PORT LORASERVE_MODEL_NAME=demo
     log "docker-compose up"
     compose up --detach --no-build
     wait_healthy frontend 300
@@ -176,6 +176,14 @@ main() {
         HF_HUB_OFFLINE=1 "$PYTHON_FOR_TESTS" -m pytest -q -p no:cacheprovider tests/compose
     log "docker-compose down"
     compose down --volumes --timeout 20
+}
+
+free_ports() {  # N distinct loopback ports that are free now (the machine may run other tests)
+    python3 -c 'import socket, sys
+sockets = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in sockets:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in sockets))' "$1"
 }
 
 wait_healthy() {

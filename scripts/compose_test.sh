@@ -21,6 +21,7 @@ DOCKER=/usr/bin/docker  # Debian's client, the daemon's version (another may com
 PROJECT=loraserve-ci
 BASE_IMAGE=loraserve-base:ci
 IMAGE=loraserve:ci
+DEPENDENCIES_IMAGE=loraserve-dependencies:ci
 PYTHON_FOR_TESTS=${PYTHON_FOR_TESTS:-$REPO/.venv/bin/python}
 export DOCKER_HOST=unix://$WORK/docker.sock
 DOCKERD_PID=
@@ -133,9 +134,16 @@ fill_wheelhouse() {
 }
 
 build_image() {
-    log "building $IMAGE (network off)"
-    DOCKER_BUILDKIT=0 $DOCKER build --quiet --network none --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-        --tag "$IMAGE" "$REPO" >/dev/null
+    # The dependency stage gets a tag of its own, so that pruning dangling images at the end
+    # keeps it cached for the next run.
+    local stage
+    for stage in dependencies final; do
+        log "building the image's $stage stage (network off)"
+        DOCKER_BUILDKIT=0 $DOCKER build --network none --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+            $([[ $stage == dependencies ]] && echo "--target dependencies --tag $DEPENDENCIES_IMAGE" \
+                || echo "--tag $IMAGE") "$REPO" >"$WORK/build-$stage.log" 2>&1 \
+            || { tail -n 50 "$WORK/build-$stage.log"; return 1; }
+    done
 }
 
 build_demo() {
@@ -173,7 +181,7 @@ main() {
     log "running tests/compose"
     LORASERVE_COMPOSE_ADDRESS=127.0.0.1:$LORASERVE_PORT LORASERVE_COMPOSE_PROJECT=$PROJECT \
         LORASERVE_COMPOSE_DOCKER=$DOCKER \
-        HF_HUB_OFFLINE=1 "$PYTHON_FOR_TESTS" -m pytest -q -p no:cacheprovider tests/compose
+        HF_HUB_OFFLINE=1 "$PYTHON_FOR_TESTS" -m pytest -q -s -p no:cacheprovider tests/compose
     log "docker-compose down"
     compose down --volumes --timeout 20
 }

@@ -77,12 +77,16 @@ def test_killed_worker_fails_in_flight_requests_and_comes_back(client):
     # SIGKILL from the host, as a crash: `docker kill` would count as a manual stop, which the
     # restart policy leaves stopped.
     os.kill(int(docker("inspect", "--format", "{{.State.Pid}}", container)), signal.SIGKILL)
+    killed_at = time.monotonic()
     with pytest.raises(grpc.RpcError) as in_flight:
         for part in stream:
             assert not part.finished, "the request finished although its worker was killed"
     assert in_flight.value.code() == grpc.StatusCode.UNAVAILABLE
+    failed_after = time.monotonic() - killed_at
 
     reply = generate_after_recovery(client, adapter="demo-mlp")  # re-registered after the restart
+    print(f"\nworker killed: in-flight request failed after {failed_after:.2f} s, "
+          f"a new one succeeded after {time.monotonic() - killed_at:.1f} s")
     assert reply.usage.completion_tokens == 8
     assert int(docker("inspect", "--format", "{{.RestartCount}}", container)) == restarts + 1
     assert {a.name for a in client.list_adapters().adapters} == {"demo-qv", "demo-all", "demo-mlp"}

@@ -9,7 +9,9 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # The dependencies alone, at requirements.lock's versions: a layer that source changes
 # leave cached. pyproject.toml without the packages builds an empty project whose only
-# effect is to install its dependencies.
+# effect is to install its dependencies. (The project stage builds on this one rather than
+# copying the 1 GB venv out of it, which took minutes; the price is that wheels given in
+# docker/wheelhouse/ stay in a layer of the image.)
 FROM ${BASE_IMAGE} AS dependencies
 COPY docker/wheelhouse/ /wheelhouse/
 COPY pyproject.toml requirements.lock /deps/
@@ -20,8 +22,7 @@ RUN set -eu; \
         --constraint /deps/requirements.lock /deps "setuptools>=68"; \
     /opt/loraserve/bin/pip uninstall --yes --disable-pip-version-check loraserve
 
-FROM ${BASE_IMAGE}
-COPY --from=dependencies /opt/loraserve /opt/loraserve
+FROM dependencies
 COPY pyproject.toml /src/
 COPY protos /src/protos
 COPY frontend /src/frontend

@@ -7,11 +7,13 @@ frontend with plain DEALER sockets.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import zmq
 
+from loraserve.healthcheck import healthy
 from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
 from scheduler.config import SchedulerConfig
@@ -73,8 +75,18 @@ def next_forward(worker: zmq.Socket) -> pb.WorkerCommand:
             return command
 
 
+def health(scheduler: SchedulerService) -> dict[str, bool]:
+    """What the compose healthchecks of the scheduler and the worker say."""
+    return {service: healthy(service, endpoint(scheduler.frontends), timeout_s=5) for service in ("scheduler", "worker")}
+
+
 def test_a_disconnected_worker_fails_in_flight_requests_and_a_new_one_is_used(scheduler):
+    assert health(scheduler) == {"scheduler": True, "worker": False}
     worker = connect_worker(scheduler)
+    deadline = time.monotonic() + TIMEOUT_MS / 1000  # the registration's result may still be on its way
+    while health(scheduler) != {"scheduler": True, "worker": True}:
+        assert time.monotonic() < deadline, health(scheduler)
+        time.sleep(0.05)
     frontend = dealer(endpoint(scheduler.frontends))
     submit(frontend, "r1")
     assert next_forward(worker).forward.sequences[0].request_id == "r1"
@@ -85,6 +97,7 @@ def test_a_disconnected_worker_fails_in_flight_requests_and_a_new_one_is_used(sc
     submit(frontend, "r2")  # while no worker is connected: refused at once, not queued
     refused = receive(frontend, pb.SchedulerMessage).output
     assert refused.request_id == "r2" and refused.error.code == pb.UNAVAILABLE
+    assert health(scheduler) == {"scheduler": True, "worker": False}
 
     successor = connect_worker(scheduler)  # the start-up adapter is registered again
     submit(frontend, "r3")

@@ -3,6 +3,11 @@
 Sockets: a ROUTER bound at the frontend address (any number of frontends connect DEALERs)
 and a ROUTER bound at the worker address (the worker connects a DEALER and says hello).
 One forward is in flight at a time; frontend messages are handled while it runs.
+
+A worker that disconnects (its process died; over tcp, its container) is noticed through
+the worker socket's monitor: the connection the worker's hello came in on (its file
+descriptor) closing fails every request in flight with UNAVAILABLE, and new ones are
+refused with UNAVAILABLE until a worker says hello again (the adapters are re-registered).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
 import zmq
+from google.protobuf.message import DecodeError
+from zmq.utils.monitor import parse_monitor_message
 
 from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
@@ -49,7 +56,9 @@ class SchedulerService:
         self.context = zmq.Context.instance()
         self.frontends = self._bind(config.frontend_address)
         self.worker = self._bind(config.worker_address)
+        self.worker_monitor = self.worker.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.worker_identity: bytes | None = None
+        self.worker_fd: int | None = None  # the connection the current worker's hello came in on
         self.core: SchedulerCore | None = None
         self.callbacks: dict[int, CommandDone] = {}
         self.next_command_id = 1
@@ -72,13 +81,16 @@ class SchedulerService:
         poller = zmq.Poller()
         poller.register(self.frontends, zmq.POLLIN)
         poller.register(self.worker, zmq.POLLIN)
+        poller.register(self.worker_monitor, zmq.POLLIN)
         log.info("scheduler: frontends at %s, worker at %s", self.config.frontend_address,
                  self.config.worker_address)
         while not self.stopping:
             busy = self.core is not None and (self.core.waiting or self.core.running)
             events = dict(poller.poll(0 if busy and self.core.forward_in_flight is None else IDLE_POLL_MS))
+            if self.worker_monitor in events:  # before the worker's messages: a successor's hello comes after
+                self._on_worker_socket_events()
             if self.worker in events:
-                self._drain(self.worker, self._on_worker_message)
+                self._drain_worker()
             if self.frontends in events:
                 self._drain(self.frontends, self._on_frontend_message)
             self._step()
@@ -86,6 +98,8 @@ class SchedulerService:
 
     def close(self) -> None:
         self.frontends.close(linger=0)
+        self.worker.disable_monitor()
+        self.worker_monitor.close(linger=0)
         self.worker.close(linger=0)
 
     def _drain(self, socket: zmq.Socket, handle: Callable[[bytes, bytes], None]) -> None:
@@ -125,11 +139,32 @@ class SchedulerService:
 
     # Worker -----------------------------------------------------------------------------
 
-    def _on_worker_message(self, identity: bytes, payload: bytes) -> None:
-        event = pb.WorkerEvent.FromString(payload)
+    def _drain_worker(self) -> None:
+        while True:
+            try:
+                identity, payload = self.worker.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_worker_message(identity.bytes, payload.bytes, payload.get(zmq.SRCFD))
+
+    def _on_worker_socket_events(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(self.worker_monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if self.core is not None and int(event["value"]) == self.worker_fd:
+                self._drop_worker("the worker disconnected")
+
+    def _on_worker_message(self, identity: bytes, payload: bytes, fd: int) -> None:
+        try:
+            event = pb.WorkerEvent.FromString(payload)
+        except DecodeError:
+            log.warning("dropping a message on the worker socket that is not a WorkerEvent")
+            return
         kind = event.WhichOneof("kind")
         if kind == "hello":
-            self._on_hello(identity, event.hello)
+            self._on_hello(identity, event.hello, fd)
         elif identity != self.worker_identity:
             log.warning("ignoring a message from a worker that is not the current one")
         elif kind == "result":
@@ -140,25 +175,36 @@ class SchedulerService:
         elif kind == "load_events":
             self.core.on_load_events(event.load_events)
 
-    def _on_hello(self, identity: bytes, hello: pb.WorkerHello) -> None:
+    def _on_hello(self, identity: bytes, hello: pb.WorkerHello, fd: int) -> None:
         if self.core is not None:
-            log.warning("worker restarted (pid %d): failing in-flight requests", hello.pid)
-            self.core.fail_all(pb.UNAVAILABLE, "the worker restarted; retry the request")
-            self._flush()
-            for callback in self.callbacks.values():
-                callback(pb.CommandResult(error=pb.Error(code=pb.UNAVAILABLE, message="the worker restarted")))
-            self.callbacks.clear()
+            self._drop_worker(f"the worker restarted (pid {hello.pid})")
         log.info("worker ready: %s on %s (%s)", hello.model, hello.device, hello.dtype)
         self.worker_identity = identity
+        self.worker_fd = fd
         self.core = SchedulerCore(self.config.scheduler, hello)
         for name, path in self.registered_paths.items():
             self._register_at_start(name, path)
+
+    def _drop_worker(self, reason: str) -> None:
+        """Fails everything in flight with UNAVAILABLE; not ready until a worker says hello."""
+        log.warning("%s: failing in-flight requests", reason)
+        self.core.fail_all(pb.UNAVAILABLE, f"{reason}; retry the request")
+        self._flush()
+        callbacks, self.callbacks = self.callbacks, {}
+        for callback in callbacks.values():
+            callback(pb.CommandResult(error=pb.Error(code=pb.UNAVAILABLE, message=reason)))
+        self.core = None
+        self.worker_identity = None
+        self.worker_fd = None
+        self.registrations_pending = 0
 
     def _register_at_start(self, name: str, path: str) -> None:
         self.registrations_pending += 1
 
         def done(result: pb.CommandResult) -> None:
             self.registrations_pending -= 1
+            if result.error.code == pb.UNAVAILABLE:
+                return  # the worker went away: its successor's hello registers the adapter again
             if result.HasField("error"):
                 log.error("adapter %s at %s cannot be served: %s", name, path, result.error.message)
                 self.registered_paths.pop(name, None)
@@ -204,7 +250,8 @@ class SchedulerService:
             if kind == "submit":
                 self._send_frontend(client, pb.SchedulerMessage(output=pb.RequestOutput(
                     request_id=message.submit.request_id, finished=True,
-                    error=pb.Error(code=pb.UNAVAILABLE, message="the server is starting; retry shortly"))))
+                    error=pb.Error(code=pb.UNAVAILABLE, message="no worker is connected (starting or restarting); "
+                                                            "retry shortly"))))
         elif kind == "submit":
             self.core.submit(client, message.submit)
         elif kind == "abort":

@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[FrontendConfig, argparse.
     parser.add_argument("--max-message-bytes", type=int, default=16 << 20)
     parser.add_argument("--grace-seconds", type=float, default=5.0,
                         help="on SIGTERM/SIGINT, how long in-flight RPCs may take to finish")
-    parser.add_argument("--http-port", type=int, help="serve the OpenAI-compatible HTTP API on this port (default: off)")
+    parser.add_argument("--http-port", type=int, help="the OpenAI-compatible HTTP API (default: off)")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at /metrics here (default: off)")
     add_logging_flags(parser)
     args = parser.parse_args(argv)

@@ -3,7 +3,7 @@
 Fields passed with `extra=` (request_id, adapter, ...) become keys of the line, so a
 request can be followed across processes by its id:
 
-    ts=2026-01-01T12:00:00.123Z level=info process=frontend logger=loraserve.frontend msg="request finished" request_id=abc ...
+    ts=2026-01-01T12:00:00.123Z level=info process=frontend logger=loraserve.frontend msg="request finished" request_id=abc
 """
 
 from __future__ import annotations

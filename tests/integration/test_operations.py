@@ -68,6 +68,10 @@ def test_completion_matches_the_grpc_api(ops_server):
         assert completion.model == model and completion.object == "text_completion"
         assert completion.usage.completion_tokens == 6
         assert completion.usage.prompt_tokens == reference.usage.prompt_tokens
+    batch = client.completions.create(model="a1", prompt=["Hello, world", [5, 6, 7]], max_tokens=6, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert [c.index for c in batch.choices] == [0, 1] and batch.choices[0].text == choice.text
+    assert batch.usage.completion_tokens == 12
 
 
 def test_streamed_completion_adds_up_to_the_unary_one(ops_server):

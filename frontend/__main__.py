@@ -7,10 +7,11 @@ import asyncio
 import sys
 
 from frontend.server import BindError, FrontendConfig, serve
-from loraserve.flags import configure_logging, die_with_parent
+from loraserve.flags import add_logging_flags, die_with_parent
+from loraserve.logs import configure_logging
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[FrontendConfig, str]:
+def parse_args(argv: list[str] | None = None) -> tuple[FrontendConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m frontend", description="loraserve's gRPC frontend")
     parser.add_argument("--scheduler-address", required=True,
                         help="the scheduler's socket for frontends, e.g. ipc:///tmp/x/scheduler.sock")
@@ -21,19 +22,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[FrontendConfig, str]:
     parser.add_argument("--max-message-bytes", type=int, default=16 << 20)
     parser.add_argument("--grace-seconds", type=float, default=5.0,
                         help="on SIGTERM/SIGINT, how long in-flight RPCs may take to finish")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--http-port", type=int, help="the OpenAI-compatible HTTP API (default: off)")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at /metrics here (default: off)")
+    add_logging_flags(parser)
     args = parser.parse_args(argv)
     config = FrontendConfig(
         scheduler_address=args.scheduler_address, host=args.host, port=args.port, tokenizer_path=args.tokenizer,
         model_name=args.model_name, max_message_bytes=args.max_message_bytes, grace_seconds=args.grace_seconds,
+        http_port=args.http_port, metrics_port=args.metrics_port,
     )
-    return config, args.log_level
+    return config, args
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, log_level = parse_args(argv)
+    config, args = parse_args(argv)
     die_with_parent()
-    configure_logging(log_level, "frontend")
+    configure_logging(args.log_level, "frontend", args.log_format)
     try:
         asyncio.run(serve(config))
     except BindError as error:

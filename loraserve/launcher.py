@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class ServeConfig:
     lora_paths: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int | None = None  # the OpenAI-compatible HTTP API (off when None)
+    metrics_port: int | None = None  # Prometheus /metrics (off when None)
+    served_model_name: str | None = None  # the base model's name in the APIs (default: the model directory's name)
     device: str = "auto"
     dtype: str = "auto"
     load_format: str = "safetensors"
@@ -53,6 +57,8 @@ class ServeConfig:
     startup_timeout_s: float = 300.0
     grace_seconds: float = 5.0
     log_level: str = "info"
+    log_format: str = "logfmt"
+    log_file: str | None = None  # the three processes' logs are appended here instead of stderr
 
 
 @dataclass(frozen=True)
@@ -63,12 +69,13 @@ class Addresses:
 
 def process_commands(config: ServeConfig, addresses: Addresses) -> dict[str, list[str]]:
     python = [sys.executable, "-m"]
+    logging_flags = ["--log-level", config.log_level, "--log-format", config.log_format]
     worker = [*python, "worker", "--scheduler-address", addresses.worker, "--model-path", config.model_path,
               "--load-format", config.load_format, "--device", config.device, "--dtype", config.dtype,
               "--page-size", str(config.page_size), "--num-kv-pages", str(config.num_kv_pages),
               "--max-loras-per-batch", str(config.max_loras_per_batch),
               "--max-loaded-loras", str(config.max_loaded_loras), "--max-lora-rank", str(config.max_lora_rank),
-              "--host-cache-bytes", str(config.host_cache_bytes), "--log-level", config.log_level]
+              "--host-cache-bytes", str(config.host_cache_bytes), *logging_flags]
     if not config.cuda_graphs:
         worker.append("--disable-cuda-graphs")
     if config.mixed_graphs:
@@ -81,12 +88,16 @@ def process_commands(config: ServeConfig, addresses: Addresses) -> dict[str, lis
                  *(["--pipelined-loads"] if config.pipelined_loads else []),
                  "--max-batch-tokens", str(config.max_batch_tokens),
                  "--max-running-requests", str(config.max_running_requests),
-                 "--max-queued-requests", str(config.max_queued_requests), "--log-level", config.log_level]
+                 "--max-queued-requests", str(config.max_queued_requests), *logging_flags]
     if config.lora_paths:
         scheduler += ["--lora-paths", *(f"{n}={p}" for n, p in config.lora_paths.items())]
     frontend = [*python, "frontend", "--host", config.host, "--port", str(config.port),
-                "--scheduler-address", addresses.frontend, "--model-name", Path(config.model_path).name,
-                "--grace-seconds", str(config.grace_seconds)]
+                "--scheduler-address", addresses.frontend,
+                "--model-name", config.served_model_name or Path(config.model_path).name,
+                "--grace-seconds", str(config.grace_seconds), *logging_flags]
+    for flag, port in (("--http-port", config.http_port), ("--metrics-port", config.metrics_port)):
+        if port is not None:
+            frontend += [flag, str(port)]
     if config.tokenizer_path:
         frontend += ["--tokenizer", config.tokenizer_path]
     return {"scheduler": scheduler, "worker": worker, "frontend": frontend}
@@ -106,10 +117,11 @@ class Launcher:
         return f"{self.config.host}:{self.config.port}"
 
     def start(self) -> None:
-        for name, command in process_commands(self.config, self.addresses).items():
-            environment = os.environ | {PARENT_PID_VARIABLE: str(os.getpid())}
-            self.processes[name] = subprocess.Popen(command, env=environment)
-            log.debug("started %s (pid %d)", name, self.processes[name].pid)
+        with open(self.config.log_file, "a") if self.config.log_file else nullcontext() as log_file:
+            for name, command in process_commands(self.config, self.addresses).items():
+                environment = os.environ | {PARENT_PID_VARIABLE: str(os.getpid())}
+                self.processes[name] = subprocess.Popen(command, env=environment, stderr=log_file)
+                log.debug("started %s (pid %d)", name, self.processes[name].pid)
 
     def wait_until_serving(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s

@@ -9,6 +9,7 @@ baseline) a request's load is issued as a blocking load ahead of the forward, st
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -18,10 +19,12 @@ from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
 from scheduler.adapters import Adapter, AdapterState, AdapterTable
 from scheduler.config import SchedulerConfig
+from scheduler.metrics import SchedulerMetrics
 from scheduler.pages import PageAllocator
 from scheduler.requests import Phase, Request, Sampling
 
 
+log = logging.getLogger("loraserve.scheduler")
 TRACE_CAPACITY = 100_000  # request spans kept for the timeline
 
 
@@ -65,6 +68,7 @@ class SchedulerCore:
         self.outputs: list[tuple[bytes, pb.SchedulerMessage]] = []
         self.unloads: dict[str, PendingUnload] = {}
         self.counters = Counters()
+        self.metrics = SchedulerMetrics()
         # Slots that admit no new request until their running ones finish and the slot goes to
         # an adapter that waits for one. Sticky: a drain is never abandoned halfway.
         self.draining: dict[int, str] = {}  # slot -> the adapter it is draining
@@ -80,10 +84,13 @@ class SchedulerCore:
         except RequestRejected as rejection:
             self._emit_error(client, submit.request_id, rejection.code, str(rejection))
             return
+        log.debug("request queued", extra={"request_id": request.request_id, "adapter": request.adapter,
+                                           "prompt_tokens": len(request.prompt)})
         self.requests[request.request_id] = request
         self.waiting.append(request)
         if request.adapter:
             self.adapters[request.adapter].waiting += 1
+            self.metrics.look_up(self.adapters[request.adapter])
 
     def _new_request(self, client: bytes, submit: pb.SubmitRequest) -> Request:
         if submit.request_id in self.requests:
@@ -116,8 +123,11 @@ class SchedulerCore:
     # Adapter events -------------------------------------------------------------------
 
     def on_load_events(self, events: pb.LoadEvents) -> None:
+        now = time.monotonic()
         for name in events.staged:
             adapter = self.adapters.adapters.get(name)
+            if adapter is not None:
+                self.metrics.host.finish(adapter, now)
             if adapter is not None and adapter.state is AdapterState.STAGING:
                 adapter.state = AdapterState.HOST
             elif adapter is not None and adapter.state is AdapterState.LOADING:
@@ -126,14 +136,16 @@ class SchedulerCore:
             adapter = self.adapters.adapters.get(loaded.name)
             if adapter is not None and adapter.slot == loaded.slot and adapter.state is AdapterState.LOADING:
                 adapter.state = AdapterState.RESIDENT
-                adapter.loaded_at = time.monotonic()
+                adapter.loaded_at = now
                 self.counters.loads_finished += 1
+                self.metrics.gpu.finish(adapter, now)
         for failed in events.failed:
             self.on_adapter_failed(failed.name, failed.error)
         self._complete_unloads()
 
     def on_adapter_failed(self, name: str, error: pb.Error) -> None:
         """A stage or load failed: roll the adapter back; requests fail unless it may pass later."""
+        self.metrics.fail(name)
         adapter = self.adapters.adapters.get(name)
         if adapter is None:
             return
@@ -146,6 +158,12 @@ class SchedulerCore:
                 self._emit_error(request.client, request.request_id, error.code,
                                  f"adapter {name!r} could not be loaded: {error.message}")
                 self._drop(request)
+
+    def on_blocking_load_done(self, name: str) -> None:
+        """The worker answered a blocking load: the copy is done (the core counted it resident when issued)."""
+        adapter = self.adapters.adapters.get(name)
+        if adapter is not None:
+            self.metrics.gpu.finish(adapter, time.monotonic())
 
     def register(self, registered: pb.RegisteredAdapter, path: str) -> Adapter:
         adapter = Adapter(registered.name, path, registered.rank, registered.size_bytes,
@@ -229,12 +247,12 @@ class SchedulerCore:
         if adapter.state is AdapterState.ON_DISK:
             if not self._make_host_room(adapter):
                 return False
-            adapter.state = AdapterState.STAGING
-            self.commands.append(pb.WorkerCommand(stage_adapter=pb.StageAdapter(name=adapter.name)))
+            self._stage(adapter)
         self.adapters.assign_slot(adapter, slot)
         blocking = not self.config.overlap_loading
         self.commands.append(pb.WorkerCommand(load_slot=pb.LoadSlot(name=adapter.name, slot=slot, blocking=blocking)))
         self.counters.loads_started += 1
+        self.metrics.gpu.start(adapter.name, time.monotonic())
         if blocking:  # the worker finishes the copy before it runs the next forward
             adapter.state = AdapterState.RESIDENT
             adapter.loaded_at = time.monotonic()
@@ -293,10 +311,14 @@ class SchedulerCore:
             if adapter.unloading:
                 continue
             if adapter.state is AdapterState.ON_DISK and self.adapters.host_has_room(adapter):
-                adapter.state = AdapterState.STAGING
-                self.commands.append(pb.WorkerCommand(stage_adapter=pb.StageAdapter(name=adapter.name)))
+                self._stage(adapter)
             if adapter.state is AdapterState.HOST and self.adapters.free_slot() is not None:
                 self._ensure_loading(adapter)
+
+    def _stage(self, adapter: Adapter) -> None:
+        adapter.state = AdapterState.STAGING
+        self.commands.append(pb.WorkerCommand(stage_adapter=pb.StageAdapter(name=adapter.name)))
+        self.metrics.host.start(adapter.name, time.monotonic())
 
     def _start_running(self, request: Request, now: float) -> None:
         self.waiting.remove(request)
@@ -315,6 +337,8 @@ class SchedulerCore:
         else:
             request.adapter_ready_at = request.arrival
         self.running.append(request)
+        log.debug("request admitted", extra={"request_id": request.request_id, "slot": request.slot,
+                                             "queued_ms": round((now - request.arrival) * 1e3, 2)})
 
     def _build_batch(self) -> tuple[pb.Forward, list[Request]]:
         budget = self.config.max_batch_tokens
@@ -354,6 +378,7 @@ class SchedulerCore:
                     self._drop(request)
             return
         self.counters.worker_forward_seconds += result.forward_ms / 1e3
+        self.metrics.worker_forward_seconds.observe(result.forward_ms / 1e3)
         now = time.monotonic()
         for token in result.tokens:
             request = self.requests.get(token.request_id)
@@ -390,6 +415,8 @@ class SchedulerCore:
         output.prompt_tokens = len(request.prompt)
         output.timing.CopyFrom(request.timing(time.monotonic()))
         self.outputs.append((request.client, pb.SchedulerMessage(output=output)))
+        log.debug("request finished", extra={"request_id": request.request_id, "finish_reason": reason,
+                                             "output_tokens": len(request.generated)})
         self._trace(request, reason)
         self._drop(request)
 
@@ -432,6 +459,7 @@ class SchedulerCore:
         self.forward_in_flight = None
 
     def _emit_error(self, client: bytes, request_id: str, code: int, message: str) -> None:
+        log.info("request failed", extra={"request_id": request_id, "code": pb.ErrorCode.Name(code), "error": message})
         output = pb.RequestOutput(request_id=request_id, finished=True, error=pb.Error(code=code, message=message))
         self.outputs.append((client, pb.SchedulerMessage(output=output)))
 
@@ -447,6 +475,15 @@ class SchedulerCore:
             requests_finished=c.requests_finished, requests_aborted=c.requests_aborted,
             forward_steps=c.forward_steps, loads_started=c.loads_started, loads_finished=c.loads_finished,
             worker_forward_seconds=c.worker_forward_seconds, scheduler_step_seconds=c.scheduler_step_seconds,
+        )
+
+    def metrics_snapshot(self) -> pb.MetricsSnapshot:
+        m = self.metrics
+        return pb.MetricsSnapshot(
+            stats=self.stats(), gpu_slots_total=len(self.adapters.slot_owner),
+            host_cache_capacity_bytes=self.adapters.host_capacity_bytes,
+            adapters_registered=len(self.adapters.adapters), host=m.host.to_proto(), gpu=m.gpu.to_proto(),
+            worker_forward_seconds=m.worker_forward_seconds.to_proto(),
         )
 
     def take_commands(self) -> list[pb.WorkerCommand]:

@@ -232,6 +232,8 @@ class SchedulerService:
 
         def done(result: pb.CommandResult) -> None:
             if not result.HasField("error"):
+                if kind == "load_slot" and command.load_slot.blocking and self.core is not None:
+                    self.core.on_blocking_load_done(name)
                 return
             log.warning("%s failed: %s", kind, result.error.message)
             if name is not None and self.core is not None:
@@ -273,6 +275,8 @@ class SchedulerService:
             reply(pb.AdminResponse(server_info=self._server_info()))
         elif command == "stats":
             reply(pb.AdminResponse(stats=self.core.stats()))
+        elif command == "metrics":
+            reply(pb.AdminResponse(metrics=self.core.metrics_snapshot()))
         elif command == "list_adapters":
             adapters = [a.info() for _, a in sorted(self.core.adapters.adapters.items())]
             reply(pb.AdminResponse(list_adapters=serving_pb2.ListAdaptersResponse(adapters=adapters)))

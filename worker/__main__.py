@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from loraserve.flags import configure_logging, die_with_parent, name_value_pairs, on_termination
+from loraserve.flags import add_logging_flags, die_with_parent, name_value_pairs, on_termination
+from loraserve.logs import configure_logging
 from worker.engine import EngineConfig
 from worker.service import WorkerConfig, WorkerService
 
@@ -28,14 +29,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="decode steps run eagerly (the engine before CUDA graphs; for comparisons)")
     parser.add_argument("--slow-load", action="append", metavar="NAME=SECONDS",
                         help="test only: make every load of this adapter take SECONDS longer")
-    parser.add_argument("--log-level", default="info")
+    add_logging_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     die_with_parent()
-    configure_logging(args.log_level, "worker")
+    configure_logging(args.log_level, "worker", args.log_format)
     engine = EngineConfig(
         model_path=args.model_path, load_format=args.load_format, device=args.device, dtype=args.dtype,
         page_size=args.page_size, num_kv_pages=args.num_kv_pages, max_loras_per_batch=args.max_loras_per_batch,

@@ -118,7 +118,8 @@ class WorkerService:
             self._dispatch(command, result)
         except Exception as error:  # reported to the scheduler; the worker keeps serving
             if error_message(error).code == pb.INTERNAL:
-                log.exception("command %s failed", command.WhichOneof("kind"))
+                request_ids = [s.request_id for s in command.forward.sequences]
+                log.exception("command %s failed", command.WhichOneof("kind"), extra={"request_ids": request_ids})
             result.error.CopyFrom(error_message(error))
         result.load_events.CopyFrom(self._poll_events())
         return result
@@ -160,6 +161,8 @@ class WorkerService:
             self.deferred.append(DeferredLoad(load.name, load.slot))
 
     def _forward(self, forward: pb.Forward) -> pb.ForwardResult:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("forward", extra={"request_ids": [s.request_id for s in forward.sequences]})
         started = time.perf_counter()
         output = self.engine.forward([_sequence_input(s) for s in forward.sequences])
         result = pb.ForwardResult(forward_ms=(time.perf_counter() - started) * 1e3)

@@ -257,3 +257,24 @@ def test_a_drain_is_sticky_and_waiting_adapters_get_a_slot_each():
     assert {"e0", "f0"} <= done.keys(), "waiting adapters starved"
     assert "a1" not in done and "b1" in {r.request_id for r in worker.core.running} | done.keys(), \
         "requests for a draining adapter wait; others are admitted"
+
+
+def test_cache_tier_metrics_follow_lookups_and_loads():
+    worker = make(adapters=("a", "b", "c"))  # two slots, no prefetch
+    submit(worker, "r1", "a")  # on disk: a miss in both tiers, a stage and a slot load
+    worker.run_until_idle()
+    submit(worker, "r2", "a")  # resident: a gpu hit
+    worker.run_until_idle()
+    for request_id, adapter in (("r3", "b"), ("r4", "c"), ("r5", "a")):  # c takes a's slot; a is then in host memory
+        submit(worker, request_id, adapter)
+        worker.run_until_idle()
+    snapshot = worker.core.metrics_snapshot()
+    gpu, host = snapshot.gpu, snapshot.host
+    assert (gpu.hits, gpu.misses) == (1, 4)
+    assert (host.hits, host.misses) == (1, 3)  # r5 found a in host memory; r1, r3, r4 found theirs on disk
+    assert host.loads_started == host.loads_finished == 3 and host.bytes_loaded == 3 * 1000
+    assert gpu.loads_started == gpu.loads_finished == 4 and gpu.bytes_loaded == 4 * 1000
+    assert sum(gpu.load_seconds.counts) == 4 and sum(host.load_seconds.counts) == 3
+    assert len(gpu.load_seconds.counts) == len(gpu.load_seconds.bounds) + 1
+    assert sum(snapshot.worker_forward_seconds.counts) == snapshot.stats.forward_steps
+    assert (snapshot.gpu_slots_total, snapshot.adapters_registered) == (2, 3)

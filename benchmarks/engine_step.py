@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -37,13 +38,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path)
     parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--eager", action="store_true", help="no static decode path / CUDA graphs (the old engine)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
     (root / "model").mkdir()
     (root / "model" / "config.json").write_text(json.dumps(LLAMA31_8B))
     engine = Engine(EngineConfig(str(root / "model"), load_format="dummy", dtype="bfloat16", device="cuda",
                                  num_kv_pages=8192, page_size=16, max_loras_per_batch=8, max_lora_rank=args.rank,
-                                 host_cache_bytes=12 << 30, max_loaded_loras=8))
+                                 host_cache_bytes=12 << 30, max_loaded_loras=8,
+                                 static_decode=not args.eager))
     adapter = write_random_adapter(root / "adapter", engine.model_config, rank=args.rank, alpha=2 * args.rank,
                                    modules=ALL_MODULES)
     info = engine.register_adapter("big", adapter)
@@ -51,8 +54,9 @@ def main() -> None:
     engine.wait_staged("big")
     copy_ms = timed(lambda: engine.load_adapter("big", 0, blocking=True) or engine.poll(), 3)
     results = {"gpu": torch.cuda.get_device_name(), "adapter_bytes": info.nbytes,
-               "blocking_load_ms": copy_ms,
-               "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()}
+               "blocking_load_ms": copy_ms, "decode_path": "eager" if args.eager else "cuda graphs",
+               "commit": os.environ.get("LORASERVE_COMMIT") or subprocess.run(
+                   ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()}
     for name in (f"big{i}" for i in range(1, 8)):  # eight slots, as the seed's server
         engine.register_adapter(name, adapter)
         engine.stage_adapter(name)

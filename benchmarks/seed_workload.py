@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -157,6 +158,7 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["large", "small"], choices=("large", "small", "small16"))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument("--mixed-graphs", action="store_true", help="serve with --enable-mixed-graphs")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     bandwidth = pinned_bandwidth_gbps()
@@ -165,7 +167,8 @@ def main() -> None:
     base = ServeConfig(model_path=str(assets["model"]), tokenizer_path=None, port=50123, device="cuda",
                        dtype="bfloat16", load_format="dummy", max_loras_per_batch=8, max_loaded_loras=16,
                        max_lora_rank=256, num_kv_pages=16384, page_size=16, host_cache_bytes=24 << 30,
-                       max_batch_tokens=4096, startup_timeout_s=600, log_level="warning")
+                       max_batch_tokens=4096, startup_timeout_s=600, log_level="warning",
+                       mixed_graphs=args.mixed_graphs)
     results = {}
     for adapter_set in args.sets:
         adapters = assets["small" if adapter_set.startswith("small") else "large"]
@@ -181,7 +184,8 @@ def main() -> None:
         print(table, flush=True)
     summary = {
         "command": "python benchmarks/seed_workload.py --out-dir OUT --sets " + " ".join(args.sets),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": os.environ.get("LORASERVE_COMMIT") or subprocess.run(
+                   ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "gpu": torch.cuda.get_device_name(), "bandwidth": bandwidth, "large_adapter_bytes": assets["large_bytes"],
         "targets": targets(results, bandwidth, assets["large_bytes"]),
         "summaries": {label: r["summary"] for label, r in results.items()},

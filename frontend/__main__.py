@@ -9,10 +9,11 @@ import sys
 from frontend.auth import AuthTokens
 from frontend.server import BindError, FrontendConfig, serve
 from frontend.tls import TlsFiles
-from loraserve.flags import configure_logging, die_with_parent
+from loraserve.flags import add_logging_flags, die_with_parent
+from loraserve.logs import configure_logging
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[FrontendConfig, str]:
+def parse_args(argv: list[str] | None = None) -> tuple[FrontendConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m frontend", description="loraserve's gRPC frontend")
     parser.add_argument("--scheduler-address", required=True,
                         help="the scheduler's socket for frontends, e.g. ipc:///tmp/x/scheduler.sock")
@@ -29,7 +30,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[FrontendConfig, str]:
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--tls-client-ca", help="PEM CA: mutual TLS, clients need a certificate it signed")
     parser.add_argument("--ready-file", help="created once the server first turns SERVING")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--http-port", type=int, help="the OpenAI-compatible HTTP API (default: off)")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at /metrics here (default: off)")
+    add_logging_flags(parser)
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
         parser.error("--tls-cert and --tls-key go together, and --tls-client-ca needs them")
@@ -39,14 +42,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[FrontendConfig, str]:
         auth=AuthTokens.from_files(args.auth_token_file, args.admin_token_file),
         tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         ready_file=args.ready_file,
+        http_port=args.http_port, metrics_port=args.metrics_port,
     )
-    return config, args.log_level
+    return config, args
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, log_level = parse_args(argv)
+    config, args = parse_args(argv)
     die_with_parent()
-    configure_logging(log_level, "frontend")
+    configure_logging(args.log_level, "frontend", args.log_format)
     try:
         asyncio.run(serve(config))
     except BindError as error:

@@ -16,6 +16,7 @@ import enum
 import hmac
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -86,6 +87,19 @@ def check_bearer(authorization: str | None, tokens: AuthTokens, admin: bool) -> 
     if admin and tokens.api and _same(presented, tokens.api):
         raise AuthDenied(Denial.PERMISSION_DENIED, "this RPC needs the admin token")
     raise AuthDenied(Denial.UNAUTHENTICATED, "invalid bearer token")
+
+
+def http_authorizer(tokens: AuthTokens) -> Callable[[str | None], str | None]:
+    """The HTTP API's `authorize` hook: the API token guards every /v1 route (refusal message, or None)."""
+
+    def authorize(authorization: str | None) -> str | None:
+        try:
+            check_bearer(authorization, tokens, admin=False)
+        except AuthDenied as denied:
+            return str(denied)
+        return None
+
+    return authorize
 
 
 def _bearer_token(authorization: str | None) -> str | None:

@@ -22,20 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from frontend.auth import AuthTokens, BearerAuthInterceptor
+from frontend.auth import AuthTokens, BearerAuthInterceptor, http_authorizer
+from frontend.errors import error_code, status_of
 from frontend.generation import OutputAssembler, accumulate
 from frontend.malformed import MalformedRequestInterceptor
-from frontend.scheduler_link import (
-    LivenessConfig,
-    RequestIdInUse,
-    SchedulerFailure,
-    SchedulerLink,
-    SchedulerUnavailable,
-)
+from frontend.metrics import FrontendMetrics, metrics_application
+from frontend.openai_api import Authorize, OpenAIApi
+from frontend.scheduler_link import LivenessConfig, SchedulerFailure, SchedulerLink, SchedulerUnavailable
 from frontend.tls import TlsFiles, server_credentials
 from frontend.tokenizer import PromptTokenizer
 from frontend.validation import (
@@ -54,6 +52,7 @@ SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["LoraServing"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DRAIN_POLL_S = 0.05
+REQUEST_ID_METADATA = "x-request-id"
 
 
 @dataclass(frozen=True)
@@ -72,6 +71,9 @@ class FrontendConfig:
     # pipe; a short wait retries it soon instead of holding readiness for admin_timeout_s.
     readiness_probe_timeout_s: float = 1.0
     stop_ack_timeout_s: float = 1.0  # wait for the scheduler's timing after aborting at a stop string
+    http_port: int | None = None  # the OpenAI-compatible HTTP API; None: off, 0: any free port
+    metrics_port: int | None = None  # Prometheus /metrics; None: off, 0: any free port
+    metrics_timeout_s: float = 2.0  # a scrape waits this long for the scheduler's figures
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     auth: AuthTokens = field(default_factory=AuthTokens)  # no tokens: no authentication
     tls: TlsFiles | None = None  # None: plaintext (bind loopback only)
@@ -86,17 +88,11 @@ def grpc_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
-    if isinstance(error, InvalidRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    if isinstance(error, SchedulerUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, str(error)
-    if isinstance(error, SchedulerFailure):
-        return error.status, error.message
-    if isinstance(error, RequestIdInUse):
-        return grpc.StatusCode.ALREADY_EXISTS, str(error)
-    log.exception("unexpected error in an RPC", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+def request_id_from(request: serving_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+    """A request id given as `x-request-id` metadata is used when the request has none."""
+    if not request.request_id:
+        metadata = dict(context.invocation_metadata() or ())
+        request.request_id = metadata.get(REQUEST_ID_METADATA, "")
 
 
 UnaryHandler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
@@ -111,7 +107,7 @@ def _unary_rpc(method: UnaryHandler) -> UnaryHandler:
             self._refuse_while_draining()
             return await method(self, request, context)
         except Exception as error:  # noqa: BLE001 - every error becomes a status, never a crash
-            code, details = _status_of(error)
+            code, details = status_of(error)
         await context.abort(code, details)
 
     return wrapper
@@ -125,10 +121,12 @@ async def _closing_output(outputs: asyncio.Queue[internal_pb2.RequestOutput]) ->
 
 
 class LoraServingServicer(serving_pb2_grpc.LoraServingServicer):
-    def __init__(self, link: SchedulerLink, tokenizer: PromptTokenizer | None, config: FrontendConfig) -> None:
+    def __init__(self, link: SchedulerLink, tokenizer: PromptTokenizer | None, config: FrontendConfig,
+                 metrics: FrontendMetrics) -> None:
         self._link = link
         self._tokenizer = tokenizer
         self._config = config
+        self._metrics = metrics
         self.server_info: serving_pb2.ServerInfo | None = None  # set once the scheduler has answered
         self.draining = False  # shutting down: new RPCs are refused, in-flight ones finish
 
@@ -141,22 +139,53 @@ class LoraServingServicer(serving_pb2_grpc.LoraServingServicer):
     @_unary_rpc
     async def Generate(self, request: serving_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> serving_pb2.GenerateResponse:
+        request_id_from(request, context)
         response = serving_pb2.GenerateResponse()
-        async with aclosing(self._generate(request)) as chunks:
+        async with aclosing(self.generate(request)) as chunks:
             async for chunk in chunks:
                 accumulate(response, chunk)
         return response
 
     async def GenerateStream(self, request: serving_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[serving_pb2.GenerateStreamResponse]:
+        request_id_from(request, context)
         try:
-            async with aclosing(self._generate(request)) as chunks:
+            async with aclosing(self.generate(request)) as chunks:
                 async for chunk in chunks:
                     yield chunk
             return
         except Exception as error:  # noqa: BLE001 - every error becomes a status, never a crash
-            code, details = _status_of(error)
+            code, details = status_of(error)
         await context.abort(code, details)
+
+    async def generate(self, request: serving_pb2.GenerateRequest) -> AsyncIterator[serving_pb2.GenerateStreamResponse]:
+        """The generation path of every API (gRPC and HTTP): `_generate`, measured and logged.
+
+        Errors are raised as the exceptions `status_of` maps; close the generator (aclosing)
+        to cancel the request.
+        """
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        fields = {"request_id": request.request_id, "adapter": request.adapter}
+        log.debug("request received", extra=fields)
+        tracker = self._metrics.track(request.adapter)
+        outcome = "cancelled"  # unless it finishes or fails below: the client left or it was cancelled
+        try:
+            async with aclosing(self._generate(request)) as chunks:
+                async for chunk in chunks:
+                    tracker.on_chunk(chunk)
+                    if chunk.finished:
+                        outcome = chunk.finish_reason
+                        fields |= {"prompt_tokens": chunk.usage.prompt_tokens,
+                                   "completion_tokens": chunk.usage.completion_tokens}
+                    yield chunk
+        except Exception as error:
+            outcome = error_code(error).name.lower()
+            fields["error"] = str(error)
+            raise
+        finally:
+            e2e_s = tracker.finish(outcome)
+            log.info("request finished", extra=fields | {"outcome": outcome, "e2e_ms": round(e2e_s * 1e3, 2)})
 
     async def _generate(self, request: serving_pb2.GenerateRequest) -> AsyncIterator[serving_pb2.GenerateStreamResponse]:
         """Validates, submits and streams one request; aborts it at the scheduler if left early."""
@@ -165,7 +194,7 @@ class LoraServingServicer(serving_pb2_grpc.LoraServingServicer):
         check_request(request, limits, has_tokenizer=self._tokenizer is not None)
         prompt_ids = list(request.input_ids) or await self._tokenizer.encode(request.text)
         check_prompt(prompt_ids, request.sampling, limits)
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request.request_id
         submit = internal_pb2.SubmitRequest(
             request_id=request_id, input_ids=prompt_ids, adapter=request.adapter,
             sampling=resolve_sampling(request.sampling, len(prompt_ids), limits))
@@ -236,7 +265,10 @@ class LoraServingServicer(serving_pb2_grpc.LoraServingServicer):
     @_unary_rpc
     async def ListAdapters(self, request: serving_pb2.ListAdaptersRequest,
                            context: grpc.aio.ServicerContext) -> serving_pb2.ListAdaptersResponse:
-        admin = internal_pb2.AdminRequest(list_adapters=request)
+        return await self.adapters()
+
+    async def adapters(self) -> serving_pb2.ListAdaptersResponse:
+        admin = internal_pb2.AdminRequest(list_adapters=serving_pb2.ListAdaptersRequest())
         return (await self._link.admin(admin, self._config.admin_timeout_s)).list_adapters
 
     @_unary_rpc
@@ -269,11 +301,22 @@ class LoraServingServicer(serving_pb2_grpc.LoraServingServicer):
 class FrontendServer:
     """The frontend in the current event loop: `port = await start()`, later `await stop()`."""
 
-    def __init__(self, config: FrontendConfig) -> None:
+    def __init__(self, config: FrontendConfig, authorize: Authorize | None = None) -> None:
+        """`authorize` guards the HTTP API: Authorization header (or None) -> refusal message, or None.
+
+        By default the HTTP API takes the gRPC API's bearer tokens (config.auth), when any are set.
+        """
         self.config = config
+        if authorize is None and config.auth.enabled:
+            authorize = http_authorizer(config.auth)
         self._tokenizer = PromptTokenizer(config.tokenizer_path) if config.tokenizer_path else None
         self._link = SchedulerLink(config.scheduler_address, config.liveness, on_disconnect=self._on_scheduler_lost)
-        self._servicer = LoraServingServicer(self._link, self._tokenizer, config)
+        self.metrics = FrontendMetrics()
+        self._servicer = LoraServingServicer(self._link, self._tokenizer, config, self.metrics)
+        self._http_api = OpenAIApi(self._servicer, self._tokenizer, authorize)
+        self._http_runners: list[web.AppRunner] = []
+        self.http_port: int | None = None
+        self.metrics_port: int | None = None
         self._health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._readiness: asyncio.Task[None] | None = None
@@ -304,6 +347,7 @@ class FrontendServer:
             raise BindError(f"cannot listen on {address}: {error}") from None
         await self._set_health(NOT_SERVING)
         await self._link.start()
+        await self._start_http()
         await server.start()
         self._server = server
         self._readiness = asyncio.create_task(self._become_ready())
@@ -321,13 +365,44 @@ class FrontendServer:
             self._readiness.cancel()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.config.grace_seconds if grace_s is None else grace_s)
+        http_stopped = asyncio.gather(*(runner.shutdown() for runner in self._http_runners))
         while self._link.in_flight and loop.time() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
         if self._server is not None:
             await self._server.stop(max(0.0, deadline - loop.time()))
+        await asyncio.wait_for(http_stopped, max(0.0, deadline - loop.time()) + 1)
+        for runner in self._http_runners:
+            await runner.cleanup()
         await self._link.close()  # after the server: cancelled RPCs still send their aborts
         if self._tokenizer is not None:
             self._tokenizer.close()
+
+    async def _start_http(self) -> None:
+        if self.config.http_port is not None:
+            self.http_port = await self._serve_http(self._http_api.application(), self.config.http_port)
+        if self.config.metrics_port is not None:
+            app = metrics_application(self.metrics, self._scheduler_metrics)
+            self.metrics_port = await self._serve_http(app, self.config.metrics_port)
+
+    async def _serve_http(self, app: web.Application, port: int) -> int:
+        """Serves `app` on the configured host; returns the port (handlers are cancelled if the client leaves)."""
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.config.host, port).start()
+        except OSError as error:
+            await runner.cleanup()
+            raise BindError(f"cannot listen on {grpc_address(self.config.host, port)}: {error}") from None
+        self._http_runners.append(runner)
+        return runner.addresses[-1][1]
+
+    async def _scheduler_metrics(self) -> internal_pb2.MetricsSnapshot | None:
+        admin = internal_pb2.AdminRequest(metrics=internal_pb2.MetricsRequest())
+        try:
+            return (await self._link.admin(admin, self.config.metrics_timeout_s)).metrics
+        except (SchedulerUnavailable, SchedulerFailure) as error:
+            log.debug("no scheduler figures for this scrape: %s", error)
+            return None
 
     async def _become_ready(self) -> None:
         await self._set_health(NOT_SERVING)
@@ -369,6 +444,9 @@ async def serve(config: FrontendConfig) -> None:
     frontend = FrontendServer(config)
     port = await frontend.start()
     print(f"frontend listening on {grpc_address(config.host, port)}", flush=True)
+    for name, http_port in (("OpenAI-compatible HTTP API", frontend.http_port), ("metrics", frontend.metrics_port)):
+        if http_port is not None:
+            print(f"frontend {name} on http://{grpc_address(config.host, http_port)}", flush=True)
     await stop.wait()
     log.info("stopping (grace period %g s)", config.grace_seconds)
     await frontend.stop()

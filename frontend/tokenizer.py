@@ -28,6 +28,20 @@ class PromptTokenizer:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._tokenizer.encode, text)
 
+    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation through the tokenizer's chat template, ready for the reply.
+
+        Raises ValueError when the tokenizer has no chat template.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._encode_chat, messages)
+
+    def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not self._tokenizer.chat_template:
+            raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
+        text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self._tokenizer.encode(text, add_special_tokens=False)  # the template writes its own
+
     def token_strings(self, token_ids: Sequence[int]) -> list[str]:
         return [str(token) for token in self._tokenizer.convert_ids_to_tokens(list(token_ids))]
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import grpc
 
 from loraserve.bench import add_bench_parser
-from loraserve.flags import configure_logging, name_value_pairs
+from loraserve.flags import add_logging_flags, name_value_pairs
+from loraserve.logs import configure_logging
 from loraserve.launcher import ServeConfig, serve
 from loraserve.timeline import add_timeline_parsers
 
@@ -21,7 +22,10 @@ def add_serve_parser(commands) -> None:
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory, if it has one)")
     parser.add_argument("--lora-paths", nargs="*", metavar="NAME=PATH", default=[])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--port", type=int, default=50051, help="the gRPC API")
+    parser.add_argument("--http-port", type=int, help="the OpenAI-compatible HTTP API (default: off)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus metrics at /metrics (default: off)")
+    parser.add_argument("--served-model-name", help="the base model's name in the APIs (default: the directory's)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
@@ -31,9 +35,14 @@ def add_serve_parser(commands) -> None:
     overlap = parser.add_mutually_exclusive_group()
     overlap.add_argument("--enable-lora-overlap-loading", dest="overlap", action="store_true", default=True)
     overlap.add_argument("--disable-lora-overlap-loading", dest="overlap", action="store_false")
+    parser.add_argument("--pipelined-loads", action="store_true",
+                        help="idle server: start a request while its adapter's copy runs (per-layer waits)")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--num-kv-pages", type=int, default=2048)
     parser.add_argument("--host-cache-gb", type=float, default=4.0)
+    parser.add_argument("--disable-cuda-graphs", action="store_true", help="decode steps run eagerly (comparisons)")
+    parser.add_argument("--enable-mixed-graphs", action="store_true",
+                        help="steps with prefill chunks on CUDA graphs too (not yet GPU-validated)")
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--max-queued-requests", type=int, default=1024)
@@ -48,34 +57,40 @@ def add_serve_parser(commands) -> None:
     parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--tls-client-ca", help="PEM CA: mutual TLS, clients need a certificate it signed")
-    parser.add_argument("--log-level", default="info")
+    add_logging_flags(parser)
+    parser.add_argument("--log-file", help="append the three processes' logs here instead of stderr")
     parser.set_defaults(run=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level, "launcher")
+    configure_logging(args.log_level, "launcher", args.log_format)
     lora_paths = name_value_pairs(args.lora_paths, "--lora-paths")
     model_path, adapter_root = args.model_path, args.adapter_root
     if model_path is None:
-        from loraserve.demo import ensure_demo
+        from loraserve.demo import DEMO_MODEL_NAME, ensure_demo
 
         assets = ensure_demo()
         model_path = str(assets.model_dir)
         lora_paths = {name: str(path) for name, path in assets.adapters.items()} | lora_paths
         adapter_root = adapter_root or str(assets.root)
+        args.served_model_name = args.served_model_name or DEMO_MODEL_NAME
     tokenizer = args.tokenizer or (model_path if _has_tokenizer(Path(model_path)) else None)
     config = ServeConfig(
         model_path=model_path, tokenizer_path=tokenizer, lora_paths=lora_paths, host=args.host, port=args.port,
+        http_port=args.http_port, metrics_port=args.metrics_port, served_model_name=args.served_model_name,
         device=args.device, dtype=args.dtype,
         load_format="dummy" if args.load_format == "dummy" else "safetensors",
         max_loras_per_batch=args.max_loras_per_batch, max_loaded_loras=args.max_loaded_loras,
         max_lora_rank=args.max_lora_rank, overlap_loading=args.overlap, page_size=args.page_size,
         num_kv_pages=args.num_kv_pages, host_cache_bytes=int(args.host_cache_gb * (1 << 30)),
         max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
-        max_queued_requests=args.max_queued_requests, log_level=args.log_level, grace_seconds=args.grace_seconds,
+        max_queued_requests=args.max_queued_requests, log_level=args.log_level, log_format=args.log_format,
+        log_file=args.log_file, grace_seconds=args.grace_seconds,
         max_restarts=args.max_restarts, adapter_root=adapter_root, auth_token_file=args.auth_token_file,
         admin_token_file=args.admin_token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        cuda_graphs=not args.disable_cuda_graphs, pipelined_loads=args.pipelined_loads,
+        mixed_graphs=args.enable_mixed_graphs,
     )
     return serve(config)
 

@@ -22,6 +22,7 @@ from loraserve.synthetic import write_random_adapter
 from worker.model.config import load_model_config
 
 DEMO_VERSION = "v1"
+DEMO_MODEL_NAME = "loraserve-demo"  # the base model's name in the APIs
 TOKENIZER_VOCAB_SIZE = 256
 DEMO_CONTEXT = 1024
 DEMO_ADAPTERS = {

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
+
+from loraserve.logs import LOG_FORMATS
 
 
 def name_value_pairs(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -22,12 +23,10 @@ def name_value_pairs(values: list[str] | None, flag: str) -> dict[str, str]:
     return pairs
 
 
-def configure_logging(level: str, process: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"%(asctime)s {process} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def add_logging_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-format", default="logfmt", choices=LOG_FORMATS,
+                        help="one line per record: key=value pairs (logfmt) or a JSON object")
 
 
 PARENT_PID_VARIABLE = "LORASERVE_PARENT_PID"

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,9 @@ class ServeConfig:
     lora_paths: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int | None = None  # the OpenAI-compatible HTTP API (off when None)
+    metrics_port: int | None = None  # Prometheus /metrics (off when None)
+    served_model_name: str | None = None  # the base model's name in the APIs (default: the model directory's name)
     device: str = "auto"
     dtype: str = "auto"
     load_format: str = "safetensors"
@@ -46,9 +50,12 @@ class ServeConfig:
     max_loaded_loras: int = 16
     max_lora_rank: int = 64
     overlap_loading: bool = True
+    pipelined_loads: bool = False
     page_size: int = 16
     num_kv_pages: int = 2048
     host_cache_bytes: int = 4 << 30
+    cuda_graphs: bool = True
+    mixed_graphs: bool = False
     max_batch_tokens: int = 2048
     max_running_requests: int = 256
     max_queued_requests: int = 1024
@@ -56,6 +63,8 @@ class ServeConfig:
     startup_timeout_s: float = 300.0
     grace_seconds: float = 5.0
     log_level: str = "info"
+    log_format: str = "logfmt"
+    log_file: str | None = None  # the three processes' logs are appended here instead of stderr
     adapter_root: str | None = None  # LoadAdapter accepts only paths inside it
     auth_token_file: str | None = None  # bearer token for every RPC but health
     admin_token_file: str | None = None  # bearer token for LoadAdapter/UnloadAdapter
@@ -84,30 +93,40 @@ def _optional(flag: str, value: str | None) -> list[str]:
 
 def process_commands(config: ServeConfig, addresses: Addresses, files: RuntimeFiles) -> dict[str, list[str]]:
     python = [sys.executable, "-m"]
+    logging_flags = ["--log-level", config.log_level, "--log-format", config.log_format]
     worker = [*python, "worker", "--scheduler-address", addresses.worker, "--model-path", config.model_path,
               "--load-format", config.load_format, "--device", config.device, "--dtype", config.dtype,
               "--page-size", str(config.page_size), "--num-kv-pages", str(config.num_kv_pages),
               "--max-loras-per-batch", str(config.max_loras_per_batch),
               "--max-loaded-loras", str(config.max_loaded_loras), "--max-lora-rank", str(config.max_lora_rank),
-              "--host-cache-bytes", str(config.host_cache_bytes), "--log-level", config.log_level]
+              "--host-cache-bytes", str(config.host_cache_bytes), *logging_flags]
+    if not config.cuda_graphs:
+        worker.append("--disable-cuda-graphs")
+    if config.mixed_graphs:
+        worker.append("--enable-mixed-graphs")
     for name, seconds in config.slow_loads.items():
         worker += ["--slow-load", f"{name}={seconds}"]
     scheduler = [*python, "scheduler", "--frontend-address", addresses.frontend,
                  "--worker-address", addresses.worker,
                  "--enable-lora-overlap-loading" if config.overlap_loading else "--disable-lora-overlap-loading",
+                 *(["--pipelined-loads"] if config.pipelined_loads else []),
                  "--max-batch-tokens", str(config.max_batch_tokens),
                  "--max-running-requests", str(config.max_running_requests),
-                 "--max-queued-requests", str(config.max_queued_requests), "--log-level", config.log_level,
+                 "--max-queued-requests", str(config.max_queued_requests), *logging_flags,
                  "--registry-file", files.registry, *_optional("--adapter-root", config.adapter_root)]
     if config.lora_paths:
         scheduler += ["--lora-paths", *(f"{n}={p}" for n, p in config.lora_paths.items())]
     frontend = [*python, "frontend", "--host", config.host, "--port", str(config.port),
-                "--scheduler-address", addresses.frontend, "--model-name", Path(config.model_path).name,
-                "--grace-seconds", str(config.grace_seconds), "--ready-file", files.ready,
+                "--scheduler-address", addresses.frontend,
+                "--model-name", config.served_model_name or Path(config.model_path).name,
+                "--grace-seconds", str(config.grace_seconds), "--ready-file", files.ready, *logging_flags,
                 *_optional("--auth-token-file", config.auth_token_file),
                 *_optional("--admin-token-file", config.admin_token_file),
                 *_optional("--tls-cert", config.tls_cert), *_optional("--tls-key", config.tls_key),
                 *_optional("--tls-client-ca", config.tls_client_ca)]
+    for flag, port in (("--http-port", config.http_port), ("--metrics-port", config.metrics_port)):
+        if port is not None:
+            frontend += [flag, str(port)]
     if config.tokenizer_path:
         frontend += ["--tokenizer", config.tokenizer_path]
     return {"scheduler": scheduler, "worker": worker, "frontend": frontend}
@@ -136,7 +155,9 @@ class Launcher:
 
     def _spawn(self, name: str) -> None:
         environment = os.environ | {PARENT_PID_VARIABLE: str(os.getpid())}
-        self.processes[name] = subprocess.Popen(self.commands[name], env=environment)
+        # The child keeps its own copy of the log file's descriptor once started.
+        with open(self.config.log_file, "a") if self.config.log_file else nullcontext() as log_file:
+            self.processes[name] = subprocess.Popen(self.commands[name], env=environment, stderr=log_file)
         log.debug("started %s (pid %d)", name, self.processes[name].pid)
 
     def wait_until_serving(self) -> None:

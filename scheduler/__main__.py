@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from loraserve.flags import configure_logging, die_with_parent, name_value_pairs, on_termination
+from loraserve.flags import add_logging_flags, die_with_parent, name_value_pairs, on_termination
+from loraserve.logs import configure_logging
 from scheduler.config import SchedulerConfig
 from scheduler.service import SchedulerService, SchedulerServiceConfig
 
@@ -20,20 +21,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--max-queued-requests", type=int, default=1024)
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--pipelined-loads", action="store_true",
+                        help="idle server: start a request while its adapter's copy runs (per-layer waits)")
     parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                         help="stage and load adapters only on demand")
     parser.add_argument("--adapter-root", help="LoadAdapter accepts only paths inside this directory")
     parser.add_argument("--registry-file", help="keeps the adapters loaded at run time across restarts (JSON)")
-    parser.add_argument("--log-level", default="info")
+    add_logging_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     die_with_parent()
-    configure_logging(args.log_level, "scheduler")
+    configure_logging(args.log_level, "scheduler", args.log_format)
     config = SchedulerConfig(
-        overlap_loading=args.overlap, max_running_requests=args.max_running_requests,
+        overlap_loading=args.overlap, pipelined_loads=args.pipelined_loads,
+        max_running_requests=args.max_running_requests,
         max_queued_requests=args.max_queued_requests, max_batch_tokens=args.max_batch_tokens,
         initial_adapters=name_value_pairs(args.lora_paths, "--lora-paths"), prefetch=args.prefetch,
         adapter_root=args.adapter_root, registry_file=args.registry_file,

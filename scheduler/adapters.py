@@ -41,6 +41,9 @@ class Adapter:
     unloading: bool = False
     last_used: float = field(default_factory=time.monotonic)
     loaded_at: float | None = None
+    # LOADING with its copy running in the worker (it was in the host cache): requests may run,
+    # the worker's compute waits per layer on the copy (pipelined loading).
+    copy_started: bool = False
 
     @property
     def host_bytes(self) -> int:
@@ -111,16 +114,10 @@ class AdapterTable:
         victim = min(idle, key=lambda a: (a.waiting > 0, a.last_used), default=None)
         return None if victim is None else victim.slot
 
-    def busiest_slot_to_drain(self) -> int | None:
-        """When no slot is idle: the resident slot that will free soonest (fewest references)."""
-        resident = [self.adapters[o] for o in self.slot_owner
-                    if o is not None and self.adapters[o].state is AdapterState.RESIDENT]
-        victim = min(resident, key=lambda a: (a.references, a.last_used), default=None)
-        return None if victim is None else victim.slot
-
     def assign_slot(self, adapter: Adapter, slot: int) -> None:
         self.slot_owner[slot] = adapter.name
         adapter.slot = slot
+        adapter.copy_started = adapter.state is AdapterState.HOST
         adapter.state = AdapterState.LOADING
 
     def release_slot(self, adapter: Adapter) -> None:

@@ -12,6 +12,11 @@ class SchedulerConfig:
     max_queued_requests: int = 1024  # beyond it, RESOURCE_EXHAUSTED at once
     max_batch_tokens: int = 2048  # tokens per forward: decodes first, then prefill chunks
     initial_adapters: dict[str, str] = field(default_factory=dict)  # name -> path, registered at start
+    max_draining_slots: int = 1  # slots drained at once for adapters waiting for one (benchmarks/slot_policy_sim.py)
+    # Overlap mode, idle server: start a request once its adapter's copy runs, its forward
+    # waiting per layer on the copy. Off by default: a request arriving during the copy waits
+    # behind that forward, which costs little only when copies are short (GPU, pinned cache).
+    pipelined_loads: bool = False
     prefetch: bool = True  # stage idle adapters into host memory and free slots ahead of demand
     adapter_root: str | None = None  # set: LoadAdapter accepts only paths inside this directory
     registry_file: str | None = None  # set: adapters loaded at run time, kept across scheduler restarts

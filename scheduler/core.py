@@ -9,6 +9,7 @@ baseline) a request's load is issued as a blocking load ahead of the forward, st
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -18,10 +19,12 @@ from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
 from scheduler.adapters import Adapter, AdapterState, AdapterTable
 from scheduler.config import SchedulerConfig
+from scheduler.metrics import SchedulerMetrics
 from scheduler.pages import PageAllocator
 from scheduler.requests import Phase, Request, Sampling
 
 
+log = logging.getLogger("loraserve.scheduler")
 TRACE_CAPACITY = 100_000  # request spans kept for the timeline
 
 
@@ -65,7 +68,11 @@ class SchedulerCore:
         self.outputs: list[tuple[bytes, pb.SchedulerMessage]] = []
         self.unloads: dict[str, PendingUnload] = {}
         self.counters = Counters()
-        self.draining_slot: int | None = None
+        self.metrics = SchedulerMetrics()
+        # Slots that admit no new request until their running ones finish and the slot goes to
+        # an adapter that waits for one. Sticky: a drain is never abandoned halfway.
+        self.draining: dict[int, str] = {}  # slot -> the adapter it is draining
+        self._wanting_slot: set[str] = set()  # adapters refused a slot in this admission pass
         self.forward_in_flight: list[Request] | None = None
         self.request_trace: deque[dict] = deque(maxlen=TRACE_CAPACITY)
 
@@ -77,10 +84,13 @@ class SchedulerCore:
         except RequestRejected as rejection:
             self._emit_error(client, submit.request_id, rejection.code, str(rejection))
             return
+        log.debug("request queued", extra={"request_id": request.request_id, "adapter": request.adapter,
+                                           "prompt_tokens": len(request.prompt)})
         self.requests[request.request_id] = request
         self.waiting.append(request)
         if request.adapter:
             self.adapters[request.adapter].waiting += 1
+            self.metrics.look_up(self.adapters[request.adapter])
 
     def _new_request(self, client: bytes, submit: pb.SubmitRequest) -> Request:
         if submit.request_id in self.requests:
@@ -113,22 +123,29 @@ class SchedulerCore:
     # Adapter events -------------------------------------------------------------------
 
     def on_load_events(self, events: pb.LoadEvents) -> None:
+        now = time.monotonic()
         for name in events.staged:
             adapter = self.adapters.adapters.get(name)
+            if adapter is not None:
+                self.metrics.host.finish(adapter, now)
             if adapter is not None and adapter.state is AdapterState.STAGING:
                 adapter.state = AdapterState.HOST
+            elif adapter is not None and adapter.state is AdapterState.LOADING:
+                adapter.copy_started = True  # the worker starts a deferred load before it reports staging
         for loaded in events.loaded:
             adapter = self.adapters.adapters.get(loaded.name)
             if adapter is not None and adapter.slot == loaded.slot and adapter.state is AdapterState.LOADING:
                 adapter.state = AdapterState.RESIDENT
-                adapter.loaded_at = time.monotonic()
+                adapter.loaded_at = now
                 self.counters.loads_finished += 1
+                self.metrics.gpu.finish(adapter, now)
         for failed in events.failed:
             self.on_adapter_failed(failed.name, failed.error)
         self._complete_unloads()
 
     def on_adapter_failed(self, name: str, error: pb.Error) -> None:
         """A stage or load failed: roll the adapter back; requests fail unless it may pass later."""
+        self.metrics.fail(name)
         adapter = self.adapters.adapters.get(name)
         if adapter is None:
             return
@@ -141,6 +158,12 @@ class SchedulerCore:
                 self._emit_error(request.client, request.request_id, error.code,
                                  f"adapter {name!r} could not be loaded: {error.message}")
                 self._drop(request)
+
+    def on_blocking_load_done(self, name: str) -> None:
+        """The worker answered a blocking load: the copy is done (the core counted it resident when issued)."""
+        adapter = self.adapters.adapters.get(name)
+        if adapter is not None:
+            self.metrics.gpu.finish(adapter, time.monotonic())
 
     def register(self, registered: pb.RegisteredAdapter, path: str) -> Adapter:
         adapter = Adapter(registered.name, path, registered.rank, registered.size_bytes,
@@ -186,7 +209,10 @@ class SchedulerCore:
 
     def _admit(self) -> None:
         now = time.monotonic()
-        self.draining_slot = None  # re-chosen below if a waiting request still lacks a slot
+        # A drain ends when its slot changed hands, or when no adapter waited for a slot last pass.
+        self.draining = {slot: name for slot, name in self.draining.items()
+                         if self._wanting_slot and self.adapters.slot_owner[slot] == name}
+        self._wanting_slot = set()
         for request in list(self.waiting):
             if len(self.running) >= self.config.max_running_requests:
                 return
@@ -201,8 +227,15 @@ class SchedulerCore:
             return True
         adapter = self.adapters[request.adapter]
         if adapter.state is AdapterState.RESIDENT:
-            return adapter.slot != self.draining_slot
-        return self._ensure_loading(adapter) and not self.config.overlap_loading
+            return adapter.slot not in self.draining
+        if not self._ensure_loading(adapter):
+            return False
+        # Blocking mode: the copy is done before the next forward. Pipelined loads on an idle
+        # server: the request starts while the copy runs, its forward waiting per layer on the
+        # copy (worker); with other requests running it waits, so their decoding never does.
+        if not self.config.overlap_loading:
+            return True
+        return self.config.pipelined_loads and adapter.copy_started and not self.running
 
     def _ensure_loading(self, adapter: Adapter) -> bool:
         """Starts staging and loading `adapter` if a slot can be had; True once it has a slot."""
@@ -212,37 +245,58 @@ class SchedulerCore:
         # free it for a moment only, and the next step would evict the adapter reloaded into it.
         if adapter.state is AdapterState.ON_DISK and not self._make_host_room(adapter):
             return False
-        slot = self._claim_slot()
+        slot = self._claim_slot(adapter)
         if slot is None:
             return False
         if adapter.state is AdapterState.ON_DISK:
-            adapter.state = AdapterState.STAGING
-            self.commands.append(pb.WorkerCommand(stage_adapter=pb.StageAdapter(name=adapter.name)))
+            self._stage(adapter)
         self.adapters.assign_slot(adapter, slot)
         blocking = not self.config.overlap_loading
         self.commands.append(pb.WorkerCommand(load_slot=pb.LoadSlot(name=adapter.name, slot=slot, blocking=blocking)))
         self.counters.loads_started += 1
+        self.metrics.gpu.start(adapter.name, time.monotonic())
         if blocking:  # the worker finishes the copy before it runs the next forward
             adapter.state = AdapterState.RESIDENT
             adapter.loaded_at = time.monotonic()
             self.counters.loads_finished += 1
         return True
 
-    def _claim_slot(self) -> int | None:
+    def _claim_slot(self, adapter: Adapter) -> int | None:
         slot = self.adapters.free_slot()
         if slot is not None:
             return slot
         slot = self.adapters.slot_victim()
         if slot is None:
-            # Every slot is referenced: stop admitting to the one that frees soonest, so a
-            # waiting request cannot starve behind a stream of requests for resident adapters.
-            if self.draining_slot is None:
-                self.draining_slot = self.adapters.busiest_slot_to_drain()
+            self._wanting_slot.add(adapter.name)
+            self._drain_for_waiting_adapters()
             return None
         victim = self.adapters[self.adapters.slot_owner[slot]]
         self.adapters.release_slot(victim)
         self.commands.append(pb.WorkerCommand(evict_slot=pb.EvictSlot(slot=slot)))
         return slot
+
+    def _drain_for_waiting_adapters(self) -> None:
+        """Every slot is referenced: stop admitting to the slots that free soonest, one per
+        adapter waiting for a slot (at most `max_draining_slots`), so waiting requests cannot
+        starve behind a stream of requests for resident adapters."""
+        limit = min(len(self._wanting_slot), self.config.max_draining_slots)
+        while len(self.draining) < limit:
+            slot = self._soonest_free_slot()
+            if slot is None:
+                return
+            self.draining[slot] = self.adapters.slot_owner[slot]
+
+    def _soonest_free_slot(self) -> int | None:
+        """The resident, not yet draining slot whose running requests have the fewest tokens left."""
+        tokens_left: dict[int, int] = {}
+        for request in self.running:
+            if request.slot >= 0:
+                left = request.sampling.max_new_tokens - len(request.generated)
+                tokens_left[request.slot] = max(tokens_left.get(request.slot, 0), left)
+        candidates = [slot for slot, owner in enumerate(self.adapters.slot_owner)
+                      if owner is not None and slot not in self.draining
+                      and self.adapters[owner].state is AdapterState.RESIDENT]
+        return min(candidates, key=lambda slot: tokens_left.get(slot, 0), default=None)
 
     def _make_host_room(self, adapter: Adapter) -> bool:
         while not self.adapters.host_has_room(adapter):
@@ -259,10 +313,14 @@ class SchedulerCore:
             if adapter.unloading:
                 continue
             if adapter.state is AdapterState.ON_DISK and self.adapters.host_has_room(adapter):
-                adapter.state = AdapterState.STAGING
-                self.commands.append(pb.WorkerCommand(stage_adapter=pb.StageAdapter(name=adapter.name)))
+                self._stage(adapter)
             if adapter.state is AdapterState.HOST and self.adapters.free_slot() is not None:
                 self._ensure_loading(adapter)
+
+    def _stage(self, adapter: Adapter) -> None:
+        adapter.state = AdapterState.STAGING
+        self.commands.append(pb.WorkerCommand(stage_adapter=pb.StageAdapter(name=adapter.name)))
+        self.metrics.host.start(adapter.name, time.monotonic())
 
     def _start_running(self, request: Request, now: float) -> None:
         self.waiting.remove(request)
@@ -275,10 +333,14 @@ class SchedulerCore:
             adapter.references += 1
             adapter.last_used = now
             request.slot = adapter.slot
-            request.adapter_ready_at = max(request.arrival, adapter.loaded_at or request.arrival)
+            # A pipelined start (copy still running) waited for the adapter until now.
+            ready_at = now if adapter.state is AdapterState.LOADING else (adapter.loaded_at or request.arrival)
+            request.adapter_ready_at = max(request.arrival, ready_at)
         else:
             request.adapter_ready_at = request.arrival
         self.running.append(request)
+        log.debug("request admitted", extra={"request_id": request.request_id, "slot": request.slot,
+                                             "queued_ms": round((now - request.arrival) * 1e3, 2)})
 
     def _build_batch(self) -> tuple[pb.Forward, list[Request]]:
         budget = self.config.max_batch_tokens
@@ -318,6 +380,7 @@ class SchedulerCore:
                     self._drop(request)
             return
         self.counters.worker_forward_seconds += result.forward_ms / 1e3
+        self.metrics.worker_forward_seconds.observe(result.forward_ms / 1e3)
         now = time.monotonic()
         for token in result.tokens:
             request = self.requests.get(token.request_id)
@@ -354,6 +417,8 @@ class SchedulerCore:
         output.prompt_tokens = len(request.prompt)
         output.timing.CopyFrom(request.timing(time.monotonic()))
         self.outputs.append((request.client, pb.SchedulerMessage(output=output)))
+        log.debug("request finished", extra={"request_id": request.request_id, "finish_reason": reason,
+                                             "output_tokens": len(request.generated)})
         self._trace(request, reason)
         self._drop(request)
 
@@ -396,6 +461,7 @@ class SchedulerCore:
         self.forward_in_flight = None
 
     def _emit_error(self, client: bytes, request_id: str, code: int, message: str) -> None:
+        log.info("request failed", extra={"request_id": request_id, "code": pb.ErrorCode.Name(code), "error": message})
         output = pb.RequestOutput(request_id=request_id, finished=True, error=pb.Error(code=code, message=message))
         self.outputs.append((client, pb.SchedulerMessage(output=output)))
 
@@ -411,6 +477,15 @@ class SchedulerCore:
             requests_finished=c.requests_finished, requests_aborted=c.requests_aborted,
             forward_steps=c.forward_steps, loads_started=c.loads_started, loads_finished=c.loads_finished,
             worker_forward_seconds=c.worker_forward_seconds, scheduler_step_seconds=c.scheduler_step_seconds,
+        )
+
+    def metrics_snapshot(self) -> pb.MetricsSnapshot:
+        m = self.metrics
+        return pb.MetricsSnapshot(
+            stats=self.stats(), gpu_slots_total=len(self.adapters.slot_owner),
+            host_cache_capacity_bytes=self.adapters.host_capacity_bytes,
+            adapters_registered=len(self.adapters.adapters), host=m.host.to_proto(), gpu=m.gpu.to_proto(),
+            worker_forward_seconds=m.worker_forward_seconds.to_proto(),
         )
 
     def take_commands(self) -> list[pb.WorkerCommand]:

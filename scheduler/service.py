@@ -5,9 +5,11 @@ and a ROUTER bound at the worker address (the worker connects a DEALER and says 
 One forward is in flight at a time; frontend messages are handled while it runs.
 
 Peers are not trusted: a message that is not one protobuf envelope of the expected type
-is dropped with a warning. When the worker's last connection drops (it died), requests in
-flight fail with UNAVAILABLE at once and the scheduler waits for a new worker's hello,
-which re-registers every adapter.
+is dropped with a warning. A worker that disconnects (its process died; over tcp, its
+container) is noticed through the worker socket's monitor: the connection the worker's
+hello came in on (its file descriptor) closing fails every request in flight with
+UNAVAILABLE, and new ones are refused with UNAVAILABLE until a worker says hello again
+(every adapter, including those loaded at run time, is re-registered).
 """
 
 from __future__ import annotations
@@ -63,9 +65,9 @@ class SchedulerService:
         self.frontends = self._bind(config.frontend_address)
         self.frontends.setsockopt(zmq.MAXMSGSIZE, MAX_FRONTEND_MESSAGE_BYTES)
         self.worker = self._bind(config.worker_address)
-        self.worker_monitor = self.worker.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self.worker_connections = 0
+        self.worker_monitor = self.worker.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.worker_identity: bytes | None = None
+        self.worker_fd: int | None = None  # the connection the current worker's hello came in on
         self.core: SchedulerCore | None = None
         self.callbacks: dict[int, CommandDone] = {}
         self.next_command_id = 1
@@ -100,19 +102,19 @@ class SchedulerService:
         while not self.stopping:
             busy = self.core is not None and (self.core.waiting or self.core.running)
             events = dict(poller.poll(0 if busy and self.core.forward_in_flight is None else IDLE_POLL_MS))
+            if self.worker_monitor in events:  # before the worker's messages: a successor's hello comes after
+                self._on_worker_socket_events()
             if self.worker in events:
-                self._drain(self.worker, pb.WorkerEvent, self._on_worker_message)
-            if self.worker_monitor in events:
-                self._on_worker_connection_events()
+                self._drain_worker()
             if self.frontends in events:
                 self._drain(self.frontends, pb.FrontendMessage, self._on_frontend_message)
             self._step()
         self.close()
 
     def close(self) -> None:
+        self.frontends.close(linger=0)
         self.worker.disable_monitor()
         self.worker_monitor.close(linger=0)
-        self.frontends.close(linger=0)
         self.worker.close(linger=0)
 
     def _drain(self, socket: zmq.Socket, kind: type[Message], handle: Callable[[bytes, Message], None]) -> None:
@@ -156,10 +158,31 @@ class SchedulerService:
 
     # Worker -----------------------------------------------------------------------------
 
-    def _on_worker_message(self, identity: bytes, event: pb.WorkerEvent) -> None:
+    def _drain_worker(self) -> None:
+        while True:
+            try:
+                frames = self.worker.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            event = _parse([frame.bytes for frame in frames], pb.WorkerEvent)
+            if event is None:
+                log.warning("dropped a message that is not one %s", pb.WorkerEvent.DESCRIPTOR.full_name)
+                continue
+            self._on_worker_message(frames[0].bytes, event, frames[-1].get(zmq.SRCFD))
+
+    def _on_worker_socket_events(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(self.worker_monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if self.core is not None and int(event["value"]) == self.worker_fd:
+                self._drop_worker("the worker disconnected")
+
+    def _on_worker_message(self, identity: bytes, event: pb.WorkerEvent, fd: int) -> None:
         kind = event.WhichOneof("kind")
         if kind == "hello":
-            self._on_hello(identity, event.hello)
+            self._on_hello(identity, event.hello, fd)
         elif identity != self.worker_identity:
             log.warning("ignoring a message from a worker that is not the current one")
         elif kind == "result":
@@ -170,35 +193,30 @@ class SchedulerService:
         elif kind == "load_events":
             self.core.on_load_events(event.load_events)
 
-    def _on_worker_connection_events(self) -> None:
-        while True:
-            try:
-                event = parse_monitor_message(self.worker_monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
-            self.worker_connections += 1 if event["event"] == zmq.EVENT_ACCEPTED else -1
-            if self.worker_connections == 0 and self.core is not None:
-                log.warning("lost the worker: failing in-flight requests until a worker says hello")
-                self._forget_worker("the worker was lost; retry the request")
+    def _drop_worker(self, reason: str) -> None:
+        """Fails everything in flight with UNAVAILABLE; not ready until a worker says hello.
 
-    def _forget_worker(self, reason: str) -> None:
-        """Everything in flight on the old worker fails; pending unloads are done (the next worker never has them)."""
+        The old worker's command callbacks run while its core still exists, and pending
+        unloads are answered as done (the next worker never has the adapter).
+        """
+        log.warning("%s: failing in-flight requests", reason)
         callbacks, self.callbacks = list(self.callbacks.values()), {}
-        self.core.fail_all(pb.UNAVAILABLE, reason)
+        self.core.fail_all(pb.UNAVAILABLE, f"{reason}; retry the request")
         for callback in callbacks:
             callback(pb.CommandResult(error=pb.Error(code=pb.UNAVAILABLE, message=reason)))
         for unload in self.core.unloads.values():
             for on_done in unload.on_done:
                 on_done()
         self._flush_outputs()
-        self.core, self.worker_identity = None, None
+        self.core, self.worker_identity, self.worker_fd = None, None, None
+        self.registrations_pending = 0
 
-    def _on_hello(self, identity: bytes, hello: pb.WorkerHello) -> None:
+    def _on_hello(self, identity: bytes, hello: pb.WorkerHello, fd: int) -> None:
         if self.core is not None:
-            log.warning("worker restarted (pid %d): failing in-flight requests", hello.pid)
-            self._forget_worker("the worker restarted; retry the request")
+            self._drop_worker(f"the worker restarted (pid {hello.pid})")
         log.info("worker ready: %s on %s (%s)", hello.model, hello.device, hello.dtype)
         self.worker_identity = identity
+        self.worker_fd = fd
         self.core = SchedulerCore(self.config.scheduler, hello)
         for name, path in self.registered_paths.items():
             self._register_at_start(name, path)
@@ -237,6 +255,8 @@ class SchedulerService:
 
         def done(result: pb.CommandResult) -> None:
             if not result.HasField("error"):
+                if kind == "load_slot" and command.load_slot.blocking and self.core is not None:
+                    self.core.on_blocking_load_done(name)
                 return
             log.warning("%s failed: %s", kind, result.error.message)
             if name is not None and self.core is not None:
@@ -276,6 +296,8 @@ class SchedulerService:
             reply(pb.AdminResponse(server_info=self._server_info()))
         elif command == "stats":
             reply(pb.AdminResponse(stats=self.core.stats()))
+        elif command == "metrics":
+            reply(pb.AdminResponse(metrics=self.core.metrics_snapshot()))
         elif command == "list_adapters":
             adapters = [a.info() for _, a in sorted(self.core.adapters.adapters.items())]
             reply(pb.AdminResponse(list_adapters=serving_pb2.ListAdaptersResponse(adapters=adapters)))

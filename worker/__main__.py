@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from loraserve.flags import configure_logging, die_with_parent, name_value_pairs, on_termination
+from loraserve.flags import add_logging_flags, die_with_parent, name_value_pairs, on_termination
+from loraserve.logs import configure_logging
 from worker.engine import EngineConfig
 from worker.service import WorkerConfig, WorkerService
 
@@ -22,21 +23,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-loaded-loras", type=int, default=16)
     parser.add_argument("--max-lora-rank", type=int, default=64)
     parser.add_argument("--host-cache-bytes", type=int, default=4 << 30)
+    parser.add_argument("--enable-mixed-graphs", action="store_true",
+                        help="steps with prefill chunks on static buffers / CUDA graphs too (not yet GPU-validated)")
+    parser.add_argument("--disable-cuda-graphs", action="store_true",
+                        help="decode steps run eagerly (the engine before CUDA graphs; for comparisons)")
     parser.add_argument("--slow-load", action="append", metavar="NAME=SECONDS",
                         help="test only: make every load of this adapter take SECONDS longer")
-    parser.add_argument("--log-level", default="info")
+    add_logging_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     die_with_parent()
-    configure_logging(args.log_level, "worker")
+    configure_logging(args.log_level, "worker", args.log_format)
     engine = EngineConfig(
         model_path=args.model_path, load_format=args.load_format, device=args.device, dtype=args.dtype,
         page_size=args.page_size, num_kv_pages=args.num_kv_pages, max_loras_per_batch=args.max_loras_per_batch,
         max_loaded_loras=args.max_loaded_loras, max_lora_rank=args.max_lora_rank,
-        host_cache_bytes=args.host_cache_bytes,
+        host_cache_bytes=args.host_cache_bytes, cuda_graphs=not args.disable_cuda_graphs,
+        static_mixed=args.enable_mixed_graphs,
     )
     slow = {name: float(seconds) for name, seconds in name_value_pairs(args.slow_load, "--slow-load").items()}
     service = WorkerService(WorkerConfig(args.scheduler_address, engine, slow))

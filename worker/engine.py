@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from worker.batch import NO_ADAPTER, ForwardOutput, SampledToken, SequenceInput
+from worker.decode_step import DecodeRunner
 from worker.errors import AdapterNotFoundError, AdapterStateError, CapacityError
 from worker.kv_cache import PagedKVCache
 from worker.lora.adapter import TARGET_MODULES, AdapterManifest, read_adapter_manifest
@@ -24,7 +25,7 @@ from worker.lora.slots import LoraSlots
 from worker.model.config import DTYPES, ModelConfig, load_model_config
 from worker.model.llama import LlamaModel, ModelWeights, fuse_weights
 from worker.model.weights import dummy_weights, load_safetensors
-from worker.plan import ForwardPlan, build_plan
+from worker.plan import ForwardPlan, SortedBatch, plan_tensors, sort_batch
 from worker.sampling import sample, validate_sampling
 from worker.timeline import COMPUTE_LANE, COPY_LANE, Timeline
 
@@ -43,6 +44,12 @@ class EngineConfig:
     max_loaded_loras: int = 16
     host_cache_bytes: int = 1 << 30
     seed: int = 0  # for dummy weights
+    static_decode: bool = True  # decode-only batches run on fixed-size buffers (worker.decode_step)
+    cuda_graphs: bool = True  # ... captured and replayed as CUDA graphs on a GPU
+    max_decode_batch: int = 256  # larger decode batches take the eager path
+    # Batches with prefill chunks on static buffers too (ragged attention, token buckets); off
+    # until its Triton kernel and graphs are validated on a GPU (CPU tests cover the logic).
+    static_mixed: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,10 @@ class Engine:
         self.copier = (CudaCopier(self.slots, c.num_layers, self.device, load_hook) if on_gpu
                        else ThreadCopier(self.slots, c.num_layers, load_hook))
         self.timeline = Timeline(self.device)
+        self.decode_runner = DecodeRunner(
+            self.model, self.kv_cache, self.slots, page_size=config.page_size,
+            max_batch=config.max_decode_batch, use_cuda_graphs=config.cuda_graphs, mixed=config.static_mixed,
+        ) if config.static_decode else None
         self.adapters: dict[str, AdapterManifest] = {}
         self.pending: dict[int, LoadJob] = {}  # slot -> load in flight
 
@@ -184,21 +195,29 @@ class Engine:
         for seq in inputs:
             validate_sampling(seq.sampling)
             self._check_slot_served(seq)
-        plan = build_plan(
-            inputs, page_size=self.config.page_size, num_pages=self.config.num_kv_pages,
-            vocab_size=self.model_config.vocab_size, device=self.device,
-        )
-        lora = _ForwardLora(self, plan)
-        span = self.timeline.begin(COMPUTE_LANE, "forward", sequences=len(inputs), tokens=plan.num_tokens,
-                                   adapters=sorted({self.slots.occupants[s] for s in plan.active_slots}))
-        with torch.inference_mode(), self.copier.reading(plan.active_slots):
-            hidden = self.model.forward(plan, self.kv_cache, lora)
+        batch = sort_batch(inputs, page_size=self.config.page_size, num_pages=self.config.num_kv_pages,
+                           vocab_size=self.model_config.vocab_size)
+        static = self._takes_static_decode(batch)
+        span = self.timeline.begin(COMPUTE_LANE, "forward", sequences=len(inputs), tokens=batch.num_tokens,
+                                   adapters=sorted({self.slots.occupants[s] for s in batch.active_slots}),
+                                   path="static" if static else "eager")
+        with torch.inference_mode(), self.copier.reading(batch.active_slots):
+            hidden = self.decode_runner.run(batch.sequences) if static else self._eager_forward(batch)
             self.timeline.end(span)
-            tokens = self._sample(plan, hidden)
-            logits = self._all_logits(plan, hidden) if return_logits else None
+            tokens = self._sample(batch, hidden)
+            logits = self._all_logits(batch, hidden) if return_logits else None
         return ForwardOutput(tokens=tokens, logits=logits)
 
-    def _sample(self, plan: ForwardPlan, hidden: torch.Tensor) -> list[SampledToken]:
+    def _takes_static_decode(self, batch: SortedBatch) -> bool:
+        """Decode-only batches, unless one of their adapters is still landing (per-layer waits)."""
+        return (self.decode_runner is not None and self.decode_runner.supports(batch.sequences)
+                and not any(slot in self.pending for slot in batch.active_slots))
+
+    def _eager_forward(self, batch: SortedBatch) -> torch.Tensor:
+        plan = plan_tensors(batch, page_size=self.config.page_size, device=self.device)
+        return self.model.forward(plan, self.kv_cache, _ForwardLora(self, plan))
+
+    def _sample(self, plan: SortedBatch, hidden: torch.Tensor) -> list[SampledToken]:
         chosen = [i for i, seq in enumerate(plan.sequences) if seq.sample]
         if not chosen:
             return []
@@ -209,7 +228,7 @@ class Engine:
         by_caller_order = sorted(zip((plan.order[i] for i in chosen), seqs, token_ids, logprobs))
         return [SampledToken(seq.request_id, token, logprob) for _, seq, token, logprob in by_caller_order]
 
-    def _all_logits(self, plan: ForwardPlan, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _all_logits(self, plan: SortedBatch, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.model.logits(hidden).cpu()
         return {
             seq.request_id: logits[start:start + len(seq.token_ids)]

@@ -9,7 +9,9 @@ class PagedKVCache:
     """Per layer, keys and values of shape [num_pages * page_size, kv_heads, head_dim].
 
     A token at position p of a sequence lives at flat index
-    page_table[p // page_size] * page_size + p % page_size.
+    page_table[p // page_size] * page_size + p % page_size. One page more than `num_pages`
+    is allocated: padding rows of a fixed-size (CUDA-graph) batch write their keys there,
+    at `scratch_index`, which no page table may name.
     """
 
     def __init__(
@@ -25,7 +27,7 @@ class PagedKVCache:
     ) -> None:
         self.num_pages = num_pages
         self.page_size = page_size
-        shape = (num_layers, 2, num_pages * page_size, num_kv_heads, head_dim)
+        shape = (num_layers, 2, (num_pages + 1) * page_size, num_kv_heads, head_dim)
         self.memory = torch.zeros(shape, dtype=dtype, device=device)
 
     def keys(self, layer: int) -> torch.Tensor:
@@ -37,6 +39,10 @@ class PagedKVCache:
     def write(self, layer: int, flat_index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.memory[layer, 0].index_copy_(0, flat_index, k)
         self.memory[layer, 1].index_copy_(0, flat_index, v)
+
+    @property
+    def scratch_index(self) -> int:
+        return self.num_pages * self.page_size
 
     @property
     def nbytes(self) -> int:

@@ -32,20 +32,43 @@ class AttentionPlan:
 
 
 @dataclass(frozen=True)
-class ForwardPlan:
+class SortedBatch:
+    """The batch in adapter-slot order, validated; what every forward path starts from."""
+
     sequences: list[SequenceInput]  # sorted by adapter slot
     order: list[int]  # order[i] = caller's index of sequences[i]
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    kv_write_index: torch.Tensor  # [T]
-    attention: list[AttentionPlan]  # decodes, then prefill chunks (groups that are not empty)
     token_slots: list[int]  # adapter slot per flat token, NO_ADAPTER for base; sorted by slot
     seq_starts: list[int]  # flat start of each sorted sequence
     active_slots: frozenset[int]
 
     @property
     def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
+        return len(self.token_slots)
+
+
+@dataclass(frozen=True)
+class ForwardPlan(SortedBatch):
+    """A sorted batch with the device tensors of the reference (eager) forward."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    kv_write_index: torch.Tensor  # [T]
+    attention: list[AttentionPlan]  # decodes, then prefill chunks (groups that are not empty)
+
+
+def sort_batch(inputs: Sequence[SequenceInput], *, page_size: int, num_pages: int, vocab_size: int) -> SortedBatch:
+    if not inputs:
+        raise ValueError("a forward needs at least one sequence")
+    order = sorted(range(len(inputs)), key=lambda i: inputs[i].adapter_slot)
+    sequences = [inputs[i] for i in order]
+    token_slots: list[int] = []
+    seq_starts: list[int] = []
+    for seq in sequences:
+        _validate(seq, page_size, num_pages, vocab_size)
+        seq_starts.append(len(token_slots))
+        token_slots.extend([seq.adapter_slot] * len(seq.token_ids))
+    active = frozenset(s.adapter_slot for s in sequences if s.adapter_slot != NO_ADAPTER)
+    return SortedBatch(sequences, order, token_slots, seq_starts, active)
 
 
 def build_plan(
@@ -56,39 +79,33 @@ def build_plan(
     vocab_size: int,
     device: torch.device,
 ) -> ForwardPlan:
-    if not inputs:
-        raise ValueError("a forward needs at least one sequence")
-    order = sorted(range(len(inputs)), key=lambda i: inputs[i].adapter_slot)
-    sequences = [inputs[i] for i in order]
-    for seq in sequences:
-        _validate(seq, page_size, num_pages, vocab_size)
+    batch = sort_batch(inputs, page_size=page_size, num_pages=num_pages, vocab_size=vocab_size)
+    return plan_tensors(batch, page_size=page_size, device=device)
 
+
+def plan_tensors(batch: SortedBatch, *, page_size: int, device: torch.device) -> ForwardPlan:
     input_ids: list[int] = []
     positions: list[int] = []
     kv_write: list[int] = []
-    token_slots: list[int] = []
-    seq_starts: list[int] = []
-    for seq in sequences:
-        seq_starts.append(len(input_ids))
+    for seq in batch.sequences:
         new_positions = range(seq.context_len, seq.total_len)
         input_ids.extend(seq.token_ids)
         positions.extend(new_positions)
         kv_write.extend(_flat_index(seq.page_table, p, page_size) for p in new_positions)
-        token_slots.extend([seq.adapter_slot] * len(seq.token_ids))
 
     def to_device(values: list[int] | list[list[int]], dtype: torch.dtype = torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
     return ForwardPlan(
-        sequences=sequences,
-        order=order,
+        sequences=batch.sequences,
+        order=batch.order,
+        token_slots=batch.token_slots,
+        seq_starts=batch.seq_starts,
+        active_slots=batch.active_slots,
         input_ids=to_device(input_ids),
         positions=to_device(positions),
         kv_write_index=to_device(kv_write),
-        attention=_attention_groups(sequences, seq_starts, page_size, to_device),
-        token_slots=token_slots,
-        seq_starts=seq_starts,
-        active_slots=frozenset(s.adapter_slot for s in sequences if s.adapter_slot != NO_ADAPTER),
+        attention=_attention_groups(batch.sequences, batch.seq_starts, page_size, to_device),
     )
 
 

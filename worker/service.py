@@ -80,6 +80,8 @@ class WorkerService:
     def __init__(self, config: WorkerConfig, engine: Engine | None = None) -> None:
         self.config = config
         self.engine = engine or Engine(config.engine)
+        if self.engine.decode_runner is not None:
+            self.engine.decode_runner.capture_all()
         if config.slow_loads:
             on_gpu = self.engine.device.type == "cuda"
             self.engine.copier.hook = slow_load_hook(
@@ -116,7 +118,8 @@ class WorkerService:
             self._dispatch(command, result)
         except Exception as error:  # reported to the scheduler; the worker keeps serving
             if error_message(error).code == pb.INTERNAL:
-                log.exception("command %s failed", command.WhichOneof("kind"))
+                request_ids = [s.request_id for s in command.forward.sequences]
+                log.exception("command %s failed", command.WhichOneof("kind"), extra={"request_ids": request_ids})
             result.error.CopyFrom(error_message(error))
         result.load_events.CopyFrom(self._poll_events())
         return result
@@ -158,6 +161,8 @@ class WorkerService:
             self.deferred.append(DeferredLoad(load.name, load.slot))
 
     def _forward(self, forward: pb.Forward) -> pb.ForwardResult:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("forward", extra={"request_ids": [s.request_id for s in forward.sequences]})
         started = time.perf_counter()
         output = self.engine.forward([_sequence_input(s) for s in forward.sequences])
         result = pb.ForwardResult(forward_ms=(time.perf_counter() - started) * 1e3)

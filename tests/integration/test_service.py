@@ -214,3 +214,17 @@ def test_server_info_reports_the_configuration(server):
     assert (info.architecture, info.dtype, info.device) == ("LlamaForCausalLM", "float32", "cpu")
     assert (info.max_loras_per_batch, info.max_loaded_loras, info.overlap_loading) == (2, 4, True)
     assert all(process.poll() is None for process in launcher.processes.values())
+
+
+def test_pipelined_load_starts_a_cold_request_on_an_idle_server(base_config, oracle, reference):
+    """--pipelined-loads: admitted while its adapter's copy runs; the forward waits per layer."""
+    slow_seconds = 1.5
+    config = replace(base_config, slow_loads={"a3": slow_seconds}, pipelined_loads=True)
+    with running_server(config) as (_, client):
+        wait_for(lambda: {a.name: a.state for a in client.list_adapters().adapters}["a0"]
+                 == serving_pb2.ADAPTER_STATE_RESIDENT, "a0 resident")
+        request_id, adapter, ids, n = WORKLOAD[4]  # a3
+        response = client.generate(input_ids=ids, adapter=adapter, max_new_tokens=n, ignore_eos=True)
+    assert response.timing.adapter_wait_ms < 0.5 * slow_seconds * 1e3, "admitted before the copy finished"
+    assert response.timing.time_to_first_token_ms >= 0.8 * slow_seconds * 1e3, "the forward waited for the copy"
+    assert_consistent(oracle, reference[request_id], ids, adapter, list(response.token_ids))

@@ -84,6 +84,24 @@ def test_overlap_on_runs_ready_requests_while_a_load_lands():
     assert [(load.name, load.blocking) for load in loads] == [("a", False)]
 
 
+def test_overlap_on_idle_server_starts_a_request_while_its_adapter_copy_runs():
+    """Pipelined loading: once the copy runs (staged), an idle server starts the request; the
+    worker's forward waits per layer on the copy."""
+    worker = make(overlap=True, pipelined_loads=True)
+    worker.load_steps["a"] = 4
+    submit(worker, "cold", "a", max_new_tokens=3)
+    worker.step()  # staging from disk: the copy cannot start yet
+    assert not worker.batches
+    worker.step()  # staged, copy running: the request starts
+    assert tokens_of(worker, "cold") and "a" in worker.loading
+    submit(worker, "second", "a", max_new_tokens=1)
+    worker.step()
+    assert "second" not in {s.request_id for s in worker.batches[-1].sequences}, "others wait for the copy"
+    worker.run_until_idle()
+    assert finished(worker)["second"].finish_reason == "length"
+    assert_idle(worker)
+
+
 def test_overlap_off_issues_blocking_loads_before_the_forward():
     worker = make(overlap=False)
     worker.load_steps["a"] = 4  # ignored: blocking loads finish before the forward
@@ -211,3 +229,52 @@ def test_host_cache_stays_within_its_entry_bound():
     assert len(finished(worker)) == 10
     assert all(a.state in (AdapterState.ON_DISK, AdapterState.HOST, AdapterState.RESIDENT)
                for a in worker.core.adapters.adapters.values())
+
+
+def test_a_drain_is_sticky_and_waiting_adapters_get_a_slot_each():
+    """4 slots busy, 2 adapters waiting: 2 slots drain (those with the fewest tokens left) and
+    keep draining while new requests for their adapters arrive, then go to the waiting ones."""
+    worker = FakeWorker(SchedulerCore(SchedulerConfig(prefetch=False, max_draining_slots=2),
+                                      hello(max_loras_per_batch=4, max_loaded_loras=8, num_kv_pages=512)))
+    for name in "abcdef":
+        worker.register(name)
+    for name, tokens in (("a", 6), ("b", 30), ("c", 30), ("d", 8)):
+        submit(worker, f"{name}0", name, max_new_tokens=tokens)
+    worker.step()
+    worker.step()
+    submit(worker, "e0", "e", max_new_tokens=2)
+    submit(worker, "f0", "f", max_new_tokens=2)
+    worker.step()
+    drained = set(worker.core.draining.values())
+    assert drained == {"a", "d"}, "the slots that free soonest drain, one per waiting adapter"
+    for i in range(1, 40):
+        for name in "abcd":
+            submit(worker, f"{name}{i}", name, max_new_tokens=30)
+        worker.step()
+        if {"e0", "f0"} <= finished(worker).keys():
+            break
+    done = finished(worker)
+    assert {"e0", "f0"} <= done.keys(), "waiting adapters starved"
+    assert "a1" not in done and "b1" in {r.request_id for r in worker.core.running} | done.keys(), \
+        "requests for a draining adapter wait; others are admitted"
+
+
+def test_cache_tier_metrics_follow_lookups_and_loads():
+    worker = make(adapters=("a", "b", "c"))  # two slots, no prefetch
+    submit(worker, "r1", "a")  # on disk: a miss in both tiers, a stage and a slot load
+    worker.run_until_idle()
+    submit(worker, "r2", "a")  # resident: a gpu hit
+    worker.run_until_idle()
+    for request_id, adapter in (("r3", "b"), ("r4", "c"), ("r5", "a")):  # c takes a's slot; a is then in host memory
+        submit(worker, request_id, adapter)
+        worker.run_until_idle()
+    snapshot = worker.core.metrics_snapshot()
+    gpu, host = snapshot.gpu, snapshot.host
+    assert (gpu.hits, gpu.misses) == (1, 4)
+    assert (host.hits, host.misses) == (1, 3)  # r5 found a in host memory; r1, r3, r4 found theirs on disk
+    assert host.loads_started == host.loads_finished == 3 and host.bytes_loaded == 3 * 1000
+    assert gpu.loads_started == gpu.loads_finished == 4 and gpu.bytes_loaded == 4 * 1000
+    assert sum(gpu.load_seconds.counts) == 4 and sum(host.load_seconds.counts) == 3
+    assert len(gpu.load_seconds.counts) == len(gpu.load_seconds.bounds) + 1
+    assert sum(snapshot.worker_forward_seconds.counts) == snapshot.stats.forward_steps
+    assert (snapshot.gpu_slots_total, snapshot.adapters_registered) == (2, 3)

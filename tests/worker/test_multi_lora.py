@@ -9,6 +9,8 @@ import torch
 
 from tests.driver import make_engine, make_resident
 from worker.batch import NO_ADAPTER
+from worker.kernels.lora_blocks import lora_blocks, max_blocks
+from worker.kernels.multi_lora import add_lora_delta_reference
 from worker.lora.slots import SegmentBatch
 
 
@@ -65,3 +67,29 @@ def test_unsorted_slots_are_refused():
         SegmentBatch.build([1, 3, 1], [{}] * 4, torch.device("cpu"))
     with pytest.raises(ValueError, match="base-model tokens first"):
         SegmentBatch.build([1, NO_ADAPTER], [{}] * 4, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("mix", list(mixes(1)))
+@pytest.mark.parametrize("module", ["q_proj", "v_proj", "down_proj"])
+def test_per_token_reference_product_matches_loop(engine, mix, module):
+    """The reference the static decode path uses on CPU (and the Triton kernels are held to)."""
+    token_slots = mixes(37)[mix]
+    in_features, out_features = engine.model_config.module_shapes()[module]
+    x = torch.randn(len(token_slots), in_features, generator=torch.Generator().manual_seed(2))
+    for layer in range(engine.model_config.num_layers):
+        out = torch.zeros(len(token_slots), out_features)
+        add_lora_delta_reference(out, x, engine.slots.a[module][layer], engine.slots.b_t[module][layer],
+                                 torch.tensor(token_slots), engine.slots.max_rank)
+        expected = per_token_reference(engine, x, token_slots, layer, module)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_block_table_cuts_each_adapter_run_and_skips_base_tokens():
+    token_slots = [NO_ADAPTER] * 3 + [0] * 20 + [2] * 5
+    table = lora_blocks(token_slots, slot_ranks=[8, 0, 16], num_rows=max_blocks(32, 3, block_m=16), block_m=16)
+    rows = [tuple(row) for row in table.tolist() if row[1] < row[2]]
+    assert rows == [(0, 3, 19, 8), (0, 19, 23, 8), (2, 23, 28, 16)]
+    assert table.shape == (max_blocks(32, 3, block_m=16), 4)
+    assert not table[len(rows):].any(), "padding rows are empty"
+    with pytest.raises(ValueError, match="do not fit"):
+        lora_blocks([0] * 40, slot_ranks=[8], num_rows=2, block_m=16)

@@ -61,6 +61,10 @@ class LoraSlots:
         self.ranks[slot] = {key: a.shape[0] for key, (a, _) in adapter.tensors.items()}
         self.occupants[slot] = adapter.name
 
+    def adapter_rank(self, slot: int) -> int:
+        """The largest rank of the slot's adapter over its modules and layers (0 when empty)."""
+        return max(self.ranks[slot].values(), default=0)
+
     def clear(self, slot: int) -> None:
         self.ranks[slot] = {}
         self.occupants[slot] = None

@@ -6,6 +6,7 @@ are fused into one matrix each; LoRA deltas are added per module through a `Lora
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +18,11 @@ from worker.kv_cache import PagedKVCache
 from worker.model.config import ModelConfig
 from worker.model.rope import RotaryEmbedding
 from worker.plan import ForwardPlan
+
+
+# (layer index, rotated queries [T, heads, head_dim]) -> attention output of the same shape,
+# over that layer's KV cache, which already holds this forward's keys and values.
+Attend = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 class LoraHook(Protocol):
@@ -102,27 +108,38 @@ class LlamaModel:
         return self.weights.embed.dtype
 
     def forward(self, plan: ForwardPlan, kv_cache: PagedKVCache, lora: LoraHook) -> torch.Tensor:
-        """Runs all layers; returns final-normed hidden states [T, hidden]."""
-        hidden = self.weights.embed[plan.input_ids]
-        cos, sin = self.rope.cos_sin(plan.positions, self.dtype)
+        """Runs all layers over a ragged plan (reference attention); returns final-normed hidden [T, hidden]."""
         masks = {w: [attention_mask(group, w) for group in plan.attention] for w in set(self.config.sliding_windows)}
+
+        def attend(index: int, q: torch.Tensor) -> torch.Tensor:
+            mask = masks[self.config.sliding_windows[index]]
+            return paged_attention(q, kv_cache.keys(index), kv_cache.values(index), plan.attention, mask, self.scale)
+
+        return self.forward_tokens(plan.input_ids, plan.positions, plan.kv_write_index, kv_cache, lora, attend)
+
+    def forward_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_write_index: torch.Tensor,
+                       kv_cache: PagedKVCache, lora: LoraHook, attend: Attend) -> torch.Tensor:
+        """All layers over flat tokens; `attend` is the attention back-end. Returns final-normed hidden."""
+        hidden = self.weights.embed[input_ids]
+        cos, sin = self.rope.cos_sin(positions, self.dtype)
         for index, layer in enumerate(self.weights.layers):
             lora.before_layer(index)
-            mask = masks[self.config.sliding_windows[index]]
-            hidden = self._layer(index, layer, hidden, plan, kv_cache, lora, cos, sin, mask)
+            hidden = self._layer(index, layer, hidden, kv_write_index, kv_cache, lora, cos, sin, attend)
         return rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.weights.lm_head).float()
 
-    def _layer(self, index, layer: LayerWeights, hidden, plan, kv_cache, lora, cos, sin, mask) -> torch.Tensor:
+    def _layer(self, index, layer: LayerWeights, hidden, kv_write_index, kv_cache, lora, cos, sin,
+               attend) -> torch.Tensor:
         eps = self.config.rms_norm_eps
         x = rms_norm(hidden, layer.input_norm, eps)
-        hidden = hidden + self._attention(index, layer, x, plan, kv_cache, lora, cos, sin, mask)
+        hidden = hidden + self._attention(index, layer, x, kv_write_index, kv_cache, lora, cos, sin, attend)
         x = rms_norm(hidden, layer.post_norm, eps)
         return hidden + self._mlp(index, layer, x, lora)
 
-    def _attention(self, index, layer: LayerWeights, x, plan, kv_cache, lora, cos, sin, mask) -> torch.Tensor:
+    def _attention(self, index, layer: LayerWeights, x, kv_write_index, kv_cache, lora, cos, sin,
+                   attend) -> torch.Tensor:
         c = self.config
         qkv = F.linear(x, layer.qkv, layer.qkv_bias)
         q_end, k_end = c.q_size, c.q_size + c.kv_size
@@ -137,9 +154,8 @@ class LlamaModel:
             k = rms_norm(k, layer.k_norm, c.rms_norm_eps)
         q = RotaryEmbedding.rotate(q, cos, sin)
         k = RotaryEmbedding.rotate(k, cos, sin)
-        kv_cache.write(index, plan.kv_write_index, k, v)
-        attn = paged_attention(q, kv_cache.keys(index), kv_cache.values(index), plan.attention, mask, self.scale)
-        attn = attn.reshape(-1, c.q_size)
+        kv_cache.write(index, kv_write_index, k, v)
+        attn = attend(index, q).reshape(-1, c.q_size)
         out = F.linear(attn, layer.o, layer.o_bias)
         lora.add_delta(out, attn, index, "o_proj")
         return out

@@ -66,7 +66,7 @@ class AbortRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class AdminRequest(_message.Message):
-    __slots__ = ("correlation_id", "load_adapter", "unload_adapter", "list_adapters", "server_info", "stats", "timeline")
+    __slots__ = ("correlation_id", "load_adapter", "unload_adapter", "list_adapters", "server_info", "stats", "timeline", "metrics")
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     UNLOAD_ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class AdminRequest(_message.Message):
     SERVER_INFO_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     correlation_id: int
     load_adapter: _serving_pb2.LoadAdapterRequest
     unload_adapter: _serving_pb2.UnloadAdapterRequest
@@ -81,7 +82,56 @@ class AdminRequest(_message.Message):
     server_info: _serving_pb2.GetServerInfoRequest
     stats: _serving_pb2.GetStatsRequest
     timeline: _serving_pb2.GetTimelineRequest
-    def __init__(self, correlation_id: _Optional[int] = ..., load_adapter: _Optional[_Union[_serving_pb2.LoadAdapterRequest, _Mapping]] = ..., unload_adapter: _Optional[_Union[_serving_pb2.UnloadAdapterRequest, _Mapping]] = ..., list_adapters: _Optional[_Union[_serving_pb2.ListAdaptersRequest, _Mapping]] = ..., server_info: _Optional[_Union[_serving_pb2.GetServerInfoRequest, _Mapping]] = ..., stats: _Optional[_Union[_serving_pb2.GetStatsRequest, _Mapping]] = ..., timeline: _Optional[_Union[_serving_pb2.GetTimelineRequest, _Mapping]] = ...) -> None: ...
+    metrics: MetricsRequest
+    def __init__(self, correlation_id: _Optional[int] = ..., load_adapter: _Optional[_Union[_serving_pb2.LoadAdapterRequest, _Mapping]] = ..., unload_adapter: _Optional[_Union[_serving_pb2.UnloadAdapterRequest, _Mapping]] = ..., list_adapters: _Optional[_Union[_serving_pb2.ListAdaptersRequest, _Mapping]] = ..., server_info: _Optional[_Union[_serving_pb2.GetServerInfoRequest, _Mapping]] = ..., stats: _Optional[_Union[_serving_pb2.GetStatsRequest, _Mapping]] = ..., timeline: _Optional[_Union[_serving_pb2.GetTimelineRequest, _Mapping]] = ..., metrics: _Optional[_Union[MetricsRequest, _Mapping]] = ...) -> None: ...
+
+class MetricsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Histogram(_message.Message):
+    __slots__ = ("bounds", "counts", "sum")
+    BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    bounds: _containers.RepeatedScalarFieldContainer[float]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    sum: float
+    def __init__(self, bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ...) -> None: ...
+
+class CacheTierMetrics(_message.Message):
+    __slots__ = ("hits", "misses", "loads_started", "loads_finished", "bytes_loaded", "load_seconds")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    LOADS_STARTED_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_LOADED_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    hits: int
+    misses: int
+    loads_started: int
+    loads_finished: int
+    bytes_loaded: int
+    load_seconds: Histogram
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads_started: _Optional[int] = ..., loads_finished: _Optional[int] = ..., bytes_loaded: _Optional[int] = ..., load_seconds: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
+
+class MetricsSnapshot(_message.Message):
+    __slots__ = ("stats", "gpu_slots_total", "host_cache_capacity_bytes", "adapters_registered", "host", "gpu", "worker_forward_seconds")
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    GPU_SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    HOST_CACHE_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    stats: _serving_pb2.ServerStats
+    gpu_slots_total: int
+    host_cache_capacity_bytes: int
+    adapters_registered: int
+    host: CacheTierMetrics
+    gpu: CacheTierMetrics
+    worker_forward_seconds: Histogram
+    def __init__(self, stats: _Optional[_Union[_serving_pb2.ServerStats, _Mapping]] = ..., gpu_slots_total: _Optional[int] = ..., host_cache_capacity_bytes: _Optional[int] = ..., adapters_registered: _Optional[int] = ..., host: _Optional[_Union[CacheTierMetrics, _Mapping]] = ..., gpu: _Optional[_Union[CacheTierMetrics, _Mapping]] = ..., worker_forward_seconds: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
 
 class SchedulerMessage(_message.Message):
     __slots__ = ("output", "admin")
@@ -112,7 +162,7 @@ class RequestOutput(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., timing: _Optional[_Union[_serving_pb2.Timing, _Mapping]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class AdminResponse(_message.Message):
-    __slots__ = ("correlation_id", "error", "load_adapter", "unload_adapter", "list_adapters", "server_info", "stats", "timeline")
+    __slots__ = ("correlation_id", "error", "load_adapter", "unload_adapter", "list_adapters", "server_info", "stats", "timeline", "metrics")
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     LOAD_ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +171,7 @@ class AdminResponse(_message.Message):
     SERVER_INFO_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     correlation_id: int
     error: Error
     load_adapter: _serving_pb2.LoadAdapterResponse
@@ -129,7 +180,8 @@ class AdminResponse(_message.Message):
     server_info: _serving_pb2.ServerInfo
     stats: _serving_pb2.ServerStats
     timeline: _serving_pb2.Timeline
-    def __init__(self, correlation_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., load_adapter: _Optional[_Union[_serving_pb2.LoadAdapterResponse, _Mapping]] = ..., unload_adapter: _Optional[_Union[_serving_pb2.UnloadAdapterResponse, _Mapping]] = ..., list_adapters: _Optional[_Union[_serving_pb2.ListAdaptersResponse, _Mapping]] = ..., server_info: _Optional[_Union[_serving_pb2.ServerInfo, _Mapping]] = ..., stats: _Optional[_Union[_serving_pb2.ServerStats, _Mapping]] = ..., timeline: _Optional[_Union[_serving_pb2.Timeline, _Mapping]] = ...) -> None: ...
+    metrics: MetricsSnapshot
+    def __init__(self, correlation_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., load_adapter: _Optional[_Union[_serving_pb2.LoadAdapterResponse, _Mapping]] = ..., unload_adapter: _Optional[_Union[_serving_pb2.UnloadAdapterResponse, _Mapping]] = ..., list_adapters: _Optional[_Union[_serving_pb2.ListAdaptersResponse, _Mapping]] = ..., server_info: _Optional[_Union[_serving_pb2.ServerInfo, _Mapping]] = ..., stats: _Optional[_Union[_serving_pb2.ServerStats, _Mapping]] = ..., timeline: _Optional[_Union[_serving_pb2.Timeline, _Mapping]] = ..., metrics: _Optional[_Union[MetricsSnapshot, _Mapping]] = ...) -> None: ...
 
 class WorkerCommand(_message.Message):
     __slots__ = ("command_id", "register_adapter", "unregister_adapter", "stage_adapter", "evict_host", "load_slot", "evict_slot", "forward", "export_timeline")

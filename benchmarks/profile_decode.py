@@ -1,0 +1,62 @@
+"""Kernel-level profile of one decode step on the 8B shape (dummy weights), with and without LoRA.
+
+    python benchmarks/profile_decode.py --batch 64 --adapters 8
+Prints torch.profiler's table of GPU kernels (the CUDA-graph replay is expanded into its kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from loraserve.synthetic import LLAMA31_8B, write_random_adapter
+from worker.batch import NO_ADAPTER, SequenceInput
+from worker.engine import Engine, EngineConfig
+
+ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=8, help="0: base model only")
+    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--eager", action="store_true")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp())
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text(json.dumps(LLAMA31_8B))
+    engine = Engine(EngineConfig(str(root / "model"), load_format="dummy", dtype="bfloat16", device="cuda",
+                                 num_kv_pages=8192, page_size=16, max_loras_per_batch=8, max_lora_rank=args.rank,
+                                 host_cache_bytes=12 << 30, max_loaded_loras=8, static_decode=not args.eager))
+    if args.adapters:
+        path = write_random_adapter(root / "adapter", engine.model_config, rank=args.rank, alpha=2 * args.rank,
+                                    modules=ALL_MODULES)
+        for slot in range(args.adapters):
+            engine.register_adapter(f"a{slot}", path)
+            engine.stage_adapter(f"a{slot}")
+            engine.wait_staged(f"a{slot}")
+            engine.load_adapter(f"a{slot}", slot, blocking=True)
+        engine.poll()
+    pages = -(-(args.context + 1) // 16)
+    decode = [SequenceInput(f"r{i}", [7], args.context, list(range(i * pages, (i + 1) * pages)),
+                            adapter_slot=i % args.adapters if args.adapters else NO_ADAPTER)
+              for i in range(args.batch)]
+    for _ in range(3):
+        engine.forward(decode)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            engine.forward(decode)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

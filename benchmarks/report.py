@@ -1,0 +1,66 @@
+"""The README's results table, generated from the committed H200 result files.
+
+    python benchmarks/report.py            # prints the markdown
+tests/test_report.py checks that README.md carries exactly this output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+LARGE = RESULTS / "h200-seed-large-graphs"
+SMALL = RESULTS / "h200-seed-small-graphs"
+# SGLang on one H200, overlapped loading, the seed's workload (../shared/BENCHMARK.md).
+SGLANG = {"large": {"median TPOT": 7.76, "median TTFT": 164, "mean E2E": 4530},
+          "small": {"median TPOT": 9.29, "median TTFT": 126, "mean E2E": 3408}}
+METRICS = {"median TPOT": ("tpot_ms", "median"), "median TTFT": ("ttft_ms", "median"), "mean E2E": ("e2e_ms", "mean")}
+
+
+def summary(path: Path) -> dict:
+    return json.loads(path.read_text())["summary"]
+
+
+def seed_rows() -> list[str]:
+    rows = ["| adapters | metric (ms) | loraserve overlap off | loraserve overlap on | loraserve all-resident "
+            "| SGLang overlap on |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for adapter_set, directory in (("large", LARGE), ("small", SMALL)):
+        runs = {mode: summary(directory / f"{adapter_set}-{mode}.json") for mode in ("off", "on", "resident")}
+        for metric, (key, stat) in METRICS.items():
+            ours = " | ".join(f"{runs[mode][key][stat]:.2f}" if "TPOT" in metric else f"{runs[mode][key][stat]:.0f}"
+                              for mode in ("off", "on", "resident"))
+            rows.append(f"| {adapter_set} | {metric} | {ours} | {SGLANG[adapter_set][metric]} |")
+    return rows
+
+
+def report() -> str:
+    large_commit = json.loads((SMALL / "summary.json").read_text())["commit"][:7]
+    peer = json.loads((RESULTS / "peft_peer_h200.json").read_text())
+    cold = json.loads((RESULTS / "cold_start_h200.json").read_text())
+    small16 = {mode: summary(SMALL / f"small16-{mode}.json")["output_token_throughput"] for mode in ("off", "on")}
+    median = cold["median_ms"]
+    lines = [
+        f"One NVIDIA H200, Llama-3.1-8B shape with dummy bf16 weights, commit {large_commit}, "
+        "`python benchmarks/seed_workload.py --out-dir OUT --sets large` and `--sets small small16` "
+        "(files under `benchmarks/results/h200-seed-{large,small}-graphs/`).",
+        "",
+        *seed_rows(),
+        "",
+        f"- Small adapters at 16 requests/s: overlap on gives {small16['on'] / small16['off']:.1%} of overlap "
+        f"off's output throughput ({small16['on']:.0f} vs {small16['off']:.0f} tokens/s).",
+        f"- PEFT peer (`benchmarks/peft_peer.py`, commit {peer['commit'][:7]}): transformers + PEFT "
+        f"{peer['peft']['tokens_per_s']:.1f} output tokens/s (16 rank-256 adapters, batch {peer['peft']['batch']}), "
+        f"loraserve's engine {peer['loraserve']['tokens_per_s']:.0f} tokens/s (batch {peer['loraserve']['batch']}): "
+        f"{peer['ratio']:.1f}x.",
+        f"- One cold request (`benchmarks/cold_start.py`, commit {cold['commit'][:7]}; 1.34 GB adapter in the host "
+        f"cache, 512-token prompt, idle): copy {median['copy']:.1f} ms, warm TTFT {median['warm']:.1f} ms, copy then "
+        f"prefill {median['sequential']:.1f} ms, pipelined per layer {median['pipelined']:.1f} ms "
+        f"({cold['pipelined_vs_max_copy_warm']:.2f} x max(copy, warm)); from disk {median['from_disk']:.0f} ms "
+        f"(read {median['disk_read']:.0f} ms of a {cold['file_bytes'] / 1e9:.2f} GB file).",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

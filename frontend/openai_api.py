@@ -1,0 +1,474 @@
+"""The OpenAI-compatible HTTP API (aiohttp, on the frontend's event loop).
+
+`/v1/completions`, `/v1/chat/completions` (the tokenizer's chat template) and `/v1/models`,
+with streaming as server-sent events. `model` names the base model or an adapter, as in
+vLLM. Every request goes through `LoraServingServicer.generate`, the gRPC API's path, so
+limits, errors and metrics are the same; errors become HTTP statuses with OpenAI-shaped
+bodies (`{"error": {"message", "type", "param", "code"}}`).
+
+Authentication is a hook: `authorize(authorization_header_or_None)` returns an error
+message to refuse the request with 401, or None to let it through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from aiohttp import web
+
+from frontend.errors import status_of
+from frontend.tokenizer import PromptTokenizer
+from frontend.validation import NO_TOKENIZER
+from protos.loraserve.v1 import serving_pb2
+
+if TYPE_CHECKING:
+    from frontend.server import LoraServingServicer
+
+Authorize = Callable[[str | None], str | None]
+REQUEST_ID_HEADER = "X-Request-Id"
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default (the gRPC API's is greedy)
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+              404: "invalid_request_error", 409: "invalid_request_error", 429: "rate_limit_error"}
+
+COMPLETION, CHAT_COMPLETION, CHAT_CHUNK = "text_completion", "chat.completion", "chat.completion.chunk"
+Chunks = AsyncIterator[tuple[int, serving_pb2.GenerateStreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.param = param
+
+    @classmethod
+    def invalid(cls, message: str, param: str | None = None) -> ApiError:
+        return cls(400, message, "invalid_argument", param)
+
+    @classmethod
+    def of(cls, error: Exception, model: str | None = None) -> ApiError:
+        code, message = status_of(error)
+        if code is grpc.StatusCode.NOT_FOUND and model is not None:
+            return cls(404, f"The model `{model}` does not exist: {message}", "model_not_found", "model")
+        return cls(HTTP_STATUS.get(code, 500), message, code.name.lower())
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": ERROR_TYPE.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status)
+
+
+@dataclass(frozen=True)
+class Prompted:
+    """What a completion request asks for, parsed: one GenerateRequest per prompt."""
+
+    model: str
+    requests: list[serving_pb2.GenerateRequest]
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+
+
+class OpenAIApi:
+    def __init__(self, servicer: LoraServingServicer, tokenizer: PromptTokenizer | None,
+                 authorize: Authorize | None = None) -> None:
+        self._servicer = servicer
+        self._tokenizer = tokenizer
+        self._authorize = authorize
+
+    def application(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors_and_auth])
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        return app
+
+    @web.middleware
+    async def _errors_and_auth(self, request: web.Request,
+                               handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if self._authorize is not None:
+            refusal = self._authorize(request.headers.get("Authorization"))
+            if refusal is not None:
+                return ApiError(401, refusal, "invalid_api_key").response()
+        try:
+            return await handler(request)
+        except ApiError as error:
+            return error.response()
+        except web.HTTPException as error:  # unknown route, wrong method
+            return ApiError(error.status, error.reason, "not_found" if error.status == 404 else "invalid_request"
+                            ).response()
+
+    # /v1/models -------------------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        base = self._base_model()
+        try:
+            adapters = (await self._servicer.adapters()).adapters
+        except Exception as error:  # noqa: BLE001 - becomes an HTTP status
+            raise ApiError.of(error) from None
+        created = int(time.time())
+        cards = [_model_card(base, created, root=base, parent=None)]
+        cards += [_model_card(a.name, created, root=a.path, parent=base) for a in adapters]
+        return web.json_response({"object": "list", "data": cards})
+
+    # /v1/completions ----------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await _json_body(request)
+        prompts = _prompts(body.get("prompt"))
+        _refuse_unsupported(body, echo=False, suffix=None, best_of=1)
+        logprobs = _optional(body, "logprobs", int)
+        if logprobs not in (None, 0):
+            raise ApiError.invalid("only logprobs=0 is supported (the sampled token's log-probability)", "logprobs")
+        request_id = _request_id(request)
+        parsed = self._parse(body, request_id, prompts, logprobs is not None,
+                             _optional(body, "max_tokens", int, COMPLETIONS_DEFAULT_MAX_TOKENS))
+        response_id = f"cmpl-{request_id}"
+        if parsed.stream:
+            return await self._stream(request, parsed, response_id, self._completion_chunk, COMPLETION)
+        return await self._complete(parsed, response_id, self._completion)
+
+    # /v1/chat/completions -----------------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await _json_body(request)
+        if self._tokenizer is None:
+            raise ApiError.invalid(NO_TOKENIZER.replace("send input_ids", "use /v1/completions with token ids"))
+        messages = _messages(body.get("messages"))
+        _refuse_unsupported(body)
+        if _optional(body, "top_logprobs", int) not in (None, 0):
+            raise ApiError.invalid("only top_logprobs=0 is supported", "top_logprobs")
+        try:
+            prompt_ids = await self._tokenizer.encode_chat(messages)
+        except ValueError as error:
+            raise ApiError.invalid(str(error), "messages") from None
+        max_tokens = _optional(body, "max_completion_tokens", int, _optional(body, "max_tokens", int))
+        request_id = _request_id(request)
+        parsed = self._parse(body, request_id, [prompt_ids], bool(_optional(body, "logprobs", bool, False)),
+                             max_tokens)
+        response_id = f"chatcmpl-{request_id}"
+        if parsed.stream:
+            return await self._stream(request, parsed, response_id, self._chat_chunk, CHAT_CHUNK)
+        return await self._complete(parsed, response_id, self._chat_completion)
+
+    # Shared -----------------------------------------------------------------------------
+
+    def _base_model(self) -> str:
+        info = self._servicer.server_info
+        if info is None:
+            raise ApiError(503, "the server is starting; retry shortly", "unavailable")
+        return info.model
+
+    def _parse(self, body: dict[str, Any], request_id: str, prompts: list[str | list[int]], logprobs: bool,
+               max_tokens: int | None) -> Prompted:
+        base = self._base_model()
+        model = _optional(body, "model", str, base)
+        sampling = _sampling(body, max_tokens, logprobs)
+        requests = []
+        for index, prompt in enumerate(prompts):
+            generate = serving_pb2.GenerateRequest(
+                request_id=request_id if len(prompts) == 1 else f"{request_id}-{index}",
+                adapter="" if model == base else model, sampling=sampling)
+            if isinstance(prompt, str):
+                generate.text = prompt
+            else:
+                generate.input_ids.extend(prompt)
+            requests.append(generate)
+        options = _optional(body, "stream_options", dict, {}) or {}
+        return Prompted(model=model, requests=requests, stream=bool(_optional(body, "stream", bool, False)),
+                        include_usage=bool(options.get("include_usage")), logprobs=logprobs)
+
+    async def _chunks(self, parsed: Prompted) -> Chunks:
+        """(prompt index, stream message) of every prompt's generation, interleaved as they come."""
+        try:
+            if len(parsed.requests) == 1:
+                async with aclosing(self._servicer.generate(parsed.requests[0])) as chunks:
+                    async for chunk in chunks:
+                        yield 0, chunk
+                return
+            async with aclosing(_merged([self._servicer.generate(r) for r in parsed.requests])) as chunks:
+                async for item in chunks:
+                    yield item
+        except ApiError:
+            raise
+        except Exception as error:  # noqa: BLE001 - becomes an HTTP status or an error event
+            raise ApiError.of(error, parsed.model if parsed.requests[0].adapter else None) from None
+
+    async def _complete(self, parsed: Prompted, response_id: str, render: Callable[..., dict]) -> web.Response:
+        results = [serving_pb2.GenerateResponse() for _ in parsed.requests]
+        async with aclosing(self._chunks(parsed)) as chunks:
+            async for index, chunk in chunks:
+                _accumulate(results[index], chunk)
+        body = render(response_id, parsed, results)
+        return web.json_response(body, headers={REQUEST_ID_HEADER: parsed.requests[0].request_id})
+
+    async def _stream(self, request: web.Request, parsed: Prompted, response_id: str,
+                      render: Callable[..., list[dict]], kind: str) -> web.StreamResponse:
+        """Server-sent events; an error before the first message is an HTTP status, after it an event."""
+        usage = serving_pb2.Usage()
+        started: set[int] = set()
+        async with aclosing(self._chunks(parsed)) as chunks:
+            first = await anext(chunks, None)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                                   REQUEST_ID_HEADER: parsed.requests[0].request_id})
+            await response.prepare(request)
+            try:
+                item = first
+                while item is not None:
+                    index, chunk = item
+                    for event in render(response_id, parsed, index, chunk, index not in started):
+                        await _send_event(response, event)
+                    started.add(index)
+                    if chunk.finished:
+                        usage.prompt_tokens += chunk.usage.prompt_tokens
+                        usage.completion_tokens += chunk.usage.completion_tokens
+                    item = await anext(chunks, None)
+            except ApiError as error:
+                await _send_event(response, error.body())
+            else:
+                if parsed.include_usage:
+                    await _send_event(response, _envelope(response_id, parsed, kind, [], _usage(usage)))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def _token_strings(self, token_ids: list[int]) -> list[str]:
+        if self._tokenizer is None:
+            return [str(t) for t in token_ids]
+        return self._tokenizer.token_strings(token_ids)
+
+    def _chat_completion(self, response_id: str, parsed: Prompted,
+                         results: list[serving_pb2.GenerateResponse]) -> dict[str, Any]:
+        result = results[0]
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                  "logprobs": self._chat_logprobs(result.token_ids, result.logprobs) if parsed.logprobs else None,
+                  "finish_reason": result.finish_reason}
+        return _envelope(response_id, parsed, CHAT_COMPLETION, [choice], _usage(result.usage))
+
+    def _chat_chunk(self, response_id: str, parsed: Prompted, index: int, chunk: serving_pb2.GenerateStreamResponse,
+                    first: bool) -> list[dict[str, Any]]:
+        """The first message of a choice announces the role, as OpenAI's stream does."""
+        events = []
+        if first:
+            role = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None}
+            events.append(_envelope(response_id, parsed, CHAT_CHUNK, [role], None))
+        delta: dict[str, Any] = {"content": chunk.text} if chunk.text else {}
+        choice = {"index": index, "delta": delta,
+                  "logprobs": self._chat_logprobs(chunk.token_ids, chunk.logprobs) if parsed.logprobs else None,
+                  "finish_reason": chunk.finish_reason or None}
+        events.append(_envelope(response_id, parsed, CHAT_CHUNK, [choice], None))
+        return events
+
+    def _completion(self, response_id: str, parsed: Prompted,
+                    results: list[serving_pb2.GenerateResponse]) -> dict[str, Any]:
+        choices, usage = [], serving_pb2.Usage()
+        for index, result in enumerate(results):
+            choices.append({"index": index, "text": result.text, "finish_reason": result.finish_reason,
+                            "logprobs": self._completion_logprobs(result) if parsed.logprobs else None})
+            usage.prompt_tokens += result.usage.prompt_tokens
+            usage.completion_tokens += result.usage.completion_tokens
+        return _envelope(response_id, parsed, COMPLETION, choices, _usage(usage))
+
+    def _completion_chunk(self, response_id: str, parsed: Prompted, index: int,
+                          chunk: serving_pb2.GenerateStreamResponse, first: bool) -> list[dict[str, Any]]:
+        choice = {"index": index, "text": chunk.text, "finish_reason": chunk.finish_reason or None,
+                  "logprobs": self._completion_logprobs(chunk) if parsed.logprobs else None}
+        return [_envelope(response_id, parsed, COMPLETION, [choice], None)]
+
+    def _completion_logprobs(self, result: serving_pb2.GenerateResponse | serving_pb2.GenerateStreamResponse
+                             ) -> dict[str, Any]:
+        return {"tokens": self._token_strings(list(result.token_ids)), "token_logprobs": list(result.logprobs),
+                "top_logprobs": None}
+
+    def _chat_logprobs(self, token_ids, logprobs) -> dict[str, Any]:
+        tokens = self._token_strings(list(token_ids))
+        return {"content": [{"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
+                            for token, logprob in zip(tokens, logprobs)]}
+
+
+# Request parsing --------------------------------------------------------------------------
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError.invalid("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError.invalid("the request body must be a JSON object")
+    return body
+
+
+def _request_id(request: web.Request) -> str:
+    return request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+
+
+def _optional(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    valid = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float:
+        valid = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not valid:
+        kind_name = getattr(kind, "__name__", str(kind))
+        raise ApiError.invalid(f"`{name}` must be of type {kind_name}, got {json.dumps(value)}", name)
+    return value
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """A string, a list of token ids, or a list of either (one choice per prompt)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(p, str) or (isinstance(p, list) and p and all(_is_token_id(t) for t in p)) for p in prompt):
+        return prompt
+    raise ApiError.invalid("`prompt` must be a string, a list of token ids, or a non-empty list of either",
+                           "prompt")
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise ApiError.invalid("`messages` must be a non-empty list", "messages")
+    parsed = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ApiError.invalid("each message must be an object with a string `role`", "messages")
+        parsed.append({"role": message["role"], "content": _message_text(message.get("content"))})
+    return parsed
+
+
+def _message_text(content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise ApiError.invalid("message content must be a string or a list of text parts", "messages")
+
+
+def _refuse_unsupported(body: dict[str, Any], **allowed: Any) -> None:
+    """Parameters this server cannot honour are refused, not silently ignored."""
+    if _optional(body, "n", int, 1) != 1:
+        raise ApiError.invalid("only n=1 is supported", "n")
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if _optional(body, name, float, 0.0) != 0.0 and not (name == "repetition_penalty" and body[name] == 1):
+            raise ApiError.invalid(f"`{name}` is not supported", name)
+    if body.get("logit_bias"):
+        raise ApiError.invalid("`logit_bias` is not supported", "logit_bias")
+    for name, default in allowed.items():
+        if body.get(name) not in (None, default):
+            raise ApiError.invalid(f"`{name}` is not supported (only {json.dumps(default)})", name)
+
+
+def _sampling(body: dict[str, Any], max_tokens: int | None, logprobs: bool) -> serving_pb2.SamplingParams:
+    sampling = serving_pb2.SamplingParams(
+        temperature=_optional(body, "temperature", float, DEFAULT_TEMPERATURE),
+        top_p=_optional(body, "top_p", float, 1.0), top_k=_optional(body, "top_k", int, -1),
+        ignore_eos=_optional(body, "ignore_eos", bool, False), logprobs=logprobs,
+    )
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise ApiError.invalid("`max_tokens` must be at least 1", "max_tokens")
+        sampling.max_new_tokens = max_tokens
+    seed = _optional(body, "seed", int)
+    if seed is not None:
+        sampling.seed = seed % (1 << 64)
+    stop = _optional(body, "stop", str | list, [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) for s in stop):
+        raise ApiError.invalid("`stop` must be a string or a list of strings", "stop")
+    sampling.stop.extend(stop)
+    stop_token_ids = _optional(body, "stop_token_ids", list, [])
+    if not all(_is_token_id(t) for t in stop_token_ids):
+        raise ApiError.invalid("`stop_token_ids` must be a list of token ids", "stop_token_ids")
+    sampling.stop_token_ids.extend(stop_token_ids)
+    return sampling
+
+
+# Responses --------------------------------------------------------------------------------
+
+def _model_card(model_id: str, created: int, root: str, parent: str | None) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "loraserve", "root": root,
+            "parent": parent}
+
+
+def _usage(usage: serving_pb2.Usage) -> dict[str, int]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+
+
+def _envelope(response_id: str, parsed: Prompted, kind: str, choices: list[dict], usage: dict | None) -> dict:
+    return {"id": response_id, "object": kind, "created": int(time.time()), "model": parsed.model,
+            "choices": choices, "usage": usage}
+
+
+def _accumulate(response: serving_pb2.GenerateResponse, chunk: serving_pb2.GenerateStreamResponse) -> None:
+    response.text += chunk.text
+    response.token_ids.extend(chunk.token_ids)
+    response.logprobs.extend(chunk.logprobs)
+    if chunk.finished:
+        response.finish_reason = chunk.finish_reason
+        response.usage.CopyFrom(chunk.usage)
+
+
+async def _send_event(response: web.StreamResponse, event: dict[str, Any]) -> None:
+    await response.write(f"data: {json.dumps(event)}\n\n".encode())
+
+
+async def _merged(generators: list[AsyncIterator[serving_pb2.GenerateStreamResponse]]) -> Chunks:
+    """Runs the generators concurrently; yields (index, message) as they come, raises the first error."""
+    queue: asyncio.Queue[tuple[int, serving_pb2.GenerateStreamResponse | None, Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, generator: AsyncIterator[serving_pb2.GenerateStreamResponse]) -> None:
+        try:
+            async with aclosing(generator) as messages:
+                async for message in messages:
+                    await queue.put((index, message, None))
+        except Exception as error:  # noqa: BLE001 - handed to the consumer
+            await queue.put((index, None, error))
+            return
+        await queue.put((index, None, None))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generators)]
+    try:
+        running = len(tasks)
+        while running:
+            index, message, error = await queue.get()
+            if error is not None:
+                raise error
+            if message is None:
+                running -= 1
+            else:
+                yield index, message
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,219 @@
+"""The Triton kernels and the CUDA-graph decode path against their references, on CUDA.
+
+Run on a GPU machine: `python -m pytest -m gpu tests/gpu`.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tests.driver import Driver, Request, make_engine, make_resident
+from tests.worker.test_multi_lora import mixes, per_token_reference
+from worker.kernels.decode_attention import (
+    decode_attention,
+    decode_attention_reference,
+    ragged_attention,
+    ragged_attention_reference,
+)
+from worker.kernels.lora_blocks import attention_blocks, lora_blocks
+from worker.kernels.multi_lora import add_lora_delta, add_lora_delta_reference, shrink_partials_shape
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def lora_engine(model_dirs, mixed_adapter_dirs):
+    engine = make_engine(model_dirs["llama"], device="cuda", max_loras_per_batch=4)
+    for slot, (name, path) in zip((1, 3), mixed_adapter_dirs["llama"].items()):  # ranks 8 and 16
+        engine.register_adapter(name, path)
+        make_resident(engine, name, slot)
+    yield engine
+    engine.close()
+
+
+def triton_delta(x, a, b_t, token_slots, slot_ranks, out_features):
+    out = torch.zeros(x.shape[0], out_features, dtype=x.dtype, device=x.device)
+    blocks = torch.from_numpy(lora_blocks(token_slots, slot_ranks)).cuda()
+    # The kernels read only what they wrote: NaN elsewhere in the scratch would show.
+    partials = torch.full(shrink_partials_shape(x.shape[0], x.shape[1], a.shape[1]), float("nan"), device=x.device)
+    shrunk = torch.full((x.shape[0], a.shape[1]), float("nan"), dtype=x.dtype, device=x.device)
+    add_lora_delta(out, x, a, b_t, blocks, partials, shrunk)
+    return out
+
+
+@pytest.mark.parametrize("mix", list(mixes(1)))
+@pytest.mark.parametrize("module", ["q_proj", "k_proj", "o_proj", "down_proj"])
+def test_triton_multi_lora_matches_per_token_loop(lora_engine, mix, module):
+    """Heterogeneous ranks (8 and 16 in slots of 32), identical/distinct/uniform/skewed mixes."""
+    engine = lora_engine
+    token_slots = mixes(37)[mix]
+    in_features, out_features = engine.model_config.module_shapes()[module]
+    x = torch.randn(len(token_slots), in_features, generator=torch.Generator().manual_seed(1)).cuda()
+    slot_ranks = [engine.slots.adapter_rank(s) for s in range(engine.slots.num_slots)]
+    for layer in range(engine.model_config.num_layers):
+        out = triton_delta(x, engine.slots.a[module][layer], engine.slots.b_t[module][layer],
+                           token_slots, slot_ranks, out_features)
+        expected = per_token_reference(engine, x.cpu(), token_slots, layer, module)
+        torch.testing.assert_close(out.cpu().double(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("mix", ["identical", "distinct", "uniform", "skewed"])
+def test_triton_multi_lora_at_8b_sizes(dtype, mix):
+    """8 slots, ranks 16..256 (rows past each rank zero, as slots keep them), 4096 -> 1024 and 14336 -> 4096."""
+    rng = random.Random(3)
+    ranks = [16, 256, 64, 32, 256, 128, 8, 256]
+    tokens = 100
+    choices = {"identical": lambda: 5, "distinct": lambda: rng.randrange(8), "uniform": lambda: rng.randrange(-1, 8),
+               "skewed": lambda: rng.choices(range(8), weights=[8, 1, 1, 1, 1, 1, 1, 1])[0]}
+    token_slots = sorted(choices[mix]() for _ in range(tokens))
+    for in_features, out_features in ((4096, 1024), (14336, 4096)):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        a = torch.randn(8, 256, in_features, device="cuda", generator=gen, dtype=DTYPES[dtype]) * 0.02
+        b_t = torch.randn(8, 256, out_features, device="cuda", generator=gen, dtype=DTYPES[dtype]) * 0.02
+        for slot, rank in enumerate(ranks):
+            a[slot, rank:] = 0
+        x = torch.randn(tokens, in_features, device="cuda", generator=gen, dtype=DTYPES[dtype])
+        out = triton_delta(x, a, b_t, token_slots, ranks, out_features)
+        expected = torch.zeros(tokens, out_features, dtype=torch.float64, device="cuda")
+        add_lora_delta_reference(expected, x.double(), a.double(), b_t.double(),
+                                 torch.tensor(token_slots, device="cuda"), 256)
+        tolerance = 1e-3 if dtype == "float32" else 3e-2
+        torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (4, 4, 64), (8, 2, 16)])
+@pytest.mark.parametrize("window", [0, 37])
+def test_triton_decode_attention_matches_reference(dtype, heads, kv_heads, head_dim, window):
+    page_size, num_pages = 16, 96
+    seq_lens = [0, 1, 15, 16, 17, 64, 65, 200, 333]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    keys = torch.randn(num_pages * page_size, kv_heads, head_dim, device="cuda", generator=gen, dtype=DTYPES[dtype])
+    values = torch.randn_like(keys)
+    q = torch.randn(len(seq_lens), heads, head_dim, device="cuda", generator=gen, dtype=DTYPES[dtype])
+    width = 32
+    pages = torch.randperm(num_pages, generator=torch.Generator().manual_seed(1))
+    page_table = torch.stack([pages[i * 8 % num_pages:][:width] if i * 8 + width <= num_pages else pages[:width]
+                              for i in range(len(seq_lens))]).cuda()
+    lens = torch.tensor(seq_lens, device="cuda")
+    scale = head_dim**-0.5
+    out = decode_attention(q, keys, values, page_table, lens, page_size, scale, window)
+    expected = decode_attention_reference(q.double(), keys.double(), values.double(), page_table, lens,
+                                          page_size, scale, window)
+    tolerance = 1e-4 if dtype == "float32" else 2e-2
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+    assert not out[0].any(), "a padding row (length 0) gives zeros"
+
+
+def sleep_on_current_stream(milliseconds: float) -> None:
+    torch.cuda._sleep(int(milliseconds * 1e-3 * torch.cuda.clock_rate() * 1e6))
+
+
+def decode_requests() -> list[Request]:
+    gen = torch.Generator().manual_seed(5)
+    lengths = [13, 23, 3, 6, 9, 40, 17]
+    slots = [-1, 2, 0, 2, 0, 2, -1]
+    return [Request(f"r{i}", torch.randint(3, 200, (n,), generator=gen).tolist(), adapter_slot=s, max_new_tokens=10)
+            for i, (n, s) in enumerate(zip(lengths, slots))]
+
+
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen3"])
+def test_cuda_graph_decode_matches_eager_while_another_slot_loads(arch, model_dirs, mixed_adapter_dirs):
+    """fp32: the same tokens and logits as the eager path, with a load landing in slot 1 meanwhile."""
+    runs = {}
+    for static in (False, True):
+        engine = make_engine(model_dirs[arch], device="cuda", static_decode=static)
+        adapters = list(mixed_adapter_dirs[arch].items())
+        for slot, (name, path) in zip((2, 0), adapters):
+            engine.register_adapter(name, path)
+            make_resident(engine, name, slot)
+        engine.register_adapter("late", adapters[1][1])
+        engine.stage_adapter("late")
+        engine.wait_staged("late")
+        engine.copier.hook = lambda name, slot, layer: sleep_on_current_stream(100) if layer == 0 else None
+        engine.load_adapter("late", 1)
+        requests = decode_requests()
+        Driver(engine, chunk=64).run(requests)
+        if static:
+            assert engine.decode_runner.graphs_captured > 0
+        runs[static] = requests
+        engine.poll()
+        engine.close()
+    for eager, graphed in zip(runs[False], runs[True]):
+        assert graphed.generated == eager.generated, graphed.request_id
+        torch.testing.assert_close(graphed.all_logits(), eager.all_logits(), atol=1e-3, rtol=1e-3)
+
+
+def test_cuda_graph_decode_bfloat16_first_steps_match_eager(model_dirs, mixed_adapter_dirs):
+    """bf16: logits of every step agree with the eager path within bf16 tolerance until a token differs."""
+    runs = {}
+    for static in (False, True):
+        engine = make_engine(model_dirs["llama3"], device="cuda", dtype="bfloat16", static_decode=static)
+        for slot, (name, path) in zip((2, 0), mixed_adapter_dirs["llama3"].items()):
+            engine.register_adapter(name, path)
+            make_resident(engine, name, slot)
+        requests = decode_requests()
+        Driver(engine, chunk=64).run(requests)
+        runs[static] = requests
+        engine.close()
+    for eager, graphed in zip(runs[False], runs[True]):
+        agree = next((i for i, (a, b) in enumerate(zip(eager.generated, graphed.generated)) if a != b),
+                     len(eager.generated))
+        assert agree >= 1, eager.request_id
+        rows = len(eager.prompt) + agree  # rows whose inputs (prompt + generated[:agree]) are identical
+        torch.testing.assert_close(graphed.all_logits()[:rows].float(), eager.all_logits()[:rows].float(),
+                                   atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (8, 2, 16)])
+@pytest.mark.parametrize("window", [0, 37])
+def test_triton_ragged_attention_matches_reference(dtype, heads, kv_heads, head_dim, window):
+    """Prefill chunks (fresh and continued) and decodes in one flat batch, padding tokens after."""
+    page_size, num_pages = 16, 128
+    sequences = [(0, 100), (20, 1), (5, 3), (200, 1), (64, 70), (0, 1)]  # (context, new tokens)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    keys = torch.randn(num_pages * page_size, kv_heads, head_dim, device="cuda", generator=gen, dtype=DTYPES[dtype])
+    values = torch.randn_like(keys)
+    page_table = torch.stack([torch.randperm(num_pages, generator=torch.Generator().manual_seed(i))[:20]
+                              for i in range(len(sequences))]).cuda()
+    token_seq = [row for row, (_, n) in enumerate(sequences) for _ in range(n)] + [-1] * 9
+    positions = [p for context, n in sequences for p in range(context, context + n)] + [0] * 9
+    token_seq, positions = torch.tensor(token_seq, device="cuda"), torch.tensor(positions, device="cuda")
+    q = torch.randn(len(token_seq), heads, head_dim, device="cuda", generator=gen, dtype=DTYPES[dtype])
+    blocks = torch.from_numpy(attention_blocks([n for _, n in sequences], 32)).cuda()
+    scale = head_dim**-0.5
+    out = ragged_attention(q, keys, values, page_table, blocks, positions, 16, scale, window)
+    expected = ragged_attention_reference(q.double(), keys.double(), values.double(), page_table, token_seq,
+                                          positions, page_size, scale, window)
+    tolerance = 1e-4 if dtype == "float32" else 2e-2
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+    assert not out[-9:].any(), "padding tokens give zeros"
+
+
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen3"])
+def test_cuda_graph_mixed_steps_match_eager(arch, model_dirs, mixed_adapter_dirs):
+    """static_mixed: prompts fed 5 tokens a step (prefill chunks beside decodes) replayed from graphs, fp32."""
+    runs = {}
+    for static in (False, True):
+        engine = make_engine(model_dirs[arch], device="cuda", static_decode=static, static_mixed=static)
+        for slot, (name, path) in zip((2, 0), mixed_adapter_dirs[arch].items()):
+            engine.register_adapter(name, path)
+            make_resident(engine, name, slot)
+        requests = decode_requests()
+        Driver(engine, chunk=5).run(requests)
+        if static:
+            assert any(shape.mixed for shape in engine.decode_runner._graphs)
+        runs[static] = requests
+        engine.close()
+    for eager, graphed in zip(runs[False], runs[True]):
+        assert graphed.generated == eager.generated, graphed.request_id
+        torch.testing.assert_close(graphed.all_logits(), eager.all_logits(), atol=1e-3, rtol=1e-3)

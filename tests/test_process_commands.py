@@ -1,0 +1,27 @@
+"""`loraserve serve` flags reach the processes that act on them."""
+
+from __future__ import annotations
+
+from loraserve.launcher import Addresses, RuntimeFiles, ServeConfig, process_commands
+from scheduler.__main__ import parse_args as scheduler_args
+from worker.__main__ import parse_args as worker_args
+
+
+def commands(**settings):
+    config = ServeConfig(model_path="/models/m", tokenizer_path=None, **settings)
+    files = RuntimeFiles(ready="/tmp/r/ready", registry="/tmp/r/registry.json")
+    return process_commands(config, Addresses(frontend="ipc:///tmp/f", worker="ipc:///tmp/w"), files)
+
+
+def test_engine_speed_flags_reach_the_worker_and_scheduler():
+    chosen = commands(cuda_graphs=False, mixed_graphs=True, pipelined_loads=True)
+    worker = worker_args(chosen["worker"][3:])
+    assert worker.disable_cuda_graphs and worker.enable_mixed_graphs
+    assert scheduler_args(chosen["scheduler"][3:]).pipelined_loads
+
+
+def test_defaults_keep_graphs_on_and_the_unvalidated_paths_off():
+    default = commands()
+    worker = worker_args(default["worker"][3:])
+    assert not worker.disable_cuda_graphs and not worker.enable_mixed_graphs
+    assert not scheduler_args(default["scheduler"][3:]).pipelined_loads

@@ -1,0 +1,289 @@
+"""Forward steps over fixed-size device buffers, replayed from CUDA graphs on the GPU.
+
+A decode-only batch (one new token per sequence) is padded to a batch-size bucket and a
+page-table width bucket. With `mixed=True`, a batch with prefill chunks is padded to a
+token bucket instead and its attention runs the ragged paged kernel (a block of up to 32
+query tokens of one sequence per program); not yet validated on a GPU, so off by default
+(`EngineConfig.static_mixed`). Everything the step reads lives in per-shape static buffers,
+refilled before each step by one host-to-device copy: token ids, positions, KV write
+indices, page tables, sequence lengths, per-token slots and the multi-LoRA block table. On
+CUDA the whole forward (embedding to final norm, 2 kernels per adapted module, the paged
+decode-attention kernel) is captured once per shape and replayed, so a step costs a few
+launches instead of thousands. On CPU the same step runs eagerly with the torch reference
+kernels, which is how CI covers the buffer logic.
+
+Padding rows read page 0, have length 0 (attention output 0), no adapter, and write their
+keys and values to the KV cache's scratch row. A batch whose adapter is still landing does
+not come here: the eager path waits per layer on the copy (see `Engine.forward`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from worker.batch import NO_ADAPTER, SequenceInput
+from worker.kernels.decode_attention import (
+    decode_attention,
+    decode_attention_reference,
+    ragged_attention,
+    ragged_attention_reference,
+)
+from worker.kernels.lora_blocks import ATTENTION_BLOCK_M, BLOCK_COLUMNS, attention_blocks, lora_blocks, max_blocks
+from worker.kernels.multi_lora import add_lora_delta, add_lora_delta_reference, shrink_partials_shape
+from worker.kv_cache import PagedKVCache
+from worker.lora.slots import LoraSlots
+from worker.model.llama import LlamaModel
+
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+MIXED_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
+MIN_PAGE_BUCKET = 64  # 1024 tokens at page size 16; widths grow 4x, so few shapes are ever captured
+
+
+@dataclass(frozen=True)
+class StepShape:
+    tokens: int  # padded number of tokens
+    seqs: int  # rows of the page table (= tokens for a decode step)
+    pages: int  # page-table width
+    mixed: bool  # prefill chunks allowed (ragged attention) or decodes only
+
+
+def _page_bucket(pages_needed: int) -> int:
+    pages = MIN_PAGE_BUCKET
+    while pages < pages_needed:
+        pages *= 4
+    return pages
+
+
+def decode_shape(num_sequences: int, pages_needed: int) -> StepShape:
+    batch = BATCH_BUCKETS[bisect.bisect_left(BATCH_BUCKETS, num_sequences)]
+    return StepShape(batch, batch, _page_bucket(pages_needed), mixed=False)
+
+
+def mixed_shape(num_tokens: int, max_sequences: int, pages_needed: int) -> StepShape:
+    tokens = MIXED_TOKEN_BUCKETS[bisect.bisect_left(MIXED_TOKEN_BUCKETS, num_tokens)]
+    return StepShape(tokens, min(tokens, max_sequences), _page_bucket(pages_needed), mixed=True)
+
+
+class StaticInputs:
+    """The device buffers of one shape (views of one int64 block) and their pinned host twin."""
+
+    def __init__(self, shape: StepShape, num_slots: int, lora_scratch: tuple[torch.Tensor, torch.Tensor],
+                 device: torch.device) -> None:
+        self.shape = shape
+        t, s, w = shape.tokens, shape.seqs, shape.pages
+        self.num_block_rows = max_blocks(t, num_slots)
+        self.num_attention_rows = max_blocks(t, s, ATTENTION_BLOCK_M) if shape.mixed else 0
+        sizes = {"input_ids": t, "positions": t, "kv_write": t, "token_slots": t, "token_seq": t, "seq_lens": s,
+                 "blocks": self.num_block_rows * BLOCK_COLUMNS, "attention_blocks": self.num_attention_rows * 3,
+                 "page_table": s * w}
+        on_gpu = device.type == "cuda"
+        self.host = torch.zeros(sum(sizes.values()), dtype=torch.long, pin_memory=on_gpu)
+        self.device_block = torch.zeros_like(self.host, device=device)
+        self._host_views, self._device_views, offset = {}, {}, 0
+        for name, size in sizes.items():
+            self._host_views[name] = self.host.numpy()[offset:offset + size]
+            self._device_views[name] = self.device_block[offset:offset + size]
+            offset += size
+        self.lora_partials, self.lora_shrunk = lora_scratch[0][:, :t], lora_scratch[1][:t]
+        self._copied = torch.cuda.Event() if on_gpu else None
+
+    def device(self, name: str) -> torch.Tensor:
+        view = self._device_views[name]
+        if name == "page_table":
+            return view.view(self.shape.seqs, self.shape.pages)
+        if name == "blocks":
+            return view.view(self.num_block_rows, BLOCK_COLUMNS)
+        if name == "attention_blocks":
+            return view.view(self.num_attention_rows, 3)
+        return view
+
+    def fill(self, sequences: Sequence[SequenceInput], slot_ranks: Sequence[int], page_size: int,
+             scratch_index: int) -> None:
+        """Writes the batch (sorted by slot) into the host twin and copies it to the device."""
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has read the host twin
+        page_table = self._fill_page_table(sequences, page_size)
+        if self.shape.mixed:
+            self._fill_tokens(sequences, page_table, page_size, scratch_index)
+        else:
+            self._fill_decodes(sequences, page_table, page_size, scratch_index)
+        host = self._host_views
+        host["blocks"][:] = lora_blocks(host["token_slots"], slot_ranks, self.num_block_rows).reshape(-1)
+        self.device_block.copy_(self.host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+    def _fill_page_table(self, sequences: Sequence[SequenceInput], page_size: int) -> np.ndarray:
+        host = self._host_views
+        host["page_table"][:] = 0
+        page_table = host["page_table"].reshape(self.shape.seqs, self.shape.pages)
+        for row, seq in enumerate(sequences):
+            pages = -(-seq.total_len // page_size)
+            page_table[row, :pages] = seq.page_table[:pages]
+        return page_table
+
+    def _fill_decodes(self, sequences: Sequence[SequenceInput], page_table: np.ndarray, page_size: int,
+                      scratch_index: int) -> None:
+        host = self._host_views
+        count = len(sequences)
+        positions = np.fromiter((seq.context_len for seq in sequences), dtype=np.int64, count=count)
+        host["input_ids"][:] = 0
+        host["input_ids"][:count] = [seq.token_ids[0] for seq in sequences]
+        host["positions"][:] = 0
+        host["positions"][:count] = positions
+        host["kv_write"][:] = scratch_index
+        rows = np.arange(count)
+        host["kv_write"][:count] = page_table[rows, positions // page_size] * page_size + positions % page_size
+        host["seq_lens"][:] = 0
+        host["seq_lens"][:count] = positions + 1
+        host["token_slots"][:] = NO_ADAPTER
+        host["token_slots"][:count] = [seq.adapter_slot for seq in sequences]
+        host["token_seq"][:] = -1
+        host["token_seq"][:count] = rows
+
+    def _fill_tokens(self, sequences: Sequence[SequenceInput], page_table: np.ndarray, page_size: int,
+                     scratch_index: int) -> None:
+        """Prefill chunks and decodes: each sequence's new tokens in order, padding after."""
+        host = self._host_views
+        for name, value in (("input_ids", 0), ("positions", 0), ("kv_write", scratch_index),
+                            ("token_slots", NO_ADAPTER), ("token_seq", -1), ("seq_lens", 0)):
+            host[name][:] = value
+        start = 0
+        for row, seq in enumerate(sequences):
+            end = start + len(seq.token_ids)
+            positions = np.arange(seq.context_len, seq.total_len)
+            host["input_ids"][start:end] = seq.token_ids
+            host["positions"][start:end] = positions
+            host["kv_write"][start:end] = page_table[row, positions // page_size] * page_size + positions % page_size
+            host["token_slots"][start:end] = seq.adapter_slot
+            host["token_seq"][start:end] = row
+            host["seq_lens"][row] = seq.total_len
+            start = end
+        table = attention_blocks([len(seq.token_ids) for seq in sequences], self.num_attention_rows)
+        host["attention_blocks"][:] = table.reshape(-1)
+
+
+class DecodeRunner:
+    def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, slots: LoraSlots, *, page_size: int,
+                 max_batch: int, use_cuda_graphs: bool, mixed: bool = False) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.slots = slots
+        self.page_size = page_size
+        self.max_batch = min(max_batch, BATCH_BUCKETS[-1])
+        self.device = kv_cache.memory.device
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self.mixed = mixed
+        self._inputs: dict[StepShape, StaticInputs] = {}
+        self._graphs: dict[StepShape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
+        # The multi-LoRA kernels' scratch, shared by every shape (graphs never run concurrently).
+        max_in = max((a.shape[-1] for a in slots.a.values()), default=1)
+        max_tokens = max(self.max_batch, MIXED_TOKEN_BUCKETS[-1] if mixed else 0)
+        self._lora_scratch = (
+            torch.zeros(shrink_partials_shape(max_tokens, max_in, slots.max_rank), device=self.device),
+            torch.zeros(max_tokens, slots.max_rank, dtype=model.dtype, device=self.device),
+        )
+
+    def supports(self, sequences: Sequence[SequenceInput]) -> bool:
+        if len(sequences) > self.max_batch:
+            return False
+        if all(len(seq.token_ids) == 1 for seq in sequences):
+            return True
+        return self.mixed and sum(len(seq.token_ids) for seq in sequences) <= MIXED_TOKEN_BUCKETS[-1]
+
+    @property
+    def graphs_captured(self) -> int:
+        return len(self._graphs)
+
+    def capture_all(self) -> None:
+        """Captures every batch bucket at the first width now, not in the middle of serving."""
+        if not self.use_cuda_graphs:
+            return
+        shapes = [decode_shape(batch, 1) for batch in BATCH_BUCKETS if batch <= self.max_batch]
+        if self.mixed:
+            shapes += [mixed_shape(tokens, self.max_batch, 1) for tokens in MIXED_TOKEN_BUCKETS]
+        for shape in shapes:
+            if shape not in self._graphs:
+                self._capture(self._inputs.get(shape) or self._new_inputs(shape))
+
+    def run(self, sequences: Sequence[SequenceInput]) -> torch.Tensor:
+        """Final-normed hidden states of every new token, in order; sequences sorted by adapter slot."""
+        pages = max(-(-seq.total_len // self.page_size) for seq in sequences)
+        num_tokens = sum(len(seq.token_ids) for seq in sequences)
+        shape = (decode_shape(len(sequences), pages) if num_tokens == len(sequences)
+                 else mixed_shape(num_tokens, self.max_batch, pages))
+        inputs = self._inputs.get(shape) or self._new_inputs(shape)
+        slot_ranks = [self.slots.adapter_rank(slot) for slot in range(self.slots.num_slots)]
+        inputs.fill(sequences, slot_ranks, self.page_size, self.kv_cache.scratch_index)
+        if not self.use_cuda_graphs:
+            return self._step(inputs)[:num_tokens]
+        graph, hidden = self._graphs.get(shape) or self._capture(inputs)
+        graph.replay()
+        return hidden[:num_tokens]
+
+    def _new_inputs(self, shape: StepShape) -> StaticInputs:
+        inputs = StaticInputs(shape, self.slots.num_slots, self._lora_scratch, self.device)
+        self._inputs[shape] = inputs
+        return inputs
+
+    def _capture(self, inputs: StaticInputs) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warms up (Triton compiles, allocator settles) on a side stream, then captures."""
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step(inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            hidden = self._step(inputs)
+        self._graphs[inputs.shape] = (graph, hidden)
+        return graph, hidden
+
+    def _step(self, inputs: StaticInputs) -> torch.Tensor:
+        lora = _StaticLora(self.slots, inputs, use_triton=self.device.type == "cuda")
+        keys, values = self.kv_cache.keys, self.kv_cache.values
+        page_table, positions = inputs.device("page_table"), inputs.device("positions")
+        on_gpu = self.device.type == "cuda"
+        windows = [w or 0 for w in self.model.config.sliding_windows]
+        if inputs.shape.mixed:
+            attention = ragged_attention if on_gpu else ragged_attention_reference
+            locate = inputs.device("attention_blocks") if on_gpu else inputs.device("token_seq")
+            extra = (locate, positions)
+        else:
+            attention = decode_attention if on_gpu else decode_attention_reference
+            extra = (inputs.device("seq_lens"),)
+
+        def attend(index: int, q: torch.Tensor) -> torch.Tensor:
+            return attention(q, keys(index), values(index), page_table, *extra, self.page_size,
+                             self.model.scale, windows[index])
+
+        return self.model.forward_tokens(inputs.device("input_ids"), inputs.device("positions"),
+                                         inputs.device("kv_write"), self.kv_cache, lora, attend)
+
+
+class _StaticLora:
+    """The model's LoRA hook over the static buffers: no waits (no adapter of the batch is landing)."""
+
+    def __init__(self, slots: LoraSlots, inputs: StaticInputs, *, use_triton: bool) -> None:
+        self.slots = slots
+        self.inputs = inputs
+        self.use_triton = use_triton
+
+    def before_layer(self, layer: int) -> None:
+        return None
+
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
+        if module not in self.slots.a:
+            return
+        a, b_t = self.slots.a[module][layer], self.slots.b_t[module][layer]
+        if self.use_triton:
+            add_lora_delta(out, x, a, b_t, self.inputs.device("blocks"), self.inputs.lora_partials,
+                           self.inputs.lora_shrunk)
+        else:
+            add_lora_delta_reference(out, x, a, b_t, self.inputs.device("token_slots"), self.slots.max_rank)

@@ -1,0 +1,1 @@
+"""GPU kernels (Triton) and the torch references they are tested against."""

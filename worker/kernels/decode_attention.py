@@ -1,0 +1,72 @@
+"""Attention of one new token per sequence over its paged KV cache (the decode step).
+
+Shapes: q [B, heads, D]; keys/values one layer's cache [pages * page_size, kv_heads, D];
+page_table [B, W] page ids (W * page_size >= every sequence's length); seq_lens [B], the
+keys each query sees (its own position + 1; 0 for a padding row, whose output is 0).
+With a sliding window w only keys at positions >= seq_len - w are seen.
+
+The Triton kernel runs one program per (sequence, kv head): the query heads of that kv
+head's GQA group attend together (one K/V read for the group), walking the sequence's
+keys BLOCK_N at a time through the page table with an online softmax. The loop is bounded
+by seq_lens read on the GPU, so one CUDA graph serves any lengths up to W * page_size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def decode_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, page_table: torch.Tensor,
+                               seq_lens: torch.Tensor, page_size: int, scale: float, window: int) -> torch.Tensor:
+    """Plain torch: gathers [B, W * page_size] keys through the page table, masks, SDPA."""
+    positions = torch.arange(page_table.shape[1] * page_size, device=q.device)
+    kv_index = page_table[:, positions // page_size] * page_size + positions % page_size
+    visible = positions[None, :] < seq_lens[:, None]
+    if window > 0:
+        visible &= positions[None, :] >= seq_lens[:, None] - window
+    visible[:, 0] |= seq_lens == 0  # a padding row attends to something: no all-masked softmax
+    k = keys[kv_index].transpose(1, 2)  # [B, KVH, L, D]
+    v = values[kv_index].transpose(1, 2)
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=visible[:, None, None, :],
+                                         scale=scale, enable_gqa=True)[:, :, 0]
+    return torch.where((seq_lens > 0)[:, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, page_table: torch.Tensor,
+                     seq_lens: torch.Tensor, page_size: int, scale: float, window: int) -> torch.Tensor:
+    """The Triton kernel on CUDA tensors; same contract as the reference."""
+    from worker.kernels import _decode_attention_triton as kernels
+
+    return kernels.decode_attention(q, keys, values, page_table, seq_lens, page_size, scale, window)
+
+
+def ragged_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, page_table: torch.Tensor,
+                               token_seq: torch.Tensor, positions: torch.Tensor, page_size: int, scale: float,
+                               window: int) -> torch.Tensor:
+    """Any mix of prefill chunks and decodes, flat: q [T, heads, D]; token t belongs to row
+    token_seq[t] of page_table (-1: a padding token, output 0) and sits at positions[t]; it
+    sees its sequence's keys at positions <= its own (and > its own - window)."""
+    key_positions = torch.arange(page_table.shape[1] * page_size, device=q.device)
+    rows = page_table[token_seq.clamp(min=0)]  # [T, W]
+    kv_index = rows[:, key_positions // page_size] * page_size + key_positions % page_size
+    visible = key_positions[None, :] <= positions[:, None]
+    if window > 0:
+        visible &= key_positions[None, :] > positions[:, None] - window
+    real = token_seq >= 0
+    visible[:, 0] |= ~real
+    k = keys[kv_index].transpose(1, 2)  # [T, KVH, L, D]
+    v = values[kv_index].transpose(1, 2)
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=visible[:, None, None, :],
+                                         scale=scale, enable_gqa=True)[:, :, 0]
+    return torch.where(real[:, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def ragged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, page_table: torch.Tensor,
+                     blocks: torch.Tensor, positions: torch.Tensor, page_size: int, scale: float,
+                     window: int) -> torch.Tensor:
+    """Triton: one program per (block of up to BLOCK_M tokens of one sequence, query head);
+    `blocks` rows are (page-table row, first token, end token); tokens in no block get 0."""
+    from worker.kernels import _decode_attention_triton as kernels
+
+    return kernels.ragged_attention(q, keys, values, page_table, blocks, positions, page_size, scale, window)

@@ -1,0 +1,70 @@
+"""The work list of the segmented multi-LoRA kernels, built on the host.
+
+Tokens arrive sorted by adapter slot (`worker.plan`), so each adapter's tokens form one
+contiguous run. Each run is cut into blocks of at most `block_m` tokens; a block is one
+row `(slot, start, end, rank)` of the table and one program of the kernels, `rank` being
+the largest rank of the slot's adapter (the kernels read no A or B rows past it).
+Base-model tokens (slot -1) get no block. A table may be padded to a fixed length with
+empty rows `(0, 0, 0, 0)` so that a captured CUDA graph can replay it with other batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+
+from worker.batch import NO_ADAPTER
+
+BLOCK_M = 32
+
+
+def max_blocks(max_tokens: int, num_slots: int, block_m: int = BLOCK_M) -> int:
+    """Rows a padded table needs for any batch of up to `max_tokens` tokens."""
+    return -(-max_tokens // block_m) + num_slots
+
+
+BLOCK_COLUMNS = 4
+
+
+def lora_blocks(token_slots: Sequence[int], slot_ranks: Sequence[int], num_rows: int | None = None,
+                block_m: int = BLOCK_M) -> np.ndarray:
+    """[rows, 4] int64 (slot, start, end, rank), padded with empty rows to `num_rows` if given."""
+    rows: list[tuple[int, int, int, int]] = []
+    position = 0
+    for slot, group in itertools.groupby(token_slots):
+        length = sum(1 for _ in group)
+        if slot != NO_ADAPTER:
+            rows.extend((slot, start, min(start + block_m, position + length), slot_ranks[slot])
+                        for start in range(position, position + length, block_m))
+        position += length
+    if num_rows is None:
+        num_rows = len(rows)
+    if len(rows) > num_rows:
+        raise ValueError(f"{len(rows)} LoRA blocks do not fit a table of {num_rows}")
+    table = np.zeros((num_rows, BLOCK_COLUMNS), dtype=np.int64)
+    if rows:
+        table[:len(rows)] = rows
+    return table
+
+
+ATTENTION_BLOCK_M = 32
+
+
+def attention_blocks(token_counts: Sequence[int], num_rows: int, block_m: int = ATTENTION_BLOCK_M) -> np.ndarray:
+    """[num_rows, 3] int64 (sequence row, start, end): each sequence's flat tokens (laid out in
+    order) cut into blocks of at most `block_m`, padded with empty rows (the ragged attention
+    kernel's work list)."""
+    rows: list[tuple[int, int, int]] = []
+    position = 0
+    for row, count in enumerate(token_counts):
+        rows.extend((row, start, min(start + block_m, position + count))
+                    for start in range(position, position + count, block_m))
+        position += count
+    if len(rows) > num_rows:
+        raise ValueError(f"{len(rows)} attention blocks do not fit a table of {num_rows}")
+    table = np.zeros((num_rows, 3), dtype=np.int64)
+    if rows:
+        table[:len(rows)] = rows
+    return table

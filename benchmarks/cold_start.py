@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from loraserve.synthetic import LLAMA31_8B, write_random_adapter
+from loraserve.synthetic import write_model_config, write_random_adapter
 from worker.batch import SequenceInput
 from worker.engine import Engine, EngineConfig
+from worker.lora.adapter import TARGET_MODULES
 
-ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPT = list(range(100, 612))
 CASES = ("warm", "copy", "sequential", "pipelined", "from_disk", "disk_read")
 
@@ -64,12 +64,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
-    (root / "model").mkdir()
-    (root / "model" / "config.json").write_text(json.dumps(LLAMA31_8B))
+    write_model_config(root / "model")
     engine = Engine(EngineConfig(str(root / "model"), load_format="dummy", dtype="bfloat16", device="cuda",
                                  num_kv_pages=4096, page_size=16, max_loras_per_batch=2, max_lora_rank=256,
                                  host_cache_bytes=4 << 30, max_loaded_loras=2))
-    path = write_random_adapter(root / "adapter", engine.model_config, rank=256, alpha=512, modules=ALL_MODULES)
+    path = write_random_adapter(root / "adapter", engine.model_config, rank=256, alpha=512, modules=TARGET_MODULES)
     file_bytes = sum(f.stat().st_size for f in path.iterdir())
     info = engine.register_adapter("a", path)
     engine.stage_adapter("a")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from loraserve.synthetic import LLAMA31_8B, write_random_adapter
+from loraserve.synthetic import write_model_config, write_random_adapter
 from worker.batch import SequenceInput
 from worker.engine import Engine, EngineConfig
+from worker.lora.adapter import TARGET_MODULES
 
-ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -41,14 +41,13 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="no static decode path / CUDA graphs (the old engine)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
-    (root / "model").mkdir()
-    (root / "model" / "config.json").write_text(json.dumps(LLAMA31_8B))
+    write_model_config(root / "model")
     engine = Engine(EngineConfig(str(root / "model"), load_format="dummy", dtype="bfloat16", device="cuda",
                                  num_kv_pages=8192, page_size=16, max_loras_per_batch=8, max_lora_rank=args.rank,
                                  host_cache_bytes=12 << 30, max_loaded_loras=8,
                                  static_decode=not args.eager))
     adapter = write_random_adapter(root / "adapter", engine.model_config, rank=args.rank, alpha=2 * args.rank,
-                                   modules=ALL_MODULES)
+                                   modules=TARGET_MODULES)
     info = engine.register_adapter("big", adapter)
     engine.stage_adapter("big")
     engine.wait_staged("big")

@@ -22,12 +22,12 @@ import torch
 from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loraserve.synthetic import LLAMA31_8B, write_random_adapter
+from loraserve.synthetic import LLAMA31_8B, write_model_config, write_random_adapter
 from worker.batch import SequenceInput
 from worker.engine import Engine, EngineConfig
+from worker.lora.adapter import TARGET_MODULES
 from worker.model.config import load_model_config
 
-ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NAMES = [f"a{i}" for i in range(16)]
 SLOTS = 8
 # --smoke: a tiny model on CPU, to check the script without a GPU.
@@ -130,10 +130,9 @@ def main() -> None:
     args = parser.parse_args()
     config, device = (TINY, "cpu") if args.smoke else (LLAMA31_8B, "cuda")
     root = Path(tempfile.mkdtemp())
-    (root / "model").mkdir()
-    (root / "model" / "config.json").write_text(json.dumps(config))
+    write_model_config(root / "model", config)
     adapter = write_random_adapter(root / "adapter", load_model_config(root / "model"), rank=256, alpha=512,
-                                   modules=ALL_MODULES)
+                                   modules=TARGET_MODULES)
     peft = peft_throughput(config, adapter, args.prompt_len, args.new_tokens, device)
     print("peft", peft, flush=True)
     ours = loraserve_throughput(root / "model", adapter, args.prompt_len, args.new_tokens, args.per_adapter,

@@ -26,14 +26,14 @@ import torch
 from loraserve.bench import format_comparison, run_benchmark
 from loraserve.client import LoraServeClient
 from loraserve.launcher import Launcher, ServeConfig
-from loraserve.synthetic import LLAMA31_8B, write_random_adapter
+from loraserve.synthetic import write_model_config, write_random_adapter
 from loraserve.timeline import draw, fetch_trace
 from protos.loraserve.v1 import serving_pb2
+from worker.lora.adapter import TARGET_MODULES
 from worker.model.config import load_model_config
 
-ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SMALL_SPECS = [(8, ("q_proj", "v_proj")), (16, ("q_proj", "k_proj", "v_proj", "o_proj")), (32, ALL),
-               (64, ("q_proj", "v_proj")), (8, ALL), (16, ("gate_proj", "up_proj", "down_proj")),
+SMALL_SPECS = [(8, ("q_proj", "v_proj")), (16, ("q_proj", "k_proj", "v_proj", "o_proj")), (32, TARGET_MODULES),
+               (64, ("q_proj", "v_proj")), (8, TARGET_MODULES), (16, ("gate_proj", "up_proj", "down_proj")),
                (32, ("q_proj", "k_proj", "v_proj")), (64, ("o_proj", "down_proj"))]
 MODES = {"off": dict(overlap_loading=False), "on": dict(overlap_loading=True),
          "resident": dict(overlap_loading=True, max_loras_per_batch=16)}
@@ -61,11 +61,9 @@ def pinned_bandwidth_gbps() -> dict[str, float]:
 
 
 def write_assets(root: Path) -> dict:
-    model_dir = root / "model"
-    model_dir.mkdir(parents=True)
-    (model_dir / "config.json").write_text(json.dumps(LLAMA31_8B))
+    model_dir = write_model_config(root / "model")
     config = load_model_config(model_dir)
-    large = write_random_adapter(root / "large", config, rank=256, alpha=512, modules=ALL, seed=1)
+    large = write_random_adapter(root / "large", config, rank=256, alpha=512, modules=TARGET_MODULES, seed=1)
     small = [write_random_adapter(root / f"small{i}", config, rank=r, alpha=2 * r, modules=m, seed=10 + i)
              for i, (r, m) in enumerate(SMALL_SPECS)]
     return {

@@ -26,6 +26,7 @@ import grpc
 from aiohttp import web
 
 from frontend.errors import status_of
+from frontend.generation import accumulate
 from frontend.tokenizer import PromptTokenizer
 from frontend.validation import NO_TOKENIZER
 from protos.loraserve.v1 import serving_pb2
@@ -219,7 +220,7 @@ class OpenAIApi:
         results = [serving_pb2.GenerateResponse() for _ in parsed.requests]
         async with aclosing(self._chunks(parsed)) as chunks:
             async for index, chunk in chunks:
-                _accumulate(results[index], chunk)
+                accumulate(results[index], chunk)
         body = render(response_id, parsed, results)
         return web.json_response(body, headers={REQUEST_ID_HEADER: parsed.requests[0].request_id})
 
@@ -428,15 +429,6 @@ def _usage(usage: serving_pb2.Usage) -> dict[str, int]:
 def _envelope(response_id: str, parsed: Prompted, kind: str, choices: list[dict], usage: dict | None) -> dict:
     return {"id": response_id, "object": kind, "created": int(time.time()), "model": parsed.model,
             "choices": choices, "usage": usage}
-
-
-def _accumulate(response: serving_pb2.GenerateResponse, chunk: serving_pb2.GenerateStreamResponse) -> None:
-    response.text += chunk.text
-    response.token_ids.extend(chunk.token_ids)
-    response.logprobs.extend(chunk.logprobs)
-    if chunk.finished:
-        response.finish_reason = chunk.finish_reason
-        response.usage.CopyFrom(chunk.usage)
 
 
 async def _send_event(response: web.StreamResponse, event: dict[str, Any]) -> None:

@@ -29,6 +29,13 @@ _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", 
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
+def write_model_config(model_dir: Path, config: dict = LLAMA31_8B) -> Path:
+    """A model directory holding only config.json: enough for `load_format="dummy"`."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    return model_dir
+
+
 def write_random_adapter(
     out_dir: Path,
     model: ModelConfig,

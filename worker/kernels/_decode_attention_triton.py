@@ -6,14 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.kernels._triton_common import dot
 from worker.kernels.lora_blocks import ATTENTION_BLOCK_M
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -43,14 +37,14 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, page_table_ptr, seq_lens_ptr, s
         kv_offsets = rows[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
         kv_mask = visible[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        scores = _dot(q, tl.trans(k), IEEE) * scale
+        scores = dot(q, tl.trans(k), IEEE) * scale
         scores = tl.where(visible[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
@@ -110,14 +104,14 @@ def _ragged_kernel(q_ptr, k_ptr, v_ptr, out_ptr, page_table_ptr, positions_ptr, 
             k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
             visible = (key_pos[None, :] <= q_pos[:, None]) & key_ok[None, :]
             visible &= (window <= 0) | (key_pos[None, :] > q_pos[:, None] - window)
-            scores = tl.where(visible, _dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
+            scores = tl.where(visible, dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(scores - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :],

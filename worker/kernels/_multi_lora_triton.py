@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.kernels._triton_common import dot, lora_block
 from worker.kernels.lora_blocks import BLOCK_M
 from worker.kernels.multi_lora import K_PER_SPLIT
 
@@ -15,22 +16,11 @@ def num_splits(in_features: int) -> int:
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
 def _shrink_kernel(x_ptr, a_ptr, partial_ptr, blocks_ptr, in_features,
                    stride_xt, stride_as, stride_ar, stride_ps, stride_pt,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                    K_PER_SPLIT: tl.constexpr, IEEE: tl.constexpr):
-    row = blocks_ptr + tl.program_id(0) * 4
-    slot = tl.load(row)
-    start = tl.load(row + 1)
-    end = tl.load(row + 2)
-    rank = tl.load(row + 3)
+    slot, start, end, rank = lora_block(blocks_ptr, tl.program_id(0))
     if (start < end) & (tl.program_id(1) * BLOCK_R < rank):
         rows = start + tl.arange(0, BLOCK_M)
         ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -46,7 +36,7 @@ def _shrink_kernel(x_ptr, a_ptr, partial_ptr, blocks_ptr, in_features,
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             a = tl.load(a_base + ranks[:, None] * stride_ar + cols[None, :],
                         mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-            acc += _dot(x, tl.trans(a), IEEE)
+            acc += dot(x, tl.trans(a), IEEE)
         tl.store(partial_ptr + tl.program_id(2) * stride_ps + rows[:, None] * stride_pt + ranks[None, :], acc,
                  mask=row_ok[:, None] & rank_ok[None, :])
 
@@ -54,10 +44,7 @@ def _shrink_kernel(x_ptr, a_ptr, partial_ptr, blocks_ptr, in_features,
 @triton.jit
 def _sum_splits_kernel(partial_ptr, shrunk_ptr, blocks_ptr, splits, stride_ps, stride_pt, stride_st,
                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    row = blocks_ptr + tl.program_id(0) * 4
-    start = tl.load(row + 1)
-    end = tl.load(row + 2)
-    rank = tl.load(row + 3)
+    _, start, end, rank = lora_block(blocks_ptr, tl.program_id(0))
     if (start < end) & (tl.program_id(1) * BLOCK_R < rank):
         rows = start + tl.arange(0, BLOCK_M)
         ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -75,11 +62,7 @@ def _sum_splits_kernel(partial_ptr, shrunk_ptr, blocks_ptr, splits, stride_ps, s
 def _expand_kernel(shrunk_ptr, b_ptr, out_ptr, blocks_ptr, out_features,
                    stride_st, stride_bs, stride_br, stride_ot,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
-    row = blocks_ptr + tl.program_id(0) * 4
-    slot = tl.load(row)
-    start = tl.load(row + 1)
-    end = tl.load(row + 2)
-    rank = tl.load(row + 3)
+    slot, start, end, rank = lora_block(blocks_ptr, tl.program_id(0))
     if start < end:
         rows = start + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -94,7 +77,7 @@ def _expand_kernel(shrunk_ptr, b_ptr, out_ptr, blocks_ptr, out_features,
                         mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
             b = tl.load(b_base + ranks[:, None] * stride_br + cols[None, :],
                         mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-            acc += _dot(s, b, IEEE)
+            acc += dot(s, b, IEEE)
         out_tile = out_ptr + rows[:, None] * stride_ot + cols[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
         previous = tl.load(out_tile, mask=mask, other=0.0)

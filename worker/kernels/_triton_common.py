@@ -1,0 +1,21 @@
+"""Triton helpers shared by the kernels (imported only on CUDA machines)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    """tl.dot; float32 inputs use exact IEEE products instead of TF32."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def lora_block(blocks_ptr, index):
+    """Row `index` of a multi-LoRA block table: (slot, start, end, rank)."""
+    row = blocks_ptr + index * 4
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)

@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["large", "small"], choices=("large", "small", "small16"))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--num-prompts", type=int, default=100)
-    parser.add_argument("--mixed-graphs", action="store_true", help="serve with --enable-mixed-graphs")
+    parser.add_argument("--no-mixed-graphs", action="store_true", help="serve with --disable-mixed-graphs")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     bandwidth = pinned_bandwidth_gbps()
@@ -166,7 +166,7 @@ def main() -> None:
                        dtype="bfloat16", load_format="dummy", max_loras_per_batch=8, max_loaded_loras=16,
                        max_lora_rank=256, num_kv_pages=16384, page_size=16, host_cache_bytes=24 << 30,
                        max_batch_tokens=4096, startup_timeout_s=600, log_level="warning",
-                       mixed_graphs=args.mixed_graphs)
+                       mixed_graphs=not args.no_mixed_graphs)
     results = {}
     for adapter_set in args.sets:
         adapters = assets["small" if adapter_set.startswith("small") else "large"]

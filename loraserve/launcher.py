@@ -55,7 +55,7 @@ class ServeConfig:
     num_kv_pages: int = 2048
     host_cache_bytes: int = 4 << 30
     cuda_graphs: bool = True
-    mixed_graphs: bool = False
+    mixed_graphs: bool = True
     max_batch_tokens: int = 2048
     max_running_requests: int = 256
     max_queued_requests: int = 1024
@@ -102,8 +102,8 @@ def process_commands(config: ServeConfig, addresses: Addresses, files: RuntimeFi
               "--host-cache-bytes", str(config.host_cache_bytes), *logging_flags]
     if not config.cuda_graphs:
         worker.append("--disable-cuda-graphs")
-    if config.mixed_graphs:
-        worker.append("--enable-mixed-graphs")
+    if not config.mixed_graphs:
+        worker.append("--disable-mixed-graphs")
     for name, seconds in config.slow_loads.items():
         worker += ["--slow-load", f"{name}={seconds}"]
     scheduler = [*python, "scheduler", "--frontend-address", addresses.frontend,

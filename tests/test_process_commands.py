@@ -14,14 +14,14 @@ def commands(**settings):
 
 
 def test_engine_speed_flags_reach_the_worker_and_scheduler():
-    chosen = commands(cuda_graphs=False, mixed_graphs=True, pipelined_loads=True)
+    chosen = commands(cuda_graphs=False, mixed_graphs=False, pipelined_loads=True)
     worker = worker_args(chosen["worker"][3:])
-    assert worker.disable_cuda_graphs and worker.enable_mixed_graphs
+    assert worker.disable_cuda_graphs and worker.disable_mixed_graphs
     assert scheduler_args(chosen["scheduler"][3:]).pipelined_loads
 
 
-def test_defaults_keep_graphs_on_and_the_unvalidated_paths_off():
+def test_defaults_keep_graphs_on_and_pipelined_loads_off():
     default = commands()
     worker = worker_args(default["worker"][3:])
-    assert not worker.disable_cuda_graphs and not worker.enable_mixed_graphs
+    assert not worker.disable_cuda_graphs and not worker.disable_mixed_graphs
     assert not scheduler_args(default["scheduler"][3:]).pipelined_loads

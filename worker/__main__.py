@@ -23,8 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-loaded-loras", type=int, default=16)
     parser.add_argument("--max-lora-rank", type=int, default=64)
     parser.add_argument("--host-cache-bytes", type=int, default=4 << 30)
-    parser.add_argument("--enable-mixed-graphs", action="store_true",
-                        help="steps with prefill chunks on static buffers / CUDA graphs too (not yet GPU-validated)")
+    parser.add_argument("--disable-mixed-graphs", action="store_true",
+                        help="steps with prefill chunks run eagerly (the engine before mixed graphs; comparisons)")
     parser.add_argument("--disable-cuda-graphs", action="store_true",
                         help="decode steps run eagerly (the engine before CUDA graphs; for comparisons)")
     parser.add_argument("--slow-load", action="append", metavar="NAME=SECONDS",
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         page_size=args.page_size, num_kv_pages=args.num_kv_pages, max_loras_per_batch=args.max_loras_per_batch,
         max_loaded_loras=args.max_loaded_loras, max_lora_rank=args.max_lora_rank,
         host_cache_bytes=args.host_cache_bytes, cuda_graphs=not args.disable_cuda_graphs,
-        static_mixed=args.enable_mixed_graphs,
+        static_mixed=not args.disable_mixed_graphs,
     )
     slow = {name: float(seconds) for name, seconds in name_value_pairs(args.slow_load, "--slow-load").items()}
     service = WorkerService(WorkerConfig(args.scheduler_address, engine, slow))

@@ -3,8 +3,7 @@
 A decode-only batch (one new token per sequence) is padded to a batch-size bucket and a
 page-table width bucket. With `mixed=True`, a batch with prefill chunks is padded to a
 token bucket instead and its attention runs the ragged paged kernel (a block of up to 32
-query tokens of one sequence per program); not yet validated on a GPU, so off by default
-(`EngineConfig.static_mixed`). Everything the step reads lives in per-shape static buffers,
+query tokens of one sequence per program; `EngineConfig.static_mixed`, on by default). Everything the step reads lives in per-shape static buffers,
 refilled before each step by one host-to-device copy: token ids, positions, KV write
 indices, page tables, sequence lengths, per-token slots and the multi-LoRA block table. On
 CUDA the whole forward (embedding to final norm, 2 kernels per adapted module, the paged

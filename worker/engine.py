@@ -47,9 +47,8 @@ class EngineConfig:
     static_decode: bool = True  # decode-only batches run on fixed-size buffers (worker.decode_step)
     cuda_graphs: bool = True  # ... captured and replayed as CUDA graphs on a GPU
     max_decode_batch: int = 256  # larger decode batches take the eager path
-    # Batches with prefill chunks on static buffers too (ragged attention, token buckets); off
-    # until its Triton kernel and graphs are validated on a GPU (CPU tests cover the logic).
-    static_mixed: bool = False
+    # Batches with prefill chunks on static buffers too (ragged attention, token buckets).
+    static_mixed: bool = True
 
 
 @dataclass(frozen=True)

@@ -277,12 +277,13 @@ class _StaticLora:
     def before_layer(self, layer: int) -> None:
         return None
 
-    def add_delta(self, out: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
-        if module not in self.slots.a:
-            return
-        a, b_t = self.slots.a[module][layer], self.slots.b_t[module][layer]
-        if self.use_triton:
-            add_lora_delta(out, x, a, b_t, self.inputs.device("blocks"), self.inputs.lora_partials,
-                           self.inputs.lora_shrunk)
-        else:
-            add_lora_delta_reference(out, x, a, b_t, self.inputs.device("token_slots"), self.slots.max_rank)
+    def add_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]]) -> None:
+        for module, out in outputs:
+            if module not in self.slots.a:
+                continue
+            a, b_t = self.slots.a[module][layer], self.slots.b_t[module][layer]
+            if self.use_triton:
+                add_lora_delta(out, x, a, b_t, self.inputs.device("blocks"), self.inputs.lora_partials,
+                               self.inputs.lora_shrunk)
+            else:
+                add_lora_delta_reference(out, x, a, b_t, self.inputs.device("token_slots"), self.slots.max_rank)

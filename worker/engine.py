@@ -287,18 +287,17 @@ class _ForwardLora:
         self.copier = engine.copier
         self.batch = engine.slots.segment_batch(plan.token_slots, engine.device)
         self.landing = [job for slot, job in engine.pending.items() if slot in plan.active_slots]
-        self._padded: tuple[torch.Tensor, torch.Tensor] | None = None  # q/k/v and gate/up share an input
 
     def before_layer(self, layer: int) -> None:
         for job in self.landing:
             self.copier.wait_layer(job, layer)
 
-    def add_delta(self, out: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
+    def add_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]]) -> None:
         if self.batch is None:
             return
-        if self._padded is None or self._padded[0] is not x:
-            self._padded = (x, self.batch.pad(x))
-        self.slots.add_delta(out, self._padded[1], layer, module, self.batch)
+        padded = self.batch.pad(x)
+        for module, out in outputs:
+            self.slots.add_delta(out, padded, layer, module, self.batch)
 
 
 def _device(name: str) -> torch.device:

@@ -6,7 +6,7 @@ are fused into one matrix each; LoRA deltas are added per module through a `Lora
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,8 +29,9 @@ class LoraHook(Protocol):
     def before_layer(self, layer: int) -> None:
         """Called before a layer's first use of adapter weights (a load may still be landing)."""
 
-    def add_delta(self, out: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
-        """out[t] += the adapted module's LoRA delta for token t; out may be a column slice."""
+    def add_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """For each (module, out) of modules sharing the input x (q/k/v, gate/up):
+        out[t] += the module's LoRA delta for token t; out may be a column slice."""
 
 
 @dataclass
@@ -143,9 +144,8 @@ class LlamaModel:
         c = self.config
         qkv = F.linear(x, layer.qkv, layer.qkv_bias)
         q_end, k_end = c.q_size, c.q_size + c.kv_size
-        lora.add_delta(qkv[:, :q_end], x, index, "q_proj")
-        lora.add_delta(qkv[:, q_end:k_end], x, index, "k_proj")
-        lora.add_delta(qkv[:, k_end:], x, index, "v_proj")
+        lora.add_deltas(x, index, (("q_proj", qkv[:, :q_end]), ("k_proj", qkv[:, q_end:k_end]),
+                                   ("v_proj", qkv[:, k_end:])))
         q = qkv[:, :q_end].view(-1, c.num_heads, c.head_dim)
         k = qkv[:, q_end:k_end].view(-1, c.num_kv_heads, c.head_dim)
         v = qkv[:, k_end:].view(-1, c.num_kv_heads, c.head_dim)
@@ -157,15 +157,14 @@ class LlamaModel:
         kv_cache.write(index, kv_write_index, k, v)
         attn = attend(index, q).reshape(-1, c.q_size)
         out = F.linear(attn, layer.o, layer.o_bias)
-        lora.add_delta(out, attn, index, "o_proj")
+        lora.add_deltas(attn, index, (("o_proj", out),))
         return out
 
     def _mlp(self, index, layer: LayerWeights, x, lora) -> torch.Tensor:
         i = self.config.intermediate_size
         gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
-        lora.add_delta(gate_up[:, :i], x, index, "gate_proj")
-        lora.add_delta(gate_up[:, i:], x, index, "up_proj")
+        lora.add_deltas(x, index, (("gate_proj", gate_up[:, :i]), ("up_proj", gate_up[:, i:])))
         h = F.silu(gate_up[:, :i]) * gate_up[:, i:]
         out = F.linear(h, layer.down, layer.down_bias)
-        lora.add_delta(out, h, index, "down_proj")
+        lora.add_deltas(h, index, (("down_proj", out),))
         return out

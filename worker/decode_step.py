@@ -33,7 +33,7 @@ from worker.kernels.decode_attention import (
     ragged_attention_reference,
 )
 from worker.kernels.lora_blocks import ATTENTION_BLOCK_M, BLOCK_COLUMNS, attention_blocks, lora_blocks, max_blocks
-from worker.kernels.multi_lora import add_lora_delta, add_lora_delta_reference, shrink_partials_shape
+from worker.kernels.multi_lora import ModuleDelta, add_lora_delta_reference, add_lora_deltas, shrunk_shape
 from worker.kv_cache import PagedKVCache
 from worker.lora.slots import LoraSlots
 from worker.model.llama import LlamaModel
@@ -71,8 +71,7 @@ def mixed_shape(num_tokens: int, max_sequences: int, pages_needed: int) -> StepS
 class StaticInputs:
     """The device buffers of one shape (views of one int64 block) and their pinned host twin."""
 
-    def __init__(self, shape: StepShape, num_slots: int, lora_scratch: tuple[torch.Tensor, torch.Tensor],
-                 device: torch.device) -> None:
+    def __init__(self, shape: StepShape, num_slots: int, lora_scratch: torch.Tensor, device: torch.device) -> None:
         self.shape = shape
         t, s, w = shape.tokens, shape.seqs, shape.pages
         self.num_block_rows = max_blocks(t, num_slots)
@@ -88,7 +87,7 @@ class StaticInputs:
             self._host_views[name] = self.host.numpy()[offset:offset + size]
             self._device_views[name] = self.device_block[offset:offset + size]
             offset += size
-        self.lora_partials, self.lora_shrunk = lora_scratch[0][:, :t], lora_scratch[1][:t]
+        self.lora_shrunk = lora_scratch[:t]
         self._copied = torch.cuda.Event() if on_gpu else None
 
     def device(self, name: str) -> torch.Tensor:
@@ -182,12 +181,9 @@ class DecodeRunner:
         self._graphs: dict[StepShape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
         # The multi-LoRA kernels' scratch, shared by every shape (graphs never run concurrently).
-        max_in = max((a.shape[-1] for a in slots.a.values()), default=1)
         max_tokens = max(self.max_batch, MIXED_TOKEN_BUCKETS[-1] if mixed else 0)
-        self._lora_scratch = (
-            torch.zeros(shrink_partials_shape(max_tokens, max_in, slots.max_rank), device=self.device),
-            torch.zeros(max_tokens, slots.max_rank, dtype=model.dtype, device=self.device),
-        )
+        self._lora_scratch = torch.zeros(shrunk_shape(max_tokens, slots.max_rank), dtype=model.dtype,
+                                         device=self.device)
 
     def supports(self, sequences: Sequence[SequenceInput]) -> bool:
         if len(sequences) > self.max_batch:
@@ -278,12 +274,13 @@ class _StaticLora:
         return None
 
     def add_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]]) -> None:
-        for module, out in outputs:
-            if module not in self.slots.a:
-                continue
-            a, b_t = self.slots.a[module][layer], self.slots.b_t[module][layer]
-            if self.use_triton:
-                add_lora_delta(out, x, a, b_t, self.inputs.device("blocks"), self.inputs.lora_partials,
-                               self.inputs.lora_shrunk)
-            else:
-                add_lora_delta_reference(out, x, a, b_t, self.inputs.device("token_slots"), self.slots.max_rank)
+        group = [ModuleDelta(self.slots.a[module][layer], self.slots.b_t[module][layer], out)
+                 for module, out in outputs if module in self.slots.a]
+        if not group:
+            return
+        if self.use_triton:
+            add_lora_deltas(x, group, self.inputs.device("blocks"), self.inputs.lora_shrunk)
+            return
+        for module in group:
+            add_lora_delta_reference(module.out, x, module.a, module.b_t, self.inputs.device("token_slots"),
+                                     self.slots.max_rank)

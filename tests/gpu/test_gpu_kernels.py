@@ -19,7 +19,7 @@ from worker.kernels.decode_attention import (
     ragged_attention_reference,
 )
 from worker.kernels.lora_blocks import attention_blocks, lora_blocks
-from worker.kernels.multi_lora import add_lora_delta, add_lora_delta_reference, shrink_partials_shape
+from worker.kernels.multi_lora import ModuleDelta, add_lora_delta_reference, add_lora_deltas, shrunk_shape
 
 pytestmark = [
     pytest.mark.gpu,
@@ -38,54 +38,69 @@ def lora_engine(model_dirs, mixed_adapter_dirs):
     engine.close()
 
 
-def triton_delta(x, a, b_t, token_slots, slot_ranks, out_features):
-    out = torch.zeros(x.shape[0], out_features, dtype=x.dtype, device=x.device)
+def triton_group_delta(x, weights, token_slots, slot_ranks):
+    """The grouped kernels over (a, b_t) per module, each adding into a column range of one fused output."""
+    widths = [b_t.shape[-1] for _, b_t in weights]
+    fused = torch.zeros(x.shape[0], sum(widths), dtype=x.dtype, device=x.device)
+    outs = fused.split(widths, dim=1)
     blocks = torch.from_numpy(lora_blocks(token_slots, slot_ranks)).cuda()
     # The kernels read only what they wrote: NaN elsewhere in the scratch would show.
-    partials = torch.full(shrink_partials_shape(x.shape[0], x.shape[1], a.shape[1]), float("nan"), device=x.device)
-    shrunk = torch.full((x.shape[0], a.shape[1]), float("nan"), dtype=x.dtype, device=x.device)
-    add_lora_delta(out, x, a, b_t, blocks, partials, shrunk)
-    return out
+    shrunk = torch.full(shrunk_shape(x.shape[0], weights[0][0].shape[1]), float("nan"), dtype=x.dtype,
+                        device=x.device)
+    add_lora_deltas(x, [ModuleDelta(a, b_t, out) for (a, b_t), out in zip(weights, outs)], blocks, shrunk)
+    return outs
 
 
 @pytest.mark.parametrize("mix", list(mixes(1)))
-@pytest.mark.parametrize("module", ["q_proj", "k_proj", "o_proj", "down_proj"])
-def test_triton_multi_lora_matches_per_token_loop(lora_engine, mix, module):
-    """Heterogeneous ranks (8 and 16 in slots of 32), identical/distinct/uniform/skewed mixes."""
+@pytest.mark.parametrize("group", [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
+                                   ("down_proj",)], ids="/".join)
+def test_triton_multi_lora_matches_per_token_loop(lora_engine, mix, group):
+    """Heterogeneous ranks (8 and 16 in slots of 32), identical/distinct/uniform/skewed mixes,
+    modules grouped as the model groups them (output widths not multiples of a tile)."""
     engine = lora_engine
     token_slots = mixes(37)[mix]
-    in_features, out_features = engine.model_config.module_shapes()[module]
+    in_features = engine.model_config.module_shapes()[group[0]][0]
     x = torch.randn(len(token_slots), in_features, generator=torch.Generator().manual_seed(1)).cuda()
     slot_ranks = [engine.slots.adapter_rank(s) for s in range(engine.slots.num_slots)]
     for layer in range(engine.model_config.num_layers):
-        out = triton_delta(x, engine.slots.a[module][layer], engine.slots.b_t[module][layer],
-                           token_slots, slot_ranks, out_features)
-        expected = per_token_reference(engine, x.cpu(), token_slots, layer, module)
-        torch.testing.assert_close(out.cpu().double(), expected, atol=1e-4, rtol=1e-4)
+        weights = [(engine.slots.a[m][layer], engine.slots.b_t[m][layer]) for m in group]
+        for module, out in zip(group, triton_group_delta(x, weights, token_slots, slot_ranks)):
+            expected = per_token_reference(engine, x.cpu(), token_slots, layer, module)
+            torch.testing.assert_close(out.cpu().double(), expected, atol=1e-4, rtol=1e-4)
+
+
+# In -> out features of each module of a group at the Llama-3.1-8B shape.
+GROUPS_8B = {"q/k/v": (4096, [4096, 1024, 1024]), "gate/up": (4096, [14336, 14336]), "down": (14336, [4096])}
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("mix", ["identical", "distinct", "uniform", "skewed"])
-def test_triton_multi_lora_at_8b_sizes(dtype, mix):
-    """8 slots, ranks 16..256 (rows past each rank zero, as slots keep them), 4096 -> 1024 and 14336 -> 4096."""
+@pytest.mark.parametrize("tokens", [5, 100, 600], ids=["decode-5", "decode-100", "prefill-600"])
+@pytest.mark.parametrize("group", list(GROUPS_8B))
+def test_triton_multi_lora_groups_at_8b_sizes(dtype, mix, tokens, group):
+    """8 slots, ranks 8..256 (rows past each rank zero, as slots keep them); decode-sized batches
+    (16-row rank tiles) and a prefill-sized one (64-row tiles); each module of the group adds
+    into its column range of one fused output."""
     rng = random.Random(3)
     ranks = [16, 256, 64, 32, 256, 128, 8, 256]
-    tokens = 100
     choices = {"identical": lambda: 5, "distinct": lambda: rng.randrange(8), "uniform": lambda: rng.randrange(-1, 8),
                "skewed": lambda: rng.choices(range(8), weights=[8, 1, 1, 1, 1, 1, 1, 1])[0]}
     token_slots = sorted(choices[mix]() for _ in range(tokens))
-    for in_features, out_features in ((4096, 1024), (14336, 4096)):
-        gen = torch.Generator(device="cuda").manual_seed(0)
+    in_features, out_features = GROUPS_8B[group]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, in_features, device="cuda", generator=gen, dtype=DTYPES[dtype])
+    weights = []
+    for width in out_features:
         a = torch.randn(8, 256, in_features, device="cuda", generator=gen, dtype=DTYPES[dtype]) * 0.02
-        b_t = torch.randn(8, 256, out_features, device="cuda", generator=gen, dtype=DTYPES[dtype]) * 0.02
         for slot, rank in enumerate(ranks):
             a[slot, rank:] = 0
-        x = torch.randn(tokens, in_features, device="cuda", generator=gen, dtype=DTYPES[dtype])
-        out = triton_delta(x, a, b_t, token_slots, ranks, out_features)
-        expected = torch.zeros(tokens, out_features, dtype=torch.float64, device="cuda")
+        weights.append((a, torch.randn(8, 256, width, device="cuda", generator=gen, dtype=DTYPES[dtype]) * 0.02))
+    outs = triton_group_delta(x, weights, token_slots, ranks)
+    tolerance = 1e-3 if dtype == "float32" else 3e-2
+    for (a, b_t), out in zip(weights, outs):
+        expected = torch.zeros_like(out, dtype=torch.float64)
         add_lora_delta_reference(expected, x.double(), a.double(), b_t.double(),
                                  torch.tensor(token_slots, device="cuda"), 256)
-        tolerance = 1e-3 if dtype == "float32" else 3e-2
         torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
 
 

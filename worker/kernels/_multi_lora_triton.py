@@ -2,34 +2,44 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
 from worker.kernels._triton_common import dot, lora_block
 from worker.kernels.lora_blocks import BLOCK_M
-from worker.kernels.multi_lora import K_PER_SPLIT
+from worker.kernels.multi_lora import MAX_GROUP
 
-
-def num_splits(in_features: int) -> int:
-    return triton.cdiv(in_features, K_PER_SPLIT)
+DECODE_TOKENS = 256  # up to this many tokens, shrink uses 16-row rank tiles (more programs)
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, partial_ptr, blocks_ptr, in_features,
-                   stride_xt, stride_as, stride_ar, stride_ps, stride_pt,
-                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                   K_PER_SPLIT: tl.constexpr, IEEE: tl.constexpr):
+def _pick(index, first, second, third):
+    """The group member `index` selects (pointers or sizes of up to three modules)."""
+    chosen = first
+    if index == 1:
+        chosen = second
+    if index == 2:
+        chosen = third
+    return chosen
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, shrunk_ptr, blocks_ptr, in_features, max_rank,
+                   stride_xt, stride_as, stride_ar, stride_st,
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     slot, start, end, rank = lora_block(blocks_ptr, tl.program_id(0))
+    module = tl.program_id(2)
     if (start < end) & (tl.program_id(1) * BLOCK_R < rank):
         rows = start + tl.arange(0, BLOCK_M)
         ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < end
         rank_ok = ranks < rank
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        a_base = a_ptr + slot * stride_as
-        k_begin = tl.program_id(2) * K_PER_SPLIT
-        for k0 in range(k_begin, tl.minimum(k_begin + K_PER_SPLIT, in_features), BLOCK_K):
+        a_base = _pick(module, a0_ptr, a1_ptr, a2_ptr) + slot * stride_as
+        for k0 in range(0, in_features, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < in_features
             x = tl.load(x_ptr + rows[:, None] * stride_xt + cols[None, :],
@@ -37,84 +47,78 @@ def _shrink_kernel(x_ptr, a_ptr, partial_ptr, blocks_ptr, in_features,
             a = tl.load(a_base + ranks[:, None] * stride_ar + cols[None, :],
                         mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
             acc += dot(x, tl.trans(a), IEEE)
-        tl.store(partial_ptr + tl.program_id(2) * stride_ps + rows[:, None] * stride_pt + ranks[None, :], acc,
-                 mask=row_ok[:, None] & rank_ok[None, :])
-
-
-@triton.jit
-def _sum_splits_kernel(partial_ptr, shrunk_ptr, blocks_ptr, splits, stride_ps, stride_pt, stride_st,
-                       BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    _, start, end, rank = lora_block(blocks_ptr, tl.program_id(0))
-    if (start < end) & (tl.program_id(1) * BLOCK_R < rank):
-        rows = start + tl.arange(0, BLOCK_M)
-        ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask = (rows < end)[:, None] & (ranks < rank)[None, :]
-        offsets = rows[:, None] * stride_pt + ranks[None, :]
-        total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for split in range(0, splits):
-            total += tl.load(partial_ptr + split * stride_ps + offsets, mask=mask, other=0.0)
         # Rounded to the weights' dtype like the unfused product (x @ A.T is a tensor of that dtype).
-        tl.store(shrunk_ptr + rows[:, None] * stride_st + ranks[None, :], total.to(shrunk_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(shrunk_ptr + rows[:, None] * stride_st + module * max_rank + ranks[None, :],
+                 acc.to(shrunk_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
 
 
 @triton.jit
-def _expand_kernel(shrunk_ptr, b_ptr, out_ptr, blocks_ptr, out_features,
-                   stride_st, stride_bs, stride_br, stride_ot,
+def _expand_kernel(shrunk_ptr, b0_ptr, b1_ptr, b2_ptr, out0_ptr, out1_ptr, out2_ptr, blocks_ptr,
+                   out0_features, out1_features, out2_features, tiles0, tiles1, max_rank, stride_st, stride_ot,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     slot, start, end, rank = lora_block(blocks_ptr, tl.program_id(0))
     if start < end:
+        # Output tiles are numbered across the group: module 0's, then module 1's, then 2's.
+        tile = tl.program_id(1)
+        module = (tile >= tiles0).to(tl.int32) + (tile >= tiles0 + tiles1).to(tl.int32)
+        tile -= tl.where(module > 0, tiles0, 0) + tl.where(module > 1, tiles1, 0)
+        out_features = _pick(module, out0_features, out1_features, out2_features)
         rows = start + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < end
         col_ok = cols < out_features
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        b_base = b_ptr + slot * stride_bs
+        b_base = _pick(module, b0_ptr, b1_ptr, b2_ptr) + slot * max_rank * out_features  # [slots, R, out]
         for r0 in range(0, rank, BLOCK_R):
             ranks = r0 + tl.arange(0, BLOCK_R)
             rank_ok = ranks < rank
-            s = tl.load(shrunk_ptr + rows[:, None] * stride_st + ranks[None, :],
+            s = tl.load(shrunk_ptr + rows[:, None] * stride_st + module * max_rank + ranks[None, :],
                         mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            b = tl.load(b_base + ranks[:, None] * stride_br + cols[None, :],
+            b = tl.load(b_base + ranks[:, None] * out_features + cols[None, :],
                         mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
             acc += dot(s, b, IEEE)
-        out_tile = out_ptr + rows[:, None] * stride_ot + cols[None, :]
+        out_tile = _pick(module, out0_ptr, out1_ptr, out2_ptr) + rows[:, None] * stride_ot + cols[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
         previous = tl.load(out_tile, mask=mask, other=0.0)
-        tl.store(out_tile, (previous.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_tile, (previous.to(tl.float32) + acc).to(out_tile.dtype.element_ty), mask=mask)
 
 
 def _rank_tile(rank: int) -> int:
     return max(16, min(64, triton.next_power_of_2(rank)))
 
 
-def shrink(x: torch.Tensor, a: torch.Tensor, blocks: torch.Tensor, partials: torch.Tensor) -> None:
-    _check_unit_stride(x, a, partials)
-    max_rank = a.shape[1]
-    block_r = _rank_tile(max_rank)
-    grid = (blocks.shape[0], triton.cdiv(max_rank, block_r), num_splits(x.shape[1]))
-    _shrink_kernel[grid](x, a, partials, blocks, x.shape[1],
-                         x.stride(0), a.stride(0), a.stride(1), partials.stride(0), partials.stride(1),
-                         BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=128, K_PER_SPLIT=K_PER_SPLIT,
+def _padded(items: Sequence, filler) -> list:
+    """A group padded to MAX_GROUP entries (the kernels take three of everything)."""
+    return [*items, *[filler] * (MAX_GROUP - len(items))]
+
+
+def shrink(x: torch.Tensor, a: Sequence[torch.Tensor], blocks: torch.Tensor, shrunk: torch.Tensor) -> None:
+    _check_unit_stride(x, shrunk, *a)
+    if any(w.shape != a[0].shape or w.stride() != a[0].stride() for w in a):
+        raise ValueError("modules of a LoRA group need A buffers of one shape")
+    max_rank = a[0].shape[1]
+    block_r = 16 if x.shape[0] <= DECODE_TOKENS else _rank_tile(max_rank)
+    grid = (blocks.shape[0], triton.cdiv(max_rank, block_r), len(a))
+    _shrink_kernel[grid](x, *_padded(a, a[0]), shrunk, blocks, x.shape[1], max_rank,
+                         x.stride(0), a[0].stride(0), a[0].stride(1), shrunk.stride(0),
+                         BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=256 if block_r == 16 else 128,
                          IEEE=x.dtype == torch.float32)
 
 
-def sum_splits(partials: torch.Tensor, splits: int, blocks: torch.Tensor, shrunk: torch.Tensor) -> None:
-    _check_unit_stride(partials, shrunk)
-    block_r = _rank_tile(shrunk.shape[1])
-    grid = (blocks.shape[0], triton.cdiv(shrunk.shape[1], block_r))
-    _sum_splits_kernel[grid](partials, shrunk, blocks, splits, partials.stride(0), partials.stride(1),
-                             shrunk.stride(0), BLOCK_M=BLOCK_M, BLOCK_R=block_r)
-
-
-def expand(shrunk: torch.Tensor, b_t: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
-    _check_unit_stride(out, b_t, shrunk)
+def expand(shrunk: torch.Tensor, b_t: Sequence[torch.Tensor], blocks: torch.Tensor,
+           outs: Sequence[torch.Tensor]) -> None:
+    _check_unit_stride(shrunk, *b_t, *outs)
+    if any(not b.is_contiguous() for b in b_t) or any(o.stride(0) != outs[0].stride(0) for o in outs):
+        raise ValueError("expand needs contiguous B buffers and outputs of one row stride")
+    max_rank = b_t[0].shape[1]
     block_n = 128
-    grid = (blocks.shape[0], triton.cdiv(out.shape[1], block_n))
-    _expand_kernel[grid](shrunk, b_t, out, blocks, out.shape[1],
-                         shrunk.stride(0), b_t.stride(0), b_t.stride(1), out.stride(0),
-                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=_rank_tile(b_t.shape[1]),
-                         IEEE=out.dtype == torch.float32)
+    tiles = [triton.cdiv(out.shape[1], block_n) for out in outs]
+    grid = (blocks.shape[0], sum(tiles))
+    _expand_kernel[grid](shrunk, *_padded(b_t, b_t[0]), *_padded(outs, outs[0]), blocks,
+                         *_padded([out.shape[1] for out in outs], 0), *_padded(tiles, 0)[:2], max_rank,
+                         shrunk.stride(0), outs[0].stride(0),
+                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=_rank_tile(max_rank),
+                         IEEE=outs[0].dtype == torch.float32)
 
 
 def _check_unit_stride(*tensors: torch.Tensor) -> None:

@@ -33,7 +33,7 @@ from worker.kernels.decode_attention import (
     ragged_attention_reference,
 )
 from worker.kernels.lora_blocks import ATTENTION_BLOCK_M, BLOCK_COLUMNS, attention_blocks, lora_blocks, max_blocks
-from worker.kernels.multi_lora import ModuleDelta, add_lora_delta_reference, add_lora_deltas, shrunk_shape
+from worker.kernels.multi_lora import LoraScratch, ModuleDelta, add_lora_delta_reference, add_lora_deltas
 from worker.kv_cache import PagedKVCache
 from worker.lora.slots import LoraSlots
 from worker.model.llama import LlamaModel
@@ -71,7 +71,7 @@ def mixed_shape(num_tokens: int, max_sequences: int, pages_needed: int) -> StepS
 class StaticInputs:
     """The device buffers of one shape (views of one int64 block) and their pinned host twin."""
 
-    def __init__(self, shape: StepShape, num_slots: int, lora_scratch: torch.Tensor, device: torch.device) -> None:
+    def __init__(self, shape: StepShape, num_slots: int, lora_scratch: LoraScratch, device: torch.device) -> None:
         self.shape = shape
         t, s, w = shape.tokens, shape.seqs, shape.pages
         self.num_block_rows = max_blocks(t, num_slots)
@@ -87,7 +87,7 @@ class StaticInputs:
             self._host_views[name] = self.host.numpy()[offset:offset + size]
             self._device_views[name] = self.device_block[offset:offset + size]
             offset += size
-        self.lora_shrunk = lora_scratch[:t]
+        self.lora_scratch = lora_scratch.first(t)
         self._copied = torch.cuda.Event() if on_gpu else None
 
     def device(self, name: str) -> torch.Tensor:
@@ -182,8 +182,9 @@ class DecodeRunner:
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
         # The multi-LoRA kernels' scratch, shared by every shape (graphs never run concurrently).
         max_tokens = max(self.max_batch, MIXED_TOKEN_BUCKETS[-1] if mixed else 0)
-        self._lora_scratch = torch.zeros(shrunk_shape(max_tokens, slots.max_rank), dtype=model.dtype,
-                                         device=self.device)
+        max_in = max((a.shape[-1] for a in slots.a.values()), default=1)
+        self._lora_scratch = LoraScratch.allocate(max_tokens, max_in, slots.max_rank, slots.num_slots, model.dtype,
+                                                  self.device)
 
     def supports(self, sequences: Sequence[SequenceInput]) -> bool:
         if len(sequences) > self.max_batch:
@@ -279,7 +280,7 @@ class _StaticLora:
         if not group:
             return
         if self.use_triton:
-            add_lora_deltas(x, group, self.inputs.device("blocks"), self.inputs.lora_shrunk)
+            add_lora_deltas(x, group, self.inputs.device("blocks"), self.inputs.lora_scratch)
             return
         for module in group:
             add_lora_delta_reference(module.out, x, module.a, module.b_t, self.inputs.device("token_slots"),

@@ -19,7 +19,7 @@ from worker.kernels.decode_attention import (
     ragged_attention_reference,
 )
 from worker.kernels.lora_blocks import attention_blocks, lora_blocks
-from worker.kernels.multi_lora import ModuleDelta, add_lora_delta_reference, add_lora_deltas, shrunk_shape
+from worker.kernels.multi_lora import LoraScratch, ModuleDelta, add_lora_delta_reference, add_lora_deltas
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,16 +39,24 @@ def lora_engine(model_dirs, mixed_adapter_dirs):
 
 
 def triton_group_delta(x, weights, token_slots, slot_ranks):
-    """The grouped kernels over (a, b_t) per module, each adding into a column range of one fused output."""
-    widths = [b_t.shape[-1] for _, b_t in weights]
-    fused = torch.zeros(x.shape[0], sum(widths), dtype=x.dtype, device=x.device)
-    outs = fused.split(widths, dim=1)
+    """The grouped kernels over (a, b_t) per module, each adding into a column range of one fused
+    output; run twice (a graph replays the same launch) to check the split-K sums are bitwise
+    repeatable and leave their counters at zero."""
     blocks = torch.from_numpy(lora_blocks(token_slots, slot_ranks)).cuda()
+    scratch = LoraScratch.allocate(x.shape[0], x.shape[1], weights[0][0].shape[1], weights[0][0].shape[0],
+                                   x.dtype, x.device)
     # The kernels read only what they wrote: NaN elsewhere in the scratch would show.
-    shrunk = torch.full(shrunk_shape(x.shape[0], weights[0][0].shape[1]), float("nan"), dtype=x.dtype,
-                        device=x.device)
-    add_lora_deltas(x, [ModuleDelta(a, b_t, out) for (a, b_t), out in zip(weights, outs)], blocks, shrunk)
-    return outs
+    scratch.shrunk.fill_(float("nan"))
+    scratch.partials.fill_(float("nan"))
+    widths = [b_t.shape[-1] for _, b_t in weights]
+    runs = []
+    for _ in range(2):
+        outs = torch.zeros(x.shape[0], sum(widths), dtype=x.dtype, device=x.device).split(widths, dim=1)
+        add_lora_deltas(x, [ModuleDelta(a, b_t, out) for (a, b_t), out in zip(weights, outs)], blocks, scratch)
+        assert not scratch.counters.any(), "split counters return to zero"
+        runs.append(outs)
+    assert all(torch.equal(first, second) for first, second in zip(*runs))
+    return runs[0]
 
 
 @pytest.mark.parametrize("mix", list(mixes(1)))

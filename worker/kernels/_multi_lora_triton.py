@@ -10,9 +10,7 @@ import triton.language as tl
 
 from worker.kernels._triton_common import dot, lora_block
 from worker.kernels.lora_blocks import BLOCK_M
-from worker.kernels.multi_lora import MAX_GROUP
-
-DECODE_TOKENS = 256  # up to this many tokens, shrink uses 16-row rank tiles (more programs)
+from worker.kernels.multi_lora import DECODE_TOKENS, MAX_GROUP, LoraScratch, split_count
 
 
 @triton.jit
@@ -27,29 +25,57 @@ def _pick(index, first, second, third):
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, shrunk_ptr, blocks_ptr, in_features, max_rank,
-                   stride_xt, stride_as, stride_ar, stride_st,
-                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+def _shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, shrunk_ptr, partials_ptr, counters_ptr, blocks_ptr,
+                   in_features, max_rank, k_per_split, stride_xt, stride_as, stride_ar, stride_st, stride_ps,
+                   stride_pt, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     slot, start, end, rank = lora_block(blocks_ptr, tl.program_id(0))
-    module = tl.program_id(2)
+    module = tl.program_id(2) // SPLITS
+    split = tl.program_id(2) % SPLITS
     if (start < end) & (tl.program_id(1) * BLOCK_R < rank):
         rows = start + tl.arange(0, BLOCK_M)
         ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < end
-        rank_ok = ranks < rank
+        mask = (rows < end)[:, None] & (ranks < rank)[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         a_base = _pick(module, a0_ptr, a1_ptr, a2_ptr) + slot * stride_as
-        for k0 in range(0, in_features, BLOCK_K):
+        k_begin = split * k_per_split
+        for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, in_features), BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < in_features
             x = tl.load(x_ptr + rows[:, None] * stride_xt + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                        mask=(rows < end)[:, None] & col_ok[None, :], other=0.0)
             a = tl.load(a_base + ranks[:, None] * stride_ar + cols[None, :],
-                        mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+                        mask=(ranks < rank)[:, None] & col_ok[None, :], other=0.0)
             acc += dot(x, tl.trans(a), IEEE)
-        # Rounded to the weights' dtype like the unfused product (x @ A.T is a tensor of that dtype).
-        tl.store(shrunk_ptr + rows[:, None] * stride_st + module * max_rank + ranks[None, :],
-                 acc.to(shrunk_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+        columns = module * max_rank + ranks[None, :]
+        shrunk_tile = shrunk_ptr + rows[:, None] * stride_st + columns
+        if SPLITS == 1:
+            _store_rounded(shrunk_tile, acc, mask)
+        else:
+            _reduce_splits(acc, partials_ptr + rows[:, None] * stride_pt + columns, stride_ps, counters_ptr, split,
+                           shrunk_tile, mask, SPLITS)
+
+
+@triton.jit
+def _store_rounded(shrunk_tile, acc, mask):
+    # Rounded to the weights' dtype like the unfused product (x @ A.T is a tensor of that dtype).
+    tl.store(shrunk_tile, acc.to(shrunk_tile.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reduce_splits(acc, partial_tile, stride_ps, counters_ptr, split, shrunk_tile, mask, SPLITS: tl.constexpr):
+    """Split-K without a second launch: every split stores its partial sum; the last of a
+    tile's splits to finish (one counter per tile, acq_rel atomics) adds them in split order,
+    so the result does not depend on scheduling, and resets the counter for the next launch."""
+    tl.store(partial_tile + split * stride_ps, acc, mask=mask)
+    tile = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * (tl.num_programs(2) // SPLITS) \
+        + tl.program_id(2) // SPLITS
+    if tl.atomic_add(counters_ptr + tile, 1) == SPLITS - 1:
+        total = tl.zeros(acc.shape, dtype=tl.float32)
+        for other in range(0, SPLITS):
+            total += tl.load(partial_tile + other * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
+        _store_rounded(shrunk_tile, total, mask)
+        tl.store(counters_ptr + tile, 0)
 
 
 @triton.jit
@@ -92,16 +118,22 @@ def _padded(items: Sequence, filler) -> list:
     return [*items, *[filler] * (MAX_GROUP - len(items))]
 
 
-def shrink(x: torch.Tensor, a: Sequence[torch.Tensor], blocks: torch.Tensor, shrunk: torch.Tensor) -> None:
-    _check_unit_stride(x, shrunk, *a)
+def shrink(x: torch.Tensor, a: Sequence[torch.Tensor], blocks: torch.Tensor, scratch: LoraScratch) -> None:
+    _check_unit_stride(x, scratch.shrunk, *a)
     if any(w.shape != a[0].shape or w.stride() != a[0].stride() for w in a):
         raise ValueError("modules of a LoRA group need A buffers of one shape")
-    max_rank = a[0].shape[1]
-    block_r = 16 if x.shape[0] <= DECODE_TOKENS else _rank_tile(max_rank)
-    grid = (blocks.shape[0], triton.cdiv(max_rank, block_r), len(a))
-    _shrink_kernel[grid](x, *_padded(a, a[0]), shrunk, blocks, x.shape[1], max_rank,
-                         x.stride(0), a[0].stride(0), a[0].stride(1), shrunk.stride(0),
-                         BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=256 if block_r == 16 else 128,
+    max_rank, in_features = a[0].shape[1], x.shape[1]
+    decode = x.shape[0] <= DECODE_TOKENS
+    block_r = 16 if decode else _rank_tile(max_rank)
+    splits = split_count(x.shape[0], in_features)
+    k_per_split = triton.cdiv(triton.cdiv(in_features, splits), 128) * 128
+    grid = (blocks.shape[0], triton.cdiv(max_rank, block_r), len(a) * splits)
+    if splits > 1 and scratch.counters.numel() < grid[0] * grid[1] * len(a):
+        raise ValueError("the LoRA scratch has too few split-K counters for this batch")
+    _shrink_kernel[grid](x, *_padded(a, a[0]), scratch.shrunk, scratch.partials, scratch.counters, blocks,
+                         in_features, max_rank, k_per_split, x.stride(0), a[0].stride(0), a[0].stride(1),
+                         scratch.shrunk.stride(0), scratch.partials.stride(0), scratch.partials.stride(1),
+                         SPLITS=splits, BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=128,
                          IEEE=x.dtype == torch.float32)
 
 

@@ -10,16 +10,19 @@ Modules that read the same input (q/k/v, gate/up; at most MAX_GROUP) go through 
 kernels together, over the block table of `worker.kernels.lora_blocks` (rows
 `(slot, start, end, rank)`, tokens sorted by slot, at most BLOCK_M tokens per row):
 
-- shrink: one program per (block, rank tile, module):
-  `shrunk[start:end, m * R + r0 : m * R + r1] = x[start:end, :] @ a_m[slot, r0:r1, :].T`, the
-  whole reduction over `in` in one program (x tile [BLOCK_M, BLOCK_K], A tile
-  [BLOCK_R, BLOCK_K]; tiles at or past the block's rank exit). Small rank tiles (16) for
-  decode-sized batches spread a few tokens' work over the GPU without a split-K pass;
+- shrink: one program per (block, rank tile, module, K split):
+  `shrunk[start:end, m * R + r0 : m * R + r1] = x[start:end, :] @ a_m[slot, r0:r1, :].T`
+  (x tile [BLOCK_M, BLOCK_K], A tile [BLOCK_R, BLOCK_K]; tiles at or past the block's rank
+  exit). Decode-sized batches (up to DECODE_TOKENS tokens) use 16-row rank tiles and split
+  the reduction over `in` into K_PER_SPLIT-column chunks, so one adapter's few tokens still
+  spread over the GPU: each split stores a float32 partial and the tile's last split to
+  finish sums them in split order (deterministic) in the same launch. Larger batches have
+  blocks enough: 64-row rank tiles, no split;
 - expand: one program per (block, output tile of one module):
   `out_m[start:end, n0:n1] += shrunk[start:end, m * R : m * R + rank] @ b_t_m[slot, :rank, n0:n1]`
   (an R loop up to the block's rank; accumulated in float32, added to `out_m` once).
 
-So a group costs two launches whatever its size. Each adapter's A and B are read once per
+So a group costs two launches whatever its size and however many adapters it mixes. Each adapter's A and B are read once per
 block of its tokens, never per token, and slots no token uses are never read.
 Heterogeneous ranks are exact because slot rows of A past an adapter's rank are zero
 (`worker.lora.slots`). Empty rows (end <= start) do nothing, so a padded table replays in a
@@ -33,9 +36,12 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.kernels.lora_blocks import BLOCK_M
+from worker.kernels.lora_blocks import BLOCK_M, max_blocks
 
 MAX_GROUP = 3  # q/k/v
+DECODE_TOKENS = 256  # up to this many tokens, shrink splits over `in` (see above)
+K_PER_SPLIT = 512
+RANK_TILE = 16  # shrink's rank tile when it splits
 
 
 @dataclass(frozen=True)
@@ -57,15 +63,39 @@ def add_lora_delta_reference(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor
     out += torch.where(adapted[:, None], delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
 
 
-def shrunk_shape(max_tokens: int, max_rank: int) -> tuple[int, int]:
-    """Shape of the scratch the kernels need (in the weights' dtype) for batches up to these sizes."""
-    return (max_tokens, MAX_GROUP * max_rank)
+def split_count(num_tokens: int, in_features: int) -> int:
+    return -(-in_features // K_PER_SPLIT) if num_tokens <= DECODE_TOKENS else 1
+
+
+@dataclass(frozen=True)
+class LoraScratch:
+    """The kernels' scratch for batches up to a size; every entry read is written first (no
+    zeroing), and the split counters return to zero after each launch."""
+
+    shrunk: torch.Tensor  # [tokens, MAX_GROUP * R], the weights' dtype
+    partials: torch.Tensor  # [splits, DECODE_TOKENS, MAX_GROUP * R] float32
+    counters: torch.Tensor  # [decode blocks * rank tiles * MAX_GROUP] int32, zero between launches
+
+    @classmethod
+    def allocate(cls, max_tokens: int, max_in_features: int, max_rank: int, num_slots: int, dtype: torch.dtype,
+                 device: torch.device) -> LoraScratch:
+        decode_tokens = min(max_tokens, DECODE_TOKENS)
+        tiles = max_blocks(decode_tokens, num_slots) * -(-max_rank // RANK_TILE) * MAX_GROUP
+        return cls(
+            shrunk=torch.zeros(max_tokens, MAX_GROUP * max_rank, dtype=dtype, device=device),
+            partials=torch.zeros(split_count(1, max_in_features), decode_tokens, MAX_GROUP * max_rank,
+                                 device=device),
+            counters=torch.zeros(tiles, dtype=torch.int32, device=device),
+        )
+
+    def first(self, num_tokens: int) -> LoraScratch:
+        """The scratch of a batch of `num_tokens` (views)."""
+        return LoraScratch(self.shrunk[:num_tokens], self.partials[:, :min(num_tokens, DECODE_TOKENS)], self.counters)
 
 
 def add_lora_deltas(x: torch.Tensor, group: Sequence[ModuleDelta], blocks: torch.Tensor,
-                    shrunk: torch.Tensor) -> None:
-    """Triton version for up to MAX_GROUP modules sharing `x`; `blocks` [rows, 4] int64 on the
-    GPU; `shrunk` scratch of `shrunk_shape` (every entry read is written first: no zeroing).
+                    scratch: LoraScratch) -> None:
+    """Triton version for up to MAX_GROUP modules sharing `x`; `blocks` [rows, 4] int64 on the GPU.
 
     Each block's rank comes from its row (a device tensor), so one captured graph serves any
     mix of ranks up to R = a.shape[1] and reads only the rows each adapter has.
@@ -74,8 +104,8 @@ def add_lora_deltas(x: torch.Tensor, group: Sequence[ModuleDelta], blocks: torch
 
     if not 1 <= len(group) <= MAX_GROUP:
         raise ValueError(f"a LoRA group has 1 to {MAX_GROUP} modules, got {len(group)}")
-    kernels.shrink(x, [m.a for m in group], blocks, shrunk)
-    kernels.expand(shrunk, [m.b_t for m in group], blocks, [m.out for m in group])
+    kernels.shrink(x, [m.a for m in group], blocks, scratch)
+    kernels.expand(scratch.shrunk, [m.b_t for m in group], blocks, [m.out for m in group])
 
 
-__all__ = ["BLOCK_M", "MAX_GROUP", "ModuleDelta", "add_lora_deltas", "add_lora_delta_reference", "shrunk_shape"]
+__all__ = ["BLOCK_M", "MAX_GROUP", "LoraScratch", "ModuleDelta", "add_lora_deltas", "add_lora_delta_reference"]

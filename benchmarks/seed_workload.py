@@ -18,7 +18,7 @@ import os
 import subprocess
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from loraserve.bench import format_comparison, run_benchmark
 from loraserve.client import LoraServeClient
 from loraserve.launcher import Launcher, ServeConfig
 from loraserve.synthetic import write_model_config, write_random_adapter
-from loraserve.timeline import draw, fetch_trace
+from loraserve.timeline import decode_step_gaps, draw, fetch_trace
 from protos.loraserve.v1 import serving_pb2
 from worker.lora.adapter import TARGET_MODULES
 from worker.model.config import load_model_config
@@ -114,11 +114,15 @@ def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: floa
                 (out_dir / f"{label}.trace.json").write_text(json.dumps(trace))
                 draw(trace, out_dir / f"{label}.png", title=f"{label}: forwards, adapter loads, requests")
                 result["copy_gbps"] = copy_bandwidth(trace)
+                gaps = decode_step_gaps(trace)
+                result["decode_step_gaps"] = asdict(gaps) if gaps else None
     finally:
         launcher.stop()
+    gaps = result.get("decode_step_gaps")
+    idle = f", GPU idle between decode steps {gaps['idle_fraction']:.1%}" if gaps else ""
     print(f"{label}: median TTFT {result['summary']['ttft_ms']['median']:.1f} ms, median TPOT "
           f"{result['summary']['tpot_ms']['median']:.2f} ms, mean E2E {result['summary']['e2e_ms']['mean']:.0f} ms, "
-          f"failed {result['summary']['failed']}", flush=True)
+          f"failed {result['summary']['failed']}{idle}", flush=True)
     return result
 
 

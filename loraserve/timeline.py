@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -21,6 +23,33 @@ def fetch_trace(address: str) -> dict:
     with grpc.insecure_channel(address) as channel:
         stub = serving_pb2_grpc.LoraServingStub(channel)
         return json.loads(stub.GetTimeline(serving_pb2.GetTimelineRequest(), timeout=60).chrome_trace_json)
+
+
+STEADY_GAP_US = 50_000  # a longer pause between forwards means no work was waiting, not a slow host
+
+
+@dataclass(frozen=True)
+class StepGaps:
+    """Decode-only forwards of a trace: their GPU time and the GPU's idle time between them."""
+
+    steps: int
+    median_step_ms: float
+    median_gap_ms: float
+    idle_fraction: float  # idle / (busy + idle) over consecutive decode steps
+
+
+def decode_step_gaps(trace: dict) -> StepGaps | None:
+    """Idle time between consecutive decode-only forwards (forward spans end after sampling)."""
+    forwards = sorted((e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("name") == "forward"),
+                      key=lambda e: e["ts"])
+    pairs = [(a, b) for a, b in zip(forwards, forwards[1:])
+             if a["args"]["tokens"] == a["args"]["sequences"] and b["ts"] - a["ts"] - a["dur"] < STEADY_GAP_US]
+    if not pairs:
+        return None
+    busy = [a["dur"] for a, _ in pairs]
+    gaps = [max(0.0, b["ts"] - a["ts"] - a["dur"]) for a, b in pairs]
+    return StepGaps(len(pairs), statistics.median(busy) / 1e3, statistics.median(gaps) / 1e3,
+                    sum(gaps) / (sum(busy) + sum(gaps)))
 
 
 def draw(trace: dict, output: Path, title: str = "") -> None:

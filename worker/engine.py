@@ -202,8 +202,8 @@ class Engine:
                                    path="static" if static else "eager")
         with torch.inference_mode(), self.copier.reading(batch.active_slots):
             hidden = self.decode_runner.run(batch.sequences) if static else self._eager_forward(batch)
-            self.timeline.end(span)
             tokens = self._sample(batch, hidden)
+            self.timeline.end(span)
             logits = self._all_logits(batch, hidden) if return_logits else None
         return ForwardOutput(tokens=tokens, logits=logits)
 

@@ -41,6 +41,8 @@ def add_serve_parser(commands) -> None:
     parser.add_argument("--num-kv-pages", type=int, default=2048)
     parser.add_argument("--host-cache-gb", type=float, default=4.0)
     parser.add_argument("--disable-cuda-graphs", action="store_true", help="decode steps run eagerly (comparisons)")
+    parser.add_argument("--disable-overlap-schedule", action="store_true",
+                        help="the scheduler waits for each step's tokens before sending the next")
     parser.add_argument("--disable-mixed-graphs", action="store_true",
                         help="steps with prefill chunks run eagerly (comparisons)")
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
@@ -90,7 +92,7 @@ def run_serve(args: argparse.Namespace) -> int:
         admin_token_file=args.admin_token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         cuda_graphs=not args.disable_cuda_graphs, pipelined_loads=args.pipelined_loads,
-        mixed_graphs=not args.disable_mixed_graphs,
+        mixed_graphs=not args.disable_mixed_graphs, overlap_schedule=not args.disable_overlap_schedule,
     )
     return serve(config)
 

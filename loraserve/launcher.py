@@ -51,6 +51,7 @@ class ServeConfig:
     max_lora_rank: int = 64
     overlap_loading: bool = True
     pipelined_loads: bool = False
+    overlap_schedule: bool = True  # the next step is sent while the worker runs the current one
     page_size: int = 16
     num_kv_pages: int = 2048
     host_cache_bytes: int = 4 << 30
@@ -110,6 +111,7 @@ def process_commands(config: ServeConfig, addresses: Addresses, files: RuntimeFi
                  "--worker-address", addresses.worker,
                  "--enable-lora-overlap-loading" if config.overlap_loading else "--disable-lora-overlap-loading",
                  *(["--pipelined-loads"] if config.pipelined_loads else []),
+                 *([] if config.overlap_schedule else ["--disable-overlap-schedule"]),
                  "--max-batch-tokens", str(config.max_batch_tokens),
                  "--max-running-requests", str(config.max_running_requests),
                  "--max-queued-requests", str(config.max_queued_requests), *logging_flags,

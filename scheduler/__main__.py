@@ -23,6 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--pipelined-loads", action="store_true",
                         help="idle server: start a request while its adapter's copy runs (per-layer waits)")
+    parser.add_argument("--disable-overlap-schedule", action="store_true",
+                        help="wait for each step's tokens before sending the next (the GPU idles meanwhile)")
     parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                         help="stage and load adapters only on demand")
     parser.add_argument("--adapter-root", help="LoadAdapter accepts only paths inside this directory")
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         max_queued_requests=args.max_queued_requests, max_batch_tokens=args.max_batch_tokens,
         initial_adapters=name_value_pairs(args.lora_paths, "--lora-paths"), prefetch=args.prefetch,
         adapter_root=args.adapter_root, registry_file=args.registry_file,
+        max_forwards_in_flight=1 if args.disable_overlap_schedule else 2,
     )
     service = SchedulerService(SchedulerServiceConfig(args.frontend_address, args.worker_address, config))
     on_termination(lambda: setattr(service, "stopping", True))

@@ -18,5 +18,8 @@ class SchedulerConfig:
     # behind that forward, which costs little only when copies are short (GPU, pinned cache).
     pipelined_loads: bool = False
     prefetch: bool = True  # stage idle adapters into host memory and free slots ahead of demand
+    # 2: the next step is sent while the worker runs the current one (the GPU never waits for
+    # the scheduler); 1: the scheduler waits for each step's tokens (--disable-overlap-schedule).
+    max_forwards_in_flight: int = 2
     adapter_root: str | None = None  # set: LoadAdapter accepts only paths inside this directory
     registry_file: str | None = None  # set: adapters loaded at run time, kept across scheduler restarts

@@ -5,6 +5,11 @@ so loads overlap the step that follows), then build one ragged batch of decodes 
 prefill chunks under the token budget. With overlap on, only requests whose adapter is
 resident run; the rest are admitted as their loads complete. With overlap off (the seed's
 baseline) a request's load is issued as a blocking load ahead of the forward, stalling it.
+
+Steps are scheduled one ahead (`max_forwards_in_flight`, 2 by default): the next batch is
+sent while the worker runs the current one, so the GPU never waits for this process. A
+request whose token is still being sampled decodes it blind (`previous_token`: the worker
+feeds it on the GPU); if that token ends the request, the extra step's token is dropped.
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ class Counters:
 UnloadDone = Callable[[], None]
 
 
+@dataclass(frozen=True)
+class InFlightForward:
+    members: list[Request]
+    sampling: list[Request]  # the members that sample a token in it
+
+
 @dataclass
 class PendingUnload:
     name: str
@@ -73,7 +84,7 @@ class SchedulerCore:
         # an adapter that waits for one. Sticky: a drain is never abandoned halfway.
         self.draining: dict[int, str] = {}  # slot -> the adapter it is draining
         self._wanting_slot: set[str] = set()  # adapters refused a slot in this admission pass
-        self.forward_in_flight: list[Request] | None = None
+        self.forwards_in_flight: deque[InFlightForward] = deque()  # oldest first
         self.request_trace: deque[dict] = deque(maxlen=TRACE_CAPACITY)
 
     # Requests -------------------------------------------------------------------------
@@ -193,17 +204,21 @@ class SchedulerCore:
 
     # Steps ----------------------------------------------------------------------------
 
+    @property
+    def can_schedule(self) -> bool:
+        return len(self.forwards_in_flight) < self.config.max_forwards_in_flight
+
     def schedule(self) -> pb.Forward | None:
         """Admits what it can, starts loads, and returns the next batch (None: nothing to run)."""
-        if self.forward_in_flight is not None:
+        if not self.can_schedule:
             return None
         self._admit()
         if self.config.prefetch:
             self._prefetch()
-        batch, members = self._build_batch()
-        if not members:
+        batch, step = self._build_batch()
+        if not step.members:
             return None
-        self.forward_in_flight = members
+        self.forwards_in_flight.append(step)
         self.counters.forward_steps += 1
         return batch
 
@@ -342,21 +357,34 @@ class SchedulerCore:
         log.debug("request admitted", extra={"request_id": request.request_id, "slot": request.slot,
                                              "queued_ms": round((now - request.arrival) * 1e3, 2)})
 
-    def _build_batch(self) -> tuple[pb.Forward, list[Request]]:
+    def _build_batch(self) -> tuple[pb.Forward, InFlightForward]:
         budget = self.config.max_batch_tokens
         batch = pb.Forward()
-        members: list[Request] = []
+        step = InFlightForward([], [])
         decodes = [r for r in self.running if not r.in_prefill]
         prefills = [r for r in self.running if r.in_prefill]
         for request in decodes + prefills:
             if budget <= 0:
                 break
-            remaining = request.num_tokens - request.fed
-            count = min(remaining, budget)
-            budget -= count
-            self._add_sequence(batch, request, count)
-            members.append(request)
-        return batch, members
+            if request.tokens_in_flight:
+                if not self._may_decode_blind(request):
+                    continue
+                self._add_previous_token(batch, request)
+                budget -= 1
+            else:
+                count = min(request.num_tokens - request.fed, budget)
+                budget -= count
+                self._add_sequence(batch, request, count)
+            step.members.append(request)
+            if batch.sequences[-1].sample:
+                request.tokens_in_flight += 1
+                step.sampling.append(request)
+        return batch, step
+
+    def _may_decode_blind(self, request: Request) -> bool:
+        """Its token in flight is the last sampled one, and may not be its last token."""
+        return (request.tokens_in_flight == 1 and request.fed == request.num_tokens
+                and len(request.generated) + 1 < request.sampling.max_new_tokens)
 
     def _add_sequence(self, batch: pb.Forward, request: Request, count: int) -> None:
         batch.sequences.add(
@@ -370,11 +398,25 @@ class SchedulerCore:
         )
         request.fed += count
 
+    def _add_previous_token(self, batch: pb.Forward, request: Request) -> None:
+        batch.sequences.add(
+            request_id=request.request_id,
+            previous_token=True,
+            context_len=request.fed,
+            page_table=request.pages,
+            adapter_slot=request.slot,
+            sample=True,
+            sampling=request.sampling.worker_params,
+        )
+        request.fed += 1
+
     def on_forward_result(self, result: pb.ForwardResult | None, error: pb.Error | None = None) -> None:
-        members = self.forward_in_flight or []
-        self.forward_in_flight = None
+        """The oldest forward in flight has ended (the worker answers in order)."""
+        step = self.forwards_in_flight.popleft() if self.forwards_in_flight else InFlightForward([], [])
+        for request in step.sampling:
+            request.tokens_in_flight -= 1
         if error is not None:
-            for request in members:
+            for request in step.members:
                 if request.phase is Phase.RUNNING:
                     self._emit_error(request.client, request.request_id, error.code, error.message)
                     self._drop(request)
@@ -458,7 +500,7 @@ class SchedulerCore:
         for request in list(self.requests.values()):
             self._emit_error(request.client, request.request_id, code, message)
             self._drop(request)
-        self.forward_in_flight = None
+        self.forwards_in_flight.clear()
 
     def _emit_error(self, client: bytes, request_id: str, code: int, message: str) -> None:
         log.info("request failed", extra={"request_id": request_id, "code": pb.ErrorCode.Name(code), "error": message})

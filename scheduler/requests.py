@@ -59,7 +59,8 @@ class Request:
     phase: Phase = Phase.WAITING
     generated: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
-    fed: int = 0  # tokens already written to the KV cache
+    fed: int = 0  # tokens written to the KV cache by forwards sent (a token in flight counts once fed)
+    tokens_in_flight: int = 0  # sampled by forwards in flight, not yet in `generated`
     slot: int = -1
     admitted_at: float | None = None
     adapter_ready_at: float | None = None

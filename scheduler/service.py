@@ -101,7 +101,7 @@ class SchedulerService:
                  self.config.worker_address)
         while not self.stopping:
             busy = self.core is not None and (self.core.waiting or self.core.running)
-            events = dict(poller.poll(0 if busy and self.core.forward_in_flight is None else IDLE_POLL_MS))
+            events = dict(poller.poll(0 if busy and not self.core.forwards_in_flight else IDLE_POLL_MS))
             if self.worker_monitor in events:  # before the worker's messages: a successor's hello comes after
                 self._on_worker_socket_events()
             if self.worker in events:
@@ -133,14 +133,14 @@ class SchedulerService:
         if not self.ready:
             self._flush()
             return
-        batch = self.core.schedule()
-        self._flush_commands()
-        if batch is not None:
+        while (batch := self.core.schedule()) is not None:  # up to max_forwards_in_flight
+            self._flush_commands()
             self._send_command(pb.WorkerCommand(forward=batch), self._on_forward_done)
             if self.last_result_at is not None:
                 self.core.counters.scheduler_step_seconds += time.perf_counter() - self.last_result_at
                 self.last_result_at = None
-        self._flush_outputs()  # after the forward is on its way: streaming overlaps the GPU
+        self._flush_commands()
+        self._flush_outputs()  # after the forwards are on their way: streaming overlaps the GPU
 
     def _flush(self) -> None:
         self._flush_commands()

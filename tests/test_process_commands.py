@@ -14,10 +14,11 @@ def commands(**settings):
 
 
 def test_engine_speed_flags_reach_the_worker_and_scheduler():
-    chosen = commands(cuda_graphs=False, mixed_graphs=False, pipelined_loads=True)
+    chosen = commands(cuda_graphs=False, mixed_graphs=False, pipelined_loads=True, overlap_schedule=False)
     worker = worker_args(chosen["worker"][3:])
     assert worker.disable_cuda_graphs and worker.disable_mixed_graphs
-    assert scheduler_args(chosen["scheduler"][3:]).pipelined_loads
+    scheduler = scheduler_args(chosen["scheduler"][3:])
+    assert scheduler.pipelined_loads and scheduler.disable_overlap_schedule
 
 
 def test_defaults_keep_graphs_on_and_pipelined_loads_off():
@@ -25,3 +26,4 @@ def test_defaults_keep_graphs_on_and_pipelined_loads_off():
     worker = worker_args(default["worker"][3:])
     assert not worker.disable_cuda_graphs and not worker.disable_mixed_graphs
     assert not scheduler_args(default["scheduler"][3:]).pipelined_loads
+    assert not scheduler_args(default["scheduler"][3:]).disable_overlap_schedule

@@ -39,6 +39,9 @@ class SequenceInput:
     adapter_slot: int = NO_ADAPTER
     sample: bool = True  # False for a prefill chunk that is not the prompt's last
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # The one new token is the one this request sampled in the previous forward, still on the
+    # GPU (token_ids holds a placeholder): the scheduler sent this step before seeing it.
+    previous_token: bool = False
 
     @property
     def total_len(self) -> int:

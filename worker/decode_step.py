@@ -19,7 +19,7 @@ not come here: the eager path waits per layer on the copy (see `Engine.forward`)
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -208,8 +208,9 @@ class DecodeRunner:
             if shape not in self._graphs:
                 self._capture(self._inputs.get(shape) or self._new_inputs(shape))
 
-    def run(self, sequences: Sequence[SequenceInput]) -> torch.Tensor:
-        """Final-normed hidden states of every new token, in order; sequences sorted by adapter slot."""
+    def run(self, sequences: Sequence[SequenceInput], feed: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        """Final-normed hidden states of every new token, in order; sequences sorted by adapter slot.
+        `feed` may rewrite the flat input ids on the device before the step runs."""
         pages = max(-(-seq.total_len // self.page_size) for seq in sequences)
         num_tokens = sum(len(seq.token_ids) for seq in sequences)
         shape = (decode_shape(len(sequences), pages) if num_tokens == len(sequences)
@@ -217,6 +218,7 @@ class DecodeRunner:
         inputs = self._inputs.get(shape) or self._new_inputs(shape)
         slot_ranks = [self.slots.adapter_rank(slot) for slot in range(self.slots.num_slots)]
         inputs.fill(sequences, slot_ranks, self.page_size, self.kv_cache.scratch_index)
+        feed(inputs.device("input_ids"))
         if not self.use_cuda_graphs:
             return self._step(inputs)[:num_tokens]
         graph, hidden = self._graphs.get(shape) or self._capture(inputs)

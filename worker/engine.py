@@ -7,7 +7,7 @@ baseline); `poll` reports finished staging and loads without blocking.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,8 +25,16 @@ from worker.lora.slots import LoraSlots
 from worker.model.config import DTYPES, ModelConfig, load_model_config
 from worker.model.llama import LlamaModel, ModelWeights, fuse_weights
 from worker.model.weights import dummy_weights, load_safetensors
-from worker.plan import ForwardPlan, SortedBatch, plan_tensors, sort_batch
-from worker.sampling import sample, validate_sampling
+from worker.plan import (
+    ForwardPlan,
+    PreviousTokens,
+    SortedBatch,
+    feed_previous_tokens,
+    plan_tensors,
+    previous_token_sources,
+    sort_batch,
+)
+from worker.sampling import DeviceSample, sample_on_device, to_host, validate_sampling
 from worker.timeline import COMPUTE_LANE, COPY_LANE, Timeline
 
 
@@ -58,6 +66,20 @@ class AdapterInfo:
     rank: int
     nbytes: int
     modules: frozenset[str]
+
+
+@dataclass(frozen=True)
+class PendingForward:
+    """A forward queued on the GPU; `Engine.finish` waits for its tokens."""
+
+    batch: SortedBatch
+    sampled_rows: list[int]  # indices into batch.sequences of the sequences that sample
+    sampled: DeviceSample | None
+    logits: dict[str, torch.Tensor] | None
+    done: torch.cuda.Event | None  # None on CPU, where the forward has already run
+
+    def is_done(self) -> bool:
+        return self.done is None or self.done.query()
 
 
 @dataclass(frozen=True)
@@ -94,6 +116,7 @@ class Engine:
         ) if config.static_decode else None
         self.adapters: dict[str, AdapterManifest] = {}
         self.pending: dict[int, LoadJob] = {}  # slot -> load in flight
+        self._previous: PreviousTokens | None = None  # what the last launched forward sampled
 
     # Adapters -------------------------------------------------------------------------
 
@@ -191,41 +214,77 @@ class Engine:
     # Forward --------------------------------------------------------------------------
 
     def forward(self, inputs: Sequence[SequenceInput], *, return_logits: bool = False) -> ForwardOutput:
+        """Runs one forward and waits for its tokens."""
+        return self.finish(self.launch(inputs, return_logits=return_logits))
+
+    def launch(self, inputs: Sequence[SequenceInput], *, return_logits: bool = False) -> PendingForward:
+        """Validates the batch, then queues its forward and sampling on the GPU without waiting.
+
+        Sequences marked `previous_token` read the token their request sampled in the forward
+        launched just before this one, on the device: the next step can be queued before the
+        host has seen the current one's tokens. A failed launch leaves no previous tokens.
+        """
+        previous, self._previous = self._previous, None
         for seq in inputs:
             validate_sampling(seq.sampling)
             self._check_slot_served(seq)
         batch = sort_batch(inputs, page_size=self.config.page_size, num_pages=self.config.num_kv_pages,
                            vocab_size=self.model_config.vocab_size)
+        sources = previous_token_sources(batch, previous)
         static = self._takes_static_decode(batch)
         span = self.timeline.begin(COMPUTE_LANE, "forward", sequences=len(inputs), tokens=batch.num_tokens,
                                    adapters=sorted({self.slots.occupants[s] for s in batch.active_slots}),
                                    path="static" if static else "eager")
+
+        def feed(input_ids: torch.Tensor) -> None:
+            if sources:
+                feed_previous_tokens(input_ids, sources, previous)
+
         with torch.inference_mode(), self.copier.reading(batch.active_slots):
-            hidden = self.decode_runner.run(batch.sequences) if static else self._eager_forward(batch)
-            tokens = self._sample(batch, hidden)
+            hidden = self.decode_runner.run(batch.sequences, feed) if static else self._eager_forward(batch, feed)
+            sampled_rows, sampled = self._sample(batch, hidden)
             self.timeline.end(span)
             logits = self._all_logits(batch, hidden) if return_logits else None
-        return ForwardOutput(tokens=tokens, logits=logits)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        if sampled is not None:
+            self._previous = PreviousTokens(sampled.token_ids, {batch.sequences[i].request_id: row
+                                                                for row, i in enumerate(sampled_rows)})
+        return PendingForward(batch, sampled_rows, sampled, logits, done)
+
+    def finish(self, pending: PendingForward) -> ForwardOutput:
+        """Waits for a launched forward's tokens; they come in the caller's order."""
+        if pending.sampled is None:
+            return ForwardOutput(tokens=[], logits=pending.logits)
+        token_ids, logprobs = to_host(pending.sampled)
+        batch = pending.batch
+        by_caller_order = sorted((batch.order[i], batch.sequences[i].request_id, token, logprob)
+                                 for i, token, logprob in zip(pending.sampled_rows, token_ids, logprobs))
+        return ForwardOutput(tokens=[SampledToken(request_id, token, logprob)
+                                     for _, request_id, token, logprob in by_caller_order],
+                             logits=pending.logits)
 
     def _takes_static_decode(self, batch: SortedBatch) -> bool:
         """Decode-only batches, unless one of their adapters is still landing (per-layer waits)."""
         return (self.decode_runner is not None and self.decode_runner.supports(batch.sequences)
                 and not any(slot in self.pending for slot in batch.active_slots))
 
-    def _eager_forward(self, batch: SortedBatch) -> torch.Tensor:
+    def _eager_forward(self, batch: SortedBatch, feed: Callable[[torch.Tensor], None]) -> torch.Tensor:
         plan = plan_tensors(batch, page_size=self.config.page_size, device=self.device)
+        feed(plan.input_ids)
         return self.model.forward(plan, self.kv_cache, _ForwardLora(self, plan))
 
-    def _sample(self, plan: SortedBatch, hidden: torch.Tensor) -> list[SampledToken]:
-        chosen = [i for i, seq in enumerate(plan.sequences) if seq.sample]
+    def _sample(self, batch: SortedBatch, hidden: torch.Tensor) -> tuple[list[int], DeviceSample | None]:
+        """Queues the sampling of every sequence that samples: (their indices, tokens on the device)."""
+        chosen = [i for i, seq in enumerate(batch.sequences) if seq.sample]
         if not chosen:
-            return []
-        rows = [plan.seq_starts[i] + len(plan.sequences[i].token_ids) - 1 for i in chosen]
-        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
-        seqs = [plan.sequences[i] for i in chosen]
-        token_ids, logprobs = sample(logits, [s.sampling for s in seqs], [s.total_len for s in seqs])
-        by_caller_order = sorted(zip((plan.order[i] for i in chosen), seqs, token_ids, logprobs))
-        return [SampledToken(seq.request_id, token, logprob) for _, seq, token, logprob in by_caller_order]
+            return chosen, None
+        rows = [batch.seq_starts[i] + len(batch.sequences[i].token_ids) - 1 for i in chosen]
+        logits = self.model.logits(hidden[torch.tensor(rows).to(self.device, non_blocking=True)])
+        seqs = [batch.sequences[i] for i in chosen]
+        return chosen, sample_on_device(logits, [s.sampling for s in seqs], [s.total_len for s in seqs])
 
     def _all_logits(self, plan: SortedBatch, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.model.logits(hidden).cpu()

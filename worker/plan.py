@@ -56,6 +56,31 @@ class ForwardPlan(SortedBatch):
     attention: list[AttentionPlan]  # decodes, then prefill chunks (groups that are not empty)
 
 
+@dataclass(frozen=True)
+class PreviousTokens:
+    """What the last launched forward sampled, still on the device, and each request's row."""
+
+    token_ids: torch.Tensor  # [N] int64
+    rows: dict[str, int]
+
+
+def previous_token_sources(batch: SortedBatch, previous: PreviousTokens | None) -> list[tuple[int, int]]:
+    """(flat token index, row of `previous`) of each sequence fed its previous sampled token."""
+    wanted = [(start, seq.request_id) for seq, start in zip(batch.sequences, batch.seq_starts) if seq.previous_token]
+    missing = [request_id for _, request_id in wanted if previous is None or request_id not in previous.rows]
+    if missing:
+        raise ValueError(f"requests {missing}: the previous forward sampled no token for them")
+    return [(start, previous.rows[request_id]) for start, request_id in wanted]
+
+
+def feed_previous_tokens(input_ids: torch.Tensor, sources: list[tuple[int, int]], previous: PreviousTokens) -> None:
+    """Writes the sampled tokens into the flat input ids on the device (no host sync)."""
+    device = input_ids.device
+    index = torch.tensor([flat for flat, _ in sources]).to(device, non_blocking=True)
+    rows = torch.tensor([row for _, row in sources]).to(device, non_blocking=True)
+    input_ids[index] = previous.token_ids[rows]
+
+
 def sort_batch(inputs: Sequence[SequenceInput], *, page_size: int, num_pages: int, vocab_size: int) -> SortedBatch:
     if not inputs:
         raise ValueError("a forward needs at least one sequence")
@@ -112,6 +137,8 @@ def plan_tensors(batch: SortedBatch, *, page_size: int, device: torch.device) ->
 def _validate(seq: SequenceInput, page_size: int, num_pages: int, vocab_size: int) -> None:
     if not seq.token_ids:
         raise ValueError(f"request {seq.request_id}: no new tokens")
+    if seq.previous_token and len(seq.token_ids) != 1:
+        raise ValueError(f"request {seq.request_id}: a previous-token input is one token")
     if seq.context_len < 0:
         raise ValueError(f"request {seq.request_id}: negative context length")
     needed_pages = -(-seq.total_len // page_size)

@@ -7,6 +7,7 @@ its output does not depend on what else is in the batch or how its prompt was ch
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -25,23 +26,44 @@ def validate_sampling(params: SamplingParams) -> None:
         raise ValueError(f"top_k must be -1 (off) or >= 1, got {params.top_k}")
 
 
-def sample(
-    logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]
-) -> tuple[list[int], list[float | None]]:
-    """logits: [N, vocab] float32, one row per sampled sequence; positions of the new tokens."""
+@dataclass(frozen=True)
+class DeviceSample:
+    """Sampled tokens still on the device: reading them waits for the forward (`to_host`)."""
+
+    token_ids: torch.Tensor  # [N] int64
+    logprobs: torch.Tensor | None  # [len(logprob_rows)] float32
+    logprob_rows: list[int]
+
+
+def sample_on_device(logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]) -> DeviceSample:
+    """logits: [N, vocab] float32, one row per sampled sequence; positions of the new tokens.
+    Launches the sampling without waiting for it (no host sync)."""
     chosen = torch.argmax(logits, dim=-1)
     for row, (p, position) in enumerate(zip(params, positions)):
         if not p.greedy:
             chosen[row] = _sample_row(logits[row], p, position)
-    token_ids = chosen.tolist()
-    logprobs: list[float | None] = [None] * len(params)
     wanted = [i for i, p in enumerate(params) if p.logprobs]
+    logprobs = None
     if wanted:
         rows = torch.tensor(wanted, device=logits.device)
-        values = torch.log_softmax(logits[rows], dim=-1).gather(1, chosen[rows, None]).squeeze(1).tolist()
-        for i, value in zip(wanted, values):
-            logprobs[i] = value
+        logprobs = torch.log_softmax(logits[rows], dim=-1).gather(1, chosen[rows, None]).squeeze(1)
+    return DeviceSample(chosen, logprobs, wanted)
+
+
+def to_host(sampled: DeviceSample) -> tuple[list[int], list[float | None]]:
+    token_ids = sampled.token_ids.tolist()
+    logprobs: list[float | None] = [None] * len(token_ids)
+    if sampled.logprobs is not None:
+        for row, value in zip(sampled.logprob_rows, sampled.logprobs.tolist()):
+            logprobs[row] = value
     return token_ids, logprobs
+
+
+def sample(
+    logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]
+) -> tuple[list[int], list[float | None]]:
+    """`sample_on_device`, then waits for the tokens."""
+    return to_host(sample_on_device(logits, params, positions))
 
 
 def _sample_row(logits: torch.Tensor, params: SamplingParams, position: int) -> torch.Tensor:

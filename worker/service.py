@@ -4,6 +4,11 @@ The worker connects a DEALER socket to the scheduler's ROUTER, announces itself 
 `WorkerHello`, answers every `WorkerCommand` with a `CommandResult` in order, and, while
 idle with staging or loads in flight, polls the engine and sends `LoadEvents` unprompted.
 A load of an adapter still being staged is started as soon as staging finishes.
+
+A forward is launched on the GPU and answered once its tokens are back; a forward command
+arriving meanwhile (the scheduler sends the next step before it has this one's tokens) is
+launched first, so the GPU has the next step queued when the current one ends. Any other
+command waits for the forward in flight to be answered.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import zmq
 
 from protos.loraserve.v1 import internal_pb2 as pb
 from worker.batch import SamplingParams, SequenceInput
-from worker.engine import Engine, EngineConfig, LoadReport
+from worker.engine import Engine, EngineConfig, LoadReport, PendingForward
 from worker.errors import (
     AdapterNotFoundError,
     AdapterStateError,
@@ -31,6 +36,8 @@ from worker.errors import (
 log = logging.getLogger("loraserve.worker")
 IDLE_POLL_MS = 100
 LOADING_POLL_MS = 1
+IN_FLIGHT_POLL_MS = 1  # how often the next command is looked for while the GPU runs a forward
+PREVIOUS_TOKEN_PLACEHOLDER = 0  # input id until the GPU writes the previous forward's token
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,13 @@ class WorkerConfig:
     engine: EngineConfig
     # Test-only: adapter name -> extra seconds each of its loads takes (spread over layers).
     slow_loads: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InFlightForward:
+    command_id: int
+    forward: PendingForward
+    launched_at: float  # perf_counter
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,7 @@ class WorkerService:
                 config.slow_loads, self.engine.model_config.num_layers, on_gpu
             )
         self.deferred: list[DeferredLoad] = []
+        self.in_flight: InFlightForward | None = None
         self.context = zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -98,10 +113,13 @@ class WorkerService:
         self._send(pb.WorkerEvent(hello=self._hello()))
         log.info("worker connected to %s", self.config.scheduler_address)
         while not self.stopping:
-            timeout = LOADING_POLL_MS if self._loading() else IDLE_POLL_MS
+            if self.in_flight is not None:
+                self._wait_for_command_or_gpu()
+            timeout = 0 if self.in_flight else LOADING_POLL_MS if self._loading() else IDLE_POLL_MS
             if self.socket.poll(timeout):
-                command = pb.WorkerCommand.FromString(self.socket.recv())
-                self._send(pb.WorkerEvent(result=self.execute(command)))
+                self._on_command(pb.WorkerCommand.FromString(self.socket.recv()))
+            elif self.in_flight is not None:
+                self._answer_in_flight()
             elif self._loading():
                 events = self._poll_events()
                 if _has_events(events):
@@ -112,15 +130,59 @@ class WorkerService:
         self.socket.close(linger=0)
         self.engine.close()
 
+    def _wait_for_command_or_gpu(self) -> None:
+        """Returns once a command is waiting or the forward in flight has finished on the GPU."""
+        while not self.in_flight.forward.is_done() and not self.socket.poll(IN_FLIGHT_POLL_MS):
+            continue
+
+    def _on_command(self, command: pb.WorkerCommand) -> None:
+        if command.WhichOneof("kind") != "forward":
+            self._answer_in_flight()
+            self._send(pb.WorkerEvent(result=self.execute(command)))
+            return
+        try:
+            launched = InFlightForward(command.command_id, self._launch(command.forward), time.perf_counter())
+        except Exception as error:  # reported to the scheduler; the worker keeps serving
+            self._answer_in_flight()
+            self._send(pb.WorkerEvent(result=self._failed(command, error)))
+            return
+        self._answer_in_flight()  # the previous step's tokens, while this one runs
+        self.in_flight = launched
+
+    def _answer_in_flight(self) -> None:
+        if self.in_flight is None:
+            return
+        in_flight, self.in_flight = self.in_flight, None
+        result = pb.CommandResult(command_id=in_flight.command_id)
+        try:
+            output = self.engine.finish(in_flight.forward)
+        except Exception as error:
+            log.exception("forward failed")
+            result.error.CopyFrom(error_message(error))
+        else:
+            result.forward.forward_ms = (time.perf_counter() - in_flight.launched_at) * 1e3
+            for token in output.tokens:
+                sampled = result.forward.tokens.add(request_id=token.request_id, token_id=token.token_id)
+                if token.logprob is not None:
+                    sampled.logprob = token.logprob
+        result.load_events.CopyFrom(self._poll_events())
+        self._send(pb.WorkerEvent(result=result))
+
     def execute(self, command: pb.WorkerCommand) -> pb.CommandResult:
+        """Runs a command other than a forward and answers it."""
         result = pb.CommandResult(command_id=command.command_id)
         try:
             self._dispatch(command, result)
         except Exception as error:  # reported to the scheduler; the worker keeps serving
-            if error_message(error).code == pb.INTERNAL:
-                request_ids = [s.request_id for s in command.forward.sequences]
-                log.exception("command %s failed", command.WhichOneof("kind"), extra={"request_ids": request_ids})
-            result.error.CopyFrom(error_message(error))
+            return self._failed(command, error)
+        result.load_events.CopyFrom(self._poll_events())
+        return result
+
+    def _failed(self, command: pb.WorkerCommand, error: Exception) -> pb.CommandResult:
+        if error_message(error).code == pb.INTERNAL:
+            request_ids = [s.request_id for s in command.forward.sequences]
+            log.exception("command %s failed", command.WhichOneof("kind"), extra={"request_ids": request_ids})
+        result = pb.CommandResult(command_id=command.command_id, error=error_message(error))
         result.load_events.CopyFrom(self._poll_events())
         return result
 
@@ -141,8 +203,6 @@ class WorkerService:
             self._load(command.load_slot)
         elif kind == "evict_slot":
             engine.evict_slot(command.evict_slot.slot)
-        elif kind == "forward":
-            result.forward.CopyFrom(self._forward(command.forward))
         elif kind == "export_timeline":
             result.timeline_json = json.dumps(engine.timeline.chrome_trace())
         else:
@@ -160,17 +220,10 @@ class WorkerService:
         else:
             self.deferred.append(DeferredLoad(load.name, load.slot))
 
-    def _forward(self, forward: pb.Forward) -> pb.ForwardResult:
+    def _launch(self, forward: pb.Forward) -> PendingForward:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("forward", extra={"request_ids": [s.request_id for s in forward.sequences]})
-        started = time.perf_counter()
-        output = self.engine.forward([_sequence_input(s) for s in forward.sequences])
-        result = pb.ForwardResult(forward_ms=(time.perf_counter() - started) * 1e3)
-        for token in output.tokens:
-            sampled = result.tokens.add(request_id=token.request_id, token_id=token.token_id)
-            if token.logprob is not None:
-                sampled.logprob = token.logprob
-        return result
+        return self.engine.launch([_sequence_input(s) for s in forward.sequences])
 
     def _loading(self) -> bool:
         return self.engine.busy_loading or bool(self.deferred)
@@ -212,11 +265,12 @@ def _sequence_input(message: pb.SequenceInput) -> SequenceInput:
     s = message.sampling
     return SequenceInput(
         request_id=message.request_id,
-        token_ids=list(message.token_ids),
+        token_ids=[PREVIOUS_TOKEN_PLACEHOLDER] if message.previous_token else list(message.token_ids),
         context_len=message.context_len,
         page_table=list(message.page_table),
         adapter_slot=message.adapter_slot,
         sample=message.sample,
+        previous_token=message.previous_token,
         sampling=SamplingParams(
             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
             seed=s.seed if s.HasField("seed") else None, logprobs=s.logprobs,

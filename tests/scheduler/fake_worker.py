@@ -2,11 +2,14 @@
 
 Loads complete after `load_steps` forwards (per adapter, default 0: at the next poll),
 and a forward samples a token derived from the request id and position, so tests can
-predict every output without a model.
+predict every output without a model. With `one_ahead`, each step sends every batch the
+core lets out (the next before the current's tokens) and answers the oldest, as the real
+worker does with steps queued on the GPU.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from protos.loraserve.v1 import internal_pb2 as pb
@@ -38,6 +41,9 @@ class FakeWorker:
     staged: list[str] = field(default_factory=list)  # reported at the next tick
     log: list[pb.WorkerCommand] = field(default_factory=list)
     batches: list[pb.Forward] = field(default_factory=list)
+    one_ahead: bool = False
+    in_flight: deque[pb.Forward] = field(default_factory=deque)
+    last_sampled: set[str] = field(default_factory=set)  # requests the last batch sent samples
 
     def register(self, name: str, size: int = 1000, rank: int = 8) -> None:
         self.core.register(pb.RegisteredAdapter(name=name, rank=rank, size_bytes=size,
@@ -45,6 +51,8 @@ class FakeWorker:
 
     def step(self) -> bool:
         """One scheduler step: run the commands, the forward, and report finished loads."""
+        if self.one_ahead:
+            return self._step_one_ahead()
         batch = self.core.schedule()
         self._execute(self.core.take_commands())
         if batch is not None:
@@ -54,6 +62,20 @@ class FakeWorker:
         self.core.on_load_events(self._tick_loads())
         self._execute(self.core.take_commands())
         return batch is not None
+
+    def _step_one_ahead(self) -> bool:
+        while (batch := self.core.schedule()) is not None:
+            self._execute(self.core.take_commands())
+            self.batches.append(batch)
+            self._check_batch(batch)
+            self.in_flight.append(batch)
+        self._execute(self.core.take_commands())
+        answered = bool(self.in_flight)
+        if answered:
+            self.core.on_forward_result(self._forward(self.in_flight.popleft()))
+        self.core.on_load_events(self._tick_loads())
+        self._execute(self.core.take_commands())
+        return answered
 
     def run_until_idle(self, max_steps: int = 500) -> None:
         for _ in range(max_steps):
@@ -87,19 +109,23 @@ class FakeWorker:
                 self.host.discard(command.unregister_adapter.name)
 
     def _check_batch(self, batch: pb.Forward) -> None:
-        """What the real engine would refuse: a slot that is empty or still loading."""
+        """What the real engine would refuse: a slot that is empty or still loading, or a
+        previous-token input whose request the batch sent before did not sample."""
         for seq in batch.sequences:
+            assert not seq.previous_token or seq.request_id in self.last_sampled, seq.request_id
+            assert seq.previous_token != bool(seq.token_ids), seq.request_id
             if seq.adapter_slot >= 0:
                 assert seq.adapter_slot in self.slots, f"{seq.request_id} uses an empty slot"
                 name = self.slots[seq.adapter_slot]
                 request = self.core.requests.get(seq.request_id)
                 assert request is None or request.adapter == name, "request runs with another adapter's slot"
+        self.last_sampled = {seq.request_id for seq in batch.sequences if seq.sample}
 
     def _forward(self, batch: pb.Forward) -> pb.ForwardResult:
         result = pb.ForwardResult()
         for seq in batch.sequences:
             if seq.sample:
-                position = seq.context_len + len(seq.token_ids)
+                position = seq.context_len + (1 if seq.previous_token else len(seq.token_ids))
                 result.tokens.add(request_id=seq.request_id, token_id=token_for(seq.request_id, position))
         return result
 

@@ -67,6 +67,27 @@ def test_outputs_follow_the_worker_and_resources_return():
     assert_idle(worker)
 
 
+def test_steps_sent_one_ahead_give_what_waiting_for_each_step_gives():
+    """The next batch goes out before the current one's tokens: requests decode blind, a
+    request stopped by a token still in flight has its extra token dropped, nothing leaks."""
+    runs = {}
+    for one_ahead in (False, True):
+        worker = make()
+        worker.one_ahead = one_ahead
+        submit(worker, "r1", "a", prompt_len=9, max_new_tokens=6)
+        submit(worker, "r2", "", prompt_len=3, max_new_tokens=2)
+        submit(worker, "r3", "b", prompt_len=4, max_new_tokens=8, stop_token_ids=[token_for("r3", 6)])
+        worker.run_until_idle()
+        runs[one_ahead] = {rid: (tokens_of(worker, rid), finished(worker)[rid].finish_reason)
+                           for rid in ("r1", "r2", "r3")}
+        assert_idle(worker)
+        assert not worker.core.forwards_in_flight and not worker.in_flight
+        blind = [seq.request_id for batch in worker.batches for seq in batch.sequences if seq.previous_token]
+        assert bool(blind) == one_ahead
+    assert runs[True] == runs[False]
+    assert runs[True]["r3"] == ([token_for("r3", p) for p in (4, 5, 6)], "stop")
+
+
 def test_overlap_on_runs_ready_requests_while_a_load_lands():
     worker = make(overlap=True)
     worker.load_steps["a"] = 4

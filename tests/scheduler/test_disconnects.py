@@ -65,7 +65,7 @@ def test_thousands_of_abandoned_requests_leak_nothing():
     assert all(a.references == 0 and a.waiting == 0 for a in worker.core.adapters.adapters.values())
     assert all(a.state in (AdapterState.ON_DISK, AdapterState.HOST, AdapterState.RESIDENT)
                for a in worker.core.adapters.adapters.values())
-    assert worker.core.forward_in_flight is None
+    assert not worker.core.forwards_in_flight
 
     assert set(outputs.finish) == set(submitted) and not outputs.errors, "every request ends once, none refused"
     for request_id, (prompt_len, new_tokens) in submitted.items():

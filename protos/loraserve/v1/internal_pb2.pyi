@@ -266,7 +266,7 @@ class SequenceSampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., logprobs: _Optional[bool] = ...) -> None: ...
 
 class SequenceInput(_message.Message):
-    __slots__ = ("request_id", "token_ids", "context_len", "page_table", "adapter_slot", "sample", "sampling")
+    __slots__ = ("request_id", "token_ids", "context_len", "page_table", "adapter_slot", "sample", "sampling", "previous_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +274,7 @@ class SequenceInput(_message.Message):
     ADAPTER_SLOT_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     context_len: int
@@ -281,7 +282,8 @@ class SequenceInput(_message.Message):
     adapter_slot: int
     sample: bool
     sampling: SequenceSampling
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., context_len: _Optional[int] = ..., page_table: _Optional[_Iterable[int]] = ..., adapter_slot: _Optional[int] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SequenceSampling, _Mapping]] = ...) -> None: ...
+    previous_token: bool
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., context_len: _Optional[int] = ..., page_table: _Optional[_Iterable[int]] = ..., adapter_slot: _Optional[int] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SequenceSampling, _Mapping]] = ..., previous_token: _Optional[bool] = ...) -> None: ...
 
 class Forward(_message.Message):
     __slots__ = ("sequences",)

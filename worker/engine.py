@@ -30,6 +30,7 @@ from worker.plan import (
     PreviousTokens,
     SortedBatch,
     feed_previous_tokens,
+    index_tensor,
     plan_tensors,
     previous_token_sources,
     sort_batch,
@@ -282,7 +283,7 @@ class Engine:
         if not chosen:
             return chosen, None
         rows = [batch.seq_starts[i] + len(batch.sequences[i].token_ids) - 1 for i in chosen]
-        logits = self.model.logits(hidden[torch.tensor(rows).to(self.device, non_blocking=True)])
+        logits = self.model.logits(hidden[index_tensor(rows, self.device)])
         seqs = [batch.sequences[i] for i in chosen]
         return chosen, sample_on_device(logits, [s.sampling for s in seqs], [s.total_len for s in seqs])
 

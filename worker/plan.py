@@ -75,10 +75,13 @@ def previous_token_sources(batch: SortedBatch, previous: PreviousTokens | None) 
 
 def feed_previous_tokens(input_ids: torch.Tensor, sources: list[tuple[int, int]], previous: PreviousTokens) -> None:
     """Writes the sampled tokens into the flat input ids on the device (no host sync)."""
-    device = input_ids.device
-    index = torch.tensor([flat for flat, _ in sources]).to(device, non_blocking=True)
-    rows = torch.tensor([row for _, row in sources]).to(device, non_blocking=True)
-    input_ids[index] = previous.token_ids[rows]
+    index = index_tensor([flat for flat, _ in sources], input_ids.device)
+    input_ids[index] = previous.token_ids[index_tensor([row for _, row in sources], input_ids.device)]
+
+
+def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host ints on the device without waiting for the GPU (pinned, asynchronous copy)."""
+    return torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
 def sort_batch(inputs: Sequence[SequenceInput], *, page_size: int, num_pages: int, vocab_size: int) -> SortedBatch:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.batch import SamplingParams
+from worker.plan import index_tensor
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) over 64 bits
 _MASK64 = (1 << 64) - 1
@@ -45,7 +46,7 @@ def sample_on_device(logits: torch.Tensor, params: Sequence[SamplingParams], pos
     wanted = [i for i, p in enumerate(params) if p.logprobs]
     logprobs = None
     if wanted:
-        rows = torch.tensor(wanted, device=logits.device)
+        rows = index_tensor(wanted, logits.device)
         logprobs = torch.log_softmax(logits[rows], dim=-1).gather(1, chosen[rows, None]).squeeze(1)
     return DeviceSample(chosen, logprobs, wanted)
 

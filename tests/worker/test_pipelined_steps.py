@@ -47,12 +47,12 @@ def collect(batch: list[Request], output) -> None:
         by_id[token.request_id].generated.append(token.token_id)
 
 
-@pytest.mark.parametrize("static", [True, False], ids=["static", "eager"])
-def test_steps_queued_one_ahead_generate_what_sequential_steps_do(model_dirs, mixed_adapter_dirs, static):
+def generated_both_ways(model_dir, adapter_dirs, **settings) -> dict[bool, list[list[int]]]:
+    """Tokens of the same requests run step by step (False) and queued one ahead (True)."""
     outputs = {}
     for pipelined in (False, True):
-        engine = make_engine(model_dirs["llama"], static_decode=static)
-        for slot, (name, path) in zip((2, 0), mixed_adapter_dirs["llama"].items()):
+        engine = make_engine(model_dir, **settings)
+        for slot, (name, path) in zip((2, 0), adapter_dirs.items()):
             engine.register_adapter(name, path)
             make_resident(engine, name, slot)
         batch = requests([2, NO_ADAPTER, 0, 2])
@@ -62,6 +62,12 @@ def test_steps_queued_one_ahead_generate_what_sequential_steps_do(model_dirs, mi
             Driver(engine, chunk=64).run(batch)
         outputs[pipelined] = [r.generated for r in batch]
         engine.close()
+    return outputs
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "eager"])
+def test_steps_queued_one_ahead_generate_what_sequential_steps_do(model_dirs, mixed_adapter_dirs, static):
+    outputs = generated_both_ways(model_dirs["llama"], mixed_adapter_dirs["llama"], static_decode=static)
     assert outputs[True] == outputs[False]
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.attention import attention_mask, paged_attention
+from worker.kernels.elementwise import add_rms_norm, qk_rope, silu_mul
 from worker.kv_cache import PagedKVCache
 from worker.model.config import ModelConfig
 from worker.model.rope import RotaryEmbedding
@@ -90,13 +91,6 @@ def _fuse_layer(config: ModelConfig, tensors: dict[str, torch.Tensor], prefix: s
     )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As HF: normalise in float32, cast back, then scale."""
-    x32 = x.to(torch.float32)
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
-
-
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: ModelWeights, device: torch.device) -> None:
         self.config = config
@@ -122,22 +116,25 @@ class LlamaModel:
                        kv_cache: PagedKVCache, lora: LoraHook, attend: Attend) -> torch.Tensor:
         """All layers over flat tokens; `attend` is the attention back-end. Returns final-normed hidden."""
         hidden = self.weights.embed[input_ids]
+        delta = None  # the last MLP output, added to hidden by the next norm's kernel
         cos, sin = self.rope.cos_sin(positions, self.dtype)
         for index, layer in enumerate(self.weights.layers):
             lora.before_layer(index)
-            hidden = self._layer(index, layer, hidden, kv_write_index, kv_cache, lora, cos, sin, attend)
-        return rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
+            hidden, delta = self._layer(index, layer, hidden, delta, kv_write_index, kv_cache, lora, cos, sin, attend)
+        return add_rms_norm(hidden, delta, self.weights.norm, self.config.rms_norm_eps)[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.weights.lm_head).float()
 
-    def _layer(self, index, layer: LayerWeights, hidden, kv_write_index, kv_cache, lora, cos, sin,
-               attend) -> torch.Tensor:
+    def _layer(self, index, layer: LayerWeights, hidden, delta, kv_write_index, kv_cache, lora, cos, sin,
+               attend) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream, previous layer's MLP output or None) -> the same pair for the next layer:
+        each residual add is fused into the norm that follows it."""
         eps = self.config.rms_norm_eps
-        x = rms_norm(hidden, layer.input_norm, eps)
-        hidden = hidden + self._attention(index, layer, x, kv_write_index, kv_cache, lora, cos, sin, attend)
-        x = rms_norm(hidden, layer.post_norm, eps)
-        return hidden + self._mlp(index, layer, x, lora)
+        hidden, x = add_rms_norm(hidden, delta, layer.input_norm, eps)
+        attn = self._attention(index, layer, x, kv_write_index, kv_cache, lora, cos, sin, attend)
+        hidden, x = add_rms_norm(hidden, attn, layer.post_norm, eps)
+        return hidden, self._mlp(index, layer, x, lora)
 
     def _attention(self, index, layer: LayerWeights, x, kv_write_index, kv_cache, lora, cos, sin,
                    attend) -> torch.Tensor:
@@ -146,14 +143,9 @@ class LlamaModel:
         q_end, k_end = c.q_size, c.q_size + c.kv_size
         lora.add_deltas(x, index, (("q_proj", qkv[:, :q_end]), ("k_proj", qkv[:, q_end:k_end]),
                                    ("v_proj", qkv[:, k_end:])))
-        q = qkv[:, :q_end].view(-1, c.num_heads, c.head_dim)
-        k = qkv[:, q_end:k_end].view(-1, c.num_kv_heads, c.head_dim)
+        norms = (layer.q_norm, layer.k_norm) if c.qk_norm else (None, None)
+        q, k = qk_rope(qkv, c.num_heads, c.num_kv_heads, c.head_dim, cos, sin, *norms, c.rms_norm_eps)
         v = qkv[:, k_end:].view(-1, c.num_kv_heads, c.head_dim)
-        if c.qk_norm:
-            q = rms_norm(q, layer.q_norm, c.rms_norm_eps)
-            k = rms_norm(k, layer.k_norm, c.rms_norm_eps)
-        q = RotaryEmbedding.rotate(q, cos, sin)
-        k = RotaryEmbedding.rotate(k, cos, sin)
         kv_cache.write(index, kv_write_index, k, v)
         attn = attend(index, q).reshape(-1, c.q_size)
         out = F.linear(attn, layer.o, layer.o_bias)
@@ -164,7 +156,7 @@ class LlamaModel:
         i = self.config.intermediate_size
         gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
         lora.add_deltas(x, index, (("gate_proj", gate_up[:, :i]), ("up_proj", gate_up[:, i:])))
-        h = F.silu(gate_up[:, :i]) * gate_up[:, i:]
+        h = silu_mul(gate_up)
         out = F.linear(h, layer.down, layer.down_bias)
         lora.add_deltas(h, index, (("down_proj", out),))
         return out

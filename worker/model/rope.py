@@ -9,7 +9,7 @@ from worker.model.config import ModelConfig
 
 
 class RotaryEmbedding:
-    """Computes cos/sin for arbitrary positions and rotates q and k (HF's rotate_half layout)."""
+    """Computes cos/sin for arbitrary positions (`worker.kernels.elementwise.qk_rope` rotates q and k with them)."""
 
     def __init__(self, config: ModelConfig, device: torch.device) -> None:
         self.inv_freq, self.attention_scaling = _inv_freq(config, device)
@@ -21,13 +21,6 @@ class RotaryEmbedding:
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)
         return cos[:, None, :], sin[:, None, :]
-
-    @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim]."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
 
 
 def _inv_freq(config: ModelConfig, device: torch.device) -> tuple[torch.Tensor, float]:

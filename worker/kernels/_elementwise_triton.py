@@ -1,0 +1,156 @@
+"""Triton kernels of `worker.kernels.elementwise` (imported only on CUDA machines).
+
+Values are loaded in the model dtype, computed in float32 and rounded back to the model
+dtype after each operation the torch reference does in that dtype, so the results match it
+bit for bit but for the sum of squares' order. Launched with enable_fp_fusion=False: a
+multiply-add contracted into an FMA would round once where torch rounds twice.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _scale_by_weight(x, rstd, weight):
+    """HF's RMSNorm tail: x (float32) * rstd rounded to the model dtype, times weight in that dtype."""
+    normed = (x * rstd).to(weight.dtype).to(tl.float32)
+    return (weight.to(tl.float32) * normed).to(weight.dtype)
+
+
+@triton.jit
+def _add_rms_norm_kernel(hidden_ptr, delta_ptr, weight_ptr, sum_ptr, normed_ptr, eps, size,
+                         stride_h, stride_d, stride_s, stride_n, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < size
+    x = tl.load(hidden_ptr + row * stride_h + cols, mask=ok, other=0.0)
+    if HAS_DELTA:
+        delta = tl.load(delta_ptr + row * stride_d + cols, mask=ok, other=0.0)
+        x = (x.to(tl.float32) + delta.to(tl.float32)).to(x.dtype)  # the residual add is in the model dtype
+        tl.store(sum_ptr + row * stride_s + cols, x, mask=ok)
+    x = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, 0) / size + eps)
+    weight = tl.load(weight_ptr + cols, mask=ok, other=0.0)
+    tl.store(normed_ptr + row * stride_n + cols, _scale_by_weight(x, rstd, weight), mask=ok)
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens, size = hidden.shape
+    _check(hidden, weight)
+    if delta is not None:
+        _check(delta, weight)
+    summed = torch.empty_like(hidden) if delta is not None else hidden
+    normed = torch.empty_like(hidden)
+    block = triton.next_power_of_2(size)
+    _add_rms_norm_kernel[(tokens,)](
+        hidden, hidden if delta is None else delta, weight, summed, normed, eps, size,
+        hidden.stride(0), 0 if delta is None else delta.stride(0), summed.stride(0), normed.stride(0),
+        BLOCK=block, HAS_DELTA=delta is not None, num_warps=_num_warps(block), enable_fp_fusion=False,
+    )
+    return summed, normed
+
+
+@triton.jit
+def _rope_head(x_ptr, cos_ptr, sin_ptr, out_ptr, norm_ptr, eps,
+               HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, QK_NORM: tl.constexpr):
+    """One head of one token: the first and second halves of head_dim are rotated into each other."""
+    half: tl.constexpr = HEAD_DIM // 2
+    dims = tl.arange(0, BLOCK_HALF)
+    ok = dims < half
+    x1 = tl.load(x_ptr + dims, mask=ok, other=0.0)
+    x2 = tl.load(x_ptr + half + dims, mask=ok, other=0.0)
+    if QK_NORM:
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        rstd = tl.math.rsqrt((tl.sum(a * a, 0) + tl.sum(b * b, 0)) / HEAD_DIM + eps)
+        x1 = _scale_by_weight(a, rstd, tl.load(norm_ptr + dims, mask=ok, other=0.0))
+        x2 = _scale_by_weight(b, rstd, tl.load(norm_ptr + half + dims, mask=ok, other=0.0))
+    dtype = x1.dtype
+    cos1 = tl.load(cos_ptr + dims, mask=ok, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + half + dims, mask=ok, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + dims, mask=ok, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + half + dims, mask=ok, other=0.0).to(tl.float32)
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    # x * cos + rotated * sin with rotated = (-x2, x1), each product rounded as torch does.
+    out1 = (a * cos1).to(dtype).to(tl.float32) - (b * sin1).to(dtype).to(tl.float32)
+    out2 = (b * cos2).to(dtype).to(tl.float32) + (a * sin2).to(dtype).to(tl.float32)
+    tl.store(out_ptr + dims, out1.to(dtype), mask=ok)
+    tl.store(out_ptr + half + dims, out2.to(dtype), mask=ok)
+
+
+@triton.jit
+def _qk_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, eps,
+                    stride_x, stride_c, stride_s, stride_q, stride_k,
+                    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, QK_NORM: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)  # q heads first, then k heads, as in qkv's columns
+    x_ptr = qkv_ptr + token * stride_x + head * HEAD_DIM
+    cos_ptr += token * stride_c
+    sin_ptr += token * stride_s
+    if head < HEADS:
+        _rope_head(x_ptr, cos_ptr, sin_ptr, q_ptr + token * stride_q + head * HEAD_DIM, q_norm_ptr, eps,
+                   HEAD_DIM, BLOCK_HALF, QK_NORM)
+    else:
+        _rope_head(x_ptr, cos_ptr, sin_ptr, k_ptr + token * stride_k + (head - HEADS) * HEAD_DIM, k_norm_ptr, eps,
+                   HEAD_DIM, BLOCK_HALF, QK_NORM)
+
+
+def qk_rope(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+            q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = qkv.shape[0]
+    _check(qkv, cos)
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError("qk_rope needs cos and sin with a unit stride in the last dimension")
+    if q_norm is not None:
+        _check(qkv, q_norm)
+        _check(qkv, k_norm)
+    q = torch.empty(tokens, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(tokens, kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    qk_norm = q_norm is not None
+    _qk_rope_kernel[(tokens, heads + kv_heads)](
+        qkv, cos, sin, q, k, q_norm if qk_norm else qkv, k_norm if qk_norm else qkv, eps,
+        qkv.stride(0), cos.stride(0), sin.stride(0), q.stride(0), k.stride(0),
+        HEADS=heads, HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(head_dim // 2), QK_NORM=qk_norm,
+        num_warps=1, enable_fp_fusion=False,
+    )
+    return q, k
+
+
+@triton.jit
+def _silu_mul_kernel(gate_up_ptr, out_ptr, size, stride_g, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < size
+    gate = tl.load(gate_up_ptr + row * stride_g + cols, mask=ok, other=0.0)
+    up = tl.load(gate_up_ptr + row * stride_g + size + cols, mask=ok, other=0.0)
+    g = gate.to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)  # F.silu's formula, rounded like its output
+    tl.store(out_ptr + row * stride_o + cols, (silu * up.to(tl.float32)).to(gate.dtype), mask=ok)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    tokens, width = gate_up.shape
+    if gate_up.stride(-1) != 1:
+        raise ValueError("silu_mul needs a unit stride in the last dimension")
+    size = width // 2
+    out = torch.empty(tokens, size, dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(tokens, triton.cdiv(size, block))](
+        gate_up, out, size, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4, enable_fp_fusion=False,
+    )
+    return out
+
+
+def _check(x: torch.Tensor, other: torch.Tensor) -> None:
+    """The kernels round to x's dtype: torch would promote a weight (or cos) of another dtype instead."""
+    if x.stride(-1) != 1:
+        raise ValueError("the elementwise kernels need a unit stride in the last dimension")
+    if other.dtype != x.dtype:
+        raise ValueError(f"expected {x.dtype}, got {other.dtype}")

@@ -1,0 +1,92 @@
+"""The elementwise work of a decoder layer, fused: a decode step would otherwise launch ~25
+tiny kernels per layer (RMSNorm alone is ~7 torch ops), and at small batches it is bound by
+their count, not by memory.
+
+- `add_rms_norm`: the residual add and the next RMSNorm in one pass over the row:
+  `h = hidden + delta` (in the model dtype), `normed = weight * (h32 * rsqrt(mean(h32^2) + eps)).to(dtype)`
+  with `h32 = h.float()`, as HF. Shapes: hidden, delta [T, N]; weight [N].
+- `qk_rope`: q and k taken from the fused qkv matrix [T, >= (heads + kv_heads) * D], each head
+  optionally RMS-normed over its D (Qwen3's q_norm/k_norm), then rotated with HF's
+  rotate_half layout: `out = x * cos + cat(-x[D/2:], x[:D/2]) * sin`, every product and sum
+  rounded to the model dtype as the torch ops do; cos, sin [T, 1, D] are those of
+  `RotaryEmbedding.cos_sin`, already in the model dtype. Returns new q [T, heads, D] and
+  k [T, kv_heads, D]: qkv itself is left as it is (v stays a view of it).
+- `silu_mul`: `silu(gate) * up` from the fused gate_up matrix [T, 2I] -> [T, I].
+
+Each public function runs one Triton kernel on CUDA tensors and the torch reference (the
+code the model ran before, which CI covers) otherwise. The kernels round in the same places
+as the references; what differs is only the order of the float32 sum of squares (and exp's
+last bits in silu). Their grids depend only on the tensors' shapes, so they replay in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As HF: normalise in float32, cast back, then scale."""
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def add_rms_norm_reference(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if delta is not None:
+        hidden = hidden + delta
+    return hidden, rms_norm(hidden, weight, eps)
+
+
+def qk_rope_reference(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
+                      sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    q_end = heads * head_dim
+    q = qkv[:, :q_end].view(-1, heads, head_dim)
+    k = qkv[:, q_end:q_end + kv_heads * head_dim].view(-1, kv_heads, head_dim)
+    if q_norm is not None:
+        q = rms_norm(q, q_norm, eps)
+        k = rms_norm(k, k_norm, eps)
+    return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    i = gate_up.shape[-1] // 2
+    return F.silu(gate_up[:, :i]) * gate_up[:, i:]
+
+
+def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden + delta, its RMSNorm); delta None (the first norm): (hidden, its RMSNorm)."""
+    if not hidden.is_cuda:
+        return add_rms_norm_reference(hidden, delta, weight, eps)
+    from worker.kernels import _elementwise_triton as kernels
+
+    return kernels.add_rms_norm(hidden, delta, weight, eps)
+
+
+def qk_rope(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+            q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated (and, with q_norm and k_norm, first per-head normed) q and k from the fused qkv."""
+    if not qkv.is_cuda:
+        return qk_rope_reference(qkv, heads, kv_heads, head_dim, cos, sin, q_norm, k_norm, eps)
+    from worker.kernels import _elementwise_triton as kernels
+
+    return kernels.qk_rope(qkv, heads, kv_heads, head_dim, cos, sin, q_norm, k_norm, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the fused [T, 2I] gate_up -> [T, I]."""
+    if not gate_up.is_cuda:
+        return silu_mul_reference(gate_up)
+    from worker.kernels import _elementwise_triton as kernels
+
+    return kernels.silu_mul(gate_up)

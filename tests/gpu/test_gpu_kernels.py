@@ -112,28 +112,61 @@ def test_triton_multi_lora_groups_at_8b_sizes(dtype, mix, tokens, group):
         torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
 
 
+DECODE_LENGTHS = {  # page-table width in pages, sequence lengths (0: a padding row)
+    "short": (32, [0, 1, 15, 16, 17, 64, 65, 200, 333]),
+    "long": (256, [0, 1, 17, 1000, 2049, 4095, 4096]),  # 4096 keys: 64 blocks, one per split at splits=64
+}
+
+
+def decode_case(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, lengths: str):
+    page_size = 16
+    width, seq_lens = DECODE_LENGTHS[lengths]
+    num_pages = width * 3
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    keys = torch.randn(num_pages * page_size, kv_heads, head_dim, device="cuda", generator=gen, dtype=dtype)
+    values = torch.randn_like(keys)
+    q = torch.randn(len(seq_lens), heads, head_dim, device="cuda", generator=gen, dtype=dtype)
+    pages = torch.randperm(num_pages, generator=torch.Generator().manual_seed(1))
+    page_table = torch.stack([pages[(i * 8) % (num_pages - width):][:width] for i in range(len(seq_lens))]).cuda()
+    return q, keys, values, page_table, torch.tensor(seq_lens, device="cuda"), page_size
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (4, 4, 64), (8, 2, 16)])
-@pytest.mark.parametrize("window", [0, 37])
-def test_triton_decode_attention_matches_reference(dtype, heads, kv_heads, head_dim, window):
-    page_size, num_pages = 16, 96
-    seq_lens = [0, 1, 15, 16, 17, 64, 65, 200, 333]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    keys = torch.randn(num_pages * page_size, kv_heads, head_dim, device="cuda", generator=gen, dtype=DTYPES[dtype])
-    values = torch.randn_like(keys)
-    q = torch.randn(len(seq_lens), heads, head_dim, device="cuda", generator=gen, dtype=DTYPES[dtype])
-    width = 32
-    pages = torch.randperm(num_pages, generator=torch.Generator().manual_seed(1))
-    page_table = torch.stack([pages[i * 8 % num_pages:][:width] if i * 8 + width <= num_pages else pages[:width]
-                              for i in range(len(seq_lens))]).cuda()
-    lens = torch.tensor(seq_lens, device="cuda")
+@pytest.mark.parametrize("window", [0, 37, 300])
+@pytest.mark.parametrize("lengths", list(DECODE_LENGTHS))
+@pytest.mark.parametrize("splits", [None, 1, 5, 64])
+def test_triton_decode_attention_matches_reference(dtype, heads, kv_heads, head_dim, window, lengths, splits):
+    """splits None: the shape heuristic (what `decode_attention` runs); 1: the one-pass kernel; 64: many empty."""
+    from worker.kernels import _decode_attention_triton as kernels
+
+    q, keys, values, page_table, lens, page_size = decode_case(DTYPES[dtype], heads, kv_heads, head_dim, lengths)
     scale = head_dim**-0.5
-    out = decode_attention(q, keys, values, page_table, lens, page_size, scale, window)
+    if splits is None:
+        out = decode_attention(q, keys, values, page_table, lens, page_size, scale, window)
+    else:
+        out = kernels.decode_attention(q, keys, values, page_table, lens, page_size, scale, window, splits=splits)
     expected = decode_attention_reference(q.double(), keys.double(), values.double(), page_table, lens,
                                           page_size, scale, window)
     tolerance = 1e-4 if dtype == "float32" else 2e-2
     torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
     assert not out[0].any(), "a padding row (length 0) gives zeros"
+
+
+def test_triton_decode_attention_replays_in_a_cuda_graph():
+    """Captured at one set of lengths (splits from the shapes), replayed at others, shorter and longer."""
+    q, keys, values, page_table, lens, page_size = decode_case(torch.bfloat16, 32, 8, 128, "long")
+    static_lens = lens.clone()
+    decode_attention(q, keys, values, page_table, static_lens, page_size, 0.1, 0)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, keys, values, page_table, static_lens, page_size, 0.1, 0)
+    for new_lens in ([0, 4096, 1, 63, 64, 2000, 0], [3000, 0, 0, 16, 4095, 1, 129], lens.tolist()):
+        static_lens.copy_(torch.tensor(new_lens))
+        graph.replay()
+        expected = decode_attention_reference(q.double(), keys.double(), values.double(), page_table, static_lens,
+                                              page_size, 0.1, 0)
+        torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
 
 
 def sleep_on_current_stream(milliseconds: float) -> None:

@@ -5,10 +5,22 @@ page_table [B, W] page ids (W * page_size >= every sequence's length); seq_lens 
 keys each query sees (its own position + 1; 0 for a padding row, whose output is 0).
 With a sliding window w only keys at positions >= seq_len - w are seen.
 
-The Triton kernel runs one program per (sequence, kv head): the query heads of that kv
-head's GQA group attend together (one K/V read for the group), walking the sequence's
-keys BLOCK_N at a time through the page table with an online softmax. The loop is bounded
-by seq_lens read on the GPU, so one CUDA graph serves any lengths up to W * page_size.
+The Triton kernels are flash-decoding. The aligned key blocks covering [first, seq_len) (first
+= seq_len - w with a window, else 0; BLOCK_N = 64 keys, four pages) are dealt out in order to
+S splits of ceil(blocks / S) contiguous blocks. One program per (sequence, kv head, split):
+the query heads of that kv head's GQA group attend together (one K/V read for the group),
+walking the split's blocks through the page table with an online softmax, and write float32
+partials to scratch [B, heads, S, ...]: m_s = max score, l_s = sum_j e^(score_j - m_s),
+acc_s = sum_j e^(score_j - m_s) v_j. A reduce kernel, one program per (sequence, head),
+combines them in a fixed order: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s with
+M = max_s m_s. A split past the sequence's keys leaves (m, l) = (-inf, 0) and weighs 0, so a
+padding row gets 0.
+
+S depends on shapes only (one per captured graph): about 1024 programs over the grid (the
+132 SMs of an H200, several times), at most 64, at most one split per key block of
+W * page_size; at S = 1 (B * kv_heads >= 1024) one pass writes out, no reduce. The loops
+are bounded by seq_lens read on the GPU, so one CUDA graph serves any lengths up to
+W * page_size.
 """
 
 from __future__ import annotations

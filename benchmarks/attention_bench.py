@@ -1,0 +1,61 @@
+"""Decode attention on the 8B head shape (32 q heads, 8 kv heads, head_dim 128, bf16, page size 16):
+microseconds per call, one-pass (splits=1, the kernel before split-K) against split-K.
+
+    python benchmarks/attention_bench.py
+Each variant's calls are captured in a CUDA graph and replayed (as the engine runs them), so the
+figures are GPU time without Python launch overhead. Prints a table; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from worker.decode_step import decode_shape
+from worker.kernels import _decode_attention_triton as kernels
+
+HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
+CALLS_PER_GRAPH = 20
+
+
+def graph_microseconds(call, repeats: int = 10) -> float:
+    call()  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS_PER_GRAPH):
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (repeats * CALLS_PER_GRAPH)
+
+
+def main() -> None:
+    print(f"{'batch':>5} {'context':>7} {'splits':>6} {'one-pass us':>11} {'split-K us':>10} {'BLOCK_N 128 us':>14} "
+          f"{'split-K GB/s':>12}")
+    for context in (256, 1024, 4096):
+        for batch in (1, 8, 64):
+            width = decode_shape(batch, -(-(context + 1) // PAGE_SIZE)).pages  # the engine's width bucket
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            num_pages = batch * width
+            keys = torch.randn(num_pages * PAGE_SIZE, KV_HEADS, HEAD_DIM, device="cuda", generator=gen,
+                               dtype=torch.bfloat16)
+            values = torch.randn_like(keys)
+            q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+            page_table = torch.randperm(num_pages, device="cuda", generator=gen).view(batch, width)
+            lens = torch.full((batch,), context, device="cuda")
+            args = (q, keys, values, page_table, lens, PAGE_SIZE, HEAD_DIM**-0.5, 0)
+            one_pass = graph_microseconds(lambda: kernels.decode_attention(*args, splits=1))
+            split_k = graph_microseconds(lambda: kernels.decode_attention(*args))
+            wide = graph_microseconds(lambda: kernels.decode_attention(*args, block_n=128))
+            splits = kernels.num_splits(batch, KV_HEADS, width * PAGE_SIZE)
+            kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * keys.element_size()
+            print(f"{batch:>5} {context:>7} {splits:>6} {one_pass:>11.1f} {split_k:>10.1f} {wide:>14.1f} "
+                  f"{kv_bytes / split_k / 1e3:>12.0f}")
+
+
+if __name__ == "__main__":
+    main()

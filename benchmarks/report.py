@@ -6,12 +6,16 @@ tests/test_report.py checks that README.md carries exactly this output.
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
+from loraserve.timeline import decode_step_gaps
+
 RESULTS = Path(__file__).parent / "results"
-LARGE = RESULTS / "h200-seed-large-graphs"
-SMALL = RESULTS / "h200-seed-small-graphs"
+LARGE = RESULTS / "h200-seed-large-pipelined"
+SMALL = RESULTS / "h200-seed-small-pipelined"
+SMALL16 = RESULTS / "h200-seed-small-graphs"  # the 16 requests/s run, not repeated since
 # SGLang on one H200, overlapped loading, the seed's workload (../shared/BENCHMARK.md).
 SGLANG = {"large": {"median TPOT": 7.76, "median TTFT": 164, "mean E2E": 4530},
           "small": {"median TPOT": 9.29, "median TTFT": 126, "mean E2E": 3408}}
@@ -34,21 +38,32 @@ def seed_rows() -> list[str]:
     return rows
 
 
+def commit(directory: Path) -> str:
+    return json.loads((directory / "summary.json").read_text())["commit"][:7]
+
+
+def decode_idle() -> str:
+    gaps = decode_step_gaps(json.loads(gzip.decompress((LARGE / "large-on.trace.json.gz").read_bytes())))
+    return (f"- GPU idle between decode steps (large, overlap on, from the timeline): {gaps.idle_fraction:.1%} "
+            f"(median step {gaps.median_step_ms:.1f} ms, median gap {gaps.median_gap_ms:.2f} ms).")
+
+
 def report() -> str:
-    large_commit = json.loads((SMALL / "summary.json").read_text())["commit"][:7]
     peer = json.loads((RESULTS / "peft_peer_h200.json").read_text())
     cold = json.loads((RESULTS / "cold_start_h200.json").read_text())
-    small16 = {mode: summary(SMALL / f"small16-{mode}.json")["output_token_throughput"] for mode in ("off", "on")}
+    small16 = {mode: summary(SMALL16 / f"small16-{mode}.json")["output_token_throughput"] for mode in ("off", "on")}
     median = cold["median_ms"]
     lines = [
-        f"One NVIDIA H200, Llama-3.1-8B shape with dummy bf16 weights, commit {large_commit}, "
-        "`python benchmarks/seed_workload.py --out-dir OUT --sets large` and `--sets small small16` "
-        "(files under `benchmarks/results/h200-seed-{large,small}-graphs/`).",
+        f"One NVIDIA H200, Llama-3.1-8B shape with dummy bf16 weights, commit {commit(LARGE)}, "
+        "`python benchmarks/seed_workload.py --out-dir OUT --sets large` and `--sets small` "
+        f"(files under `benchmarks/results/{LARGE.name}/` and `{SMALL.name}/`).",
         "",
         *seed_rows(),
         "",
-        f"- Small adapters at 16 requests/s: overlap on gives {small16['on'] / small16['off']:.1%} of overlap "
-        f"off's output throughput ({small16['on']:.0f} vs {small16['off']:.0f} tokens/s).",
+        decode_idle(),
+        f"- Small adapters at 16 requests/s (commit {commit(SMALL16)}): overlap on gives "
+        f"{small16['on'] / small16['off']:.1%} of overlap off's output throughput "
+        f"({small16['on']:.0f} vs {small16['off']:.0f} tokens/s).",
         f"- PEFT peer (`benchmarks/peft_peer.py`, commit {peer['commit'][:7]}): transformers + PEFT "
         f"{peer['peft']['tokens_per_s']:.1f} output tokens/s (16 rank-256 adapters, batch {peer['peft']['batch']}), "
         f"loraserve's engine {peer['loraserve']['tokens_per_s']:.0f} tokens/s (batch {peer['loraserve']['batch']}): "

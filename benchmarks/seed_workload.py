@@ -108,7 +108,6 @@ def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: floa
             result = asyncio.run(
                 run_benchmark(bench_args(launcher.address, list(adapters), rate, num_prompts, output)))
             result["stats"] = json_stats(client.stats())
-            output.write_text(json.dumps(result, indent=1))
             if draw_timeline:
                 trace = fetch_trace(launcher.address)
                 (out_dir / f"{label}.trace.json").write_text(json.dumps(trace))
@@ -116,6 +115,7 @@ def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: floa
                 result["copy_gbps"] = copy_bandwidth(trace)
                 gaps = decode_step_gaps(trace)
                 result["decode_step_gaps"] = asdict(gaps) if gaps else None
+            output.write_text(json.dumps(result, indent=1))
     finally:
         launcher.stop()
     gaps = result.get("decode_step_gaps")

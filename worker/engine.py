@@ -77,7 +77,7 @@ class PendingForward:
     sampled_rows: list[int]  # indices into batch.sequences of the sequences that sample
     sampled: DeviceSample | None
     logits: dict[str, torch.Tensor] | None
-    done: torch.cuda.Event | None  # None on CPU, where the forward has already run
+    done: torch.cuda.Event | None  # after the tokens' host copies; None on CPU (already run)
 
     def is_done(self) -> bool:
         return self.done is None or self.done.query()
@@ -245,11 +245,11 @@ class Engine:
             hidden = self.decode_runner.run(batch.sequences, feed) if static else self._eager_forward(batch, feed)
             sampled_rows, sampled = self._sample(batch, hidden)
             self.timeline.end(span)
+            done = None
+            if self.device.type == "cuda":  # passed once the tokens' copies to the host are done
+                done = torch.cuda.Event()
+                done.record()
             logits = self._all_logits(batch, hidden) if return_logits else None
-        done = None
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
         if sampled is not None:
             self._previous = PreviousTokens(sampled.token_ids, {batch.sequences[i].request_id: row
                                                                 for row, i in enumerate(sampled_rows)})
@@ -259,6 +259,8 @@ class Engine:
         """Waits for a launched forward's tokens; they come in the caller's order."""
         if pending.sampled is None:
             return ForwardOutput(tokens=[], logits=pending.logits)
+        if pending.done is not None:
+            pending.done.synchronize()  # this forward's tokens only, not a forward queued after it
         token_ids, logprobs = to_host(pending.sampled)
         batch = pending.batch
         by_caller_order = sorted((batch.order[i], batch.sequences[i].request_id, token, logprob)

@@ -29,11 +29,17 @@ def validate_sampling(params: SamplingParams) -> None:
 
 @dataclass(frozen=True)
 class DeviceSample:
-    """Sampled tokens still on the device: reading them waits for the forward (`to_host`)."""
+    """Sampled tokens on the device, and their copies on their way to pinned host memory.
+
+    The copies are queued right behind the sampling, so once the stream has passed them the
+    host can read this forward's tokens without waiting for a forward queued after it (a
+    plain `.tolist()` would wait for everything on the stream)."""
 
     token_ids: torch.Tensor  # [N] int64
     logprobs: torch.Tensor | None  # [len(logprob_rows)] float32
     logprob_rows: list[int]
+    host_token_ids: torch.Tensor
+    host_logprobs: torch.Tensor | None
 
 
 def sample_on_device(logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]) -> DeviceSample:
@@ -48,14 +54,23 @@ def sample_on_device(logits: torch.Tensor, params: Sequence[SamplingParams], pos
     if wanted:
         rows = index_tensor(wanted, logits.device)
         logprobs = torch.log_softmax(logits[rows], dim=-1).gather(1, chosen[rows, None]).squeeze(1)
-    return DeviceSample(chosen, logprobs, wanted)
+    host_logprobs = None if logprobs is None else _copy_to_host(logprobs)
+    return DeviceSample(chosen, logprobs, wanted, _copy_to_host(chosen), host_logprobs)
+
+
+def _copy_to_host(values: torch.Tensor) -> torch.Tensor:
+    if values.device.type != "cuda":
+        return values
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    return host.copy_(values, non_blocking=True)
 
 
 def to_host(sampled: DeviceSample) -> tuple[list[int], list[float | None]]:
-    token_ids = sampled.token_ids.tolist()
+    """The host copies as lists; the stream must have passed the copies (an event, or a sync)."""
+    token_ids = sampled.host_token_ids.tolist()
     logprobs: list[float | None] = [None] * len(token_ids)
-    if sampled.logprobs is not None:
-        for row, value in zip(sampled.logprob_rows, sampled.logprobs.tolist()):
+    if sampled.host_logprobs is not None:
+        for row, value in zip(sampled.logprob_rows, sampled.host_logprobs.tolist()):
             logprobs[row] = value
     return token_ids, logprobs
 
@@ -64,7 +79,10 @@ def sample(
     logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]
 ) -> tuple[list[int], list[float | None]]:
     """`sample_on_device`, then waits for the tokens."""
-    return to_host(sample_on_device(logits, params, positions))
+    sampled = sample_on_device(logits, params, positions)
+    if logits.device.type == "cuda":
+        torch.cuda.current_stream(logits.device).synchronize()
+    return to_host(sampled)
 
 
 def _sample_row(logits: torch.Tensor, params: SamplingParams, position: int) -> torch.Tensor:

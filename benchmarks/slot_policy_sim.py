@@ -1,9 +1,8 @@
 """The scheduler's slot policy on the seed's workload, simulated on CPU (no model, no GPU).
 
 The real SchedulerCore drives an in-memory worker (tests/scheduler/fake_worker.py) on a
-simulated clock: each step lasts what the H200 engine of this session measured
-(`STEP_MS`: a CUDA-graph decode step plus an eager prefill cost per prompt token); a load
-lasts one step (26 ms of copy). Workload as the seed's: 100 requests, Poisson at 4/s,
+simulated clock: each step lasts what the H200 engine measured (`step_ms`); a load lasts
+one step (26 ms of copy). Workload as the seed's: 100 requests, Poisson at 4/s,
 input and output uniform over [1, 512], `distinct` over 16 adapter names, 8 slots.
 
     python benchmarks/slot_policy_sim.py [--out FILE]
@@ -33,12 +32,14 @@ ADAPTERS = [f"adapter{i}" for i in range(16)]
 
 
 def step_ms(batch: pb.Forward) -> float:
-    """From the H200 figures: a decode-only step is a graph replay (~10 ms + 0.08 ms a sequence);
-    a step with a prefill chunk runs eagerly (~60 ms of launches + ~0.02 ms a token of GPU work)."""
-    tokens = sum(len(s.token_ids) for s in batch.sequences)
-    if all(len(s.token_ids) == 1 for s in batch.sequences):
-        return 10.0 + 0.08 * tokens
-    return 60.0 + 0.02 * tokens
+    """From the H200 timeline at 779a7e2 (`results/h200-seed-large-pipelined/`): a decode step
+    costs ~6.6 ms plus ~0.46 ms per distinct adapter (up to the 8 slots); a step with prefill
+    chunks (CUDA graphs too) ~11 ms plus ~0.045 ms a token."""
+    tokens = sum(max(1, len(s.token_ids)) for s in batch.sequences)
+    adapters = len({s.adapter_slot for s in batch.sequences if s.adapter_slot >= 0})
+    if tokens == len(batch.sequences):
+        return 6.6 + 0.46 * adapters
+    return 11.0 + 0.045 * tokens
 
 
 def workload(seed: int, count: int, rate: float) -> list[tuple[float, int, int, str]]:

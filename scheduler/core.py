@@ -122,7 +122,8 @@ class SchedulerCore:
             raise RequestRejected(pb.INVALID_ARGUMENT, f"{total} tokens exceed the whole KV cache")
         if any(t >= self.hello.vocab_size for t in submit.input_ids):
             raise RequestRejected(pb.INVALID_ARGUMENT, f"token ids must be below {self.hello.vocab_size}")
-        return Request(submit.request_id, client, list(submit.input_ids), adapter, sampling)
+        return Request(submit.request_id, client, list(submit.input_ids), adapter, sampling,
+                       arrival=time.monotonic())
 
     def abort(self, request_id: str) -> None:
         request = self.requests.get(request_id)
@@ -243,7 +244,7 @@ class SchedulerCore:
         adapter = self.adapters[request.adapter]
         if adapter.state is AdapterState.RESIDENT:
             return adapter.slot not in self.draining
-        if not self._ensure_loading(adapter):
+        if not self._ensure_loading(adapter, waited_s=time.monotonic() - request.arrival):
             return False
         # Blocking mode: the copy is done before the next forward. Pipelined loads on an idle
         # server: the request starts while the copy runs, its forward waiting per layer on the
@@ -252,7 +253,7 @@ class SchedulerCore:
             return True
         return self.config.pipelined_loads and adapter.copy_started and not self.running
 
-    def _ensure_loading(self, adapter: Adapter) -> bool:
+    def _ensure_loading(self, adapter: Adapter, waited_s: float) -> bool:
         """Starts staging and loading `adapter` if a slot can be had; True once it has a slot."""
         if adapter.state is AdapterState.LOADING:
             return True
@@ -260,7 +261,7 @@ class SchedulerCore:
         # free it for a moment only, and the next step would evict the adapter reloaded into it.
         if adapter.state is AdapterState.ON_DISK and not self._make_host_room(adapter):
             return False
-        slot = self._claim_slot(adapter)
+        slot = self._claim_slot(adapter, waited_s)
         if slot is None:
             return False
         if adapter.state is AdapterState.ON_DISK:
@@ -276,14 +277,17 @@ class SchedulerCore:
             self.counters.loads_finished += 1
         return True
 
-    def _claim_slot(self, adapter: Adapter) -> int | None:
+    def _claim_slot(self, adapter: Adapter, waited_s: float) -> int | None:
+        """A free or evictable slot; else, once the adapter's oldest request has waited
+        `drain_after_s`, a slot starts draining for it."""
         slot = self.adapters.free_slot()
         if slot is not None:
             return slot
         slot = self.adapters.slot_victim()
         if slot is None:
-            self._wanting_slot.add(adapter.name)
-            self._drain_for_waiting_adapters()
+            if waited_s >= self.config.drain_after_s:
+                self._wanting_slot.add(adapter.name)
+                self._drain_for_waiting_adapters()
             return None
         victim = self.adapters[self.adapters.slot_owner[slot]]
         self.adapters.release_slot(victim)
@@ -330,7 +334,7 @@ class SchedulerCore:
             if adapter.state is AdapterState.ON_DISK and self.adapters.host_has_room(adapter):
                 self._stage(adapter)
             if adapter.state is AdapterState.HOST and self.adapters.free_slot() is not None:
-                self._ensure_loading(adapter)
+                self._ensure_loading(adapter, waited_s=0.0)
 
     def _stage(self, adapter: Adapter) -> None:
         adapter.state = AdapterState.STAGING

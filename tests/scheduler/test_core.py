@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from protos.loraserve.v1 import internal_pb2 as pb
@@ -147,7 +149,7 @@ def test_lru_eviction_never_takes_a_referenced_slot():
 
 
 def test_waiting_request_is_not_starved_by_a_stream_of_ready_ones():
-    worker = make(adapters=("a", "b", "c"))
+    worker = make(adapters=("a", "b", "c"), drain_after_s=0)
     submit(worker, "a0", "a", max_new_tokens=3)
     submit(worker, "b0", "b", max_new_tokens=3)
     worker.step()
@@ -160,6 +162,25 @@ def test_waiting_request_is_not_starved_by_a_stream_of_ready_ones():
             break
     assert "c0" in finished(worker), "c0 starved behind requests for resident adapters"
     worker.run_until_idle()
+    assert_idle(worker)
+
+
+def test_a_slot_drains_only_once_the_waiting_request_has_waited_drain_after_s():
+    """Before that, slots usually free on their own; a drain would hold back resident requests."""
+    worker = make(adapters=("a", "b", "c"), drain_after_s=0.2)
+    submit(worker, "a0", "a", max_new_tokens=50)
+    submit(worker, "b0", "b", max_new_tokens=50)
+    worker.step()
+    submit(worker, "c0", "c", max_new_tokens=2)  # both slots referenced: c must wait
+    for i in range(1, 4):
+        submit(worker, f"a{i}", "a", max_new_tokens=3)
+        worker.step()
+    assert not worker.core.draining and "a3" in {r.request_id for r in worker.core.running}
+    time.sleep(0.25)
+    worker.step()
+    assert list(worker.core.draining.values()) in (["a"], ["b"])
+    worker.run_until_idle()
+    assert "c0" in finished(worker)
     assert_idle(worker)
 
 
@@ -255,7 +276,7 @@ def test_host_cache_stays_within_its_entry_bound():
 def test_a_drain_is_sticky_and_waiting_adapters_get_a_slot_each():
     """4 slots busy, 2 adapters waiting: 2 slots drain (those with the fewest tokens left) and
     keep draining while new requests for their adapters arrive, then go to the waiting ones."""
-    worker = FakeWorker(SchedulerCore(SchedulerConfig(prefetch=False, max_draining_slots=2),
+    worker = FakeWorker(SchedulerCore(SchedulerConfig(prefetch=False, max_draining_slots=2, drain_after_s=0),
                                       hello(max_loras_per_batch=4, max_loaded_loras=8, num_kv_pages=512)))
     for name in "abcdef":
         worker.register(name)

@@ -148,12 +148,16 @@ def test_lru_eviction_never_takes_a_referenced_slot():
     assert_idle(worker)
 
 
-def test_waiting_request_is_not_starved_by_a_stream_of_ready_ones():
-    worker = make(adapters=("a", "b", "c"), drain_after_s=0)
-    submit(worker, "a0", "a", max_new_tokens=3)
-    submit(worker, "b0", "b", max_new_tokens=3)
+def fill_both_slots_then_wait_for_c(worker: FakeWorker, running_tokens: int) -> None:
+    submit(worker, "a0", "a", max_new_tokens=running_tokens)
+    submit(worker, "b0", "b", max_new_tokens=running_tokens)
     worker.step()
     submit(worker, "c0", "c", max_new_tokens=2)  # both slots referenced: c must wait
+
+
+def test_waiting_request_is_not_starved_by_a_stream_of_ready_ones():
+    worker = make(adapters=("a", "b", "c"), drain_after_s=0)
+    fill_both_slots_then_wait_for_c(worker, running_tokens=3)
     for i in range(1, 30):  # requests for a and b keep arriving
         submit(worker, f"a{i}", "a", max_new_tokens=3)
         submit(worker, f"b{i}", "b", max_new_tokens=3)
@@ -168,10 +172,7 @@ def test_waiting_request_is_not_starved_by_a_stream_of_ready_ones():
 def test_a_slot_drains_only_once_the_waiting_request_has_waited_drain_after_s():
     """Before that, slots usually free on their own; a drain would hold back resident requests."""
     worker = make(adapters=("a", "b", "c"), drain_after_s=0.2)
-    submit(worker, "a0", "a", max_new_tokens=50)
-    submit(worker, "b0", "b", max_new_tokens=50)
-    worker.step()
-    submit(worker, "c0", "c", max_new_tokens=2)  # both slots referenced: c must wait
+    fill_both_slots_then_wait_for_c(worker, running_tokens=50)
     for i in range(1, 4):
         submit(worker, f"a{i}", "a", max_new_tokens=3)
         worker.step()

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from worker.kernels._triton_common import dot, lora_block
 from worker.kernels.lora_blocks import BLOCK_M
-from worker.kernels.multi_lora import DECODE_TOKENS, MAX_GROUP, LoraScratch, split_count
+from worker.kernels.multi_lora import MAX_GROUP, ExpandTiles, LoraScratch, ShrinkTiles
 
 
 @triton.jit
@@ -109,48 +109,44 @@ def _expand_kernel(shrunk_ptr, b0_ptr, b1_ptr, b2_ptr, out0_ptr, out1_ptr, out2_
         tl.store(out_tile, (previous.to(tl.float32) + acc).to(out_tile.dtype.element_ty), mask=mask)
 
 
-def _rank_tile(rank: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(rank)))
-
-
 def _padded(items: Sequence, filler) -> list:
     """A group padded to MAX_GROUP entries (the kernels take three of everything)."""
     return [*items, *[filler] * (MAX_GROUP - len(items))]
 
 
-def shrink(x: torch.Tensor, a: Sequence[torch.Tensor], blocks: torch.Tensor, scratch: LoraScratch) -> None:
+def shrink(x: torch.Tensor, a: Sequence[torch.Tensor], blocks: torch.Tensor, scratch: LoraScratch,
+           tiles: ShrinkTiles) -> None:
     _check_unit_stride(x, scratch.shrunk, *a)
     if any(w.shape != a[0].shape or w.stride() != a[0].stride() for w in a):
         raise ValueError("modules of a LoRA group need A buffers of one shape")
+    if tiles.k_per_split % tiles.k:
+        raise ValueError("a shrink split must be a whole number of K steps")
     max_rank, in_features = a[0].shape[1], x.shape[1]
-    decode = x.shape[0] <= DECODE_TOKENS
-    block_r = 16 if decode else _rank_tile(max_rank)
-    splits = split_count(x.shape[0], in_features)
-    k_per_split = triton.cdiv(triton.cdiv(in_features, splits), 128) * 128
-    grid = (blocks.shape[0], triton.cdiv(max_rank, block_r), len(a) * splits)
-    if splits > 1 and scratch.counters.numel() < grid[0] * grid[1] * len(a):
-        raise ValueError("the LoRA scratch has too few split-K counters for this batch")
+    splits = tiles.splits(in_features)
+    grid = (blocks.shape[0], triton.cdiv(max_rank, tiles.rank), len(a) * splits)
+    if splits > 1 and (scratch.counters.numel() < grid[0] * grid[1] * len(a) or scratch.partials.shape[0] < splits):
+        raise ValueError("the LoRA scratch is too small for this batch's split-K shrink")
     _shrink_kernel[grid](x, *_padded(a, a[0]), scratch.shrunk, scratch.partials, scratch.counters, blocks,
-                         in_features, max_rank, k_per_split, x.stride(0), a[0].stride(0), a[0].stride(1),
-                         scratch.shrunk.stride(0), scratch.partials.stride(0), scratch.partials.stride(1),
-                         SPLITS=splits, BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=128,
-                         IEEE=x.dtype == torch.float32)
+                         in_features, max_rank, tiles.k_per_split or in_features, x.stride(0), a[0].stride(0),
+                         a[0].stride(1), scratch.shrunk.stride(0), scratch.partials.stride(0),
+                         scratch.partials.stride(1), SPLITS=splits, BLOCK_M=BLOCK_M, BLOCK_R=tiles.rank,
+                         BLOCK_K=tiles.k, IEEE=x.dtype == torch.float32, num_warps=tiles.warps,
+                         num_stages=tiles.stages)
 
 
 def expand(shrunk: torch.Tensor, b_t: Sequence[torch.Tensor], blocks: torch.Tensor,
-           outs: Sequence[torch.Tensor]) -> None:
+           outs: Sequence[torch.Tensor], tiles: ExpandTiles) -> None:
     _check_unit_stride(shrunk, *b_t, *outs)
     if any(not b.is_contiguous() for b in b_t) or any(o.stride(0) != outs[0].stride(0) for o in outs):
         raise ValueError("expand needs contiguous B buffers and outputs of one row stride")
     max_rank = b_t[0].shape[1]
-    block_n = 128
-    tiles = [triton.cdiv(out.shape[1], block_n) for out in outs]
-    grid = (blocks.shape[0], sum(tiles))
+    column_tiles = [triton.cdiv(out.shape[1], tiles.n) for out in outs]
+    grid = (blocks.shape[0], sum(column_tiles))
     _expand_kernel[grid](shrunk, *_padded(b_t, b_t[0]), *_padded(outs, outs[0]), blocks,
-                         *_padded([out.shape[1] for out in outs], 0), *_padded(tiles, 0)[:2], max_rank,
+                         *_padded([out.shape[1] for out in outs], 0), *_padded(column_tiles, 0)[:2], max_rank,
                          shrunk.stride(0), outs[0].stride(0),
-                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=_rank_tile(max_rank),
-                         IEEE=outs[0].dtype == torch.float32)
+                         BLOCK_M=BLOCK_M, BLOCK_N=tiles.n, BLOCK_R=tiles.rank,
+                         IEEE=outs[0].dtype == torch.float32, num_warps=tiles.warps, num_stages=tiles.stages)
 
 
 def _check_unit_stride(*tensors: torch.Tensor) -> None:

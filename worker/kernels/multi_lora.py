@@ -13,8 +13,8 @@ kernels together, over the block table of `worker.kernels.lora_blocks` (rows
 - shrink: one program per (block, rank tile, module, K split):
   `shrunk[start:end, m * R + r0 : m * R + r1] = x[start:end, :] @ a_m[slot, r0:r1, :].T`
   (x tile [BLOCK_M, BLOCK_K], A tile [BLOCK_R, BLOCK_K]; tiles at or past the block's rank
-  exit). Decode-sized batches (up to DECODE_TOKENS tokens) use 16-row rank tiles and split
-  the reduction over `in` into K_PER_SPLIT-column chunks, so one adapter's few tokens still
+  exit). Decode-sized batches (up to DECODE_TOKENS tokens) use narrow rank tiles and split
+  the reduction over `in` into `k_per_split`-column chunks, so one adapter's few tokens still
   spread over the GPU: each split stores a float32 partial and the tile's last split to
   finish sums them in split order (deterministic) in the same launch. Larger batches have
   blocks enough: 64-row rank tiles, no split;
@@ -40,8 +40,47 @@ from worker.kernels.lora_blocks import BLOCK_M, max_blocks
 
 MAX_GROUP = 3  # q/k/v
 DECODE_TOKENS = 256  # up to this many tokens, shrink splits over `in` (see above)
-K_PER_SPLIT = 512
-RANK_TILE = 16  # shrink's rank tile when it splits
+
+
+@dataclass(frozen=True)
+class ShrinkTiles:
+    """The shrink kernel's launch shape."""
+
+    rank: int  # rows of A per program
+    k: int  # columns of x and A per loop step
+    k_per_split: int  # columns of `in` per program (a multiple of k); 0: no split
+    warps: int = 4
+    stages: int = 3
+
+    def splits(self, in_features: int) -> int:
+        return -(-in_features // self.k_per_split) if self.k_per_split else 1
+
+
+@dataclass(frozen=True)
+class ExpandTiles:
+    """The expand kernel's launch shape."""
+
+    n: int  # output columns per program
+    rank: int  # rows of B per loop step
+    warps: int = 4
+    stages: int = 3
+
+
+DECODE_SHRINK = ShrinkTiles(rank=16, k=128, k_per_split=512)
+
+
+def shrink_tiles(num_tokens: int, max_rank: int) -> ShrinkTiles:
+    if num_tokens <= DECODE_TOKENS:
+        return DECODE_SHRINK
+    return ShrinkTiles(rank=_rank_tile(max_rank), k=128, k_per_split=0)
+
+
+def expand_tiles(num_tokens: int, max_rank: int) -> ExpandTiles:
+    return ExpandTiles(n=128, rank=_rank_tile(max_rank))
+
+
+def _rank_tile(rank: int) -> int:
+    return max(16, min(64, 1 << (rank - 1).bit_length()))
 
 
 @dataclass(frozen=True)
@@ -63,10 +102,6 @@ def add_lora_delta_reference(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor
     out += torch.where(adapted[:, None], delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
 
 
-def split_count(num_tokens: int, in_features: int) -> int:
-    return -(-in_features // K_PER_SPLIT) if num_tokens <= DECODE_TOKENS else 1
-
-
 @dataclass(frozen=True)
 class LoraScratch:
     """The kernels' scratch for batches up to a size; every entry read is written first (no
@@ -78,12 +113,12 @@ class LoraScratch:
 
     @classmethod
     def allocate(cls, max_tokens: int, max_in_features: int, max_rank: int, num_slots: int, dtype: torch.dtype,
-                 device: torch.device) -> LoraScratch:
+                 device: torch.device, decode_tiles: ShrinkTiles = DECODE_SHRINK) -> LoraScratch:
         decode_tokens = min(max_tokens, DECODE_TOKENS)
-        tiles = max_blocks(decode_tokens, num_slots) * -(-max_rank // RANK_TILE) * MAX_GROUP
+        tiles = max_blocks(decode_tokens, num_slots) * -(-max_rank // decode_tiles.rank) * MAX_GROUP
         return cls(
             shrunk=torch.zeros(max_tokens, MAX_GROUP * max_rank, dtype=dtype, device=device),
-            partials=torch.zeros(split_count(1, max_in_features), decode_tokens, MAX_GROUP * max_rank,
+            partials=torch.zeros(decode_tiles.splits(max_in_features), decode_tokens, MAX_GROUP * max_rank,
                                  device=device),
             counters=torch.zeros(tiles, dtype=torch.int32, device=device),
         )
@@ -94,18 +129,22 @@ class LoraScratch:
 
 
 def add_lora_deltas(x: torch.Tensor, group: Sequence[ModuleDelta], blocks: torch.Tensor,
-                    scratch: LoraScratch) -> None:
+                    scratch: LoraScratch, tiles: tuple[ShrinkTiles, ExpandTiles] | None = None) -> None:
     """Triton version for up to MAX_GROUP modules sharing `x`; `blocks` [rows, 4] int64 on the GPU.
 
     Each block's rank comes from its row (a device tensor), so one captured graph serves any
-    mix of ranks up to R = a.shape[1] and reads only the rows each adapter has.
+    mix of ranks up to R = a.shape[1] and reads only the rows each adapter has. `tiles`
+    overrides the launch shapes chosen for the batch size (benchmarks/lora_kernel_sweep.py).
     """
     from worker.kernels import _multi_lora_triton as kernels
 
     if not 1 <= len(group) <= MAX_GROUP:
         raise ValueError(f"a LoRA group has 1 to {MAX_GROUP} modules, got {len(group)}")
-    kernels.shrink(x, [m.a for m in group], blocks, scratch)
-    kernels.expand(scratch.shrunk, [m.b_t for m in group], blocks, [m.out for m in group])
+    num_tokens, max_rank = x.shape[0], group[0].a.shape[1]
+    shrink, expand = tiles or (shrink_tiles(num_tokens, max_rank), expand_tiles(num_tokens, max_rank))
+    kernels.shrink(x, [m.a for m in group], blocks, scratch, shrink)
+    kernels.expand(scratch.shrunk, [m.b_t for m in group], blocks, [m.out for m in group], expand)
 
 
-__all__ = ["BLOCK_M", "MAX_GROUP", "LoraScratch", "ModuleDelta", "add_lora_deltas", "add_lora_delta_reference"]
+__all__ = ["BLOCK_M", "MAX_GROUP", "ExpandTiles", "LoraScratch", "ModuleDelta", "ShrinkTiles", "add_lora_deltas",
+           "add_lora_delta_reference"]

@@ -69,7 +69,7 @@ class GroupBench:
         self.a = [[weights(SLOTS, RANK, self.in_features) for _ in outs] for _ in range(LAYERS)]
         self.b_t = [[weights(SLOTS, RANK, out) for out in outs] for _ in range(LAYERS)]
         self.x = weights(batch, self.in_features)
-        self.outs = [torch.zeros(batch, out, device="cuda", dtype=torch.bfloat16) for out in outs]
+        self.outs = torch.zeros(batch, sum(outs), device="cuda", dtype=torch.bfloat16).split(list(outs), dim=1)
         token_slots = [slot for slot in range(SLOTS) for _ in range(batch // SLOTS)]
         table = lora_blocks(token_slots, [RANK] * SLOTS, max_blocks(batch, SLOTS))
         self.blocks = torch.from_numpy(table).cuda()
@@ -115,6 +115,8 @@ def _measure(measure: Callable, tiles, nbytes: int, label: str) -> dict:
 
 def summarize(results: list[dict], default) -> dict:
     measured = [r for r in results if r["us"] is not None]
+    if not measured:
+        return {"default": asdict(default), "error": "no tiling ran"}
     best = min(measured, key=lambda r: r["us"])
     default_us = next((r["us"] for r in measured if r["tiles_obj"] == default), None)
     return {"best": asdict(best["tiles_obj"]), "best_us": best["us"], "best_gbps": best["gbps"],
@@ -145,8 +147,9 @@ def main() -> None:
     for label, result in report["results"].items():
         for kernel in ("shrink", "expand"):
             r = result[kernel]
-            print(f"{label:12} {kernel}: default {r['default_us']:.2f} us, best {r['best_us']:.2f} us "
-                  f"({r['best_gbps']:.0f} GB/s) {r['best']}")
+            if "best" in r:
+                print(f"{label:12} {kernel}: default {r['default_us']:.2f} us, best {r['best_us']:.2f} us "
+                      f"({r['best_gbps']:.0f} GB/s) {r['best']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -75,7 +75,7 @@ class GroupBench:
         self.blocks = torch.from_numpy(table).cuda()
         smallest = ShrinkTiles(rank=16, k=64, k_per_split=512)  # most split-K partials and counters
         self.scratch = LoraScratch.allocate(batch, INTERMEDIATE, RANK, SLOTS, torch.bfloat16, torch.device("cuda"),
-                                            decode_tiles=smallest)
+                                            decode_tiles=[smallest])
         self.shrink_bytes = sum(a.numel() for a in self.a[0]) * 2
         self.expand_bytes = sum(b.numel() for b in self.b_t[0]) * 2
 
@@ -133,7 +133,7 @@ def main() -> None:
     report = {"gpu": torch.cuda.get_device_name(), "results": {}}
     for batch, name in itertools.product(BATCHES, GROUPS):
         bench = GroupBench(name, batch)
-        shrink_default = shrink_tiles(batch, RANK)
+        shrink_default = shrink_tiles(batch, RANK, bench.in_features)
         expand_default = expand_tiles(batch, RANK)
         label = f"{name} b{batch}"
         shrinks = sweep(bench.shrink, [shrink_default, *SHRINK_TILINGS], bench.shrink_bytes, label + " shrink",

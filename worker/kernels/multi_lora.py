@@ -66,13 +66,19 @@ class ExpandTiles:
     stages: int = 3
 
 
-DECODE_SHRINK = ShrinkTiles(rank=16, k=128, k_per_split=512)
+# Decode shapes from benchmarks/lora_kernel_sweep.py on an H200, 8B sizes, rank 256
+# (benchmarks/results/lora_kernel_sweep_h200.json): inputs up to WIDE_INPUT columns (q/k/v, o,
+# gate/up) and wider ones (down) each have their own; 87 -> 65 us per layer at batch 16.
+WIDE_INPUT = 8192
+DECODE_SHRINK_NARROW = ShrinkTiles(rank=32, k=256, k_per_split=2048)
+DECODE_SHRINK_WIDE = ShrinkTiles(rank=64, k=128, k_per_split=2048, warps=8, stages=4)
+DECODE_SHRINKS = (DECODE_SHRINK_NARROW, DECODE_SHRINK_WIDE)
 
 
-def shrink_tiles(num_tokens: int, max_rank: int) -> ShrinkTiles:
-    if num_tokens <= DECODE_TOKENS:
-        return DECODE_SHRINK
-    return ShrinkTiles(rank=_rank_tile(max_rank), k=128, k_per_split=0)
+def shrink_tiles(num_tokens: int, max_rank: int, in_features: int) -> ShrinkTiles:
+    if num_tokens > DECODE_TOKENS:
+        return ShrinkTiles(rank=_rank_tile(max_rank), k=128, k_per_split=0)
+    return DECODE_SHRINK_WIDE if in_features > WIDE_INPUT else DECODE_SHRINK_NARROW
 
 
 def expand_tiles(num_tokens: int, max_rank: int) -> ExpandTiles:
@@ -113,13 +119,14 @@ class LoraScratch:
 
     @classmethod
     def allocate(cls, max_tokens: int, max_in_features: int, max_rank: int, num_slots: int, dtype: torch.dtype,
-                 device: torch.device, decode_tiles: ShrinkTiles = DECODE_SHRINK) -> LoraScratch:
+                 device: torch.device, decode_tiles: Sequence[ShrinkTiles] = DECODE_SHRINKS) -> LoraScratch:
         decode_tokens = min(max_tokens, DECODE_TOKENS)
-        tiles = max_blocks(decode_tokens, num_slots) * -(-max_rank // decode_tiles.rank) * MAX_GROUP
+        rank_tile = min(t.rank for t in decode_tiles)
+        tiles = max_blocks(decode_tokens, num_slots) * -(-max_rank // rank_tile) * MAX_GROUP
+        splits = max(t.splits(max_in_features) for t in decode_tiles)
         return cls(
             shrunk=torch.zeros(max_tokens, MAX_GROUP * max_rank, dtype=dtype, device=device),
-            partials=torch.zeros(decode_tiles.splits(max_in_features), decode_tokens, MAX_GROUP * max_rank,
-                                 device=device),
+            partials=torch.zeros(splits, decode_tokens, MAX_GROUP * max_rank, device=device),
             counters=torch.zeros(tiles, dtype=torch.int32, device=device),
         )
 
@@ -141,7 +148,7 @@ def add_lora_deltas(x: torch.Tensor, group: Sequence[ModuleDelta], blocks: torch
     if not 1 <= len(group) <= MAX_GROUP:
         raise ValueError(f"a LoRA group has 1 to {MAX_GROUP} modules, got {len(group)}")
     num_tokens, max_rank = x.shape[0], group[0].a.shape[1]
-    shrink, expand = tiles or (shrink_tiles(num_tokens, max_rank), expand_tiles(num_tokens, max_rank))
+    shrink, expand = tiles or (shrink_tiles(num_tokens, max_rank, x.shape[1]), expand_tiles(num_tokens, max_rank))
     kernels.shrink(x, [m.a for m in group], blocks, scratch, shrink)
     kernels.expand(scratch.shrunk, [m.b_t for m in group], blocks, [m.out for m in group], expand)
 

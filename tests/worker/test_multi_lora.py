@@ -10,7 +10,8 @@ import torch
 from tests.driver import make_engine, make_resident
 from worker.batch import NO_ADAPTER
 from worker.kernels.lora_blocks import lora_blocks, max_blocks
-from worker.kernels.multi_lora import add_lora_delta_reference
+from worker.kernels.multi_lora import (DECODE_TOKENS, MAX_GROUP, LoraScratch, add_lora_delta_reference,
+                                       shrink_tiles)
 from worker.lora.slots import SegmentBatch
 
 
@@ -93,3 +94,19 @@ def test_block_table_cuts_each_adapter_run_and_skips_base_tokens():
     assert not table[len(rows):].any(), "padding rows are empty"
     with pytest.raises(ValueError, match="do not fit"):
         lora_blocks([0] * 40, slot_ranks=[8], num_rows=2, block_m=16)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 16, DECODE_TOKENS, DECODE_TOKENS + 1, 2048])
+def test_the_scratch_holds_the_split_k_work_of_every_chosen_shrink_shape(num_tokens):
+    """8B sizes: every input width a LoRA group has gets a launch shape whose split-K partials
+    and per-tile counters fit the scratch the decode runner allocates (and splits are whole K steps)."""
+    slots, max_rank, widths = 8, 256, (4096, 14336)
+    scratch = LoraScratch.allocate(num_tokens, max(widths), max_rank, slots, torch.bfloat16, torch.device("cpu"))
+    for in_features in widths:
+        tiles = shrink_tiles(num_tokens, max_rank, in_features)
+        splits = tiles.splits(in_features)
+        assert tiles.k_per_split % tiles.k == 0
+        if splits > 1:
+            assert scratch.partials.shape[0] >= splits
+            rank_tiles = -(-max_rank // tiles.rank)
+            assert scratch.counters.numel() >= max_blocks(num_tokens, slots) * rank_tiles * MAX_GROUP

@@ -47,6 +47,8 @@ class WorkerConfig:
     engine: EngineConfig
     # Test-only: adapter name -> extra seconds each of its loads takes (spread over layers).
     slow_loads: dict[str, float] = field(default_factory=dict)
+    # Test-only: adapter name -> extra seconds each of its reads from disk takes (spread over layers).
+    slow_reads: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,15 @@ def slow_load_hook(delays: dict[str, float], num_layers: int, on_gpu: bool) -> C
     return hook
 
 
+def slow_read_hook(delays: dict[str, float], num_layers: int) -> Callable[[str, int], None]:
+    """Makes the named adapters' reads from disk slow: the reader sleeps before each layer."""
+
+    def hook(name: str, layer: int) -> None:
+        time.sleep(delays.get(name, 0.0) / num_layers)
+
+    return hook
+
+
 class WorkerService:
     def __init__(self, config: WorkerConfig, engine: Engine | None = None) -> None:
         self.config = config
@@ -96,6 +107,8 @@ class WorkerService:
             self.engine.copier.hook = slow_load_hook(
                 config.slow_loads, self.engine.model_config.num_layers, on_gpu
             )
+        if config.slow_reads:
+            self.engine.host_cache.read_hook = slow_read_hook(config.slow_reads, self.engine.model_config.num_layers)
         self.in_flight: InFlightForward | None = None
         self.context = zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)

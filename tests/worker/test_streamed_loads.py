@@ -37,8 +37,8 @@ def generate(engine, slot: int, request_id: str = "r") -> Request:
     return request
 
 
-def staged_reference(model_dir, adapter_dir) -> Request:
-    engine = eager_engine(model_dir)
+def staged_reference(model_dir, adapter_dir, **overrides) -> Request:
+    engine = eager_engine(model_dir, **overrides)
     engine.register_adapter("a1", adapter_dir)
     make_resident(engine, "a1", 0)
     request = generate(engine, 0)

@@ -254,9 +254,9 @@ class SchedulerCore:
         if not self._ensure_loading(adapter, waited_s=time.monotonic() - request.arrival):
             return False
         # Blocking mode: the copy is done before the next forward. Pipelined loads on an idle
-        # server: the request starts while the copy runs - the worker starts it at once, and one
-        # of an adapter still being read from disk streams layer by layer - its forward waiting
-        # per layer on the copy; with other requests running it waits, so their decoding never does.
+        # server: the request starts at once (the worker starts every load when it arrives, one
+        # still being read from disk streaming layer by layer) and its forward waits per layer
+        # on the copy; with other requests running it waits, so their decoding never does.
         if not self.config.overlap_loading:
             return True
         return self.config.pipelined_loads and not self.running

@@ -61,6 +61,7 @@ class ServeConfig:
     max_running_requests: int = 256
     max_queued_requests: int = 1024
     slow_loads: dict[str, float] = field(default_factory=dict)  # test only
+    slow_reads: dict[str, float] = field(default_factory=dict)  # test only
     startup_timeout_s: float = 300.0
     grace_seconds: float = 5.0
     log_level: str = "info"
@@ -107,6 +108,8 @@ def process_commands(config: ServeConfig, addresses: Addresses, files: RuntimeFi
         worker.append("--disable-mixed-graphs")
     for name, seconds in config.slow_loads.items():
         worker += ["--slow-load", f"{name}={seconds}"]
+    for name, seconds in config.slow_reads.items():
+        worker += ["--slow-read", f"{name}={seconds}"]
     scheduler = [*python, "scheduler", "--frontend-address", addresses.frontend,
                  "--worker-address", addresses.worker,
                  "--enable-lora-overlap-loading" if config.overlap_loading else "--disable-lora-overlap-loading",

@@ -41,9 +41,6 @@ class Adapter:
     unloading: bool = False
     last_used: float = field(default_factory=time.monotonic)
     loaded_at: float | None = None
-    # LOADING with its copy running in the worker (it was in the host cache): requests may run,
-    # the worker's compute waits per layer on the copy (pipelined loading).
-    copy_started: bool = False
 
     @property
     def host_bytes(self) -> int:
@@ -117,7 +114,6 @@ class AdapterTable:
     def assign_slot(self, adapter: Adapter, slot: int) -> None:
         self.slot_owner[slot] = adapter.name
         adapter.slot = slot
-        adapter.copy_started = adapter.state is AdapterState.HOST
         adapter.state = AdapterState.LOADING
 
     def release_slot(self, adapter: Adapter) -> None:

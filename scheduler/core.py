@@ -142,8 +142,6 @@ class SchedulerCore:
                 self.metrics.host.finish(adapter, now)
             if adapter is not None and adapter.state is AdapterState.STAGING:
                 adapter.state = AdapterState.HOST
-            elif adapter is not None and adapter.state is AdapterState.LOADING:
-                adapter.copy_started = True  # the worker starts a deferred load before it reports staging
         for loaded in events.loaded:
             adapter = self.adapters.adapters.get(loaded.name)
             if adapter is not None and adapter.slot == loaded.slot and adapter.state is AdapterState.LOADING:
@@ -156,11 +154,20 @@ class SchedulerCore:
         self._complete_unloads()
 
     def on_adapter_failed(self, name: str, error: pb.Error) -> None:
-        """A stage or load failed: roll the adapter back; requests fail unless it may pass later."""
+        """A stage or load failed: roll the adapter back; requests fail unless it may pass later.
+
+        Requests started while the load was landing (pipelined) ran on a slot that never got
+        the adapter: they fail whatever the error, and their tokens still in flight are dropped.
+        """
         self.metrics.fail(name)
         adapter = self.adapters.adapters.get(name)
         if adapter is None:
             return
+        if adapter.state is AdapterState.LOADING:
+            for request in [r for r in self.running if r.adapter == name]:
+                self._emit_error(request.client, request.request_id, error.code,
+                                 f"adapter {name!r} could not be loaded: {error.message}")
+                self._drop(request)
         if adapter.slot is not None:
             self.adapters.slot_owner[adapter.slot] = None
             adapter.slot = None
@@ -247,11 +254,12 @@ class SchedulerCore:
         if not self._ensure_loading(adapter, waited_s=time.monotonic() - request.arrival):
             return False
         # Blocking mode: the copy is done before the next forward. Pipelined loads on an idle
-        # server: the request starts while the copy runs, its forward waiting per layer on the
-        # copy (worker); with other requests running it waits, so their decoding never does.
+        # server: the request starts at once (the worker starts every load when it arrives, one
+        # still being read from disk streaming layer by layer) and its forward waits per layer
+        # on the copy; with other requests running it waits, so their decoding never does.
         if not self.config.overlap_loading:
             return True
-        return self.config.pipelined_loads and adapter.copy_started and not self.running
+        return self.config.pipelined_loads and not self.running
 
     def _ensure_loading(self, adapter: Adapter, waited_s: float) -> bool:
         """Starts staging and loading `adapter` if a slot can be had; True once it has a slot."""

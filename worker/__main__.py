@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="decode steps run eagerly (the engine before CUDA graphs; for comparisons)")
     parser.add_argument("--slow-load", action="append", metavar="NAME=SECONDS",
                         help="test only: make every load of this adapter take SECONDS longer")
+    parser.add_argument("--slow-read", action="append", metavar="NAME=SECONDS",
+                        help="test only: make every read of this adapter from disk take SECONDS longer")
     add_logging_flags(parser)
     return parser.parse_args(argv)
 
@@ -44,8 +46,9 @@ def main(argv: list[str] | None = None) -> None:
         host_cache_bytes=args.host_cache_bytes, cuda_graphs=not args.disable_cuda_graphs,
         static_mixed=not args.disable_mixed_graphs,
     )
-    slow = {name: float(seconds) for name, seconds in name_value_pairs(args.slow_load, "--slow-load").items()}
-    service = WorkerService(WorkerConfig(args.scheduler_address, engine, slow))
+    slow_loads = {name: float(seconds) for name, seconds in name_value_pairs(args.slow_load, "--slow-load").items()}
+    slow_reads = {name: float(seconds) for name, seconds in name_value_pairs(args.slow_read, "--slow-read").items()}
+    service = WorkerService(WorkerConfig(args.scheduler_address, engine, slow_loads, slow_reads))
     on_termination(lambda: setattr(service, "stopping", True))
     service.run()
 

@@ -117,6 +117,10 @@ class Engine:
         ) if config.static_decode else None
         self.adapters: dict[str, AdapterManifest] = {}
         self.pending: dict[int, LoadJob] = {}  # slot -> load in flight
+        # Slots whose load failed, until loaded again. A forward the scheduler sent before it
+        # learned of the failure may still name one: it runs (those tokens see no adapter, and
+        # the scheduler drops them with their requests) instead of failing its whole batch.
+        self.failed_slots: set[int] = set()
         self._previous: PreviousTokens | None = None  # what the last launched forward sampled
 
     # Adapters -------------------------------------------------------------------------
@@ -156,17 +160,20 @@ class Engine:
         self.host_cache.evict(name)
 
     def load_adapter(self, name: str, slot: int, *, blocking: bool = False) -> None:
-        """Copies a staged adapter into `slot` on the load stream (or waits, if blocking)."""
-        adapter = self._staged(name)
+        """Copies an adapter from the host cache into `slot` on a load stream (or waits, if
+        blocking). One still being read from disk streams: each layer's copy waits for its read."""
+        adapter = self._in_host_cache(name)
         self._check_slot_free_for(name, slot)
         self.slots.assign(slot, adapter)
+        self.failed_slots.discard(slot)
         job = LoadJob(name, slot, adapter, adapter.nbytes)
         adapter.copies_in_flight += 1
         self.pending[slot] = job
+        streamed = not adapter.progress.done  # its span then includes waiting for the disk
         self.copier.start(job)
         if job.copy_started is not None:
-            self.timeline.add_gpu_span(COPY_LANE, name, job.copy_started, job.layer_ready[-1],
-                                       slot=slot, bytes=job.nbytes, blocking=blocking)
+            self.timeline.add_gpu_span(COPY_LANE, name, job.copy_started, job.layer_ready[-1], slot=slot,
+                                       bytes=job.nbytes, blocking=blocking, streamed=streamed)
         if blocking:
             self.copier.wait(job)
 
@@ -183,34 +190,36 @@ class Engine:
         """True while staging or slot loads are in flight (worth polling for)."""
         return bool(self.pending) or self.host_cache.staging_in_progress
 
-    def is_staged(self, name: str) -> bool:
-        entry = self.host_cache.entries.get(name)
-        return entry is not None and entry.is_ready()
-
     def poll(self) -> LoadReport:
-        """Finished staging and loads since the last poll; never blocks."""
+        """Finished staging and loads since the last poll; never blocks.
+
+        Loads first: a failed read is reported once, by the host cache, after the streamed
+        load that was draining its region has finished."""
         report = LoadReport()
+        for slot, job in list(self.pending.items()):
+            if self.copier.is_done(job):
+                self._finish_load(job, report)
         for result in self.host_cache.poll():
             if result.error is None:
                 report.staged.append(result.name)
             else:
                 report.failed.append((result.name, result.error))
-        for slot, job in list(self.pending.items()):
-            if self.copier.is_done(job):
-                self._finish_load(job, report)
         return report
 
     def _finish_load(self, job: LoadJob, report: LoadReport) -> None:
         del self.pending[job.slot]
         job.adapter.copies_in_flight -= 1
-        error = job.finished.exception() if job.finished.done() else None
+        read_error = job.adapter.progress.error
+        copy_error = job.finished.exception() if job.finished.done() else None
         if job.host_copy_span is not None:
             self.timeline.add_host_span(COPY_LANE, job.name, *job.host_copy_span, slot=job.slot, bytes=job.nbytes)
-        if error is None:
+        if read_error is None and copy_error is None:
             report.loaded.append((job.name, job.slot))
-        else:
-            self.slots.clear(job.slot)
-            report.failed.append((job.name, error))
+            return
+        self.slots.clear(job.slot)
+        self.failed_slots.add(job.slot)
+        if read_error is None:  # a read error is the host cache's to report
+            report.failed.append((job.name, copy_error))
 
     # Forward --------------------------------------------------------------------------
 
@@ -317,11 +326,12 @@ class Engine:
             raise AdapterNotFoundError(f"adapter {name!r} is not registered")
         return self.adapters[name]
 
-    def _staged(self, name: str) -> HostAdapter:
+    def _in_host_cache(self, name: str) -> HostAdapter:
+        """Its host entry, staged or still being read (a failed read fails the load through `poll`)."""
         self._manifest(name)
         entry = self.host_cache.entries.get(name)
-        if entry is None or not entry.is_ready():
-            raise AdapterStateError(f"adapter {name!r} is not staged in the host cache yet")
+        if entry is None:
+            raise AdapterStateError(f"adapter {name!r} is not in the host cache; stage it first")
         return entry
 
     def _check_slot_free_for(self, name: str, slot: int) -> None:
@@ -337,7 +347,8 @@ class Engine:
         slot = seq.adapter_slot
         if slot == NO_ADAPTER:
             return
-        if not 0 <= slot < self.slots.num_slots or self.slots.occupants[slot] is None:
+        served = 0 <= slot < self.slots.num_slots and self.slots.occupants[slot] is not None
+        if not served and slot not in self.failed_slots:
             raise ValueError(f"request {seq.request_id}: adapter slot {slot} holds no adapter")
 
 

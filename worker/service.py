@@ -3,7 +3,8 @@
 The worker connects a DEALER socket to the scheduler's ROUTER, announces itself with a
 `WorkerHello`, answers every `WorkerCommand` with a `CommandResult` in order, and, while
 idle with staging or loads in flight, polls the engine and sends `LoadEvents` unprompted.
-A load of an adapter still being staged is started as soon as staging finishes.
+A load of an adapter still being staged starts at once and streams: each layer is copied
+as soon as the reader has it (the wait is on the load's stream or thread, never here).
 
 A forward is launched on the GPU and answered once its tokens are back; a forward command
 arriving meanwhile (the scheduler sends the next step before it has this one's tokens) is
@@ -46,6 +47,8 @@ class WorkerConfig:
     engine: EngineConfig
     # Test-only: adapter name -> extra seconds each of its loads takes (spread over layers).
     slow_loads: dict[str, float] = field(default_factory=dict)
+    # Test-only: adapter name -> extra seconds each of its reads from disk takes (spread over layers).
+    slow_reads: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,6 @@ class InFlightForward:
     command_id: int
     forward: PendingForward
     launched_at: float  # perf_counter
-
-
-@dataclass(frozen=True)
-class DeferredLoad:
-    name: str
-    slot: int
 
 
 def error_message(error: Exception) -> pb.Error:
@@ -90,6 +87,15 @@ def slow_load_hook(delays: dict[str, float], num_layers: int, on_gpu: bool) -> C
     return hook
 
 
+def slow_read_hook(delays: dict[str, float], num_layers: int) -> Callable[[str, int], None]:
+    """Makes the named adapters' reads from disk slow: the reader sleeps before each layer."""
+
+    def hook(name: str, layer: int) -> None:
+        time.sleep(delays.get(name, 0.0) / num_layers)
+
+    return hook
+
+
 class WorkerService:
     def __init__(self, config: WorkerConfig, engine: Engine | None = None) -> None:
         self.config = config
@@ -101,7 +107,8 @@ class WorkerService:
             self.engine.copier.hook = slow_load_hook(
                 config.slow_loads, self.engine.model_config.num_layers, on_gpu
             )
-        self.deferred: list[DeferredLoad] = []
+        if config.slow_reads:
+            self.engine.host_cache.read_hook = slow_read_hook(config.slow_reads, self.engine.model_config.num_layers)
         self.in_flight: InFlightForward | None = None
         self.context = zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
@@ -212,13 +219,9 @@ class WorkerService:
         engine = self.engine
         if load.name not in engine.host_cache.entries:
             engine.stage_adapter(load.name)
-        if load.blocking:
+        if load.blocking:  # the seed's baseline: the whole adapter is read, then copied
             engine.wait_staged(load.name)
-            engine.load_adapter(load.name, load.slot, blocking=True)
-        elif engine.is_staged(load.name):
-            engine.load_adapter(load.name, load.slot)
-        else:
-            self.deferred.append(DeferredLoad(load.name, load.slot))
+        engine.load_adapter(load.name, load.slot, blocking=load.blocking)
 
     def _launch(self, forward: pb.Forward) -> PendingForward:
         if log.isEnabledFor(logging.DEBUG):
@@ -226,24 +229,10 @@ class WorkerService:
         return self.engine.launch([_sequence_input(s) for s in forward.sequences])
 
     def _loading(self) -> bool:
-        return self.engine.busy_loading or bool(self.deferred)
+        return self.engine.busy_loading
 
     def _poll_events(self) -> pb.LoadEvents:
-        report = self.engine.poll()
-        self._start_deferred(report)
-        return _load_events(report)
-
-    def _start_deferred(self, report: LoadReport) -> None:
-        failed = {name for name, _ in report.failed}
-        for load in list(self.deferred):
-            if load.name in failed:
-                self.deferred.remove(load)
-            elif self.engine.is_staged(load.name):
-                self.deferred.remove(load)
-                try:
-                    self.engine.load_adapter(load.name, load.slot)
-                except Exception as error:  # surfaces as a failed load, never kills the worker
-                    report.failed.append((load.name, error))
+        return _load_events(self.engine.poll())
 
     def _hello(self) -> pb.WorkerHello:
         engine, model = self.engine, self.engine.model_config

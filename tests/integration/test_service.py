@@ -216,6 +216,25 @@ def test_server_info_reports_the_configuration(server):
     assert all(process.poll() is None for process in launcher.processes.values())
 
 
+def test_pipelined_load_streams_an_adapter_only_on_disk(base_config, oracle, reference):
+    """--pipelined-loads with an adapter that is only on disk and slow to read: the request is
+    admitted at once, its forward waits per layer for the read (streamed into the slot), and
+    its tokens are right. Three host entries: prefetch leaves a3, the fourth, on disk."""
+    slow_seconds = 1.5
+    config = replace(base_config, slow_reads={"a3": slow_seconds}, pipelined_loads=True, max_loaded_loras=3)
+    with running_server(config) as (_, client):
+        wait_for(lambda: {a.name: a.state for a in client.list_adapters().adapters} == {
+            "a0": serving_pb2.ADAPTER_STATE_RESIDENT, "a1": serving_pb2.ADAPTER_STATE_RESIDENT,
+            "a2": serving_pb2.ADAPTER_STATE_HOST, "a3": serving_pb2.ADAPTER_STATE_ON_DISK}, "prefetch done")
+        request_id, adapter, ids, n = WORKLOAD[4]  # a3
+        response = client.generate(input_ids=ids, adapter=adapter, max_new_tokens=n, ignore_eos=True)
+        states = {a.name: a.state for a in client.list_adapters().adapters}
+    assert response.timing.adapter_wait_ms < 0.5 * slow_seconds * 1e3, "admitted before the file was read"
+    assert response.timing.time_to_first_token_ms >= 0.8 * slow_seconds * 1e3, "the forward waited for the read"
+    assert states["a3"] == serving_pb2.ADAPTER_STATE_RESIDENT
+    assert_consistent(oracle, reference[request_id], ids, adapter, list(response.token_ids))
+
+
 def test_pipelined_load_starts_a_cold_request_on_an_idle_server(base_config, oracle, reference):
     """--pipelined-loads: admitted while its adapter's copy runs; the forward waits per layer."""
     slow_seconds = 1.5

@@ -107,21 +107,47 @@ def test_overlap_on_runs_ready_requests_while_a_load_lands():
     assert [(load.name, load.blocking) for load in loads] == [("a", False)]
 
 
-def test_overlap_on_idle_server_starts_a_request_while_its_adapter_copy_runs():
-    """Pipelined loading: once the copy runs (staged), an idle server starts the request; the
-    worker's forward waits per layer on the copy."""
+def test_overlap_on_idle_server_starts_a_request_while_its_adapter_streams_from_disk():
+    """Pipelined loading: the worker starts the load of an adapter only on disk at once,
+    streaming each layer as it is read, so an idle server starts the request in the same
+    step; the worker's forward waits per layer on the copy."""
     worker = make(overlap=True, pipelined_loads=True)
     worker.load_steps["a"] = 4
     submit(worker, "cold", "a", max_new_tokens=3)
-    worker.step()  # staging from disk: the copy cannot start yet
-    assert not worker.batches
-    worker.step()  # staged, copy running: the request starts
+    worker.step()
+    kinds = [c.WhichOneof("kind") for c in worker.log]
+    assert kinds[:2] == ["stage_adapter", "load_slot"], "the load is issued while staging is in progress"
     assert tokens_of(worker, "cold") and "a" in worker.loading
     submit(worker, "second", "a", max_new_tokens=1)
     worker.step()
     assert "second" not in {s.request_id for s in worker.batches[-1].sequences}, "others wait for the copy"
     worker.run_until_idle()
     assert finished(worker)["second"].finish_reason == "length"
+    assert_idle(worker)
+
+
+def test_a_load_failing_mid_stream_fails_its_requests_and_nothing_else():
+    """A pipelined start ran on a slot whose load then failed (the file vanished mid-read):
+    that request and the queued one for the adapter fail with the error; the request for
+    another adapter that shared its batches finishes; the slot is free again."""
+    worker = make(overlap=True, pipelined_loads=True)
+    worker.load_steps["a"] = 100
+    submit(worker, "cold", "a", max_new_tokens=4)
+    submit(worker, "base", "", max_new_tokens=4)
+    worker.step()
+    assert {s.request_id for s in worker.batches[-1].sequences} == {"cold", "base"}
+    submit(worker, "queued", "a", max_new_tokens=1)
+    worker.loading.pop("a")
+    error = pb.Error(code=pb.INVALID_ARGUMENT, message="reading adapter_model.safetensors failed")
+    worker.core.on_load_events(pb.LoadEvents(failed=[pb.FailedLoad(name="a", error=error)]))
+    done = finished(worker)
+    assert {rid: done[rid].error.code for rid in ("cold", "queued")} == {"cold": pb.INVALID_ARGUMENT,
+                                                                       "queued": pb.INVALID_ARGUMENT}
+    assert "reading adapter_model.safetensors failed" in done["cold"].error.message
+    worker.run_until_idle()
+    assert finished(worker)["base"].finish_reason == "length"
+    assert tokens_of(worker, "base") == [token_for("base", p) for p in range(5, 9)]
+    assert worker.core.adapters["a"].state is AdapterState.ON_DISK and worker.core.adapters.slot_owner == [None, None]
     assert_idle(worker)
 
 

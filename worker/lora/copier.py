@@ -9,6 +9,11 @@ The three hazards (ARCHITECTURE.md), handled by both back-ends:
 
 `CudaCopier` uses a dedicated CUDA stream and events; `ThreadCopier` offers the same
 interface on CPU with worker threads and threading events.
+
+A load may start while its adapter is still being read from disk: each layer's copy waits
+for that layer's read (`ReadProgress`), so a forward waiting per layer on the copy runs as
+far as the file has been read. If the read fails, the copy still runs to its end (over a
+partial region), every waiter is released, and the caller reports the load failed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 
 from worker.lora.host_cache import HostAdapter
 from worker.lora.slots import LoraSlots
+from worker.lora.stream_wait import device_address, wait_until_at_least
 
 # Called after each layer's copies are issued: (adapter name, slot, layer). Tests use it to
 # make loads slow or out of order; on CUDA it runs with the load stream current.
@@ -38,7 +44,7 @@ class LoadJob:
     nbytes: int
     started_at: float = field(default_factory=time.perf_counter)
     layer_ready: list = field(default_factory=list)  # one event per layer
-    copy_started: torch.cuda.Event | None = None  # CUDA only: when the load stream began copying
+    copy_started: torch.cuda.Event | None = None  # CUDA only: when its stream took the load up
     host_copy_span: tuple[float, float] | None = None  # thread back-end: wall-clock copy start and end
     finished: Future = field(default_factory=Future)  # thread back-end only
 
@@ -49,16 +55,27 @@ class CudaCopier:
         self.slots = slots
         self.num_layers = num_layers
         self.stream = torch.cuda.Stream(device=device)
+        # A load still waiting for the disk holds its stream up: one stream per slot, so that
+        # neither loads from the host cache nor loads into other slots queue behind its reads.
+        self._streaming = [torch.cuda.Stream(device=device) for _ in range(slots.num_slots)]
         self.hook = hook
         self._last_use: dict[int, torch.cuda.Event] = {}
 
     def start(self, job: LoadJob) -> None:
-        with torch.cuda.stream(self.stream):
+        """Queues every layer's copy and event now; layers not yet read wait on the GPU for the reader."""
+        progress = job.adapter.progress
+        already_read = progress.layers_read  # snapshot: a layer read since then passes its wait at once
+        streaming = already_read < self.num_layers
+        stream = self._streaming[job.slot] if streaming else self.stream
+        read_counter = device_address(progress.word) if streaming else 0
+        with torch.cuda.stream(stream):
             if job.slot in self._last_use:
-                self.stream.wait_event(self._last_use[job.slot])
+                stream.wait_event(self._last_use[job.slot])
             job.copy_started = torch.cuda.Event(enable_timing=True)
-            job.copy_started.record(self.stream)
+            job.copy_started.record(stream)
             for layer in range(self.num_layers):
+                if layer >= already_read:
+                    wait_until_at_least(stream, read_counter, layer + 1)
                 writes = self.slots.layer_writes(job.slot, layer, job.adapter)
                 for destination, source in writes.copies:
                     destination.copy_(source, non_blocking=True)
@@ -67,7 +84,7 @@ class CudaCopier:
                 if self.hook is not None:
                     self.hook(job.name, job.slot, layer)
                 event = torch.cuda.Event(enable_timing=True)
-                event.record(self.stream)
+                event.record(stream)
                 job.layer_ready.append(event)
 
     def is_done(self, job: LoadJob) -> bool:
@@ -92,7 +109,8 @@ class CudaCopier:
                 self._last_use[slot] = event
 
     def close(self) -> None:
-        self.stream.synchronize()
+        for stream in (self.stream, *self._streaming):
+            stream.synchronize()
 
 
 class ThreadCopier:
@@ -114,6 +132,7 @@ class ThreadCopier:
                 previous_reader.wait()
             started = time.time()
             for layer in range(self.num_layers):
+                job.adapter.progress.wait_for_layer(layer)  # in this thread, never the forward's
                 writes = self.slots.layer_writes(job.slot, layer, job.adapter)
                 for destination, source in writes.copies:
                     destination.copy_(source)
@@ -137,9 +156,9 @@ class ThreadCopier:
         job.finished.result()
 
     def wait_layer(self, job: LoadJob, layer: int) -> None:
+        """Returns once the layer landed, or the load failed: as on CUDA, the forward then runs
+        over a partial slot and the failure is reported through `is_done` and `finished`."""
         job.layer_ready[layer].wait()
-        if job.finished.done() and job.finished.exception() is not None:
-            raise job.finished.exception()
 
     @contextmanager
     def reading(self, slots: Iterable[int]) -> Iterator[None]:

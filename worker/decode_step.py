@@ -208,9 +208,12 @@ class DecodeRunner:
             if shape not in self._graphs:
                 self._capture(self._inputs.get(shape) or self._new_inputs(shape))
 
-    def run(self, sequences: Sequence[SequenceInput], feed: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    def run(self, sequences: Sequence[SequenceInput], feed: Callable[[torch.Tensor], None],
+            wait_for_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Final-normed hidden states of every new token, in order; sequences sorted by adapter slot.
-        `feed` may rewrite the flat input ids on the device before the step runs."""
+        `feed` may rewrite the flat input ids on the device before the step runs. With
+        `wait_for_layer` (an adapter of the batch is landing) the step runs without its graph,
+        calling it before each layer: a graph cannot wait on copy events recorded after capture."""
         pages = max(-(-seq.total_len // self.page_size) for seq in sequences)
         num_tokens = sum(len(seq.token_ids) for seq in sequences)
         shape = (decode_shape(len(sequences), pages) if num_tokens == len(sequences)
@@ -219,8 +222,8 @@ class DecodeRunner:
         slot_ranks = [self.slots.adapter_rank(slot) for slot in range(self.slots.num_slots)]
         inputs.fill(sequences, slot_ranks, self.page_size, self.kv_cache.scratch_index)
         feed(inputs.device("input_ids"))
-        if not self.use_cuda_graphs:
-            return self._step(inputs)[:num_tokens]
+        if not self.use_cuda_graphs or wait_for_layer is not None:
+            return self._step(inputs, wait_for_layer)[:num_tokens]
         graph, hidden = self._graphs.get(shape) or self._capture(inputs)
         graph.replay()
         return hidden[:num_tokens]
@@ -243,8 +246,8 @@ class DecodeRunner:
         self._graphs[inputs.shape] = (graph, hidden)
         return graph, hidden
 
-    def _step(self, inputs: StaticInputs) -> torch.Tensor:
-        lora = _StaticLora(self.slots, inputs, use_triton=self.device.type == "cuda")
+    def _step(self, inputs: StaticInputs, wait_for_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        lora = _StaticLora(self.slots, inputs, use_triton=self.device.type == "cuda", wait_for_layer=wait_for_layer)
         keys, values = self.kv_cache.keys, self.kv_cache.values
         page_table, positions = inputs.device("page_table"), inputs.device("positions")
         on_gpu = self.device.type == "cuda"
@@ -266,15 +269,18 @@ class DecodeRunner:
 
 
 class _StaticLora:
-    """The model's LoRA hook over the static buffers: no waits (no adapter of the batch is landing)."""
+    """The model's LoRA hook over the static buffers; waits per layer only if a load is landing."""
 
-    def __init__(self, slots: LoraSlots, inputs: StaticInputs, *, use_triton: bool) -> None:
+    def __init__(self, slots: LoraSlots, inputs: StaticInputs, *, use_triton: bool,
+                 wait_for_layer: Callable[[int], None] | None = None) -> None:
         self.slots = slots
         self.inputs = inputs
         self.use_triton = use_triton
+        self.wait_for_layer = wait_for_layer
 
     def before_layer(self, layer: int) -> None:
-        return None
+        if self.wait_for_layer is not None:
+            self.wait_for_layer(layer)
 
     def add_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]]) -> None:
         group = [ModuleDelta(self.slots.a[module][layer], self.slots.b_t[module][layer], out)

@@ -7,7 +7,7 @@ baseline); `poll` reports finished staging and loads without blocking.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -241,17 +241,21 @@ class Engine:
         batch = sort_batch(inputs, page_size=self.config.page_size, num_pages=self.config.num_kv_pages,
                            vocab_size=self.model_config.vocab_size)
         sources = previous_token_sources(batch, previous)
-        static = self._takes_static_decode(batch)
+        static = self.decode_runner is not None and self.decode_runner.supports(batch.sequences)
+        landing = self._landing(batch.active_slots)
         span = self.timeline.begin(COMPUTE_LANE, "forward", sequences=len(inputs), tokens=batch.num_tokens,
                                    adapters=sorted({self.slots.occupants[s] for s in batch.active_slots}),
-                                   path="static" if static else "eager")
+                                   path=_path_name(static, landing))
 
         def feed(input_ids: torch.Tensor) -> None:
             if sources:
                 feed_previous_tokens(input_ids, sources, previous)
 
         with torch.inference_mode(), self.copier.reading(batch.active_slots):
-            hidden = self.decode_runner.run(batch.sequences, feed) if static else self._eager_forward(batch, feed)
+            if static:
+                hidden = self.decode_runner.run(batch.sequences, feed, self._layer_waits(landing))
+            else:
+                hidden = self._eager_forward(batch, feed)
             sampled_rows, sampled = self._sample(batch, hidden)
             self.timeline.end(span)
             done = None
@@ -278,10 +282,19 @@ class Engine:
                                      for _, request_id, token, logprob in by_caller_order],
                              logits=pending.logits)
 
-    def _takes_static_decode(self, batch: SortedBatch) -> bool:
-        """Decode-only batches, unless one of their adapters is still landing (per-layer waits)."""
-        return (self.decode_runner is not None and self.decode_runner.supports(batch.sequences)
-                and not any(slot in self.pending for slot in batch.active_slots))
+    def _landing(self, active_slots: Iterable[int]) -> list[LoadJob]:
+        """The loads still copying into slots this forward reads."""
+        return [self.pending[slot] for slot in active_slots if slot in self.pending]
+
+    def _layer_waits(self, landing: list[LoadJob]) -> Callable[[int], None] | None:
+        """Per-layer waits on the landing copies (the static path then runs without its graph)."""
+        if not landing:
+            return None
+
+        def wait(layer: int) -> None:
+            for job in landing:
+                self.copier.wait_layer(job, layer)
+        return wait
 
     def _eager_forward(self, batch: SortedBatch, feed: Callable[[torch.Tensor], None]) -> torch.Tensor:
         plan = plan_tensors(batch, page_size=self.config.page_size, device=self.device)
@@ -359,7 +372,7 @@ class _ForwardLora:
         self.slots = engine.slots
         self.copier = engine.copier
         self.batch = engine.slots.segment_batch(plan.token_slots, engine.device)
-        self.landing = [job for slot, job in engine.pending.items() if slot in plan.active_slots]
+        self.landing = engine._landing(plan.active_slots)
 
     def before_layer(self, layer: int) -> None:
         for job in self.landing:
@@ -371,6 +384,14 @@ class _ForwardLora:
         padded = self.batch.pad(x)
         for module, out in outputs:
             self.slots.add_delta(out, padded, layer, module, self.batch)
+
+
+def _path_name(static: bool, landing: list[LoadJob]) -> str:
+    """The timeline's name of a forward's path: CUDA-graph steps, their buffers and kernels
+    run eagerly with per-layer waits while an adapter lands, or the general eager forward."""
+    if not static:
+        return "eager"
+    return "static-waiting" if landing else "static"
 
 
 def _device(name: str) -> torch.device:

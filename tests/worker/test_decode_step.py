@@ -14,7 +14,6 @@ from tests.driver import Driver, Request, make_engine, make_resident
 from tests.model_factory import ARCHITECTURES
 from worker.batch import NO_ADAPTER, SequenceInput
 from worker.decode_step import BATCH_BUCKETS, MIN_PAGE_BUCKET, decode_shape, mixed_shape
-from worker.plan import sort_batch
 
 
 def prompt(seed: int, length: int) -> list[int]:
@@ -87,23 +86,23 @@ def test_padding_rows_write_only_the_scratch_row(model_dirs, mixed_adapter_dirs)
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["decode-graphs", "mixed-graphs"])
-def test_batches_with_a_landing_adapter_or_a_prefill_take_the_eager_path(model_dirs, mixed_adapter_dirs, mixed):
-    """A prefill chunk takes the static path only with static_mixed (the default)."""
+def test_a_step_reading_a_landing_adapter_runs_the_static_kernels_waiting_per_layer(model_dirs, mixed_adapter_dirs,
+                                                                                   mixed, monkeypatch):
+    """A graph cannot wait on copy events recorded after its capture, so a step that reads a
+    slot still being copied runs the static buffers and kernels without the graph, waiting
+    before each layer. Prefill chunks take the static path only with static_mixed (the default)."""
     engine = engine_with_adapters(model_dirs["llama"], mixed_adapter_dirs["llama"], static_mixed=mixed)
     decode = SequenceInput("d", [5], context_len=3, page_table=[0], adapter_slot=2)
     prefill = SequenceInput("p", [5, 6], context_len=0, page_table=[1], adapter_slot=0)
     runner = engine.decode_runner
     assert runner.supports([decode]) and runner.supports([decode, prefill]) == mixed
-
-    def takes_static(seqs: list[SequenceInput]) -> bool:
-        batch = sort_batch(seqs, page_size=engine.config.page_size, num_pages=engine.config.num_kv_pages,
-                           vocab_size=engine.model_config.vocab_size)
-        return engine._takes_static_decode(batch)
-
-    assert takes_static([decode])
-    engine.pending[2] = object()  # a load in flight into the decode's slot
-    assert not takes_static([decode])
+    landing, waits = object(), []
+    monkeypatch.setattr(engine.copier, "wait_layer", lambda job, layer: waits.append((job, layer)))
+    engine.pending[2] = landing  # a load in flight into the decode's slot
+    engine.forward([decode])
     del engine.pending[2]
+    assert waits == [(landing, layer) for layer in range(engine.model_config.num_layers)]
+    assert paths_used(engine, decode_only=True) == {"static-waiting"}
     engine.close()
 
 

@@ -79,9 +79,11 @@ def feed_previous_tokens(input_ids: torch.Tensor, sources: list[tuple[int, int]]
     input_ids[index] = previous.token_ids[index_tensor([row for _, row in sources], input_ids.device)]
 
 
-def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
-    """Host ints on the device without waiting for the GPU (pinned, asynchronous copy)."""
-    return torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+def index_tensor(values: list[int] | list[list[int]], device: torch.device,
+                 dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host values on the device without waiting for the GPU: a pinned source, so the copy is
+    queued on the stream (a pageable one is staged by the host, which can wait for the GPU)."""
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
 def sort_batch(inputs: Sequence[SequenceInput], *, page_size: int, num_pages: int, vocab_size: int) -> SortedBatch:
@@ -122,7 +124,7 @@ def plan_tensors(batch: SortedBatch, *, page_size: int, device: torch.device) ->
         kv_write.extend(_flat_index(seq.page_table, p, page_size) for p in new_positions)
 
     def to_device(values: list[int] | list[list[int]], dtype: torch.dtype = torch.long) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        return index_tensor(values, device, dtype)
 
     return ForwardPlan(
         sequences=batch.sequences,

@@ -19,6 +19,7 @@ from worker.batch import NO_ADAPTER
 from worker.errors import UnsupportedAdapterError
 from worker.lora.host_cache import HostAdapter
 from worker.model.config import ModelConfig
+from worker.plan import index_tensor
 
 
 class LoraSlots:
@@ -154,8 +155,7 @@ class SegmentBatch:
         for slot, _, _ in runs:
             for key, rank in ranks[slot].items():
                 max_rank[key] = max(max_rank.get(key, 0), rank)
-        return cls(first, stop, runs[0][1], torch.tensor(gather).to(device, non_blocking=True),
-                   torch.tensor(valid).to(device, non_blocking=True), max_rank)
+        return cls(first, stop, runs[0][1], index_tensor(gather, device), index_tensor(valid, device), max_rank)
 
 
 def _adapter_runs(token_slots: Sequence[int]) -> list[tuple[int, int, int]]:

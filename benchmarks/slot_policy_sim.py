@@ -1,57 +1,107 @@
 """The scheduler's slot policy on the seed's workload, simulated on CPU (no model, no GPU).
 
 The real SchedulerCore drives an in-memory worker (tests/scheduler/fake_worker.py) on a
-simulated clock: each step lasts what the H200 engine measured (`step_ms`); a load lasts
-one step (26 ms of copy). Workload as the seed's: 100 requests, Poisson at 4/s,
-input and output uniform over [1, 512], `distinct` over 16 adapter names, 8 slots.
+simulated clock, two forwards in flight as the server runs them: each forward lasts what the
+H200 engine measured (`StepModel`), adapter copies run one at a time after the forward in
+flight and cost the GPU a stall (`AdapterSet`), and the benchmark's clock starts once the
+core's prefetch has filled the slots. Overlap on only. The workload is `loraserve bench`'s
+own (`build_workload`): seed 1 is the request list of the H200 runs, so `--calibrate`
+compares with one request by request.
 
-    python benchmarks/slot_policy_sim.py [--seeds 10] [--drain-after-s 0 2] [--out FILE]
-Prints TTFT and E2E (simulated ms) and the number of loads; run it at two commits to
-compare scheduling policies on the same step-time model.
+    python benchmarks/slot_policy_sim.py --calibrate /tmp/large-a6a4a22/large-on.json \
+        --sets large small --seeds 20 --drain-after-s 0 0.5 1 2 3 4 inf --out FILE
+Prints, per adapter set, policy and drain_after_s, the median over seeds of median TTFT, P99
+TTFT, mean TTFT, median TPOT (as `loraserve bench` computes it), mean E2E (simulated ms) and
+loads. `arrival-order` is the admission order before shortest-first, for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
+import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loraserve.bench import WorkItem, build_workload  # noqa: E402
 from protos.loraserve.v1 import internal_pb2 as pb  # noqa: E402
 from protos.loraserve.v1 import serving_pb2  # noqa: E402
 from scheduler.config import SchedulerConfig  # noqa: E402
 from scheduler.core import SchedulerCore  # noqa: E402
+from scheduler.requests import Request  # noqa: E402
 from tests.scheduler.fake_worker import FakeWorker, hello  # noqa: E402
 
 CLIENT = b"bench"
 ADAPTERS = [f"adapter{i}" for i in range(16)]
+VOCAB_SIZE = 128256
 
 
-def step_ms(batch: pb.Forward) -> float:
-    """From the H200 timeline at 779a7e2 (`results/h200-seed-large-pipelined/`): a decode step
-    costs ~6.6 ms plus ~0.46 ms per distinct adapter (up to the 8 slots); a step with prefill
-    chunks (CUDA graphs too) ~11 ms plus ~0.045 ms a token."""
-    tokens = sum(max(1, len(s.token_ids)) for s in batch.sequences)
-    adapters = len({s.adapter_slot for s in batch.sequences if s.adapter_slot >= 0})
-    if tokens == len(batch.sequences):
-        return 6.6 + 0.46 * adapters
-    return 11.0 + 0.045 * tokens
+@dataclass(frozen=True)
+class StepModel:
+    """Forward time in ms: a decode-only step by the distinct adapters in it, a step with
+    prefill chunks by its tokens."""
+
+    decode_ms: float
+    decode_ms_per_adapter: float
+    mixed_ms: float
+    mixed_ms_per_token: float
+
+    def step_ms(self, batch: pb.Forward) -> float:
+        tokens = sum(max(1, len(s.token_ids)) for s in batch.sequences)
+        if tokens == len(batch.sequences):
+            adapters = len({s.adapter_slot for s in batch.sequences if s.adapter_slot >= 0})
+            return self.decode_ms + self.decode_ms_per_adapter * adapters
+        return self.mixed_ms + self.mixed_ms_per_token * tokens
+
+    def scaled(self, factor: float) -> StepModel:
+        return StepModel(*(factor * value for value in astuple(self)))
 
 
-def workload(seed: int, count: int, rate: float) -> list[tuple[float, int, int, str]]:
-    rng = random.Random(seed)
-    arrival, requests = 0.0, []
-    for i in range(count):
-        arrival += rng.expovariate(rate) * 1e3
-        requests.append((arrival, rng.randint(1, 512), rng.randint(1, 512), ADAPTERS[i % len(ADAPTERS)]))
-    return requests
+@dataclass(frozen=True)
+class AdapterSet:
+    size_bytes: int
+    rank: int
+    steps: StepModel
+    copy_ms: float  # host-to-slot copy of one adapter
+    load_stall_ms: float  # GPU time a load costs the forwards around it
+
+
+# Least squares over the forwards of the H200 trace at a6a4a22 (large-on) that overlap no
+# copy: decode 6.4 ms + 0.48 ms per adapter (2,505), with prefill 10.7 ms + 0.030 ms a token
+# (82); copies 26.2 ms (51 GB/s). Each of the 51 loads during the run left the GPU idle ~8.3
+# ms as its copy started (the worker issues the copy before it launches the next forward) and
+# slowed the forwards it overlapped by ~7.9 ms in all: 16 ms a load.
+LARGE = AdapterSet(1_342_177_280, 256, StepModel(6.4, 0.48, 10.7, 0.030), copy_ms=26.2, load_stall_ms=16.0)
+# No trace of the small set at a6a4a22: its median TPOT at 779a7e2 (8.64 ms, large 11.88 ms)
+# scaled by large's gain since (10.83 / 11.88) is ~7.9 ms, which a per-adapter cost of
+# 0.15 ms gives in this simulation. Copies of up to 170 MB: 3.3 ms at most; the launch gap
+# as large's (not measured).
+SMALL = AdapterSet(100_000_000, 64, StepModel(6.4, 0.15, 10.7, 0.030), copy_ms=2.0, load_stall_ms=5.0)
+SETS = {"large": LARGE, "small": SMALL}
+
+
+def workload(seed: int, count: int, rate: float) -> list[WorkItem]:
+    args = argparse.Namespace(seed=seed, random_input_len=512, random_output_len=512, random_range_ratio=0.0,
+                              num_prompts=count, lora_name=ADAPTERS, lora_request_distribution="distinct",
+                              lora_zipf_alpha=1.5, request_rate=rate)
+    return build_workload(args, VOCAB_SIZE)
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    ttft_ms: float
+    e2e_ms: float
+    output_tokens: int
+
+    @property
+    def tpot_ms(self) -> float | None:
+        return None if self.output_tokens <= 1 else (self.e2e_ms - self.ttft_ms) / (self.output_tokens - 1)
 
 
 @dataclass
@@ -62,64 +112,189 @@ class SimulatedClock:
         return self.ms / 1e3
 
 
-def simulate(count: int, rate: float, seed: int, config: SchedulerConfig | None = None) -> dict:
-    """The core sees the simulated clock as `time.monotonic` (arrival times, waits)."""
+def simulate(adapters: AdapterSet, items: list[WorkItem], config: SchedulerConfig,
+             core_class: type[SchedulerCore] = SchedulerCore) -> tuple[list[RequestResult], int]:
+    """Per-request results and the number of loads. The core sees the simulated clock as
+    `time.monotonic` (arrival times, waits)."""
     clock = SimulatedClock()
     with mock.patch.object(time, "monotonic", clock.monotonic):
-        return _simulate(count, rate, seed, config or SchedulerConfig(max_batch_tokens=4096), clock)
+        return _simulate(adapters, items, core_class(config, _hello()), clock)
 
 
-def _simulate(count: int, rate: float, seed: int, config: SchedulerConfig, clock: SimulatedClock) -> dict:
-    core = SchedulerCore(config, hello(max_loras_per_batch=8, max_loaded_loras=16, num_kv_pages=16384, page_size=16,
-                                       max_context_length=2048, host_cache_bytes=1 << 40))
-    worker = FakeWorker(core)
+def _hello() -> pb.WorkerHello:
+    return hello(max_loras_per_batch=8, max_loaded_loras=16, num_kv_pages=16384, page_size=16,
+                 max_context_length=2048, vocab_size=VOCAB_SIZE, host_cache_bytes=1 << 40)
+
+
+@dataclass
+class TimedWorker(FakeWorker):
+    """Times forwards by `steps` on the simulated clock, and copies adapters one at a time,
+    `copy_ms` each. As the real worker, it starts a copy once the forward running when the
+    load came has ended (a command other than a forward first answers that forward), and the
+    next forward starts `load_stall_ms` later."""
+
+    clock: SimulatedClock = field(default_factory=SimulatedClock)
+    steps: StepModel = StepModel(0.0, 0.0, 0.0, 0.0)
+    copy_ms: float = 0.0
+    load_stall_ms: float = 0.0
+    stall_ms: float = 0.0  # owed by the next forward
+    forward_end: float = 0.0  # of the forward answered last (ms)
+    copy_free_at: float = 0.0
+    copy_done_at: dict[str, float] = field(default_factory=dict)
+
+    def _forward(self, batch: pb.Forward) -> pb.ForwardResult:
+        self.forward_end = max(self.clock.ms, self.forward_end) + self.stall_ms + self.steps.step_ms(batch)
+        self.stall_ms = 0.0
+        return super()._forward(batch)
+
+    def _tick_loads(self) -> pb.LoadEvents:
+        events = pb.LoadEvents(staged=self.staged)
+        self.staged = []
+        for name, (slot, _) in list(self.loading.items()):
+            if name not in self.copy_done_at:
+                self.copy_free_at = max(self.clock.ms, self.forward_end, self.copy_free_at) + self.copy_ms
+                self.copy_done_at[name] = self.copy_free_at
+                self.stall_ms += self.load_stall_ms
+            if self.copy_done_at[name] <= self.clock.ms:
+                del self.loading[name], self.copy_done_at[name]
+                events.loaded.add(name=name, slot=slot)
+        return events
+
+
+def _simulate(adapters: AdapterSet, items: list[WorkItem], core: SchedulerCore,
+              clock: SimulatedClock) -> tuple[list[RequestResult], int]:
+    worker = TimedWorker(core, one_ahead=True, clock=clock, steps=adapters.steps, copy_ms=adapters.copy_ms,
+                         load_stall_ms=adapters.load_stall_ms)
     for name in ADAPTERS:
-        worker.register(name, size=1_342_177_280, rank=256)
-    pending = workload(seed, count, rate)
-    arrivals, first_token, finished = {}, {}, {}
+        worker.register(name, size=adapters.size_bytes, rank=adapters.rank)
+    start_ms = _prefetch(worker, clock)
+    arrival = {item.index: start_ms + item.send_at * 1e3 for item in items}
+    pending = list(items)
+    first_token: dict[int, float] = {}
+    finished: dict[int, float] = {}
+    tokens: dict[int, int] = {}
     seen_outputs = 0
-    while len(finished) < count:
-        while pending and pending[0][0] <= clock.ms:
-            arrival, prompt_len, output_len, adapter = pending.pop(0)
-            request_id = f"r{len(arrivals)}"
-            arrivals[request_id] = arrival
-            params = serving_pb2.SamplingParams(max_new_tokens=output_len, temperature=0, top_p=1, top_k=-1,
-                                                ignore_eos=True)
-            core.submit(CLIENT, pb.SubmitRequest(request_id=request_id, input_ids=[7] * prompt_len,
-                                                 adapter=adapter, sampling=params))
-        ran = worker.step()
-        clock.ms = clock.ms + step_ms(worker.batches[-1]) if ran else (pending[0][0] if pending else clock.ms + 1.0)
+    while len(finished) < len(items):
+        while pending and arrival[pending[0].index] <= clock.ms:
+            _submit(core, pending.pop(0))
+        if worker.step():
+            clock.ms = worker.forward_end
+        elif worker.loading:  # the idle worker polls its copies every millisecond
+            clock.ms += 1.0
+        else:
+            clock.ms = arrival[pending[0].index] if pending else clock.ms + 1.0
         for _, message in core.outputs[seen_outputs:]:
-            output = message.output
-            if output.token_ids and output.request_id not in first_token:
-                first_token[output.request_id] = clock.ms
+            output, index = message.output, int(message.output.request_id)
+            tokens[index] = tokens.get(index, 0) + len(output.token_ids)
+            if output.token_ids and index not in first_token:
+                first_token[index] = clock.ms
             if output.finished:
-                finished[output.request_id] = clock.ms
+                finished[index] = clock.ms
         seen_outputs = len(core.outputs)
-    ttft = [first_token[r] - arrivals[r] for r in arrivals]
-    e2e = [finished[r] - arrivals[r] for r in arrivals]
+    results = [RequestResult(first_token[i] - arrival[i], finished[i] - arrival[i], tokens[i]) for i in arrival]
     loads = sum(1 for c in worker.log if c.WhichOneof("kind") == "load_slot")
-    return {"median_ttft_ms": statistics.median(ttft), "mean_ttft_ms": statistics.fmean(ttft),
-            "p99_ttft_ms": sorted(ttft)[int(0.99 * len(ttft))], "mean_e2e_ms": statistics.fmean(e2e),
-            "loads": loads, "duration_s": clock.ms / 1e3}
+    return results, loads
+
+
+def _prefetch(worker: TimedWorker, clock: SimulatedClock) -> float:
+    """As the benchmark starts its clock once the server has staged the adapters: the core's
+    prefetch fills the slots first. Returns the time the workload starts at (ms)."""
+    while True:
+        commands = len(worker.log)
+        worker.step()
+        if not worker.loading and len(worker.log) == commands:
+            break
+        clock.ms += 1.0
+    worker.stall_ms = 0.0
+    return clock.ms
+
+
+def _submit(core: SchedulerCore, item: WorkItem) -> None:
+    params = serving_pb2.SamplingParams(max_new_tokens=item.output_len, temperature=0, top_p=1, top_k=-1,
+                                        ignore_eos=True)
+    core.submit(CLIENT, pb.SubmitRequest(request_id=str(item.index), input_ids=item.input_ids,
+                                         adapter=item.adapter, sampling=params))
+
+
+def summarize(results: list[RequestResult]) -> dict:
+    ttft = sorted(r.ttft_ms for r in results)
+    tpot = [t for r in results if (t := r.tpot_ms) is not None]
+    return {"median_ttft_ms": statistics.median(ttft), "p99_ttft_ms": ttft[math.ceil(0.99 * len(ttft)) - 1],
+            "mean_ttft_ms": statistics.fmean(ttft), "median_tpot_ms": statistics.median(tpot),
+            "mean_e2e_ms": statistics.fmean(r.e2e_ms for r in results),
+            "ttft_deciles_ms": statistics.quantiles(ttft, n=10)}
+
+
+class ArrivalOrderCore(SchedulerCore):
+    """The policy before shortest-first (e144bef and earlier): waiting requests were admitted,
+    and claimed the slots that freed, in arrival order."""
+
+    def _admission_order(self, now: float) -> list[Request]:
+        return list(self.waiting)
+
+
+POLICIES: dict[str, type[SchedulerCore]] = {"shortest-first": SchedulerCore, "arrival-order": ArrivalOrderCore}
+METRICS = ("median_ttft_ms", "p99_ttft_ms", "mean_ttft_ms", "median_tpot_ms", "mean_e2e_ms", "loads")
+
+
+def sweep(adapters: AdapterSet, core_class: type[SchedulerCore], drain_after_s: float, seeds: int,
+          num_prompts: int, rate: float) -> dict:
+    """Seeds 1..`seeds` (1 is the H200 runs' workload); the median over seeds of each figure."""
+    config = SchedulerConfig(max_batch_tokens=4096, drain_after_s=drain_after_s)
+    runs = []
+    for seed in range(1, seeds + 1):
+        results, loads = simulate(adapters, workload(seed, num_prompts, rate), config, core_class)
+        runs.append({"seed": seed, **summarize(results), "loads": loads})
+    return {"median over seeds": {key: statistics.median(run[key] for run in runs) for key in METRICS},
+            "runs": runs}
+
+
+def calibrate(measured_file: Path) -> dict:
+    """A measured run of the large set (commit a6a4a22: arrival order, drain after 2 s) against
+    the simulation of the same requests under that policy, and the prediction for this one."""
+    measured = json.loads(measured_file.read_text())
+    records = measured["records"]
+    items = workload(measured["args"]["seed"], len(records), float(measured["args"]["request_rate"]))
+    before, before_loads = simulate(LARGE, items, SchedulerConfig(max_batch_tokens=4096, drain_after_s=2.0),
+                                    ArrivalOrderCore)
+    after, after_loads = simulate(LARGE, items, SchedulerConfig(max_batch_tokens=4096))
+    observed = [RequestResult(r["ttft_ms"], r["e2e_ms"], r["output_tokens"]) for r in records]
+    fast = 150.0  # ms: a request that found its adapter in a slot, or a slot to load it into
+    return {"measured": {**summarize(observed), "loads": measured["stats"]["loads_started"]},
+            "simulated, its policy": {**summarize(before), "loads": before_loads},
+            "ttft_correlation": statistics.correlation([r.ttft_ms for r in observed], [r.ttft_ms for r in before]),
+            "requests_fast_in_both_or_slow_in_both": sum((o.ttft_ms < fast) == (s.ttft_ms < fast)
+                                                         for o, s in zip(observed, before)),
+            "predicted, this policy": {**summarize(after), "loads": after_loads}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--sets", nargs="+", default=["large"], choices=list(SETS))
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--drain-after-s", type=float, nargs="+", default=[SchedulerConfig.drain_after_s],
+                        help="SchedulerConfig.drain_after_s values to compare (inf: never drain)")
+    parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--num-prompts", type=int, default=100)
     parser.add_argument("--request-rate", type=float, default=4.0)
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--drain-after-s", type=float, nargs="+", default=[SchedulerConfig.drain_after_s],
-                        help="SchedulerConfig.drain_after_s values to compare")
+    parser.add_argument("--step-scale", type=float, default=1.0,
+                        help="multiplies every forward time: what a faster engine would give")
+    parser.add_argument("--calibrate", type=Path, help="a `loraserve bench` JSON of the large set, overlap on")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    results = {}
-    for drain_after_s in args.drain_after_s:
-        config = SchedulerConfig(max_batch_tokens=4096, drain_after_s=drain_after_s)
-        runs = [simulate(args.num_prompts, args.request_rate, seed, config) for seed in range(args.seeds)]
-        summary = {key: statistics.fmean(run[key] for run in runs) for key in runs[0]}
-        results[f"drain_after_s={drain_after_s:g}"] = {"mean over seeds": summary, "runs": runs}
-    print(json.dumps({name: result["mean over seeds"] for name, result in results.items()}, indent=1))
+    results: dict = {"command": "python benchmarks/slot_policy_sim.py " + " ".join(sys.argv[1:])}
+    if args.calibrate:
+        results["calibration"] = calibrate(args.calibrate)
+        print(json.dumps(results["calibration"]))
+    for set_name in args.sets:
+        for policy in args.policies:
+            for drain_after_s in args.drain_after_s:
+                name = f"{set_name} {policy} drain_after_s={drain_after_s:g}"
+                adapters = replace(SETS[set_name], steps=SETS[set_name].steps.scaled(args.step_scale))
+                results[name] = sweep(adapters, POLICIES[policy], drain_after_s, args.seeds,
+                                      args.num_prompts, args.request_rate)
+                figures = results[name]["median over seeds"]
+                print(name, " ".join(f"{key}={value:.1f}" for key, value in figures.items()), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

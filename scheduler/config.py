@@ -15,7 +15,8 @@ class SchedulerConfig:
     max_draining_slots: int = 1  # slots drained at once for adapters waiting for one (benchmarks/slot_policy_sim.py)
     # A slot is drained for an adapter only once its oldest request has waited this long:
     # before that, slots usually free on their own, and a drain holds back resident requests.
-    drain_after_s: float = 2.0
+    # Until then waiting requests take freed slots shortest first; after it, oldest first.
+    drain_after_s: float = 3.0
     # Overlap mode, idle server: start a request once its adapter's copy runs, its forward
     # waiting per layer on the copy. Off by default: a request arriving during the copy waits
     # behind that forward, which costs little only when copies are short (GPU, pinned cache).

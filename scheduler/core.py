@@ -1,10 +1,11 @@
 """Scheduling policy, free of sockets: feed it events, take out worker commands and outputs.
 
-Each step: admit waiting requests in arrival order (starting the adapter loads they need,
-so loads overlap the step that follows), then build one ragged batch of decodes and
-prefill chunks under the token budget. With overlap on, only requests whose adapter is
-resident run; the rest are admitted as their loads complete. With overlap off (the seed's
-baseline) a request's load is issued as a blocking load ahead of the forward, stalling it.
+Each step: admit waiting requests (those that waited `drain_after_s` in arrival order, then
+the shortest), starting the adapter loads they need so loads overlap the step that follows;
+then build one ragged batch of decodes and prefill chunks under the token budget. With
+overlap on, only requests whose adapter is resident run; the rest are admitted as their
+loads complete. With overlap off (the seed's baseline) a request's load is issued as a
+blocking load ahead of the forward, stalling it.
 
 Steps are scheduled one ahead (`max_forwards_in_flight`, 2 by default): the next batch is
 sent while the worker runs the current one, so the GPU never waits for this process. A
@@ -236,14 +237,30 @@ class SchedulerCore:
         self.draining = {slot: name for slot, name in self.draining.items()
                          if self._wanting_slot and self.adapters.slot_owner[slot] == name}
         self._wanting_slot = set()
-        for request in list(self.waiting):
+        for request in self._admission_order(now):
             if len(self.running) >= self.config.max_running_requests:
                 return
             if not self._adapter_ready(request):
                 continue
             if not self.pages.can_allocate(len(request.prompt) + request.sampling.max_new_tokens):
-                return  # arrival order: later requests wait behind this one for pages
+                return  # later requests in this order wait behind this one for pages
             self._start_running(request, now)
+
+    def _admission_order(self, now: float) -> list[Request]:
+        """Requests that have waited `drain_after_s` first, oldest first (they may drain a slot);
+        then those whose adapter holds a slot, so they reference it before another request looks
+        for an idle slot to take; then the rest by fewest new tokens. That order decides who
+        takes a slot that frees: with more adapters asked for than slots, the request that gives
+        it back soonest lets the most requests start (shortest job first). max_new_tokens is
+        exact for requests that ignore EOS and a bound for others; ties keep arrival order."""
+        def key(request: Request) -> tuple[int, int]:
+            if now - request.arrival >= self.config.drain_after_s:
+                return 0, 0
+            if not request.adapter or self.adapters[request.adapter].slot is not None:
+                return 1, 0
+            return 2, request.sampling.max_new_tokens
+
+        return sorted(self.waiting, key=key)
 
     def _adapter_ready(self, request: Request) -> bool:
         if not request.adapter:

@@ -211,6 +211,58 @@ def test_a_slot_drains_only_once_the_waiting_request_has_waited_drain_after_s():
     assert_idle(worker)
 
 
+def loads_of(worker: FakeWorker) -> list[str]:
+    return [c.load_slot.name for c in worker.log if c.WhichOneof("kind") == "load_slot"]
+
+
+def test_a_freed_slot_goes_to_the_shortest_waiting_request():
+    """c0 (40 tokens) waits before d0 (2 tokens): d0 gives the slot back sooner, so it goes first."""
+    worker = make(adapters=("a", "b", "c", "d"), drain_after_s=60)
+    submit(worker, "a0", "a", max_new_tokens=3)
+    submit(worker, "b0", "b", max_new_tokens=50)
+    worker.step()
+    submit(worker, "c0", "c", max_new_tokens=40)
+    submit(worker, "d0", "d", max_new_tokens=2)
+    while "a0" not in finished(worker):
+        worker.step()
+    worker.step()
+    assert loads_of(worker) == ["a", "b", "d"], "the slot a freed went to the longer request"
+    worker.run_until_idle()
+    assert loads_of(worker)[3] == "c"
+    assert_idle(worker)
+
+
+def test_a_shorter_request_does_not_take_a_slot_loaded_for_a_waiting_one():
+    """a0 and b0 wait for their loads; c0 is shorter but must not evict a slot they are about to use."""
+    worker = make(adapters=("a", "b", "c"), drain_after_s=60)
+    submit(worker, "a0", "a", max_new_tokens=50)
+    submit(worker, "b0", "b", max_new_tokens=50)
+    worker.step()
+    submit(worker, "c0", "c", max_new_tokens=2)
+    worker.step()
+    assert {r.request_id for r in worker.core.running} == {"a0", "b0"}
+    assert not [c for c in worker.log if c.WhichOneof("kind") == "evict_slot"]
+    worker.run_until_idle()
+    assert_idle(worker)
+
+
+def test_a_request_that_waited_drain_after_s_takes_a_freed_slot_before_shorter_ones():
+    """Shortest first holds until drain_after_s: after it the old request goes first (no starvation)."""
+    worker = make(adapters=("a", "b", "c", "d"), drain_after_s=0.2)
+    submit(worker, "a0", "a", max_new_tokens=8)
+    submit(worker, "b0", "b", max_new_tokens=50)
+    worker.step()
+    submit(worker, "c0", "c", max_new_tokens=40)
+    time.sleep(0.25)
+    submit(worker, "d0", "d", max_new_tokens=2)
+    while "a0" not in finished(worker):
+        worker.step()
+    worker.step()
+    assert loads_of(worker) == ["a", "b", "c"], "a shorter, newer request took the old request's slot"
+    worker.run_until_idle()
+    assert_idle(worker)
+
+
 def test_token_budget_and_chunked_prefill():
     worker = make(max_batch_tokens=8)
     submit(worker, "long", "", prompt_len=20, max_new_tokens=2)

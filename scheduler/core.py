@@ -85,6 +85,7 @@ class SchedulerCore:
         # an adapter that waits for one. Sticky: a drain is never abandoned halfway.
         self.draining: dict[int, str] = {}  # slot -> the adapter it is draining
         self._wanting_slot: set[str] = set()  # adapters refused a slot in this admission pass
+        self._idle_before_admission = True  # no request ran when this admission pass began
         self.forwards_in_flight: deque[InFlightForward] = deque()  # oldest first
         self.request_trace: deque[dict] = deque(maxlen=TRACE_CAPACITY)
 
@@ -237,6 +238,7 @@ class SchedulerCore:
         self.draining = {slot: name for slot, name in self.draining.items()
                          if self._wanting_slot and self.adapters.slot_owner[slot] == name}
         self._wanting_slot = set()
+        self._idle_before_admission = not self.running
         for request in self._admission_order(now):
             if len(self.running) >= self.config.max_running_requests:
                 return
@@ -273,10 +275,11 @@ class SchedulerCore:
         # Blocking mode: the copy is done before the next forward. Pipelined loads on an idle
         # server: the request starts at once (the worker starts every load when it arrives, one
         # still being read from disk streaming layer by layer) and its forward waits per layer
-        # on the copy; with other requests running it waits, so their decoding never does.
+        # on the copy; with other requests running it waits, so their decoding never does
+        # (requests admitted beside it in the same pass have not decoded yet).
         if not self.config.overlap_loading:
             return True
-        return self.config.pipelined_loads and not self.running
+        return self.config.pipelined_loads and self._idle_before_admission
 
     def _ensure_loading(self, adapter: Adapter, waited_s: float) -> bool:
         """Starts staging and loading `adapter` if a slot can be had; True once it has a slot."""

@@ -86,8 +86,8 @@ def loraserve_throughput(model_dir: Path, adapter: Path, prompt_len: int, new_to
         engine.wait_staged(name)
         engine.load_adapter(name, slot, blocking=True)
     engine.poll()
-    engine.decode_runner.capture_all()  # as the worker does at start (Triton compiles, graphs captured)
-    # Warm-up, as PEFT's: the prefill chunks' kernels compile before the clock starts.
+    # Warm-up, as PEFT's: the shapes served (prefill chunks, the decode batch) compile and
+    # capture their CUDA graphs before the clock starts (the worker captures every bucket at start).
     _serve(engine, prompts(len(NAMES), prompt_len), prompt_len, 2, per_adapter)
     sync(device)
     start = time.perf_counter()

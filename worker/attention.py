@@ -52,4 +52,4 @@ def _group_attention(q, keys, values, plan: AttentionPlan, mask: torch.Tensor, s
     k = keys[plan.kv_index].transpose(1, 2)  # [B, KVH, max_kv, D]
     v = values[plan.kv_index].transpose(1, 2)
     out = F.scaled_dot_product_attention(q_padded, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(1, 2)[plan.q_valid]
+    return out.transpose(1, 2).flatten(0, 1)[plan.q_rows]

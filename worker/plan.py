@@ -26,6 +26,7 @@ class AttentionPlan:
     token_index: torch.Tensor  # [tokens of the group] flat indices, in padded-row order
     q_index: torch.Tensor  # [B, max_q] flat token index (0 where padded)
     q_valid: torch.Tensor  # [B, max_q] bool
+    q_rows: torch.Tensor  # the valid entries of the flattened [B * max_q] rows, in order (no mask: it syncs)
     q_pos: torch.Tensor  # [B, max_q] absolute position of each query
     kv_index: torch.Tensor  # [B, max_kv] flat KV-cache index (0 where padded)
     kv_len: torch.Tensor  # [B]
@@ -185,10 +186,12 @@ def _attention_plan(sequences, seq_starts, page_size, to_device) -> AttentionPla
         )
         kv_len.append(seq.total_len)
     token_index = [i for seq, start in zip(sequences, seq_starts) for i in range(start, start + len(seq.token_ids))]
+    q_rows = [row * max_q + i for row, seq in enumerate(sequences) for i in range(len(seq.token_ids))]
     return AttentionPlan(
         token_index=to_device(token_index),
         q_index=to_device(q_index),
         q_valid=to_device(q_valid, torch.bool),
+        q_rows=to_device(q_rows),
         q_pos=to_device(q_pos),
         kv_index=to_device(kv_index),
         kv_len=to_device(kv_len),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from gpu_timing import graph_microseconds  # a sibling: benchmarks/ is on sys.path when run as a script
 from worker.decode_step import decode_shape
 from worker.kernels import _decode_attention_triton as kernels
 
@@ -17,20 +18,8 @@ HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
 CALLS_PER_GRAPH = 20
 
 
-def graph_microseconds(call, repeats: int = 10) -> float:
-    call()  # compiles outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS_PER_GRAPH):
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (repeats * CALLS_PER_GRAPH)
+def timed(call) -> float:
+    return graph_microseconds(call, calls_per_graph=CALLS_PER_GRAPH)
 
 
 def main() -> None:
@@ -48,9 +37,9 @@ def main() -> None:
             page_table = torch.randperm(num_pages, device="cuda", generator=gen).view(batch, width)
             lens = torch.full((batch,), context, device="cuda")
             args = (q, keys, values, page_table, lens, PAGE_SIZE, HEAD_DIM**-0.5, 0)
-            one_pass = graph_microseconds(lambda: kernels.decode_attention(*args, splits=1))
-            split_k = graph_microseconds(lambda: kernels.decode_attention(*args))
-            wide = graph_microseconds(lambda: kernels.decode_attention(*args, block_n=128))
+            one_pass = timed(lambda: kernels.decode_attention(*args, splits=1))
+            split_k = timed(lambda: kernels.decode_attention(*args))
+            wide = timed(lambda: kernels.decode_attention(*args, block_n=128))
             splits = kernels.num_splits(batch, KV_HEADS, width * PAGE_SIZE)
             kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * keys.element_size()
             print(f"{batch:>5} {context:>7} {splits:>6} {one_pass:>11.1f} {split_k:>10.1f} {wide:>14.1f} "

@@ -21,6 +21,7 @@ from dataclasses import asdict
 
 import torch
 
+from gpu_timing import graph_microseconds  # a sibling: benchmarks/ is on sys.path when run as a script
 from worker.kernels import _multi_lora_triton as kernels
 from worker.kernels.lora_blocks import lora_blocks, max_blocks
 from worker.kernels.multi_lora import ExpandTiles, LoraScratch, ShrinkTiles, expand_tiles, shrink_tiles
@@ -38,22 +39,6 @@ SHRINK_TILINGS = [ShrinkTiles(rank=r, k=k, k_per_split=s)
                   if not s or s % k == 0]
 EXPAND_TILINGS = [ExpandTiles(n=n, rank=r) for n, r in itertools.product((32, 64, 128, 256), (16, 32, 64, 128))]
 WARPS_STAGES = [(2, 3), *itertools.product((4, 8), (2, 3, 4))]
-
-
-def graph_microseconds(call: Callable[[], None], repeats: int = 5) -> float:
-    call()  # compiles outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / repeats
 
 
 class GroupBench:
@@ -83,13 +68,13 @@ class GroupBench:
         def call() -> None:
             for layer in range(LAYERS):
                 kernels.shrink(self.x, self.a[layer], self.blocks, self.scratch, tiles)
-        return graph_microseconds(call) / LAYERS
+        return graph_microseconds(call, repeats=5) / LAYERS
 
     def expand(self, tiles: ExpandTiles) -> float:
         def call() -> None:
             for layer in range(LAYERS):
                 kernels.expand(self.scratch.shrunk, self.b_t[layer], self.blocks, self.outs, tiles)
-        return graph_microseconds(call) / LAYERS
+        return graph_microseconds(call, repeats=5) / LAYERS
 
 
 def sweep(measure: Callable, tilings: list, nbytes: int, label: str, deadline: float) -> list[dict]:

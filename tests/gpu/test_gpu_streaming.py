@@ -23,6 +23,7 @@ from tests.worker.test_streamed_loads import (
     prompt,
     settle,
     staged_reference,
+    start_load_failing_at_layer_1,
 )
 from worker.batch import SequenceInput
 from worker.errors import CorruptAdapterError
@@ -137,15 +138,7 @@ def test_a_read_failing_mid_stream_on_cuda_fails_only_that_load(model_dirs, mixe
     model_dir, adapters = model_dirs["llama"], mixed_adapter_dirs["llama"]
     engine = eager_engine(model_dir, device="cuda")
     alone = generate(engine, -1, "alone")
-    engine.register_adapter("bad", adapters["a1"])
-
-    def fail_layer_1(name: str, layer: int) -> None:
-        if layer == 1:
-            raise OSError("the disk went away")
-
-    engine.host_cache.read_hook = fail_layer_1
-    engine.stage_adapter("bad")
-    engine.load_adapter("bad", 0)
+    start_load_failing_at_layer_1(engine, "bad", adapters["a1"], 0)
     batch = [Request("base", prompt(9), max_new_tokens=3), Request("bad", prompt(9), 0, max_new_tokens=3)]
     Driver(engine, chunk=4).run(batch)
     assert_same_outputs(batch[0], alone, atol=BATCHED_ATOL)

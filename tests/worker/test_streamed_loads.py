@@ -65,6 +65,19 @@ def settle(engine) -> LoadReport:
     return report
 
 
+def start_load_failing_at_layer_1(engine, name: str, adapter_dir, slot: int) -> None:
+    """Registers `name` and starts its streamed load into `slot`; the read fails at layer 1."""
+    engine.register_adapter(name, adapter_dir)
+
+    def fail_layer_1(_: str, layer: int) -> None:
+        if layer == 1:
+            raise OSError("the disk went away")
+
+    engine.host_cache.read_hook = fail_layer_1
+    engine.stage_adapter(name)
+    engine.load_adapter(name, slot)
+
+
 def test_a_layers_copy_waits_for_its_read_and_starts_before_the_file_is_read(model_dirs, mixed_adapter_dirs):
     engine = eager_engine(model_dirs["llama"])
     engine.register_adapter("a1", mixed_adapter_dirs["llama"]["a1"])
@@ -138,15 +151,7 @@ def test_a_read_failing_mid_stream_fails_only_that_load(model_dirs, mixed_adapte
     engine.register_adapter("good", adapters["a0"])
     make_resident(engine, "good", 1)
     host_bytes = engine.host_cache.used_bytes
-    engine.register_adapter("bad", adapters["a1"])
-
-    def fail_layer_1(name: str, layer: int) -> None:
-        if layer == 1:
-            raise OSError("the disk went away")
-
-    engine.host_cache.read_hook = fail_layer_1
-    engine.stage_adapter("bad")
-    engine.load_adapter("bad", 0)
+    start_load_failing_at_layer_1(engine, "bad", adapters["a1"], 0)
     requests = [Request("base", prompt(9), max_new_tokens=3), Request("good", prompt(9), 1, max_new_tokens=3),
                 Request("bad", prompt(9), 0, max_new_tokens=3)]
     Driver(engine, chunk=4).run(requests)

@@ -215,17 +215,25 @@ def loads_of(worker: FakeWorker) -> list[str]:
     return [c.load_slot.name for c in worker.log if c.WhichOneof("kind") == "load_slot"]
 
 
-def test_a_freed_slot_goes_to_the_shortest_waiting_request():
-    """c0 (40 tokens) waits before d0 (2 tokens): d0 gives the slot back sooner, so it goes first."""
-    worker = make(adapters=("a", "b", "c", "d"), drain_after_s=60)
-    submit(worker, "a0", "a", max_new_tokens=3)
+def slot_freed_for_c0_and_d0(drain_after_s: float, a0_tokens: int, c0_waits_s: float = 0.0) -> FakeWorker:
+    """a0 and b0 hold both slots; c0 (40 tokens) arrives, `c0_waits_s` later d0 (2 tokens);
+    runs until a0 finished and the step after (its slot went to c0 or d0)."""
+    worker = make(adapters=("a", "b", "c", "d"), drain_after_s=drain_after_s)
+    submit(worker, "a0", "a", max_new_tokens=a0_tokens)
     submit(worker, "b0", "b", max_new_tokens=50)
     worker.step()
     submit(worker, "c0", "c", max_new_tokens=40)
+    time.sleep(c0_waits_s)
     submit(worker, "d0", "d", max_new_tokens=2)
     while "a0" not in finished(worker):
         worker.step()
     worker.step()
+    return worker
+
+
+def test_a_freed_slot_goes_to_the_shortest_waiting_request():
+    """c0 (40 tokens) waits before d0 (2 tokens): d0 gives the slot back sooner, so it goes first."""
+    worker = slot_freed_for_c0_and_d0(drain_after_s=60, a0_tokens=3)
     assert loads_of(worker) == ["a", "b", "d"], "the slot a freed went to the longer request"
     worker.run_until_idle()
     assert loads_of(worker)[3] == "c"
@@ -248,16 +256,7 @@ def test_a_shorter_request_does_not_take_a_slot_loaded_for_a_waiting_one():
 
 def test_a_request_that_waited_drain_after_s_takes_a_freed_slot_before_shorter_ones():
     """Shortest first holds until drain_after_s: after it the old request goes first (no starvation)."""
-    worker = make(adapters=("a", "b", "c", "d"), drain_after_s=0.2)
-    submit(worker, "a0", "a", max_new_tokens=8)
-    submit(worker, "b0", "b", max_new_tokens=50)
-    worker.step()
-    submit(worker, "c0", "c", max_new_tokens=40)
-    time.sleep(0.25)
-    submit(worker, "d0", "d", max_new_tokens=2)
-    while "a0" not in finished(worker):
-        worker.step()
-    worker.step()
+    worker = slot_freed_for_c0_and_d0(drain_after_s=0.2, a0_tokens=8, c0_waits_s=0.25)
     assert loads_of(worker) == ["a", "b", "c"], "a shorter, newer request took the old request's slot"
     worker.run_until_idle()
     assert_idle(worker)

@@ -26,6 +26,11 @@ def make_resident(engine: Engine, name: str, slot: int) -> None:
     assert (name, slot) in report.loaded, report
 
 
+def forward_paths(engine: Engine) -> list[str]:
+    """The path of each forward the engine's timeline recorded, in launch order."""
+    return [event["args"]["path"] for event in engine.timeline.chrome_trace() if event.get("name") == "forward"]
+
+
 @dataclass
 class Request:
     request_id: str

@@ -12,15 +12,21 @@ launches instead of thousands. On CPU the same step runs eagerly with the torch 
 kernels, which is how CI covers the buffer logic.
 
 Padding rows read page 0, have length 0 (attention output 0), no adapter, and write their
-keys and values to the KV cache's scratch row. A batch whose adapter is still landing does
-not come here: the eager path waits per layer on the copy (see `Engine.forward`).
+keys and values to the KV cache's scratch row.
+
+A step that reads an adapter still being copied must wait before each layer on that layer's
+copy event, which is recorded after capture: a single graph cannot hold that wait. Such a
+step replays the same forward captured as one graph per layer (`LayeredGraph`), with the
+waits queued between them on the stream; the host never blocks. Only prefill steps meet a
+landing adapter in practice (the engine stops waiting once a queued forward has waited on
+every layer), so the mixed buckets are captured this way up front, decode buckets on demand.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -66,6 +72,22 @@ def decode_shape(num_sequences: int, pages_needed: int) -> StepShape:
 def mixed_shape(num_tokens: int, max_sequences: int, pages_needed: int) -> StepShape:
     tokens = MIXED_TOKEN_BUCKETS[bisect.bisect_left(MIXED_TOKEN_BUCKETS, num_tokens)]
     return StepShape(tokens, min(tokens, max_sequences), _page_bucket(pages_needed), mixed=True)
+
+
+@dataclass
+class LayeredGraph:
+    """One step's forward as consecutive graphs: before layer 0, then one per layer (the last
+    one ends with the final norm), so that a wait can be queued before each layer."""
+
+    parts: list[torch.cuda.CUDAGraph] = field(default_factory=list)
+    hidden: torch.Tensor | None = None
+
+    def replay(self, wait_for_layer: Callable[[int], None]) -> torch.Tensor:
+        self.parts[0].replay()
+        for layer, part in enumerate(self.parts[1:]):
+            wait_for_layer(layer)
+            part.replay()
+        return self.hidden
 
 
 class StaticInputs:
@@ -179,6 +201,7 @@ class DecodeRunner:
         self.mixed = mixed
         self._inputs: dict[StepShape, StaticInputs] = {}
         self._graphs: dict[StepShape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._layered: dict[StepShape, LayeredGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
         # The multi-LoRA kernels' scratch, shared by every shape (graphs never run concurrently).
         max_tokens = max(self.max_batch, MIXED_TOKEN_BUCKETS[-1] if mixed else 0)
@@ -197,54 +220,87 @@ class DecodeRunner:
     def graphs_captured(self) -> int:
         return len(self._graphs)
 
+    @property
+    def layered_graphs_captured(self) -> int:
+        return len(self._layered)
+
     def capture_all(self) -> None:
-        """Captures every batch bucket at the first width now, not in the middle of serving."""
+        """Captures every batch bucket at the first width now, not in the middle of serving;
+        the mixed buckets (where a cold request's prefill lands) also one graph per layer."""
         if not self.use_cuda_graphs:
             return
         shapes = [decode_shape(batch, 1) for batch in BATCH_BUCKETS if batch <= self.max_batch]
-        if self.mixed:
-            shapes += [mixed_shape(tokens, self.max_batch, 1) for tokens in MIXED_TOKEN_BUCKETS]
-        for shape in shapes:
+        mixed = [mixed_shape(tokens, self.max_batch, 1) for tokens in MIXED_TOKEN_BUCKETS] if self.mixed else []
+        for shape in shapes + mixed:
             if shape not in self._graphs:
-                self._capture(self._inputs.get(shape) or self._new_inputs(shape))
+                self._capture(self._inputs_of(shape))
+        for shape in mixed:
+            if shape not in self._layered:
+                self._capture_layered(self._inputs_of(shape))
 
     def run(self, sequences: Sequence[SequenceInput], feed: Callable[[torch.Tensor], None],
             wait_for_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Final-normed hidden states of every new token, in order; sequences sorted by adapter slot.
         `feed` may rewrite the flat input ids on the device before the step runs. With
-        `wait_for_layer` (an adapter of the batch is landing) the step runs without its graph,
-        calling it before each layer: a graph cannot wait on copy events recorded after capture."""
+        `wait_for_layer` (an adapter of the batch is landing) it is called before each layer,
+        between the step's per-layer graphs (eagerly without graphs)."""
         pages = max(-(-seq.total_len // self.page_size) for seq in sequences)
         num_tokens = sum(len(seq.token_ids) for seq in sequences)
         shape = (decode_shape(len(sequences), pages) if num_tokens == len(sequences)
                  else mixed_shape(num_tokens, self.max_batch, pages))
-        inputs = self._inputs.get(shape) or self._new_inputs(shape)
+        inputs = self._inputs_of(shape)
         slot_ranks = [self.slots.adapter_rank(slot) for slot in range(self.slots.num_slots)]
         inputs.fill(sequences, slot_ranks, self.page_size, self.kv_cache.scratch_index)
         feed(inputs.device("input_ids"))
-        if not self.use_cuda_graphs or wait_for_layer is not None:
+        if not self.use_cuda_graphs:
             return self._step(inputs, wait_for_layer)[:num_tokens]
+        if wait_for_layer is not None:
+            layered = self._layered.get(shape) or self._capture_layered(inputs)
+            return layered.replay(wait_for_layer)[:num_tokens]
         graph, hidden = self._graphs.get(shape) or self._capture(inputs)
         graph.replay()
         return hidden[:num_tokens]
 
-    def _new_inputs(self, shape: StepShape) -> StaticInputs:
-        inputs = StaticInputs(shape, self.slots.num_slots, self._lora_scratch, self.device)
-        self._inputs[shape] = inputs
-        return inputs
+    def _inputs_of(self, shape: StepShape) -> StaticInputs:
+        if shape not in self._inputs:
+            self._inputs[shape] = StaticInputs(shape, self.slots.num_slots, self._lora_scratch, self.device)
+        return self._inputs[shape]
 
-    def _capture(self, inputs: StaticInputs) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Warms up (Triton compiles, allocator settles) on a side stream, then captures."""
+    def _warm_up(self, inputs: StaticInputs) -> None:
+        """Runs the step once on a side stream before capture (Triton compiles, allocator settles)."""
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._step(inputs)
         torch.cuda.current_stream().wait_stream(side)
+
+    def _capture(self, inputs: StaticInputs) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self._warm_up(inputs)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             hidden = self._step(inputs)
         self._graphs[inputs.shape] = (graph, hidden)
         return graph, hidden
+
+    def _capture_layered(self, inputs: StaticInputs) -> LayeredGraph:
+        """Captures the step as `LayeredGraph` parts: each layer boundary (where a landing step
+        waits) ends one capture and begins the next, in the shared pool and on one stream."""
+        self._warm_up(inputs)
+        layered = LayeredGraph()
+
+        def begin_part(_layer: int | None = None) -> None:
+            if layered.parts:
+                layered.parts[-1].capture_end()
+            layered.parts.append(torch.cuda.CUDAGraph())
+            layered.parts[-1].capture_begin(pool=self._pool)
+
+        torch.cuda.synchronize()
+        with torch.cuda.stream(torch.cuda.Stream(device=self.device)):
+            begin_part()
+            layered.hidden = self._step(inputs, begin_part)
+            layered.parts[-1].capture_end()
+        self._layered[inputs.shape] = layered
+        return layered
 
     def _step(self, inputs: StaticInputs, wait_for_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         lora = _StaticLora(self.slots, inputs, use_triton=self.device.type == "cuda", wait_for_layer=wait_for_layer)

@@ -121,6 +121,9 @@ class Engine:
         # learned of the failure may still name one: it runs (those tokens see no adapter, and
         # the scheduler drops them with their requests) instead of failing its whole batch.
         self.failed_slots: set[int] = set()
+        # Slots whose load in flight a queued forward has already waited on, layer by layer:
+        # forwards queued after it on the same stream need no waits of their own.
+        self._waited_on: set[int] = set()
         self._previous: PreviousTokens | None = None  # what the last launched forward sampled
 
     # Adapters -------------------------------------------------------------------------
@@ -166,6 +169,7 @@ class Engine:
         self._check_slot_free_for(name, slot)
         self.slots.assign(slot, adapter)
         self.failed_slots.discard(slot)
+        self._waited_on.discard(slot)
         job = LoadJob(name, slot, adapter, adapter.nbytes)
         adapter.copies_in_flight += 1
         self.pending[slot] = job
@@ -208,6 +212,7 @@ class Engine:
 
     def _finish_load(self, job: LoadJob, report: LoadReport) -> None:
         del self.pending[job.slot]
+        self._waited_on.discard(job.slot)
         job.adapter.copies_in_flight -= 1
         read_error = job.adapter.progress.error
         copy_error = job.finished.exception() if job.finished.done() else None
@@ -255,8 +260,9 @@ class Engine:
             if static:
                 hidden = self.decode_runner.run(batch.sequences, feed, self._layer_waits(landing))
             else:
-                hidden = self._eager_forward(batch, feed)
+                hidden = self._eager_forward(batch, feed, landing)
             sampled_rows, sampled = self._sample(batch, hidden)
+            self._waited_on.update(job.slot for job in landing)
             self.timeline.end(span)
             done = None
             if self.device.type == "cuda":  # passed once the tokens' copies to the host are done
@@ -283,11 +289,11 @@ class Engine:
                              logits=pending.logits)
 
     def _landing(self, active_slots: Iterable[int]) -> list[LoadJob]:
-        """The loads still copying into slots this forward reads."""
-        return [self.pending[slot] for slot in active_slots if slot in self.pending]
+        """The loads still copying into slots this forward reads, that no queued forward waited on."""
+        return [self.pending[slot] for slot in active_slots if slot in self.pending and slot not in self._waited_on]
 
     def _layer_waits(self, landing: list[LoadJob]) -> Callable[[int], None] | None:
-        """Per-layer waits on the landing copies (the static path then runs without its graph)."""
+        """Per-layer waits on the landing copies (the static path then replays a graph per layer)."""
         if not landing:
             return None
 
@@ -296,10 +302,11 @@ class Engine:
                 self.copier.wait_layer(job, layer)
         return wait
 
-    def _eager_forward(self, batch: SortedBatch, feed: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    def _eager_forward(self, batch: SortedBatch, feed: Callable[[torch.Tensor], None],
+                       landing: list[LoadJob]) -> torch.Tensor:
         plan = plan_tensors(batch, page_size=self.config.page_size, device=self.device)
         feed(plan.input_ids)
-        return self.model.forward(plan, self.kv_cache, _ForwardLora(self, plan))
+        return self.model.forward(plan, self.kv_cache, _ForwardLora(self, plan, landing))
 
     def _sample(self, batch: SortedBatch, hidden: torch.Tensor) -> tuple[list[int], DeviceSample | None]:
         """Queues the sampling of every sequence that samples: (their indices, tokens on the device)."""
@@ -368,11 +375,11 @@ class Engine:
 class _ForwardLora:
     """The model's LoRA hook for one forward: waits per layer on loads still landing."""
 
-    def __init__(self, engine: Engine, plan: ForwardPlan) -> None:
+    def __init__(self, engine: Engine, plan: ForwardPlan, landing: list[LoadJob]) -> None:
         self.slots = engine.slots
         self.copier = engine.copier
         self.batch = engine.slots.segment_batch(plan.token_slots, engine.device)
-        self.landing = engine._landing(plan.active_slots)
+        self.landing = landing
 
     def before_layer(self, layer: int) -> None:
         for job in self.landing:
@@ -387,8 +394,9 @@ class _ForwardLora:
 
 
 def _path_name(static: bool, landing: list[LoadJob]) -> str:
-    """The timeline's name of a forward's path: CUDA-graph steps, their buffers and kernels
-    run eagerly with per-layer waits while an adapter lands, or the general eager forward."""
+    """The timeline's name of a forward's path: the static buffers and kernels (one CUDA graph),
+    the same with per-layer waits while an adapter lands (a graph per layer), or the general
+    eager forward."""
     if not static:
         return "eager"
     return "static-waiting" if landing else "static"

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from tests.driver import Driver, Request, make_engine, make_resident
+from tests.driver import Driver, Request, forward_paths, make_engine, make_resident
 from tests.worker.test_multi_lora import mixes, per_token_reference
 from worker.kernels.decode_attention import (
     decode_attention,
@@ -202,6 +202,36 @@ def test_cuda_graph_decode_matches_eager_while_another_slot_loads(arch, model_di
             assert engine.decode_runner.graphs_captured > 0
         runs[static] = requests
         engine.poll()
+        engine.close()
+    for eager, graphed in zip(runs[False], runs[True]):
+        assert graphed.generated == eager.generated, graphed.request_id
+        torch.testing.assert_close(graphed.all_logits(), eager.all_logits(), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen3"])
+def test_steps_reading_a_landing_adapter_replay_per_layer_graphs_and_match_eager(arch, model_dirs,
+                                                                                 mixed_adapter_dirs):
+    """fp32: requests on an adapter whose copy is held back 100 ms start at once; their first
+    step replays a graph per layer with the waits between, and gives the eager path's tokens
+    and logits."""
+    runs = {}
+    for static in (False, True):
+        engine = make_engine(model_dirs[arch], device="cuda", static_decode=static)
+        (resident, resident_path), (late, late_path) = mixed_adapter_dirs[arch].items()
+        engine.register_adapter(resident, resident_path)
+        make_resident(engine, resident, 2)
+        engine.register_adapter(late, late_path)
+        engine.stage_adapter(late)
+        engine.wait_staged(late)
+        engine.copier.hook = lambda name, slot, layer: sleep_on_current_stream(100) if layer == 0 else None
+        engine.load_adapter(late, 0)
+        requests = decode_requests()
+        Driver(engine, chunk=64).run(requests)
+        if static:
+            assert engine.decode_runner.layered_graphs_captured == 1
+            paths = forward_paths(engine)
+            assert paths[0] == "static-waiting" and set(paths[1:]) == {"static"}, paths
+        runs[static] = requests
         engine.close()
     for eager, graphed in zip(runs[False], runs[True]):
         assert graphed.generated == eager.generated, graphed.request_id

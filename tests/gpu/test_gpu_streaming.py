@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from tests.driver import Driver, Request, make_engine, make_resident
+from tests.driver import Driver, Request, forward_paths, make_engine, make_resident
 from tests.worker.test_streamed_loads import (
     WAIT_S,
     assert_same_outputs,
@@ -26,6 +26,7 @@ from tests.worker.test_streamed_loads import (
     start_load_failing_at_layer_1,
 )
 from worker.batch import SequenceInput
+from worker.decode_step import MIXED_TOKEN_BUCKETS
 from worker.errors import CorruptAdapterError
 
 pytestmark = [
@@ -67,10 +68,18 @@ def start_streamed_load(engine, name: str, adapter_dir, slot: int) -> HeldLastLa
     return held
 
 
-def test_layer_0_lands_and_a_forward_launches_before_the_last_layer_is_read(model_dirs, mixed_adapter_dirs):
+def graphed_engine(model_dir, **overrides):
+    """The static path with every graph captured up front, as the worker starts it."""
+    engine = make_engine(model_dir, **overrides)
+    engine.decode_runner.capture_all()
+    return engine
+
+
+@pytest.mark.parametrize("make", [eager_engine, graphed_engine], ids=["eager", "per-layer-graphs"])
+def test_layer_0_lands_and_a_forward_launches_before_the_last_layer_is_read(model_dirs, mixed_adapter_dirs, make):
     model_dir, adapter_dir = model_dirs["llama"], mixed_adapter_dirs["llama"]["a1"]
     reference = staged_reference(model_dir, adapter_dir, device="cuda")
-    engine = eager_engine(model_dir, device="cuda")
+    engine = make(model_dir, device="cuda")
     held = start_streamed_load(engine, "a1", adapter_dir, 0)
     try:
         job, progress = engine.pending[0], engine.host_cache.entries["a1"].progress
@@ -85,6 +94,9 @@ def test_layer_0_lands_and_a_forward_launches_before_the_last_layer_is_read(mode
         held.release()
     assert [t.token_id for t in engine.finish(forward).tokens] == reference.generated[:1]
     assert settle(engine).loaded == [("a1", 0)]
+    if make is graphed_engine:
+        assert forward_paths(engine) == ["static-waiting"]
+        assert engine.decode_runner.layered_graphs_captured == len(MIXED_TOKEN_BUCKETS), "captured while serving"
     engine.close()
 
 

@@ -7,6 +7,8 @@ eager forward. tests/gpu holds the Triton kernels and the captured graphs to the
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -86,23 +88,44 @@ def test_padding_rows_write_only_the_scratch_row(model_dirs, mixed_adapter_dirs)
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["decode-graphs", "mixed-graphs"])
-def test_a_step_reading_a_landing_adapter_runs_the_static_kernels_waiting_per_layer(model_dirs, mixed_adapter_dirs,
-                                                                                   mixed, monkeypatch):
-    """A graph cannot wait on copy events recorded after its capture, so a step that reads a
-    slot still being copied runs the static buffers and kernels without the graph, waiting
-    before each layer. Prefill chunks take the static path only with static_mixed (the default)."""
+def test_a_step_reading_a_landing_adapter_waits_per_layer_and_the_steps_after_it_do_not(
+        model_dirs, mixed_adapter_dirs, mixed, monkeypatch):
+    """A step that reads a slot still being copied waits before each layer (on CUDA between
+    its per-layer graphs); a step queued after it on the stream is ordered behind those waits
+    and takes the one-graph path. Prefill chunks take the static path only with static_mixed."""
     engine = engine_with_adapters(model_dirs["llama"], mixed_adapter_dirs["llama"], static_mixed=mixed)
     decode = SequenceInput("d", [5], context_len=3, page_table=[0], adapter_slot=2)
     prefill = SequenceInput("p", [5, 6], context_len=0, page_table=[1], adapter_slot=0)
     runner = engine.decode_runner
     assert runner.supports([decode]) and runner.supports([decode, prefill]) == mixed
-    landing, waits = object(), []
+    landing, waits = SimpleNamespace(slot=2), []
     monkeypatch.setattr(engine.copier, "wait_layer", lambda job, layer: waits.append((job, layer)))
     engine.pending[2] = landing  # a load in flight into the decode's slot
     engine.forward([decode])
-    del engine.pending[2]
     assert waits == [(landing, layer) for layer in range(engine.model_config.num_layers)]
     assert paths_used(engine, decode_only=True) == {"static-waiting"}
+    engine.forward([decode])
+    assert len(waits) == engine.model_config.num_layers, "the second step waited again"
+    assert paths_used(engine, decode_only=True) == {"static-waiting", "static"}
+    del engine.pending[2]
+    engine.close()
+
+
+def test_a_new_load_into_a_slot_is_waited_on_again(model_dirs, mixed_adapter_dirs, monkeypatch):
+    engine = engine_with_adapters(model_dirs["llama"], mixed_adapter_dirs["llama"])
+    decode = SequenceInput("d", [5], context_len=3, page_table=[0], adapter_slot=2)
+    waits = []
+    monkeypatch.setattr(engine.copier, "wait_layer", lambda job, layer: waits.append(job))
+    engine.pending[2] = SimpleNamespace(slot=2)
+    engine.forward([decode])
+    del engine.pending[2]
+    name = engine.slots.occupants[2]
+    engine.evict_slot(2)
+    engine.load_adapter(name, 2)
+    job = engine.pending[2]
+    engine.forward([decode])
+    layers = engine.model_config.num_layers
+    assert waits[layers:] == [job] * layers
     engine.close()
 
 

@@ -28,7 +28,7 @@ import torch
 
 from loraserve.synthetic import write_model_config, write_random_adapter
 from worker.batch import SequenceInput
-from worker.engine import Engine, EngineConfig
+from worker.engine import AdapterInfo, Engine, EngineConfig
 from worker.lora.adapter import TARGET_MODULES
 
 PROMPT = list(range(100, 612))
@@ -61,22 +61,28 @@ def settle(engine: Engine) -> None:
     engine.poll()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+def engine_with_staged_adapter() -> tuple[Engine, AdapterInfo]:
+    """The 8B shape (dummy weights) with adapter "a" registered and in the host cache."""
     root = Path(tempfile.mkdtemp())
     write_model_config(root / "model")
     engine = Engine(EngineConfig(str(root / "model"), load_format="dummy", dtype="bfloat16", device="cuda",
                                  num_kv_pages=4096, page_size=16, max_loras_per_batch=2, max_lora_rank=256,
                                  host_cache_bytes=4 << 30, max_loaded_loras=2))
     path = write_random_adapter(root / "adapter", engine.model_config, rank=256, alpha=512, modules=TARGET_MODULES)
-    file_bytes = sum(f.stat().st_size for f in path.iterdir())
-    weights = path / "adapter_model.safetensors"
     info = engine.register_adapter("a", path)
     engine.stage_adapter("a")
     engine.wait_staged("a")
+    return engine, info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    engine, info = engine_with_staged_adapter()
+    file_bytes = sum(f.stat().st_size for f in info.path.iterdir())
+    weights = info.path / "adapter_model.safetensors"
     times: dict[str, list[float]] = {k: [] for k in CASES}
     for _ in range(args.repeats + 1):  # the first round warms up (kernels, allocator)
         if engine.slot_of("a") is not None:

@@ -3,8 +3,9 @@
 A decode-only batch (one new token per sequence) is padded to a batch-size bucket and a
 page-table width bucket. With `mixed=True`, a batch with prefill chunks is padded to a
 token bucket instead and its attention runs the ragged paged kernel (a block of up to 32
-query tokens of one sequence per program; `EngineConfig.static_mixed`, on by default). Everything the step reads lives in per-shape static buffers,
-refilled before each step by one host-to-device copy: token ids, positions, KV write
+query tokens of one sequence per program; `EngineConfig.static_mixed`, on by default).
+Everything the step reads lives in per-shape static buffers, refilled before each step by
+one upload (a kernel reading their pinned host twin): token ids, positions, KV write
 indices, page tables, sequence lengths, per-token slots and the multi-LoRA block table. On
 CUDA the whole forward (embedding to final norm, 2 kernels per adapted module, the paged
 decode-attention kernel) is captured once per shape and replayed, so a step costs a few
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from worker.batch import NO_ADAPTER, SequenceInput
+from worker.host_upload import mapped_bytes, upload_into
 from worker.kernels.decode_attention import (
     decode_attention,
     decode_attention_reference,
@@ -110,6 +112,7 @@ class StaticInputs:
             self._device_views[name] = self.device_block[offset:offset + size]
             offset += size
         self.lora_scratch = lora_scratch.first(t)
+        self._mapped_host = mapped_bytes(self.host) if on_gpu else None
         self._copied = torch.cuda.Event() if on_gpu else None
 
     def device(self, name: str) -> torch.Tensor:
@@ -124,9 +127,10 @@ class StaticInputs:
 
     def fill(self, sequences: Sequence[SequenceInput], slot_ranks: Sequence[int], page_size: int,
              scratch_index: int) -> None:
-        """Writes the batch (sorted by slot) into the host twin and copies it to the device."""
+        """Writes the batch (sorted by slot) into the host twin and uploads it to the device
+        (a kernel reading the pinned twin: a copy would queue behind adapter loads)."""
         if self._copied is not None:
-            self._copied.synchronize()  # the previous step's copy has read the host twin
+            self._copied.synchronize()  # the previous step's upload has read the host twin
         page_table = self._fill_page_table(sequences, page_size)
         if self.shape.mixed:
             self._fill_tokens(sequences, page_table, page_size, scratch_index)
@@ -134,8 +138,10 @@ class StaticInputs:
             self._fill_decodes(sequences, page_table, page_size, scratch_index)
         host = self._host_views
         host["blocks"][:] = lora_blocks(host["token_slots"], slot_ranks, self.num_block_rows).reshape(-1)
-        self.device_block.copy_(self.host, non_blocking=True)
-        if self._copied is not None:
+        if self._mapped_host is None:
+            self.device_block.copy_(self.host)
+        else:
+            upload_into(self.device_block, self._mapped_host)
             self._copied.record()
 
     def _fill_page_table(self, sequences: Sequence[SequenceInput], page_size: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.batch import NO_ADAPTER, SequenceInput
+from worker.host_upload import upload
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,9 @@ def feed_previous_tokens(input_ids: torch.Tensor, sources: list[tuple[int, int]]
 
 def index_tensor(values: list[int] | list[list[int]], device: torch.device,
                  dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """Host values on the device without waiting for the GPU: a pinned source, so the copy is
-    queued on the stream (a pageable one is staged by the host, which can wait for the GPU)."""
-    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+    """Host values on the device without waiting for the GPU, nor for adapter loads queued on
+    the copy engine (`worker.host_upload`)."""
+    return upload(values, dtype, device)
 
 
 def sort_batch(inputs: Sequence[SequenceInput], *, page_size: int, num_pages: int, vocab_size: int) -> SortedBatch:

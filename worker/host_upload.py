@@ -40,7 +40,7 @@ def mapped_bytes(host: torch.Tensor) -> torch.Tensor:
 def upload_into(out: torch.Tensor, source: torch.Tensor) -> None:
     """out[:] = source, by a kernel on the current stream; `source` is `mapped_bytes` of a pinned
     tensor of out's size and dtype, unchanged until the stream has passed this point."""
-    torch.bitwise_or(source, 0, out=out.view(torch.uint8))  # an elementwise kernel, never a memcpy
+    torch.bitwise_or(source, 0, out=out.view(-1).view(torch.uint8))  # an elementwise kernel, never a memcpy
 
 
 _held: deque[tuple[torch.cuda.Event, torch.Tensor]] = deque()  # pinned sources the GPU may still read

@@ -16,7 +16,7 @@ RESULTS = Path(__file__).parent / "results"
 # Per set: the latest run of all three modes, and the latest overlap-on run (the figure
 # compared with SGLang), which may be newer.
 ALL_MODES = {"large": RESULTS / "h200-seed-large-a6a4a22", "small": RESULTS / "h200-seed-small-pipelined"}
-OVERLAP_ON = {"large": RESULTS / "h200-seed-large-shortest-first", "small": RESULTS / "h200-seed-small-shortest-first"}
+OVERLAP_ON = {"large": RESULTS / "h200-seed-large-e9d0037", "small": RESULTS / "h200-seed-small-e9d0037"}
 SMALL16 = RESULTS / "h200-seed-small-graphs"  # the 16 requests/s run, not repeated since
 # SGLang on one H200, overlapped loading, the seed's workload (../shared/BENCHMARK.md).
 SGLANG = {"large": {"median TPOT": 7.76, "median TTFT": 164, "mean E2E": 4530},

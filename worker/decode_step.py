@@ -41,7 +41,14 @@ from worker.kernels.decode_attention import (
     ragged_attention_reference,
 )
 from worker.kernels.lora_blocks import ATTENTION_BLOCK_M, BLOCK_COLUMNS, attention_blocks, lora_blocks, max_blocks
-from worker.kernels.multi_lora import LoraScratch, ModuleDelta, add_lora_delta_reference, add_lora_deltas
+from worker.kernels.multi_lora import (
+    LoraScratch,
+    ModuleDelta,
+    add_lora_delta_reference,
+    add_lora_deltas,
+    lora_expand,
+    lora_shrink,
+)
 from worker.kv_cache import PagedKVCache
 from worker.lora.slots import LoraSlots
 from worker.model.llama import LlamaModel
@@ -209,6 +216,8 @@ class DecodeRunner:
         self._graphs: dict[StepShape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._layered: dict[StepShape, LayeredGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
+        # LoRA shrinks run on it beside the base GEMMs (see _StaticLora).
+        self._lora_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         # The multi-LoRA kernels' scratch, shared by every shape (graphs never run concurrently).
         max_tokens = max(self.max_batch, MIXED_TOKEN_BUCKETS[-1] if mixed else 0)
         max_in = max((a.shape[-1] for a in slots.a.values()), default=1)
@@ -309,7 +318,8 @@ class DecodeRunner:
         return layered
 
     def _step(self, inputs: StaticInputs, wait_for_layer: Callable[[int], None] | None = None) -> torch.Tensor:
-        lora = _StaticLora(self.slots, inputs, use_triton=self.device.type == "cuda", wait_for_layer=wait_for_layer)
+        lora = _StaticLora(self.slots, inputs, use_triton=self.device.type == "cuda", wait_for_layer=wait_for_layer,
+                           side_stream=self._lora_stream)
         keys, values = self.kv_cache.keys, self.kv_cache.values
         page_table, positions = inputs.device("page_table"), inputs.device("positions")
         on_gpu = self.device.type == "cuda"
@@ -331,27 +341,51 @@ class DecodeRunner:
 
 
 class _StaticLora:
-    """The model's LoRA hook over the static buffers; waits per layer only if a load is landing."""
+    """The model's LoRA hook over the static buffers; waits per layer only if a load is landing.
+
+    With a side stream (CUDA), each group's shrink runs on it beside the base GEMM of the same
+    input (both read memory at small batch, and neither alone fills the GPU); the expand, which
+    adds into the GEMM's output, runs on the step's stream once both are done. The side stream
+    forks after any per-layer wait and joins within the group, so a captured graph's parts
+    each begin and end on the step's stream."""
 
     def __init__(self, slots: LoraSlots, inputs: StaticInputs, *, use_triton: bool,
-                 wait_for_layer: Callable[[int], None] | None = None) -> None:
+                 wait_for_layer: Callable[[int], None] | None = None,
+                 side_stream: torch.cuda.Stream | None = None) -> None:
         self.slots = slots
         self.inputs = inputs
         self.use_triton = use_triton
         self.wait_for_layer = wait_for_layer
+        self.side_stream = side_stream
+        self._started: tuple[int, tuple[str, ...]] | None = None  # the group whose shrink is on the side stream
 
     def before_layer(self, layer: int) -> None:
         if self.wait_for_layer is not None:
             self.wait_for_layer(layer)
 
+    def start_deltas(self, x: torch.Tensor, layer: int, modules: Sequence[str]) -> None:
+        adapted = tuple(m for m in modules if m in self.slots.a)
+        if self.side_stream is None or not self.use_triton or not adapted:
+            return
+        self.side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side_stream):
+            lora_shrink(x, [self.slots.a[m][layer] for m in adapted], self.inputs.device("blocks"),
+                        self.inputs.lora_scratch)
+        self._started = (layer, adapted)
+
     def add_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]]) -> None:
-        group = [ModuleDelta(self.slots.a[module][layer], self.slots.b_t[module][layer], out)
-                 for module, out in outputs if module in self.slots.a]
-        if not group:
+        adapted = [(module, out) for module, out in outputs if module in self.slots.a]
+        started, self._started = self._started, None
+        if not adapted:
             return
-        if self.use_triton:
-            add_lora_deltas(x, group, self.inputs.device("blocks"), self.inputs.lora_scratch)
-            return
-        for module in group:
-            add_lora_delta_reference(module.out, x, module.a, module.b_t, self.inputs.device("token_slots"),
-                                     self.slots.max_rank)
+        group = [ModuleDelta(self.slots.a[module][layer], self.slots.b_t[module][layer], out) for module, out in adapted]
+        blocks = self.inputs.device("blocks")
+        if not self.use_triton:
+            for module in group:
+                add_lora_delta_reference(module.out, x, module.a, module.b_t, self.inputs.device("token_slots"),
+                                         self.slots.max_rank)
+        elif started == (layer, tuple(module for module, _ in adapted)):
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            lora_expand([m.b_t for m in group], [m.out for m in group], blocks, self.inputs.lora_scratch)
+        else:
+            add_lora_deltas(x, group, blocks, self.inputs.lora_scratch)

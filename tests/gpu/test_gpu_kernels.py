@@ -12,6 +12,8 @@ import torch
 
 from tests.driver import Driver, Request, forward_paths, make_engine, make_resident
 from tests.worker.test_multi_lora import mixes, per_token_reference
+from worker import decode_step
+from worker.batch import SequenceInput
 from worker.kernels.decode_attention import (
     decode_attention,
     decode_attention_reference,
@@ -236,6 +238,31 @@ def test_steps_reading_a_landing_adapter_replay_per_layer_graphs_and_match_eager
     for eager, graphed in zip(runs[False], runs[True]):
         assert graphed.generated == eager.generated, graphed.request_id
         torch.testing.assert_close(graphed.all_logits(), eager.all_logits(), atol=1e-3, rtol=1e-3)
+
+
+def test_static_steps_shrink_on_the_side_stream_and_expand_on_the_steps_stream(model_dirs, mixed_adapter_dirs,
+                                                                              monkeypatch):
+    """Every adapted group's shrink is launched on the LoRA side stream (beside the base GEMM),
+    its expand on the step's stream, in every layer; the tokens are checked by the tests above."""
+    engine = make_engine(model_dirs["llama3"], device="cuda", cuda_graphs=False)
+    for slot, (name, path) in zip((2, 0), mixed_adapter_dirs["llama3"].items()):
+        engine.register_adapter(name, path)
+        make_resident(engine, name, slot)
+    launches = []
+
+    def recorded(kernel: str, original):
+        def launch(*args, **kwargs):
+            launches.append((kernel, torch.cuda.current_stream()))
+            return original(*args, **kwargs)
+        return launch
+
+    for kernel in ("lora_shrink", "lora_expand"):
+        monkeypatch.setattr(decode_step, kernel, recorded(kernel, getattr(decode_step, kernel)))
+    engine.forward([SequenceInput("r", [5], 3, [0], adapter_slot=2)])
+    side, main = engine.decode_runner._lora_stream, torch.cuda.current_stream()
+    groups = 4 * engine.model_config.num_layers  # qkv, o, gate/up, down
+    assert launches == [("lora_shrink", side), ("lora_expand", main)] * groups
+    engine.close()
 
 
 def test_cuda_graph_decode_bfloat16_first_steps_match_eager(model_dirs, mixed_adapter_dirs):

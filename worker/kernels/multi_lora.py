@@ -143,15 +143,29 @@ def add_lora_deltas(x: torch.Tensor, group: Sequence[ModuleDelta], blocks: torch
     mix of ranks up to R = a.shape[1] and reads only the rows each adapter has. `tiles`
     overrides the launch shapes chosen for the batch size (benchmarks/lora_kernel_sweep.py).
     """
+    shrink, expand = tiles or (None, None)
+    lora_shrink(x, [m.a for m in group], blocks, scratch, shrink)
+    lora_expand([m.b_t for m in group], [m.out for m in group], blocks, scratch, expand)
+
+
+def lora_shrink(x: torch.Tensor, a: Sequence[torch.Tensor], blocks: torch.Tensor, scratch: LoraScratch,
+                tiles: ShrinkTiles | None = None) -> None:
+    """The first kernel alone: scratch.shrunk = x @ A.T per block (needs x only, not the base output)."""
     from worker.kernels import _multi_lora_triton as kernels
 
-    if not 1 <= len(group) <= MAX_GROUP:
-        raise ValueError(f"a LoRA group has 1 to {MAX_GROUP} modules, got {len(group)}")
-    num_tokens, max_rank = x.shape[0], group[0].a.shape[1]
-    shrink, expand = tiles or (shrink_tiles(num_tokens, max_rank, x.shape[1]), expand_tiles(num_tokens, max_rank))
-    kernels.shrink(x, [m.a for m in group], blocks, scratch, shrink)
-    kernels.expand(scratch.shrunk, [m.b_t for m in group], blocks, [m.out for m in group], expand)
+    if not 1 <= len(a) <= MAX_GROUP:
+        raise ValueError(f"a LoRA group has 1 to {MAX_GROUP} modules, got {len(a)}")
+    kernels.shrink(x, list(a), blocks, scratch, tiles or shrink_tiles(x.shape[0], a[0].shape[1], x.shape[1]))
+
+
+def lora_expand(b_t: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], blocks: torch.Tensor,
+                scratch: LoraScratch, tiles: ExpandTiles | None = None) -> None:
+    """The second kernel alone: outs += scratch.shrunk @ B.T per block, after `lora_shrink`."""
+    from worker.kernels import _multi_lora_triton as kernels
+
+    num_tokens, max_rank = outs[0].shape[0], b_t[0].shape[1]
+    kernels.expand(scratch.shrunk, list(b_t), blocks, list(outs), tiles or expand_tiles(num_tokens, max_rank))
 
 
 __all__ = ["BLOCK_M", "MAX_GROUP", "ExpandTiles", "LoraScratch", "ModuleDelta", "ShrinkTiles", "add_lora_deltas",
-           "add_lora_delta_reference"]
+           "add_lora_delta_reference", "lora_expand", "lora_shrink"]

@@ -26,9 +26,17 @@ from worker.plan import ForwardPlan
 Attend = Callable[[int, torch.Tensor], torch.Tensor]
 
 
+QKV_MODULES = ("q_proj", "k_proj", "v_proj")
+GATE_UP_MODULES = ("gate_proj", "up_proj")
+
+
 class LoraHook(Protocol):
     def before_layer(self, layer: int) -> None:
         """Called before a layer's first use of adapter weights (a load may still be landing)."""
+
+    def start_deltas(self, x: torch.Tensor, layer: int, modules: Sequence[str]) -> None:
+        """Called before the base product of `modules` (sharing the input x): the part of their
+        deltas that needs x alone may start beside it; `add_deltas` follows with the outputs."""
 
     def add_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]]) -> None:
         """For each (module, out) of modules sharing the input x (q/k/v, gate/up):
@@ -139,24 +147,27 @@ class LlamaModel:
     def _attention(self, index, layer: LayerWeights, x, kv_write_index, kv_cache, lora, cos, sin,
                    attend) -> torch.Tensor:
         c = self.config
+        lora.start_deltas(x, index, QKV_MODULES)
         qkv = F.linear(x, layer.qkv, layer.qkv_bias)
         q_end, k_end = c.q_size, c.q_size + c.kv_size
-        lora.add_deltas(x, index, (("q_proj", qkv[:, :q_end]), ("k_proj", qkv[:, q_end:k_end]),
-                                   ("v_proj", qkv[:, k_end:])))
+        lora.add_deltas(x, index, tuple(zip(QKV_MODULES, (qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:]))))
         norms = (layer.q_norm, layer.k_norm) if c.qk_norm else (None, None)
         q, k = qk_rope(qkv, c.num_heads, c.num_kv_heads, c.head_dim, cos, sin, *norms, c.rms_norm_eps)
         v = qkv[:, k_end:].view(-1, c.num_kv_heads, c.head_dim)
         kv_cache.write(index, kv_write_index, k, v)
         attn = attend(index, q).reshape(-1, c.q_size)
+        lora.start_deltas(attn, index, ("o_proj",))
         out = F.linear(attn, layer.o, layer.o_bias)
         lora.add_deltas(attn, index, (("o_proj", out),))
         return out
 
     def _mlp(self, index, layer: LayerWeights, x, lora) -> torch.Tensor:
         i = self.config.intermediate_size
+        lora.start_deltas(x, index, GATE_UP_MODULES)
         gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
-        lora.add_deltas(x, index, (("gate_proj", gate_up[:, :i]), ("up_proj", gate_up[:, i:])))
+        lora.add_deltas(x, index, tuple(zip(GATE_UP_MODULES, (gate_up[:, :i], gate_up[:, i:]))))
         h = silu_mul(gate_up)
+        lora.start_deltas(h, index, ("down_proj",))
         out = F.linear(h, layer.down, layer.down_bias)
         lora.add_deltas(h, index, (("down_proj", out),))
         return out

@@ -20,6 +20,7 @@ before shortest-first, for comparison.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -287,7 +288,8 @@ def main() -> None:
                         help="SchedulerConfig.drain_after_s values to compare (inf: never drain)")
     parser.add_argument("--pause-tokens-ratio", type=float, nargs="+", default=[SchedulerConfig.pause_tokens_ratio],
                         help="SchedulerConfig.pause_tokens_ratio values to compare (inf: never pause)")
-    parser.add_argument("--max-pauses-per-request", type=int, default=SchedulerConfig.max_pauses_per_request)
+    parser.add_argument("--max-pauses-per-request", type=int, nargs="+",
+                        default=[SchedulerConfig.max_pauses_per_request])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--num-prompts", type=int, default=100)
     parser.add_argument("--request-rate", type=float, default=4.0)
@@ -303,12 +305,11 @@ def main() -> None:
     for set_name in args.sets:
         for policy in args.policies:
             for drain_after_s in args.drain_after_s:
-                for ratio in args.pause_tokens_ratio:
+                for ratio, max_pauses in itertools.product(args.pause_tokens_ratio, args.max_pauses_per_request):
                     name = (f"{set_name} {policy} drain_after_s={drain_after_s:g} pause_tokens_ratio={ratio:g}"
-                            f" max_pauses_per_request={args.max_pauses_per_request}")
+                            f" max_pauses_per_request={max_pauses}")
                     config = SchedulerConfig(max_batch_tokens=4096, drain_after_s=drain_after_s,
-                                             pause_tokens_ratio=ratio,
-                                             max_pauses_per_request=args.max_pauses_per_request)
+                                             pause_tokens_ratio=ratio, max_pauses_per_request=max_pauses)
                     adapters = replace(SETS[set_name], steps=SETS[set_name].steps.scaled(args.step_scale))
                     results[name] = sweep(adapters, POLICIES[policy], config, args.seeds, args.num_prompts,
                                           args.request_rate)

@@ -10,14 +10,17 @@ compares with one request by request.
 
     python benchmarks/slot_policy_sim.py --calibrate /tmp/large-a6a4a22/large-on.json \
         --sets large small --seeds 20 --drain-after-s 0 0.5 1 2 3 4 inf --out FILE
-Prints, per adapter set, policy and drain_after_s, the median over seeds of median TTFT, P99
-TTFT, mean TTFT, median TPOT (as `loraserve bench` computes it), mean E2E (simulated ms) and
-loads. `arrival-order` is the admission order before shortest-first, for comparison.
+Prints, per adapter set, policy, drain_after_s and pause_tokens_ratio (slot preemption; inf:
+off), the median over seeds of median TTFT, P99 TTFT, mean TTFT, median TPOT (as `loraserve
+bench` computes it), mean E2E (simulated ms), the share of requests whose TTFT is within
+SGLang's large-set median (164 ms), loads and pauses. `arrival-order` is the admission order
+before shortest-first, for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -40,6 +43,7 @@ from tests.scheduler.fake_worker import FakeWorker, hello  # noqa: E402
 CLIENT = b"bench"
 ADAPTERS = [f"adapter{i}" for i in range(16)]
 VOCAB_SIZE = 128256
+FAST_TTFT_MS = 164.0  # SGLang's median TTFT on the large set: a start at least as fast
 
 
 @dataclass(frozen=True)
@@ -112,9 +116,16 @@ class SimulatedClock:
         return self.ms / 1e3
 
 
+@dataclass(frozen=True)
+class SimulatedRun:
+    results: list[RequestResult]
+    loads: int
+    pauses: int
+
+
 def simulate(adapters: AdapterSet, items: list[WorkItem], config: SchedulerConfig,
-             core_class: type[SchedulerCore] = SchedulerCore) -> tuple[list[RequestResult], int]:
-    """Per-request results and the number of loads. The core sees the simulated clock as
+             core_class: type[SchedulerCore] = SchedulerCore) -> SimulatedRun:
+    """Per-request results, loads and pauses. The core sees the simulated clock as
     `time.monotonic` (arrival times, waits)."""
     clock = SimulatedClock()
     with mock.patch.object(time, "monotonic", clock.monotonic):
@@ -162,7 +173,7 @@ class TimedWorker(FakeWorker):
 
 
 def _simulate(adapters: AdapterSet, items: list[WorkItem], core: SchedulerCore,
-              clock: SimulatedClock) -> tuple[list[RequestResult], int]:
+              clock: SimulatedClock) -> SimulatedRun:
     worker = TimedWorker(core, one_ahead=True, clock=clock, steps=adapters.steps, copy_ms=adapters.copy_ms,
                          load_stall_ms=adapters.load_stall_ms)
     for name in ADAPTERS:
@@ -193,7 +204,7 @@ def _simulate(adapters: AdapterSet, items: list[WorkItem], core: SchedulerCore,
         seen_outputs = len(core.outputs)
     results = [RequestResult(first_token[i] - arrival[i], finished[i] - arrival[i], tokens[i]) for i in arrival]
     loads = sum(1 for c in worker.log if c.WhichOneof("kind") == "load_slot")
-    return results, loads
+    return SimulatedRun(results, loads, core.counters.requests_paused)
 
 
 def _prefetch(worker: TimedWorker, clock: SimulatedClock) -> float:
@@ -222,6 +233,7 @@ def summarize(results: list[RequestResult]) -> dict:
     return {"median_ttft_ms": statistics.median(ttft), "p99_ttft_ms": ttft[math.ceil(0.99 * len(ttft)) - 1],
             "mean_ttft_ms": statistics.fmean(ttft), "median_tpot_ms": statistics.median(tpot),
             "mean_e2e_ms": statistics.fmean(r.e2e_ms for r in results),
+            "fast_share": sum(t <= FAST_TTFT_MS for t in ttft) / len(ttft),
             "ttft_deciles_ms": statistics.quantiles(ttft, n=10)}
 
 
@@ -234,17 +246,17 @@ class ArrivalOrderCore(SchedulerCore):
 
 
 POLICIES: dict[str, type[SchedulerCore]] = {"shortest-first": SchedulerCore, "arrival-order": ArrivalOrderCore}
-METRICS = ("median_ttft_ms", "p99_ttft_ms", "mean_ttft_ms", "median_tpot_ms", "mean_e2e_ms", "loads")
+METRICS = ("median_ttft_ms", "p99_ttft_ms", "mean_ttft_ms", "median_tpot_ms", "mean_e2e_ms", "fast_share", "loads",
+           "pauses")
 
 
-def sweep(adapters: AdapterSet, core_class: type[SchedulerCore], drain_after_s: float, seeds: int,
+def sweep(adapters: AdapterSet, core_class: type[SchedulerCore], config: SchedulerConfig, seeds: int,
           num_prompts: int, rate: float) -> dict:
     """Seeds 1..`seeds` (1 is the H200 runs' workload); the median over seeds of each figure."""
-    config = SchedulerConfig(max_batch_tokens=4096, drain_after_s=drain_after_s)
     runs = []
     for seed in range(1, seeds + 1):
-        results, loads = simulate(adapters, workload(seed, num_prompts, rate), config, core_class)
-        runs.append({"seed": seed, **summarize(results), "loads": loads})
+        run = simulate(adapters, workload(seed, num_prompts, rate), config, core_class)
+        runs.append({"seed": seed, **summarize(run.results), "loads": run.loads, "pauses": run.pauses})
     return {"median over seeds": {key: statistics.median(run[key] for run in runs) for key in METRICS},
             "runs": runs}
 
@@ -255,17 +267,17 @@ def calibrate(measured_file: Path) -> dict:
     measured = json.loads(measured_file.read_text())
     records = measured["records"]
     items = workload(measured["args"]["seed"], len(records), float(measured["args"]["request_rate"]))
-    before, before_loads = simulate(LARGE, items, SchedulerConfig(max_batch_tokens=4096, drain_after_s=2.0),
-                                    ArrivalOrderCore)
-    after, after_loads = simulate(LARGE, items, SchedulerConfig(max_batch_tokens=4096))
+    before = simulate(LARGE, items, SchedulerConfig(max_batch_tokens=4096, drain_after_s=2.0), ArrivalOrderCore)
+    after = simulate(LARGE, items, SchedulerConfig(max_batch_tokens=4096))
     observed = [RequestResult(r["ttft_ms"], r["e2e_ms"], r["output_tokens"]) for r in records]
     fast = 150.0  # ms: a request that found its adapter in a slot, or a slot to load it into
     return {"measured": {**summarize(observed), "loads": measured["stats"]["loads_started"]},
-            "simulated, its policy": {**summarize(before), "loads": before_loads},
-            "ttft_correlation": statistics.correlation([r.ttft_ms for r in observed], [r.ttft_ms for r in before]),
+            "simulated, its policy": {**summarize(before.results), "loads": before.loads},
+            "ttft_correlation": statistics.correlation([r.ttft_ms for r in observed],
+                                                       [r.ttft_ms for r in before.results]),
             "requests_fast_in_both_or_slow_in_both": sum((o.ttft_ms < fast) == (s.ttft_ms < fast)
-                                                         for o, s in zip(observed, before)),
-            "predicted, this policy": {**summarize(after), "loads": after_loads}}
+                                                         for o, s in zip(observed, before.results)),
+            "predicted, this policy": {**summarize(after.results), "loads": after.loads, "pauses": after.pauses}}
 
 
 def main() -> None:
@@ -274,6 +286,10 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     parser.add_argument("--drain-after-s", type=float, nargs="+", default=[SchedulerConfig.drain_after_s],
                         help="SchedulerConfig.drain_after_s values to compare (inf: never drain)")
+    parser.add_argument("--pause-tokens-ratio", type=float, nargs="+", default=[SchedulerConfig.pause_tokens_ratio],
+                        help="SchedulerConfig.pause_tokens_ratio values to compare (inf: never pause)")
+    parser.add_argument("--max-pauses-per-request", type=int, nargs="+",
+                        default=[SchedulerConfig.max_pauses_per_request])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--num-prompts", type=int, default=100)
     parser.add_argument("--request-rate", type=float, default=4.0)
@@ -289,12 +305,16 @@ def main() -> None:
     for set_name in args.sets:
         for policy in args.policies:
             for drain_after_s in args.drain_after_s:
-                name = f"{set_name} {policy} drain_after_s={drain_after_s:g}"
-                adapters = replace(SETS[set_name], steps=SETS[set_name].steps.scaled(args.step_scale))
-                results[name] = sweep(adapters, POLICIES[policy], drain_after_s, args.seeds,
-                                      args.num_prompts, args.request_rate)
-                figures = results[name]["median over seeds"]
-                print(name, " ".join(f"{key}={value:.1f}" for key, value in figures.items()), flush=True)
+                for ratio, max_pauses in itertools.product(args.pause_tokens_ratio, args.max_pauses_per_request):
+                    name = (f"{set_name} {policy} drain_after_s={drain_after_s:g} pause_tokens_ratio={ratio:g}"
+                            f" max_pauses_per_request={max_pauses}")
+                    config = SchedulerConfig(max_batch_tokens=4096, drain_after_s=drain_after_s,
+                                             pause_tokens_ratio=ratio, max_pauses_per_request=max_pauses)
+                    adapters = replace(SETS[set_name], steps=SETS[set_name].steps.scaled(args.step_scale))
+                    results[name] = sweep(adapters, POLICIES[policy], config, args.seeds, args.num_prompts,
+                                          args.request_rate)
+                    figures = results[name]["median over seeds"]
+                    print(name, " ".join(f"{key}={value:.3g}" for key, value in figures.items()), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

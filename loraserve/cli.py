@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 
 from loraserve.bench import add_bench_parser
-from loraserve.flags import add_logging_flags, name_value_pairs
+from loraserve.flags import PAUSE_TOKENS_RATIO_HELP, add_logging_flags, name_value_pairs, pause_tokens_ratio
 from loraserve.logs import configure_logging
 from loraserve.launcher import ServeConfig, serve
 from loraserve.timeline import add_timeline_parsers
@@ -37,6 +37,8 @@ def add_serve_parser(commands) -> None:
     overlap.add_argument("--disable-lora-overlap-loading", dest="overlap", action="store_false")
     parser.add_argument("--pipelined-loads", action="store_true",
                         help="idle server: start a request while its adapter's copy runs (per-layer waits)")
+    parser.add_argument("--pause-tokens-ratio", type=pause_tokens_ratio,
+                        help=PAUSE_TOKENS_RATIO_HELP + " (default: the scheduler's)")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--num-kv-pages", type=int, default=2048)
     parser.add_argument("--host-cache-gb", type=float, default=4.0)
@@ -93,6 +95,7 @@ def run_serve(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca,
         cuda_graphs=not args.disable_cuda_graphs, pipelined_loads=args.pipelined_loads,
         mixed_graphs=not args.disable_mixed_graphs, overlap_schedule=not args.disable_overlap_schedule,
+        pause_tokens_ratio=args.pause_tokens_ratio,
     )
     return serve(config)
 

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 
 from loraserve.logs import LOG_FORMATS
+from scheduler.config import SchedulerConfig
 
 
 def name_value_pairs(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -21,6 +22,18 @@ def name_value_pairs(values: list[str] | None, flag: str) -> dict[str, str]:
             raise argparse.ArgumentTypeError(f"{flag} expects NAME=VALUE, got {item!r}")
         pairs[name] = value
     return pairs
+
+
+def pause_tokens_ratio(value: str) -> float:
+    """--pause-tokens-ratio, checked as SchedulerConfig checks it."""
+    try:
+        return SchedulerConfig(pause_tokens_ratio=float(value)).pause_tokens_ratio
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+PAUSE_TOKENS_RATIO_HELP = ("slot preemption: a request finding every slot busy pauses a running one alone on its "
+                           "slot with this many times its tokens left (inf: never)")
 
 
 def add_logging_flags(parser: argparse.ArgumentParser) -> None:

@@ -52,6 +52,7 @@ class ServeConfig:
     overlap_loading: bool = True
     pipelined_loads: bool = False
     overlap_schedule: bool = True  # the next step is sent while the worker runs the current one
+    pause_tokens_ratio: float | None = None  # slot preemption; None: the scheduler's default
     page_size: int = 16
     num_kv_pages: int = 2048
     host_cache_bytes: int = 4 << 30
@@ -115,6 +116,8 @@ def process_commands(config: ServeConfig, addresses: Addresses, files: RuntimeFi
                  "--enable-lora-overlap-loading" if config.overlap_loading else "--disable-lora-overlap-loading",
                  *(["--pipelined-loads"] if config.pipelined_loads else []),
                  *([] if config.overlap_schedule else ["--disable-overlap-schedule"]),
+                 *_optional("--pause-tokens-ratio", None if config.pause_tokens_ratio is None
+                            else str(config.pause_tokens_ratio)),
                  "--max-batch-tokens", str(config.max_batch_tokens),
                  "--max-running-requests", str(config.max_running_requests),
                  "--max-queued-requests", str(config.max_queued_requests), *logging_flags,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from loraserve.flags import add_logging_flags, die_with_parent, name_value_pairs, on_termination
+from loraserve.flags import (PAUSE_TOKENS_RATIO_HELP, add_logging_flags, die_with_parent, name_value_pairs,
+                             on_termination, pause_tokens_ratio)
 from loraserve.logs import configure_logging
 from scheduler.config import SchedulerConfig
 from scheduler.service import SchedulerService, SchedulerServiceConfig
@@ -23,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--pipelined-loads", action="store_true",
                         help="idle server: start a request while its adapter's copy runs (per-layer waits)")
+    parser.add_argument("--pause-tokens-ratio", type=pause_tokens_ratio, default=SchedulerConfig.pause_tokens_ratio,
+                        help=PAUSE_TOKENS_RATIO_HELP)
     parser.add_argument("--disable-overlap-schedule", action="store_true",
                         help="wait for each step's tokens before sending the next (the GPU idles meanwhile)")
     parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         max_queued_requests=args.max_queued_requests, max_batch_tokens=args.max_batch_tokens,
         initial_adapters=name_value_pairs(args.lora_paths, "--lora-paths"), prefetch=args.prefetch,
         adapter_root=args.adapter_root, registry_file=args.registry_file,
-        max_forwards_in_flight=1 if args.disable_overlap_schedule else 2,
+        max_forwards_in_flight=1 if args.disable_overlap_schedule else 2, pause_tokens_ratio=args.pause_tokens_ratio,
     )
     service = SchedulerService(SchedulerServiceConfig(args.frontend_address, args.worker_address, config))
     on_termination(lambda: setattr(service, "stopping", True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -21,9 +22,22 @@ class SchedulerConfig:
     # waiting per layer on the copy. Off by default: a request arriving during the copy waits
     # behind that forward, which costs little only when copies are short (GPU, pinned cache).
     pipelined_loads: bool = False
+    # Slot preemption: a request that finds every slot referenced pauses the running request
+    # with the most tokens left whose adapter runs nothing else, if it has at least this many
+    # times the tokens the waiting one asks for (shortest remaining first). The paused request
+    # keeps its KV pages and resumes once its adapter holds a slot again. inf: never pause.
+    pause_tokens_ratio: float = 1.5  # benchmarks/slot_policy_sim.py; NOTES.md "Slot preemption"
+    max_pauses_per_request: int = 1  # bounds the delay one request takes from preemption
     prefetch: bool = True  # stage idle adapters into host memory and free slots ahead of demand
     # 2: the next step is sent while the worker runs the current one (the GPU never waits for
     # the scheduler); 1: the scheduler waits for each step's tokens (--disable-overlap-schedule).
     max_forwards_in_flight: int = 2
     adapter_root: str | None = None  # set: LoadAdapter accepts only paths inside this directory
     registry_file: str | None = None  # set: adapters loaded at run time, kept across scheduler restarts
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.pause_tokens_ratio) or self.pause_tokens_ratio <= 1:
+            raise ValueError(f"pause_tokens_ratio must exceed 1 (inf: never pause), not {self.pause_tokens_ratio}: "
+                             "at 1 or less two requests could pause each other in turn")
+        if self.max_pauses_per_request < 0:
+            raise ValueError(f"max_pauses_per_request must be 0 or more, not {self.max_pauses_per_request}")

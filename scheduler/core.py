@@ -11,11 +11,17 @@ Steps are scheduled one ahead (`max_forwards_in_flight`, 2 by default): the next
 sent while the worker runs the current one, so the GPU never waits for this process. A
 request whose token is still being sampled decodes it blind (`previous_token`: the worker
 feeds it on the GPU); if that token ends the request, the extra step's token is dropped.
+
+Slot preemption (`pause_tokens_ratio`): a request that finds every slot referenced may pause
+a much longer running request that is alone on its slot. The victim leaves the batches at
+once but pauses only when no forward in flight holds it; it keeps its KV pages and queues
+again, and on resumption feeds its last sampled token as an ordinary input.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -47,6 +53,7 @@ class Counters:
     forward_steps: int = 0
     loads_started: int = 0
     loads_finished: int = 0
+    requests_paused: int = 0
     worker_forward_seconds: float = 0.0
     scheduler_step_seconds: float = 0.0
 
@@ -58,6 +65,14 @@ UnloadDone = Callable[[], None]
 class InFlightForward:
     members: list[Request]
     sampling: list[Request]  # the members that sample a token in it
+
+
+@dataclass(frozen=True)
+class Reclaim:
+    """A slot freed for `for_adapter` by pausing `victim`, the only request running on it."""
+
+    victim: Request
+    for_adapter: str
 
 
 @dataclass
@@ -84,6 +99,7 @@ class SchedulerCore:
         # Slots that admit no new request until their running ones finish and the slot goes to
         # an adapter that waits for one. Sticky: a drain is never abandoned halfway.
         self.draining: dict[int, str] = {}  # slot -> the adapter it is draining
+        self.reclaims: dict[int, Reclaim] = {}  # slot -> its pending reclaim; the slot admits no one
         self._wanting_slot: set[str] = set()  # adapters refused a slot in this admission pass
         self._idle_before_admission = True  # no request ran when this admission pass began
         self.forwards_in_flight: deque[InFlightForward] = deque()  # oldest first
@@ -238,39 +254,50 @@ class SchedulerCore:
         self.draining = {slot: name for slot, name in self.draining.items()
                          if self._wanting_slot and self.adapters.slot_owner[slot] == name}
         self._wanting_slot = set()
+        self._settle_reclaims(now)
         self._idle_before_admission = not self.running
         for request in self._admission_order(now):
             if len(self.running) >= self.config.max_running_requests:
                 return
-            if not self._adapter_ready(request):
+            if not self._adapter_ready(request, now):
                 continue
-            if not self.pages.can_allocate(len(request.prompt) + request.sampling.max_new_tokens):
+            if request.phase is Phase.PAUSED:
+                self._resume(request, now)
+                continue
+            if not self.pages.can_allocate(self._pages_tokens(request)):
                 return  # later requests in this order wait behind this one for pages
             self._start_running(request, now)
+
+    @staticmethod
+    def _pages_tokens(request: Request) -> int:
+        return len(request.prompt) + request.sampling.max_new_tokens
 
     def _admission_order(self, now: float) -> list[Request]:
         """Requests that have waited `drain_after_s` first, oldest first (they may drain a slot);
         then those whose adapter holds a slot, so they reference it before another request looks
         for an idle slot to take; then the rest by fewest new tokens. That order decides who
         takes a slot that frees: with more adapters asked for than slots, the request that gives
-        it back soonest lets the most requests start (shortest job first). max_new_tokens is
-        exact for requests that ignore EOS and a bound for others; ties keep arrival order."""
+        it back soonest lets the most requests start (shortest job first). Tokens left is
+        exact for requests that ignore EOS and a bound for others; ties keep queue order. A
+        paused request counts its queued time before admission and while paused, and queues
+        again behind the requests waiting when it paused."""
         def key(request: Request) -> tuple[int, int]:
-            if now - request.arrival >= self.config.drain_after_s:
+            if request.waited_s(now) >= self.config.drain_after_s:
                 return 0, 0
             if not request.adapter or self.adapters[request.adapter].slot is not None:
                 return 1, 0
-            return 2, request.sampling.max_new_tokens
+            return 2, request.tokens_left
 
         return sorted(self.waiting, key=key)
 
-    def _adapter_ready(self, request: Request) -> bool:
+    def _adapter_ready(self, request: Request, now: float) -> bool:
         if not request.adapter:
             return True
         adapter = self.adapters[request.adapter]
         if adapter.state is AdapterState.RESIDENT:
-            return adapter.slot not in self.draining
-        if not self._ensure_loading(adapter, waited_s=time.monotonic() - request.arrival):
+            return adapter.slot not in self.draining and adapter.slot not in self.reclaims
+        if not self._ensure_loading(adapter, waited_s=request.waited_s(now)):
+            self._reclaim_slot_for(request, adapter)
             return False
         # Blocking mode: the copy is done before the next forward. Pipelined loads on an idle
         # server: the request starts at once (the worker starts every load when it arrives, one
@@ -341,9 +368,76 @@ class SchedulerCore:
                 left = request.sampling.max_new_tokens - len(request.generated)
                 tokens_left[request.slot] = max(tokens_left.get(request.slot, 0), left)
         candidates = [slot for slot, owner in enumerate(self.adapters.slot_owner)
-                      if owner is not None and slot not in self.draining
+                      if owner is not None and slot not in self.draining and slot not in self.reclaims
                       and self.adapters[owner].state is AdapterState.RESIDENT]
         return min(candidates, key=lambda slot: tokens_left.get(slot, 0), default=None)
+
+    # Slot preemption ---------------------------------------------------------------------
+
+    def _reclaim_slot_for(self, request: Request, adapter: Adapter) -> None:
+        """Every slot is referenced: marks the running request with the most tokens left, alone
+        on its slot, to pause, if it has `pause_tokens_ratio` times the tokens `request` asks
+        for. One reclaim at a time per adapter; none where a slot would not let `request` start
+        (no host room for the adapter, or no KV pages for a new request)."""
+        if (math.isinf(self.config.pause_tokens_ratio) or adapter.slot is not None
+                or any(reclaim.for_adapter == adapter.name for reclaim in self.reclaims.values())
+                or self.adapters.free_slot() is not None or self.adapters.slot_victim() is not None
+                or (adapter.state is AdapterState.ON_DISK and not self.adapters.host_has_room(adapter))
+                or (request.phase is Phase.WAITING and not self.pages.can_allocate(self._pages_tokens(request)))):
+            return
+        victim = self._pause_victim(request.tokens_left * self.config.pause_tokens_ratio)
+        if victim is not None:
+            self.reclaims[victim.slot] = Reclaim(victim, adapter.name)
+
+    def _pause_victim(self, min_tokens_left: float) -> Request | None:
+        pausing = {id(reclaim.victim) for reclaim in self.reclaims.values()}
+        candidates = [r for r in self.running
+                      if r.adapter and id(r) not in pausing and r.tokens_left >= min_tokens_left
+                      and r.pauses < self.config.max_pauses_per_request and r.slot not in self.draining
+                      and self.adapters[r.adapter].references == 1
+                      and self.adapters[r.adapter].state is AdapterState.RESIDENT]
+        return max(candidates, key=lambda r: r.tokens_left, default=None)
+
+    def _settle_reclaims(self, now: float) -> None:
+        """Pauses marked requests that no forward in flight holds any more (their last token is
+        back); ends reclaims whose slot changed hands or whose adapter no longer needs one (a
+        victim still running then simply goes on)."""
+        in_flight = {id(r) for step in self.forwards_in_flight for r in step.members}
+        for slot, reclaim in list(self.reclaims.items()):
+            wanted = self.adapters.adapters.get(reclaim.for_adapter)
+            if (self.adapters.slot_owner[slot] != reclaim.victim.adapter or wanted is None
+                    or wanted.waiting == 0 or wanted.slot is not None):
+                del self.reclaims[slot]
+            elif reclaim.victim.phase is Phase.RUNNING and id(reclaim.victim) not in in_flight:
+                self._pause(reclaim.victim, now)
+
+    def _pause(self, request: Request, now: float) -> None:
+        self.running.remove(request)
+        request.phase = Phase.PAUSED
+        request.pauses += 1
+        request.waiting_since = now
+        self.waiting.append(request)
+        adapter = self.adapters[request.adapter]
+        adapter.references -= 1
+        adapter.waiting += 1
+        adapter.last_used = now
+        self.counters.requests_paused += 1
+        log.debug("request paused", extra={"request_id": request.request_id, "slot": request.slot,
+                                           "tokens_left": request.tokens_left})
+
+    def _resume(self, request: Request, now: float) -> None:
+        """Back on its adapter's slot, with the KV pages it kept; its next input is its last
+        sampled token, sent as tokens (the forward that sampled it is long answered)."""
+        self.waiting.remove(request)
+        request.waited_before_s += now - request.waiting_since
+        request.phase = Phase.RUNNING
+        adapter = self.adapters[request.adapter]
+        adapter.waiting -= 1
+        adapter.references += 1
+        adapter.last_used = now
+        request.slot = adapter.slot
+        self.running.append(request)
+        log.debug("request resumed", extra={"request_id": request.request_id, "slot": request.slot})
 
     def _make_host_room(self, adapter: Adapter) -> bool:
         while not self.adapters.host_has_room(adapter):
@@ -371,9 +465,10 @@ class SchedulerCore:
 
     def _start_running(self, request: Request, now: float) -> None:
         self.waiting.remove(request)
+        request.waited_before_s = now - request.arrival
         request.phase = Phase.RUNNING
         request.admitted_at = now
-        request.pages = self.pages.allocate(len(request.prompt) + request.sampling.max_new_tokens)
+        request.pages = self.pages.allocate(self._pages_tokens(request))
         if request.adapter:
             adapter = self.adapters[request.adapter]
             adapter.waiting -= 1
@@ -393,8 +488,9 @@ class SchedulerCore:
         budget = self.config.max_batch_tokens
         batch = pb.Forward()
         step = InFlightForward([], [])
-        decodes = [r for r in self.running if not r.in_prefill]
-        prefills = [r for r in self.running if r.in_prefill]
+        pausing = {id(reclaim.victim) for reclaim in self.reclaims.values()}
+        decodes = [r for r in self.running if not r.in_prefill and id(r) not in pausing]
+        prefills = [r for r in self.running if r.in_prefill and id(r) not in pausing]
         for request in decodes + prefills:
             if budget <= 0:
                 break
@@ -512,18 +608,18 @@ class SchedulerCore:
     def _drop(self, request: Request) -> None:
         """Releases everything the request holds."""
         self.requests.pop(request.request_id, None)
-        if request.phase is Phase.WAITING:
+        if request.phase in (Phase.WAITING, Phase.PAUSED):
             self.waiting.remove(request)
             if request.adapter in self.adapters:
                 self.adapters[request.adapter].waiting -= 1
         elif request.phase is Phase.RUNNING:
             self.running.remove(request)
-            self.pages.release(request.pages)
-            request.pages = []
             if request.adapter in self.adapters:
                 adapter = self.adapters[request.adapter]
                 adapter.references -= 1
                 adapter.last_used = time.monotonic()
+        self.pages.release(request.pages)  # a paused request keeps its pages
+        request.pages = []
         request.phase = Phase.FINISHED
         self._complete_unloads()
 

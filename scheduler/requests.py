@@ -12,6 +12,7 @@ from protos.loraserve.v1 import internal_pb2, serving_pb2
 class Phase(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PAUSED = "paused"  # queued again for a slot, keeping its KV pages (slot preemption)
     FINISHED = "finished"
 
 
@@ -65,6 +66,21 @@ class Request:
     admitted_at: float | None = None
     adapter_ready_at: float | None = None
     first_token_at: float | None = None
+    waiting_since: float | None = None  # the arrival, or the last pause
+    waited_before_s: float = 0.0  # queued before the last admission or resumption, in all
+    pauses: int = 0
+
+    def __post_init__(self) -> None:
+        if self.waiting_since is None:
+            self.waiting_since = self.arrival
+
+    def waited_s(self, now: float) -> float:
+        """Time spent queued for a slot, before admission and while paused: what anti-starvation counts."""
+        return self.waited_before_s + (now - self.waiting_since if self.phase is not Phase.RUNNING else 0.0)
+
+    @property
+    def tokens_left(self) -> int:
+        return self.sampling.max_new_tokens - len(self.generated)
 
     @property
     def num_tokens(self) -> int:

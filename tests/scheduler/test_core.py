@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from scheduler.pages import PageAllocator
 from tests.scheduler.fake_worker import EOS, FakeWorker, hello, token_for
 
 CLIENT = b"frontend-1"
+NO_PREEMPTION = math.inf  # a pause would free a slot before the drain or order under test decides
 
 
 def make(overlap: bool = True, adapters: tuple[str, ...] = ("a", "b", "c"), **config) -> FakeWorker:
@@ -197,7 +199,7 @@ def test_waiting_request_is_not_starved_by_a_stream_of_ready_ones():
 
 def test_a_slot_drains_only_once_the_waiting_request_has_waited_drain_after_s():
     """Before that, slots usually free on their own; a drain would hold back resident requests."""
-    worker = make(adapters=("a", "b", "c"), drain_after_s=0.2)
+    worker = make(adapters=("a", "b", "c"), drain_after_s=0.2, pause_tokens_ratio=NO_PREEMPTION)
     fill_both_slots_then_wait_for_c(worker, running_tokens=50)
     for i in range(1, 4):
         submit(worker, f"a{i}", "a", max_new_tokens=3)
@@ -218,7 +220,7 @@ def loads_of(worker: FakeWorker) -> list[str]:
 def slot_freed_for_c0_and_d0(drain_after_s: float, a0_tokens: int, c0_waits_s: float = 0.0) -> FakeWorker:
     """a0 and b0 hold both slots; c0 (40 tokens) arrives, `c0_waits_s` later d0 (2 tokens);
     runs until a0 finished and the step after (its slot went to c0 or d0)."""
-    worker = make(adapters=("a", "b", "c", "d"), drain_after_s=drain_after_s)
+    worker = make(adapters=("a", "b", "c", "d"), drain_after_s=drain_after_s, pause_tokens_ratio=NO_PREEMPTION)
     submit(worker, "a0", "a", max_new_tokens=a0_tokens)
     submit(worker, "b0", "b", max_new_tokens=50)
     worker.step()
@@ -354,7 +356,8 @@ def test_host_cache_stays_within_its_entry_bound():
 def test_a_drain_is_sticky_and_waiting_adapters_get_a_slot_each():
     """4 slots busy, 2 adapters waiting: 2 slots drain (those with the fewest tokens left) and
     keep draining while new requests for their adapters arrive, then go to the waiting ones."""
-    worker = FakeWorker(SchedulerCore(SchedulerConfig(prefetch=False, max_draining_slots=2, drain_after_s=0),
+    worker = FakeWorker(SchedulerCore(SchedulerConfig(prefetch=False, max_draining_slots=2, drain_after_s=0,
+                                                      pause_tokens_ratio=NO_PREEMPTION),
                                       hello(max_loras_per_batch=4, max_loaded_loras=8, num_kv_pages=512)))
     for name in "abcdef":
         worker.register(name)

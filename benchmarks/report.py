@@ -16,9 +16,9 @@ RESULTS = Path(__file__).parent / "results"
 # Per set: the latest run of all three modes, and the latest overlap-on run (the figure
 # compared with SGLang), which may be newer.
 ALL_MODES = {"large": RESULTS / "h200-seed-large-a6a4a22", "small": RESULTS / "h200-seed-small-pipelined"}
-OVERLAP_ON = {"large": RESULTS / "h200-seed-large-dde4cbb", "small": RESULTS / "h200-seed-small-dde4cbb"}
-# Earlier overlap-on runs of the large set, whose median TTFT fell on the other side of the jump.
-LARGE_EARLIER = (RESULTS / "h200-seed-large-e9d0037",)
+OVERLAP_ON = {"large": RESULTS / "h200-seed-large-a140306", "small": RESULTS / "h200-seed-small-dde4cbb"}
+# Earlier overlap-on runs of the large set, without slot preemption (its median TTFT sat on the jump).
+LARGE_EARLIER = (RESULTS / "h200-seed-large-dde4cbb", RESULTS / "h200-seed-large-e9d0037")
 SMALL16 = RESULTS / "h200-seed-small-graphs"  # the 16 requests/s run, not repeated since
 # SGLang on one H200, overlapped loading, the seed's workload (../shared/BENCHMARK.md).
 SGLANG = {"large": {"median TPOT": 7.76, "median TTFT": 164, "mean E2E": 4530},
@@ -71,8 +71,8 @@ def large_ttft_starts() -> str:
 
     runs = "; ".join(starts(d) for d in (OVERLAP_ON["large"], *LARGE_EARLIER))
     return (f"- Large adapters, overlap on: first token within SGLang's median TTFT ({bound} ms) for {runs}. "
-            "Requests either find a slot (tens of ms) or wait for one (hundreds), so the median sits on that "
-            "jump and moves with a few requests.")
+            "Requests either find a slot (tens of ms) or wait for one (hundreds); without slot preemption "
+            "(the two earlier runs) the median sat on that jump and moved with a few requests.")
 
 
 def report() -> str:
@@ -84,8 +84,9 @@ def report() -> str:
     lines = [
         "One NVIDIA H200, Llama-3.1-8B shape with dummy bf16 weights, "
         "`python benchmarks/seed_workload.py --out-dir OUT --sets large` and `--sets small`. "
-        f"Overlap on: commit {commit(on['large'])} (`benchmarks/results/{on['large'].name}/`, "
-        f"`{on['small'].name}/`, run with `--modes on`); overlap off and all-resident: large at "
+        f"Overlap on (run with `--modes on`): large at {commit(on['large'])} "
+        f"(`benchmarks/results/{on['large'].name}/`), small at {commit(on['small'])} (`{on['small'].name}/`); "
+        "overlap off and all-resident: large at "
         f"{commit(full['large'])} (`{full['large'].name}/`), small at {commit(full['small'])} "
         f"(`{full['small'].name}/`).",
         "",

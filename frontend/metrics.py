@@ -141,6 +141,9 @@ class SchedulerCollector(Collector):
         for name, documentation, value in gauges:
             yield GaugeMetricFamily(name, documentation, value=value)
         yield CounterMetricFamily("loraserve_forward_steps", "Forwards the worker ran", value=stats.forward_steps)
+        yield CounterMetricFamily("loraserve_requests_paused",
+                                  "Running requests paused to free their adapter's slot for a shorter one",
+                                  value=stats.requests_paused)
         yield CounterMetricFamily("loraserve_scheduler_step_seconds",
                                   "Scheduler time from a forward's result to the next forward sent",
                                   value=stats.scheduler_step_seconds)

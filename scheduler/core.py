@@ -647,6 +647,7 @@ class SchedulerCore:
             requests_finished=c.requests_finished, requests_aborted=c.requests_aborted,
             forward_steps=c.forward_steps, loads_started=c.loads_started, loads_finished=c.loads_finished,
             worker_forward_seconds=c.worker_forward_seconds, scheduler_step_seconds=c.scheduler_step_seconds,
+            requests_paused=c.requests_paused,
         )
 
     def metrics_snapshot(self) -> pb.MetricsSnapshot:

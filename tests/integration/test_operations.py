@@ -197,6 +197,7 @@ def test_metrics_move_as_the_requests_and_loads_say(ops_server):
     assert delta("loraserve_adapter_loaded_bytes_total", tier="gpu") >= loads * min(sizes.values())
     assert delta("loraserve_forward_steps_total") >= sum(u.completion_tokens for u in usages)
     assert delta("loraserve_worker_forward_seconds_count") == delta("loraserve_forward_steps_total")
+    assert ("loraserve_requests_paused_total", ()) in after, "slot preemption's counter is exported"
     assert value(after, "loraserve_adapter_gpu_slots_used") == 2
     assert value(after, "loraserve_adapter_host_cache_used_bytes") >= sum(sizes.values())
 

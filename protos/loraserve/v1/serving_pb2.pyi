@@ -227,7 +227,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("waiting_requests", "running_requests", "kv_pages_used", "kv_pages_total", "slot_references", "slots_used", "host_cache_bytes", "requests_finished", "requests_aborted", "forward_steps", "loads_started", "loads_finished", "worker_forward_seconds", "scheduler_step_seconds")
+    __slots__ = ("waiting_requests", "running_requests", "kv_pages_used", "kv_pages_total", "slot_references", "slots_used", "host_cache_bytes", "requests_finished", "requests_aborted", "forward_steps", "loads_started", "loads_finished", "worker_forward_seconds", "scheduler_step_seconds", "requests_paused")
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_USED_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,7 @@ class ServerStats(_message.Message):
     LOADS_FINISHED_FIELD_NUMBER: _ClassVar[int]
     WORKER_FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PAUSED_FIELD_NUMBER: _ClassVar[int]
     waiting_requests: int
     running_requests: int
     kv_pages_used: int
@@ -256,7 +257,8 @@ class ServerStats(_message.Message):
     loads_finished: int
     worker_forward_seconds: float
     scheduler_step_seconds: float
-    def __init__(self, waiting_requests: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., slot_references: _Optional[int] = ..., slots_used: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., forward_steps: _Optional[int] = ..., loads_started: _Optional[int] = ..., loads_finished: _Optional[int] = ..., worker_forward_seconds: _Optional[float] = ..., scheduler_step_seconds: _Optional[float] = ...) -> None: ...
+    requests_paused: int
+    def __init__(self, waiting_requests: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., slot_references: _Optional[int] = ..., slots_used: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., forward_steps: _Optional[int] = ..., loads_started: _Optional[int] = ..., loads_finished: _Optional[int] = ..., worker_forward_seconds: _Optional[float] = ..., scheduler_step_seconds: _Optional[float] = ..., requests_paused: _Optional[int] = ...) -> None: ...
 
 class GetTimelineRequest(_message.Message):
     __slots__ = ()

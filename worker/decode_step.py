@@ -365,7 +365,7 @@ class _StaticLora:
 
     def start_deltas(self, x: torch.Tensor, layer: int, modules: Sequence[str]) -> None:
         adapted = tuple(m for m in modules if m in self.slots.a)
-        if self.side_stream is None or not self.use_triton or not adapted:
+        if self.side_stream is None or not adapted:  # a side stream exists only on CUDA (Triton)
             return
         self.side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side_stream):

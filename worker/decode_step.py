@@ -26,6 +26,7 @@ every layer), so the mixed buckets are captured this way up front, decode bucket
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -51,7 +52,7 @@ from worker.kernels.multi_lora import (
 )
 from worker.kv_cache import PagedKVCache
 from worker.lora.slots import LoraSlots
-from worker.model.llama import LlamaModel
+from worker.model.llama import LORA_GROUPS, LlamaModel
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 MIXED_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -221,8 +222,9 @@ class DecodeRunner:
         # The multi-LoRA kernels' scratch, shared by every shape (graphs never run concurrently).
         max_tokens = max(self.max_batch, MIXED_TOKEN_BUCKETS[-1] if mixed else 0)
         max_in = max((a.shape[-1] for a in slots.a.values()), default=1)
+        delta_columns = max(sum(slots.b_t[m].shape[-1] for m in group if m in slots.b_t) for group in LORA_GROUPS)
         self._lora_scratch = LoraScratch.allocate(max_tokens, max_in, slots.max_rank, slots.num_slots, model.dtype,
-                                                  self.device)
+                                                  self.device, delta_columns=delta_columns)
 
     def supports(self, sequences: Sequence[SequenceInput]) -> bool:
         if len(sequences) > self.max_batch:
@@ -340,14 +342,26 @@ class DecodeRunner:
                                          inputs.device("kv_write"), self.kv_cache, lora, attend)
 
 
+@dataclass(frozen=True)
+class _StartedGroup:
+    """A group whose LoRA work was launched on the side stream beside its base GEMM."""
+
+    layer: int
+    modules: tuple[str, ...]
+    deltas: torch.Tensor | None  # [T, the modules' outputs side by side] if the expand ran there too
+
+
 class _StaticLora:
     """The model's LoRA hook over the static buffers; waits per layer only if a load is landing.
 
-    With a side stream (CUDA), each group's shrink runs on it beside the base GEMM of the same
-    input (both read memory at small batch, and neither alone fills the GPU); the expand, which
-    adds into the GEMM's output, runs on the step's stream once both are done. The side stream
-    forks after any per-layer wait and joins within the group, so a captured graph's parts
-    each begin and end on the step's stream."""
+    With a side stream (CUDA), each group's LoRA runs on it beside the base GEMM of the same
+    input: both read memory at small batch, neither alone keeps the GPU's memory busy, and
+    the LoRA kernels' launch and ramp gaps hide behind the GEMM. For decode-sized batches the
+    whole delta (shrink, then expand into `LoraScratch.deltas`) runs there and the step's
+    stream adds it to the GEMM's output after both; larger batches (compute-bound, deltas
+    too big to stage) run only the shrink there and the expand on the step's stream. The
+    side stream forks after any per-layer wait and joins within the group, so a captured
+    graph's parts each begin and end on the step's stream."""
 
     def __init__(self, slots: LoraSlots, inputs: StaticInputs, *, use_triton: bool,
                  wait_for_layer: Callable[[int], None] | None = None,
@@ -357,7 +371,7 @@ class _StaticLora:
         self.use_triton = use_triton
         self.wait_for_layer = wait_for_layer
         self.side_stream = side_stream
-        self._started: tuple[int, tuple[str, ...]] | None = None  # the group whose shrink is on the side stream
+        self._started: _StartedGroup | None = None
 
     def before_layer(self, layer: int) -> None:
         if self.wait_for_layer is not None:
@@ -367,11 +381,26 @@ class _StaticLora:
         adapted = tuple(m for m in modules if m in self.slots.a)
         if self.side_stream is None or not adapted:  # a side stream exists only on CUDA (Triton)
             return
+        blocks, scratch = self.inputs.device("blocks"), self.inputs.lora_scratch
+        deltas = self._deltas_buffer(x.shape[0], adapted)
         self.side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side_stream):
-            lora_shrink(x, [self.slots.a[m][layer] for m in adapted], self.inputs.device("blocks"),
-                        self.inputs.lora_scratch)
-        self._started = (layer, adapted)
+            lora_shrink(x, [self.slots.a[m][layer] for m in adapted], blocks, scratch)
+            if deltas is not None:
+                deltas.zero_()  # tokens without an adapter get no block
+                lora_expand([self.slots.b_t[m][layer] for m in adapted], self._split(deltas, adapted), blocks,
+                            scratch)
+        self._started = _StartedGroup(layer, adapted, deltas)
+
+    def _deltas_buffer(self, num_tokens: int, modules: Sequence[str]) -> torch.Tensor | None:
+        staging = self.inputs.lora_scratch.deltas
+        columns = sum(self.slots.b_t[m].shape[-1] for m in modules)
+        if num_tokens > staging.shape[0] or columns > staging.shape[1]:
+            return None
+        return staging[:num_tokens, :columns]
+
+    def _split(self, deltas: torch.Tensor, modules: Sequence[str]) -> list[torch.Tensor]:
+        return list(deltas.split([self.slots.b_t[m].shape[-1] for m in modules], dim=1))
 
     def add_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]]) -> None:
         adapted = [(module, out) for module, out in outputs if module in self.slots.a]
@@ -384,8 +413,28 @@ class _StaticLora:
             for module in group:
                 add_lora_delta_reference(module.out, x, module.a, module.b_t, self.inputs.device("token_slots"),
                                          self.slots.max_rank)
-        elif started == (layer, tuple(module for module, _ in adapted)):
+        elif started is not None and (started.layer, started.modules) == (layer, tuple(m for m, _ in adapted)):
             torch.cuda.current_stream().wait_stream(self.side_stream)
-            lora_expand([m.b_t for m in group], [m.out for m in group], blocks, self.inputs.lora_scratch)
+            outs = [m.out for m in group]
+            if started.deltas is None:
+                lora_expand([m.b_t for m in group], outs, blocks, self.inputs.lora_scratch)
+            else:
+                _add_side_by_side(outs, started.deltas)
         else:
             add_lora_deltas(x, group, blocks, self.inputs.lora_scratch)
+
+
+def _add_side_by_side(outs: Sequence[torch.Tensor], deltas: torch.Tensor) -> None:
+    """outs[i] += the i-th column range of deltas; one kernel when the outputs are adjacent
+    column ranges of one matrix (the fused q/k/v and gate/up outputs)."""
+    first = outs[0]
+    columns = sum(out.shape[1] for out in outs)
+    offsets = itertools.accumulate((out.shape[1] for out in outs[:-1]), initial=first.storage_offset())
+    adjacent = all(out.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                   and out.stride() == first.stride() and out.storage_offset() == offset
+                   for out, offset in zip(outs, offsets))
+    if adjacent:
+        first.as_strided((first.shape[0], columns), first.stride(), first.storage_offset()).add_(deltas)
+    else:
+        for out, delta in zip(outs, deltas.split([out.shape[1] for out in outs], dim=1)):
+            out.add_(delta)

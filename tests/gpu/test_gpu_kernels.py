@@ -21,7 +21,7 @@ from worker.kernels.decode_attention import (
     ragged_attention_reference,
 )
 from worker.kernels.lora_blocks import attention_blocks, lora_blocks
-from worker.kernels.multi_lora import LoraScratch, ModuleDelta, add_lora_delta_reference, add_lora_deltas
+from worker.kernels.multi_lora import DECODE_TOKENS, LoraScratch, ModuleDelta, add_lora_delta_reference, add_lora_deltas
 
 pytestmark = [
     pytest.mark.gpu,
@@ -240,10 +240,11 @@ def test_steps_reading_a_landing_adapter_replay_per_layer_graphs_and_match_eager
         torch.testing.assert_close(graphed.all_logits(), eager.all_logits(), atol=1e-3, rtol=1e-3)
 
 
-def test_static_steps_shrink_on_the_side_stream_and_expand_on_the_steps_stream(model_dirs, mixed_adapter_dirs,
-                                                                              monkeypatch):
-    """Every adapted group's shrink is launched on the LoRA side stream (beside the base GEMM),
-    its expand on the step's stream, in every layer; the tokens are checked by the tests above."""
+def test_static_steps_run_lora_on_the_side_stream(model_dirs, mixed_adapter_dirs, monkeypatch):
+    """Every adapted group's LoRA kernels are launched on the side stream (beside the base GEMM),
+    in every layer: shrink and expand for a decode step, the shrink alone for a prefill too large
+    to stage its deltas (its expand adds into the GEMM's output on the step's stream). The
+    tokens are checked by the tests above."""
     engine = make_engine(model_dirs["llama3"], device="cuda", cuda_graphs=False)
     for slot, (name, path) in zip((2, 0), mixed_adapter_dirs["llama3"].items()):
         engine.register_adapter(name, path)
@@ -258,9 +259,13 @@ def test_static_steps_shrink_on_the_side_stream_and_expand_on_the_steps_stream(m
 
     for kernel in ("lora_shrink", "lora_expand"):
         monkeypatch.setattr(decode_step, kernel, recorded(kernel, getattr(decode_step, kernel)))
-    engine.forward([SequenceInput("r", [5], 3, [0], adapter_slot=2)])
     side, main = engine.decode_runner._lora_stream, torch.cuda.current_stream()
     groups = 4 * engine.model_config.num_layers  # qkv, o, gate/up, down
+    engine.forward([SequenceInput("r", [5], 3, [0], adapter_slot=2)])
+    assert launches == [("lora_shrink", side), ("lora_expand", side)] * groups
+    launches.clear()
+    prompt = DECODE_TOKENS + 44
+    engine.forward([SequenceInput("p", [7] * prompt, 0, list(range(1, 2 + prompt // 4)), adapter_slot=0)])
     assert launches == [("lora_shrink", side), ("lora_expand", main)] * groups
     engine.close()
 

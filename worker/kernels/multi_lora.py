@@ -116,10 +116,12 @@ class LoraScratch:
     shrunk: torch.Tensor  # [tokens, MAX_GROUP * R], the weights' dtype
     partials: torch.Tensor  # [splits, DECODE_TOKENS, MAX_GROUP * R] float32
     counters: torch.Tensor  # [decode blocks * rank tiles * MAX_GROUP] int32, zero between launches
+    deltas: torch.Tensor  # [DECODE_TOKENS, widest group's outputs], a group's deltas apart from its outputs
 
     @classmethod
     def allocate(cls, max_tokens: int, max_in_features: int, max_rank: int, num_slots: int, dtype: torch.dtype,
-                 device: torch.device, decode_tiles: Sequence[ShrinkTiles] = DECODE_SHRINKS) -> LoraScratch:
+                 device: torch.device, decode_tiles: Sequence[ShrinkTiles] = DECODE_SHRINKS,
+                 delta_columns: int = 0) -> LoraScratch:
         decode_tokens = min(max_tokens, DECODE_TOKENS)
         rank_tile = min(t.rank for t in decode_tiles)
         tiles = max_blocks(decode_tokens, num_slots) * -(-max_rank // rank_tile) * MAX_GROUP
@@ -128,11 +130,14 @@ class LoraScratch:
             shrunk=torch.zeros(max_tokens, MAX_GROUP * max_rank, dtype=dtype, device=device),
             partials=torch.zeros(splits, decode_tokens, MAX_GROUP * max_rank, device=device),
             counters=torch.zeros(tiles, dtype=torch.int32, device=device),
+            deltas=torch.zeros(decode_tokens, delta_columns, dtype=dtype, device=device),
         )
 
     def first(self, num_tokens: int) -> LoraScratch:
         """The scratch of a batch of `num_tokens` (views)."""
-        return LoraScratch(self.shrunk[:num_tokens], self.partials[:, :min(num_tokens, DECODE_TOKENS)], self.counters)
+        decode_tokens = min(num_tokens, DECODE_TOKENS)
+        return LoraScratch(self.shrunk[:num_tokens], self.partials[:, :decode_tokens], self.counters,
+                           self.deltas[:decode_tokens])
 
 
 def add_lora_deltas(x: torch.Tensor, group: Sequence[ModuleDelta], blocks: torch.Tensor,

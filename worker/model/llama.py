@@ -27,7 +27,10 @@ Attend = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 QKV_MODULES = ("q_proj", "k_proj", "v_proj")
+O_MODULES = ("o_proj",)
 GATE_UP_MODULES = ("gate_proj", "up_proj")
+DOWN_MODULES = ("down_proj",)
+LORA_GROUPS = (QKV_MODULES, O_MODULES, GATE_UP_MODULES, DOWN_MODULES)  # modules that share an input
 
 
 class LoraHook(Protocol):
@@ -156,7 +159,7 @@ class LlamaModel:
         v = qkv[:, k_end:].view(-1, c.num_kv_heads, c.head_dim)
         kv_cache.write(index, kv_write_index, k, v)
         attn = attend(index, q).reshape(-1, c.q_size)
-        lora.start_deltas(attn, index, ("o_proj",))
+        lora.start_deltas(attn, index, O_MODULES)
         out = F.linear(attn, layer.o, layer.o_bias)
         lora.add_deltas(attn, index, (("o_proj", out),))
         return out
@@ -167,7 +170,7 @@ class LlamaModel:
         gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
         lora.add_deltas(x, index, tuple(zip(GATE_UP_MODULES, (gate_up[:, :i], gate_up[:, i:]))))
         h = silu_mul(gate_up)
-        lora.start_deltas(h, index, ("down_proj",))
+        lora.start_deltas(h, index, DOWN_MODULES)
         out = F.linear(h, layer.down, layer.down_bias)
         lora.add_deltas(h, index, (("down_proj", out),))
         return out

@@ -26,7 +26,6 @@ every layer), so the mixed buckets are captured this way up front, decode bucket
 from __future__ import annotations
 
 import bisect
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -357,8 +356,8 @@ class _StaticLora:
     With a side stream (CUDA), each group's LoRA runs on it beside the base GEMM of the same
     input: both read memory at small batch, neither alone keeps the GPU's memory busy, and
     the LoRA kernels' launch and ramp gaps hide behind the GEMM. For decode-sized batches the
-    whole delta (shrink, then expand into `LoraScratch.deltas`) runs there and the step's
-    stream adds it to the GEMM's output after both; larger batches (compute-bound, deltas
+    whole delta (shrink, then expand into `LoraScratch.deltas`) runs there, and after both the
+    kernel that next reads the GEMM's output adds it (`finish_deltas` returns it); larger batches (compute-bound, deltas
     too big to stage) run only the shrink there and the expand on the step's stream. The
     side stream forks after any per-layer wait and joins within the group, so a captured
     graph's parts each begin and end on the step's stream."""
@@ -397,16 +396,17 @@ class _StaticLora:
         columns = sum(self.slots.b_t[m].shape[-1] for m in modules)
         if num_tokens > staging.shape[0] or columns > staging.shape[1]:
             return None
-        return staging[:num_tokens, :columns]
+        return staging.view(-1)[:num_tokens * columns].view(num_tokens, columns)  # contiguous: one memset, one add
 
     def _split(self, deltas: torch.Tensor, modules: Sequence[str]) -> list[torch.Tensor]:
         return list(deltas.split([self.slots.b_t[m].shape[-1] for m in modules], dim=1))
 
-    def add_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]]) -> None:
+    def finish_deltas(self, x: torch.Tensor, layer: int,
+                      outputs: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
         adapted = [(module, out) for module, out in outputs if module in self.slots.a]
         started, self._started = self._started, None
         if not adapted:
-            return
+            return None
         group = [ModuleDelta(self.slots.a[module][layer], self.slots.b_t[module][layer], out) for module, out in adapted]
         blocks = self.inputs.device("blocks")
         if not self.use_triton:
@@ -415,26 +415,13 @@ class _StaticLora:
                                          self.slots.max_rank)
         elif started is not None and (started.layer, started.modules) == (layer, tuple(m for m, _ in adapted)):
             torch.cuda.current_stream().wait_stream(self.side_stream)
-            outs = [m.out for m in group]
             if started.deltas is None:
-                lora_expand([m.b_t for m in group], outs, blocks, self.inputs.lora_scratch)
+                lora_expand([m.b_t for m in group], [m.out for m in group], blocks, self.inputs.lora_scratch)
+            elif len(adapted) == len(outputs):
+                return started.deltas  # the caller's next kernel adds them
             else:
-                _add_side_by_side(outs, started.deltas)
+                for module, delta in zip(group, self._split(started.deltas, started.modules)):
+                    module.out.add_(delta)
         else:
             add_lora_deltas(x, group, blocks, self.inputs.lora_scratch)
-
-
-def _add_side_by_side(outs: Sequence[torch.Tensor], deltas: torch.Tensor) -> None:
-    """outs[i] += the i-th column range of deltas; one kernel when the outputs are adjacent
-    column ranges of one matrix (the fused q/k/v and gate/up outputs)."""
-    first = outs[0]
-    columns = sum(out.shape[1] for out in outs)
-    offsets = itertools.accumulate((out.shape[1] for out in outs[:-1]), initial=first.storage_offset())
-    adjacent = all(out.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-                   and out.stride() == first.stride() and out.storage_offset() == offset
-                   for out, offset in zip(outs, offsets))
-    if adjacent:
-        first.as_strided((first.shape[0], columns), first.stride(), first.storage_offset()).add_(deltas)
-    else:
-        for out, delta in zip(outs, deltas.split([out.shape[1] for out in outs], dim=1)):
-            out.add_(delta)
+        return None

@@ -386,9 +386,9 @@ class _ForwardLora:
             self.copier.wait_layer(job, layer)
 
     def start_deltas(self, x: torch.Tensor, layer: int, modules: Sequence[str]) -> None:
-        """The eager path computes each delta whole in `add_deltas`."""
+        """The eager path computes each delta whole in `finish_deltas`."""
 
-    def add_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]]) -> None:
+    def finish_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]]) -> None:
         if self.batch is None:
             return
         padded = self.batch.pad(x)

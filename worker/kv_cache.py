@@ -36,10 +36,6 @@ class PagedKVCache:
     def values(self, layer: int) -> torch.Tensor:
         return self.memory[layer, 1]
 
-    def write(self, layer: int, flat_index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.memory[layer, 0].index_copy_(0, flat_index, k)
-        self.memory[layer, 1].index_copy_(0, flat_index, v)
-
     @property
     def scratch_index(self) -> int:
         return self.num_pages * self.page_size

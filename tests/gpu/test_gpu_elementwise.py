@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from worker.kernels.elementwise import add_rms_norm_reference, qk_rope_reference, silu_mul_reference
+from worker.kernels.elementwise import add_rms_norm_reference, rope_and_cache_kv_reference, silu_mul_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # then CPU tensors run the kernels in the interpreter
 DEVICES = ["cuda"] * torch.cuda.is_available() + ["cpu"] * INTERPRET
@@ -67,15 +67,16 @@ def assert_matches(out: torch.Tensor, expected: torch.Tensor, dtype: str) -> Non
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("tokens", [1, 5, 37])
 @pytest.mark.parametrize("size", [72, 4096])
-@pytest.mark.parametrize("with_delta", [True, False])
-def test_add_rms_norm_matches_reference(device, dtype, tokens, size, with_delta):
+@pytest.mark.parametrize("addends", ["none", "delta", "delta+lora"])
+def test_add_rms_norm_matches_reference(device, dtype, tokens, size, addends):
     hidden = randn(tokens, size, dtype=DTYPES[dtype], device=device, seed=0)
-    delta = randn(tokens, size, dtype=DTYPES[dtype], device=device, seed=1) if with_delta else None
+    delta = randn(tokens, size, dtype=DTYPES[dtype], device=device, seed=1) if addends != "none" else None
+    lora_delta = randn(tokens, size, dtype=DTYPES[dtype], device=device, seed=7) if addends == "delta+lora" else None
     weight = randn(size, dtype=DTYPES[dtype], device=device, seed=2, scale=0.1) + 1
-    summed, normed = kernels().add_rms_norm(hidden, delta, weight, 1e-6)
-    expected_sum, expected_normed = add_rms_norm_reference(hidden, delta, weight, 1e-6)
+    summed, normed = kernels().add_rms_norm(hidden, delta, weight, 1e-6, lora_delta)
+    expected_sum, expected_normed = add_rms_norm_reference(hidden, delta, weight, 1e-6, lora_delta)
     assert torch.equal(summed, expected_sum), "the residual add is exact"
-    assert with_delta or summed is hidden
+    assert delta is not None or summed is hidden
     assert_matches(normed, expected_normed, dtype)
 
 
@@ -83,10 +84,14 @@ def test_add_rms_norm_matches_reference(device, dtype, tokens, size, with_delta)
 @pytest.mark.parametrize("tokens", [1, 5, 37])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (4, 4, 64), (8, 2, 16)])
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_qk_rope_matches_reference(device, dtype, tokens, heads, kv_heads, head_dim, qk_norm):
-    """q and k come from a fused qkv (v columns after them), which the kernel leaves unchanged."""
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_rope_and_cache_kv_matches_reference(device, dtype, tokens, heads, kv_heads, head_dim, qk_norm, with_lora):
+    """q, k and v come from a fused qkv (plus staged LoRA deltas), which the kernel leaves
+    unchanged; k and v land in the cache rows named (padding rows share the scratch row, which
+    is not compared), and no other row changes."""
     torch_dtype = DTYPES[dtype]
     qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=torch_dtype, device=device, seed=3)
+    lora_delta = randn(*qkv.shape, dtype=torch_dtype, device=device, seed=8, scale=0.1) if with_lora else None
     before = qkv.clone()
     positions = torch.randint(0, 100_000, (tokens,), generator=torch.Generator().manual_seed(4))
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -95,19 +100,34 @@ def test_qk_rope_matches_reference(device, dtype, tokens, heads, kv_heads, head_
     cos, sin = (f(emb).to(torch_dtype).to(device)[:, None, :] for f in (torch.cos, torch.sin))
     norms = [randn(head_dim, dtype=torch_dtype, device=device, seed=5 + i, scale=0.1) + 1 for i in range(2)]
     q_norm, k_norm = norms if qk_norm else (None, None)
-    q, k = kernels().qk_rope(qkv, heads, kv_heads, head_dim, cos, sin, q_norm, k_norm, 1e-6)
-    expected_q, expected_k = qk_rope_reference(qkv, heads, kv_heads, head_dim, cos, sin, q_norm, k_norm, 1e-6)
+    rows = 2 * tokens + 1
+    scratch = rows - 1
+    write_index = torch.randperm(rows - 1, generator=torch.Generator().manual_seed(9))[:tokens].to(device)
+    if tokens > 1:
+        write_index[-1] = scratch  # a padding row
+    caches = []
+    for _ in range(2):
+        keys, values = (randn(rows, kv_heads, head_dim, dtype=torch_dtype, device=device, seed=10 + i)
+                        for i in range(2))
+        caches.append({"keys": keys, "values": values, "write_index": write_index})
+    q = kernels().rope_and_cache_kv(qkv, lora_delta, heads, kv_heads, head_dim, cos, sin, q_norm, k_norm, 1e-6,
+                                    **caches[0])
+    expected_q = rope_and_cache_kv_reference(qkv, lora_delta, heads, kv_heads, head_dim, cos, sin, q_norm, k_norm,
+                                             1e-6, **caches[1])
     assert torch.equal(qkv, before)
     assert_matches(q, expected_q, dtype)
-    assert_matches(k, expected_k, dtype)
+    assert_matches(caches[0]["keys"][:scratch], caches[1]["keys"][:scratch], dtype)
+    assert torch.equal(caches[0]["values"][:scratch], caches[1]["values"][:scratch]), "v is copied exactly"
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("tokens", [1, 5, 37])
 @pytest.mark.parametrize("size", [72, 1100, 14336])
-def test_silu_mul_matches_reference(device, dtype, tokens, size):
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_silu_mul_matches_reference(device, dtype, tokens, size, with_lora):
     gate_up = randn(tokens, 2 * size, dtype=DTYPES[dtype], device=device, seed=6, scale=3.0)
-    assert_matches(kernels().silu_mul(gate_up), silu_mul_reference(gate_up), dtype)
+    lora_delta = randn(tokens, 2 * size, dtype=DTYPES[dtype], device=device, seed=7) if with_lora else None
+    assert_matches(kernels().silu_mul(gate_up, lora_delta), silu_mul_reference(gate_up, lora_delta), dtype)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="dispatch to Triton happens on CUDA only")
@@ -116,12 +136,15 @@ def test_public_functions_dispatch_to_triton_on_cuda(monkeypatch):
     from worker.kernels import elementwise
 
     calls = []
-    for name in ("add_rms_norm", "qk_rope", "silu_mul"):
+    for name in ("add_rms_norm", "rope_and_cache_kv", "silu_mul"):
         original = getattr(kernels(), name)
-        monkeypatch.setattr(kernels(), name, lambda *args, _f=original, _n=name: calls.append(_n) or _f(*args))
+        monkeypatch.setattr(kernels(), name,
+                            lambda *args, _f=original, _n=name, **kwargs: calls.append(_n) or _f(*args, **kwargs))
     x = torch.randn(3, 64, device="cuda")
     cos, sin = torch.ones(3, 1, 16, device="cuda"), torch.zeros(3, 1, 16, device="cuda")
+    cache = torch.zeros(4, 1, 16, device="cuda")
     elementwise.add_rms_norm(x, x, torch.ones(64, device="cuda"), 1e-6)
-    elementwise.qk_rope(x, 2, 2, 16, cos, sin, None, None, 1e-6)
+    elementwise.rope_and_cache_kv(x[:, :48], None, 1, 1, 16, cos, sin, None, None, 1e-6, keys=cache,
+                                  values=cache.clone(), write_index=torch.arange(3, device="cuda"))
     elementwise.silu_mul(x)
-    assert calls == ["add_rms_norm", "qk_rope", "silu_mul"]
+    assert calls == ["add_rms_norm", "rope_and_cache_kv", "silu_mul"]

@@ -15,7 +15,7 @@ import torch
 from tests.driver import Driver, Request, make_engine, make_resident
 from tests.model_factory import ARCHITECTURES
 from worker.batch import NO_ADAPTER, SequenceInput
-from worker.decode_step import BATCH_BUCKETS, MIN_PAGE_BUCKET, _add_side_by_side, decode_shape, mixed_shape
+from worker.decode_step import BATCH_BUCKETS, MIN_PAGE_BUCKET, decode_shape, mixed_shape
 
 
 def prompt(seed: int, length: int) -> list[int]:
@@ -139,17 +139,3 @@ def test_shapes_round_up_to_buckets():
     assert mixed_shape(65, 256, 1).tokens == 128 and mixed_shape(65, 256, 1).seqs == 128
     assert mixed_shape(3000, 256, 1).seqs == 256 and mixed_shape(3000, 256, 1).mixed
 
-
-@pytest.mark.parametrize("bounds", [[(0, 6), (6, 8)], [(3, 5), (5, 10)], [(0, 2), (4, 7)], [(0, 5)]])
-def test_side_by_side_deltas_add_into_column_ranges(bounds):
-    """Staged deltas land in the right columns whether the outputs are adjacent column ranges of
-    one matrix (added in one kernel) or not, and nothing outside them changes."""
-    base = torch.arange(4 * 10, dtype=torch.float32).view(4, 10)
-    out = base.clone()
-    deltas = torch.randn(4, sum(end - start for start, end in bounds))
-    _add_side_by_side([out[:, start:end] for start, end in bounds], deltas)
-    expected, offset = base.clone(), 0
-    for start, end in bounds:
-        expected[:, start:end] += deltas[:, offset:offset + end - start]
-        offset += end - start
-    torch.testing.assert_close(out, expected)

@@ -21,14 +21,25 @@ def _scale_by_weight(x, rstd, weight):
 
 
 @triton.jit
-def _add_rms_norm_kernel(hidden_ptr, delta_ptr, weight_ptr, sum_ptr, normed_ptr, eps, size,
-                         stride_h, stride_d, stride_s, stride_n, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr):
+def _load_plus_lora(x_ptr, lora_ptr, cols, ok, HAS_LORA: tl.constexpr):
+    """A module's output with its staged LoRA delta added, rounded to the model dtype as the
+    unfused `out += delta` is."""
+    x = tl.load(x_ptr + cols, mask=ok, other=0.0)
+    if HAS_LORA:
+        x = (x.to(tl.float32) + tl.load(lora_ptr + cols, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _add_rms_norm_kernel(hidden_ptr, delta_ptr, lora_ptr, weight_ptr, sum_ptr, normed_ptr, eps, size,
+                         stride_h, stride_d, stride_l, stride_s, stride_n, BLOCK: tl.constexpr,
+                         HAS_DELTA: tl.constexpr, HAS_LORA: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < size
     x = tl.load(hidden_ptr + row * stride_h + cols, mask=ok, other=0.0)
     if HAS_DELTA:
-        delta = tl.load(delta_ptr + row * stride_d + cols, mask=ok, other=0.0)
+        delta = _load_plus_lora(delta_ptr + row * stride_d, lora_ptr + row * stride_l, cols, ok, HAS_LORA)
         x = (x.to(tl.float32) + delta.to(tl.float32)).to(x.dtype)  # the residual add is in the model dtype
         tl.store(sum_ptr + row * stride_s + cols, x, mask=ok)
     x = x.to(tl.float32)
@@ -41,32 +52,34 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 lora_delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, size = hidden.shape
     _check(hidden, weight)
-    if delta is not None:
-        _check(delta, weight)
+    for addend in (delta, lora_delta):
+        if addend is not None:
+            _check(addend, weight)
+    if lora_delta is not None and delta is None:
+        raise ValueError("a LoRA delta is added to a module's output (delta)")
     summed = torch.empty_like(hidden) if delta is not None else hidden
     normed = torch.empty_like(hidden)
     block = triton.next_power_of_2(size)
+    delta_or_hidden = hidden if delta is None else delta
+    lora_or_delta = delta_or_hidden if lora_delta is None else lora_delta
     _add_rms_norm_kernel[(tokens,)](
-        hidden, hidden if delta is None else delta, weight, summed, normed, eps, size,
-        hidden.stride(0), 0 if delta is None else delta.stride(0), summed.stride(0), normed.stride(0),
-        BLOCK=block, HAS_DELTA=delta is not None, num_warps=_num_warps(block), enable_fp_fusion=False,
+        hidden, delta_or_hidden, lora_or_delta, weight, summed, normed, eps, size,
+        hidden.stride(0), delta_or_hidden.stride(0), lora_or_delta.stride(0), summed.stride(0), normed.stride(0),
+        BLOCK=block, HAS_DELTA=delta is not None, HAS_LORA=lora_delta is not None, num_warps=_num_warps(block),
+        enable_fp_fusion=False,
     )
     return summed, normed
 
 
 @triton.jit
-def _rope_head(x_ptr, cos_ptr, sin_ptr, out_ptr, norm_ptr, eps,
-               HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, QK_NORM: tl.constexpr):
-    """One head of one token: the first and second halves of head_dim are rotated into each other."""
+def _rope_head(x1, x2, cos_ptr, sin_ptr, out_ptr, norm_ptr, eps, dims, ok, HEAD_DIM: tl.constexpr,
+               QK_NORM: tl.constexpr):
+    """One head of one token (its halves x1, x2): the halves of head_dim are rotated into each other."""
     half: tl.constexpr = HEAD_DIM // 2
-    dims = tl.arange(0, BLOCK_HALF)
-    ok = dims < half
-    x1 = tl.load(x_ptr + dims, mask=ok, other=0.0)
-    x2 = tl.load(x_ptr + half + dims, mask=ok, other=0.0)
     if QK_NORM:
         a, b = x1.to(tl.float32), x2.to(tl.float32)
         rstd = tl.math.rsqrt((tl.sum(a * a, 0) + tl.sum(b * b, 0)) / HEAD_DIM + eps)
@@ -86,64 +99,88 @@ def _rope_head(x_ptr, cos_ptr, sin_ptr, out_ptr, norm_ptr, eps,
 
 
 @triton.jit
-def _qk_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, eps,
-                    stride_x, stride_c, stride_s, stride_q, stride_k,
-                    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, QK_NORM: tl.constexpr):
+def _rope_cache_kernel(qkv_ptr, lora_ptr, cos_ptr, sin_ptr, q_ptr, keys_ptr, values_ptr, index_ptr, q_norm_ptr,
+                       k_norm_ptr, eps, stride_x, stride_l, stride_c, stride_s, stride_q, stride_kv,
+                       HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_HALF: tl.constexpr, QK_NORM: tl.constexpr, HAS_LORA: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)  # q heads first, then k heads, as in qkv's columns
-    x_ptr = qkv_ptr + token * stride_x + head * HEAD_DIM
-    cos_ptr += token * stride_c
-    sin_ptr += token * stride_s
+    head = tl.program_id(1)  # q heads, then k heads, then v heads, as in qkv's columns
+    half: tl.constexpr = HEAD_DIM // 2
+    dims = tl.arange(0, BLOCK_HALF)
+    ok = dims < half
+    column = head * HEAD_DIM
+    x1 = _load_plus_lora(qkv_ptr + token * stride_x + column, lora_ptr + token * stride_l + column, dims, ok,
+                         HAS_LORA)
+    x2 = _load_plus_lora(qkv_ptr + token * stride_x + column + half, lora_ptr + token * stride_l + column + half,
+                         dims, ok, HAS_LORA)
+    cache_row = tl.load(index_ptr + token) * stride_kv
     if head < HEADS:
-        _rope_head(x_ptr, cos_ptr, sin_ptr, q_ptr + token * stride_q + head * HEAD_DIM, q_norm_ptr, eps,
-                   HEAD_DIM, BLOCK_HALF, QK_NORM)
+        _rope_head(x1, x2, cos_ptr + token * stride_c, sin_ptr + token * stride_s,
+                   q_ptr + token * stride_q + column, q_norm_ptr, eps, dims, ok, HEAD_DIM, QK_NORM)
+    elif head < HEADS + KV_HEADS:
+        _rope_head(x1, x2, cos_ptr + token * stride_c, sin_ptr + token * stride_s,
+                   keys_ptr + cache_row + (head - HEADS) * HEAD_DIM, k_norm_ptr, eps, dims, ok, HEAD_DIM, QK_NORM)
     else:
-        _rope_head(x_ptr, cos_ptr, sin_ptr, k_ptr + token * stride_k + (head - HEADS) * HEAD_DIM, k_norm_ptr, eps,
-                   HEAD_DIM, BLOCK_HALF, QK_NORM)
+        v_ptr = values_ptr + cache_row + (head - HEADS - KV_HEADS) * HEAD_DIM
+        tl.store(v_ptr + dims, x1, mask=ok)
+        tl.store(v_ptr + half + dims, x2, mask=ok)
 
 
-def qk_rope(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
-            q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: torch.Tensor | None, heads: int, kv_heads: int, head_dim: int,
+                      cos: torch.Tensor, sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+                      eps: float, *, keys: torch.Tensor, values: torch.Tensor,
+                      write_index: torch.Tensor) -> torch.Tensor:
     tokens = qkv.shape[0]
     _check(qkv, cos)
     if cos.stride(-1) != 1 or sin.stride(-1) != 1:
-        raise ValueError("qk_rope needs cos and sin with a unit stride in the last dimension")
+        raise ValueError("rope_and_cache_kv needs cos and sin with a unit stride in the last dimension")
     if q_norm is not None:
         _check(qkv, q_norm)
         _check(qkv, k_norm)
+    if lora_delta is not None:
+        _check(lora_delta, qkv)
+    for cache in (keys, values):
+        _check(qkv, cache)
+        if not cache.is_contiguous() or cache.shape[1:] != (kv_heads, head_dim):
+            raise ValueError(f"the KV cache must be contiguous [rows, {kv_heads}, {head_dim}]")
     q = torch.empty(tokens, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    k = torch.empty(tokens, kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     qk_norm = q_norm is not None
-    _qk_rope_kernel[(tokens, heads + kv_heads)](
-        qkv, cos, sin, q, k, q_norm if qk_norm else qkv, k_norm if qk_norm else qkv, eps,
-        qkv.stride(0), cos.stride(0), sin.stride(0), q.stride(0), k.stride(0),
-        HEADS=heads, HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(head_dim // 2), QK_NORM=qk_norm,
-        num_warps=1, enable_fp_fusion=False,
+    lora = qkv if lora_delta is None else lora_delta
+    _rope_cache_kernel[(tokens, heads + 2 * kv_heads)](
+        qkv, lora, cos, sin, q, keys, values, write_index, q_norm if qk_norm else qkv, k_norm if qk_norm else qkv,
+        eps, qkv.stride(0), lora.stride(0), cos.stride(0), sin.stride(0), q.stride(0), keys.stride(0),
+        HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+        QK_NORM=qk_norm, HAS_LORA=lora_delta is not None, num_warps=1, enable_fp_fusion=False,
     )
-    return q, k
+    return q
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, size, stride_g, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_up_ptr, lora_ptr, out_ptr, size, stride_g, stride_l, stride_o, BLOCK: tl.constexpr,
+                     HAS_LORA: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < size
-    gate = tl.load(gate_up_ptr + row * stride_g + cols, mask=ok, other=0.0)
-    up = tl.load(gate_up_ptr + row * stride_g + size + cols, mask=ok, other=0.0)
+    gate = _load_plus_lora(gate_up_ptr + row * stride_g, lora_ptr + row * stride_l, cols, ok, HAS_LORA)
+    up = _load_plus_lora(gate_up_ptr + row * stride_g + size, lora_ptr + row * stride_l + size, cols, ok, HAS_LORA)
     g = gate.to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)  # F.silu's formula, rounded like its output
     tl.store(out_ptr + row * stride_o + cols, (silu * up.to(tl.float32)).to(gate.dtype), mask=ok)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, lora_delta: torch.Tensor | None = None) -> torch.Tensor:
     tokens, width = gate_up.shape
     if gate_up.stride(-1) != 1:
         raise ValueError("silu_mul needs a unit stride in the last dimension")
+    if lora_delta is not None:
+        _check(lora_delta, gate_up)
     size = width // 2
     out = torch.empty(tokens, size, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
+    lora = gate_up if lora_delta is None else lora_delta
     _silu_mul_kernel[(tokens, triton.cdiv(size, block))](
-        gate_up, out, size, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4, enable_fp_fusion=False,
+        gate_up, lora, out, size, gate_up.stride(0), lora.stride(0), out.stride(0), BLOCK=block,
+        HAS_LORA=lora_delta is not None, num_warps=4, enable_fp_fusion=False,
     )
     return out
 

@@ -5,13 +5,18 @@ their count, not by memory.
 - `add_rms_norm`: the residual add and the next RMSNorm in one pass over the row:
   `h = hidden + delta` (in the model dtype), `normed = weight * (h32 * rsqrt(mean(h32^2) + eps)).to(dtype)`
   with `h32 = h.float()`, as HF. Shapes: hidden, delta [T, N]; weight [N].
-- `qk_rope`: q and k taken from the fused qkv matrix [T, >= (heads + kv_heads) * D], each head
-  optionally RMS-normed over its D (Qwen3's q_norm/k_norm), then rotated with HF's
-  rotate_half layout: `out = x * cos + cat(-x[D/2:], x[:D/2]) * sin`, every product and sum
-  rounded to the model dtype as the torch ops do; cos, sin [T, 1, D] are those of
-  `RotaryEmbedding.cos_sin`, already in the model dtype. Returns new q [T, heads, D] and
-  k [T, kv_heads, D]: qkv itself is left as it is (v stays a view of it).
+- `rope_and_cache_kv`: q, k and v taken from the fused qkv matrix [T, (heads + 2 kv_heads) * D];
+  q and k optionally RMS-normed per head over its D (Qwen3's q_norm/k_norm), then rotated
+  with HF's rotate_half layout: `out = x * cos + cat(-x[D/2:], x[:D/2]) * sin`, every product
+  and sum rounded to the model dtype as the torch ops do; cos, sin [T, 1, D] are those of
+  `RotaryEmbedding.cos_sin`, already in the model dtype. k and v are written to the KV cache
+  rows `write_index` [T] (keys, values [rows, kv_heads, D]); returns q [T, heads, D]. qkv
+  itself is left as it is.
 - `silu_mul`: `silu(gate) * up` from the fused gate_up matrix [T, 2I] -> [T, I].
+
+Each takes an optional `lora_delta` shaped like the module output it reads (delta, qkv,
+gate_up): the LoRA deltas staged beside the base GEMM, added to that output first and
+rounded as the unfused `out += delta` would be, so that no separate add kernel runs.
 
 Each public function runs one Triton kernel on CUDA tensors and the torch reference (the
 code the model ran before, which CI covers) otherwise. The kernels round in the same places
@@ -39,54 +44,68 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
-def add_rms_norm_reference(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm_reference(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                           lora_delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if lora_delta is not None:
+        delta = delta + lora_delta
     if delta is not None:
         hidden = hidden + delta
     return hidden, rms_norm(hidden, weight, eps)
 
 
-def qk_rope_reference(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
-                      sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    q_end = heads * head_dim
+def rope_and_cache_kv_reference(qkv: torch.Tensor, lora_delta: torch.Tensor | None, heads: int, kv_heads: int,
+                                head_dim: int, cos: torch.Tensor, sin: torch.Tensor, q_norm: torch.Tensor | None,
+                                k_norm: torch.Tensor | None, eps: float, *, keys: torch.Tensor,
+                                values: torch.Tensor, write_index: torch.Tensor) -> torch.Tensor:
+    if lora_delta is not None:
+        qkv = qkv + lora_delta
+    q_end, kv_size = heads * head_dim, kv_heads * head_dim
     q = qkv[:, :q_end].view(-1, heads, head_dim)
-    k = qkv[:, q_end:q_end + kv_heads * head_dim].view(-1, kv_heads, head_dim)
+    k = qkv[:, q_end:q_end + kv_size].view(-1, kv_heads, head_dim)
     if q_norm is not None:
         q = rms_norm(q, q_norm, eps)
         k = rms_norm(k, k_norm, eps)
-    return rotate(q, cos, sin), rotate(k, cos, sin)
+    keys.index_copy_(0, write_index, rotate(k, cos, sin))
+    values.index_copy_(0, write_index, qkv[:, q_end + kv_size:q_end + 2 * kv_size].view(-1, kv_heads, head_dim))
+    return rotate(q, cos, sin)
 
 
-def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul_reference(gate_up: torch.Tensor, lora_delta: torch.Tensor | None = None) -> torch.Tensor:
+    if lora_delta is not None:
+        gate_up = gate_up + lora_delta
     i = gate_up.shape[-1] // 2
     return F.silu(gate_up[:, :i]) * gate_up[:, i:]
 
 
-def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden + delta, its RMSNorm); delta None (the first norm): (hidden, its RMSNorm)."""
+def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 lora_delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden + (delta + lora_delta), its RMSNorm); delta None (the first norm): (hidden, its RMSNorm)."""
     if not hidden.is_cuda:
-        return add_rms_norm_reference(hidden, delta, weight, eps)
+        return add_rms_norm_reference(hidden, delta, weight, eps, lora_delta)
     from worker.kernels import _elementwise_triton as kernels
 
-    return kernels.add_rms_norm(hidden, delta, weight, eps)
+    return kernels.add_rms_norm(hidden, delta, weight, eps, lora_delta)
 
 
-def qk_rope(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
-            q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated (and, with q_norm and k_norm, first per-head normed) q and k from the fused qkv."""
+def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: torch.Tensor | None, heads: int, kv_heads: int, head_dim: int,
+                      cos: torch.Tensor, sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+                      eps: float, *, keys: torch.Tensor, values: torch.Tensor,
+                      write_index: torch.Tensor) -> torch.Tensor:
+    """Rotated (and, with q_norm and k_norm, first per-head normed) q of qkv (+ lora_delta); its
+    k (rotated likewise) and v written to the KV cache rows write_index."""
     if not qkv.is_cuda:
-        return qk_rope_reference(qkv, heads, kv_heads, head_dim, cos, sin, q_norm, k_norm, eps)
+        return rope_and_cache_kv_reference(qkv, lora_delta, heads, kv_heads, head_dim, cos, sin, q_norm, k_norm,
+                                           eps, keys=keys, values=values, write_index=write_index)
     from worker.kernels import _elementwise_triton as kernels
 
-    return kernels.qk_rope(qkv, heads, kv_heads, head_dim, cos, sin, q_norm, k_norm, eps)
+    return kernels.rope_and_cache_kv(qkv, lora_delta, heads, kv_heads, head_dim, cos, sin, q_norm, k_norm, eps,
+                                     keys=keys, values=values, write_index=write_index)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of the fused [T, 2I] gate_up -> [T, I]."""
+def silu_mul(gate_up: torch.Tensor, lora_delta: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up of the fused [T, 2I] gate_up (+ lora_delta) -> [T, I]."""
     if not gate_up.is_cuda:
-        return silu_mul_reference(gate_up)
+        return silu_mul_reference(gate_up, lora_delta)
     from worker.kernels import _elementwise_triton as kernels
 
-    return kernels.silu_mul(gate_up)
+    return kernels.silu_mul(gate_up, lora_delta)

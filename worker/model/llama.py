@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.attention import attention_mask, paged_attention
-from worker.kernels.elementwise import add_rms_norm, qk_rope, silu_mul
+from worker.kernels.elementwise import add_rms_norm, rope_and_cache_kv, silu_mul
 from worker.kv_cache import PagedKVCache
 from worker.model.config import ModelConfig
 from worker.model.rope import RotaryEmbedding
@@ -39,11 +39,14 @@ class LoraHook(Protocol):
 
     def start_deltas(self, x: torch.Tensor, layer: int, modules: Sequence[str]) -> None:
         """Called before the base product of `modules` (sharing the input x): the part of their
-        deltas that needs x alone may start beside it; `add_deltas` follows with the outputs."""
+        deltas that needs x alone may start beside it; `finish_deltas` follows with the outputs."""
 
-    def add_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]]) -> None:
-        """For each (module, out) of modules sharing the input x (q/k/v, gate/up):
-        out[t] += the module's LoRA delta for token t; out may be a column slice."""
+    def finish_deltas(self, x: torch.Tensor, layer: int,
+                      outputs: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
+        """For modules sharing the input x, whose outputs (module, out) are consecutive column
+        ranges of one matrix [T, N], in order and covering it: either adds each module's LoRA
+        delta for token t to out[t] and returns None, or returns the deltas as one [T, N]
+        matrix for the caller's next kernel to add."""
 
 
 @dataclass
@@ -127,50 +130,50 @@ class LlamaModel:
                        kv_cache: PagedKVCache, lora: LoraHook, attend: Attend) -> torch.Tensor:
         """All layers over flat tokens; `attend` is the attention back-end. Returns final-normed hidden."""
         hidden = self.weights.embed[input_ids]
-        delta = None  # the last MLP output, added to hidden by the next norm's kernel
+        mlp_out = (None, None)  # the last MLP output and its LoRA deltas, added to hidden by the next norm's kernel
         cos, sin = self.rope.cos_sin(positions, self.dtype)
         for index, layer in enumerate(self.weights.layers):
             lora.before_layer(index)
-            hidden, delta = self._layer(index, layer, hidden, delta, kv_write_index, kv_cache, lora, cos, sin, attend)
-        return add_rms_norm(hidden, delta, self.weights.norm, self.config.rms_norm_eps)[1]
+            hidden, mlp_out = self._layer(index, layer, hidden, mlp_out, kv_write_index, kv_cache, lora, cos, sin,
+                                          attend)
+        return add_rms_norm(hidden, mlp_out[0], self.weights.norm, self.config.rms_norm_eps, mlp_out[1])[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.weights.lm_head).float()
 
-    def _layer(self, index, layer: LayerWeights, hidden, delta, kv_write_index, kv_cache, lora, cos, sin,
-               attend) -> tuple[torch.Tensor, torch.Tensor]:
-        """(residual stream, previous layer's MLP output or None) -> the same pair for the next layer:
-        each residual add is fused into the norm that follows it."""
+    def _layer(self, index, layer: LayerWeights, hidden, mlp_out, kv_write_index, kv_cache, lora, cos, sin,
+               attend) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+        """(residual stream, previous layer's MLP output and LoRA deltas or Nones) -> the same for
+        the next layer: each residual add (and the LoRA deltas' add) is fused into the next norm."""
         eps = self.config.rms_norm_eps
-        hidden, x = add_rms_norm(hidden, delta, layer.input_norm, eps)
-        attn = self._attention(index, layer, x, kv_write_index, kv_cache, lora, cos, sin, attend)
-        hidden, x = add_rms_norm(hidden, attn, layer.post_norm, eps)
+        hidden, x = add_rms_norm(hidden, mlp_out[0], layer.input_norm, eps, mlp_out[1])
+        attn_out, attn_lora = self._attention(index, layer, x, kv_write_index, kv_cache, lora, cos, sin, attend)
+        hidden, x = add_rms_norm(hidden, attn_out, layer.post_norm, eps, attn_lora)
         return hidden, self._mlp(index, layer, x, lora)
 
     def _attention(self, index, layer: LayerWeights, x, kv_write_index, kv_cache, lora, cos, sin,
-                   attend) -> torch.Tensor:
+                   attend) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The o projection's output and its LoRA deltas if not added yet; writes k and v to the cache."""
         c = self.config
         lora.start_deltas(x, index, QKV_MODULES)
         qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-        q_end, k_end = c.q_size, c.q_size + c.kv_size
-        lora.add_deltas(x, index, tuple(zip(QKV_MODULES, (qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:]))))
+        qkv_lora = lora.finish_deltas(x, index, tuple(zip(QKV_MODULES, qkv.split((c.q_size, c.kv_size, c.kv_size), 1))))
         norms = (layer.q_norm, layer.k_norm) if c.qk_norm else (None, None)
-        q, k = qk_rope(qkv, c.num_heads, c.num_kv_heads, c.head_dim, cos, sin, *norms, c.rms_norm_eps)
-        v = qkv[:, k_end:].view(-1, c.num_kv_heads, c.head_dim)
-        kv_cache.write(index, kv_write_index, k, v)
+        q = rope_and_cache_kv(qkv, qkv_lora, c.num_heads, c.num_kv_heads, c.head_dim, cos, sin, *norms,
+                              c.rms_norm_eps, keys=kv_cache.keys(index), values=kv_cache.values(index),
+                              write_index=kv_write_index)
         attn = attend(index, q).reshape(-1, c.q_size)
         lora.start_deltas(attn, index, O_MODULES)
         out = F.linear(attn, layer.o, layer.o_bias)
-        lora.add_deltas(attn, index, (("o_proj", out),))
-        return out
+        return out, lora.finish_deltas(attn, index, (("o_proj", out),))
 
-    def _mlp(self, index, layer: LayerWeights, x, lora) -> torch.Tensor:
+    def _mlp(self, index, layer: LayerWeights, x, lora) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The down projection's output and its LoRA deltas if not added yet."""
         i = self.config.intermediate_size
         lora.start_deltas(x, index, GATE_UP_MODULES)
         gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
-        lora.add_deltas(x, index, tuple(zip(GATE_UP_MODULES, (gate_up[:, :i], gate_up[:, i:]))))
-        h = silu_mul(gate_up)
+        gate_up_lora = lora.finish_deltas(x, index, tuple(zip(GATE_UP_MODULES, gate_up.split(i, 1))))
+        h = silu_mul(gate_up, gate_up_lora)
         lora.start_deltas(h, index, DOWN_MODULES)
         out = F.linear(h, layer.down, layer.down_bias)
-        lora.add_deltas(h, index, (("down_proj", out),))
-        return out
+        return out, lora.finish_deltas(h, index, (("down_proj", out),))

@@ -9,7 +9,7 @@ from worker.model.config import ModelConfig
 
 
 class RotaryEmbedding:
-    """Computes cos/sin for arbitrary positions (`worker.kernels.elementwise.qk_rope` rotates q and k with them)."""
+    """Computes cos/sin for arbitrary positions (`worker.kernels.elementwise.rope_and_cache_kv` rotates q and k with them)."""
 
     def __init__(self, config: ModelConfig, device: torch.device) -> None:
         self.inv_freq, self.attention_scaling = _inv_freq(config, device)

@@ -385,10 +385,9 @@ class _StaticLora:
         self.side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side_stream):
             lora_shrink(x, [self.slots.a[m][layer] for m in adapted], blocks, scratch)
-            if deltas is not None:
-                deltas.zero_()  # tokens without an adapter get no block
+            if deltas is not None:  # every token is in a block (base-model ones store zeros)
                 lora_expand([self.slots.b_t[m][layer] for m in adapted], self._split(deltas, adapted), blocks,
-                            scratch)
+                            scratch, accumulate=False)
         self._started = _StartedGroup(layer, adapted, deltas)
 
     def _deltas_buffer(self, num_tokens: int, modules: Sequence[str]) -> torch.Tensor | None:
@@ -396,7 +395,7 @@ class _StaticLora:
         columns = sum(self.slots.b_t[m].shape[-1] for m in modules)
         if num_tokens > staging.shape[0] or columns > staging.shape[1]:
             return None
-        return staging.view(-1)[:num_tokens * columns].view(num_tokens, columns)  # contiguous: one memset, one add
+        return staging.view(-1)[:num_tokens * columns].view(num_tokens, columns)  # contiguous, as the kernels want
 
     def _split(self, deltas: torch.Tensor, modules: Sequence[str]) -> list[torch.Tensor]:
         return list(deltas.split([self.slots.b_t[m].shape[-1] for m in modules], dim=1))

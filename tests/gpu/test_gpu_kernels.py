@@ -21,7 +21,8 @@ from worker.kernels.decode_attention import (
     ragged_attention_reference,
 )
 from worker.kernels.lora_blocks import attention_blocks, lora_blocks
-from worker.kernels.multi_lora import DECODE_TOKENS, LoraScratch, ModuleDelta, add_lora_delta_reference, add_lora_deltas
+from worker.kernels.multi_lora import (DECODE_TOKENS, LoraScratch, ModuleDelta, add_lora_delta_reference,
+                                      add_lora_deltas, lora_expand, lora_shrink)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,7 +44,8 @@ def lora_engine(model_dirs, mixed_adapter_dirs):
 def triton_group_delta(x, weights, token_slots, slot_ranks):
     """The grouped kernels over (a, b_t) per module, each adding into a column range of one fused
     output; run twice (a graph replays the same launch) to check the split-K sums are bitwise
-    repeatable and leave their counters at zero."""
+    repeatable and leave their counters at zero; then once storing into NaN-filled outputs,
+    which must give the same (zeros for base-model tokens)."""
     blocks = torch.from_numpy(lora_blocks(token_slots, slot_ranks)).cuda()
     scratch = LoraScratch.allocate(x.shape[0], x.shape[1], weights[0][0].shape[1], weights[0][0].shape[0],
                                    x.dtype, x.device)
@@ -58,6 +60,10 @@ def triton_group_delta(x, weights, token_slots, slot_ranks):
         assert not scratch.counters.any(), "split counters return to zero"
         runs.append(outs)
     assert all(torch.equal(first, second) for first, second in zip(*runs))
+    stored = torch.full((x.shape[0], sum(widths)), float("nan"), dtype=x.dtype, device=x.device).split(widths, dim=1)
+    lora_shrink(x, [a for a, _ in weights], blocks, scratch)
+    lora_expand([b_t for _, b_t in weights], stored, blocks, scratch, accumulate=False)
+    assert all(torch.equal(s, r) for s, r in zip(stored, runs[0])), "a storing expand writes every row"
     return runs[0]
 
 

@@ -85,15 +85,27 @@ def test_per_token_reference_product_matches_loop(engine, mix, module):
         torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_block_table_cuts_each_adapter_run_and_skips_base_tokens():
+def test_block_table_cuts_each_run_and_gives_base_tokens_rank_zero_blocks():
     token_slots = [NO_ADAPTER] * 3 + [0] * 20 + [2] * 5
     table = lora_blocks(token_slots, slot_ranks=[8, 0, 16], num_rows=max_blocks(32, 3, block_m=16), block_m=16)
     rows = [tuple(row) for row in table.tolist() if row[1] < row[2]]
-    assert rows == [(0, 3, 19, 8), (0, 19, 23, 8), (2, 23, 28, 16)]
+    assert rows == [(0, 0, 3, 0), (0, 3, 19, 8), (0, 19, 23, 8), (2, 23, 28, 16)]
     assert table.shape == (max_blocks(32, 3, block_m=16), 4)
     assert not table[len(rows):].any(), "padding rows are empty"
     with pytest.raises(ValueError, match="do not fit"):
         lora_blocks([0] * 40, slot_ranks=[8], num_rows=2, block_m=16)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_padded_batch_always_fits_its_block_table(seed):
+    """Base-model tokens first, one run per slot, padding last: `max_blocks` rows always suffice."""
+    rng = random.Random(seed)
+    slots, capacity = rng.randint(1, 8), rng.choice([1, 16, 33, 256])
+    used = rng.randint(0, capacity)
+    token_slots = sorted(rng.randrange(-1, slots) for _ in range(used)) + [NO_ADAPTER] * (capacity - used)
+    table = lora_blocks(token_slots, [16] * slots, max_blocks(capacity, slots))
+    covered = sorted(t for _, start, end, _ in table.tolist() for t in range(start, end))
+    assert covered == list(range(capacity)), "every token is in exactly one block"
 
 
 @pytest.mark.parametrize("num_tokens", [1, 16, DECODE_TOKENS, DECODE_TOKENS + 1, 2048])

@@ -81,9 +81,13 @@ def _reduce_splits(acc, partial_tile, stride_ps, counters_ptr, split, shrunk_til
 @triton.jit
 def _expand_kernel(shrunk_ptr, b0_ptr, b1_ptr, b2_ptr, out0_ptr, out1_ptr, out2_ptr, blocks_ptr,
                    out0_features, out1_features, out2_features, tiles0, tiles1, max_rank, stride_st, stride_ot,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+                   ACCUMULATE: tl.constexpr):
     slot, start, end, rank = lora_block(blocks_ptr, tl.program_id(0))
-    if start < end:
+    live = start < end
+    if ACCUMULATE:
+        live = live & (rank > 0)  # adding a base-model block's zeros changes nothing
+    if live:
         # Output tiles are numbered across the group: module 0's, then module 1's, then 2's.
         tile = tl.program_id(1)
         module = (tile >= tiles0).to(tl.int32) + (tile >= tiles0 + tiles1).to(tl.int32)
@@ -105,8 +109,9 @@ def _expand_kernel(shrunk_ptr, b0_ptr, b1_ptr, b2_ptr, out0_ptr, out1_ptr, out2_
             acc += dot(s, b, IEEE)
         out_tile = _pick(module, out0_ptr, out1_ptr, out2_ptr) + rows[:, None] * stride_ot + cols[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
-        previous = tl.load(out_tile, mask=mask, other=0.0)
-        tl.store(out_tile, (previous.to(tl.float32) + acc).to(out_tile.dtype.element_ty), mask=mask)
+        if ACCUMULATE:
+            acc += tl.load(out_tile, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_tile, acc.to(out_tile.dtype.element_ty), mask=mask)
 
 
 def _padded(items: Sequence, filler) -> list:
@@ -135,7 +140,7 @@ def shrink(x: torch.Tensor, a: Sequence[torch.Tensor], blocks: torch.Tensor, scr
 
 
 def expand(shrunk: torch.Tensor, b_t: Sequence[torch.Tensor], blocks: torch.Tensor,
-           outs: Sequence[torch.Tensor], tiles: ExpandTiles) -> None:
+           outs: Sequence[torch.Tensor], tiles: ExpandTiles, accumulate: bool = True) -> None:
     _check_unit_stride(shrunk, *b_t, *outs)
     if any(not b.is_contiguous() for b in b_t) or any(o.stride(0) != outs[0].stride(0) for o in outs):
         raise ValueError("expand needs contiguous B buffers and outputs of one row stride")
@@ -146,7 +151,8 @@ def expand(shrunk: torch.Tensor, b_t: Sequence[torch.Tensor], blocks: torch.Tens
                          *_padded([out.shape[1] for out in outs], 0), *_padded(column_tiles, 0)[:2], max_rank,
                          shrunk.stride(0), outs[0].stride(0),
                          BLOCK_M=BLOCK_M, BLOCK_N=tiles.n, BLOCK_R=tiles.rank,
-                         IEEE=outs[0].dtype == torch.float32, num_warps=tiles.warps, num_stages=tiles.stages)
+                         IEEE=outs[0].dtype == torch.float32, ACCUMULATE=accumulate, num_warps=tiles.warps,
+                         num_stages=tiles.stages)
 
 
 def _check_unit_stride(*tensors: torch.Tensor) -> None:

@@ -20,7 +20,9 @@ kernels together, over the block table of `worker.kernels.lora_blocks` (rows
   blocks enough: 64-row rank tiles, no split;
 - expand: one program per (block, output tile of one module):
   `out_m[start:end, n0:n1] += shrunk[start:end, m * R : m * R + rank] @ b_t_m[slot, :rank, n0:n1]`
-  (an R loop up to the block's rank; accumulated in float32, added to `out_m` once).
+  (an R loop up to the block's rank; accumulated in float32, added to `out_m` once), or with
+  `accumulate=False` stored (`=`): then base-model tokens' rank-0 blocks store zeros, so a
+  staging buffer needs no clearing.
 
 So a group costs two launches whatever its size and however many adapters it mixes. Each adapter's A and B are read once per
 block of its tokens, never per token, and slots no token uses are never read.
@@ -164,12 +166,14 @@ def lora_shrink(x: torch.Tensor, a: Sequence[torch.Tensor], blocks: torch.Tensor
 
 
 def lora_expand(b_t: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], blocks: torch.Tensor,
-                scratch: LoraScratch, tiles: ExpandTiles | None = None) -> None:
-    """The second kernel alone: outs += scratch.shrunk @ B.T per block, after `lora_shrink`."""
+                scratch: LoraScratch, tiles: ExpandTiles | None = None, accumulate: bool = True) -> None:
+    """The second kernel alone, after `lora_shrink`: outs += scratch.shrunk @ B.T per block
+    (accumulate=False: outs =, every row of outs being in a block)."""
     from worker.kernels import _multi_lora_triton as kernels
 
     num_tokens, max_rank = outs[0].shape[0], b_t[0].shape[1]
-    kernels.expand(scratch.shrunk, list(b_t), blocks, list(outs), tiles or expand_tiles(num_tokens, max_rank))
+    kernels.expand(scratch.shrunk, list(b_t), blocks, list(outs), tiles or expand_tiles(num_tokens, max_rank),
+                   accumulate)
 
 
 __all__ = ["BLOCK_M", "MAX_GROUP", "ExpandTiles", "LoraScratch", "ModuleDelta", "ShrinkTiles", "add_lora_deltas",

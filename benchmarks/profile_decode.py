@@ -1,6 +1,7 @@
 """Kernel-level profile of one decode step on the 8B shape (dummy weights), with and without LoRA.
 
     python benchmarks/profile_decode.py --batch 64 --adapters 8
+    python benchmarks/profile_decode.py --batch 8 --adapters 8 --prefill 400   # a mixed step
 Prints the wall-clock time of a step, then torch.profiler's table of GPU kernels (the CUDA-graph
 replay is expanded into its kernels; kernels that overlap are summed, so the table's total can
 exceed the step).
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8, help="0: base model only")
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--prefill", type=int, default=0, help="add one prompt of this many tokens (a mixed step)")
     parser.add_argument("--eager", action="store_true")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
@@ -49,13 +51,19 @@ def main() -> None:
     decode = [SequenceInput(f"r{i}", [7], args.context, list(range(i * pages, (i + 1) * pages)),
                             adapter_slot=i % args.adapters if args.adapters else NO_ADAPTER)
               for i in range(args.batch)]
+    if args.prefill:
+        first_page = args.batch * pages
+        decode.append(SequenceInput("prompt", [7] * args.prefill, 0,
+                                    list(range(first_page, first_page + -(-args.prefill // 16))),
+                                    adapter_slot=0 if args.adapters else NO_ADAPTER))
     for _ in range(3):
         engine.forward(decode)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(20):
         engine.forward(decode)
-    print(f"decode step, batch {args.batch}, {args.adapters} adapters: "
+    print(f"{'mixed' if args.prefill else 'decode'} step, batch {args.batch}, prefill {args.prefill}, "
+          f"{args.adapters} adapters: "
           f"{(time.perf_counter() - start) * 1e3 / 20:.2f} ms wall clock (mean of 20, each waits for its tokens)")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):

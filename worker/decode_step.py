@@ -355,12 +355,13 @@ class _StaticLora:
 
     With a side stream (CUDA), each group's LoRA runs on it beside the base GEMM of the same
     input: both read memory at small batch, neither alone keeps the GPU's memory busy, and
-    the LoRA kernels' launch and ramp gaps hide behind the GEMM. For decode-sized batches the
-    whole delta (shrink, then expand into `LoraScratch.deltas`) runs there, and after both the
-    kernel that next reads the GEMM's output adds it (`finish_deltas` returns it); larger batches (compute-bound, deltas
-    too big to stage) run only the shrink there and the expand on the step's stream. The
-    side stream forks after any per-layer wait and joins within the group, so a captured
-    graph's parts each begin and end on the step's stream."""
+    the LoRA kernels' launch and ramp gaps hide behind the GEMM. For batches up to
+    `SPLIT_K_TOKENS` tokens (decodes, mixed steps with a prompt of a few hundred tokens) the
+    whole delta (shrink, then expand into `LoraScratch.deltas`) runs there, and after both
+    the kernel that next reads the GEMM's output adds it (`finish_deltas` returns it);
+    larger batches (compute-bound, deltas too big to stage) run only the shrink there and
+    the expand on the step's stream. The side stream forks after any per-layer wait and
+    joins within the group, so a captured graph's parts each begin and end on the step's stream."""
 
     def __init__(self, slots: LoraSlots, inputs: StaticInputs, *, use_triton: bool,
                  wait_for_layer: Callable[[int], None] | None = None,

@@ -21,7 +21,7 @@ from worker.kernels.decode_attention import (
     ragged_attention_reference,
 )
 from worker.kernels.lora_blocks import attention_blocks, lora_blocks
-from worker.kernels.multi_lora import (DECODE_TOKENS, LoraScratch, ModuleDelta, add_lora_delta_reference,
+from worker.kernels.multi_lora import (SPLIT_K_TOKENS, LoraScratch, ModuleDelta, add_lora_delta_reference,
                                       add_lora_deltas, lora_expand, lora_shrink)
 
 pytestmark = [
@@ -251,7 +251,7 @@ def test_static_steps_run_lora_on_the_side_stream(model_dirs, mixed_adapter_dirs
     in every layer: shrink and expand for a decode step, the shrink alone for a prefill too large
     to stage its deltas (its expand adds into the GEMM's output on the step's stream). The
     tokens are checked by the tests above."""
-    engine = make_engine(model_dirs["llama3"], device="cuda", cuda_graphs=False)
+    engine = make_engine(model_dirs["llama3"], device="cuda", cuda_graphs=False, num_kv_pages=512)
     for slot, (name, path) in zip((2, 0), mixed_adapter_dirs["llama3"].items()):
         engine.register_adapter(name, path)
         make_resident(engine, name, slot)
@@ -270,7 +270,7 @@ def test_static_steps_run_lora_on_the_side_stream(model_dirs, mixed_adapter_dirs
     engine.forward([SequenceInput("r", [5], 3, [0], adapter_slot=2)])
     assert launches == [("lora_shrink", side), ("lora_expand", side)] * groups
     launches.clear()
-    prompt = DECODE_TOKENS + 44
+    prompt = SPLIT_K_TOKENS + 44
     engine.forward([SequenceInput("p", [7] * prompt, 0, list(range(1, 2 + prompt // 4)), adapter_slot=0)])
     assert launches == [("lora_shrink", side), ("lora_expand", main)] * groups
     engine.close()

@@ -10,7 +10,7 @@ import torch
 from tests.driver import make_engine, make_resident
 from worker.batch import NO_ADAPTER
 from worker.kernels.lora_blocks import lora_blocks, max_blocks
-from worker.kernels.multi_lora import (DECODE_TOKENS, MAX_GROUP, LoraScratch, add_lora_delta_reference,
+from worker.kernels.multi_lora import (MAX_GROUP, SPLIT_K_TOKENS, LoraScratch, add_lora_delta_reference,
                                        shrink_tiles)
 from worker.lora.slots import SegmentBatch
 
@@ -108,7 +108,7 @@ def test_a_padded_batch_always_fits_its_block_table(seed):
     assert covered == list(range(capacity)), "every token is in exactly one block"
 
 
-@pytest.mark.parametrize("num_tokens", [1, 16, DECODE_TOKENS, DECODE_TOKENS + 1, 2048])
+@pytest.mark.parametrize("num_tokens", [1, 16, SPLIT_K_TOKENS, SPLIT_K_TOKENS + 1, 2048])
 def test_the_scratch_holds_the_split_k_work_of_every_chosen_shrink_shape(num_tokens):
     """8B sizes: every input width a LoRA group has gets a launch shape whose split-K partials
     and per-tile counters fit the scratch the decode runner allocates (and splits are whole K steps)."""

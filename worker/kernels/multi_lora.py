@@ -13,11 +13,13 @@ kernels together, over the block table of `worker.kernels.lora_blocks` (rows
 - shrink: one program per (block, rank tile, module, K split):
   `shrunk[start:end, m * R + r0 : m * R + r1] = x[start:end, :] @ a_m[slot, r0:r1, :].T`
   (x tile [BLOCK_M, BLOCK_K], A tile [BLOCK_R, BLOCK_K]; tiles at or past the block's rank
-  exit). Decode-sized batches (up to DECODE_TOKENS tokens) use narrow rank tiles and split
-  the reduction over `in` into `k_per_split`-column chunks, so one adapter's few tokens still
-  spread over the GPU: each split stores a float32 partial and the tile's last split to
-  finish sums them in split order (deterministic) in the same launch. Larger batches have
-  blocks enough: 64-row rank tiles, no split;
+  exit). Batches up to SPLIT_K_TOKENS tokens (decodes, and mixed steps with a prompt of a
+  few hundred tokens) use narrow rank tiles and split the reduction over `in` into
+  `k_per_split`-column chunks, so one adapter's few tokens still spread over the GPU: each
+  split stores a float32 partial and the tile's last split to finish sums them in split
+  order (deterministic) in the same launch. Larger batches have blocks enough: 64-row rank
+  tiles, no split (unsplit, a 400-token prompt's shrink loops over all of `in` in few
+  programs: 9.4 ms of a 24.8 ms step on an H200, benchmarks/results/profile_mixed_*);
 - expand: one program per (block, output tile of one module):
   `out_m[start:end, n0:n1] += shrunk[start:end, m * R : m * R + rank] @ b_t_m[slot, :rank, n0:n1]`
   (an R loop up to the block's rank; accumulated in float32, added to `out_m` once), or with
@@ -41,7 +43,7 @@ import torch
 from worker.kernels.lora_blocks import BLOCK_M, max_blocks
 
 MAX_GROUP = 3  # q/k/v
-DECODE_TOKENS = 256  # up to this many tokens, shrink splits over `in` (see above)
+SPLIT_K_TOKENS = 1024  # up to this many tokens, shrink splits over `in` (see above)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ DECODE_SHRINKS = (DECODE_SHRINK_NARROW, DECODE_SHRINK_WIDE)
 
 
 def shrink_tiles(num_tokens: int, max_rank: int, in_features: int) -> ShrinkTiles:
-    if num_tokens > DECODE_TOKENS:
+    if num_tokens > SPLIT_K_TOKENS:
         return ShrinkTiles(rank=_rank_tile(max_rank), k=128, k_per_split=0)
     return DECODE_SHRINK_WIDE if in_features > WIDE_INPUT else DECODE_SHRINK_NARROW
 
@@ -116,30 +118,30 @@ class LoraScratch:
     zeroing), and the split counters return to zero after each launch."""
 
     shrunk: torch.Tensor  # [tokens, MAX_GROUP * R], the weights' dtype
-    partials: torch.Tensor  # [splits, DECODE_TOKENS, MAX_GROUP * R] float32
+    partials: torch.Tensor  # [splits, SPLIT_K_TOKENS, MAX_GROUP * R] float32
     counters: torch.Tensor  # [decode blocks * rank tiles * MAX_GROUP] int32, zero between launches
-    deltas: torch.Tensor  # [DECODE_TOKENS, widest group's outputs], a group's deltas apart from its outputs
+    deltas: torch.Tensor  # [SPLIT_K_TOKENS, widest group's outputs], a group's deltas apart from its outputs
 
     @classmethod
     def allocate(cls, max_tokens: int, max_in_features: int, max_rank: int, num_slots: int, dtype: torch.dtype,
                  device: torch.device, decode_tiles: Sequence[ShrinkTiles] = DECODE_SHRINKS,
                  delta_columns: int = 0) -> LoraScratch:
-        decode_tokens = min(max_tokens, DECODE_TOKENS)
+        split_tokens = min(max_tokens, SPLIT_K_TOKENS)
         rank_tile = min(t.rank for t in decode_tiles)
-        tiles = max_blocks(decode_tokens, num_slots) * -(-max_rank // rank_tile) * MAX_GROUP
+        tiles = max_blocks(split_tokens, num_slots) * -(-max_rank // rank_tile) * MAX_GROUP
         splits = max(t.splits(max_in_features) for t in decode_tiles)
         return cls(
             shrunk=torch.zeros(max_tokens, MAX_GROUP * max_rank, dtype=dtype, device=device),
-            partials=torch.zeros(splits, decode_tokens, MAX_GROUP * max_rank, device=device),
+            partials=torch.zeros(splits, split_tokens, MAX_GROUP * max_rank, device=device),
             counters=torch.zeros(tiles, dtype=torch.int32, device=device),
-            deltas=torch.zeros(decode_tokens, delta_columns, dtype=dtype, device=device),
+            deltas=torch.zeros(split_tokens, delta_columns, dtype=dtype, device=device),
         )
 
     def first(self, num_tokens: int) -> LoraScratch:
         """The scratch of a batch of `num_tokens` (views)."""
-        decode_tokens = min(num_tokens, DECODE_TOKENS)
-        return LoraScratch(self.shrunk[:num_tokens], self.partials[:, :decode_tokens], self.counters,
-                           self.deltas[:decode_tokens])
+        split_tokens = min(num_tokens, SPLIT_K_TOKENS)
+        return LoraScratch(self.shrunk[:num_tokens], self.partials[:, :split_tokens], self.counters,
+                           self.deltas[:split_tokens])
 
 
 def add_lora_deltas(x: torch.Tensor, group: Sequence[ModuleDelta], blocks: torch.Tensor,

@@ -1,4 +1,4 @@
-.PHONY: setup test test-gpu serve
+.PHONY: setup test test-gpu bench-gpu serve
 
 setup:
 	bash scripts/setup.sh
@@ -9,6 +9,10 @@ test: setup
 # On a CUDA machine (the device tool runs this): the GPU equivalence and overlap tests.
 test-gpu:
 	HF_HUB_OFFLINE=1 python3 -m pytest -q -m gpu tests/gpu
+
+# On a CUDA machine: the GPU tests and the standard benchmark runs into $(OUT) (scripts/gpu_battery.sh).
+bench-gpu:
+	bash scripts/gpu_battery.sh
 
 serve: setup
 	.venv/bin/loraserve serve $(ARGS)

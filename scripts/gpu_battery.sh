@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The standard GPU runs of the performance work, in one device call (about 7 minutes on an H200):
+# the GPU tests, decode and mixed-step profiles, the seed workload's overlap-on runs (large and
+# small) and the cold-request benchmark. Everything lands in OUT (default: $OUT, as the device
+# tool sets it) as files under the names benchmarks/results/ uses, traces gzipped and plots
+# dropped (the device tool returns at most a few files: the two seed runs are tarred).
+#
+#   LORASERVE_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_battery.sh
+set -uo pipefail
+
+out=${1:-${OUT:?set OUT or pass a directory}}
+commit=${LORASERVE_COMMIT:?set LORASERVE_COMMIT to the commit under test}
+export HF_HUB_OFFLINE=1
+
+step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, logging its exit status
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name at $commit $(date -u +%H:%M:%S)" | tee -a "$out/battery.log"
+    timeout "$limit" "$@" >"$out/$name.txt" 2>&1
+    echo "   exit $?" | tee -a "$out/battery.log"
+}
+
+seed_run() {  # seed_run SET: one overlap-on run, tarred
+    local dir=$out/h200-seed-$1-$commit
+    mkdir -p "$dir"
+    step "seed-$1" 240 python3 benchmarks/seed_workload.py --out-dir "$dir" --sets "$1" --modes on
+    mv "$out/seed-$1.txt" "$dir/stdout.txt"
+    rm -f "$dir"/*.png
+    gzip -f "$dir"/*.trace.json 2>/dev/null
+    tar czf "$dir.tgz" -C "$out" "$(basename "$dir")" && rm -rf "$dir"
+}
+
+mkdir -p "$out"
+step gpu_tests 300 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider
+step "profile_decode_b16_a8_$commit" 120 python3 benchmarks/profile_decode.py --batch 16 --adapters 8
+step "profile_mixed_b8_p400_a8_$commit" 120 python3 benchmarks/profile_decode.py --batch 8 --adapters 8 --prefill 400
+seed_run large
+seed_run small
+step "cold_start_h200_${commit}_stdout" 240 python3 benchmarks/cold_start.py --out "$out/cold_start_h200.json" --repeats 3
+tail -n 3 "$out/gpu_tests.txt"
+grep -h "wall clock" "$out"/profile_*.txt

@@ -2,9 +2,10 @@
 
     python benchmarks/profile_decode.py --batch 64 --adapters 8
     python benchmarks/profile_decode.py --batch 8 --adapters 8 --prefill 400   # a mixed step
+    python benchmarks/profile_decode.py --batch 9 --trace step.json.gz   # then benchmarks/stream_timeline.py
 Prints the wall-clock time of a step, then torch.profiler's table of GPU kernels (the CUDA-graph
 replay is expanded into its kernels; kernels that overlap are summed, so the table's total can
-exceed the step).
+exceed the step). `--trace` also writes the profiled steps' chrome trace.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from worker.engine import Engine, EngineConfig
 from worker.lora.adapter import TARGET_MODULES
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=64)
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--prefill", type=int, default=0, help="add one prompt of this many tokens (a mixed step)")
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--trace", type=Path, help="write the profiled steps' chrome trace (.json or .json.gz)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
     write_model_config(root / "model")
@@ -70,6 +71,8 @@ def main() -> None:
             engine.forward(decode)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    if args.trace:
+        prof.export_chrome_trace(str(args.trace))
 
 
 if __name__ == "__main__":

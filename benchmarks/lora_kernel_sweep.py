@@ -60,7 +60,7 @@ class GroupBench:
         self.blocks = torch.from_numpy(table).cuda()
         smallest = ShrinkTiles(rank=16, k=64, k_per_split=512)  # most split-K partials and counters
         self.scratch = LoraScratch.allocate(batch, INTERMEDIATE, RANK, SLOTS, torch.bfloat16, torch.device("cuda"),
-                                            decode_tiles=[smallest])
+                                            split_tiles=[smallest])
         self.shrink_bytes = sum(a.numel() for a in self.a[0]) * 2
         self.expand_bytes = sum(b.numel() for b in self.b_t[0]) * 2
 

@@ -24,6 +24,39 @@ from worker.engine import Engine, EngineConfig
 from worker.lora.adapter import TARGET_MODULES
 
 
+def build_engine(rank: int, adapters: int, static_decode: bool = True) -> Engine:
+    """The 8B shape with dummy weights and `adapters` copies of one random adapter, resident in slots."""
+    root = Path(tempfile.mkdtemp())
+    write_model_config(root / "model")
+    engine = Engine(EngineConfig(str(root / "model"), load_format="dummy", dtype="bfloat16", device="cuda",
+                                 num_kv_pages=8192, page_size=16, max_loras_per_batch=8, max_lora_rank=rank,
+                                 host_cache_bytes=12 << 30, max_loaded_loras=8, static_decode=static_decode))
+    if adapters:
+        path = write_random_adapter(root / "adapter", engine.model_config, rank=rank, alpha=2 * rank,
+                                    modules=TARGET_MODULES)
+        for slot in range(adapters):
+            engine.register_adapter(f"a{slot}", path)
+            engine.stage_adapter(f"a{slot}")
+            engine.wait_staged(f"a{slot}")
+            engine.load_adapter(f"a{slot}", slot, blocking=True)
+        engine.poll()
+    return engine
+
+
+def step_batch(batch: int, adapters: int, context: int, prefill: int) -> list[SequenceInput]:
+    """`batch` decodes at `context` tokens, round robin over the adapters, and a `prefill`-token prompt."""
+    pages = -(-(context + 1) // 16)
+    sequences = [SequenceInput(f"r{i}", [7], context, list(range(i * pages, (i + 1) * pages)),
+                               adapter_slot=i % adapters if adapters else NO_ADAPTER)
+                 for i in range(batch)]
+    if prefill:
+        first_page = batch * pages
+        prompt_pages = list(range(first_page, first_page + -(-prefill // 16)))
+        sequences.append(SequenceInput("prompt", [7] * prefill, 0, prompt_pages,
+                                       adapter_slot=0 if adapters else NO_ADAPTER))
+    return sequences
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=64)
@@ -34,29 +67,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--trace", type=Path, help="write the profiled steps' chrome trace (.json or .json.gz)")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp())
-    write_model_config(root / "model")
-    engine = Engine(EngineConfig(str(root / "model"), load_format="dummy", dtype="bfloat16", device="cuda",
-                                 num_kv_pages=8192, page_size=16, max_loras_per_batch=8, max_lora_rank=args.rank,
-                                 host_cache_bytes=12 << 30, max_loaded_loras=8, static_decode=not args.eager))
-    if args.adapters:
-        path = write_random_adapter(root / "adapter", engine.model_config, rank=args.rank, alpha=2 * args.rank,
-                                    modules=TARGET_MODULES)
-        for slot in range(args.adapters):
-            engine.register_adapter(f"a{slot}", path)
-            engine.stage_adapter(f"a{slot}")
-            engine.wait_staged(f"a{slot}")
-            engine.load_adapter(f"a{slot}", slot, blocking=True)
-        engine.poll()
-    pages = -(-(args.context + 1) // 16)
-    decode = [SequenceInput(f"r{i}", [7], args.context, list(range(i * pages, (i + 1) * pages)),
-                            adapter_slot=i % args.adapters if args.adapters else NO_ADAPTER)
-              for i in range(args.batch)]
-    if args.prefill:
-        first_page = args.batch * pages
-        decode.append(SequenceInput("prompt", [7] * args.prefill, 0,
-                                    list(range(first_page, first_page + -(-args.prefill // 16))),
-                                    adapter_slot=0 if args.adapters else NO_ADAPTER))
+    engine = build_engine(args.rank, args.adapters, static_decode=not args.eager)
+    decode = step_batch(args.batch, args.adapters, args.context, args.prefill)
     for _ in range(3):
         engine.forward(decode)
     torch.cuda.synchronize()

@@ -1,13 +1,12 @@
-"""Where a step's time goes across CUDA streams, from a torch.profiler chrome trace.
+"""Where a step's time goes when kernels run on several streams, from a torch.profiler chrome trace.
 
     python benchmarks/stream_timeline.py step.json.gz      # written by profile_decode.py --trace
 
 Kernel tables sum overlapping kernels, so they cannot say what a step waits on. This splits
-the trace into steps (at gaps where no stream runs anything), takes the stream that runs the
-most kernels as the step's stream, and prints for the median step: its span, each stream's
-busy time, the time both streams are busy, and the step stream's idle gaps grouped by the
-kernel that ends them (a gap before `_rope_cache_kernel` is the step waiting for the q/k/v
-LoRA deltas on the side stream, or a launch gap inside the graph).
+the trace into steps (at gaps where no kernel runs), and prints for the median step: its span,
+how long the LoRA kernels and the base model's kernels run, alone and together, and the base
+path's idle gaps grouped by the kernel that ends them (a gap before `_rope_cache_kernel` is
+the step waiting for the q/k/v LoRA deltas, or a launch gap inside the graph).
 """
 
 from __future__ import annotations
@@ -16,17 +15,16 @@ import argparse
 import gzip
 import json
 import statistics
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-STEP_GAP_US = 50.0  # no kernel on any stream for this long: the host is between steps
+STEP_GAP_US = 50.0  # no kernel running for this long: the host is between steps
 
 
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    stream: int
     start: float  # microseconds
     end: float
 
@@ -35,7 +33,7 @@ def load_kernels(path: Path) -> list[Kernel]:
     raw = path.read_bytes()
     trace = json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    kernels = [Kernel(e["name"], int(e["args"].get("stream", e.get("tid", 0))), e["ts"], e["ts"] + e["dur"])
+    kernels = [Kernel(e["name"], e["ts"], e["ts"] + e["dur"])
                for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")]
     return sorted(kernels, key=lambda k: k.start)
 
@@ -82,31 +80,41 @@ def short(name: str) -> str:
     return name if len(name) <= 56 else name[:53] + "..."
 
 
+LORA_KERNELS = ("_shrink_kernel", "_expand_kernel")
+
+
+def is_lora(kernel: Kernel) -> bool:
+    return kernel.name in LORA_KERNELS
+
+
 def describe(step: list[Kernel]) -> str:
-    streams = Counter(k.stream for k in step)
-    main = streams.most_common(1)[0][0]
-    span = max(k.end for k in step) - min(k.start for k in step)
-    lines = [f"step span {span:.0f} us, {len(step)} kernels on streams {dict(streams)} (step stream {main})"]
-    per_stream = {s: busy([(k.start, k.end) for k in step if k.stream == s]) for s in streams}
-    for stream, intervals in per_stream.items():
-        lines.append(f"  stream {stream}: busy {total(intervals):.0f} us")
-    side = busy([iv for s, ivs in per_stream.items() if s != main for iv in ivs])
-    lines.append(f"  step stream and another both busy: {overlap(per_stream[main], side):.0f} us")
+    """A graph replay runs its nodes on internal streams the trace numbers one by one, so the
+    step is split by kernel kind instead: the LoRA kernels against everything else."""
+    begin, finish = min(k.start for k in step), max(k.end for k in step)
+    lora = busy([(k.start, k.end) for k in step if is_lora(k)])
+    base = busy([(k.start, k.end) for k in step if not is_lora(k)])
+    both = overlap(lora, base)
+    anything = total(busy(lora + base))
+    lines = [f"step span {finish - begin:.0f} us, {len(step)} kernels",
+             f"  base kernels running {total(base):.0f} us, LoRA kernels {total(lora):.0f} us, both {both:.0f} us",
+             f"  only LoRA running (the base path waits): {total(lora) - both:.0f} us; "
+             f"nothing running: {finish - begin - anything:.0f} us"]
     gaps: dict[str, list[float]] = defaultdict(list)
-    main_kernels = [k for k in step if k.stream == main]
-    for before, after in zip(main_kernels, main_kernels[1:]):
-        gaps[after.name].append(max(0.0, after.start - before.end))
-    lines.append(f"  step stream idle inside the step: {sum(sum(g) for g in gaps.values()):.0f} us, by the kernel after the gap:")
-    for name, values in sorted(gaps.items(), key=lambda item: -sum(item[1]))[:12]:
-        lines.append(f"    {sum(values):7.0f} us over {len(values):4d} gaps (median {statistics.median(values):5.1f})  {short(name)}")
-    lines.append("  kernels (us per step: total, count, median) per stream:")
-    for stream in streams:
-        durations: dict[str, list[float]] = defaultdict(list)
-        for k in step:
-            if k.stream == stream:
-                durations[k.name].append(k.end - k.start)
-        for name, values in sorted(durations.items(), key=lambda item: -sum(item[1]))[:10]:
-            lines.append(f"    [{stream}] {sum(values):7.0f} {len(values):4d} {statistics.median(values):6.1f}  {short(name)}")
+    base_kernels = [k for k in step if not is_lora(k)]
+    horizon = base_kernels[0].end
+    for kernel in base_kernels[1:]:
+        gaps[kernel.name].append(max(0.0, kernel.start - horizon))
+        horizon = max(horizon, kernel.end)
+    lines.append(f"  base path idle: {sum(sum(g) for g in gaps.values()):.0f} us, by the kernel that ends the gap:")
+    for name, values in sorted(gaps.items(), key=lambda item: -sum(item[1]))[:10]:
+        lines.append(f"    {sum(values):7.0f} us over {len(values):4d} gaps (median {statistics.median(values):5.1f})  "
+                     f"{short(name)}")
+    durations: dict[str, list[float]] = defaultdict(list)
+    for k in step:
+        durations[k.name].append(k.end - k.start)
+    lines.append("  kernels: us per step, count, median us")
+    for name, values in sorted(durations.items(), key=lambda item: -sum(item[1]))[:14]:
+        lines.append(f"    {sum(values):7.0f} {len(values):4d} {statistics.median(values):6.1f}  {short(name)}")
     return "\n".join(lines)
 
 

@@ -40,7 +40,8 @@ from worker.kernels.decode_attention import (
     ragged_attention,
     ragged_attention_reference,
 )
-from worker.kernels.lora_blocks import ATTENTION_BLOCK_M, BLOCK_COLUMNS, attention_blocks, lora_blocks, max_blocks
+from worker.kernels.lora_blocks import (ATTENTION_BLOCK_M, BLOCK_COLUMNS, BLOCK_M, PROMPT_BLOCK_M, attention_blocks,
+                                       lora_blocks, max_blocks)
 from worker.kernels.multi_lora import (
     LoraScratch,
     ModuleDelta,
@@ -105,7 +106,8 @@ class StaticInputs:
     def __init__(self, shape: StepShape, num_slots: int, lora_scratch: LoraScratch, device: torch.device) -> None:
         self.shape = shape
         t, s, w = shape.tokens, shape.seqs, shape.pages
-        self.num_block_rows = max_blocks(t, num_slots)
+        self.block_m = PROMPT_BLOCK_M if shape.mixed else BLOCK_M  # tokens per LoRA block
+        self.num_block_rows = max_blocks(t, num_slots, self.block_m)
         self.num_attention_rows = max_blocks(t, s, ATTENTION_BLOCK_M) if shape.mixed else 0
         sizes = {"input_ids": t, "positions": t, "kv_write": t, "token_slots": t, "token_seq": t, "seq_lens": s,
                  "blocks": self.num_block_rows * BLOCK_COLUMNS, "attention_blocks": self.num_attention_rows * 3,
@@ -144,7 +146,8 @@ class StaticInputs:
         else:
             self._fill_decodes(sequences, page_table, page_size, scratch_index)
         host = self._host_views
-        host["blocks"][:] = lora_blocks(host["token_slots"], slot_ranks, self.num_block_rows).reshape(-1)
+        host["blocks"][:] = lora_blocks(host["token_slots"], slot_ranks, self.num_block_rows,
+                                         self.block_m).reshape(-1)
         if self._mapped_host is None:
             self.device_block.copy_(self.host)
         else:
@@ -381,14 +384,14 @@ class _StaticLora:
         adapted = tuple(m for m in modules if m in self.slots.a)
         if self.side_stream is None or not adapted:  # a side stream exists only on CUDA (Triton)
             return
-        blocks, scratch = self.inputs.device("blocks"), self.inputs.lora_scratch
+        blocks, scratch, block_m = self.inputs.device("blocks"), self.inputs.lora_scratch, self.inputs.block_m
         deltas = self._deltas_buffer(x.shape[0], adapted)
         self.side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side_stream):
-            lora_shrink(x, [self.slots.a[m][layer] for m in adapted], blocks, scratch)
+            lora_shrink(x, [self.slots.a[m][layer] for m in adapted], blocks, scratch, block_m=block_m)
             if deltas is not None:  # every token is in a block (base-model ones store zeros)
                 lora_expand([self.slots.b_t[m][layer] for m in adapted], self._split(deltas, adapted), blocks,
-                            scratch, accumulate=False)
+                            scratch, accumulate=False, block_m=block_m)
         self._started = _StartedGroup(layer, adapted, deltas)
 
     def _deltas_buffer(self, num_tokens: int, modules: Sequence[str]) -> torch.Tensor | None:
@@ -408,7 +411,7 @@ class _StaticLora:
         if not adapted:
             return None
         group = [ModuleDelta(self.slots.a[module][layer], self.slots.b_t[module][layer], out) for module, out in adapted]
-        blocks = self.inputs.device("blocks")
+        blocks, block_m = self.inputs.device("blocks"), self.inputs.block_m
         if not self.use_triton:
             for module in group:
                 add_lora_delta_reference(module.out, x, module.a, module.b_t, self.inputs.device("token_slots"),
@@ -416,12 +419,13 @@ class _StaticLora:
         elif started is not None and (started.layer, started.modules) == (layer, tuple(m for m, _ in adapted)):
             torch.cuda.current_stream().wait_stream(self.side_stream)
             if started.deltas is None:
-                lora_expand([m.b_t for m in group], [m.out for m in group], blocks, self.inputs.lora_scratch)
+                lora_expand([m.b_t for m in group], [m.out for m in group], blocks, self.inputs.lora_scratch,
+                            block_m=block_m)
             elif len(adapted) == len(outputs):
                 return started.deltas  # the caller's next kernel adds them
             else:
                 for module, delta in zip(group, self._split(started.deltas, started.modules)):
                     module.out.add_(delta)
         else:
-            add_lora_deltas(x, group, blocks, self.inputs.lora_scratch)
+            add_lora_deltas(x, group, blocks, self.inputs.lora_scratch, block_m)
         return None

@@ -2,7 +2,8 @@
 
 Tokens arrive sorted by adapter slot (`worker.plan`), so each adapter's tokens form one
 contiguous run (base-model tokens, slot -1, come first, and a padded batch's padding rows
-form one more run at the end). Each run is cut into blocks of at most `block_m` tokens; a
+form one more run at the end). Each run is cut into blocks of at most `block_m` tokens
+(BLOCK_M for decode steps, PROMPT_BLOCK_M for steps that carry a prompt); a
 block is one row `(slot, start, end, rank)` of the table and one program of the kernels,
 `rank` being the largest rank of the slot's adapter (the kernels read no A or B rows past
 it). Base-model runs get rank-0 blocks `(0, start, end, 0)`: they read no weights, and an
@@ -20,7 +21,8 @@ import numpy as np
 
 from worker.batch import NO_ADAPTER
 
-BLOCK_M = 32
+BLOCK_M = 32  # decode steps: an adapter has a few of the batch's tokens
+PROMPT_BLOCK_M = 64  # steps with a prompt: wider blocks read each adapter's A and B fewer times
 
 
 def max_blocks(max_tokens: int, num_slots: int, block_m: int = BLOCK_M) -> int:
@@ -53,7 +55,8 @@ def lora_blocks(token_slots: Sequence[int], slot_ranks: Sequence[int], num_rows:
     return table
 
 
-ATTENTION_BLOCK_M = 32
+ATTENTION_BLOCK_M = 32  # decode steps: an adapter has a few of the batch's tokens
+PROMPT_BLOCK_M = 64  # steps with a prompt: wider blocks read each adapter's A and B fewer times
 
 
 def attention_blocks(token_counts: Sequence[int], num_rows: int, block_m: int = ATTENTION_BLOCK_M) -> np.ndarray:

@@ -8,11 +8,12 @@ the slot of token t (-1: base model, no delta):
 
 Modules that read the same input (q/k/v, gate/up; at most MAX_GROUP) go through two Triton
 kernels together, over the block table of `worker.kernels.lora_blocks` (rows
-`(slot, start, end, rank)`, tokens sorted by slot, at most BLOCK_M tokens per row):
+`(slot, start, end, rank)`, tokens sorted by slot, at most `block_m` tokens per row; the
+launch shape's `m`, the rows of x a program takes, is at least that):
 
 - shrink: one program per (block, rank tile, module, K split):
   `shrunk[start:end, m * R + r0 : m * R + r1] = x[start:end, :] @ a_m[slot, r0:r1, :].T`
-  (x tile [BLOCK_M, BLOCK_K], A tile [BLOCK_R, BLOCK_K]; tiles at or past the block's rank
+  (x tile [m, BLOCK_K], A tile [BLOCK_R, BLOCK_K]; tiles at or past the block's rank
   exit). Batches up to SPLIT_K_TOKENS tokens (decodes, and mixed steps with a prompt of a
   few hundred tokens) use narrow rank tiles and split the reduction over `in` into
   `k_per_split`-column chunks, so one adapter's few tokens still spread over the GPU: each
@@ -36,11 +37,11 @@ CUDA graph. Each `out_m` may be a column slice of a wider matrix (the fused qkv 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from worker.kernels.lora_blocks import BLOCK_M, max_blocks
+from worker.kernels.lora_blocks import BLOCK_M, PROMPT_BLOCK_M, max_blocks
 
 MAX_GROUP = 3  # q/k/v
 SPLIT_K_TOKENS = 1024  # up to this many tokens, shrink splits over `in` (see above)
@@ -55,6 +56,7 @@ class ShrinkTiles:
     k_per_split: int  # columns of `in` per program (a multiple of k); 0: no split
     warps: int = 4
     stages: int = 3
+    m: int = BLOCK_M  # tokens per program: at least the block table's block_m
 
     def splits(self, in_features: int) -> int:
         return -(-in_features // self.k_per_split) if self.k_per_split else 1
@@ -68,6 +70,7 @@ class ExpandTiles:
     rank: int  # rows of B per loop step
     warps: int = 4
     stages: int = 3
+    m: int = BLOCK_M  # tokens per program: at least the block table's block_m
 
 
 # Decode shapes from benchmarks/lora_kernel_sweep.py on an H200, 8B sizes, rank 256
@@ -79,14 +82,26 @@ DECODE_SHRINK_WIDE = ShrinkTiles(rank=64, k=128, k_per_split=2048, warps=8, stag
 DECODE_SHRINKS = (DECODE_SHRINK_NARROW, DECODE_SHRINK_WIDE)
 
 
-def shrink_tiles(num_tokens: int, max_rank: int, in_features: int) -> ShrinkTiles:
+# Steps that carry a prompt (block tables of PROMPT_BLOCK_M tokens): wider token tiles, so a
+# prompt's blocks read its adapter's A and B fewer times (benchmarks/step_tile_sweep.py).
+PROMPT_SHRINK = ShrinkTiles(rank=64, k=64, k_per_split=2048, m=PROMPT_BLOCK_M)
+PROMPT_EXPAND = ExpandTiles(n=128, rank=64, m=PROMPT_BLOCK_M)
+SPLIT_SHRINKS = (*DECODE_SHRINKS, PROMPT_SHRINK)  # the split-K launch shapes a scratch must serve
+
+
+def shrink_tiles(num_tokens: int, max_rank: int, in_features: int, block_m: int = BLOCK_M) -> ShrinkTiles:
+    if block_m > BLOCK_M:
+        split = PROMPT_SHRINK.k_per_split if num_tokens <= SPLIT_K_TOKENS else 0
+        return replace(PROMPT_SHRINK, k_per_split=split, m=block_m)
     if num_tokens > SPLIT_K_TOKENS:
-        return ShrinkTiles(rank=_rank_tile(max_rank), k=128, k_per_split=0)
+        return ShrinkTiles(rank=_rank_tile(max_rank), k=128, k_per_split=0, m=block_m)
     return DECODE_SHRINK_WIDE if in_features > WIDE_INPUT else DECODE_SHRINK_NARROW
 
 
-def expand_tiles(num_tokens: int, max_rank: int) -> ExpandTiles:
-    return ExpandTiles(n=128, rank=_rank_tile(max_rank))
+def expand_tiles(num_tokens: int, max_rank: int, block_m: int = BLOCK_M) -> ExpandTiles:
+    if block_m > BLOCK_M:
+        return replace(PROMPT_EXPAND, m=block_m)
+    return ExpandTiles(n=128, rank=_rank_tile(max_rank), m=block_m)
 
 
 def _rank_tile(rank: int) -> int:
@@ -119,17 +134,16 @@ class LoraScratch:
 
     shrunk: torch.Tensor  # [tokens, MAX_GROUP * R], the weights' dtype
     partials: torch.Tensor  # [splits, SPLIT_K_TOKENS, MAX_GROUP * R] float32
-    counters: torch.Tensor  # [decode blocks * rank tiles * MAX_GROUP] int32, zero between launches
+    counters: torch.Tensor  # [blocks * rank tiles * MAX_GROUP] int32 of split launches, zero between launches
     deltas: torch.Tensor  # [SPLIT_K_TOKENS, widest group's outputs], a group's deltas apart from its outputs
 
     @classmethod
     def allocate(cls, max_tokens: int, max_in_features: int, max_rank: int, num_slots: int, dtype: torch.dtype,
-                 device: torch.device, decode_tiles: Sequence[ShrinkTiles] = DECODE_SHRINKS,
+                 device: torch.device, split_tiles: Sequence[ShrinkTiles] = SPLIT_SHRINKS,
                  delta_columns: int = 0) -> LoraScratch:
         split_tokens = min(max_tokens, SPLIT_K_TOKENS)
-        rank_tile = min(t.rank for t in decode_tiles)
-        tiles = max_blocks(split_tokens, num_slots) * -(-max_rank // rank_tile) * MAX_GROUP
-        splits = max(t.splits(max_in_features) for t in decode_tiles)
+        tiles = max(max_blocks(split_tokens, num_slots, t.m) * -(-max_rank // t.rank) * MAX_GROUP for t in split_tiles)
+        splits = max(t.splits(max_in_features) for t in split_tiles)
         return cls(
             shrunk=torch.zeros(max_tokens, MAX_GROUP * max_rank, dtype=dtype, device=device),
             partials=torch.zeros(splits, split_tokens, MAX_GROUP * max_rank, device=device),
@@ -145,38 +159,46 @@ class LoraScratch:
 
 
 def add_lora_deltas(x: torch.Tensor, group: Sequence[ModuleDelta], blocks: torch.Tensor,
-                    scratch: LoraScratch, tiles: tuple[ShrinkTiles, ExpandTiles] | None = None) -> None:
-    """Triton version for up to MAX_GROUP modules sharing `x`; `blocks` [rows, 4] int64 on the GPU.
+                    scratch: LoraScratch, block_m: int = BLOCK_M) -> None:
+    """Triton version for up to MAX_GROUP modules sharing `x`; `blocks` [rows, 4] int64 on the GPU,
+    built with `block_m` tokens per block at most.
 
     Each block's rank comes from its row (a device tensor), so one captured graph serves any
-    mix of ranks up to R = a.shape[1] and reads only the rows each adapter has. `tiles`
-    overrides the launch shapes chosen for the batch size (benchmarks/lora_kernel_sweep.py).
+    mix of ranks up to R = a.shape[1] and reads only the rows each adapter has.
     """
-    shrink, expand = tiles or (None, None)
-    lora_shrink(x, [m.a for m in group], blocks, scratch, shrink)
-    lora_expand([m.b_t for m in group], [m.out for m in group], blocks, scratch, expand)
+    lora_shrink(x, [m.a for m in group], blocks, scratch, block_m=block_m)
+    lora_expand([m.b_t for m in group], [m.out for m in group], blocks, scratch, block_m=block_m)
 
 
 def lora_shrink(x: torch.Tensor, a: Sequence[torch.Tensor], blocks: torch.Tensor, scratch: LoraScratch,
-                tiles: ShrinkTiles | None = None) -> None:
-    """The first kernel alone: scratch.shrunk = x @ A.T per block (needs x only, not the base output)."""
+                tiles: ShrinkTiles | None = None, block_m: int = BLOCK_M) -> None:
+    """The first kernel alone: scratch.shrunk = x @ A.T per block (needs x only, not the base output).
+    `tiles` overrides the launch shape chosen for the batch (the sweeps in benchmarks/)."""
     from worker.kernels import _multi_lora_triton as kernels
 
     if not 1 <= len(a) <= MAX_GROUP:
         raise ValueError(f"a LoRA group has 1 to {MAX_GROUP} modules, got {len(a)}")
-    kernels.shrink(x, list(a), blocks, scratch, tiles or shrink_tiles(x.shape[0], a[0].shape[1], x.shape[1]))
+    tiles = tiles or shrink_tiles(x.shape[0], a[0].shape[1], x.shape[1], block_m)
+    _check_block_m(tiles.m, block_m)
+    kernels.shrink(x, list(a), blocks, scratch, tiles)
 
 
 def lora_expand(b_t: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], blocks: torch.Tensor,
-                scratch: LoraScratch, tiles: ExpandTiles | None = None, accumulate: bool = True) -> None:
+                scratch: LoraScratch, tiles: ExpandTiles | None = None, accumulate: bool = True,
+                block_m: int = BLOCK_M) -> None:
     """The second kernel alone, after `lora_shrink`: outs += scratch.shrunk @ B.T per block
     (accumulate=False: outs =, every row of outs being in a block)."""
     from worker.kernels import _multi_lora_triton as kernels
 
-    num_tokens, max_rank = outs[0].shape[0], b_t[0].shape[1]
-    kernels.expand(scratch.shrunk, list(b_t), blocks, list(outs), tiles or expand_tiles(num_tokens, max_rank),
-                   accumulate)
+    tiles = tiles or expand_tiles(outs[0].shape[0], b_t[0].shape[1], block_m)
+    _check_block_m(tiles.m, block_m)
+    kernels.expand(scratch.shrunk, list(b_t), blocks, list(outs), tiles, accumulate)
 
 
-__all__ = ["BLOCK_M", "MAX_GROUP", "ExpandTiles", "LoraScratch", "ModuleDelta", "ShrinkTiles", "add_lora_deltas",
-           "add_lora_delta_reference", "lora_expand", "lora_shrink"]
+def _check_block_m(tile_m: int, block_m: int) -> None:
+    if tile_m < block_m:
+        raise ValueError(f"a launch shape of {tile_m} tokens cannot take blocks of {block_m}")
+
+
+__all__ = ["BLOCK_M", "MAX_GROUP", "PROMPT_BLOCK_M", "ExpandTiles", "LoraScratch", "ModuleDelta", "ShrinkTiles",
+           "add_lora_deltas", "add_lora_delta_reference", "lora_expand", "lora_shrink"]

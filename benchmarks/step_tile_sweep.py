@@ -96,6 +96,7 @@ class StepTimer:
         self.runner._inputs.clear()
         self.runner._graphs.clear()
         self.runner._layered.clear()
+        self.runner._pool = torch.cuda.graph_pool_handle()  # a dropped graph's pool cannot take a new capture
         self.engine.forward(self.sequences)  # warms up and captures with the shapes in force
         self.engine.forward(self.sequences)
         (graph, _), = self.runner._graphs.values()
@@ -140,6 +141,8 @@ def descend(timer: StepTimer, choice: Choice, label: str, knobs: dict, deadline:
                 choice.shapes[knob] = value = replace(base, warps=warps, stages=stages)
                 tried.append((value, measure(timer, label, knob, value)))
         measured = [t for t in tried if t[1] is not None]
+        if not measured:
+            raise RuntimeError(f"no {knob} shape ran")
         best = min(measured, key=lambda t: t[1])
         choice.shapes[knob] = best[0]
         results[knob] = {"start": _plain(start_value), "start_us": tried[0][1], "best": _plain(best[0]),

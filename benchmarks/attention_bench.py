@@ -1,5 +1,7 @@
 """Decode attention on the 8B head shape (32 q heads, 8 kv heads, head_dim 128, bf16, page size 16):
-microseconds per call, one-pass (splits=1, the kernel before split-K) against split-K.
+microseconds per call, one-pass (splits=1, the kernel before split-K) against split-K; then the
+ragged kernel of mixed steps on a 400-token prompt, 8 decodes at 512 keys, and both (a
+512-token bucket's block table), by tokens per block, keys per block and warps.
 
     python benchmarks/attention_bench.py
 Each variant's calls are captured in a CUDA graph and replayed (as the engine runs them), so the
@@ -13,6 +15,7 @@ import torch
 from gpu_timing import graph_microseconds  # a sibling: benchmarks/ is on sys.path when run as a script
 from worker.decode_step import decode_shape
 from worker.kernels import _decode_attention_triton as kernels
+from worker.kernels.lora_blocks import attention_blocks, max_blocks
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
 CALLS_PER_GRAPH = 20
@@ -44,6 +47,32 @@ def main() -> None:
             kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * keys.element_size()
             print(f"{batch:>5} {context:>7} {splits:>6} {one_pass:>11.1f} {split_k:>10.1f} {wide:>14.1f} "
                   f"{kv_bytes / split_k / 1e3:>12.0f}")
+
+    ragged()
+
+
+def ragged(prompt: int = 400, decodes: int = 8, context: int = 512, bucket: int = 512, max_seqs: int = 256) -> None:
+    width = -(-max(prompt, context + 1) // PAGE_SIZE)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    num_pages = (decodes + 1) * width
+    keys = torch.randn(num_pages * PAGE_SIZE, KV_HEADS, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    page_table = torch.randperm(num_pages, device="cuda", generator=gen).view(decodes + 1, width)
+    q = torch.randn(bucket, HEADS, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+    cases = {"prompt": [prompt], "decodes": [1] * decodes, "both": [1] * decodes + [prompt]}
+    print(f"{'case':>8} {'block_m':>7} {'block_n':>7} {'warps':>5} {'us':>7}")
+    for case, counts in cases.items():
+        positions = [context if count == 1 else i for count in counts for i in range(count)]
+        position_tensor = torch.zeros(bucket, dtype=torch.long, device="cuda")
+        position_tensor[:len(positions)] = torch.tensor(positions)
+        table = page_table[:len(counts)] if case != "prompt" else page_table[decodes:]
+        for block_m, block_n, warps in [(32, 64, 4), (16, 64, 4), (64, 64, 4), (32, 32, 4), (32, 64, 8), (64, 64, 8),
+                                        (16, 32, 4), (64, 32, 4)]:
+            blocks = torch.from_numpy(attention_blocks(counts, max_blocks(bucket, max_seqs, block_m), block_m)).cuda()
+            us = timed(lambda: kernels.ragged_attention(q, keys, values, table, blocks, position_tensor, PAGE_SIZE,
+                                                         HEAD_DIM**-0.5, 0, block_m=block_m, block_n=block_n,
+                                                         warps=warps))
+            print(f"{case:>8} {block_m:>7} {block_n:>7} {warps:>5} {us:>7.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -64,23 +64,24 @@ class Choice:
             "shrink_narrow": multi_lora.DECODE_SHRINK_NARROW, "shrink_wide": multi_lora.DECODE_SHRINK_WIDE,
             "expand": multi_lora.expand_tiles(16, 256),
             "block_m": multi_lora.PROMPT_BLOCK_M,
-            "prompt_shrink_narrow": multi_lora.PROMPT_SHRINK, "prompt_shrink_wide": multi_lora.PROMPT_SHRINK,
+            "prompt_shrink_narrow": multi_lora.PROMPT_SHRINK_NARROW,
+            "prompt_shrink_wide": multi_lora.PROMPT_SHRINK_WIDE,
             "prompt_expand": multi_lora.PROMPT_EXPAND,
         }
 
     def shrink_tiles(self, num_tokens: int, max_rank: int, in_features: int, block_m: int = BLOCK_M) -> ShrinkTiles:
         width = "wide" if in_features > WIDE_INPUT else "narrow"
         if block_m > BLOCK_M:
-            return replace(self.shapes[f"prompt_shrink_{width}"], m=block_m)
+            return replace(self.shapes[f"prompt_shrink_{width}"], tokens=block_m)
         return self.shapes[f"shrink_{width}"]
 
     def expand_tiles(self, num_tokens: int, max_rank: int, block_m: int = BLOCK_M) -> ExpandTiles:
-        return replace(self.shapes["prompt_expand"], m=block_m) if block_m > BLOCK_M else self.shapes["expand"]
+        return replace(self.shapes["prompt_expand"], tokens=block_m) if block_m > BLOCK_M else self.shapes["expand"]
 
 
 def every_split_shape() -> list[ShrinkTiles]:
     shapes = [t for knob in ("shrink_narrow", "shrink_wide") for t in DECODE_KNOBS[knob]]
-    shapes += [replace(t, m=m) for knob in ("prompt_shrink_narrow", "prompt_shrink_wide") for t in MIXED_KNOBS[knob]
+    shapes += [replace(t, tokens=m) for knob in ("prompt_shrink_narrow", "prompt_shrink_wide") for t in MIXED_KNOBS[knob]
                for m in MIXED_KNOBS["block_m"]]
     return [t for t in shapes if t.k_per_split]
 

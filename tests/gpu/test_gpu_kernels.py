@@ -20,7 +20,7 @@ from worker.kernels.decode_attention import (
     ragged_attention,
     ragged_attention_reference,
 )
-from worker.kernels.lora_blocks import attention_blocks, lora_blocks
+from worker.kernels.lora_blocks import BLOCK_M, PROMPT_BLOCK_M, attention_blocks, lora_blocks
 from worker.kernels.multi_lora import (SPLIT_K_TOKENS, LoraScratch, ModuleDelta, add_lora_delta_reference,
                                       add_lora_deltas, lora_expand, lora_shrink)
 
@@ -41,12 +41,12 @@ def lora_engine(model_dirs, mixed_adapter_dirs):
     engine.close()
 
 
-def triton_group_delta(x, weights, token_slots, slot_ranks):
+def triton_group_delta(x, weights, token_slots, slot_ranks, block_m=BLOCK_M):
     """The grouped kernels over (a, b_t) per module, each adding into a column range of one fused
-    output; run twice (a graph replays the same launch) to check the split-K sums are bitwise
-    repeatable and leave their counters at zero; then once storing into NaN-filled outputs,
-    which must give the same (zeros for base-model tokens)."""
-    blocks = torch.from_numpy(lora_blocks(token_slots, slot_ranks)).cuda()
+    output, over blocks of up to `block_m` tokens; run twice (a graph replays the same launch) to
+    check the split-K sums are bitwise repeatable and leave their counters at zero; then once
+    storing into NaN-filled outputs, which must give the same (zeros for base-model tokens)."""
+    blocks = torch.from_numpy(lora_blocks(token_slots, slot_ranks, block_m=block_m)).cuda()
     scratch = LoraScratch.allocate(x.shape[0], x.shape[1], weights[0][0].shape[1], weights[0][0].shape[0],
                                    x.dtype, x.device)
     # The kernels read only what they wrote: NaN elsewhere in the scratch would show.
@@ -56,13 +56,14 @@ def triton_group_delta(x, weights, token_slots, slot_ranks):
     runs = []
     for _ in range(2):
         outs = torch.zeros(x.shape[0], sum(widths), dtype=x.dtype, device=x.device).split(widths, dim=1)
-        add_lora_deltas(x, [ModuleDelta(a, b_t, out) for (a, b_t), out in zip(weights, outs)], blocks, scratch)
+        add_lora_deltas(x, [ModuleDelta(a, b_t, out) for (a, b_t), out in zip(weights, outs)], blocks, scratch,
+                        block_m)
         assert not scratch.counters.any(), "split counters return to zero"
         runs.append(outs)
     assert all(torch.equal(first, second) for first, second in zip(*runs))
     stored = torch.full((x.shape[0], sum(widths)), float("nan"), dtype=x.dtype, device=x.device).split(widths, dim=1)
-    lora_shrink(x, [a for a, _ in weights], blocks, scratch)
-    lora_expand([b_t for _, b_t in weights], stored, blocks, scratch, accumulate=False)
+    lora_shrink(x, [a for a, _ in weights], blocks, scratch, block_m=block_m)
+    lora_expand([b_t for _, b_t in weights], stored, blocks, scratch, accumulate=False, block_m=block_m)
     assert all(torch.equal(s, r) for s, r in zip(stored, runs[0])), "a storing expand writes every row"
     return runs[0]
 
@@ -91,12 +92,14 @@ GROUPS_8B = {"q/k/v": (4096, [4096, 1024, 1024]), "gate/up": (4096, [14336, 1433
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("mix", ["identical", "distinct", "uniform", "skewed"])
-@pytest.mark.parametrize("tokens", [5, 100, 600], ids=["decode-5", "decode-100", "prefill-600"])
+@pytest.mark.parametrize("tokens", [5, 100, 600, 1500], ids=["decode-5", "decode-100", "prefill-600", "prefill-1500"])
+@pytest.mark.parametrize("block_m", [BLOCK_M, PROMPT_BLOCK_M], ids=["decode-blocks", "prompt-blocks"])
 @pytest.mark.parametrize("group", list(GROUPS_8B))
-def test_triton_multi_lora_groups_at_8b_sizes(dtype, mix, tokens, group):
-    """8 slots, ranks 8..256 (rows past each rank zero, as slots keep them); decode-sized batches
-    (16-row rank tiles) and a prefill-sized one (64-row tiles); each module of the group adds
-    into its column range of one fused output."""
+def test_triton_multi_lora_groups_at_8b_sizes(dtype, mix, tokens, block_m, group):
+    """8 slots, ranks 8..256 (rows past each rank zero, as slots keep them); the launch shapes of
+    decode steps and of steps carrying a prompt (wider blocks), split-K up to SPLIT_K_TOKENS
+    tokens and unsplit past it; each module of the group adds into its column range of one
+    fused output."""
     rng = random.Random(3)
     ranks = [16, 256, 64, 32, 256, 128, 8, 256]
     choices = {"identical": lambda: 5, "distinct": lambda: rng.randrange(8), "uniform": lambda: rng.randrange(-1, 8),
@@ -111,7 +114,7 @@ def test_triton_multi_lora_groups_at_8b_sizes(dtype, mix, tokens, group):
         for slot, rank in enumerate(ranks):
             a[slot, rank:] = 0
         weights.append((a, torch.randn(8, 256, width, device="cuda", generator=gen, dtype=DTYPES[dtype]) * 0.02))
-    outs = triton_group_delta(x, weights, token_slots, ranks)
+    outs = triton_group_delta(x, weights, token_slots, ranks, block_m)
     tolerance = 1e-3 if dtype == "float32" else 3e-2
     for (a, b_t), out in zip(weights, outs):
         expected = torch.zeros_like(out, dtype=torch.float64)

@@ -9,7 +9,7 @@ import torch
 
 from tests.driver import make_engine, make_resident
 from worker.batch import NO_ADAPTER
-from worker.kernels.lora_blocks import lora_blocks, max_blocks
+from worker.kernels.lora_blocks import BLOCK_M, PROMPT_BLOCK_M, lora_blocks, max_blocks
 from worker.kernels.multi_lora import (MAX_GROUP, SPLIT_K_TOKENS, LoraScratch, add_lora_delta_reference,
                                        shrink_tiles)
 from worker.lora.slots import SegmentBatch
@@ -108,17 +108,21 @@ def test_a_padded_batch_always_fits_its_block_table(seed):
     assert covered == list(range(capacity)), "every token is in exactly one block"
 
 
+@pytest.mark.parametrize("block_m", [BLOCK_M, PROMPT_BLOCK_M])
 @pytest.mark.parametrize("num_tokens", [1, 16, SPLIT_K_TOKENS, SPLIT_K_TOKENS + 1, 2048])
-def test_the_scratch_holds_the_split_k_work_of_every_chosen_shrink_shape(num_tokens):
-    """8B sizes: every input width a LoRA group has gets a launch shape whose split-K partials
-    and per-tile counters fit the scratch the decode runner allocates (and splits are whole K steps)."""
+def test_the_scratch_holds_the_split_k_work_of_every_chosen_shrink_shape(num_tokens, block_m):
+    """8B sizes: every input width a LoRA group has gets a launch shape, for decode and for
+    prompt-sized blocks, whose split-K partials and per-tile counters fit the scratch the
+    decode runner allocates (and splits are whole K steps)."""
     slots, max_rank, widths = 8, 256, (4096, 14336)
     scratch = LoraScratch.allocate(num_tokens, max(widths), max_rank, slots, torch.bfloat16, torch.device("cpu"))
     for in_features in widths:
-        tiles = shrink_tiles(num_tokens, max_rank, in_features)
+        tiles = shrink_tiles(num_tokens, max_rank, in_features, block_m)
         splits = tiles.splits(in_features)
+        assert tiles.tokens >= block_m
         assert tiles.k_per_split % tiles.k == 0
         if splits > 1:
+            assert num_tokens <= SPLIT_K_TOKENS
             assert scratch.partials.shape[0] >= splits
             rank_tiles = -(-max_rank // tiles.rank)
-            assert scratch.counters.numel() >= max_blocks(num_tokens, slots) * rank_tiles * MAX_GROUP
+            assert scratch.counters.numel() >= max_blocks(num_tokens, slots, block_m) * rank_tiles * MAX_GROUP

@@ -182,7 +182,9 @@ def _ragged_kernel(q_ptr, k_ptr, v_ptr, out_ptr, page_table_ptr, positions_ptr, 
 
 def ragged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, page_table: torch.Tensor,
                      blocks: torch.Tensor, positions: torch.Tensor, page_size: int, scale: float,
-                     window: int) -> torch.Tensor:
+                     window: int, *, block_m: int = ATTENTION_BLOCK_M, block_n: int = BLOCK_N,
+                     warps: int = 4) -> torch.Tensor:
+    """`block_m` (at least the blocks' tokens), `block_n` and `warps` are for benchmarks."""
     tokens, heads, head_dim = q.shape
     if keys.stride(-1) != 1 or q.stride(-1) != 1 or page_table.stride(-1) != 1:
         raise ValueError("ragged attention needs a unit stride in the last dimension")
@@ -192,7 +194,7 @@ def ragged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
         page_table.stride(0),
         PAGE_SIZE=page_size, GROUP=heads // keys.shape[1], HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=ATTENTION_BLOCK_M, BLOCK_N=BLOCK_N,
-        IEEE=q.dtype == torch.float32,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32, num_warps=warps,
     )
     return out

@@ -133,7 +133,7 @@ def shrink(x: torch.Tensor, a: Sequence[torch.Tensor], blocks: torch.Tensor, scr
     _shrink_kernel[grid](x, *_padded(a, a[0]), scratch.shrunk, scratch.partials, scratch.counters, blocks,
                          in_features, max_rank, tiles.k_per_split or in_features, x.stride(0), a[0].stride(0),
                          a[0].stride(1), scratch.shrunk.stride(0), scratch.partials.stride(0),
-                         scratch.partials.stride(1), SPLITS=splits, BLOCK_M=tiles.m, BLOCK_R=tiles.rank,
+                         scratch.partials.stride(1), SPLITS=splits, BLOCK_M=tiles.tokens, BLOCK_R=tiles.rank,
                          BLOCK_K=tiles.k, IEEE=x.dtype == torch.float32, num_warps=tiles.warps,
                          num_stages=tiles.stages)
 
@@ -149,7 +149,7 @@ def expand(shrunk: torch.Tensor, b_t: Sequence[torch.Tensor], blocks: torch.Tens
     _expand_kernel[grid](shrunk, *_padded(b_t, b_t[0]), *_padded(outs, outs[0]), blocks,
                          *_padded([out.shape[1] for out in outs], 0), *_padded(column_tiles, 0)[:2], max_rank,
                          shrunk.stride(0), outs[0].stride(0),
-                         BLOCK_M=tiles.m, BLOCK_N=tiles.n, BLOCK_R=tiles.rank,
+                         BLOCK_M=tiles.tokens, BLOCK_N=tiles.n, BLOCK_R=tiles.rank,
                          IEEE=outs[0].dtype == torch.float32, ACCUMULATE=accumulate, num_warps=tiles.warps,
                          num_stages=tiles.stages)
 

@@ -8,19 +8,19 @@ the slot of token t (-1: base model, no delta):
 
 Modules that read the same input (q/k/v, gate/up; at most MAX_GROUP) go through two Triton
 kernels together, over the block table of `worker.kernels.lora_blocks` (rows
-`(slot, start, end, rank)`, tokens sorted by slot, at most `block_m` tokens per row; the
-launch shape's `m`, the rows of x a program takes, is at least that):
+`(slot, start, end, rank)`, tokens sorted by slot, at most `block_m` tokens per row: BLOCK_M
+in decode steps, PROMPT_BLOCK_M in steps carrying a prompt; a launch shape's `tokens`, the
+rows of x one program takes, is at least that):
 
 - shrink: one program per (block, rank tile, module, K split):
   `shrunk[start:end, m * R + r0 : m * R + r1] = x[start:end, :] @ a_m[slot, r0:r1, :].T`
-  (x tile [m, BLOCK_K], A tile [BLOCK_R, BLOCK_K]; tiles at or past the block's rank
-  exit). Batches up to SPLIT_K_TOKENS tokens (decodes, and mixed steps with a prompt of a
-  few hundred tokens) use narrow rank tiles and split the reduction over `in` into
+  (x tile [tokens, BLOCK_K], A tile [BLOCK_R, BLOCK_K]; tiles at or past the block's rank
+  exit). Decode steps use narrow rank tiles and split the reduction over `in` into
   `k_per_split`-column chunks, so one adapter's few tokens still spread over the GPU: each
   split stores a float32 partial and the tile's last split to finish sums them in split
-  order (deterministic) in the same launch. Larger batches have blocks enough: 64-row rank
-  tiles, no split (unsplit, a 400-token prompt's shrink loops over all of `in` in few
-  programs: 9.4 ms of a 24.8 ms step on an H200, benchmarks/results/profile_mixed_*);
+  order (deterministic) in the same launch. Steps carrying a prompt use wider blocks, so a
+  prompt's blocks read its adapter's A and B fewer times, and split only the wide input
+  (`down`); batches over SPLIT_K_TOKENS tokens have blocks enough and never split;
 - expand: one program per (block, output tile of one module):
   `out_m[start:end, n0:n1] += shrunk[start:end, m * R : m * R + rank] @ b_t_m[slot, :rank, n0:n1]`
   (an R loop up to the block's rank; accumulated in float32, added to `out_m` once), or with
@@ -56,7 +56,7 @@ class ShrinkTiles:
     k_per_split: int  # columns of `in` per program (a multiple of k); 0: no split
     warps: int = 4
     stages: int = 3
-    m: int = BLOCK_M  # tokens per program: at least the block table's block_m
+    tokens: int = BLOCK_M  # rows of x per program: at least the block table's block_m
 
     def splits(self, in_features: int) -> int:
         return -(-in_features // self.k_per_split) if self.k_per_split else 1
@@ -70,38 +70,40 @@ class ExpandTiles:
     rank: int  # rows of B per loop step
     warps: int = 4
     stages: int = 3
-    m: int = BLOCK_M  # tokens per program: at least the block table's block_m
+    tokens: int = BLOCK_M  # rows of x per program: at least the block table's block_m
 
 
-# Decode shapes from benchmarks/lora_kernel_sweep.py on an H200, 8B sizes, rank 256
-# (benchmarks/results/lora_kernel_sweep_h200.json): inputs up to WIDE_INPUT columns (q/k/v, o,
-# gate/up) and wider ones (down) each have their own; 87 -> 65 us per layer at batch 16.
+# Launch shapes from benchmarks/step_tile_sweep.py on an H200 (8B sizes, 8 rank-256 adapters,
+# benchmarks/results/step_tile_sweep_h200.json), chosen by the time of the whole step, since the
+# kernels run beside the base GEMMs: inputs up to WIDE_INPUT columns (q/k/v, o, gate/up) and
+# wider ones (down) each have their own. A decode step of 9 over 8 adapters: 7.53 -> 7.36 ms
+# against session 6's shapes (chosen alone by lora_kernel_sweep.py); a mixed step (8 decodes
+# and a 400-token prompt): 20.45 ms with 32-token blocks -> 18.91 ms.
 WIDE_INPUT = 8192
-DECODE_SHRINK_NARROW = ShrinkTiles(rank=32, k=256, k_per_split=2048)
-DECODE_SHRINK_WIDE = ShrinkTiles(rank=64, k=128, k_per_split=2048, warps=8, stages=4)
-DECODE_SHRINKS = (DECODE_SHRINK_NARROW, DECODE_SHRINK_WIDE)
-
-
-# Steps that carry a prompt (block tables of PROMPT_BLOCK_M tokens): wider token tiles, so a
-# prompt's blocks read its adapter's A and B fewer times (benchmarks/step_tile_sweep.py).
-PROMPT_SHRINK = ShrinkTiles(rank=64, k=64, k_per_split=2048, m=PROMPT_BLOCK_M)
-PROMPT_EXPAND = ExpandTiles(n=128, rank=64, m=PROMPT_BLOCK_M)
-SPLIT_SHRINKS = (*DECODE_SHRINKS, PROMPT_SHRINK)  # the split-K launch shapes a scratch must serve
+DECODE_SHRINK_NARROW = ShrinkTiles(rank=64, k=128, k_per_split=1024)
+DECODE_SHRINK_WIDE = ShrinkTiles(rank=32, k=256, k_per_split=3584)
+DECODE_EXPAND_STAGES = 2
+PROMPT_SHRINK_NARROW = ShrinkTiles(rank=128, k=64, k_per_split=0, warps=8, stages=4, tokens=PROMPT_BLOCK_M)
+PROMPT_SHRINK_WIDE = ShrinkTiles(rank=64, k=128, k_per_split=3584, warps=8, stages=3, tokens=PROMPT_BLOCK_M)
+PROMPT_EXPAND = ExpandTiles(n=256, rank=64, stages=2, tokens=PROMPT_BLOCK_M)
+SPLIT_SHRINKS = (DECODE_SHRINK_NARROW, DECODE_SHRINK_WIDE, PROMPT_SHRINK_WIDE)  # the split-K shapes a scratch serves
 
 
 def shrink_tiles(num_tokens: int, max_rank: int, in_features: int, block_m: int = BLOCK_M) -> ShrinkTiles:
-    if block_m > BLOCK_M:
-        split = PROMPT_SHRINK.k_per_split if num_tokens <= SPLIT_K_TOKENS else 0
-        return replace(PROMPT_SHRINK, k_per_split=split, m=block_m)
+    """The shrink's launch shape for a batch whose block table has blocks of up to `block_m` tokens."""
+    wide = in_features > WIDE_INPUT
+    if block_m > BLOCK_M:  # a step carrying a prompt
+        tiles = PROMPT_SHRINK_WIDE if wide else PROMPT_SHRINK_NARROW
+        return replace(tiles, tokens=block_m, k_per_split=tiles.k_per_split if num_tokens <= SPLIT_K_TOKENS else 0)
     if num_tokens > SPLIT_K_TOKENS:
-        return ShrinkTiles(rank=_rank_tile(max_rank), k=128, k_per_split=0, m=block_m)
-    return DECODE_SHRINK_WIDE if in_features > WIDE_INPUT else DECODE_SHRINK_NARROW
+        return ShrinkTiles(rank=_rank_tile(max_rank), k=128, k_per_split=0, tokens=block_m)
+    return DECODE_SHRINK_WIDE if wide else DECODE_SHRINK_NARROW
 
 
 def expand_tiles(num_tokens: int, max_rank: int, block_m: int = BLOCK_M) -> ExpandTiles:
     if block_m > BLOCK_M:
-        return replace(PROMPT_EXPAND, m=block_m)
-    return ExpandTiles(n=128, rank=_rank_tile(max_rank), m=block_m)
+        return replace(PROMPT_EXPAND, tokens=block_m)
+    return ExpandTiles(n=128, rank=_rank_tile(max_rank), stages=DECODE_EXPAND_STAGES, tokens=block_m)
 
 
 def _rank_tile(rank: int) -> int:
@@ -142,7 +144,7 @@ class LoraScratch:
                  device: torch.device, split_tiles: Sequence[ShrinkTiles] = SPLIT_SHRINKS,
                  delta_columns: int = 0) -> LoraScratch:
         split_tokens = min(max_tokens, SPLIT_K_TOKENS)
-        tiles = max(max_blocks(split_tokens, num_slots, t.m) * -(-max_rank // t.rank) * MAX_GROUP for t in split_tiles)
+        tiles = max(max_blocks(split_tokens, num_slots, t.tokens) * -(-max_rank // t.rank) * MAX_GROUP for t in split_tiles)
         splits = max(t.splits(max_in_features) for t in split_tiles)
         return cls(
             shrunk=torch.zeros(max_tokens, MAX_GROUP * max_rank, dtype=dtype, device=device),
@@ -179,7 +181,7 @@ def lora_shrink(x: torch.Tensor, a: Sequence[torch.Tensor], blocks: torch.Tensor
     if not 1 <= len(a) <= MAX_GROUP:
         raise ValueError(f"a LoRA group has 1 to {MAX_GROUP} modules, got {len(a)}")
     tiles = tiles or shrink_tiles(x.shape[0], a[0].shape[1], x.shape[1], block_m)
-    _check_block_m(tiles.m, block_m)
+    _check_block_m(tiles.tokens, block_m)
     kernels.shrink(x, list(a), blocks, scratch, tiles)
 
 
@@ -191,13 +193,13 @@ def lora_expand(b_t: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], block
     from worker.kernels import _multi_lora_triton as kernels
 
     tiles = tiles or expand_tiles(outs[0].shape[0], b_t[0].shape[1], block_m)
-    _check_block_m(tiles.m, block_m)
+    _check_block_m(tiles.tokens, block_m)
     kernels.expand(scratch.shrunk, list(b_t), blocks, list(outs), tiles, accumulate)
 
 
-def _check_block_m(tile_m: int, block_m: int) -> None:
-    if tile_m < block_m:
-        raise ValueError(f"a launch shape of {tile_m} tokens cannot take blocks of {block_m}")
+def _check_block_m(tile_tokens: int, block_m: int) -> None:
+    if tile_tokens < block_m:
+        raise ValueError(f"a launch shape of {tile_tokens} tokens cannot take blocks of {block_m}")
 
 
 __all__ = ["BLOCK_M", "MAX_GROUP", "PROMPT_BLOCK_M", "ExpandTiles", "LoraScratch", "ModuleDelta", "ShrinkTiles",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The standard GPU runs of the performance work, in one device call (about 7 minutes on an H200):
-# the GPU tests, decode and mixed-step profiles, the seed workload's overlap-on runs (large and
+# the GPU tests, decode and mixed-step profiles (each with its stream timeline), the seed workload's overlap-on runs (large and
 # small) and the cold-request benchmark. Everything lands in OUT (default: $OUT, as the device
 # tool sets it) as files under the names benchmarks/results/ uses, traces gzipped and plots
 # dropped (the device tool returns at most a few files: the two seed runs are tarred).
@@ -32,8 +32,16 @@ seed_run() {  # seed_run SET: one overlap-on run, tarred
 
 mkdir -p "$out"
 step gpu_tests 300 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider
-step "profile_decode_b16_a8_$commit" 120 python3 benchmarks/profile_decode.py --batch 16 --adapters 8
-step "profile_mixed_b8_p400_a8_$commit" 120 python3 benchmarks/profile_decode.py --batch 8 --adapters 8 --prefill 400
+profile() {  # profile NAME ARGS...: profile_decode.py, then where its median step waits (stream_timeline.py)
+    local name=$1
+    shift
+    step "$name" 120 python3 benchmarks/profile_decode.py "$@" --trace "/tmp/$name.json.gz"
+    python3 benchmarks/stream_timeline.py "/tmp/$name.json.gz" >>"$out/$name.txt" 2>&1
+}
+
+profile "profile_decode_b16_a8_$commit" --batch 16 --adapters 8
+profile "profile_decode_b9_a8_$commit" --batch 9 --adapters 8
+profile "profile_mixed_b8_p400_a8_$commit" --batch 8 --adapters 8 --prefill 400
 seed_run large
 seed_run small
 step "cold_start_h200_${commit}_stdout" 240 python3 benchmarks/cold_start.py --out "$out/cold_start_h200.json" --repeats 3

@@ -41,7 +41,7 @@ from worker.kernels.decode_attention import (
     ragged_attention_reference,
 )
 from worker.kernels.lora_blocks import (ATTENTION_BLOCK_M, BLOCK_COLUMNS, BLOCK_M, PROMPT_BLOCK_M, attention_blocks,
-                                       lora_blocks, max_blocks, short_run_rows, split_lora_blocks)
+                                       lora_blocks, max_blocks)
 from worker.kernels.multi_lora import (
     LoraScratch,
     ModuleDelta,
@@ -106,15 +106,11 @@ class StaticInputs:
     def __init__(self, shape: StepShape, num_slots: int, lora_scratch: LoraScratch, device: torch.device) -> None:
         self.shape = shape
         t, s, w = shape.tokens, shape.seqs, shape.pages
-        # LoRA block tables: decode steps one of BLOCK_M-token blocks; steps carrying a prompt
-        # also one for short runs (decodes), each launched with its own shapes (split_lora_blocks).
-        self.block_m = PROMPT_BLOCK_M if shape.mixed else BLOCK_M
+        self.block_m = PROMPT_BLOCK_M if shape.mixed else BLOCK_M  # tokens per LoRA block
         self.num_block_rows = max_blocks(t, num_slots, self.block_m)
-        self.num_short_rows = short_run_rows(num_slots) if shape.mixed else 0
         self.num_attention_rows = max_blocks(t, s, ATTENTION_BLOCK_M) if shape.mixed else 0
         sizes = {"input_ids": t, "positions": t, "kv_write": t, "token_slots": t, "token_seq": t, "seq_lens": s,
-                 "blocks": self.num_block_rows * BLOCK_COLUMNS, "short_blocks": self.num_short_rows * BLOCK_COLUMNS,
-                 "attention_blocks": self.num_attention_rows * 3,
+                 "blocks": self.num_block_rows * BLOCK_COLUMNS, "attention_blocks": self.num_attention_rows * 3,
                  "page_table": s * w}
         on_gpu = device.type == "cuda"
         self.host = torch.zeros(sum(sizes.values()), dtype=torch.long, pin_memory=on_gpu)
@@ -134,16 +130,9 @@ class StaticInputs:
             return view.view(self.shape.seqs, self.shape.pages)
         if name == "blocks":
             return view.view(self.num_block_rows, BLOCK_COLUMNS)
-        if name == "short_blocks":
-            return view.view(self.num_short_rows, BLOCK_COLUMNS)
         if name == "attention_blocks":
             return view.view(self.num_attention_rows, 3)
         return view
-
-    def lora_tables(self) -> list[tuple[torch.Tensor, int]]:
-        """The step's LoRA block tables on the device, each with its tokens per block."""
-        tables = [(self.device("blocks"), self.block_m)]
-        return [(self.device("short_blocks"), BLOCK_M), *tables] if self.shape.mixed else tables
 
     def fill(self, sequences: Sequence[SequenceInput], slot_ranks: Sequence[int], page_size: int,
              scratch_index: int) -> None:
@@ -157,13 +146,8 @@ class StaticInputs:
         else:
             self._fill_decodes(sequences, page_table, page_size, scratch_index)
         host = self._host_views
-        if self.shape.mixed:
-            short, long = split_lora_blocks(host["token_slots"], slot_ranks, self.num_short_rows,
-                                            self.num_block_rows, self.block_m)
-            host["short_blocks"][:] = short.reshape(-1)
-            host["blocks"][:] = long.reshape(-1)
-        else:
-            host["blocks"][:] = lora_blocks(host["token_slots"], slot_ranks, self.num_block_rows).reshape(-1)
+        host["blocks"][:] = lora_blocks(host["token_slots"], slot_ranks, self.num_block_rows,
+                                         self.block_m).reshape(-1)
         if self._mapped_host is None:
             self.device_block.copy_(self.host)
         else:
@@ -400,16 +384,14 @@ class _StaticLora:
         adapted = tuple(m for m in modules if m in self.slots.a)
         if self.side_stream is None or not adapted:  # a side stream exists only on CUDA (Triton)
             return
-        tables, scratch = self.inputs.lora_tables(), self.inputs.lora_scratch
+        blocks, scratch, block_m = self.inputs.device("blocks"), self.inputs.lora_scratch, self.inputs.block_m
         deltas = self._deltas_buffer(x.shape[0], adapted)
         self.side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side_stream):
-            for blocks, block_m in tables:
-                lora_shrink(x, [self.slots.a[m][layer] for m in adapted], blocks, scratch, block_m=block_m)
+            lora_shrink(x, [self.slots.a[m][layer] for m in adapted], blocks, scratch, block_m=block_m)
             if deltas is not None:  # every token is in a block (base-model ones store zeros)
-                for blocks, block_m in tables:
-                    lora_expand([self.slots.b_t[m][layer] for m in adapted], self._split(deltas, adapted), blocks,
-                                scratch, accumulate=False, block_m=block_m)
+                lora_expand([self.slots.b_t[m][layer] for m in adapted], self._split(deltas, adapted), blocks,
+                            scratch, accumulate=False, block_m=block_m)
         self._started = _StartedGroup(layer, adapted, deltas)
 
     def _deltas_buffer(self, num_tokens: int, modules: Sequence[str]) -> torch.Tensor | None:
@@ -429,7 +411,7 @@ class _StaticLora:
         if not adapted:
             return None
         group = [ModuleDelta(self.slots.a[module][layer], self.slots.b_t[module][layer], out) for module, out in adapted]
-        tables = self.inputs.lora_tables()
+        blocks, block_m = self.inputs.device("blocks"), self.inputs.block_m
         if not self.use_triton:
             for module in group:
                 add_lora_delta_reference(module.out, x, module.a, module.b_t, self.inputs.device("token_slots"),
@@ -437,15 +419,13 @@ class _StaticLora:
         elif started is not None and (started.layer, started.modules) == (layer, tuple(m for m, _ in adapted)):
             torch.cuda.current_stream().wait_stream(self.side_stream)
             if started.deltas is None:
-                for blocks, block_m in tables:
-                    lora_expand([m.b_t for m in group], [m.out for m in group], blocks, self.inputs.lora_scratch,
-                                block_m=block_m)
+                lora_expand([m.b_t for m in group], [m.out for m in group], blocks, self.inputs.lora_scratch,
+                            block_m=block_m)
             elif len(adapted) == len(outputs):
                 return started.deltas  # the caller's next kernel adds them
             else:
                 for module, delta in zip(group, self._split(started.deltas, started.modules)):
                     module.out.add_(delta)
         else:
-            for blocks, block_m in tables:
-                add_lora_deltas(x, group, blocks, self.inputs.lora_scratch, block_m)
+            add_lora_deltas(x, group, blocks, self.inputs.lora_scratch, block_m)
         return None

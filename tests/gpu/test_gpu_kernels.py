@@ -251,9 +251,8 @@ def test_steps_reading_a_landing_adapter_replay_per_layer_graphs_and_match_eager
 
 def test_static_steps_run_lora_on_the_side_stream(model_dirs, mixed_adapter_dirs, monkeypatch):
     """Every adapted group's LoRA kernels are launched on the side stream (beside the base GEMM),
-    in every layer: shrink and expand for a decode step; for a step carrying a prompt, each over
-    its two block tables (short runs, then long ones); the shrinks alone for a prefill too large
-    to stage its deltas (its expands add into the GEMM's output on the step's stream). The
+    in every layer: shrink and expand for a decode step, the shrink alone for a prefill too large
+    to stage its deltas (its expand adds into the GEMM's output on the step's stream). The
     tokens are checked by the tests above."""
     engine = make_engine(model_dirs["llama3"], device="cuda", cuda_graphs=False, num_kv_pages=512)
     for slot, (name, path) in zip((2, 0), mixed_adapter_dirs["llama3"].items()):
@@ -274,13 +273,9 @@ def test_static_steps_run_lora_on_the_side_stream(model_dirs, mixed_adapter_dirs
     engine.forward([SequenceInput("r", [5], 3, [0], adapter_slot=2)])
     assert launches == [("lora_shrink", side), ("lora_expand", side)] * groups
     launches.clear()
-    engine.forward([SequenceInput("q", [7] * 100, 0, list(range(1, 30)), adapter_slot=0),
-                    SequenceInput("r", [6], 3, [0], adapter_slot=2)])
-    assert launches == ([("lora_shrink", side)] * 2 + [("lora_expand", side)] * 2) * groups
-    launches.clear()
     prompt = SPLIT_K_TOKENS + 44
-    engine.forward([SequenceInput("p", [7] * prompt, 0, list(range(30, 31 + prompt // 4)), adapter_slot=0)])
-    assert launches == ([("lora_shrink", side)] * 2 + [("lora_expand", main)] * 2) * groups
+    engine.forward([SequenceInput("p", [7] * prompt, 0, list(range(1, 2 + prompt // 4)), adapter_slot=0)])
+    assert launches == [("lora_shrink", side), ("lora_expand", main)] * groups
     engine.close()
 
 

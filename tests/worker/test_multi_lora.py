@@ -9,8 +9,7 @@ import torch
 
 from tests.driver import make_engine, make_resident
 from worker.batch import NO_ADAPTER
-from worker.kernels.lora_blocks import (BLOCK_M, PROMPT_BLOCK_M, lora_blocks, max_blocks, short_run_rows,
-                                       split_lora_blocks)
+from worker.kernels.lora_blocks import BLOCK_M, PROMPT_BLOCK_M, lora_blocks, max_blocks
 from worker.kernels.multi_lora import (MAX_GROUP, SPLIT_K_TOKENS, LoraScratch, add_lora_delta_reference,
                                        shrink_tiles)
 from worker.lora.slots import SegmentBatch
@@ -107,26 +106,6 @@ def test_a_padded_batch_always_fits_its_block_table(seed):
     table = lora_blocks(token_slots, [16] * slots, max_blocks(capacity, slots))
     covered = sorted(t for _, start, end, _ in table.tolist() for t in range(start, end))
     assert covered == list(range(capacity)), "every token is in exactly one block"
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_a_step_with_a_prompt_splits_its_runs_between_two_tables(seed):
-    """Short runs (an adapter's decodes) go to a table of BLOCK_M-token blocks, longer runs (a
-    prompt) to one of PROMPT_BLOCK_M-token blocks; both fit their sizes and cover each token once."""
-    rng = random.Random(seed)
-    slots, capacity = rng.randint(1, 8), rng.choice([64, 512, 1024])
-    prompt = rng.randint(0, capacity // 2)
-    decodes = [rng.randrange(-1, slots) for _ in range(rng.randint(0, min(capacity - prompt, 24)))]
-    token_slots = sorted([rng.randrange(-1, slots)] * prompt + decodes)
-    token_slots += [NO_ADAPTER] * (capacity - len(token_slots))
-    short, long = split_lora_blocks(token_slots, [16] * slots, short_run_rows(slots),
-                                    max_blocks(capacity, slots, PROMPT_BLOCK_M))
-    covered = sorted(t for _, start, end, _ in [*short.tolist(), *long.tolist()] for t in range(start, end))
-    assert covered == list(range(capacity)), "every token is in exactly one block of one table"
-    assert all(end - start <= BLOCK_M for _, start, end, _ in short.tolist())
-    assert all(end - start <= PROMPT_BLOCK_M for _, start, end, _ in long.tolist())
-    for slot, start, end, rank in [*short.tolist(), *long.tolist()]:
-        assert set(token_slots[start:end]) <= ({NO_ADAPTER} if rank == 0 else {slot}), "a block is one slot's tokens"
 
 
 @pytest.mark.parametrize("block_m", [BLOCK_M, PROMPT_BLOCK_M])

@@ -2,15 +2,14 @@
 
 Tokens arrive sorted by adapter slot (`worker.plan`), so each adapter's tokens form one
 contiguous run (base-model tokens, slot -1, come first, and a padded batch's padding rows
-form one more run at the end). Each run is cut into blocks of at most `block_m` tokens; a
+form one more run at the end). Each run is cut into blocks of at most `block_m` tokens
+(BLOCK_M for decode steps, PROMPT_BLOCK_M for steps that carry a prompt); a
 block is one row `(slot, start, end, rank)` of the table and one program of the kernels,
 `rank` being the largest rank of the slot's adapter (the kernels read no A or B rows past
 it). Base-model runs get rank-0 blocks `(0, start, end, 0)`: they read no weights, and an
 expand that stores (rather than adds) its deltas writes their zeros. A table may be padded
 to a fixed length with empty rows `(0, 0, 0, 0)` so that a captured CUDA graph can replay it
-with other batches. Decode steps have one table of BLOCK_M-token blocks; steps carrying a
-prompt have two (`split_lora_blocks`), each launched with its own kernel shapes, since an
-adapter's few decode tokens want many small programs and a prompt wants wide ones.
+with other batches.
 """
 
 from __future__ import annotations
@@ -35,51 +34,17 @@ def max_blocks(max_tokens: int, num_slots: int, block_m: int = BLOCK_M) -> int:
 BLOCK_COLUMNS = 4
 
 
-Run = tuple[int, int, int]  # (slot, first token, tokens)
-
-
 def lora_blocks(token_slots: Sequence[int], slot_ranks: Sequence[int], num_rows: int | None = None,
                 block_m: int = BLOCK_M) -> np.ndarray:
     """[rows, 4] int64 (slot, start, end, rank), padded with empty rows to `num_rows` if given."""
-    return _table(_blocks(_runs(token_slots), slot_ranks, block_m), num_rows)
-
-
-def short_run_rows(num_slots: int) -> int:
-    """Rows of `split_lora_blocks`' first table: a run per slot, the base-model run and the padding run."""
-    return num_slots + 2
-
-
-def split_lora_blocks(token_slots: Sequence[int], slot_ranks: Sequence[int], num_short_rows: int,
-                      num_long_rows: int, long_block_m: int = PROMPT_BLOCK_M) -> tuple[np.ndarray, np.ndarray]:
-    """Two tables for a step carrying a prompt: runs of up to BLOCK_M tokens (an adapter's
-    decodes) in blocks of BLOCK_M, for the decode launch shapes, and longer runs (prompts) in
-    blocks of `long_block_m`, for the prompt ones. Together they cover every token once."""
-    runs = _runs(token_slots)
-    short = [run for run in runs if run[2] <= BLOCK_M]
-    long = [run for run in runs if run[2] > BLOCK_M]
-    return (_table(_blocks(short, slot_ranks, BLOCK_M), num_short_rows),
-            _table(_blocks(long, slot_ranks, long_block_m), num_long_rows))
-
-
-def _runs(token_slots: Sequence[int]) -> list[Run]:
-    runs, position = [], 0
+    rows: list[tuple[int, int, int, int]] = []
+    position = 0
     for slot, group in itertools.groupby(token_slots):
         length = sum(1 for _ in group)
-        runs.append((slot, position, length))
-        position += length
-    return runs
-
-
-def _blocks(runs: Sequence[Run], slot_ranks: Sequence[int], block_m: int) -> list[tuple[int, int, int, int]]:
-    rows = []
-    for slot, first, length in runs:
         slot_and_rank = (0, 0) if slot == NO_ADAPTER else (slot, slot_ranks[slot])
-        rows.extend((slot_and_rank[0], start, min(start + block_m, first + length), slot_and_rank[1])
-                    for start in range(first, first + length, block_m))
-    return rows
-
-
-def _table(rows: Sequence[tuple[int, int, int, int]], num_rows: int | None) -> np.ndarray:
+        rows.extend((slot_and_rank[0], start, min(start + block_m, position + length), slot_and_rank[1])
+                    for start in range(position, position + length, block_m))
+        position += length
     if num_rows is None:
         num_rows = len(rows)
     if len(rows) > num_rows:

@@ -16,11 +16,11 @@ RESULTS = Path(__file__).parent / "results"
 # Per set: the latest run of all three modes, and the latest overlap-on run (the figure
 # compared with SGLang), which may be newer.
 ALL_MODES = {"large": RESULTS / "h200-seed-large-a6a4a22", "small": RESULTS / "h200-seed-small-pipelined"}
-OVERLAP_ON = {"large": RESULTS / "h200-seed-large-3689fcd", "small": RESULTS / "h200-seed-small-3689fcd"}
+OVERLAP_ON = {"large": RESULTS / "h200-seed-large-ede5758", "small": RESULTS / "h200-seed-small-ede5758"}
 # Earlier overlap-on runs of the large set, newest first; the last two without slot preemption (their
 # median TTFT sat on the jump).
-LARGE_EARLIER = (RESULTS / "h200-seed-large-a140306", RESULTS / "h200-seed-large-dde4cbb",
-                 RESULTS / "h200-seed-large-e9d0037")
+LARGE_EARLIER = (RESULTS / "h200-seed-large-3689fcd", RESULTS / "h200-seed-large-a140306",
+                 RESULTS / "h200-seed-large-dde4cbb", RESULTS / "h200-seed-large-e9d0037")
 SMALL16 = RESULTS / "h200-seed-small-graphs"  # the 16 requests/s run, not repeated since
 # SGLang on one H200, overlapped loading, the seed's workload (../shared/BENCHMARK.md).
 SGLANG = {"large": {"median TPOT": 7.76, "median TTFT": 164, "mean E2E": 4530},

@@ -55,8 +55,7 @@ def lora_blocks(token_slots: Sequence[int], slot_ranks: Sequence[int], num_rows:
     return table
 
 
-ATTENTION_BLOCK_M = 32  # decode steps: an adapter has a few of the batch's tokens
-PROMPT_BLOCK_M = 64  # steps with a prompt: wider blocks read each adapter's A and B fewer times
+ATTENTION_BLOCK_M = 32
 
 
 def attention_blocks(token_counts: Sequence[int], num_rows: int, block_m: int = ATTENTION_BLOCK_M) -> np.ndarray:

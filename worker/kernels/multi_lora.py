@@ -86,7 +86,8 @@ DECODE_EXPAND_STAGES = 2
 PROMPT_SHRINK_NARROW = ShrinkTiles(rank=128, k=64, k_per_split=0, warps=8, stages=4, tokens=PROMPT_BLOCK_M)
 PROMPT_SHRINK_WIDE = ShrinkTiles(rank=64, k=128, k_per_split=3584, warps=8, stages=3, tokens=PROMPT_BLOCK_M)
 PROMPT_EXPAND = ExpandTiles(n=256, rank=64, stages=2, tokens=PROMPT_BLOCK_M)
-SPLIT_SHRINKS = (DECODE_SHRINK_NARROW, DECODE_SHRINK_WIDE, PROMPT_SHRINK_WIDE)  # the split-K shapes a scratch serves
+# The split-K shapes a scratch serves.
+SPLIT_SHRINKS = (DECODE_SHRINK_NARROW, DECODE_SHRINK_WIDE, PROMPT_SHRINK_WIDE)
 
 
 def shrink_tiles(num_tokens: int, max_rank: int, in_features: int, block_m: int = BLOCK_M) -> ShrinkTiles:
@@ -144,7 +145,8 @@ class LoraScratch:
                  device: torch.device, split_tiles: Sequence[ShrinkTiles] = SPLIT_SHRINKS,
                  delta_columns: int = 0) -> LoraScratch:
         split_tokens = min(max_tokens, SPLIT_K_TOKENS)
-        tiles = max(max_blocks(split_tokens, num_slots, t.tokens) * -(-max_rank // t.rank) * MAX_GROUP for t in split_tiles)
+        tiles = max(max_blocks(split_tokens, num_slots, t.tokens) * -(-max_rank // t.rank) * MAX_GROUP
+                    for t in split_tiles)
         splits = max(t.splits(max_in_features) for t in split_tiles)
         return cls(
             shrunk=torch.zeros(max_tokens, MAX_GROUP * max_rank, dtype=dtype, device=device),

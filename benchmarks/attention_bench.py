@@ -3,12 +3,14 @@ microseconds per call, one-pass (splits=1, the kernel before split-K) against sp
 ragged kernel of mixed steps on a 400-token prompt, 8 decodes at 512 keys, and both (a
 512-token bucket's block table), by tokens per block, keys per block and warps.
 
-    python benchmarks/attention_bench.py
+    python benchmarks/attention_bench.py [--ragged-only]
 Each variant's calls are captured in a CUDA graph and replayed (as the engine runs them), so the
 figures are GPU time without Python launch overhead. Prints a table; asserts nothing.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 
@@ -26,6 +28,14 @@ def timed(call) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ragged-only", action="store_true", help="skip the decode kernel's table")
+    if not parser.parse_args().ragged_only:
+        decode_table()
+    ragged()
+
+
+def decode_table() -> None:
     print(f"{'batch':>5} {'context':>7} {'splits':>6} {'one-pass us':>11} {'split-K us':>10} {'BLOCK_N 128 us':>14} "
           f"{'split-K GB/s':>12}")
     for context in (256, 1024, 4096):
@@ -47,8 +57,6 @@ def main() -> None:
             kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * keys.element_size()
             print(f"{batch:>5} {context:>7} {splits:>6} {one_pass:>11.1f} {split_k:>10.1f} {wide:>14.1f} "
                   f"{kv_bytes / split_k / 1e3:>12.0f}")
-
-    ragged()
 
 
 def ragged(prompt: int = 400, decodes: int = 8, context: int = 512, bucket: int = 512, max_seqs: int = 256) -> None:

@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--budget-s", type=float, default=480.0, help="stop sweeping after this long")
     parser.add_argument("--scenarios", default="decode,mixed")
+    parser.add_argument("--knobs", help="sweep only these knobs (comma-separated; default: all of a scenario's)")
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s
     engine = build_engine(rank=256, adapters=8)
@@ -176,6 +177,8 @@ def main() -> None:
     scenarios = {"decode": (step_batch(9, 8, 512, 0), DECODE_KNOBS), "mixed": (step_batch(8, 8, 512, 400), MIXED_KNOBS)}
     for label in args.scenarios.split(","):
         sequences, knobs = scenarios[label]
+        if args.knobs:
+            knobs = {knob: values for knob, values in knobs.items() if knob in args.knobs.split(",")}
         report["results"][label] = descend(StepTimer(engine, sequences, choice), choice, label, knobs, deadline)
     print(json.dumps({label: {knob: (r["best"], round(r["best_us"], 1), r["start_us"]) for knob, r in res.items()}
                       for label, res in report["results"].items()}))

@@ -52,6 +52,29 @@ def decode_step_gaps(trace: dict) -> StepGaps | None:
                     sum(gaps) / (sum(busy) + sum(gaps)))
 
 
+@dataclass(frozen=True)
+class LoadStalls:
+    """Idle gaps between forwards during which an adapter load began: the engine's thread was
+    queueing the load's copies instead of launching the next forward."""
+
+    gaps: int
+    total_ms: float
+    idle_fraction: float  # their idle time / (busy + idle) over consecutive forwards
+
+
+def load_start_stalls(trace: dict) -> LoadStalls | None:
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    forwards = sorted((e for e in events if e.get("name") == "forward"), key=lambda e: e["ts"])
+    load_starts = sorted(e["ts"] for e in events if e.get("tid") == "pcie")
+    pairs = [(a, b) for a, b in zip(forwards, forwards[1:]) if b["ts"] - a["ts"] - a["dur"] < STEADY_GAP_US]
+    if not pairs:
+        return None
+    stalls = [b["ts"] - a["ts"] - a["dur"] for a, b in pairs
+              if any(a["ts"] + a["dur"] <= start < b["ts"] for start in load_starts)]
+    span = sum(b["ts"] - a["ts"] for a, b in pairs)
+    return LoadStalls(len(stalls), sum(stalls) / 1e3, sum(stalls) / span)
+
+
 def draw(trace: dict, output: Path, title: str = "") -> None:
     import matplotlib
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loraserve.timeline import decode_step_gaps
+from loraserve.timeline import decode_step_gaps, load_start_stalls
 
 
 def forward(ts: float, dur: float, sequences: int, tokens: int) -> dict:
@@ -30,3 +30,20 @@ def test_gaps_count_only_steady_decode_steps():
 
 def test_a_trace_without_consecutive_decodes_has_no_gaps():
     assert decode_step_gaps({"traceEvents": [forward(0, 10, 1, 5)]}) is None
+
+
+def load(ts: float, dur: float) -> dict:
+    return {"name": "adapter0", "ph": "X", "pid": "worker", "tid": "pcie", "ts": ts, "dur": dur, "args": {}}
+
+
+def test_load_start_stalls_are_the_gaps_in_which_a_load_began():
+    events = [
+        forward(0, 10_000, 4, 4), load(10_500, 26_000),  # a load starts in the next 8 ms gap
+        forward(18_000, 10_000, 4, 4),  # then 1 ms idle with no load starting
+        forward(29_000, 10_000, 4, 4), load(5_000, 1_000),  # a load that began while a forward ran
+        forward(39_000, 10_000, 4, 4),
+    ]
+    stalls = load_start_stalls({"traceEvents": events})
+    assert (stalls.gaps, stalls.total_ms) == (1, pytest.approx(8.0))
+    assert stalls.idle_fraction == pytest.approx(8_000 / 39_000)
+    assert load_start_stalls({"traceEvents": [forward(0, 10, 1, 1)]}) is None

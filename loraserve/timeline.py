@@ -7,6 +7,7 @@ loads), and one row per request (queued, then running), coloured by adapter.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import statistics
 from dataclasses import dataclass
@@ -66,11 +67,15 @@ def load_start_stalls(trace: dict) -> LoadStalls | None:
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
     forwards = sorted((e for e in events if e.get("name") == "forward"), key=lambda e: e["ts"])
     load_starts = sorted(e["ts"] for e in events if e.get("tid") == "pcie")
+
+    def a_load_began(start: float, end: float) -> bool:
+        first = bisect.bisect_left(load_starts, start)
+        return first < len(load_starts) and load_starts[first] < end
+
     pairs = [(a, b) for a, b in zip(forwards, forwards[1:]) if b["ts"] - a["ts"] - a["dur"] < STEADY_GAP_US]
     if not pairs:
         return None
-    stalls = [b["ts"] - a["ts"] - a["dur"] for a, b in pairs
-              if any(a["ts"] + a["dur"] <= start < b["ts"] for start in load_starts)]
+    stalls = [b["ts"] - a["ts"] - a["dur"] for a, b in pairs if a_load_began(a["ts"] + a["dur"], b["ts"])]
     span = sum(b["ts"] - a["ts"] for a, b in pairs)
     return LoadStalls(len(stalls), sum(stalls) / 1e3, sum(stalls) / span)
 

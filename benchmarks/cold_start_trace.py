@@ -36,6 +36,7 @@ def pipelined(engine: Engine) -> dict[str, float]:
     after.record()
     engine.finish(pending)
     t3 = time.perf_counter()
+    engine.copier.wait(job)
     torch.cuda.synchronize()
     return {
         "host_load_adapter_ms": (t1 - t0) * 1e3, "host_launch_ms": (t2 - t1) * 1e3, "host_finish_ms": (t3 - t2) * 1e3,

@@ -56,6 +56,9 @@ from worker.model.llama import LORA_GROUPS, LlamaModel
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 MIXED_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
+# The copier's thread queues adapter copies on its own streams while this thread may be
+# capturing: "thread_local" restricts only the capturing thread's calls, "global" every thread's.
+CAPTURE_MODE = "thread_local"
 MIN_PAGE_BUCKET = 64  # 1024 tokens at page size 16; widths grow 4x, so few shapes are ever captured
 
 
@@ -296,7 +299,7 @@ class DecodeRunner:
     def _capture(self, inputs: StaticInputs) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         self._warm_up(inputs)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=CAPTURE_MODE):
             hidden = self._step(inputs)
         self._graphs[inputs.shape] = (graph, hidden)
         return graph, hidden
@@ -311,7 +314,7 @@ class DecodeRunner:
             if layered.parts:
                 layered.parts[-1].capture_end()
             layered.parts.append(torch.cuda.CUDAGraph())
-            layered.parts[-1].capture_begin(pool=self._pool)
+            layered.parts[-1].capture_begin(pool=self._pool, capture_error_mode=CAPTURE_MODE)
 
         torch.cuda.synchronize()
         with torch.cuda.stream(torch.cuda.Stream(device=self.device)):

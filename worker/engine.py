@@ -173,11 +173,9 @@ class Engine:
         job = LoadJob(name, slot, adapter, adapter.nbytes)
         adapter.copies_in_flight += 1
         self.pending[slot] = job
-        streamed = not adapter.progress.done  # its span then includes waiting for the disk
+        job.blocking = blocking
+        job.streamed = not adapter.progress.done  # its span then includes waiting for the disk
         self.copier.start(job)
-        if job.copy_started is not None:
-            self.timeline.add_gpu_span(COPY_LANE, name, job.copy_started, job.layer_ready[-1], slot=slot,
-                                       bytes=job.nbytes, blocking=blocking, streamed=streamed)
         if blocking:
             self.copier.wait(job)
 
@@ -216,8 +214,7 @@ class Engine:
         job.adapter.copies_in_flight -= 1
         read_error = job.adapter.progress.error
         copy_error = job.finished.exception() if job.finished.done() else None
-        if job.host_copy_span is not None:
-            self.timeline.add_host_span(COPY_LANE, job.name, *job.host_copy_span, slot=job.slot, bytes=job.nbytes)
+        self._add_copy_span(job)
         if read_error is None and copy_error is None:
             report.loaded.append((job.name, job.slot))
             return
@@ -225,6 +222,15 @@ class Engine:
         self.failed_slots.add(job.slot)
         if read_error is None:  # a read error is the host cache's to report
             report.failed.append((job.name, copy_error))
+
+    def _add_copy_span(self, job: LoadJob) -> None:
+        """The load's span on the timeline: timed by its stream's events on CUDA (recorded by
+        the copier's thread, so added once it is through), by the copying thread's clock on CPU."""
+        args = dict(slot=job.slot, bytes=job.nbytes, blocking=job.blocking, streamed=job.streamed)
+        if job.copy_started is not None and job.finished.exception() is None:
+            self.timeline.add_gpu_span(COPY_LANE, job.name, job.copy_started, job.layer_ready[-1], **args)
+        elif job.host_copy_span is not None:
+            self.timeline.add_host_span(COPY_LANE, job.name, *job.host_copy_span, **args)
 
     # Forward --------------------------------------------------------------------------
 

@@ -82,8 +82,9 @@ def test_copy_waits_for_the_forward_reading_the_slot(model_dirs, mixed_adapter_d
     with engine.copier.reading([0]):
         sleep_on_current_stream(50)
         seen_by_reader = engine.slots.a["q_proj"][0, 0, :8].clone()
-    engine.copier.start(LoadJob("a1", 0, a1, a1.nbytes))
-    torch.cuda.synchronize()
+    job = LoadJob("a1", 0, a1, a1.nbytes)
+    engine.copier.start(job)
+    engine.copier.wait(job)
     torch.testing.assert_close(seen_by_reader, a0_weights, atol=0, rtol=0)
     assert not torch.equal(engine.slots.a["q_proj"][0, 0, :8], a0_weights)
     engine.close()
@@ -119,6 +120,7 @@ def test_load_on_the_side_stream_overlaps_forwards(tmp_path):
         engine.forward(batch)
         end.record()
         forward_events.append((start, end))
+    engine.copier.wait(job)
     torch.cuda.synchronize()
 
     origin = forward_events[0][0]

@@ -85,10 +85,11 @@ def test_layer_0_lands_and_a_forward_launches_before_the_last_layer_is_read(mode
         job, progress = engine.pending[0], engine.host_cache.entries["a1"].progress
         forward = engine.launch([SequenceInput("r", prompt(9), 0, list(range(4)), adapter_slot=0)])
         assert not progress.complete, "launching the forward waited for the disk"
-        wait_until(job.layer_ready[0].query, "layer 0's copy")
+        wait_until(lambda: engine.copier.layer_copied(job, 0), "layer 0's copy")
         assert progress.layers_read == held.last, "layer 0 landed only after the last layer was read"
+        job.finished.result(timeout=WAIT_S)  # every layer queued: the last one's event is recorded
         time.sleep(0.05)  # the GPU polls the counter: give a wrongly passed wait time to show
-        assert not job.layer_ready[-1].query(), "the last layer was copied before it was read"
+        assert not engine.copier.layer_copied(job, -1), "the last layer was copied before it was read"
         assert not forward.is_done(), "the forward ran past a layer that was not read"
     finally:
         held.release()
@@ -109,7 +110,7 @@ def test_a_streamed_load_gives_the_logits_of_a_staged_one(model_dirs, mixed_adap
     with ThreadPoolExecutor(1) as pool:  # its first forward reads logits back, so it waits for the read
         try:
             run = pool.submit(generate, engine, 0)
-            wait_until(job.layer_ready[0].query, "layer 0's copy")
+            wait_until(lambda: engine.copier.layer_copied(job, 0), "layer 0's copy")
             assert not run.done()
         finally:
             held.release()
@@ -135,7 +136,8 @@ def test_other_forwards_and_loads_do_not_wait_for_a_streaming_read(model_dirs, m
         during = generate(engine, 1, "during")
         engine.load_adapter("staged", 2)
         engine.copier.wait(engine.pending[2])
-        assert not engine.pending[0].layer_ready[-1].query(), "the other work finished only after the read"
+        engine.pending[0].finished.result(timeout=WAIT_S)
+        assert not engine.copier.layer_copied(engine.pending[0], -1), "the other work finished only after the read"
     finally:
         held.release()
     assert during.generated == before.generated

@@ -57,6 +57,7 @@ def test_a_forward_launched_after_a_load_does_not_wait_for_its_copies(model_dirs
     engine.load_adapter(late, 0)
     job = engine.pending[0]
     engine.finish(engine.launch([request]))  # reads slot 2 only
-    assert not job.layer_ready[-1].query(), "the forward finished only after the load's copies"
+    assert job.layer_queued[-1].wait(timeout=30), "the copier queued the load"
+    assert not engine.copier.layer_copied(job, -1), "the forward finished only after the load's copies"
     engine.copier.wait(job)
     engine.close()

@@ -10,6 +10,12 @@ The three hazards (ARCHITECTURE.md), handled by both back-ends:
 `CudaCopier` uses a dedicated CUDA stream and events; `ThreadCopier` offers the same
 interface on CPU with worker threads and threading events.
 
+Queuing a load's copies (14 per layer for seven modules) takes the host about 8 ms, so
+`CudaCopier` queues them from a thread of its own: the engine's thread goes straight on to
+launch the next forward instead of leaving the GPU idle for that long. A forward that must
+wait on a layer first waits on the host until that layer's event is recorded, since a stream
+that waits on an event not yet recorded does not wait at all.
+
 A load may start while its adapter is still being read from disk: each layer's copy waits
 for that layer's read (`ReadProgress`), so a forward waiting per layer on the copy runs as
 far as the file has been read. If the read fails, the copy still runs to its end (over a
@@ -18,6 +24,7 @@ partial region), every waiter is released, and the caller reports the load faile
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -43,10 +50,15 @@ class LoadJob:
     adapter: HostAdapter
     nbytes: int
     started_at: float = field(default_factory=time.perf_counter)
-    layer_ready: list = field(default_factory=list)  # one event per layer
+    layer_ready: list = field(default_factory=list)  # one event per layer: CUDA events or threading events
+    layer_queued: list[threading.Event] = field(default_factory=list)  # CUDA only: set once the layer's event is recorded
     copy_started: torch.cuda.Event | None = None  # CUDA only: when its stream took the load up
     host_copy_span: tuple[float, float] | None = None  # thread back-end: wall-clock copy start and end
-    finished: Future = field(default_factory=Future)  # thread back-end only
+    blocking: bool = False  # the seed's baseline: the command waited for the copy
+    streamed: bool = False  # started while its adapter was still being read from disk
+    # Set once the copier's thread is through with the job: every copy queued (CUDA) or made
+    # (thread back-end); an error raised while doing so is set here, never lost in the thread.
+    finished: Future = field(default_factory=Future)
 
 
 class CudaCopier:
@@ -54,47 +66,85 @@ class CudaCopier:
                  hook: LayerCopiedHook | None = None) -> None:
         self.slots = slots
         self.num_layers = num_layers
+        self.device = device
         self.stream = torch.cuda.Stream(device=device)
         # A load still waiting for the disk holds its stream up: one stream per slot, so that
         # neither loads from the host cache nor loads into other slots queue behind its reads.
         self._streaming = [torch.cuda.Stream(device=device) for _ in range(slots.num_slots)]
         self.hook = hook
         self._last_use: dict[int, torch.cuda.Event] = {}
+        # One thread queues every load, in the order started: a stream's work stays in that order.
+        self._queue: queue.SimpleQueue[_QueuedLoad | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._queue_loads, name="slot-copy-queue", daemon=True)
+        self._thread.start()
 
     def start(self, job: LoadJob) -> None:
-        """Queues every layer's copy and event now; layers not yet read wait on the GPU for the reader."""
-        progress = job.adapter.progress
-        already_read = progress.layers_read  # snapshot: a layer read since then passes its wait at once
-        streaming = already_read < self.num_layers
+        """Hands the load to the copier's thread, which queues every layer's copy and event;
+        layers not yet read from disk wait on the GPU for the reader."""
+        job.layer_ready = [torch.cuda.Event(enable_timing=True) for _ in range(self.num_layers)]
+        job.layer_queued = [threading.Event() for _ in range(self.num_layers)]
+        job.copy_started = torch.cuda.Event(enable_timing=True)
+        # Snapshots taken now, on the engine's thread: the slot's last reader so far, and the
+        # layers already read (a layer read since then passes its GPU-side wait at once).
+        previous_reader = self._last_use.get(job.slot)
+        self._queue.put(_QueuedLoad(job, previous_reader, job.adapter.progress.layers_read))
+
+    def _queue_loads(self) -> None:
+        with torch.cuda.device(self.stream.device):
+            while (load := self._queue.get()) is not None:
+                self._queue_copies(load)
+
+    def _queue_copies(self, load: _QueuedLoad) -> None:
+        job = load.job
+        streaming = load.already_read < self.num_layers
         stream = self._streaming[job.slot] if streaming else self.stream
-        read_counter = device_address(progress.word) if streaming else 0
-        with torch.cuda.stream(stream):
-            if job.slot in self._last_use:
-                stream.wait_event(self._last_use[job.slot])
-            job.copy_started = torch.cuda.Event(enable_timing=True)
-            job.copy_started.record(stream)
-            for layer in range(self.num_layers):
-                if layer >= already_read:
-                    wait_until_at_least(stream, read_counter, layer + 1)
-                writes = self.slots.layer_writes(job.slot, layer, job.adapter)
-                for destination, source in writes.copies:
-                    destination.copy_(source, non_blocking=True)
-                for region in writes.zeros:
-                    region.zero_()
-                if self.hook is not None:
-                    self.hook(job.name, job.slot, layer)
-                event = torch.cuda.Event(enable_timing=True)
-                event.record(stream)
-                job.layer_ready.append(event)
+        layer = 0
+        try:
+            read_counter = device_address(job.adapter.progress.word) if streaming else 0
+            with torch.cuda.stream(stream):
+                if load.previous_reader is not None:
+                    stream.wait_event(load.previous_reader)
+                job.copy_started.record(stream)
+                for layer in range(self.num_layers):
+                    if layer >= load.already_read:
+                        wait_until_at_least(stream, read_counter, layer + 1)
+                    self._queue_layer(job, layer)
+                    job.layer_ready[layer].record(stream)
+                    job.layer_queued[layer].set()
+        except BaseException as error:
+            # The layers left are released behind whatever was queued: no waiter reads a slot
+            # while a copy into it may still run, and no copy outlives the pinned source's hold.
+            for remaining in range(layer, self.num_layers):
+                job.layer_ready[remaining].record(stream)
+                job.layer_queued[remaining].set()
+            job.finished.set_exception(error)
+            return
+        job.finished.set_result(None)
+
+    def _queue_layer(self, job: LoadJob, layer: int) -> None:
+        writes = self.slots.layer_writes(job.slot, layer, job.adapter)
+        for destination, source in writes.copies:
+            destination.copy_(source, non_blocking=True)
+        for region in writes.zeros:
+            region.zero_()
+        if self.hook is not None:
+            self.hook(job.name, job.slot, layer)
 
     def is_done(self, job: LoadJob) -> bool:
-        return job.layer_ready[-1].query()
+        return job.finished.done() and job.layer_ready[-1].query()
 
     def wait(self, job: LoadJob) -> None:
+        """Waits for every copy to land; raises the error that stopped the load being queued."""
+        job.layer_queued[-1].wait()
         job.layer_ready[-1].synchronize()
+        job.finished.result()
 
     def wait_layer(self, job: LoadJob, layer: int) -> None:
+        job.layer_queued[layer].wait()
         torch.cuda.current_stream().wait_event(job.layer_ready[layer])
+
+    def layer_copied(self, job: LoadJob, layer: int) -> bool:
+        return job.layer_queued[layer].is_set() and job.layer_ready[layer].query()
 
     @contextmanager
     def reading(self, slots: Iterable[int]) -> Iterator[None]:
@@ -109,8 +159,17 @@ class CudaCopier:
                 self._last_use[slot] = event
 
     def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
         for stream in (self.stream, *self._streaming):
             stream.synchronize()
+
+
+@dataclass
+class _QueuedLoad:
+    job: LoadJob
+    previous_reader: torch.cuda.Event | None
+    already_read: int
 
 
 class ThreadCopier:
@@ -159,6 +218,9 @@ class ThreadCopier:
         """Returns once the layer landed, or the load failed: as on CUDA, the forward then runs
         over a partial slot and the failure is reported through `is_done` and `finished`."""
         job.layer_ready[layer].wait()
+
+    def layer_copied(self, job: LoadJob, layer: int) -> bool:
+        return job.layer_ready[layer].is_set()
 
     @contextmanager
     def reading(self, slots: Iterable[int]) -> Iterator[None]:

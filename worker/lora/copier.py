@@ -87,7 +87,11 @@ class CudaCopier:
         # Snapshots taken now, on the engine's thread: the slot's last reader so far, and the
         # layers already read (a layer read since then passes its GPU-side wait at once).
         previous_reader = self._last_use.get(job.slot)
-        self._queue.put(_QueuedLoad(job, previous_reader, job.adapter.progress.layers_read))
+        progress = job.adapter.progress
+        already_read = progress.layers_read
+        # A driver call: made here, where the CUDA context is current (the copier's thread may have none yet).
+        read_counter = device_address(progress.word) if already_read < self.num_layers else 0
+        self._queue.put(_QueuedLoad(job, previous_reader, already_read, read_counter))
 
     def _queue_loads(self) -> None:
         with torch.cuda.device(self.stream.device):
@@ -100,14 +104,15 @@ class CudaCopier:
         stream = self._streaming[job.slot] if streaming else self.stream
         layer = 0
         try:
-            read_counter = device_address(job.adapter.progress.word) if streaming else 0
             with torch.cuda.stream(stream):
                 if load.previous_reader is not None:
                     stream.wait_event(load.previous_reader)
+                # A runtime call: it also binds the device's context to this thread, which the
+                # driver's stream waits below need.
                 job.copy_started.record(stream)
                 for layer in range(self.num_layers):
                     if layer >= load.already_read:
-                        wait_until_at_least(stream, read_counter, layer + 1)
+                        wait_until_at_least(stream, load.read_counter, layer + 1)
                     self._queue_layer(job, layer)
                     job.layer_ready[layer].record(stream)
                     job.layer_queued[layer].set()
@@ -170,6 +175,7 @@ class _QueuedLoad:
     job: LoadJob
     previous_reader: torch.cuda.Event | None
     already_read: int
+    read_counter: int  # the device address of the reader's progress word, when streaming
 
 
 class ThreadCopier:

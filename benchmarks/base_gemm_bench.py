@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 
-from worker.kernels.skinny_gemm import MAX_TOKENS, GemmScratch, GemmTiles, skinny_matmul
+from worker.kernels.skinny_gemm import MAX_TOKENS, GemmScratch, GemmTiles, skinny_linear
 
 LAYERS = 32
 PROJECTIONS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -72,7 +72,7 @@ def main() -> None:
         weights = [torch.randn(out_features, in_features, device=device, dtype=torch.bfloat16) * 0.02
                    for _ in range(LAYERS)]
         gb = out_features * in_features * 2 / 1e9
-        scratch = GemmScratch.allocate(out_features, in_features, device, CANDIDATES)
+        scratch = GemmScratch.allocate(out_features, in_features, device, GemmTiles(n=32, k=128, k_per_split=512))
         for tokens in map(int, args.tokens.split(",")):
             x = torch.randn(tokens, in_features, device=device, dtype=torch.bfloat16)
             cublas = per_call_us(F.linear, x, weights)
@@ -81,11 +81,11 @@ def main() -> None:
             print(f"{name} [{out_features}x{in_features}] tokens {tokens}: cuBLAS {cublas:.1f} us "
                   f"({row['cublas_tbps']:.2f} TB/s)", flush=True)
             if tokens <= MAX_TOKENS:
-                torch.testing.assert_close(skinny_matmul(x, weights[0], scratch, CANDIDATES[0]),
-                                           F.linear(x, weights[0]), atol=2e-2, rtol=2e-2)
+                torch.testing.assert_close(skinny_linear(scratch)(x, weights[0], None), F.linear(x, weights[0]),
+                                           atol=2e-2, rtol=2e-2)
                 for tiles in CANDIDATES:
                     try:
-                        us = per_call_us(lambda x, w, _bias, t=tiles: skinny_matmul(x, w, scratch, t), x, weights)
+                        us = per_call_us(skinny_linear(scratch, tiles), x, weights)
                     except OutOfResources:  # its stages do not fit in shared memory
                         continue
                     row["skinny"].append({"tiles": tiles.__dict__, "us": us})

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from loraserve.synthetic import write_model_config, write_random_adapter
@@ -66,13 +65,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--prefill", type=int, default=0, help="add one prompt of this many tokens (a mixed step)")
     parser.add_argument("--eager", action="store_true")
-    parser.add_argument("--base-gemm", choices=("skinny", "cublas"), default="skinny",
-                        help="the static step's o and down projections: the one-launch kernel or cuBLAS")
     parser.add_argument("--trace", type=Path, help="write the profiled steps' chrome trace (.json or .json.gz)")
     args = parser.parse_args()
     engine = build_engine(args.rank, args.adapters, static_decode=not args.eager)
-    if args.base_gemm == "cublas" and engine.decode_runner is not None:
-        engine.decode_runner.base_linear = F.linear
     decode = step_batch(args.batch, args.adapters, args.context, args.prefill)
     for _ in range(3):
         engine.forward(decode)

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from worker.batch import NO_ADAPTER, SequenceInput
 from worker.host_upload import mapped_bytes, upload_into
@@ -51,7 +50,6 @@ from worker.kernels.multi_lora import (
     lora_expand,
     lora_shrink,
 )
-from worker.kernels.skinny_gemm import GemmScratch, Linear, skinny_linear
 from worker.kv_cache import PagedKVCache
 from worker.lora.slots import LoraSlots
 from worker.model.llama import LORA_GROUPS, LlamaModel
@@ -232,10 +230,6 @@ class DecodeRunner:
         delta_columns = max(sum(slots.b_t[m].shape[-1] for m in group if m in slots.b_t) for group in LORA_GROUPS)
         self._lora_scratch = LoraScratch.allocate(max_tokens, max_in, slots.max_rank, slots.num_slots, model.dtype,
                                                   self.device, delta_columns=delta_columns)
-        c = model.config
-        self.base_linear: Linear = (skinny_linear(GemmScratch.allocate(c.hidden_size, max(c.q_size, c.intermediate_size),
-                                                                       self.device))
-                                    if self.device.type == "cuda" else F.linear)
 
     def supports(self, sequences: Sequence[SequenceInput]) -> bool:
         if len(sequences) > self.max_batch:
@@ -350,7 +344,7 @@ class DecodeRunner:
                              self.model.scale, windows[index])
 
         return self.model.forward_tokens(inputs.device("input_ids"), inputs.device("positions"),
-                                         inputs.device("kv_write"), self.kv_cache, lora, attend, self.base_linear)
+                                         inputs.device("kv_write"), self.kv_cache, lora, attend)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ dtype, as cuBLAS does. The split counters return to zero, so a CUDA graph replay
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,16 +41,7 @@ class GemmTiles:
         return -(-in_features // self.k_per_split)
 
 
-# From benchmarks/base_gemm_bench.py on an H200 (results/base_gemm_h200.json), 8B shapes, 9
-# tokens, each alone: o [4096 x 4096] 11.2 us against cuBLAS's 12.6 (its reduce included); down
-# [4096 x 14336] 32.4 against 31.7. Inputs up to WIDE_INPUT columns take the narrow shape.
-WIDE_INPUT = 8192
-NARROW_INPUT_TILES = GemmTiles(n=64, k=128, k_per_split=1024, stages=3)
-WIDE_INPUT_TILES = GemmTiles(n=32, k=128, k_per_split=2048, stages=3)
-
-
-def gemm_tiles(in_features: int) -> GemmTiles:
-    return WIDE_INPUT_TILES if in_features > WIDE_INPUT else NARROW_INPUT_TILES
+GEMM_TILES = GemmTiles(n=64, k=128, k_per_split=1024)
 
 
 @dataclass(frozen=True)
@@ -62,11 +53,9 @@ class GemmScratch:
 
     @classmethod
     def allocate(cls, out_features: int, in_features: int, device: torch.device,
-                 tiles: Sequence[GemmTiles] = (NARROW_INPUT_TILES, WIDE_INPUT_TILES)) -> GemmScratch:
-        splits = max(t.splits(in_features) for t in tiles)
-        output_tiles = max(-(-out_features // t.n) for t in tiles)
-        return cls(partials=torch.zeros(splits, MAX_TOKENS, out_features, device=device),
-                   counters=torch.zeros(output_tiles, dtype=torch.int32, device=device))
+                 tiles: GemmTiles = GEMM_TILES) -> GemmScratch:
+        return cls(partials=torch.zeros(tiles.splits(in_features), MAX_TOKENS, out_features, device=device),
+                   counters=torch.zeros(-(-out_features // tiles.n), dtype=torch.int32, device=device))
 
     def serves(self, x: torch.Tensor, weight: torch.Tensor, tiles: GemmTiles) -> bool:
         out_features, in_features = weight.shape
@@ -75,25 +64,16 @@ class GemmScratch:
                 and -(-out_features // tiles.n) <= self.counters.numel())
 
 
-def skinny_linear(scratch: GemmScratch) -> Linear:
-    """`F.linear`, but the kernel takes bias-free projections of up to MAX_TOKENS CUDA rows whose
-    output is no wider than their input (o and down: the ones cuBLAS splits over `in`)."""
+def skinny_linear(scratch: GemmScratch, tiles: GemmTiles = GEMM_TILES) -> Linear:
+    """`F.linear` that sends bias-free projections of up to MAX_TOKENS CUDA rows to the kernel."""
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out_features, in_features = weight.shape
-        tiles = gemm_tiles(in_features)
-        if (bias is not None or not x.is_cuda or out_features > in_features
-                or not scratch.serves(x, weight, tiles)):
+        if bias is not None or not x.is_cuda or not scratch.serves(x, weight, tiles):
             return F.linear(x, weight, bias)
-        return skinny_matmul(x, weight, scratch, tiles)
+        from worker.kernels import _skinny_gemm_triton as kernels
+
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=weight.dtype, device=x.device)
+        kernels.skinny_matmul(x, weight, out, scratch, tiles)
+        return out
 
     return linear
-
-
-def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scratch: GemmScratch, tiles: GemmTiles) -> torch.Tensor:
-    """The kernel with a given launch shape (CUDA tensors, a scratch that serves them)."""
-    from worker.kernels import _skinny_gemm_triton as kernels
-
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=weight.dtype, device=x.device)
-    kernels.skinny_matmul(x, weight, out, scratch, tiles)
-    return out

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from worker.attention import attention_mask, paged_attention
 from worker.kernels.elementwise import add_rms_norm, rope_and_cache_kv, silu_mul
-from worker.kernels.skinny_gemm import Linear
 from worker.kv_cache import PagedKVCache
 from worker.model.config import ModelConfig
 from worker.model.rope import RotaryEmbedding
@@ -128,38 +127,36 @@ class LlamaModel:
         return self.forward_tokens(plan.input_ids, plan.positions, plan.kv_write_index, kv_cache, lora, attend)
 
     def forward_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_write_index: torch.Tensor,
-                       kv_cache: PagedKVCache, lora: LoraHook, attend: Attend, linear: Linear = F.linear) -> torch.Tensor:
-        """All layers over flat tokens; `attend` is the attention back-end and `linear` the base
-        projections' (`F.linear`'s signature). Returns final-normed hidden."""
+                       kv_cache: PagedKVCache, lora: LoraHook, attend: Attend) -> torch.Tensor:
+        """All layers over flat tokens; `attend` is the attention back-end. Returns final-normed hidden."""
         hidden = self.weights.embed[input_ids]
         mlp_out = (None, None)  # the last MLP output and its LoRA deltas, added to hidden by the next norm's kernel
         cos, sin = self.rope.cos_sin(positions, self.dtype)
         for index, layer in enumerate(self.weights.layers):
             lora.before_layer(index)
             hidden, mlp_out = self._layer(index, layer, hidden, mlp_out, kv_write_index, kv_cache, lora, cos, sin,
-                                          attend, linear)
+                                          attend)
         return add_rms_norm(hidden, mlp_out[0], self.weights.norm, self.config.rms_norm_eps, mlp_out[1])[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.weights.lm_head).float()
 
     def _layer(self, index, layer: LayerWeights, hidden, mlp_out, kv_write_index, kv_cache, lora, cos, sin,
-               attend, linear) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+               attend) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
         """(residual stream, previous layer's MLP output and LoRA deltas or Nones) -> the same for
         the next layer: each residual add (and the LoRA deltas' add) is fused into the next norm."""
         eps = self.config.rms_norm_eps
         hidden, x = add_rms_norm(hidden, mlp_out[0], layer.input_norm, eps, mlp_out[1])
-        attn_out, attn_lora = self._attention(index, layer, x, kv_write_index, kv_cache, lora, cos, sin, attend,
-                                              linear)
+        attn_out, attn_lora = self._attention(index, layer, x, kv_write_index, kv_cache, lora, cos, sin, attend)
         hidden, x = add_rms_norm(hidden, attn_out, layer.post_norm, eps, attn_lora)
-        return hidden, self._mlp(index, layer, x, lora, linear)
+        return hidden, self._mlp(index, layer, x, lora)
 
     def _attention(self, index, layer: LayerWeights, x, kv_write_index, kv_cache, lora, cos, sin,
-                   attend, linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   attend) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The o projection's output and its LoRA deltas if not added yet; writes k and v to the cache."""
         c = self.config
         lora.start_deltas(x, index, QKV_MODULES)
-        qkv = linear(x, layer.qkv, layer.qkv_bias)
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
         qkv_lora = lora.finish_deltas(x, index, tuple(zip(QKV_MODULES, qkv.split((c.q_size, c.kv_size, c.kv_size), 1))))
         norms = (layer.q_norm, layer.k_norm) if c.qk_norm else (None, None)
         q = rope_and_cache_kv(qkv, qkv_lora, c.num_heads, c.num_kv_heads, c.head_dim, cos, sin, *norms,
@@ -167,16 +164,16 @@ class LlamaModel:
                               write_index=kv_write_index)
         attn = attend(index, q).reshape(-1, c.q_size)
         lora.start_deltas(attn, index, O_MODULES)
-        out = linear(attn, layer.o, layer.o_bias)
+        out = F.linear(attn, layer.o, layer.o_bias)
         return out, lora.finish_deltas(attn, index, (("o_proj", out),))
 
-    def _mlp(self, index, layer: LayerWeights, x, lora, linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _mlp(self, index, layer: LayerWeights, x, lora) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The down projection's output and its LoRA deltas if not added yet."""
         i = self.config.intermediate_size
         lora.start_deltas(x, index, GATE_UP_MODULES)
-        gate_up = linear(x, layer.gate_up, layer.gate_up_bias)
+        gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
         gate_up_lora = lora.finish_deltas(x, index, tuple(zip(GATE_UP_MODULES, gate_up.split(i, 1))))
         h = silu_mul(gate_up, gate_up_lora)
         lora.start_deltas(h, index, DOWN_MODULES)
-        out = linear(h, layer.down, layer.down_bias)
+        out = F.linear(h, layer.down, layer.down_bias)
         return out, lora.finish_deltas(h, index, (("down_proj", out),))

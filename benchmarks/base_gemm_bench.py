@@ -21,7 +21,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from triton.runtime.errors import OutOfResources
 
 from worker.kernels.skinny_gemm import MAX_TOKENS, GemmScratch, GemmTiles, skinny_linear
 
@@ -84,10 +83,7 @@ def main() -> None:
                 torch.testing.assert_close(skinny_linear(scratch)(x, weights[0], None), F.linear(x, weights[0]),
                                            atol=2e-2, rtol=2e-2)
                 for tiles in CANDIDATES:
-                    try:
-                        us = per_call_us(skinny_linear(scratch, tiles), x, weights)
-                    except OutOfResources:  # its stages do not fit in shared memory
-                        continue
+                    us = per_call_us(skinny_linear(scratch, tiles), x, weights)
                     row["skinny"].append({"tiles": tiles.__dict__, "us": us})
                 best = min(row["skinny"], key=lambda r: r["us"])
                 print(f"    best skinny {best['us']:.1f} us ({gb / best['us'] * 1e3:.2f} TB/s) {best['tiles']}; "

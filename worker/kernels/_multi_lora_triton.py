@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels._triton_common import dot, lora_block, reduce_splits, store_rounded
+from worker.kernels._triton_common import dot, lora_block
 from worker.kernels.multi_lora import MAX_GROUP, ExpandTiles, LoraScratch, ShrinkTiles
 
 
@@ -49,10 +49,32 @@ def _shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, shrunk_ptr, partials_ptr, coun
         columns = module * max_rank + ranks[None, :]
         shrunk_tile = shrunk_ptr + rows[:, None] * stride_st + columns
         if SPLITS == 1:
-            store_rounded(shrunk_tile, acc, mask)
+            _store_rounded(shrunk_tile, acc, mask)
         else:
-            reduce_splits(acc, partials_ptr + rows[:, None] * stride_pt + columns, stride_ps, counters_ptr, split,
+            _reduce_splits(acc, partials_ptr + rows[:, None] * stride_pt + columns, stride_ps, counters_ptr, split,
                            shrunk_tile, mask, SPLITS)
+
+
+@triton.jit
+def _store_rounded(shrunk_tile, acc, mask):
+    # Rounded to the weights' dtype like the unfused product (x @ A.T is a tensor of that dtype).
+    tl.store(shrunk_tile, acc.to(shrunk_tile.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reduce_splits(acc, partial_tile, stride_ps, counters_ptr, split, shrunk_tile, mask, SPLITS: tl.constexpr):
+    """Split-K without a second launch: every split stores its partial sum; the last of a
+    tile's splits to finish (one counter per tile, acq_rel atomics) adds them in split order,
+    so the result does not depend on scheduling, and resets the counter for the next launch."""
+    tl.store(partial_tile + split * stride_ps, acc, mask=mask)
+    tile = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * (tl.num_programs(2) // SPLITS) \
+        + tl.program_id(2) // SPLITS
+    if tl.atomic_add(counters_ptr + tile, 1) == SPLITS - 1:
+        total = tl.zeros(acc.shape, dtype=tl.float32)
+        for other in range(0, SPLITS):
+            total += tl.load(partial_tile + other * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
+        _store_rounded(shrunk_tile, total, mask)
+        tl.store(counters_ptr + tile, 0)
 
 
 @triton.jit

@@ -19,7 +19,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from loraserve.synthetic import write_model_config, write_random_adapter
-from worker import decode_step
 from worker.batch import NO_ADAPTER, SequenceInput
 from worker.engine import Engine, EngineConfig
 from worker.lora.adapter import TARGET_MODULES
@@ -66,10 +65,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--prefill", type=int, default=0, help="add one prompt of this many tokens (a mixed step)")
     parser.add_argument("--eager", action="store_true")
-    parser.add_argument("--no-l2-prefetch", action="store_true", help="decode steps skip the o weight's L2 prefetch")
     parser.add_argument("--trace", type=Path, help="write the profiled steps' chrome trace (.json or .json.gz)")
     args = parser.parse_args()
-    decode_step.L2_PREFETCH = not args.no_l2_prefetch
     engine = build_engine(args.rank, args.adapters, static_decode=not args.eager)
     decode = step_batch(args.batch, args.adapters, args.context, args.prefill)
     for _ in range(3):

@@ -50,7 +50,6 @@ from worker.kernels.multi_lora import (
     lora_expand,
     lora_shrink,
 )
-from worker.kernels.l2_prefetch import prefetch_l2
 from worker.kv_cache import PagedKVCache
 from worker.lora.slots import LoraSlots
 from worker.model.llama import LORA_GROUPS, LlamaModel
@@ -60,8 +59,6 @@ MIXED_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 # The copier's thread queues adapter copies on its own streams while this thread may be
 # capturing: "thread_local" restricts only the capturing thread's calls, "global" every thread's.
 CAPTURE_MODE = "thread_local"
-# Decode steps prefetch each layer's o weight into L2 during attention (worker.kernels.l2_prefetch).
-L2_PREFETCH = True
 MIN_PAGE_BUCKET = 64  # 1024 tokens at page size 16; widths grow 4x, so few shapes are ever captured
 
 
@@ -399,17 +396,6 @@ class _StaticLora:
                 lora_expand([self.slots.b_t[m][layer] for m in adapted], self._split(deltas, adapted), blocks,
                             scratch, accumulate=False, block_m=block_m)
         self._started = _StartedGroup(layer, adapted, deltas)
-
-    def before_attention(self, layer: int, o_weight: torch.Tensor) -> None:
-        """Prefetches the o projection's weight into L2 on the side stream while the decode
-        attention (latency-bound) runs; the o group's start forks the side stream after it and
-        its finish joins it, so the prefetch is joined within the layer."""
-        if not (L2_PREFETCH and self.side_stream is not None and not self.inputs.shape.mixed
-                and "o_proj" in self.slots.a):
-            return
-        self.side_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.side_stream):
-            prefetch_l2(o_weight)
 
     def _deltas_buffer(self, num_tokens: int, modules: Sequence[str]) -> torch.Tensor | None:
         staging = self.inputs.lora_scratch.deltas

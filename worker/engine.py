@@ -394,9 +394,6 @@ class _ForwardLora:
     def start_deltas(self, x: torch.Tensor, layer: int, modules: Sequence[str]) -> None:
         """The eager path computes each delta whole in `finish_deltas`."""
 
-    def before_attention(self, layer: int, o_weight: torch.Tensor) -> None:
-        """The eager path's attention is not the latency-bound decode kernel: nothing to overlap."""
-
     def finish_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]]) -> None:
         if self.batch is None:
             return

@@ -41,9 +41,6 @@ class LoraHook(Protocol):
         """Called before the base product of `modules` (sharing the input x): the part of their
         deltas that needs x alone may start beside it; `finish_deltas` follows with the outputs."""
 
-    def before_attention(self, layer: int, o_weight: torch.Tensor) -> None:
-        """Called as attention starts: the step may warm the cache with the o projection's weight."""
-
     def finish_deltas(self, x: torch.Tensor, layer: int,
                       outputs: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
         """For modules sharing the input x, whose outputs (module, out) are consecutive column
@@ -165,7 +162,6 @@ class LlamaModel:
         q = rope_and_cache_kv(qkv, qkv_lora, c.num_heads, c.num_kv_heads, c.head_dim, cos, sin, *norms,
                               c.rms_norm_eps, keys=kv_cache.keys(index), values=kv_cache.values(index),
                               write_index=kv_write_index)
-        lora.before_attention(index, layer.o)
         attn = attend(index, q).reshape(-1, c.q_size)
         lora.start_deltas(attn, index, O_MODULES)
         out = F.linear(attn, layer.o, layer.o_bias)

@@ -237,8 +237,8 @@ class DecodeRunner:
         # The decode attention's split counters (one per sequence and kv head of the largest bucket);
         # None: a reduce kernel merges the splits.
         largest = BATCH_BUCKETS[bisect.bisect_left(BATCH_BUCKETS, self.max_batch)]
-        self.attention_counters: torch.Tensor | None = torch.zeros(
-            largest * model.config.num_kv_heads, dtype=torch.int32, device=self.device)
+        self.attention_counters: torch.Tensor | None = torch.zeros(largest * model.config.num_kv_heads, dtype=torch.int32,
+                                               device=self.device)
 
     def supports(self, sequences: Sequence[SequenceInput]) -> bool:
         if len(sequences) > self.max_batch:

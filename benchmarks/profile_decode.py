@@ -65,13 +65,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--prefill", type=int, default=0, help="add one prompt of this many tokens (a mixed step)")
     parser.add_argument("--eager", action="store_true")
-    parser.add_argument("--attention-reduce-kernel", action="store_true",
-                        help="decode attention merges its splits in a second kernel, not in the last split")
     parser.add_argument("--trace", type=Path, help="write the profiled steps' chrome trace (.json or .json.gz)")
     args = parser.parse_args()
     engine = build_engine(args.rank, args.adapters, static_decode=not args.eager)
-    if args.attention_reduce_kernel and engine.decode_runner is not None:
-        engine.decode_runner.attention_counters = None
     decode = step_batch(args.batch, args.adapters, args.context, args.prefill)
     for _ in range(3):
         engine.forward(decode)

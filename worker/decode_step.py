@@ -26,7 +26,6 @@ every layer), so the mixed buckets are captured this way up front, decode bucket
 from __future__ import annotations
 
 import bisect
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -234,11 +233,6 @@ class DecodeRunner:
         delta_columns = max(sum(slots.b_t[m].shape[-1] for m in group if m in slots.b_t) for group in LORA_GROUPS)
         self._lora_scratch = LoraScratch.allocate(max_tokens, max_in, slots.max_rank, slots.num_slots, model.dtype,
                                                   self.device, delta_columns=delta_columns)
-        # The decode attention's split counters (one per sequence and kv head of the largest bucket);
-        # None: a reduce kernel merges the splits.
-        largest = BATCH_BUCKETS[bisect.bisect_left(BATCH_BUCKETS, self.max_batch)]
-        self.attention_counters: torch.Tensor | None = torch.zeros(largest * model.config.num_kv_heads, dtype=torch.int32,
-                                               device=self.device)
 
     def supports(self, sequences: Sequence[SequenceInput]) -> bool:
         if len(sequences) > self.max_batch:
@@ -344,11 +338,8 @@ class DecodeRunner:
             attention = ragged_attention if on_gpu else ragged_attention_reference
             locate = inputs.device("attention_blocks") if on_gpu else inputs.device("token_seq")
             extra = (locate, positions)
-        elif on_gpu:
-            attention = functools.partial(decode_attention, counters=self.attention_counters)
-            extra = (inputs.device("seq_lens"),)
         else:
-            attention = decode_attention_reference
+            attention = decode_attention if on_gpu else decode_attention_reference
             extra = (inputs.device("seq_lens"),)
 
         def attend(index: int, q: torch.Tensor) -> torch.Tensor:

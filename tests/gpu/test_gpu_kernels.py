@@ -147,22 +147,16 @@ def decode_case(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, le
 @pytest.mark.parametrize("window", [0, 37, 300])
 @pytest.mark.parametrize("lengths", list(DECODE_LENGTHS))
 @pytest.mark.parametrize("splits", [None, 1, 5, 64])
-@pytest.mark.parametrize("merge", ["reduce-kernel", "last-split"])
-def test_triton_decode_attention_matches_reference(dtype, heads, kv_heads, head_dim, window, lengths, splits, merge):
-    """splits None: the shape heuristic (what `decode_attention` runs); 1: the one-pass kernel; 64: many empty.
-    The splits merge in a reduce kernel, or (given counters) in each group's last split."""
+def test_triton_decode_attention_matches_reference(dtype, heads, kv_heads, head_dim, window, lengths, splits):
+    """splits None: the shape heuristic (what `decode_attention` runs); 1: the one-pass kernel; 64: many empty."""
     from worker.kernels import _decode_attention_triton as kernels
 
     q, keys, values, page_table, lens, page_size = decode_case(DTYPES[dtype], heads, kv_heads, head_dim, lengths)
-    counters = torch.zeros(len(lens) * kv_heads, dtype=torch.int32, device="cuda") if merge == "last-split" else None
     scale = head_dim**-0.5
     if splits is None:
-        out = decode_attention(q, keys, values, page_table, lens, page_size, scale, window, counters)
+        out = decode_attention(q, keys, values, page_table, lens, page_size, scale, window)
     else:
-        out = kernels.decode_attention(q, keys, values, page_table, lens, page_size, scale, window,
-                                       counters=counters, splits=splits)
-    if counters is not None:
-        assert not counters.any(), "the counters return to zero"
+        out = kernels.decode_attention(q, keys, values, page_table, lens, page_size, scale, window, splits=splits)
     expected = decode_attention_reference(q.double(), keys.double(), values.double(), page_table, lens,
                                           page_size, scale, window)
     tolerance = 1e-4 if dtype == "float32" else 2e-2
@@ -170,16 +164,14 @@ def test_triton_decode_attention_matches_reference(dtype, heads, kv_heads, head_
     assert not out[0].any(), "a padding row (length 0) gives zeros"
 
 
-@pytest.mark.parametrize("merge", ["reduce-kernel", "last-split"])
-def test_triton_decode_attention_replays_in_a_cuda_graph(merge):
+def test_triton_decode_attention_replays_in_a_cuda_graph():
     """Captured at one set of lengths (splits from the shapes), replayed at others, shorter and longer."""
     q, keys, values, page_table, lens, page_size = decode_case(torch.bfloat16, 32, 8, 128, "long")
-    counters = torch.zeros(len(lens) * 8, dtype=torch.int32, device="cuda") if merge == "last-split" else None
     static_lens = lens.clone()
-    decode_attention(q, keys, values, page_table, static_lens, page_size, 0.1, 0, counters)  # compiles first
+    decode_attention(q, keys, values, page_table, static_lens, page_size, 0.1, 0)  # compiles outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_attention(q, keys, values, page_table, static_lens, page_size, 0.1, 0, counters)
+        out = decode_attention(q, keys, values, page_table, static_lens, page_size, 0.1, 0)
     for new_lens in ([0, 4096, 1, 63, 64, 2000, 0], [3000, 0, 0, 16, 4095, 1, 129], lens.tolist()):
         static_lens.copy_(torch.tensor(new_lens))
         graph.replay()

@@ -31,11 +31,10 @@ def _split_range(seq_len, window, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, acc_ptr, stats_ptr, counters_ptr, page_table_ptr, seq_lens_ptr,
-                   scale, window, stride_qb, stride_qh, stride_kt, stride_kh, stride_ob, stride_oh, stride_pb,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, acc_ptr, stats_ptr, page_table_ptr, seq_lens_ptr, scale, window,
+                   stride_qb, stride_qh, stride_kt, stride_kh, stride_ob, stride_oh, stride_pb,
                    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
-                   LAST_SPLIT_REDUCES: tl.constexpr):
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -79,38 +78,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, acc_ptr, stats_ptr, counters_pt
         tl.store(stats_ptr + rows * 2 + 1, l_i, mask=head_ok)
         tl.store(acc_ptr + rows[:, None] * HEAD_DIM + dims[None, :], acc,
                  mask=(head_ok & (l_i > 0))[:, None] & dim_ok[None, :])
-        if LAST_SPLIT_REDUCES:
-            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1) == NUM_SPLITS - 1:  # acq_rel: the other splits' stores are visible
-                _merge_splits(acc_ptr, stats_ptr, out_ptr, rows - split, heads, head_ok, dims, dim_ok,
-                              seq * stride_ob, stride_oh, HEAD_DIM, NUM_SPLITS, BLOCK_G, BLOCK_D)
-                tl.store(counter, 0)
-
-
-@triton.jit
-def _merge_splits(acc_ptr, stats_ptr, out_ptr, first_rows, heads, head_ok, dims, dim_ok, out_offset, stride_oh,
-                  HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The reduce kernel's sum for a GQA group's heads, in split order as an online merge; run by
-    the group's last split to finish, so no second launch."""
-    m_run = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
-    l_run = tl.zeros((BLOCK_G,), dtype=tl.float32)
-    acc_run = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
-    for split in range(NUM_SPLITS):
-        rows = first_rows + split
-        m_s = tl.load(stats_ptr + rows * 2, mask=head_ok, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(stats_ptr + rows * 2 + 1, mask=head_ok, other=0.0, cache_modifier=".cg")
-        acc_s = tl.load(acc_ptr + rows[:, None] * HEAD_DIM + dims[None, :],
-                        mask=(head_ok & (l_s > 0))[:, None] & dim_ok[None, :], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_run, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: both weights 0
-        alpha = tl.exp(m_run - m_safe)
-        beta = tl.exp(m_s - m_safe)
-        l_run = l_run * alpha + l_s * beta
-        acc_run = acc_run * alpha[:, None] + acc_s * beta[:, None]
-        m_run = m_new
-    out = acc_run / tl.where(l_run > 0, l_run, 1.0)[:, None]
-    tl.store(out_ptr + out_offset + heads[:, None] * stride_oh + dims[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=head_ok[:, None] & dim_ok[None, :])
 
 
 @triton.jit
@@ -137,11 +104,8 @@ def _reduce_kernel(acc_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, HEAD_DIM: 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, page_table: torch.Tensor,
                      seq_lens: torch.Tensor, page_size: int, scale: float, window: int, *,
-                     counters: torch.Tensor | None = None, splits: int | None = None,
-                     block_n: int = BLOCK_N) -> torch.Tensor:
-    """`splits` (default: `num_splits`) and `block_n` are for benchmarks; splits=1 is the one-pass kernel.
-    With `counters` (int32, zero, at least batch * kv_heads) a group's last split merges the
-    splits itself and the reduce kernel is not launched."""
+                     splits: int | None = None, block_n: int = BLOCK_N) -> torch.Tensor:
+    """`splits` (default: `num_splits`) and `block_n` are for benchmarks; splits=1 is the one-pass kernel."""
     batch, heads, head_dim = q.shape
     kv_heads = keys.shape[1]
     if keys.stride(-1) != 1 or q.stride(-1) != 1 or page_table.stride(-1) != 1:
@@ -155,18 +119,14 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         stats = torch.empty(batch, heads, splits, 2, dtype=torch.float32, device=q.device)
     group = heads // kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
-    last_split_reduces = counters is not None and splits > 1
-    if last_split_reduces and counters.numel() < batch * kv_heads:
-        raise ValueError(f"{counters.numel()} attention counters for {batch * kv_heads} (sequence, kv head) groups")
     _decode_kernel[(batch, kv_heads, splits)](
-        q, keys, values, out, acc, stats, counters if last_split_reduces else stats, page_table, seq_lens, scale,
-        window, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
+        q, keys, values, out, acc, stats, page_table, seq_lens, scale, window,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
         page_table.stride(0),
         PAGE_SIZE=page_size, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32,
-        LAST_SPLIT_REDUCES=last_split_reduces,
     )
-    if splits > 1 and not last_split_reduces:
+    if splits > 1:
         _reduce_kernel[(batch, heads)](acc, stats, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
                                        BLOCK_D=block_d, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits))
     return out

@@ -13,9 +13,8 @@ walking the split's blocks through the page table with an online softmax, and wr
 partials to scratch [B, heads, S, ...]: m_s = max score, l_s = sum_j e^(score_j - m_s),
 acc_s = sum_j e^(score_j - m_s) v_j. A reduce kernel, one program per (sequence, head),
 combines them in a fixed order: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s with
-M = max_s m_s. Given counters (the decode step's), the last split of each (sequence, kv head)
-to finish does the same sum instead, merged in split order, and no reduce kernel runs. A
-split past the sequence's keys leaves (m, l) = (-inf, 0) and weighs 0, so a padding row gets 0.
+M = max_s m_s. A split past the sequence's keys leaves (m, l) = (-inf, 0) and weighs 0, so a
+padding row gets 0.
 
 S depends on shapes only (one per captured graph): about 1024 programs over the grid (the
 132 SMs of an H200, several times), at most 64, at most one split per key block of
@@ -47,15 +46,11 @@ def decode_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torc
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, page_table: torch.Tensor,
-                     seq_lens: torch.Tensor, page_size: int, scale: float, window: int,
-                     counters: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton kernel on CUDA tensors; same contract as the reference. `counters` (int32
-    zeros, one per (sequence, kv head); they return to zero) let the last split of each group
-    merge the splits in the same launch instead of a reduce kernel after it."""
+                     seq_lens: torch.Tensor, page_size: int, scale: float, window: int) -> torch.Tensor:
+    """The Triton kernel on CUDA tensors; same contract as the reference."""
     from worker.kernels import _decode_attention_triton as kernels
 
-    return kernels.decode_attention(q, keys, values, page_table, seq_lens, page_size, scale, window,
-                                    counters=counters)
+    return kernels.decode_attention(q, keys, values, page_table, seq_lens, page_size, scale, window)
 
 
 def ragged_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, page_table: torch.Tensor,

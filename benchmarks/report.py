@@ -16,10 +16,11 @@ RESULTS = Path(__file__).parent / "results"
 # Per set: the latest run of all three modes, and the latest overlap-on run (the figure
 # compared with SGLang), which may be newer.
 ALL_MODES = {"large": RESULTS / "h200-seed-large-a6a4a22", "small": RESULTS / "h200-seed-small-pipelined"}
-OVERLAP_ON = {"large": RESULTS / "h200-seed-large-ede5758", "small": RESULTS / "h200-seed-small-ede5758"}
+OVERLAP_ON = {"large": RESULTS / "h200-seed-large-aa59c98", "small": RESULTS / "h200-seed-small-aa59c98"}
 # Earlier overlap-on runs of the large set, newest first; the last two without slot preemption (their
 # median TTFT sat on the jump).
-LARGE_EARLIER = (RESULTS / "h200-seed-large-3689fcd", RESULTS / "h200-seed-large-a140306",
+LARGE_EARLIER = (RESULTS / "h200-seed-large-ede5758", RESULTS / "h200-seed-large-3689fcd",
+                 RESULTS / "h200-seed-large-a140306",
                  RESULTS / "h200-seed-large-dde4cbb", RESULTS / "h200-seed-large-e9d0037")
 SMALL16 = RESULTS / "h200-seed-small-graphs"  # the 16 requests/s run, not repeated since
 # SGLang on one H200, overlapped loading, the seed's workload (../shared/BENCHMARK.md).
@@ -57,9 +58,10 @@ def decode_idle() -> str:
     trace = json.loads(gzip.decompress((OVERLAP_ON["large"] / "large-on.trace.json.gz").read_bytes()))
     gaps, stalls = decode_step_gaps(trace), load_start_stalls(trace)
     return (f"- GPU idle between decode steps (large, overlap on, from the timeline): {gaps.idle_fraction:.1%} "
-            f"(median step {gaps.median_step_ms:.1f} ms, median gap {gaps.median_gap_ms:.2f} ms). Most of it is "
-            f"{stalls.gaps} gaps in which an adapter load began ({stalls.total_ms:.0f} ms, "
-            f"{stalls.idle_fraction:.1%} of the forwards' span): the engine's thread queueing the load's copies.")
+            f"(median step {gaps.median_step_ms:.1f} ms, median gap {gaps.median_gap_ms:.2f} ms). Gaps in which "
+            f"an adapter load began: {stalls.gaps} ({stalls.total_ms:.0f} ms, {stalls.idle_fraction:.1%} of the "
+            "forwards' span; 93 gaps and 2.8% at ede5758, before the copier queued each load's copies from a "
+            "thread of its own).")
 
 
 def large_ttft_starts() -> str:
@@ -108,7 +110,7 @@ def report() -> str:
         f"- One cold request (`benchmarks/cold_start.py`, commit {cold['commit'][:7]}; 1.34 GB adapter in the host "
         f"cache, 512-token prompt, idle): copy {median['copy']:.1f} ms, warm TTFT {median['warm']:.1f} ms, copy then "
         f"prefill {median['sequential']:.1f} ms, pipelined per layer {median['pipelined']:.1f} ms "
-        f"({cold['pipelined_vs_max_copy_warm']:.2f} x max(copy, warm)); only on disk, streamed layer by layer: "
+        f"({cold['pipelined_vs_max_copy_warm']:.3f} x max(copy, warm)); only on disk, streamed layer by layer: "
         f"{median['from_disk']:.0f} ms, against the read alone {median['disk_read']:.0f} ms of a "
         f"{cold['file_bytes'] / 1e9:.2f} GB file ({cold['file_bytes'] / median['disk_read'] / 1e6:.2f} GB/s) and "
         f"read + copy + warm {cold['from_disk_sequential_estimate_ms']:.0f} ms.",

@@ -51,7 +51,7 @@ class LoadJob:
     nbytes: int
     started_at: float = field(default_factory=time.perf_counter)
     layer_ready: list = field(default_factory=list)  # one event per layer: CUDA events or threading events
-    layer_queued: list[threading.Event] = field(default_factory=list)  # CUDA only: set once the layer's event is recorded
+    layer_queued: list[threading.Event] = field(default_factory=list)  # CUDA only: set once layer_ready's is recorded
     copy_started: torch.cuda.Event | None = None  # CUDA only: when its stream took the load up
     host_copy_span: tuple[float, float] | None = None  # thread back-end: wall-clock copy start and end
     blocking: bool = False  # the seed's baseline: the command waited for the copy
@@ -66,7 +66,6 @@ class CudaCopier:
                  hook: LayerCopiedHook | None = None) -> None:
         self.slots = slots
         self.num_layers = num_layers
-        self.device = device
         self.stream = torch.cuda.Stream(device=device)
         # A load still waiting for the disk holds its stream up: one stream per slot, so that
         # neither loads from the host cache nor loads into other slots queue behind its reads.
@@ -116,15 +115,22 @@ class CudaCopier:
                     self._queue_layer(job, layer)
                     job.layer_ready[layer].record(stream)
                     job.layer_queued[layer].set()
-        except BaseException as error:
-            # The layers left are released behind whatever was queued: no waiter reads a slot
-            # while a copy into it may still run, and no copy outlives the pinned source's hold.
-            for remaining in range(layer, self.num_layers):
-                job.layer_ready[remaining].record(stream)
-                job.layer_queued[remaining].set()
+        except BaseException as error:  # reported through the job, never lost in the thread
             job.finished.set_exception(error)
+            self._release(job, stream, first=layer)
             return
         job.finished.set_result(None)
+
+    def _release(self, job: LoadJob, stream: torch.cuda.Stream, first: int) -> None:
+        """After a failure, the layers from `first` on are released behind whatever was queued:
+        no waiter reads a slot while a copy into it may still run, and no copy outlives the
+        pinned source's hold. The waiters are released even if recording fails too."""
+        try:
+            for layer in range(first, self.num_layers):
+                job.layer_ready[layer].record(stream)
+        finally:
+            for layer in range(first, self.num_layers):
+                job.layer_queued[layer].set()
 
     def _queue_layer(self, job: LoadJob, layer: int) -> None:
         writes = self.slots.layer_writes(job.slot, layer, job.adapter)

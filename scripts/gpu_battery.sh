@@ -28,6 +28,9 @@ seed_run() {  # seed_run SET: one overlap-on run, tarred
     mv "$out/seed-$1.txt" "$dir/stdout.txt"
     rm -f "$dir"/*.png
     gzip -f "$dir"/*.trace.json 2>/dev/null
+    for trace in "$dir"/*.trace.json.gz; do  # the forwards by kind (seed_steps.py), where a trace was kept
+        [ -e "$trace" ] && python3 benchmarks/seed_steps.py "$trace" >"$dir/steps.txt" 2>&1
+    done
     tar czf "$dir.tgz" -C "$out" "$(basename "$dir")" && rm -rf "$dir"
 }
 

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+from tests.benchmark_scripts import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_report_module():
-    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_readme_results_are_generated_from_the_result_files():
     readme = (ROOT / "README.md").read_text()
     begin, end = "<!-- results:begin -->\n", "\n<!-- results:end -->"
     section = readme[readme.index(begin) + len(begin):readme.index(end)]
-    assert section == load_report_module().report()
+    assert section == load_benchmark("report").report()
 
 
 def test_report_carries_every_seed_metric_for_both_adapter_sets():
-    rows = load_report_module().seed_rows()
+    rows = load_benchmark("report").seed_rows()
     assert len(rows) == 2 + 2 * 3
     assert all(row.count("|") == 7 for row in rows)

@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_module():
-    spec = importlib.util.spec_from_file_location("seed_steps", ROOT / "benchmarks" / "seed_steps.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmark_scripts import load_benchmark
 
 
 def forward(tokens: int, sequences: int, adapters: int, ms: float, path: str = "static") -> dict:
@@ -24,7 +12,7 @@ def forward(tokens: int, sequences: int, adapters: int, ms: float, path: str = "
 
 
 def test_groups_decodes_by_batch_and_adapters_and_prompts_by_bucket_and_path():
-    seed_steps = load_module()
+    seed_steps = load_benchmark("seed_steps")
     trace = {"traceEvents": [
         forward(9, 9, 8, 7.5), forward(9, 9, 8, 7.7), forward(9, 9, 8, 7.6),
         forward(3, 3, 3, 6.0),

@@ -3,20 +3,9 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_timeline_module():
-    spec = importlib.util.spec_from_file_location("stream_timeline", ROOT / "benchmarks" / "stream_timeline.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmark_scripts import load_benchmark
 
 
 def kernel(name: str, start: float, duration: float, stream: int) -> dict:
@@ -32,7 +21,7 @@ def one_layer(offset: float) -> list[dict]:
 
 
 def test_the_timeline_splits_steps_and_finds_what_the_base_path_waits_for(tmp_path):
-    timeline = load_timeline_module()
+    timeline = load_benchmark("stream_timeline")
     events = [*one_layer(0), *one_layer(75), *one_layer(1000)]  # two layers, a host gap, a third
     path = tmp_path / "trace.json.gz"
     path.write_bytes(gzip.compress(json.dumps({"traceEvents": events + [{"ph": "i", "name": "marker"}]}).encode()))
@@ -46,7 +35,7 @@ def test_the_timeline_splits_steps_and_finds_what_the_base_path_waits_for(tmp_pa
 
 
 def test_interval_union_and_overlap():
-    timeline = load_timeline_module()
+    timeline = load_benchmark("stream_timeline")
     merged = timeline.busy([(5, 8), (0, 2), (1, 3), (8, 9)])
     assert merged == [(0, 3), (5, 9)]
     assert timeline.total(merged) == 7

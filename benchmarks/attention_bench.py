@@ -4,6 +4,7 @@ ragged kernel of mixed steps on a 400-token prompt, 8 decodes at 512 keys, and b
 512-token bucket's block table), by tokens per block, keys per block and warps.
 
     python benchmarks/attention_bench.py [--ragged-only]
+    python benchmarks/attention_bench.py --decode-sweep   # the seed's decode step: shapes of the kernel
 Each variant's calls are captured in a CUDA graph and replayed (as the engine runs them), so the
 figures are GPU time without Python launch overhead. Prints a table; asserts nothing.
 """
@@ -11,6 +12,7 @@ figures are GPU time without Python launch overhead. Prints a table; asserts not
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 
@@ -30,7 +32,12 @@ def timed(call) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ragged-only", action="store_true", help="skip the decode kernel's table")
-    if not parser.parse_args().ragged_only:
+    parser.add_argument("--decode-sweep", action="store_true", help="only the decode kernel's launch shapes")
+    args = parser.parse_args()
+    if args.decode_sweep:
+        decode_sweep()
+        return
+    if not args.ragged_only:
         decode_table()
     ragged()
 
@@ -57,6 +64,33 @@ def decode_table() -> None:
             kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * keys.element_size()
             print(f"{batch:>5} {context:>7} {splits:>6} {one_pass:>11.1f} {split_k:>10.1f} {wide:>14.1f} "
                   f"{kv_bytes / split_k / 1e3:>12.0f}")
+
+
+def decode_sweep(width: int = 64) -> None:
+    """Decode steps of 1 to 32 sequences of 100 to 900 keys (64-page rows, as in the seed's steps) in
+    their batch buckets: the decode kernel's programs per launch, warps, and the reducer's warps."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    print(f"{'batch':>5} {'bucket':>6} {'target':>6} {'splits':>6} {'warps':>5} {'reduce_warps':>12} {'us':>7} "
+          f"{'difference':>10}")
+    for batch in (1, 3, 6, 9, 12, 18, 24):
+        bucket = decode_shape(batch, 1).seqs
+        num_pages = bucket * width
+        keys = torch.randn(num_pages * PAGE_SIZE, KV_HEADS, HEAD_DIM, device="cuda", generator=gen,
+                           dtype=torch.bfloat16)
+        values = torch.randn_like(keys)
+        q = torch.randn(bucket, HEADS, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+        page_table = torch.randperm(num_pages, device="cuda", generator=gen).view(bucket, width)
+        lens = torch.zeros(bucket, dtype=torch.long, device="cuda")
+        lens[:batch] = torch.randint(100, 900, (batch,), device="cuda", generator=gen)
+        args = (q, keys, values, page_table, lens, PAGE_SIZE, HEAD_DIM**-0.5, 0)
+        expected = kernels.decode_attention(*args, splits=1)
+        for target, warps, reduce_warps in itertools.product((256, 384, 512, 768, 1024), (2, 4), (1, 4)):
+            shape = dict(target_programs=target, warps=warps, reduce_warps=reduce_warps)
+            splits = kernels.num_splits(bucket, KV_HEADS, width * PAGE_SIZE, target_programs=target)
+            difference = (kernels.decode_attention(*args, **shape).float() - expected.float()).abs().max().item()
+            us = timed(lambda: kernels.decode_attention(*args, **shape))
+            print(f"{batch:>5} {bucket:>6} {target:>6} {splits:>6} {warps:>5} {reduce_warps:>12} {us:>7.2f} "
+                  f"{difference:>10.3g}", flush=True)
 
 
 def ragged(prompt: int = 400, decodes: int = 8, context: int = 512, bucket: int = 512, max_seqs: int = 256) -> None:

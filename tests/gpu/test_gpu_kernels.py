@@ -146,9 +146,10 @@ def decode_case(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, le
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (4, 4, 64), (8, 2, 16)])
 @pytest.mark.parametrize("window", [0, 37, 300])
 @pytest.mark.parametrize("lengths", list(DECODE_LENGTHS))
-@pytest.mark.parametrize("splits", [None, 1, 5, 64])
+@pytest.mark.parametrize("splits", [None, 1, 5, 8, 64])
 def test_triton_decode_attention_matches_reference(dtype, heads, kv_heads, head_dim, window, lengths, splits):
-    """splits None: the shape heuristic (what `decode_attention` runs); 1: the one-pass kernel; 64: many empty."""
+    """splits None: the shape heuristic (what `decode_attention` runs); 1: the one-pass kernel; 8: two warps
+    (`decode_warps`); 64: many empty."""
     from worker.kernels import _decode_attention_triton as kernels
 
     q, keys, values, page_table, lens, page_size = decode_case(DTYPES[dtype], heads, kv_heads, head_dim, lengths)

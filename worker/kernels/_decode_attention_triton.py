@@ -10,14 +10,26 @@ from worker.kernels._triton_common import dot
 from worker.kernels.lora_blocks import ATTENTION_BLOCK_M
 
 BLOCK_N = 64  # keys per loop iteration: 4 pages of 16
-TARGET_PROGRAMS = 1024  # about 8 per SM of an H200 (132 SMs), so the key loads of several programs overlap
+# Launch shapes from `attention_bench.py --decode-sweep` on an H200 (results/attention-shapes-h200/):
+# about 6 programs per SM (132 SMs), so the key loads of several programs overlap; a one-warp reducer.
+# Against 1024 programs, 4 warps and a 4-warp reducer: 13.7 -> 11.4 us for 9 sequences in the
+# 12-row bucket, and the seed's decode step of 9 over 8 adapters 7823 -> 7750 us.
+TARGET_PROGRAMS = 768
+REDUCE_WARPS = 1
 MAX_SPLITS = 64  # the reducer loads a head's splits as one [splits, head_dim] tile
 
 
-def num_splits(batch: int, kv_heads: int, max_keys: int, block_n: int = BLOCK_N) -> int:
+def num_splits(batch: int, kv_heads: int, max_keys: int, block_n: int = BLOCK_N,
+               target_programs: int = TARGET_PROGRAMS) -> int:
     """Splits of each sequence's keys, from shapes only (fixed per captured graph); at most one per key block."""
-    wanted = -(-TARGET_PROGRAMS // (batch * kv_heads))
+    wanted = -(-target_programs // (batch * kv_heads))
     return max(1, min(wanted, MAX_SPLITS, -(-max_keys // block_n)))
+
+
+def decode_warps(splits: int) -> int:
+    """Measured: 2 warps win where keys are split 8 to 15 ways (the 8- and 12-row buckets at 64-page
+    rows), 4 elsewhere (one sequence over 16 splits; 24 rows over 4)."""
+    return 2 if 8 <= splits < 16 else 4
 
 
 @triton.jit
@@ -104,13 +116,15 @@ def _reduce_kernel(acc_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, HEAD_DIM: 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, page_table: torch.Tensor,
                      seq_lens: torch.Tensor, page_size: int, scale: float, window: int, *,
-                     splits: int | None = None, block_n: int = BLOCK_N) -> torch.Tensor:
-    """`splits` (default: `num_splits`) and `block_n` are for benchmarks; splits=1 is the one-pass kernel."""
+                     splits: int | None = None, block_n: int = BLOCK_N, warps: int | None = None,
+                     reduce_warps: int = REDUCE_WARPS, target_programs: int = TARGET_PROGRAMS) -> torch.Tensor:
+    """`splits` (default: `num_splits`), `block_n`, the warps and `target_programs` are for benchmarks;
+    splits=1 is the one-pass kernel."""
     batch, heads, head_dim = q.shape
     kv_heads = keys.shape[1]
     if keys.stride(-1) != 1 or q.stride(-1) != 1 or page_table.stride(-1) != 1:
         raise ValueError("decode attention needs a unit stride in the last dimension")
-    splits = splits or num_splits(batch, kv_heads, page_table.shape[1] * page_size, block_n)
+    splits = splits or num_splits(batch, kv_heads, page_table.shape[1] * page_size, block_n, target_programs)
     out = torch.empty_like(q)
     if splits == 1:  # the one-pass kernel writes out itself and never reads acc or stats
         acc = stats = out
@@ -125,10 +139,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         page_table.stride(0),
         PAGE_SIZE=page_size, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32,
+        num_warps=warps or decode_warps(splits),
     )
     if splits > 1:
         _reduce_kernel[(batch, heads)](acc, stats, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
-                                       BLOCK_D=block_d, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits))
+                                       BLOCK_D=block_d, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+                                       num_warps=reduce_warps)
     return out
 
 

@@ -55,7 +55,9 @@ def lora_blocks(token_slots: Sequence[int], slot_ranks: Sequence[int], num_rows:
     return table
 
 
-ATTENTION_BLOCK_M = 32
+# Query tokens per ragged-attention program. 16 against 32 (`attention_bench.py --ragged-only`,
+# results/attention-shapes-h200/): a 400-token prompt beside 8 decodes 67.2 -> 52.5 us a layer.
+ATTENTION_BLOCK_M = 16
 
 
 def attention_blocks(token_counts: Sequence[int], num_rows: int, block_m: int = ATTENTION_BLOCK_M) -> np.ndarray:

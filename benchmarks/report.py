@@ -16,10 +16,11 @@ RESULTS = Path(__file__).parent / "results"
 # Per set: the latest run of all three modes, and the latest overlap-on run (the figure
 # compared with SGLang), which may be newer.
 ALL_MODES = {"large": RESULTS / "h200-seed-large-a6a4a22", "small": RESULTS / "h200-seed-small-pipelined"}
-OVERLAP_ON = {"large": RESULTS / "h200-seed-large-aa59c98", "small": RESULTS / "h200-seed-small-aa59c98"}
+OVERLAP_ON = {"large": RESULTS / "h200-seed-large-13ce2af", "small": RESULTS / "h200-seed-small-13ce2af"}
 # Earlier overlap-on runs of the large set, newest first; the last two without slot preemption (their
 # median TTFT sat on the jump).
-LARGE_EARLIER = (RESULTS / "h200-seed-large-ede5758", RESULTS / "h200-seed-large-3689fcd",
+LARGE_EARLIER = (RESULTS / "h200-seed-large-aa59c98", RESULTS / "h200-seed-large-ede5758",
+                 RESULTS / "h200-seed-large-3689fcd",
                  RESULTS / "h200-seed-large-a140306",
                  RESULTS / "h200-seed-large-dde4cbb", RESULTS / "h200-seed-large-e9d0037")
 SMALL16 = RESULTS / "h200-seed-small-graphs"  # the 16 requests/s run, not repeated since

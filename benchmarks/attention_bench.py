@@ -42,6 +42,16 @@ def main() -> None:
     ragged()
 
 
+def decode_inputs(rows: int, width: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random queries, a cache of `rows * width` pages and a page table dealing them out at random."""
+    num_pages = rows * width
+    keys = torch.randn(num_pages * PAGE_SIZE, KV_HEADS, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    q = torch.randn(rows, HEADS, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+    page_table = torch.randperm(num_pages, device="cuda", generator=gen).view(rows, width)
+    return q, keys, values, page_table
+
+
 def decode_table() -> None:
     print(f"{'batch':>5} {'context':>7} {'splits':>6} {'one-pass us':>11} {'split-K us':>10} {'BLOCK_N 128 us':>14} "
           f"{'split-K GB/s':>12}")
@@ -49,12 +59,7 @@ def decode_table() -> None:
         for batch in (1, 8, 64):
             width = decode_shape(batch, -(-(context + 1) // PAGE_SIZE)).pages  # the engine's width bucket
             gen = torch.Generator(device="cuda").manual_seed(0)
-            num_pages = batch * width
-            keys = torch.randn(num_pages * PAGE_SIZE, KV_HEADS, HEAD_DIM, device="cuda", generator=gen,
-                               dtype=torch.bfloat16)
-            values = torch.randn_like(keys)
-            q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
-            page_table = torch.randperm(num_pages, device="cuda", generator=gen).view(batch, width)
+            q, keys, values, page_table = decode_inputs(batch, width, gen)
             lens = torch.full((batch,), context, device="cuda")
             args = (q, keys, values, page_table, lens, PAGE_SIZE, HEAD_DIM**-0.5, 0)
             one_pass = timed(lambda: kernels.decode_attention(*args, splits=1))
@@ -74,12 +79,7 @@ def decode_sweep(width: int = 64) -> None:
           f"{'difference':>10}")
     for batch in (1, 3, 6, 9, 12, 18, 24):
         bucket = decode_shape(batch, 1).seqs
-        num_pages = bucket * width
-        keys = torch.randn(num_pages * PAGE_SIZE, KV_HEADS, HEAD_DIM, device="cuda", generator=gen,
-                           dtype=torch.bfloat16)
-        values = torch.randn_like(keys)
-        q = torch.randn(bucket, HEADS, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
-        page_table = torch.randperm(num_pages, device="cuda", generator=gen).view(bucket, width)
+        q, keys, values, page_table = decode_inputs(bucket, width, gen)
         lens = torch.zeros(bucket, dtype=torch.long, device="cuda")
         lens[:batch] = torch.randint(100, 900, (batch,), device="cuda", generator=gen)
         args = (q, keys, values, page_table, lens, PAGE_SIZE, HEAD_DIM**-0.5, 0)

@@ -23,7 +23,8 @@ decodes over eight rank-256 adapters (8B sizes). Per LoRA group, 32 layers of di
 each beside the group's base GEMM on a second stream (as in a step), with the base GEMM alone
 for reference. `--carveouts`: `triton` beside the base GEMM that cuBLAS runs on all SMs but
 that many (`torch._C._set_sm_carveout_experimental`, read when the graph is captured), so the
-LoRA kernels keep SMs of their own. Prints the outputs' largest difference from `triton` and every time; asserts nothing.
+LoRA kernels keep SMs of their own. Prints the outputs' largest difference from `triton` and every
+time; asserts nothing.
 """
 
 from __future__ import annotations
@@ -33,28 +34,24 @@ import itertools
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpu_timing import graph_microseconds  # a sibling: benchmarks/ is on sys.path when run as a script
+from gpu_timing import graph_microseconds  # siblings: benchmarks/ is on sys.path when run as a script
+from lora_kernel_sweep import GROUPS, INTERMEDIATE, LAYERS, RANK, SLOTS
+from step_tile_sweep import plain_shape
 from worker.kernels.lora_blocks import BLOCK_M, PROMPT_BLOCK_M, lora_blocks, max_blocks
 from worker.kernels.multi_lora import (DECODE_SHRINK_NARROW, DECODE_SHRINK_WIDE, WIDE_INPUT, ExpandTiles, LoraScratch,
                                        ShrinkTiles, expand_tiles, lora_expand, lora_shrink, shrink_tiles)
 
-LAYERS, SLOTS, RANK, HIDDEN, INTERMEDIATE = 32, 8, 256, 4096, 14336
-GROUPS = {  # name: (in_features, out_features of each module)
-    "qkv": (HIDDEN, (4096, 1024, 1024)),
-    "o": (HIDDEN, (4096,)),
-    "gate_up": (HIDDEN, (INTERMEDIATE, INTERMEDIATE)),
-    "down": (INTERMEDIATE, (4096,)),
-}
 SCENARIOS = {"p400+8": (400, 8, 512), "p200+8": (200, 8, 256), "p100+8": (100, 8, 128)}  # prompt, decodes, bucket
 SWEEP_BLOCK_M = (64, 128)
 SWEEP_SHRINK = [ShrinkTiles(rank=r, k=k, k_per_split=s, warps=w, stages=st)
-                for r, k, s, (w, st) in itertools.product((64, 128), (64, 128), (0, 1024, 2048), ((4, 3), (8, 3), (8, 4)))
+                for r, k, s, (w, st) in itertools.product((64, 128), (64, 128), (0, 1024, 2048),
+                                                          ((4, 3), (8, 3), (8, 4)))
                 if s % k == 0]
 SWEEP_SHRINK_WIDE = [ShrinkTiles(rank=r, k=k, k_per_split=s, warps=w, stages=st)
                      for r, k, s, (w, st) in itertools.product((64, 128), (64, 128), (0, 2048, 3584, 7168),
@@ -248,18 +245,14 @@ def sweep(group: MixedGroup, label: str) -> dict:
                 print(f"{label} {knob} {value}: failed ({type(error).__name__})", flush=True)
                 continue
             results.append((us, value))
-            tried.append({"knob": knob, "value": _plain(value), "us": us, "max_abs_difference": difference})
+            tried.append({"knob": knob, "value": plain_shape(value), "us": us, "max_abs_difference": difference})
             print(f"{label} {knob} {value}: {us:.1f} us (difference {difference:.3g})", flush=True)
         if results:
             choice[knob] = min(results, key=lambda r: r[0])[1]
     best = min((t for t in tried if t["knob"] == "expand"), key=lambda t: t["us"], default=None)
-    row.update({"best": {k: _plain(v) for k, v in choice.items()}, "best_us": best and best["us"], "tried": tried})
+    row.update({"best": {k: plain_shape(v) for k, v in choice.items()}, "best_us": best and best["us"], "tried": tried})
     print(f"{label} best {choice}: {row['best_us']} us beside base (one table: {row['triton+base']:.1f})", flush=True)
     return row
-
-
-def _plain(value):
-    return value if isinstance(value, int) else asdict(value)
 
 
 def main() -> None:

@@ -146,13 +146,14 @@ def descend(timer: StepTimer, choice: Choice, label: str, knobs: dict, deadline:
             raise RuntimeError(f"no {knob} shape ran")
         best = min(measured, key=lambda t: t[1])
         choice.shapes[knob] = best[0]
-        results[knob] = {"start": _plain(start_value), "start_us": tried[0][1], "best": _plain(best[0]),
-                         "best_us": best[1], "all": [{"shape": _plain(v), "us": us} for v, us in measured]}
+        results[knob] = {"start": plain_shape(start_value), "start_us": tried[0][1], "best": plain_shape(best[0]),
+                         "best_us": best[1], "all": [{"shape": plain_shape(v), "us": us} for v, us in measured]}
         print(f"{label:8} {knob:22} best {best[0]}: {best[1]:.1f} us (start {tried[0][1]})", flush=True)
     return results
 
 
-def _plain(value):
+def plain_shape(value):
+    """A knob's value as JSON: a block size as is, a launch shape as its fields."""
     return value if isinstance(value, int) else asdict(value)
 
 

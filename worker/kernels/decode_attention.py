@@ -16,9 +16,10 @@ combines them in a fixed order: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M
 M = max_s m_s. A split past the sequence's keys leaves (m, l) = (-inf, 0) and weighs 0, so a
 padding row gets 0.
 
-S depends on shapes only (one per captured graph): about 1024 programs over the grid (the
-132 SMs of an H200, several times), at most 64, at most one split per key block of
-W * page_size; at S = 1 (B * kv_heads >= 1024) one pass writes out, no reduce. The loops
+S depends on shapes only (one per captured graph): about 768 programs over the grid (the
+132 SMs of an H200, several times; `_decode_attention_triton.TARGET_PROGRAMS`), at most 64, at
+most one split per key block of W * page_size; at S = 1 (B * kv_heads >= 768) one pass writes
+out, no reduce. The loops
 are bounded by seq_lens read on the GPU, so one CUDA graph serves any lengths up to
 W * page_size.
 """

@@ -1,34 +1,64 @@
-"""How the frontend's errors map to status codes, for every API (gRPC, HTTP)."""
+"""The frontend's errors as transport-neutral statuses, which every API (gRPC, HTTP) maps to its own.
+
+An expected failure raises a `ServiceError` (or a subclass), which carries the status the
+client gets and its message. Anything else is a bug: `as_service_error` reports it as
+INTERNAL and logs it.
+"""
 
 from __future__ import annotations
 
+import enum
 import logging
 
-import grpc
-
-from frontend.scheduler_link import RequestIdInUse, SchedulerFailure, SchedulerUnavailable
-from frontend.validation import InvalidRequest
-
 log = logging.getLogger("loraserve.frontend")
-EXPECTED_ERRORS = (InvalidRequest, SchedulerUnavailable, SchedulerFailure, RequestIdInUse)
 
 
-def error_code(error: Exception) -> grpc.StatusCode:
+class StatusCode(enum.Enum):
+    """The canonical error codes (google.rpc.Code); gRPC's status codes carry the same names."""
+
+    CANCELLED = enum.auto()
+    UNKNOWN = enum.auto()
+    INVALID_ARGUMENT = enum.auto()
+    DEADLINE_EXCEEDED = enum.auto()
+    NOT_FOUND = enum.auto()
+    ALREADY_EXISTS = enum.auto()
+    PERMISSION_DENIED = enum.auto()
+    RESOURCE_EXHAUSTED = enum.auto()
+    FAILED_PRECONDITION = enum.auto()
+    ABORTED = enum.auto()
+    OUT_OF_RANGE = enum.auto()
+    UNIMPLEMENTED = enum.auto()
+    INTERNAL = enum.auto()
+    UNAVAILABLE = enum.auto()
+    DATA_LOSS = enum.auto()
+    UNAUTHENTICATED = enum.auto()
+
+    @classmethod
+    def named(cls, name: str) -> StatusCode:
+        """The code of that name; INTERNAL for a name that is none."""
+        return cls.__members__.get(name, cls.INTERNAL)
+
+
+class ServiceError(Exception):
+    """A failure the client is told about: `code` and `message` (also `str(error)`)."""
+
+    code = StatusCode.INTERNAL
+
+    def __init__(self, message: str, code: StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+def error_code(error: Exception) -> StatusCode:
     """The status an error maps to (INTERNAL for anything unexpected)."""
-    if isinstance(error, InvalidRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(error, SchedulerUnavailable):
-        return grpc.StatusCode.UNAVAILABLE
-    if isinstance(error, SchedulerFailure):
-        return error.status
-    if isinstance(error, RequestIdInUse):
-        return grpc.StatusCode.ALREADY_EXISTS
-    return grpc.StatusCode.INTERNAL
+    return error.code if isinstance(error, ServiceError) else StatusCode.INTERNAL
 
 
-def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status and message a client gets for an error; unexpected errors are logged."""
-    if isinstance(error, EXPECTED_ERRORS):
-        return error_code(error), str(error)
+def as_service_error(error: Exception) -> ServiceError:
+    """The error a client gets for `error`; unexpected errors are logged."""
+    if isinstance(error, ServiceError):
+        return error
     log.exception("unexpected error in a request", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+    return ServiceError(f"internal error: {type(error).__name__}: {error}", StatusCode.INTERNAL)

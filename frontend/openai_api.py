@@ -2,7 +2,7 @@
 
 `/v1/completions`, `/v1/chat/completions` (the tokenizer's chat template) and `/v1/models`,
 with streaming as server-sent events. `model` names the base model or an adapter, as in
-vLLM. Every request goes through `LoraServingServicer.generate`, the gRPC API's path, so
+vLLM. Every request goes through the `GenerationService`, as the gRPC API's do, so
 limits, errors and metrics are the same; errors become HTTP statuses with OpenAI-shaped
 bodies (`{"error": {"message", "type", "param", "code"}}`).
 
@@ -20,19 +20,15 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import grpc
 from aiohttp import web
 
-from frontend.errors import status_of
+from frontend.errors import ServiceError, StatusCode, as_service_error
 from frontend.generation import accumulate
-from frontend.tokenizer import PromptTokenizer
+from frontend.generation_service import GenerationService
 from frontend.validation import NO_TOKENIZER
 from protos.loraserve.v1 import serving_pb2
-
-if TYPE_CHECKING:
-    from frontend.server import LoraServingServicer
 
 Authorize = Callable[[str | None], str | None]
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -40,12 +36,10 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default (the gRPC API's is greedy)
 
 HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    StatusCode.INVALID_ARGUMENT: 400, StatusCode.FAILED_PRECONDITION: 400, StatusCode.OUT_OF_RANGE: 400,
+    StatusCode.UNAUTHENTICATED: 401, StatusCode.PERMISSION_DENIED: 403, StatusCode.NOT_FOUND: 404,
+    StatusCode.ALREADY_EXISTS: 409, StatusCode.RESOURCE_EXHAUSTED: 429, StatusCode.UNIMPLEMENTED: 501,
+    StatusCode.UNAVAILABLE: 503, StatusCode.DEADLINE_EXCEEDED: 504,
 }
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
               404: "invalid_request_error", 409: "invalid_request_error", 429: "rate_limit_error"}
@@ -67,8 +61,9 @@ class ApiError(Exception):
 
     @classmethod
     def of(cls, error: Exception, model: str | None = None) -> ApiError:
-        code, message = status_of(error)
-        if code is grpc.StatusCode.NOT_FOUND and model is not None:
+        failure = as_service_error(error)
+        code, message = failure.code, failure.message
+        if code is StatusCode.NOT_FOUND and model is not None:
             return cls(404, f"The model `{model}` does not exist: {message}", "model_not_found", "model")
         return cls(HTTP_STATUS.get(code, 500), message, code.name.lower())
 
@@ -92,10 +87,8 @@ class Prompted:
 
 
 class OpenAIApi:
-    def __init__(self, servicer: LoraServingServicer, tokenizer: PromptTokenizer | None,
-                 authorize: Authorize | None = None) -> None:
-        self._servicer = servicer
-        self._tokenizer = tokenizer
+    def __init__(self, service: GenerationService, authorize: Authorize | None = None) -> None:
+        self._service = service
         self._authorize = authorize
 
     def application(self) -> web.Application:
@@ -125,7 +118,7 @@ class OpenAIApi:
     async def models(self, request: web.Request) -> web.Response:
         base = self._base_model()
         try:
-            adapters = (await self._servicer.adapters()).adapters
+            adapters = (await self._service.list_adapters()).adapters
         except Exception as error:  # noqa: BLE001 - becomes an HTTP status
             raise ApiError.of(error) from None
         created = int(time.time())
@@ -154,16 +147,16 @@ class OpenAIApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
-        if self._tokenizer is None:
+        if not self._service.has_tokenizer:
             raise ApiError.invalid(NO_TOKENIZER.replace("send input_ids", "use /v1/completions with token ids"))
         messages = _messages(body.get("messages"))
         _refuse_unsupported(body)
         if _optional(body, "top_logprobs", int) not in (None, 0):
             raise ApiError.invalid("only top_logprobs=0 is supported", "top_logprobs")
         try:
-            prompt_ids = await self._tokenizer.encode_chat(messages)
-        except ValueError as error:
-            raise ApiError.invalid(str(error), "messages") from None
+            prompt_ids = await self._service.encode_chat(messages)
+        except ServiceError as error:
+            raise ApiError.invalid(error.message, "messages") from None
         max_tokens = _optional(body, "max_completion_tokens", int, _optional(body, "max_tokens", int))
         request_id = _request_id(request)
         parsed = self._parse(body, request_id, [prompt_ids], bool(_optional(body, "logprobs", bool, False)),
@@ -176,7 +169,7 @@ class OpenAIApi:
     # Shared -----------------------------------------------------------------------------
 
     def _base_model(self) -> str:
-        info = self._servicer.server_info
+        info = self._service.server_info
         if info is None:
             raise ApiError(503, "the server is starting; retry shortly", "unavailable")
         return info.model
@@ -204,15 +197,13 @@ class OpenAIApi:
         """(prompt index, stream message) of every prompt's generation, interleaved as they come."""
         try:
             if len(parsed.requests) == 1:
-                async with aclosing(self._servicer.generate(parsed.requests[0])) as chunks:
+                async with aclosing(self._service.generate(parsed.requests[0])) as chunks:
                     async for chunk in chunks:
                         yield 0, chunk
                 return
-            async with aclosing(_merged([self._servicer.generate(r) for r in parsed.requests])) as chunks:
+            async with aclosing(_merged([self._service.generate(r) for r in parsed.requests])) as chunks:
                 async for item in chunks:
                     yield item
-        except ApiError:
-            raise
         except Exception as error:  # noqa: BLE001 - becomes an HTTP status or an error event
             raise ApiError.of(error, parsed.model if parsed.requests[0].adapter else None) from None
 
@@ -253,11 +244,6 @@ class OpenAIApi:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
-
-    def _token_strings(self, token_ids: list[int]) -> list[str]:
-        if self._tokenizer is None:
-            return [str(t) for t in token_ids]
-        return self._tokenizer.token_strings(token_ids)
 
     def _chat_completion(self, response_id: str, parsed: Prompted,
                          results: list[serving_pb2.GenerateResponse]) -> dict[str, Any]:
@@ -300,11 +286,11 @@ class OpenAIApi:
 
     def _completion_logprobs(self, result: serving_pb2.GenerateResponse | serving_pb2.GenerateStreamResponse
                              ) -> dict[str, Any]:
-        return {"tokens": self._token_strings(list(result.token_ids)), "token_logprobs": list(result.logprobs),
+        return {"tokens": self._service.token_strings(list(result.token_ids)), "token_logprobs": list(result.logprobs),
                 "top_logprobs": None}
 
     def _chat_logprobs(self, token_ids, logprobs) -> dict[str, Any]:
-        tokens = self._token_strings(list(token_ids))
+        tokens = self._service.token_strings(list(token_ids))
         return {"content": [{"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
                             for token, logprob in zip(tokens, logprobs)]}
 

@@ -23,12 +23,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
 import zmq
 import zmq.asyncio
 from google.protobuf.message import DecodeError
 from zmq.utils.monitor import parse_monitor_message
 
+from frontend.errors import ServiceError, StatusCode
 from protos.loraserve.v1 import internal_pb2, serving_pb2
 
 log = logging.getLogger("loraserve.frontend.link")
@@ -43,28 +43,31 @@ class LivenessConfig:
     check_interval_s: float = 1.0
 
 
-class SchedulerUnavailable(Exception):
-    """The scheduler is not connected or did not answer in time (UNAVAILABLE)."""
+class SchedulerUnavailable(ServiceError):
+    """The scheduler is not connected or did not answer in time."""
+
+    code = StatusCode.UNAVAILABLE
 
 
-class SchedulerFailure(Exception):
-    """The scheduler refused or failed a request; `status` carries its error code."""
+class SchedulerFailure(ServiceError):
+    """The scheduler refused or failed a request; `code` is its error code."""
 
     def __init__(self, error: internal_pb2.Error) -> None:
-        self.status = grpc_status(error.code)
-        self.message = error.message or f"the scheduler failed the request ({self.status.name})"
-        super().__init__(self.message)
+        code = status_code(error.code)
+        super().__init__(error.message or f"the scheduler failed the request ({code.name})", code)
 
 
-class RequestIdInUse(Exception):
-    """Another request with this id is still running on this frontend (ALREADY_EXISTS)."""
+class RequestIdInUse(ServiceError):
+    """Another request with this id is still running on this frontend."""
+
+    code = StatusCode.ALREADY_EXISTS
 
 
-def grpc_status(code: int) -> grpc.StatusCode:
-    """Internal ErrorCode names are grpc.StatusCode names; anything else is INTERNAL."""
+def status_code(code: int) -> StatusCode:
+    """Internal ErrorCode names are status code names; anything else is INTERNAL."""
     if code not in internal_pb2.ErrorCode.values():
-        return grpc.StatusCode.INTERNAL
-    return getattr(grpc.StatusCode, internal_pb2.ErrorCode.Name(code), grpc.StatusCode.INTERNAL)
+        return StatusCode.INTERNAL
+    return StatusCode.named(internal_pb2.ErrorCode.Name(code))
 
 
 def _unavailable_output(request_id: str, reason: str) -> internal_pb2.RequestOutput:

@@ -2,7 +2,7 @@
 
 Two stages because the prompt's length is known only after tokenization:
 `check_request` looks at the request itself, `check_prompt` at the prompt's token ids.
-Both raise `InvalidRequest`, which the servicer turns into INVALID_ARGUMENT.
+Both raise `InvalidRequest`, an INVALID_ARGUMENT `ServiceError`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from frontend.errors import ServiceError, StatusCode
 from protos.loraserve.v1 import serving_pb2
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -21,8 +22,10 @@ DEFAULT_TOP_K = -1  # off
 NO_TOKENIZER = "this server has no tokenizer; send input_ids"
 
 
-class InvalidRequest(ValueError):
-    """The request is malformed or cannot fit the model (INVALID_ARGUMENT)."""
+class InvalidRequest(ServiceError, ValueError):
+    """The request is malformed or cannot fit the model."""
+
+    code = StatusCode.INVALID_ARGUMENT
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def frontend(fake, tokenizer_dir) -> Iterator[FrontendServer]:  # noqa: F811
                                                    metrics_port=0, tokenizer_path=str(tokenizer_dir),
                                                    model_name="fake-model"))
     try:
-        wait_for(lambda: background.server._servicer.server_info is not None, "the frontend to be ready")
+        wait_for(lambda: background.server._service.server_info is not None, "the frontend to be ready")
         yield background.server
     finally:
         background.stop()
@@ -88,7 +88,7 @@ def test_the_grpc_bearer_tokens_guard_the_http_api_by_default(fake, tokenizer_di
                                                    metrics_port=0, tokenizer_path=str(tokenizer_dir),
                                                    model_name="fake-model", auth=tokens))
     try:
-        wait_for(lambda: background.server._servicer.server_info is not None, "the frontend to be ready")
+        wait_for(lambda: background.server._service.server_info is not None, "the frontend to be ready")
         models = f"http://127.0.0.1:{background.server.http_port}/v1/models"
         assert [http_status(models, token) for token in (None, "wrong", "api-token", "admin-token")] == [
             401, 401, 200, 200]

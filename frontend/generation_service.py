@@ -32,6 +32,7 @@ from frontend.validation import (
 from protos.loraserve.v1 import internal_pb2, serving_pb2
 
 log = logging.getLogger("loraserve.frontend")
+GenerationStream = AsyncIterator[serving_pb2.GenerateStreamResponse]
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class ServiceSettings:
 
 
 class GenerationService:
-    """One per frontend, shared by its APIs. Unusable until `fetch_server_info` has succeeded."""
+    """One per frontend, shared by its APIs. Generation waits for `fetch_server_info` (the model's limits)."""
 
     def __init__(self, link: SchedulerLink, tokenizer: PromptTokenizer | None, settings: ServiceSettings,
                  metrics: FrontendMetrics) -> None:
@@ -61,7 +62,7 @@ class GenerationService:
 
     # Generation ---------------------------------------------------------------------------
 
-    async def generate(self, request: serving_pb2.GenerateRequest) -> AsyncIterator[serving_pb2.GenerateStreamResponse]:
+    async def generate(self, request: serving_pb2.GenerateRequest) -> GenerationStream:
         """The generation path of every API: `_generate`, measured and logged.
 
         A request without an id gets one. Close the generator (aclosing) to cancel the request.
@@ -89,7 +90,7 @@ class GenerationService:
             e2e_s = tracker.finish(outcome)
             log.info("request finished", extra=fields | {"outcome": outcome, "e2e_ms": round(e2e_s * 1e3, 2)})
 
-    async def _generate(self, request: serving_pb2.GenerateRequest) -> AsyncIterator[serving_pb2.GenerateStreamResponse]:
+    async def _generate(self, request: serving_pb2.GenerateRequest) -> GenerationStream:
         """Validates, submits and streams one request; aborts it at the scheduler if left early."""
         self.refuse_while_draining()
         limits = self._limits()

@@ -7,7 +7,7 @@ statuses of the same name as their transport-neutral code.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -15,7 +15,7 @@ import grpc
 
 from frontend.errors import ServiceError, as_service_error
 from frontend.generation import accumulate
-from frontend.generation_service import GenerationService
+from frontend.generation_service import GenerationService, GenerationStream
 from protos.loraserve.v1 import serving_pb2, serving_pb2_grpc
 
 REQUEST_ID_METADATA = "x-request-id"
@@ -65,7 +65,7 @@ class LoraServingServicer(serving_pb2_grpc.LoraServingServicer):
         return response
 
     async def GenerateStream(self, request: serving_pb2.GenerateRequest,
-                             context: grpc.aio.ServicerContext) -> AsyncIterator[serving_pb2.GenerateStreamResponse]:
+                             context: grpc.aio.ServicerContext) -> GenerationStream:
         request_id_from(request, context)
         try:
             async with aclosing(self._service.generate(request)) as chunks:

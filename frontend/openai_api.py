@@ -26,7 +26,7 @@ from aiohttp import web
 
 from frontend.errors import ServiceError, StatusCode, as_service_error
 from frontend.generation import accumulate
-from frontend.generation_service import GenerationService
+from frontend.generation_service import GenerationService, GenerationStream
 from frontend.validation import NO_TOKENIZER
 from protos.loraserve.v1 import serving_pb2
 
@@ -421,11 +421,11 @@ async def _send_event(response: web.StreamResponse, event: dict[str, Any]) -> No
     await response.write(f"data: {json.dumps(event)}\n\n".encode())
 
 
-async def _merged(generators: list[AsyncIterator[serving_pb2.GenerateStreamResponse]]) -> Chunks:
+async def _merged(generators: list[GenerationStream]) -> Chunks:
     """Runs the generators concurrently; yields (index, message) as they come, raises the first error."""
     queue: asyncio.Queue[tuple[int, serving_pb2.GenerateStreamResponse | None, Exception | None]] = asyncio.Queue()
 
-    async def pump(index: int, generator: AsyncIterator[serving_pb2.GenerateStreamResponse]) -> None:
+    async def pump(index: int, generator: GenerationStream) -> None:
         try:
             async with aclosing(generator) as messages:
                 async for message in messages:

@@ -152,7 +152,9 @@ class GenerationService:
         return serving_pb2.TokenizeResponse(input_ids=input_ids, tokens=self._tokenizer.token_strings(input_ids))
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """A conversation's prompt through the tokenizer's chat template (there must be a tokenizer)."""
+        """A conversation's prompt through the tokenizer's chat template."""
+        if self._tokenizer is None:
+            raise InvalidRequest(NO_TOKENIZER)
         try:
             return await self._tokenizer.encode_chat(messages)
         except ValueError as error:  # no chat template

@@ -45,7 +45,10 @@ class ServiceSettings:
 
 
 class GenerationService:
-    """One per frontend, shared by its APIs. Generation waits for `fetch_server_info` (the model's limits)."""
+    """One per frontend, shared by its APIs.
+
+    Generation is refused (UNAVAILABLE) until `fetch_server_info` has given the model's limits.
+    """
 
     def __init__(self, link: SchedulerLink, tokenizer: PromptTokenizer | None, settings: ServiceSettings,
                  metrics: FrontendMetrics) -> None:
@@ -57,6 +60,7 @@ class GenerationService:
         self.draining = False  # shutting down: new requests are refused, in-flight ones finish
 
     def refuse_while_draining(self) -> None:
+        """UNAVAILABLE while shutting down (generation checks it; the gRPC API, for every RPC)."""
         if self.draining:
             raise SchedulerUnavailable("the server is shutting down; retry on another replica or later")
 

@@ -36,6 +36,8 @@ class PendingUnload:
 
 
 class AdapterTier:
+    """Others may read the `Adapter` records it hands out; only its methods change them."""
+
     def __init__(self, num_slots: int, host_capacity_bytes: int, max_host_entries: int, blocking_loads: bool,
                  metrics: SchedulerMetrics) -> None:
         self._adapters: dict[str, Adapter] = {}

@@ -1,8 +1,13 @@
-"""The adapter state machine, the GPU slot table and host-cache accounting.
+"""What an adapter is to the scheduler: its record, its states and the legal moves between them.
 
-REGISTERED(on disk) --stage--> STAGING --staged--> HOST --load(slot)--> LOADING --loaded--> RESIDENT
+ON_DISK --stage--> STAGING --staged--> HOST --load(slot)--> LOADING --loaded--> RESIDENT
+STAGING --load(slot)--> LOADING (the worker copies once staging is done)
 RESIDENT --evict (no references)--> HOST --host evict (LRU)--> ON_DISK
+STAGING, LOADING, RESIDENT --failed--> ON_DISK (a blocking load counts RESIDENT when issued)
 any --unload--> unloading: new requests refused; gone once unreferenced and idle.
+
+Only `scheduler.adapter_tier.AdapterTier` changes a record; it moves `state` along
+`LEGAL_TRANSITIONS` alone.
 """
 
 from __future__ import annotations
@@ -25,6 +30,23 @@ class AdapterState(enum.Enum):
 
 
 IN_HOST_CACHE = (AdapterState.STAGING, AdapterState.HOST, AdapterState.LOADING, AdapterState.RESIDENT)
+
+LEGAL_TRANSITIONS: dict[AdapterState, frozenset[AdapterState]] = {
+    AdapterState.ON_DISK: frozenset({AdapterState.STAGING}),
+    AdapterState.STAGING: frozenset({AdapterState.HOST, AdapterState.LOADING, AdapterState.ON_DISK}),
+    AdapterState.HOST: frozenset({AdapterState.LOADING, AdapterState.ON_DISK}),
+    AdapterState.LOADING: frozenset({AdapterState.RESIDENT, AdapterState.ON_DISK}),
+    AdapterState.RESIDENT: frozenset({AdapterState.HOST, AdapterState.ON_DISK}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state change the adapter state machine has no edge for: a scheduler bug."""
+
+    def __init__(self, name: str, current: AdapterState, wanted: AdapterState) -> None:
+        super().__init__(f"adapter {name!r}: no transition from {current.name} to {wanted.name}")
+        self.current = current
+        self.wanted = wanted
 
 
 @dataclass
@@ -53,71 +75,3 @@ class Adapter:
             target_modules=list(self.modules), slot=-1 if self.slot is None else self.slot,
             active_requests=self.references + self.waiting,
         )
-
-
-class AdapterTable:
-    """Adapters by name, GPU slot owners, and the host cache's use, with LRU choices."""
-
-    def __init__(self, num_slots: int, host_capacity_bytes: int, max_host_entries: int) -> None:
-        self.adapters: dict[str, Adapter] = {}
-        self.slot_owner: list[str | None] = [None] * num_slots
-        self.host_capacity_bytes = host_capacity_bytes
-        self.max_host_entries = max_host_entries
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.adapters
-
-    def __getitem__(self, name: str) -> Adapter:
-        return self.adapters[name]
-
-    @property
-    def host_entries(self) -> list[Adapter]:
-        return [a for a in self.adapters.values() if a.state in IN_HOST_CACHE]
-
-    @property
-    def host_bytes(self) -> int:
-        return sum(a.host_bytes for a in self.host_entries)
-
-    @property
-    def slots_used(self) -> int:
-        return sum(owner is not None for owner in self.slot_owner)
-
-    def add(self, adapter: Adapter) -> None:
-        self.adapters[adapter.name] = adapter
-
-    def remove(self, name: str) -> None:
-        adapter = self.adapters.pop(name)
-        if adapter.slot is not None:
-            self.slot_owner[adapter.slot] = None
-
-    def host_has_room(self, adapter: Adapter) -> bool:
-        entries = self.host_entries
-        return (len(entries) < self.max_host_entries
-                and self.host_bytes + adapter.host_bytes <= self.host_capacity_bytes)
-
-    def host_victim(self, keep: set[str]) -> Adapter | None:
-        """The least recently used adapter in host memory that no slot, load or request needs."""
-        idle = [a for a in self.adapters.values()
-                if a.state is AdapterState.HOST and a.waiting == 0 and a.name not in keep]
-        return min(idle, key=lambda a: a.last_used, default=None)
-
-    def free_slot(self) -> int | None:
-        return next((slot for slot, owner in enumerate(self.slot_owner) if owner is None), None)
-
-    def slot_victim(self) -> int | None:
-        """The least recently used resident slot with no references (LRU eviction)."""
-        candidates = [self.adapters[owner] for owner in self.slot_owner if owner is not None]
-        idle = [a for a in candidates if a.state is AdapterState.RESIDENT and a.references == 0]
-        victim = min(idle, key=lambda a: (a.waiting > 0, a.last_used), default=None)
-        return None if victim is None else victim.slot
-
-    def assign_slot(self, adapter: Adapter, slot: int) -> None:
-        self.slot_owner[slot] = adapter.name
-        adapter.slot = slot
-        adapter.state = AdapterState.LOADING
-
-    def release_slot(self, adapter: Adapter) -> None:
-        if adapter.slot is not None:
-            self.slot_owner[adapter.slot] = None
-        adapter.slot = None
-        adapter.state = AdapterState.HOST

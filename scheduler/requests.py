@@ -83,6 +83,11 @@ class Request:
         return self.sampling.max_new_tokens - len(self.generated)
 
     @property
+    def kv_tokens(self) -> int:
+        """The prompt and every new token it may produce: what its KV pages are allocated for."""
+        return len(self.prompt) + self.sampling.max_new_tokens
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt) + len(self.generated)
 

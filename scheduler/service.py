@@ -2,7 +2,8 @@
 
 Sockets: a ROUTER bound at the frontend address (any number of frontends connect DEALERs)
 and a ROUTER bound at the worker address (the worker connects a DEALER and says hello).
-One forward is in flight at a time; frontend messages are handled while it runs.
+Up to `max_forwards_in_flight` forwards are in flight; frontend messages are handled while they run.
+The service reads the core only through its methods.
 
 Peers are not trusted: a message that is not one protobuf envelope of the expected type
 is dropped with a warning. A worker that disconnects (its process died; over tcp, its
@@ -100,8 +101,8 @@ class SchedulerService:
         log.info("scheduler: frontends at %s, worker at %s", self.config.frontend_address,
                  self.config.worker_address)
         while not self.stopping:
-            busy = self.core is not None and (self.core.waiting or self.core.running)
-            events = dict(poller.poll(0 if busy and not self.core.forwards_in_flight else IDLE_POLL_MS))
+            busy = self.core is not None and self.core.has_requests()
+            events = dict(poller.poll(0 if busy and not self.core.has_forward_in_flight() else IDLE_POLL_MS))
             if self.worker_monitor in events:  # before the worker's messages: a successor's hello comes after
                 self._on_worker_socket_events()
             if self.worker in events:
@@ -137,7 +138,7 @@ class SchedulerService:
             self._flush_commands()
             self._send_command(pb.WorkerCommand(forward=batch), self._on_forward_done)
             if self.last_result_at is not None:
-                self.core.counters.scheduler_step_seconds += time.perf_counter() - self.last_result_at
+                self.core.add_scheduler_step_time(time.perf_counter() - self.last_result_at)
                 self.last_result_at = None
         self._flush_commands()
         self._flush_outputs()  # after the forwards are on their way: streaming overlaps the GPU
@@ -204,9 +205,7 @@ class SchedulerService:
         self.core.fail_all(pb.UNAVAILABLE, f"{reason}; retry the request")
         for callback in callbacks:
             callback(pb.CommandResult(error=pb.Error(code=pb.UNAVAILABLE, message=reason)))
-        for unload in self.core.unloads.values():
-            for on_done in unload.on_done:
-                on_done()
+        self.core.answer_pending_unloads()
         self._flush_outputs()
         self.core, self.worker_identity, self.worker_fd = None, None, None
         self.registrations_pending = 0
@@ -299,7 +298,7 @@ class SchedulerService:
         elif command == "metrics":
             reply(pb.AdminResponse(metrics=self.core.metrics_snapshot()))
         elif command == "list_adapters":
-            adapters = [a.info() for _, a in sorted(self.core.adapters.adapters.items())]
+            adapters = self.core.adapter_infos()
             reply(pb.AdminResponse(list_adapters=serving_pb2.ListAdaptersResponse(adapters=adapters)))
         elif command == "load_adapter":
             self._load_adapter(admin.load_adapter, reply, fail)
@@ -336,8 +335,8 @@ class SchedulerService:
                 fail(result.error.code, result.error.message)
                 return
             self._save_registry()
-            adapter = self.core.register(result.adapter, path)
-            reply(pb.AdminResponse(load_adapter=serving_pb2.LoadAdapterResponse(adapter=adapter.info())))
+            info = self.core.register(result.adapter, path)
+            reply(pb.AdminResponse(load_adapter=serving_pb2.LoadAdapterResponse(adapter=info)))
 
         # Commands the core has queued go first: an unload of the same name just answered has
         # its UnregisterAdapter waiting there, and the worker must see it before this register.
@@ -345,7 +344,7 @@ class SchedulerService:
         self._send_command(pb.WorkerCommand(register_adapter=pb.RegisterAdapter(name=name, path=path)), done)
 
     def _unload_adapter(self, name: str, reply, fail) -> None:
-        if name not in self.core.adapters or self.core.adapters[name].unloading:
+        if not self.core.has_adapter(name):
             fail(pb.NOT_FOUND, f"adapter {name!r} is not loaded")
             return
 
@@ -361,7 +360,7 @@ class SchedulerService:
             if result.HasField("error"):
                 fail(result.error.code, result.error.message)
                 return
-            events = json.loads(result.timeline_json) + list(self.core.request_trace)
+            events = json.loads(result.timeline_json) + self.core.request_trace_events()
             trace = json.dumps({"traceEvents": events, "displayTimeUnit": "ms"})
             reply(pb.AdminResponse(timeline=serving_pb2.Timeline(chrome_trace_json=trace)))
 

@@ -79,7 +79,7 @@ class FakeWorker:
 
     def run_until_idle(self, max_steps: int = 500) -> None:
         for _ in range(max_steps):
-            if not (self.core.waiting or self.core.running):
+            if not self.core.has_requests():
                 return
             self.step()
         raise AssertionError("the scheduler did not finish its requests")

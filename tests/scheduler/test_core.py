@@ -9,18 +9,23 @@ import pytest
 
 from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
-from scheduler.adapters import AdapterState
 from scheduler.config import SchedulerConfig
 from scheduler.core import SchedulerCore
 from scheduler.pages import PageAllocator
-from tests.scheduler.fake_worker import EOS, FakeWorker, hello, token_for
+from tests.scheduler.fake_worker import FakeWorker, hello, token_for
 
 CLIENT = b"frontend-1"
 NO_PREEMPTION = math.inf  # a pause would free a slot before the drain or order under test decides
 
 
-def make(overlap: bool = True, adapters: tuple[str, ...] = ("a", "b", "c"), **config) -> FakeWorker:
-    core = SchedulerCore(SchedulerConfig(overlap_loading=overlap, prefetch=False, **config), hello())
+HOST_CACHE_STATES = (serving_pb2.ADAPTER_STATE_STAGING, serving_pb2.ADAPTER_STATE_HOST,
+                     serving_pb2.ADAPTER_STATE_LOADING, serving_pb2.ADAPTER_STATE_RESIDENT)
+SETTLED_STATES = (serving_pb2.ADAPTER_STATE_ON_DISK, serving_pb2.ADAPTER_STATE_HOST, serving_pb2.ADAPTER_STATE_RESIDENT)
+
+
+def make(overlap: bool = True, adapters: tuple[str, ...] = ("a", "b", "c"), worker_hello: pb.WorkerHello | None = None,
+         **config) -> FakeWorker:
+    core = SchedulerCore(SchedulerConfig(overlap_loading=overlap, prefetch=False, **config), worker_hello or hello())
     worker = FakeWorker(core)
     for name in adapters:
         worker.register(name)
@@ -41,6 +46,10 @@ def finished(worker: FakeWorker) -> dict[str, pb.RequestOutput]:
 
 def tokens_of(worker: FakeWorker, request_id: str) -> list[int]:
     return [t for _, m in worker.core.outputs if m.output.request_id == request_id for t in m.output.token_ids]
+
+
+def adapter_info(worker: FakeWorker, name: str) -> serving_pb2.AdapterInfo:
+    return next(info for info in worker.core.adapter_infos() if info.name == name)
 
 
 def assert_idle(worker: FakeWorker) -> None:
@@ -85,7 +94,7 @@ def test_steps_sent_one_ahead_give_what_waiting_for_each_step_gives():
         runs[one_ahead] = {rid: (tokens_of(worker, rid), finished(worker)[rid].finish_reason)
                            for rid in ("r1", "r2", "r3")}
         assert_idle(worker)
-        assert not worker.core.forwards_in_flight and not worker.in_flight
+        assert not worker.core.has_forward_in_flight() and not worker.in_flight
         blind = [seq.request_id for batch in worker.batches for seq in batch.sequences if seq.previous_token]
         assert bool(blind) == one_ahead
     assert runs[True] == runs[False]
@@ -149,7 +158,8 @@ def test_a_load_failing_mid_stream_fails_its_requests_and_nothing_else():
     worker.run_until_idle()
     assert finished(worker)["base"].finish_reason == "length"
     assert tokens_of(worker, "base") == [token_for("base", p) for p in range(5, 9)]
-    assert worker.core.adapters["a"].state is AdapterState.ON_DISK and worker.core.adapters.slot_owner == [None, None]
+    assert adapter_info(worker, "a").state == serving_pb2.ADAPTER_STATE_ON_DISK
+    assert worker.core.slot_owners() == [None, None]
     assert_idle(worker)
 
 
@@ -204,10 +214,10 @@ def test_a_slot_drains_only_once_the_waiting_request_has_waited_drain_after_s():
     for i in range(1, 4):
         submit(worker, f"a{i}", "a", max_new_tokens=3)
         worker.step()
-    assert not worker.core.draining and "a3" in {r.request_id for r in worker.core.running}
+    assert not worker.core.draining_adapters() and "a3" in {r.request_id for r in worker.core.running}
     time.sleep(0.25)
     worker.step()
-    assert list(worker.core.draining.values()) in (["a"], ["b"])
+    assert worker.core.draining_adapters() in (["a"], ["b"])
     worker.run_until_idle()
     assert "c0" in finished(worker)
     assert_idle(worker)
@@ -293,16 +303,14 @@ def test_abort_releases_pages_and_slot_references():
 
 
 def test_stop_tokens_and_end_of_sequence():
-    worker = make()
+    worker = make(worker_hello=hello(eos_token_ids=[token_for("e", 5)]))
     stop = token_for("s", 5)
     submit(worker, "s", "", max_new_tokens=10, stop_token_ids=[stop])
-    worker.core.eos_token_ids = frozenset({token_for("e", 5)})
     submit(worker, "e", "", max_new_tokens=10, ignore_eos=False)
     worker.run_until_idle()
     done = finished(worker)
     assert done["s"].finish_reason == "stop" and tokens_of(worker, "s") == [stop]
     assert done["e"].finish_reason == "stop" and len(tokens_of(worker, "e")) == 1
-    assert EOS not in worker.core.eos_token_ids
 
 
 @pytest.mark.parametrize("kwargs, code", [
@@ -335,9 +343,9 @@ def test_unload_waits_for_running_requests_and_refuses_new_ones():
     submit(worker, "late", "a")
     assert finished(worker)["late"].error.code == pb.NOT_FOUND
     worker.run_until_idle()
-    assert unloaded and "a" not in worker.core.adapters
+    assert unloaded and "a" not in [info.name for info in worker.core.adapter_infos()]
     assert finished(worker)["r"].finish_reason == "length"
-    assert worker.core.adapters.slot_owner.count(None) == 2
+    assert worker.core.slot_owners().count(None) == 2
 
 
 def test_host_cache_stays_within_its_entry_bound():
@@ -345,12 +353,11 @@ def test_host_cache_stays_within_its_entry_bound():
     for i, adapter in enumerate("abcdefgabc"):
         submit(worker, f"r{i}", adapter, max_new_tokens=2)
         worker.step()
-        assert len(worker.core.adapters.host_entries) <= 4
+        assert sum(info.state in HOST_CACHE_STATES for info in worker.core.adapter_infos()) <= 4
     worker.run_until_idle()
     assert any(c.WhichOneof("kind") == "evict_host" for c in worker.log)
     assert len(finished(worker)) == 10
-    assert all(a.state in (AdapterState.ON_DISK, AdapterState.HOST, AdapterState.RESIDENT)
-               for a in worker.core.adapters.adapters.values())
+    assert all(info.state in SETTLED_STATES for info in worker.core.adapter_infos())
 
 
 def test_a_drain_is_sticky_and_waiting_adapters_get_a_slot_each():
@@ -368,7 +375,7 @@ def test_a_drain_is_sticky_and_waiting_adapters_get_a_slot_each():
     submit(worker, "e0", "e", max_new_tokens=2)
     submit(worker, "f0", "f", max_new_tokens=2)
     worker.step()
-    drained = set(worker.core.draining.values())
+    drained = set(worker.core.draining_adapters())
     assert drained == {"a", "d"}, "the slots that free soonest drain, one per waiting adapter"
     for i in range(1, 40):
         for name in "abcd":

@@ -6,9 +6,8 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-from scheduler.adapters import AdapterState
 from tests.scheduler.fake_worker import FakeWorker, token_for
-from tests.scheduler.test_core import make, submit
+from tests.scheduler.test_core import SETTLED_STATES, make, submit
 
 REQUESTS = 3000
 ADAPTERS = ("a", "b", "c", "d", "e")  # five adapters through two slots
@@ -61,11 +60,10 @@ def test_thousands_of_abandoned_requests_leak_nothing():
 
     stats = worker.core.stats()
     assert (stats.kv_pages_used, stats.slot_references, stats.running_requests, stats.waiting_requests) == (0,) * 4
-    assert worker.core.pages.free == worker.core.pages.num_pages and not worker.core.requests
-    assert all(a.references == 0 and a.waiting == 0 for a in worker.core.adapters.adapters.values())
-    assert all(a.state in (AdapterState.ON_DISK, AdapterState.HOST, AdapterState.RESIDENT)
-               for a in worker.core.adapters.adapters.values())
-    assert not worker.core.forwards_in_flight
+    assert not worker.core.requests
+    assert all(info.active_requests == 0 for info in worker.core.adapter_infos())
+    assert all(info.state in SETTLED_STATES for info in worker.core.adapter_infos())
+    assert not worker.core.has_forward_in_flight()
 
     assert set(outputs.finish) == set(submitted) and not outputs.errors, "every request ends once, none refused"
     for request_id, (prompt_len, new_tokens) in submitted.items():

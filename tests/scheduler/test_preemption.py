@@ -94,7 +94,7 @@ def test_a_short_request_pauses_the_longest_and_it_resumes_on_its_kept_pages():
     assert tokens_of(worker, "b0") == expected_tokens("b0", 45)
     assert tokens_of(worker, "a0") == expected_tokens("a0", 40)
     assert tokens_of(worker, "c0") == expected_tokens("c0", 2)
-    assert worker.core.counters.requests_paused == worker.core.stats().requests_paused == 1
+    assert worker.core.stats().requests_paused == 1
     assert_idle(worker)
 
 
@@ -102,7 +102,7 @@ def test_the_paused_request_leaves_the_batches_at_once_but_pauses_only_out_of_fl
     worker = make()
     start_long_requests_then_a_short_one(worker)
     b0 = worker.core.requests["b0"]
-    step_until(worker, lambda: bool(worker.core.reclaims))
+    step_until(worker, lambda: bool(worker.core.requests_to_pause()))
     built_after_the_mark = len(worker.batches) - 1  # the mark came in the pass that built it
     assert sequences_of(worker.batches[built_after_the_mark - 1], b0), "b0 was in a forward in flight"
     assert b0.phase is Phase.RUNNING, "not paused while a forward held it"
@@ -122,14 +122,14 @@ def test_an_admission_pass_while_the_victim_is_in_flight_does_not_pause_it():
     a0 = worker.core.requests["a0"]
     submit(worker, "c0", "c", prompt_len=PROMPT_LEN, max_new_tokens=2)
     assert worker.core.schedule() is None, "a0 is marked and leaves the batch"
-    assert worker.core.reclaims and any(r is a0 for r in worker.core.forwards_in_flight[0].members)
+    assert worker.core.requests_to_pause() == ["a0"] and "a0" in worker.core.request_ids_in_flight()
     assert worker.core.schedule() is None
     assert a0.phase is Phase.RUNNING, "paused while a forward in flight held it"
     step_until(worker, lambda: a0.phase is Phase.PAUSED)
     worker.run_until_idle()
     assert tokens_of(worker, "a0") == expected_tokens("a0", 40)
     assert tokens_of(worker, "c0") == expected_tokens("c0", 2)
-    assert worker.core.counters.requests_paused == 1
+    assert worker.core.stats().requests_paused == 1
     assert_idle(worker)
 
 
@@ -144,7 +144,7 @@ def test_every_request_gets_the_tokens_it_gets_without_preemption():
         worker.run_until_idle()
         outputs[ratio] = {f"r{i}": tokens_of(worker, f"r{i}") for i in range(10)}
         assert_idle(worker)
-        assert (worker.core.counters.requests_paused > 0) == (ratio == 1.5)
+        assert (worker.core.stats().requests_paused > 0) == (ratio == 1.5)
     assert outputs[1.5] == outputs[math.inf]
 
 
@@ -152,7 +152,7 @@ def test_no_pause_when_the_long_request_is_not_ratio_times_longer():
     worker = make(pause_tokens_ratio=4.0)
     start_long_requests_then_a_short_one(worker, long_tokens=40, short_tokens=15)
     worker.run_until_idle()
-    assert worker.core.counters.requests_paused == 0
+    assert worker.core.stats().requests_paused == 0
     assert_idle(worker)
 
 
@@ -165,16 +165,16 @@ def test_no_pause_of_a_request_that_shares_its_slot():
     worker.step()
     submit(worker, "c0", "c", prompt_len=PROMPT_LEN, max_new_tokens=2)
     worker.run_until_idle()
-    assert worker.core.counters.requests_paused == 0
+    assert worker.core.stats().requests_paused == 0
 
 
 def test_a_reclaim_ends_if_the_short_request_goes_away_before_the_pause():
     worker = make()
     start_long_requests_then_a_short_one(worker)
-    step_until(worker, lambda: bool(worker.core.reclaims))
+    step_until(worker, lambda: bool(worker.core.requests_to_pause()))
     worker.core.abort("c0")
     worker.run_until_idle()
-    assert worker.core.counters.requests_paused == 0 and not worker.core.reclaims
+    assert worker.core.stats().requests_paused == 0 and not worker.core.requests_to_pause()
     assert tokens_of(worker, "b0") == expected_tokens("b0", 45)
     assert_idle(worker)
 
@@ -204,7 +204,7 @@ def test_a_paused_request_is_not_starved_by_a_stream_of_short_ones():
         if {"a0", "b0"} <= finished(worker).keys():
             break
     assert {"a0", "b0"} <= finished(worker).keys(), "a paused request starved"
-    assert 1 <= worker.core.counters.requests_paused <= 2
+    assert 1 <= worker.core.stats().requests_paused <= 2
     assert tokens_of(worker, "a0") == expected_tokens("a0", 40)
     assert tokens_of(worker, "b0") == expected_tokens("b0", 45)
     worker.run_until_idle()

@@ -8,7 +8,7 @@ core's prefetch has filled the slots. Overlap on only. The workload is `loraserv
 own (`build_workload`): seed 1 is the request list of the H200 runs, so `--calibrate`
 compares with one request by request.
 
-    python benchmarks/slot_policy_sim.py --calibrate /tmp/large-a6a4a22/large-on.json \
+    python -m benchmarks.slot_policy_sim --calibrate /tmp/large-a6a4a22/large-on.json \
         --sets large small --seeds 20 --drain-after-s 0 0.5 1 2 3 4 inf --out FILE
 Prints, per adapter set, policy, drain_after_s and pause_tokens_ratio (slot preemption; inf:
 off), the median over seeds of median TTFT, P99 TTFT, mean TTFT, median TPOT (as `loraserve
@@ -24,21 +24,19 @@ import itertools
 import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 from unittest import mock
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from loraserve.bench import WorkItem, build_workload  # noqa: E402
-from protos.loraserve.v1 import internal_pb2 as pb  # noqa: E402
-from protos.loraserve.v1 import serving_pb2  # noqa: E402
-from scheduler.config import SchedulerConfig  # noqa: E402
-from scheduler.core import SchedulerCore  # noqa: E402
-from scheduler.requests import Request  # noqa: E402
-from tests.scheduler.fake_worker import FakeWorker, hello  # noqa: E402
+from benchmarks.common import run_record, write_result
+from loraserve.bench import WorkItem, build_workload
+from protos.loraserve.v1 import internal_pb2 as pb
+from protos.loraserve.v1 import serving_pb2
+from scheduler.config import SchedulerConfig
+from scheduler.core import SchedulerCore
+from scheduler.requests import Request
+from tests.scheduler.fake_worker import FakeWorker, hello
 
 CLIENT = b"bench"
 ADAPTERS = [f"adapter{i}" for i in range(16)]
@@ -298,7 +296,7 @@ def main() -> None:
     parser.add_argument("--calibrate", type=Path, help="a `loraserve bench` JSON of the large set, overlap on")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    results: dict = {"command": "python benchmarks/slot_policy_sim.py " + " ".join(sys.argv[1:])}
+    results = run_record("slot_policy_sim", median_over_seeds={})
     if args.calibrate:
         results["calibration"] = calibrate(args.calibrate)
         print(json.dumps(results["calibration"]))
@@ -311,12 +309,12 @@ def main() -> None:
                     config = SchedulerConfig(max_batch_tokens=4096, drain_after_s=drain_after_s,
                                              pause_tokens_ratio=ratio, max_pauses_per_request=max_pauses)
                     adapters = replace(SETS[set_name], steps=SETS[set_name].steps.scaled(args.step_scale))
-                    results[name] = sweep(adapters, POLICIES[policy], config, args.seeds, args.num_prompts,
-                                          args.request_rate)
-                    figures = results[name]["median over seeds"]
+                    figures = sweep(adapters, POLICIES[policy], config, args.seeds, args.num_prompts,
+                                    args.request_rate)["median over seeds"]
+                    results["median_over_seeds"][name] = figures
                     print(name, " ".join(f"{key}={value:.3g}" for key, value in figures.items()), flush=True)
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        write_result(args.out, results)
 
 
 if __name__ == "__main__":

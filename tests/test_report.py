@@ -1,4 +1,4 @@
-"""README's results section is the output of benchmarks/report.py over the committed files."""
+"""README's results section is the output of benchmarks/report.py over benchmarks/results/."""
 
 from __future__ import annotations
 

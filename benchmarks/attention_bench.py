@@ -3,8 +3,8 @@ microseconds per call, one-pass (splits=1, the kernel before split-K) against sp
 ragged kernel of mixed steps on a 400-token prompt, 8 decodes at 512 keys, and both (a
 512-token bucket's block table), by tokens per block, keys per block and warps.
 
-    python benchmarks/attention_bench.py [--ragged-only]
-    python benchmarks/attention_bench.py --decode-sweep   # the seed's decode step: shapes of the kernel
+    python -m benchmarks.attention_bench [--ragged-only]
+    python -m benchmarks.attention_bench --decode-sweep   # the seed's decode step: shapes of the kernel
 Each variant's calls are captured in a CUDA graph and replayed (as the engine runs them), so the
 figures are GPU time without Python launch overhead. Prints a table; asserts nothing.
 """
@@ -16,7 +16,7 @@ import itertools
 
 import torch
 
-from gpu_timing import graph_microseconds  # a sibling: benchmarks/ is on sys.path when run as a script
+from benchmarks.common import graph_microseconds
 from worker.decode_step import decode_shape
 from worker.kernels import _decode_attention_triton as kernels
 from worker.kernels.lora_blocks import attention_blocks, max_blocks

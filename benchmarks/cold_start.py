@@ -1,6 +1,6 @@
 """Time to first token of one cold request on an idle engine (8B shape, dummy weights).
 
-    LORASERVE_COMMIT=$(git rev-parse HEAD) python benchmarks/cold_start.py --out cold.json
+    LORASERVE_COMMIT=$(git rev-parse HEAD) python -m benchmarks.cold_start --out cold.json
 Measures, for a 512-token prompt and a rank-256 all-module adapter (1.34 GB):
 - warm: the adapter already in a GPU slot;
 - copy: the host-cache -> GPU copy alone (blocking load);
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import run_record, write_result
 from loraserve.synthetic import write_model_config, write_random_adapter
 from worker.batch import SequenceInput
 from worker.engine import AdapterInfo, Engine, EngineConfig
@@ -108,7 +109,7 @@ def main() -> None:
         settle(engine)
     median = {k: statistics.median(v[1:]) for k, v in times.items()}
     result = {
-        "gpu": torch.cuda.get_device_name(), "commit": os.environ.get("LORASERVE_COMMIT", "unknown"),
+        **run_record("cold_start"),
         "adapter_bytes": info.nbytes, "file_bytes": file_bytes, "median_ms": median, "raw_ms": times,
         "pipelined_vs_max_copy_warm": median["pipelined"] / max(median["copy"], median["warm"]),
         "copy_gbps": info.nbytes / median["copy"] / 1e6,
@@ -119,7 +120,7 @@ def main() -> None:
     }
     print(json.dumps({k: v for k, v in result.items() if k != "raw_ms"}, indent=2))
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Launch shapes of the multi-LoRA kernels at decode sizes, on the 8B model's LoRA groups.
 
-    python benchmarks/lora_kernel_sweep.py --out lora_sweep.json
+    python -m benchmarks.lora_kernel_sweep --out lora_sweep.json
 
 Eight rank-256 adapters in eight slots, batches of 16 and 64 decode tokens spread evenly over
 them. Each measurement is 32 layers' shrink (or expand) of one group, with distinct weights per
@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
 
-from gpu_timing import graph_microseconds  # a sibling: benchmarks/ is on sys.path when run as a script
-from worker.kernels import _multi_lora_triton as kernels
+from benchmarks.common import graph_microseconds, run_record, write_result
 from worker.kernels.lora_blocks import lora_blocks, max_blocks
-from worker.kernels.multi_lora import ExpandTiles, LoraScratch, ShrinkTiles, expand_tiles, shrink_tiles
+from worker.kernels.multi_lora import (ExpandTiles, LoraScratch, ShrinkTiles, expand_tiles, lora_expand, lora_shrink,
+                                       shrink_tiles)
 
 LAYERS, SLOTS, RANK, HIDDEN, INTERMEDIATE = 32, 8, 256, 4096, 14336
 GROUPS = {  # name: (in_features, out_features of each module)
@@ -67,13 +66,13 @@ class GroupBench:
     def shrink(self, tiles: ShrinkTiles) -> float:
         def call() -> None:
             for layer in range(LAYERS):
-                kernels.shrink(self.x, self.a[layer], self.blocks, self.scratch, tiles)
+                lora_shrink(self.x, self.a[layer], self.blocks, self.scratch, tiles)
         return graph_microseconds(call, repeats=5) / LAYERS
 
     def expand(self, tiles: ExpandTiles) -> float:
         def call() -> None:
             for layer in range(LAYERS):
-                kernels.expand(self.scratch.shrunk, self.b_t[layer], self.blocks, self.outs, tiles)
+                lora_expand(self.b_t[layer], self.outs, self.blocks, self.scratch, tiles)
         return graph_microseconds(call, repeats=5) / LAYERS
 
 
@@ -115,7 +114,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop sweeping after this long")
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s
-    report = {"gpu": torch.cuda.get_device_name(), "results": {}}
+    report = run_record("lora_kernel_sweep", results={})
     for batch, name in itertools.product(BATCHES, GROUPS):
         bench = GroupBench(name, batch)
         shrink_default = shrink_tiles(batch, RANK, bench.in_features)
@@ -136,8 +135,7 @@ def main() -> None:
                 print(f"{label:12} {kernel}: default {r['default_us']:.2f} us, best {r['best_us']:.2f} us "
                       f"({r['best_gbps']:.0f} GB/s) {r['best']}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_result(args.out, report)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """loraserve's engine against transformers + PEFT on the same 16 adapters, in one invocation.
 
-    LORASERVE_COMMIT=$(git rev-parse HEAD) python benchmarks/peft_peer.py --out peer.json
+    LORASERVE_COMMIT=$(git rev-parse HEAD) python -m benchmarks.peft_peer --out peer.json
 8B shape with random bf16 weights, one rank-256 all-module adapter under 16 names (the seed's
 large set). PEFT serves a mixed batch with `adapter_names` (one request per adapter, the batch
 that fit in its measured run); loraserve's engine serves the same prompts, `--per-adapter`
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common import run_record, write_result
 from loraserve.synthetic import LLAMA31_8B, write_model_config, write_random_adapter
 from worker.batch import SequenceInput
 from worker.engine import Engine, EngineConfig
@@ -139,13 +139,11 @@ def main() -> None:
     ours = loraserve_throughput(root / "model", adapter, args.prompt_len, args.new_tokens, args.per_adapter,
                                 device)
     print("loraserve", ours, flush=True)
-    result = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
-              "commit": os.environ.get("LORASERVE_COMMIT", "unknown"),
-              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "adapter": "rank 256, all modules, bf16",
+    result = {**run_record("peft_peer"), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "adapter": "rank 256, all modules, bf16",
               "peft": peft, "loraserve": ours, "ratio": ours["tokens_per_s"] / peft["tokens_per_s"]}
     print(json.dumps({"ratio": result["ratio"]}))
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

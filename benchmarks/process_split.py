@@ -3,7 +3,7 @@
 Tiny demo model on CPU, N concurrent decoding requests. Reports tokens/s of both and the
 time per step spent outside the worker's forward (scheduling, ZeroMQ, protobuf, frontend).
 
-    python benchmarks/process_split.py --concurrency 64 --new-tokens 64 --out benchmarks/results/process_split.json
+    python -m benchmarks.process_split --concurrency 64 --new-tokens 64 --out benchmarks/results/process_split.json
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import run_record, write_result
 from loraserve.client import LoraServeClient
 from loraserve.demo import ensure_demo
 from loraserve.launcher import Launcher, ServeConfig
@@ -99,9 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     model_dir = ensure_demo().model_dir
     result = {
-        "command": "python benchmarks/process_split.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        **run_record("process_split"),
         "machine": f"{platform.machine()} {platform.processor() or ''} cores={torch.get_num_threads()}",
         "concurrency": args.concurrency,
         "new_tokens": args.new_tokens,
@@ -110,8 +108,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

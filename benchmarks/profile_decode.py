@@ -1,9 +1,8 @@
 """Kernel-level profile of one decode step on the 8B shape (dummy weights), with and without LoRA.
 
-    python benchmarks/profile_decode.py --batch 64 --adapters 8
-    python benchmarks/profile_decode.py --batch 8 --adapters 8 --prefill 400   # a mixed step
-    python benchmarks/profile_decode.py --batch 9 --trace step.json.gz   # then benchmarks/stream_timeline.py
-    python benchmarks/profile_decode.py --batch 9 --attention 1024,4,4   # decode attention's launch shape
+    python -m benchmarks.profile_decode --batch 64 --adapters 8
+    python -m benchmarks.profile_decode --batch 8 --adapters 8 --prefill 400   # a mixed step
+    python -m benchmarks.profile_decode --batch 9 --trace step.json.gz   # then python -m benchmarks.stream_timeline
 Prints the wall-clock time of a step, then torch.profiler's table of GPU kernels (the CUDA-graph
 replay is expanded into its kernels; kernels that overlap are summed, so the table's total can
 exceed the step). `--trace` also writes the profiled steps' chrome trace.
@@ -12,7 +11,6 @@ exceed the step). `--trace` also writes the profiled steps' chrome trace.
 from __future__ import annotations
 
 import argparse
-import functools
 import tempfile
 import time
 from pathlib import Path
@@ -59,14 +57,6 @@ def step_batch(batch: int, adapters: int, context: int, prefill: int) -> list[Se
     return sequences
 
 
-def use_attention_shape(target_programs: int, warps: int, reduce_warps: int) -> None:
-    """Replaces the decode attention's launch-shape defaults (read when a step's graph is captured)."""
-    from worker.kernels import _decode_attention_triton as kernels
-
-    kernels.decode_attention = functools.partial(kernels.decode_attention, target_programs=target_programs,
-                                                 warps=warps, reduce_warps=reduce_warps)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=64)
@@ -76,11 +66,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=0, help="add one prompt of this many tokens (a mixed step)")
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--trace", type=Path, help="write the profiled steps' chrome trace (.json or .json.gz)")
-    parser.add_argument("--attention", help="TARGET_PROGRAMS,WARPS,REDUCE_WARPS of the decode attention "
-                                            "(WARPS 0: the kernel's rule by splits; default: the kernel's shape)")
     args = parser.parse_args()
-    if args.attention:
-        use_attention_shape(*map(int, args.attention.split(",")))
     engine = build_engine(args.rank, args.adapters, static_decode=not args.eager)
     decode = step_batch(args.batch, args.adapters, args.context, args.prefill)
     for _ in range(3):

@@ -1,6 +1,6 @@
 """A seed run's forwards by kind, from the worker's timeline in its trace.
 
-    python benchmarks/seed_steps.py benchmarks/results/h200-seed-large-aa59c98/large-on.trace.json.gz
+    python -m benchmarks.seed_steps OUT/large-on.trace.json.gz   # written by seed_workload
 
 Decode steps are grouped by (sequences, adapters); steps carrying a prompt by the mixed
 token bucket their tokens pad to (`worker.decode_step.MIXED_TOKEN_BUCKETS`, or `--buckets`:

@@ -4,9 +4,11 @@ Llama-3.1-8B shape with dummy bf16 weights; large adapters (one rank-256 all-mod
 ~1.3 GB, under 16 names) and small adapters (8 files, ranks 8-64, each under 2 names);
 100 random prompts (input and output uniform over [1, 512]) at 4 requests/s, adapters
 `distinct`; small adapters also at 16 requests/s for throughput. Writes every run's raw
-JSON, comparison tables, timeline PNGs and a targets summary under --out-dir.
+JSON, comparison tables and timeline PNGs under --out-dir, and the run's result file
+`seed-<sets>-<commit>.json` (command, commit, GPU, each mode's summary, per-request TTFTs and
+timeline figures): the file to copy into benchmarks/results/.
 
-    python benchmarks/seed_workload.py --out-dir $OUT --sets large small
+    python -m benchmarks.seed_workload --out-dir $OUT --sets large small
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import run_record, write_result
 from loraserve.bench import format_comparison, run_benchmark
 from loraserve.client import LoraServeClient
 from loraserve.launcher import Launcher, ServeConfig
 from loraserve.synthetic import write_model_config, write_random_adapter
-from loraserve.timeline import decode_step_gaps, draw, fetch_trace
+from loraserve.timeline import decode_step_gaps, draw, fetch_trace, load_start_stalls
 from protos.loraserve.v1 import serving_pb2
 from worker.lora.adapter import TARGET_MODULES
 from worker.model.config import load_model_config
@@ -115,6 +116,8 @@ def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: floa
                 result["copy_gbps"] = copy_bandwidth(trace)
                 gaps = decode_step_gaps(trace)
                 result["decode_step_gaps"] = asdict(gaps) if gaps else None
+                stalls = load_start_stalls(trace)
+                result["load_start_stalls"] = asdict(stalls) if stalls else None
             output.write_text(json.dumps(result, indent=1))
     finally:
         launcher.stop()
@@ -184,16 +187,20 @@ def main() -> None:
         table = format_comparison(names, [results[n]["summary"] for n in names])
         (args.out_dir / f"{adapter_set}-table.txt").write_text(table + "\n")
         print(table, flush=True)
-    summary = {
-        "command": "python benchmarks/seed_workload.py --out-dir OUT --sets " + " ".join(args.sets),
-        "commit": os.environ.get("LORASERVE_COMMIT") or subprocess.run(
-                   ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "gpu": torch.cuda.get_device_name(), "bandwidth": bandwidth, "large_adapter_bytes": assets["large_bytes"],
-        "targets": targets(results, bandwidth, assets["large_bytes"]),
-        "summaries": {label: r["summary"] for label, r in results.items()},
-    }
-    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary["targets"], indent=2))
+    record = run_record("seed_workload", bandwidth=bandwidth, large_adapter_bytes=assets["large_bytes"],
+                        targets=targets(results, bandwidth, assets["large_bytes"]),
+                        runs={label: result_figures(r) for label, r in results.items()})
+    write_result(args.out_dir / f"seed-{'-'.join(args.sets)}-{record['commit']}.json", record)
+    print(json.dumps(record["targets"], indent=2))
+
+
+def result_figures(result: dict) -> dict:
+    """What the result file keeps of one mode's run: not every token's latency, as the raw JSON does."""
+    figures = {"summary": result["summary"], "ttft_ms": [round(r["ttft_ms"], 2) for r in result["records"]]}
+    for key in ("stats", "copy_gbps", "decode_step_gaps", "load_start_stalls"):
+        if result.get(key) is not None:
+            figures[key] = result[key]
+    return figures
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ core's prefetch has filled the slots. Overlap on only. The workload is `loraserv
 own (`build_workload`): seed 1 is the request list of the H200 runs, so `--calibrate`
 compares with one request by request.
 
-    python benchmarks/slot_policy_sim.py --calibrate /tmp/large-a6a4a22/large-on.json \
+    python -m benchmarks.slot_policy_sim --calibrate OUT/large-on.json \
         --sets large small --seeds 20 --drain-after-s 0 0.5 1 2 3 4 inf --out FILE
 Prints, per adapter set, policy, drain_after_s and pause_tokens_ratio (slot preemption; inf:
 off), the median over seeds of median TTFT, P99 TTFT, mean TTFT, median TPOT (as `loraserve
@@ -24,21 +24,19 @@ import itertools
 import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 from unittest import mock
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from loraserve.bench import WorkItem, build_workload  # noqa: E402
-from protos.loraserve.v1 import internal_pb2 as pb  # noqa: E402
-from protos.loraserve.v1 import serving_pb2  # noqa: E402
-from scheduler.config import SchedulerConfig  # noqa: E402
-from scheduler.core import SchedulerCore  # noqa: E402
-from scheduler.requests import Request  # noqa: E402
-from tests.scheduler.fake_worker import FakeWorker, hello  # noqa: E402
+from benchmarks.common import run_record, write_result
+from loraserve.bench import WorkItem, build_workload
+from protos.loraserve.v1 import internal_pb2 as pb
+from protos.loraserve.v1 import serving_pb2
+from scheduler.config import SchedulerConfig
+from scheduler.core import SchedulerCore
+from scheduler.requests import Request
+from tests.scheduler.fake_worker import FakeWorker, hello
 
 CLIENT = b"bench"
 ADAPTERS = [f"adapter{i}" for i in range(16)]
@@ -76,16 +74,17 @@ class AdapterSet:
     load_stall_ms: float  # GPU time a load costs the forwards around it
 
 
-# Least squares over the forwards of the H200 trace at a6a4a22 (large-on) that overlap no
-# copy: decode 6.4 ms + 0.48 ms per adapter (2,505), with prefill 10.7 ms + 0.030 ms a token
-# (82); copies 26.2 ms (51 GB/s). Each of the 51 loads during the run left the GPU idle ~8.3
-# ms as its copy started (the worker issues the copy before it launches the next forward) and
-# slowed the forwards it overlapped by ~7.9 ms in all: 16 ms a load.
+# Least squares over the forwards of an H200 trace (large set, overlap on, arrival-order
+# admission: the run of benchmarks/results/seed-large-a6a4a22.json) that overlap no copy: decode
+# 6.4 ms + 0.48 ms per adapter (2,505), with prefill 10.7 ms + 0.030 ms a token (82); copies
+# 26.2 ms (51 GB/s). Each of the 51 loads during the run left the GPU idle ~8.3 ms as its copy
+# started (the worker issued the copy before it launched the next forward) and slowed the
+# forwards it overlapped by ~7.9 ms in all: 16 ms a load.
 LARGE = AdapterSet(1_342_177_280, 256, StepModel(6.4, 0.48, 10.7, 0.030), copy_ms=26.2, load_stall_ms=16.0)
-# No trace of the small set at a6a4a22: its median TPOT at 779a7e2 (8.64 ms, large 11.88 ms)
-# scaled by large's gain since (10.83 / 11.88) is ~7.9 ms, which a per-adapter cost of
-# 0.15 ms gives in this simulation. Copies of up to 170 MB: 3.3 ms at most; the launch gap
-# as large's (not measured).
+# No trace of the small set from that engine: its median TPOT on the engine before (8.64 ms,
+# large 11.88 ms) scaled by large's gain between the two (10.83 / 11.88) is ~7.9 ms, which a
+# per-adapter cost of 0.15 ms gives in this simulation. Copies of up to 170 MB: 3.3 ms at most;
+# the launch gap as large's (not measured).
 SMALL = AdapterSet(100_000_000, 64, StepModel(6.4, 0.15, 10.7, 0.030), copy_ms=2.0, load_stall_ms=5.0)
 SETS = {"large": LARGE, "small": SMALL}
 
@@ -238,7 +237,7 @@ def summarize(results: list[RequestResult]) -> dict:
 
 
 class ArrivalOrderCore(SchedulerCore):
-    """The policy before shortest-first (e144bef and earlier): waiting requests were admitted,
+    """The policy before shortest-first: waiting requests were admitted,
     and claimed the slots that freed, in arrival order."""
 
     def _admission_order(self, now: float) -> list[Request]:
@@ -262,7 +261,7 @@ def sweep(adapters: AdapterSet, core_class: type[SchedulerCore], config: Schedul
 
 
 def calibrate(measured_file: Path) -> dict:
-    """A measured run of the large set (commit a6a4a22: arrival order, drain after 2 s) against
+    """A measured run of the large set (arrival order, drain after 2 s, as seed-large-a6a4a22.json) against
     the simulation of the same requests under that policy, and the prediction for this one."""
     measured = json.loads(measured_file.read_text())
     records = measured["records"]
@@ -298,7 +297,7 @@ def main() -> None:
     parser.add_argument("--calibrate", type=Path, help="a `loraserve bench` JSON of the large set, overlap on")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    results: dict = {"command": "python benchmarks/slot_policy_sim.py " + " ".join(sys.argv[1:])}
+    results = run_record("slot_policy_sim", median_over_seeds={})
     if args.calibrate:
         results["calibration"] = calibrate(args.calibrate)
         print(json.dumps(results["calibration"]))
@@ -311,12 +310,12 @@ def main() -> None:
                     config = SchedulerConfig(max_batch_tokens=4096, drain_after_s=drain_after_s,
                                              pause_tokens_ratio=ratio, max_pauses_per_request=max_pauses)
                     adapters = replace(SETS[set_name], steps=SETS[set_name].steps.scaled(args.step_scale))
-                    results[name] = sweep(adapters, POLICIES[policy], config, args.seeds, args.num_prompts,
-                                          args.request_rate)
-                    figures = results[name]["median over seeds"]
+                    figures = sweep(adapters, POLICIES[policy], config, args.seeds, args.num_prompts,
+                                    args.request_rate)["median over seeds"]
+                    results["median_over_seeds"][name] = figures
                     print(name, " ".join(f"{key}={value:.3g}" for key, value in figures.items()), flush=True)
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        write_result(args.out, results)
 
 
 if __name__ == "__main__":

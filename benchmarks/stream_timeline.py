@@ -1,6 +1,6 @@
 """Where a step's time goes when kernels run on several streams, from a torch.profiler chrome trace.
 
-    python benchmarks/stream_timeline.py step.json.gz      # written by profile_decode.py --trace
+    python -m benchmarks.stream_timeline step.json.gz      # written by profile_decode.py --trace
 
 Kernel tables sum overlapping kernels, so they cannot say what a step waits on. This splits
 the trace into steps (at gaps where no kernel runs), and prints for the median step: its span,

@@ -26,7 +26,7 @@ class SchedulerConfig:
     # with the most tokens left whose adapter runs nothing else, if it has at least this many
     # times the tokens the waiting one asks for (shortest remaining first). The paused request
     # keeps its KV pages and resumes once its adapter holds a slot again. inf: never pause.
-    pause_tokens_ratio: float = 1.5  # benchmarks/slot_policy_sim.py; NOTES.md "Slot preemption"
+    pause_tokens_ratio: float = 1.5  # benchmarks/slot_policy_sim.py; docs/slot-policy.md "Slot preemption"
     max_pauses_per_request: int = 1  # bounds the delay one request takes from preemption
     prefetch: bool = True  # stage idle adapters into host memory and free slots ahead of demand
     # 2: the next step is sent while the worker runs the current one (the GPU never waits for

@@ -1,7 +1,8 @@
-"""README's results section is the output of benchmarks/report.py over the committed files."""
+"""README's results section is the output of benchmarks/report.py over benchmarks/results/."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.benchmark_scripts import load_benchmark
@@ -20,3 +21,13 @@ def test_report_carries_every_seed_metric_for_both_adapter_sets():
     rows = load_benchmark("report").seed_rows()
     assert len(rows) == 2 + 2 * 3
     assert all(row.count("|") == 7 for row in rows)
+
+
+def test_every_result_file_records_how_it_was_made():
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        if path.name.endswith(".trace.json"):  # a run's trace, not committed (.gitignore)
+            continue
+        record = json.loads(path.read_text())
+        assert record["command"].startswith(("python -m benchmarks.", "python3 -m pytest", "LORASERVE_COMMIT=")), path
+        assert {"benchmark", "commit", "gpu", "date"} <= record.keys(), path
+        assert path.stat().st_size < 64_000, f"{path.name}: keep result files small"

@@ -3,7 +3,7 @@ LoadAdapter/UnloadAdapter churn. Every request that was not cancelled must give 
 output; afterwards KV pages, slot references and host-cache bytes are back to idle and no
 process's memory has grown beyond RSS_GROWTH_BOUND_MIB.
 
-CI runs SOAK_REQUESTS requests (default 600). The longer setting (NOTES.md):
+CI runs SOAK_REQUESTS requests (default 600). The longer setting (docs/performance.md):
     LORASERVE_SOAK_REQUESTS=5000 LORASERVE_SOAK_CONCURRENCY=32 pytest -q -s tests/integration/test_soak.py
 """
 

@@ -203,7 +203,7 @@ def _simulate(adapters: AdapterSet, items: list[WorkItem], core: SchedulerCore,
         seen_outputs = len(core.outputs)
     results = [RequestResult(first_token[i] - arrival[i], finished[i] - arrival[i], tokens[i]) for i in arrival]
     loads = sum(1 for c in worker.log if c.WhichOneof("kind") == "load_slot")
-    return SimulatedRun(results, loads, core.counters.requests_paused)
+    return SimulatedRun(results, loads, core.stats().requests_paused)
 
 
 def _prefetch(worker: TimedWorker, clock: SimulatedClock) -> float:

@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from loraserve.synthetic import write_model_config, write_random_adapter
+from settings.config import EngineConfig
 from worker.batch import SequenceInput
-from worker.engine import AdapterInfo, Engine, EngineConfig
+from worker.engine import AdapterInfo, Engine
 from worker.lora.adapter import TARGET_MODULES
 
 PROMPT = list(range(100, 612))

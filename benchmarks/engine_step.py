@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from loraserve.synthetic import write_model_config, write_random_adapter
+from settings.config import EngineConfig
 from worker.batch import SequenceInput
-from worker.engine import Engine, EngineConfig
+from worker.engine import Engine
 from worker.lora.adapter import TARGET_MODULES
 
 

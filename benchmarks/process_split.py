@@ -20,9 +20,10 @@ import torch
 
 from loraserve.client import LoraServeClient
 from loraserve.demo import ensure_demo
-from loraserve.launcher import Launcher, ServeConfig
+from loraserve.launcher import Launcher
+from settings.config import EngineConfig, ServeConfig
 from worker.batch import SamplingParams, SequenceInput
-from worker.engine import Engine, EngineConfig
+from worker.engine import Engine
 
 PROMPT_LEN = 16
 
@@ -50,7 +51,7 @@ def in_process(model_dir: Path, concurrency: int, new_tokens: int) -> dict:
 
 
 def three_process(model_dir: Path, concurrency: int, new_tokens: int, port: int) -> dict:
-    config = ServeConfig(model_path=str(model_dir), tokenizer_path=str(model_dir), port=port, device="cpu",
+    config = ServeConfig.of(model_path=str(model_dir), tokenizer_path=str(model_dir), port=port, device="cpu",
                          dtype="float32", num_kv_pages=4096, max_batch_tokens=4096, log_level="warning")
     launcher = Launcher(config)
     launcher.start()

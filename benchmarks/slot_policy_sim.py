@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loraserve.bench import WorkItem, build_workload  # noqa: E402
 from protos.loraserve.v1 import internal_pb2 as pb  # noqa: E402
 from protos.loraserve.v1 import serving_pb2  # noqa: E402
-from scheduler.config import SchedulerConfig  # noqa: E402
 from scheduler.core import SchedulerCore  # noqa: E402
 from scheduler.requests import Request  # noqa: E402
+from settings.config import SchedulerConfig  # noqa: E402
 from tests.scheduler.fake_worker import FakeWorker, hello  # noqa: E402
 
 CLIENT = b"bench"

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
 from scheduler.adapters import Adapter, AdapterState, AdapterTable
-from scheduler.config import SchedulerConfig
 from scheduler.metrics import SchedulerMetrics
 from scheduler.pages import PageAllocator
 from scheduler.requests import Phase, Request, Sampling
+from settings.config import SchedulerConfig
 
 
 log = logging.getLogger("loraserve.scheduler")

@@ -10,9 +10,9 @@ import pytest
 from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
 from scheduler.adapters import AdapterState
-from scheduler.config import SchedulerConfig
 from scheduler.core import SchedulerCore
 from scheduler.pages import PageAllocator
+from settings.config import SchedulerConfig
 from tests.scheduler.fake_worker import EOS, FakeWorker, hello, token_for
 
 CLIENT = b"frontend-1"

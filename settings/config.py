@@ -32,6 +32,8 @@ class Switch:
 
 @dataclass(frozen=True)
 class Spec:
+    """How a field becomes flags (`settings.flags`), and the checks `check_fields` makes."""
+
     help: str
     flag: str | None = None  # default: --field-name
     aliases: tuple[str, ...] = ()  # further names of the same flag
@@ -62,7 +64,7 @@ def check_fields(config: Any) -> None:
     """The checks every `Spec` declares (choices, minimum); raises ValueError."""
     for field in dataclasses.fields(config):
         spec, value = spec_of(field), getattr(config, field.name)
-        if value is None or dataclasses.is_dataclass(value):
+        if value is None:
             continue
         items = value if isinstance(value, tuple) else (value,)
         if spec.choices and any(item not in spec.choices for item in items):
@@ -72,7 +74,7 @@ def check_fields(config: Any) -> None:
 
 
 def _load_format(text: str) -> str:
-    """`auto` is what `loraserve serve` has always called the checkpoint's safetensors."""
+    """`--load-format auto`: the checkpoint's safetensors."""
     return "safetensors" if text == "auto" else text
 
 
@@ -181,9 +183,9 @@ class EngineConfig:
                               help="Hugging Face model directory (Llama 2/3, Mistral, Qwen2, Qwen3)")
     load_format: str = setting("safetensors", choices=("safetensors", "dummy"), parse=_load_format,
                                help="`dummy`: random weights from config.json alone (`auto`: safetensors)")
-    device: str = setting("auto", choices=("auto", "cpu", "cuda"), help="`auto`: CUDA if there is one")
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"), help="`cpu`, `cuda`, or `auto` (CUDA if there is one)")
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"),
-                         help="`auto`: the checkpoint's")
+                         help="`float32`, `bfloat16`, `float16`, or `auto` (the checkpoint's)")
     page_size: int = setting(16, minimum=1, help="tokens per KV-cache page")
     num_kv_pages: int = setting(2048, minimum=1, help="KV-cache pages")
     max_loras_per_batch: int = setting(8, minimum=1, help="GPU adapter slots")
@@ -246,16 +248,17 @@ class ServeConfig:
     def of(cls, **settings: Any) -> ServeConfig:
         """From flat field names: `ServeConfig.of(model_path=..., device="cpu", max_batch_tokens=64)`."""
         _check_names(settings)
-        return cls(**{part: part_type(**_settings_of(part_type, settings)) for part, part_type in PARTS.items()})
+        return cls(**{part: part_type(**settings_of(part_type, settings)) for part, part_type in PARTS.items()})
 
     def replace(self, **settings: Any) -> ServeConfig:
         """A copy with the named settings changed, each in the part that declares it."""
         _check_names(settings)
         return dataclasses.replace(self, **{
-            part: dataclasses.replace(getattr(self, part), **_settings_of(part_type, settings))
+            part: dataclasses.replace(getattr(self, part), **settings_of(part_type, settings))
             for part, part_type in PARTS.items()})
 
 
+# In the order of `loraserve serve --help` and of the README's table.
 PARTS: dict[str, type] = {"engine": EngineConfig, "frontend": FrontendConfig, "scheduler": SchedulerConfig,
                           "logging": LoggingConfig, "deployment": DeploymentConfig}
 
@@ -266,6 +269,7 @@ def _check_names(settings: Mapping[str, Any]) -> None:
         raise TypeError(f"no such setting: {', '.join(sorted(unknown))}")
 
 
-def _settings_of(part_type: type, settings: Mapping[str, Any]) -> dict[str, Any]:
+def settings_of(part_type: type, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Those of the flat `settings` that `part_type` declares."""
     names = {field.name for field in dataclasses.fields(part_type)}
     return {name: value for name, value in settings.items() if name in names}

@@ -17,11 +17,7 @@ from dataclasses import dataclass
 from types import NoneType, UnionType
 from typing import Any
 
-from settings.config import PARTS, ServeConfig, Spec, spec_of
-
-# The order of `loraserve serve --help` and of the README's table.
-SERVE_PARTS = ("engine", "frontend", "scheduler", "logging", "deployment")
-
+from settings.config import PARTS, ServeConfig, Spec, settings_of, spec_of
 
 @dataclass(frozen=True)
 class Row:
@@ -65,28 +61,27 @@ def to_argv(config: Any) -> list[str]:
     argv: list[str] = []
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING \
-                or value != _default(field):
+        if _has_no_default(field) or value != _default(field):
             argv += _flag_words(field, value)
     return argv
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    for part in SERVE_PARTS:
-        add_arguments(parser, PARTS[part], serve=True)
+    for config_type in PARTS.values():
+        add_arguments(parser, config_type, serve=True)
 
 
 def serve_config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                            **given: Any) -> ServeConfig:
     """`given`: flat settings that replace the flags' (`model_path` of the demo, ...)."""
-    parts = {name: config_from_args(parser, PARTS[name], args, **_given_to(PARTS[name], given))
-             for name in SERVE_PARTS}
+    parts = {name: config_from_args(parser, config_type, args, **settings_of(config_type, given))
+             for name, config_type in PARTS.items()}
     return ServeConfig(**parts)
 
 
 def serve_rows() -> Iterator[Row]:
-    for part in SERVE_PARTS:
-        for field in dataclasses.fields(PARTS[part]):
+    for config_type in PARTS.values():
+        for field in dataclasses.fields(config_type):
             if spec_of(field).serve:
                 yield from _rows(field)
 
@@ -106,6 +101,10 @@ def _value_type(config_type: type, field: dataclasses.Field) -> Any:
     if isinstance(hint, UnionType):
         hint = next(member for member in typing.get_args(hint) if member is not NoneType)
     return hint
+
+
+def _has_no_default(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 def _default(field: dataclasses.Field) -> Any:
@@ -128,7 +127,7 @@ def _add_field(group: argparse._ArgumentGroup, field: dataclasses.Field, value_t
         target.add_argument(flag, action="store_const", const=switch.value, help=switch.help, **common)
     if value_type is bool:
         return
-    required = required and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+    required = required and _has_no_default(field)
     target.add_argument(_flag(field), *spec.aliases, help=f"{spec.help} (default: {_default_text(field)})",
                         required=required, **common, **_value_options(spec, value_type))
     if spec.scaled is not None:
@@ -174,11 +173,6 @@ def _flag_words(field: dataclasses.Field, value: Any) -> list[str]:
     if isinstance(value, tuple):
         return [_flag(field), *map(str, value)]
     return [_flag(field), str(value)]
-
-
-def _given_to(config_type: type, given: Mapping[str, Any]) -> dict[str, Any]:
-    names = {field.name for field in dataclasses.fields(config_type)}
-    return {name: value for name, value in given.items() if name in names}
 
 
 # The README's table -----------------------------------------------------------------------------

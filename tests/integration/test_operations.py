@@ -35,7 +35,7 @@ def ops_server(base_config, tmp_path_factory) -> Iterator[dict]:
             "grpc": client,
             "openai": openai.OpenAI(base_url=f"{host}/v1", api_key="unused", timeout=60, max_retries=0),
             "http": host,
-            "metrics": f"http://127.0.0.1:{config.metrics_port}/metrics",
+            "metrics": f"http://127.0.0.1:{config.frontend.metrics_port}/metrics",
             "log_file": log_file,
         }
 

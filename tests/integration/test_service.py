@@ -189,7 +189,7 @@ def test_load_and_unload_while_requests_run(server, service_model, artifacts, or
         client.generate(input_ids=[5, 6, 7], adapter="a2", max_new_tokens=2)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     client.unload_adapter("late")
-    client.load_adapter("a2", str(server[0].config.lora_paths["a2"]))
+    client.load_adapter("a2", str(server[0].config.scheduler.initial_adapters["a2"]))
 
 
 def test_adapter_errors_have_status_codes(server, service_adapters, tmp_path):

@@ -34,7 +34,8 @@ def prompts(count: int) -> list[list[int]]:
 
 
 def in_process(model_dir: Path, concurrency: int, new_tokens: int) -> dict:
-    engine = Engine(EngineConfig(str(model_dir), device="cpu", dtype="float32", num_kv_pages=4096, page_size=16))
+    engine = Engine(EngineConfig(str(model_dir), device="cpu", dtype="float32", num_kv_pages=4096, page_size=16,
+                                 host_cache_bytes=1 << 30))
     pages_per = -(-(PROMPT_LEN + new_tokens) // 16)
     tables = [list(range(i * pages_per, (i + 1) * pages_per)) for i in range(concurrency)]
     sequences = [SequenceInput(f"r{i}", p, 0, tables[i]) for i, p in enumerate(prompts(concurrency))]

@@ -161,7 +161,7 @@ def test_soak(base_config, soak_adapters, references):
                      max_queued_requests=4 * CONCURRENCY)
     with running_server(config) as (launcher, client):
         size = next(a.size_bytes for a in client.list_adapters().adapters)
-        host_idle = -(-size // 256) * 256 * config.max_loaded_loras  # four of the six, all one shape
+        host_idle = -(-size // 256) * 256 * config.engine.max_loaded_loras  # four of the six, all one shape
         wait_for(lambda: client.stats().host_cache_bytes == host_idle, "the prefetch to fill the host cache")
         rng = random.Random(6)
         cases = [rng.choice(POOL) for _ in range(SOAK_REQUESTS)]

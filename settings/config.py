@@ -195,7 +195,7 @@ class EngineConfig:
                                                    help="projections the adapter slots hold")
     host_cache_bytes: int = setting(4 * GIB, minimum=0, scaled=("--host-cache-gb", GIB, "GiB"),
                                     help="pinned host memory for adapters")
-    seed: int = setting(0, help="seed of `--load-format dummy` weights")
+    seed: int = setting(0, help="seed of the dummy weights")
     static_decode: bool = setting(True, help="decode-only batches run on fixed-size buffers",
                                   switches={"--disable-static-decode": Switch(False, "decode steps run on the "
                                                                               "general eager path (comparisons)")})
@@ -227,8 +227,8 @@ class DeploymentConfig:
     log_file: str | None = setting(None, default_text="stderr", help="append the three processes' logs to this file")
     startup_timeout_s: float = setting(300.0, minimum=0, help="how long start-up may take before giving up")
     max_restarts: int = setting(
-        5, minimum=0, help="restarts of one crashed process within `--restart-window-s` before giving up")
-    restart_window_s: float = setting(600.0, minimum=0, help="the window `--max-restarts` counts in")
+        5, minimum=0, help="restarts of one crashed process within the restart window before giving up")
+    restart_window_s: float = setting(600.0, minimum=0, help="seconds in which restarts are counted")
 
     def __post_init__(self) -> None:
         check_fields(self)

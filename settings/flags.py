@@ -198,6 +198,8 @@ def _rows(field: dataclasses.Field) -> Iterator[Row]:
     if isinstance(default, bool):
         return
     yield Row(_flag(field), _default_text(field), spec.help)
+    for alias in spec.aliases:
+        yield Row(alias, "", f"the same as `{_flag(field)}`")
     if spec.scaled is not None:
         flag, unit, unit_name = spec.scaled
         yield Row(flag, f"{default / unit:g}", f"{spec.help}, in {unit_name}")

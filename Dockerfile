@@ -29,6 +29,7 @@ COPY frontend /src/frontend
 COPY scheduler /src/scheduler
 COPY worker /src/worker
 COPY loraserve /src/loraserve
+COPY settings /src/settings
 RUN /opt/loraserve/bin/pip install --no-cache-dir --disable-pip-version-check --no-index --no-deps \
         --no-build-isolation /src \
     && rm -rf /src \

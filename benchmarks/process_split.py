@@ -20,9 +20,10 @@ import torch
 from benchmarks.common import run_record, write_result
 from loraserve.client import LoraServeClient
 from loraserve.demo import ensure_demo
-from loraserve.launcher import Launcher, ServeConfig
+from loraserve.launcher import Launcher
+from settings.config import EngineConfig, ServeConfig
 from worker.batch import SamplingParams, SequenceInput
-from worker.engine import Engine, EngineConfig
+from worker.engine import Engine
 
 PROMPT_LEN = 16
 
@@ -33,7 +34,8 @@ def prompts(count: int) -> list[list[int]]:
 
 
 def in_process(model_dir: Path, concurrency: int, new_tokens: int) -> dict:
-    engine = Engine(EngineConfig(str(model_dir), device="cpu", dtype="float32", num_kv_pages=4096, page_size=16))
+    engine = Engine(EngineConfig(str(model_dir), device="cpu", dtype="float32", num_kv_pages=4096, page_size=16,
+                                 host_cache_bytes=1 << 30))
     pages_per = -(-(PROMPT_LEN + new_tokens) // 16)
     tables = [list(range(i * pages_per, (i + 1) * pages_per)) for i in range(concurrency)]
     sequences = [SequenceInput(f"r{i}", p, 0, tables[i]) for i, p in enumerate(prompts(concurrency))]
@@ -50,7 +52,7 @@ def in_process(model_dir: Path, concurrency: int, new_tokens: int) -> dict:
 
 
 def three_process(model_dir: Path, concurrency: int, new_tokens: int, port: int) -> dict:
-    config = ServeConfig(model_path=str(model_dir), tokenizer_path=str(model_dir), port=port, device="cpu",
+    config = ServeConfig.of(model_path=str(model_dir), tokenizer_path=str(model_dir), port=port, device="cpu",
                          dtype="float32", num_kv_pages=4096, max_batch_tokens=4096, log_level="warning")
     launcher = Launcher(config)
     launcher.start()

@@ -18,7 +18,7 @@ import asyncio
 import json
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,10 +26,11 @@ import torch
 from benchmarks.common import run_record, write_result
 from loraserve.bench import format_comparison, run_benchmark
 from loraserve.client import LoraServeClient
-from loraserve.launcher import Launcher, ServeConfig
+from loraserve.launcher import Launcher
 from loraserve.synthetic import write_model_config, write_random_adapter
 from loraserve.timeline import decode_step_gaps, draw, fetch_trace, load_start_stalls
 from protos.loraserve.v1 import serving_pb2
+from settings.config import ServeConfig
 from worker.lora.adapter import TARGET_MODULES
 from worker.model.config import load_model_config
 
@@ -98,7 +99,7 @@ def bench_args(address: str, names: list[str], rate: float, num_prompts: int, ou
 
 def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: float, num_prompts: int,
              out_dir: Path, label: str, draw_timeline: bool) -> dict:
-    config = replace(base, lora_paths={n: str(p) for n, p in adapters.items()}, **MODES[mode])
+    config = base.replace(initial_adapters={n: str(p) for n, p in adapters.items()}, **MODES[mode])
     launcher = Launcher(config)
     launcher.start()
     try:
@@ -169,11 +170,11 @@ def main() -> None:
     bandwidth = pinned_bandwidth_gbps()
     print(f"bandwidth: {bandwidth}", flush=True)
     assets = write_assets(Path(tempfile.mkdtemp()))
-    base = ServeConfig(model_path=str(assets["model"]), tokenizer_path=None, port=50123, device="cuda",
+    base = ServeConfig.of(model_path=str(assets["model"]), tokenizer_path=None, port=50123, device="cuda",
                        dtype="bfloat16", load_format="dummy", max_loras_per_batch=8, max_loaded_loras=16,
                        max_lora_rank=256, num_kv_pages=16384, page_size=16, host_cache_bytes=24 << 30,
                        max_batch_tokens=4096, startup_timeout_s=600, log_level="warning",
-                       mixed_graphs=not args.no_mixed_graphs)
+                       static_mixed=not args.no_mixed_graphs)
     results = {}
     for adapter_set in args.sets:
         adapters = assets["small" if adapter_set.startswith("small") else "large"]

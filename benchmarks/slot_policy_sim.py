@@ -33,9 +33,9 @@ from benchmarks.common import run_record, write_result
 from loraserve.bench import WorkItem, build_workload
 from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
-from scheduler.config import SchedulerConfig
 from scheduler.core import SchedulerCore
 from scheduler.requests import Request
+from settings.config import SchedulerConfig
 from tests.scheduler.fake_worker import FakeWorker, hello
 
 CLIENT = b"bench"

@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import logging
 import signal
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -33,6 +32,7 @@ from frontend.scheduler_link import LivenessConfig, SchedulerFailure, SchedulerL
 from frontend.tls import TlsFiles, server_credentials
 from frontend.tokenizer import PromptTokenizer
 from protos.loraserve.v1 import serving_pb2, serving_pb2_grpc
+from settings.config import FrontendConfig
 
 log = logging.getLogger("loraserve.frontend")
 
@@ -40,31 +40,6 @@ SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["LoraServing"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DRAIN_POLL_S = 0.05
-
-
-@dataclass(frozen=True)
-class FrontendConfig:
-    scheduler_address: str  # the scheduler's ROUTER, e.g. ipc:///run/loraserve/frontend.sock
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0: any free port (FrontendServer.start returns it)
-    tokenizer_path: str | None = None  # None: prompts must be input_ids and outputs carry no text
-    model_name: str | None = None  # reported as ServerInfo.model instead of the scheduler's model path
-    max_message_bytes: int = 16 << 20
-    grace_seconds: float = 5.0  # on shutdown, in-flight RPCs get this long to finish; new ones are refused
-    admin_timeout_s: float = 5.0
-    load_adapter_timeout_s: float = 30.0  # the worker validates the adapter's files first
-    readiness_retry_s: float = 0.5  # between server_info attempts while the scheduler is not ready
-    # A probe sent while the connection is being re-established can be lost with the old
-    # pipe; a short wait retries it soon instead of holding readiness for admin_timeout_s.
-    readiness_probe_timeout_s: float = 1.0
-    stop_ack_timeout_s: float = 1.0  # wait for the scheduler's timing after aborting at a stop string
-    http_port: int | None = None  # the OpenAI-compatible HTTP API; None: off, 0: any free port
-    metrics_port: int | None = None  # Prometheus /metrics; None: off, 0: any free port
-    metrics_timeout_s: float = 2.0  # a scrape waits this long for the scheduler's figures
-    liveness: LivenessConfig = field(default_factory=LivenessConfig)
-    auth: AuthTokens = field(default_factory=AuthTokens)  # no tokens: no authentication
-    tls: TlsFiles | None = None  # None: plaintext (bind loopback only)
-    ready_file: str | None = None  # created once health first turns SERVING (the launcher waits for it)
 
 
 class BindError(OSError):
@@ -84,16 +59,24 @@ def _service_settings(config: FrontendConfig) -> ServiceSettings:
 class FrontendServer:
     """The frontend in the current event loop: `port = await start()`, later `await stop()`."""
 
-    def __init__(self, config: FrontendConfig, authorize: Authorize | None = None) -> None:
-        """`authorize` guards the HTTP API: Authorization header (or None) -> refusal message, or None.
+    def __init__(self, config: FrontendConfig, scheduler_address: str, *, ready_file: str | None = None,
+                 authorize: Authorize | None = None) -> None:
+        """`ready_file` is created once health first turns SERVING (the launcher waits for it).
+        `authorize` guards the HTTP API: Authorization header (or None) -> refusal message, or None.
 
-        By default the HTTP API takes the gRPC API's bearer tokens (config.auth), when any are set.
+        By default the HTTP API takes the gRPC API's bearer tokens (config's token files), when any are set.
         """
         self.config = config
-        if authorize is None and config.auth.enabled:
-            authorize = http_authorizer(config.auth)
+        self.scheduler_address = scheduler_address
+        self.ready_file = ready_file
+        self.auth = AuthTokens.from_files(config.auth_token_file, config.admin_token_file)
+        self.tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
+        if authorize is None and self.auth.enabled:
+            authorize = http_authorizer(self.auth)
         self._tokenizer = PromptTokenizer(config.tokenizer_path) if config.tokenizer_path else None
-        self._link = SchedulerLink(config.scheduler_address, config.liveness, on_disconnect=self._on_scheduler_lost)
+        liveness = LivenessConfig(config.liveness_silence_s, config.liveness_ping_timeout_s,
+                                  config.liveness_check_interval_s)
+        self._link = SchedulerLink(scheduler_address, liveness, on_disconnect=self._on_scheduler_lost)
         self.metrics = FrontendMetrics()
         self._service = GenerationService(self._link, self._tokenizer, _service_settings(config), self.metrics)
         self._http_api = OpenAIApi(self._service, authorize)
@@ -109,8 +92,8 @@ class FrontendServer:
         """Binds, starts serving (NOT_SERVING until the scheduler answers) and returns the port."""
         limit = self.config.max_message_bytes
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
-        if self.config.auth.enabled:
-            interceptors.insert(0, BearerAuthInterceptor(self.config.auth))
+        if self.auth.enabled:
+            interceptors.insert(0, BearerAuthInterceptor(self.auth))
         server = grpc.aio.server(interceptors=interceptors,
                                  options=[("grpc.max_receive_message_length", limit),
                                           ("grpc.max_send_message_length", limit),
@@ -122,10 +105,10 @@ class FrontendServer:
             server)
         address = grpc_address(self.config.host, self.config.port)
         try:
-            if self.config.tls is None:
+            if self.tls is None:
                 port = server.add_insecure_port(address)
             else:
-                port = server.add_secure_port(address, server_credentials(self.config.tls))
+                port = server.add_secure_port(address, server_credentials(self.tls))
         except RuntimeError as error:
             raise BindError(f"cannot listen on {address}: {error}") from None
         await self._set_health(NOT_SERVING)
@@ -186,14 +169,14 @@ class FrontendServer:
                 info = await self._service.fetch_server_info(self.config.readiness_probe_timeout_s)
             except (SchedulerUnavailable, SchedulerFailure) as error:
                 log.log(logging.INFO if attempt == 0 else logging.DEBUG, "waiting for the scheduler at %s: %s",
-                        self.config.scheduler_address, error)
+                        self.scheduler_address, error)
                 await asyncio.sleep(self.config.readiness_retry_s)
                 continue
             log.info("scheduler ready: %s (%s, %s, context %d)", info.model, info.architecture, info.device,
                      info.max_context_length)
             await self._set_health(SERVING)
-            if self.config.ready_file:
-                Path(self.config.ready_file).touch()
+            if self.ready_file:
+                Path(self.ready_file).touch()
             return
 
     def _on_scheduler_lost(self) -> None:
@@ -210,13 +193,13 @@ class FrontendServer:
             await self._health.set(service, status)
 
 
-async def serve(config: FrontendConfig) -> None:
+async def serve(config: FrontendConfig, scheduler_address: str, *, ready_file: str | None = None) -> None:
     """Runs the frontend until SIGTERM or SIGINT, then stops it gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    frontend = FrontendServer(config)
+    frontend = FrontendServer(config, scheduler_address, ready_file=ready_file)
     port = await frontend.start()
     print(f"frontend listening on {grpc_address(config.host, port)}", flush=True)
     for name, http_port in (("OpenAI-compatible HTTP API", frontend.http_port), ("metrics", frontend.metrics_port)):

@@ -18,8 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from loraserve.synthetic import write_random_adapter
-from worker.model.config import load_model_config
+from loraserve.synthetic import PARENT_MODULE, LayerShapes, write_random_adapter
 
 DEMO_VERSION = "v1"
 DEMO_MODEL_NAME = "loraserve-demo"  # the base model's name in the APIs
@@ -89,12 +88,21 @@ def _build_demo(root: Path) -> None:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=DEMO_CONTEXT,
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).save_pretrained(model_dir)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(model_dir)
     build_tokenizer(model_dir, max_length=DEMO_CONTEXT)
-    model_config = load_model_config(model_dir)
+    shapes = _layer_shapes(model)
     for name, spec in DEMO_ADAPTERS.items():
-        write_random_adapter(root / "adapters" / name, model_config, rank=spec["rank"], alpha=spec["alpha"],
+        write_random_adapter(root / "adapters" / name, shapes, rank=spec["rank"], alpha=spec["alpha"],
                              modules=spec["modules"], dtype=torch.float32, seed=spec["seed"], std=0.05)
+
+
+def _layer_shapes(model: LlamaForCausalLM) -> LayerShapes:
+    """Each targetable projection's (in, out) features, read off the model's first layer."""
+    layer = model.model.layers[0]
+    shapes = {name: (module.in_features, module.out_features)
+              for name, parent in PARENT_MODULE.items() for module in [getattr(getattr(layer, parent), name)]}
+    return LayerShapes(len(model.model.layers), shapes)
 
 
 def build_tokenizer(out_dir: Path, max_length: int) -> None:

@@ -25,57 +25,14 @@ import tempfile
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from loraserve.flags import PARENT_PID_VARIABLE
+from settings.config import ServeConfig
+from settings.flags import to_argv
+from settings.process import PARENT_PID_VARIABLE
 
 log = logging.getLogger("loraserve.launcher")
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    model_path: str
-    tokenizer_path: str | None
-    lora_paths: dict[str, str] = field(default_factory=dict)
-    host: str = "127.0.0.1"
-    port: int = 50051
-    http_port: int | None = None  # the OpenAI-compatible HTTP API (off when None)
-    metrics_port: int | None = None  # Prometheus /metrics (off when None)
-    served_model_name: str | None = None  # the base model's name in the APIs (default: the model directory's name)
-    device: str = "auto"
-    dtype: str = "auto"
-    load_format: str = "safetensors"
-    max_loras_per_batch: int = 8
-    max_loaded_loras: int = 16
-    max_lora_rank: int = 64
-    overlap_loading: bool = True
-    pipelined_loads: bool = False
-    overlap_schedule: bool = True  # the next step is sent while the worker runs the current one
-    pause_tokens_ratio: float | None = None  # slot preemption; None: the scheduler's default
-    page_size: int = 16
-    num_kv_pages: int = 2048
-    host_cache_bytes: int = 4 << 30
-    cuda_graphs: bool = True
-    mixed_graphs: bool = True
-    max_batch_tokens: int = 2048
-    max_running_requests: int = 256
-    max_queued_requests: int = 1024
-    slow_loads: dict[str, float] = field(default_factory=dict)  # test only
-    slow_reads: dict[str, float] = field(default_factory=dict)  # test only
-    startup_timeout_s: float = 300.0
-    grace_seconds: float = 5.0
-    log_level: str = "info"
-    log_format: str = "logfmt"
-    log_file: str | None = None  # the three processes' logs are appended here instead of stderr
-    adapter_root: str | None = None  # LoadAdapter accepts only paths inside it
-    auth_token_file: str | None = None  # bearer token for every RPC but health
-    admin_token_file: str | None = None  # bearer token for LoadAdapter/UnloadAdapter
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None  # mutual TLS
-    max_restarts: int = 5  # of one process within restart_window_s, then the launcher gives up
-    restart_window_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -90,72 +47,45 @@ class RuntimeFiles:
     registry: str  # the scheduler's adapters, for its successor after a crash
 
 
-def _optional(flag: str, value: str | None) -> list[str]:
-    return [flag, value] if value else []
+@dataclass(frozen=True)
+class ProcessModules:
+    """What `python -m` runs for each process, with any arguments of its own (tests swap in a slow worker)."""
+
+    worker: tuple[str, ...] = ("worker",)
+    scheduler: tuple[str, ...] = ("scheduler",)
+    frontend: tuple[str, ...] = ("frontend",)
 
 
-def process_commands(config: ServeConfig, addresses: Addresses, files: RuntimeFiles) -> dict[str, list[str]]:
-    python = [sys.executable, "-m"]
-    logging_flags = ["--log-level", config.log_level, "--log-format", config.log_format]
-    worker = [*python, "worker", "--scheduler-address", addresses.worker, "--model-path", config.model_path,
-              "--load-format", config.load_format, "--device", config.device, "--dtype", config.dtype,
-              "--page-size", str(config.page_size), "--num-kv-pages", str(config.num_kv_pages),
-              "--max-loras-per-batch", str(config.max_loras_per_batch),
-              "--max-loaded-loras", str(config.max_loaded_loras), "--max-lora-rank", str(config.max_lora_rank),
-              "--host-cache-bytes", str(config.host_cache_bytes), *logging_flags]
-    if not config.cuda_graphs:
-        worker.append("--disable-cuda-graphs")
-    if not config.mixed_graphs:
-        worker.append("--disable-mixed-graphs")
-    for name, seconds in config.slow_loads.items():
-        worker += ["--slow-load", f"{name}={seconds}"]
-    for name, seconds in config.slow_reads.items():
-        worker += ["--slow-read", f"{name}={seconds}"]
-    scheduler = [*python, "scheduler", "--frontend-address", addresses.frontend,
-                 "--worker-address", addresses.worker,
-                 "--enable-lora-overlap-loading" if config.overlap_loading else "--disable-lora-overlap-loading",
-                 *(["--pipelined-loads"] if config.pipelined_loads else []),
-                 *([] if config.overlap_schedule else ["--disable-overlap-schedule"]),
-                 *_optional("--pause-tokens-ratio", None if config.pause_tokens_ratio is None
-                            else str(config.pause_tokens_ratio)),
-                 "--max-batch-tokens", str(config.max_batch_tokens),
-                 "--max-running-requests", str(config.max_running_requests),
-                 "--max-queued-requests", str(config.max_queued_requests), *logging_flags,
-                 "--registry-file", files.registry, *_optional("--adapter-root", config.adapter_root)]
-    if config.lora_paths:
-        scheduler += ["--lora-paths", *(f"{n}={p}" for n, p in config.lora_paths.items())]
-    frontend = [*python, "frontend", "--host", config.host, "--port", str(config.port),
-                "--scheduler-address", addresses.frontend,
-                "--model-name", config.served_model_name or Path(config.model_path).name,
-                "--grace-seconds", str(config.grace_seconds), "--ready-file", files.ready, *logging_flags,
-                *_optional("--auth-token-file", config.auth_token_file),
-                *_optional("--admin-token-file", config.admin_token_file),
-                *_optional("--tls-cert", config.tls_cert), *_optional("--tls-key", config.tls_key),
-                *_optional("--tls-client-ca", config.tls_client_ca)]
-    for flag, port in (("--http-port", config.http_port), ("--metrics-port", config.metrics_port)):
-        if port is not None:
-            frontend += [flag, str(port)]
-    if config.tokenizer_path:
-        frontend += ["--tokenizer", config.tokenizer_path]
-    return {"scheduler": scheduler, "worker": worker, "frontend": frontend}
+def process_commands(config: ServeConfig, addresses: Addresses, files: RuntimeFiles,
+                     modules: ProcessModules = ProcessModules()) -> dict[str, list[str]]:
+    """Each process's command line: its addresses and runtime files, then its part of `config` whole."""
+    logging_flags = to_argv(config.logging)
+    worker = ["--scheduler-address", addresses.worker, *to_argv(config.engine)]
+    scheduler = ["--frontend-address", addresses.frontend, "--worker-address", addresses.worker,
+                 *to_argv(replace(config.scheduler, registry_file=files.registry))]
+    model_name = config.frontend.model_name or Path(config.engine.model_path).name
+    frontend = ["--scheduler-address", addresses.frontend, "--ready-file", files.ready,
+                *to_argv(replace(config.frontend, model_name=model_name))]
+    return {name: [sys.executable, "-m", *getattr(modules, name), *flags, *logging_flags]
+            for name, flags in (("scheduler", scheduler), ("worker", worker), ("frontend", frontend))}
 
 
 class Launcher:
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, modules: ProcessModules = ProcessModules()) -> None:
         self.config = config
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="loraserve-"))  # mode 0700
         self.addresses = Addresses(frontend=f"ipc://{self.runtime_dir}/frontend.sock",
                                    worker=f"ipc://{self.runtime_dir}/worker.sock")
         self.files = RuntimeFiles(ready=str(self.runtime_dir / "frontend.ready"),
                                   registry=str(self.runtime_dir / "adapters.json"))
-        self.commands = process_commands(config, self.addresses, self.files)
+        self.commands = process_commands(config, self.addresses, self.files, modules)
         self.processes: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, deque[float]] = {name: deque() for name in self.commands}
         self.stopping = False
 
     @property
     def address(self) -> str:
-        return f"{self.config.host}:{self.config.port}"
+        return f"{self.config.frontend.host}:{self.config.frontend.port}"
 
     def start(self) -> None:
         for name in self.commands:
@@ -164,13 +94,14 @@ class Launcher:
     def _spawn(self, name: str) -> None:
         environment = os.environ | {PARENT_PID_VARIABLE: str(os.getpid())}
         # The child keeps its own copy of the log file's descriptor once started.
-        with open(self.config.log_file, "a") if self.config.log_file else nullcontext() as log_file:
+        log_file_path = self.config.deployment.log_file
+        with open(log_file_path, "a") if log_file_path else nullcontext() as log_file:
             self.processes[name] = subprocess.Popen(self.commands[name], env=environment, stderr=log_file)
         log.debug("started %s (pid %d)", name, self.processes[name].pid)
 
     def wait_until_serving(self) -> None:
         """Until the frontend first reports SERVING (its ready file); a death meanwhile is fatal."""
-        deadline = time.monotonic() + self.config.startup_timeout_s
+        deadline = time.monotonic() + self.config.deployment.startup_timeout_s
         while time.monotonic() < deadline:
             if self.stopping:
                 raise InterruptedError("stopped during start-up")
@@ -178,7 +109,7 @@ class Launcher:
             if os.path.exists(self.files.ready):
                 return
             time.sleep(0.2)
-        raise TimeoutError(f"loraserve did not become ready within {self.config.startup_timeout_s} s")
+        raise TimeoutError(f"loraserve did not become ready within {self.config.deployment.startup_timeout_s} s")
 
     def supervise(self) -> int:
         """Blocks until a signal (exit 0) or a process that keeps dying (exit 1), then stops everything."""
@@ -215,11 +146,11 @@ class Launcher:
     def _count_restart(self, name: str, returncode: int) -> None:
         now = time.monotonic()
         recent = self.restarts[name]
-        while recent and now - recent[0] > self.config.restart_window_s:
+        while recent and now - recent[0] > self.config.deployment.restart_window_s:
             recent.popleft()
-        if len(recent) >= self.config.max_restarts:
+        if len(recent) >= self.config.deployment.max_restarts:
             raise ChildProcessError(f"the {name} process exited with code {returncode} after {len(recent)} "
-                                    f"restarts within {self.config.restart_window_s:g} s: giving up")
+                                    f"restarts within {self.config.deployment.restart_window_s:g} s: giving up")
         recent.append(now)
         log.warning("the %s process exited with code %d; restarting it", name, returncode)
 
@@ -234,7 +165,7 @@ class Launcher:
         for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.grace_seconds + 5
+        deadline = time.monotonic() + self.config.frontend.grace_seconds + 5
         for process in processes:
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -257,5 +188,5 @@ def serve(config: ServeConfig) -> int:
         log.error("start-up failed: %s", error)
         launcher.stop()
         return 1
-    print(f"loraserve serving {config.model_path} on {launcher.address}", flush=True)
+    print(f"loraserve serving {config.engine.model_path} on {launcher.address}", flush=True)
     return launcher.supervise()

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import save_file
-
-from worker.model.config import ModelConfig
 
 # The Llama-3.1-8B configuration (as its config.json), for dummy-weight benchmarks.
 LLAMA31_8B = {
@@ -25,8 +25,27 @@ LLAMA31_8B = {
     "torch_dtype": "bfloat16", "tie_word_embeddings": False, "eos_token_id": 128001,
 }
 
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+PARENT_MODULE = {  # each targetable projection's parent in a decoder layer
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+class AdapterShapes(Protocol):
+    """What an adapter's tensors depend on; the worker's `ModelConfig` is one."""
+
+    num_layers: int
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each LoRA-targetable linear module."""
+
+
+@dataclass(frozen=True)
+class LayerShapes:
+    num_layers: int
+    shapes: dict[str, tuple[int, int]]
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        return self.shapes
 
 
 def write_model_config(model_dir: Path, config: dict = LLAMA31_8B) -> Path:
@@ -38,7 +57,7 @@ def write_model_config(model_dir: Path, config: dict = LLAMA31_8B) -> Path:
 
 def write_random_adapter(
     out_dir: Path,
-    model: ModelConfig,
+    model: AdapterShapes,
     *,
     rank: int,
     alpha: float,
@@ -54,7 +73,7 @@ def write_random_adapter(
     for layer in range(model.num_layers):
         for module in modules:
             in_features, out_features = shapes[module]
-            prefix = f"base_model.model.model.layers.{layer}.{_PARENT[module]}.{module}"
+            prefix = f"base_model.model.model.layers.{layer}.{PARENT_MODULE[module]}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, in_features, generator=generator) * std).to(dtype)
             tensors[f"{prefix}.lora_B.weight"] = (torch.randn(out_features, rank, generator=generator) * std).to(dtype)
     save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})

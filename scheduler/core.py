@@ -28,12 +28,12 @@ from protos.loraserve.v1 import serving_pb2
 from scheduler.adapter_tier import AdapterTier, LoadStart, UnloadDone
 from scheduler.adapters import AdapterState
 from scheduler.batch_builder import InFlightForward, build_forward
-from scheduler.config import SchedulerConfig
 from scheduler.metrics import SchedulerMetrics
 from scheduler.pages import PageAllocator
 from scheduler.request_trace import RequestTrace
 from scheduler.requests import Phase, Request, Sampling
 from scheduler.slot_contention import SlotContention
+from settings.config import SchedulerConfig
 
 log = logging.getLogger("loraserve.scheduler")
 

@@ -32,8 +32,8 @@ from zmq.utils.monitor import parse_monitor_message
 from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
 from scheduler.adapter_paths import OutsideAdapterRoot, confine
-from scheduler.config import SchedulerConfig
 from scheduler.core import SchedulerCore
+from settings.config import SchedulerConfig
 
 log = logging.getLogger("loraserve.scheduler")
 IDLE_POLL_MS = 50

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from scheduler.adapter_tier import AdapterTier
 from scheduler.adapters import Adapter, AdapterState
-from scheduler.config import SchedulerConfig
 from scheduler.pages import PageAllocator
 from scheduler.requests import Phase, Request
+from settings.config import SchedulerConfig
 
 log = logging.getLogger("loraserve.scheduler")
 

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from settings.config import EngineConfig
 from worker.batch import NO_ADAPTER, SamplingParams, SequenceInput
-from worker.engine import Engine, EngineConfig
+from worker.engine import Engine
 
 
 def make_engine(model_dir, **overrides) -> Engine:

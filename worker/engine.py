@@ -10,17 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
+from settings.config import EngineConfig
 from worker.batch import NO_ADAPTER, ForwardOutput, SampledToken, SequenceInput
 from worker.decode_step import DecodeRunner
 from worker.errors import AdapterNotFoundError, AdapterStateError, CapacityError
 from worker.kv_cache import PagedKVCache
-from worker.lora.adapter import TARGET_MODULES, AdapterManifest, read_adapter_manifest
+from worker.lora.adapter import AdapterManifest, read_adapter_manifest
 from worker.lora.copier import CudaCopier, LayerCopiedHook, LoadJob, ThreadCopier
-from worker.lora.host_cache import HostAdapter, HostCache
+from worker.lora.host_cache import HostAdapter, HostCache, LayerReadHook
 from worker.lora.slots import LoraSlots
 from worker.model.config import DTYPES, ModelConfig, load_model_config
 from worker.model.llama import LlamaModel, ModelWeights, fuse_weights
@@ -37,27 +37,6 @@ from worker.plan import (
 )
 from worker.sampling import DeviceSample, sample_on_device, to_host, validate_sampling
 from worker.timeline import COMPUTE_LANE, COPY_LANE, Timeline
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model_path: str
-    load_format: Literal["safetensors", "dummy"] = "safetensors"
-    dtype: str = "auto"  # "auto" takes the checkpoint's dtype
-    device: str = "auto"  # "auto" takes CUDA when present
-    page_size: int = 16
-    num_kv_pages: int = 1024
-    max_loras_per_batch: int = 8
-    max_lora_rank: int = 64
-    lora_target_modules: tuple[str, ...] = TARGET_MODULES
-    max_loaded_loras: int = 16
-    host_cache_bytes: int = 1 << 30
-    seed: int = 0  # for dummy weights
-    static_decode: bool = True  # decode-only batches run on fixed-size buffers (worker.decode_step)
-    cuda_graphs: bool = True  # ... captured and replayed as CUDA graphs on a GPU
-    max_decode_batch: int = 256  # larger decode batches take the eager path
-    # Batches with prefill chunks on static buffers too (ragged attention, token buckets).
-    static_mixed: bool = True
 
 
 @dataclass(frozen=True)
@@ -91,7 +70,10 @@ class LoadReport:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, *, load_hook: LayerCopiedHook | None = None) -> None:
+    def __init__(self, config: EngineConfig, *, load_hook: LayerCopiedHook | None = None,
+                 read_hook: LayerReadHook | None = None) -> None:
+        """`load_hook` runs after each layer of an adapter's copy to its slot, `read_hook` before each layer
+        of its read from disk (tests slow them down)."""
         self.config = config
         self.device = _device(config.device)
         self.model_config = load_model_config(config.model_path)
@@ -108,6 +90,7 @@ class Engine:
         )
         on_gpu = self.device.type == "cuda"
         self.host_cache = HostCache(c, config.host_cache_bytes, config.max_loaded_loras, self.dtype, pin=on_gpu)
+        self.host_cache.read_hook = read_hook
         self.copier = (CudaCopier(self.slots, c.num_layers, self.device, load_hook) if on_gpu
                        else ThreadCopier(self.slots, c.num_layers, load_hook))
         self.timeline = Timeline(self.device)

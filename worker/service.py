@@ -18,15 +18,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 import zmq
 
 from protos.loraserve.v1 import internal_pb2 as pb
+from settings.config import EngineConfig
 from worker.batch import SamplingParams, SequenceInput
-from worker.engine import Engine, EngineConfig, LoadReport, PendingForward
+from worker.engine import Engine, LoadReport, PendingForward
 from worker.errors import (
     AdapterNotFoundError,
     AdapterStateError,
@@ -45,10 +44,6 @@ PREVIOUS_TOKEN_PLACEHOLDER = 0  # input id until the GPU writes the previous for
 class WorkerConfig:
     scheduler_address: str
     engine: EngineConfig
-    # Test-only: adapter name -> extra seconds each of its loads takes (spread over layers).
-    slow_loads: dict[str, float] = field(default_factory=dict)
-    # Test-only: adapter name -> extra seconds each of its reads from disk takes (spread over layers).
-    slow_reads: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -72,43 +67,13 @@ def error_message(error: Exception) -> pb.Error:
     return pb.Error(code=code, message=str(error))
 
 
-def slow_load_hook(delays: dict[str, float], num_layers: int, on_gpu: bool) -> Callable[[str, int, int], None]:
-    """Makes the named adapters' copies slow: a spin kernel on the load stream, or a sleep."""
-
-    def hook(name: str, slot: int, layer: int) -> None:
-        seconds = delays.get(name, 0.0) / num_layers
-        if seconds <= 0:
-            return
-        if on_gpu:
-            torch.cuda._sleep(int(seconds * torch.cuda.clock_rate() * 1e6))
-        else:
-            time.sleep(seconds)
-
-    return hook
-
-
-def slow_read_hook(delays: dict[str, float], num_layers: int) -> Callable[[str, int], None]:
-    """Makes the named adapters' reads from disk slow: the reader sleeps before each layer."""
-
-    def hook(name: str, layer: int) -> None:
-        time.sleep(delays.get(name, 0.0) / num_layers)
-
-    return hook
-
-
 class WorkerService:
     def __init__(self, config: WorkerConfig, engine: Engine | None = None) -> None:
+        """`engine`: one built from `config.engine` beforehand (with test hooks, say); by default a new one."""
         self.config = config
         self.engine = engine or Engine(config.engine)
         if self.engine.decode_runner is not None:
             self.engine.decode_runner.capture_all()
-        if config.slow_loads:
-            on_gpu = self.engine.device.type == "cuda"
-            self.engine.copier.hook = slow_load_hook(
-                config.slow_loads, self.engine.model_config.num_layers, on_gpu
-            )
-        if config.slow_reads:
-            self.engine.host_cache.read_hook = slow_read_hook(config.slow_reads, self.engine.model_config.num_layers)
         self.in_flight: InFlightForward | None = None
         self.context = zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)

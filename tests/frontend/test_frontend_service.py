@@ -22,11 +22,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
-from frontend.scheduler_link import LivenessConfig
-from frontend.server import FrontendConfig, FrontendServer
+from frontend.server import FrontendServer
 from frontend.validation import NO_TOKENIZER
 from loraserve.client import LoraServeClient
 from loraserve.demo import build_tokenizer
+from settings.config import FrontendConfig
 from tests.frontend.fake_scheduler import LOGPROB, FakeScheduler
 
 MULTILINGUAL = "héllo wörld 🙂 日本"
@@ -52,16 +52,16 @@ def free_port() -> int:
 class BackgroundFrontend:
     """A FrontendServer on an event loop of its own thread, so tests can use the sync client."""
 
-    def __init__(self, config: FrontendConfig) -> None:
+    def __init__(self, config: FrontendConfig, scheduler_address: str) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="frontend", daemon=True)
         self._thread.start()
-        self.server = self._run(self._create(config))
+        self.server = self._run(self._create(config, scheduler_address))
         self.address = f"127.0.0.1:{self._run(self.server.start())}"
 
     @staticmethod
-    async def _create(config: FrontendConfig) -> FrontendServer:
-        return FrontendServer(config)
+    async def _create(config: FrontendConfig, scheduler_address: str) -> FrontendServer:
+        return FrontendServer(config, scheduler_address)
 
     def _run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
@@ -75,7 +75,7 @@ class BackgroundFrontend:
 
 @contextmanager
 def running_frontend(scheduler_address: str, **options: Any) -> Iterator[LoraServeClient]:
-    frontend = BackgroundFrontend(FrontendConfig(scheduler_address=scheduler_address, port=0, **options))
+    frontend = BackgroundFrontend(FrontendConfig(port=0, **options), scheduler_address)
     try:
         with LoraServeClient(frontend.address, timeout=10) as client:
             yield client
@@ -339,10 +339,10 @@ def test_unavailable_while_no_scheduler_runs(own_fake, tokenizer_dir):
 
 
 def test_silent_scheduler_fails_requests_in_flight(own_fake):
-    liveness = LivenessConfig(silence_s=0.3, ping_timeout_s=0.3, check_interval_s=0.05)
+    liveness = dict(liveness_silence_s=0.3, liveness_ping_timeout_s=0.3, liveness_check_interval_s=0.05)
     own_fake.start()
     own_fake.script, own_fake.token_interval_s = [40] * 50, SLOW_TOKEN_S
-    with running_frontend(own_fake.address, liveness=liveness) as client:
+    with running_frontend(own_fake.address, **liveness) as client:
         client.wait_until_ready(5)
         stream = client.generate_stream(input_ids=[1, 2], request_id="hung-1", max_new_tokens=50)
         next(stream)

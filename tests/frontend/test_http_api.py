@@ -12,8 +12,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from frontend.auth import AuthTokens
-from frontend.server import FrontendConfig, FrontendServer
+from frontend.server import FrontendServer
+from settings.config import FrontendConfig
 from tests.frontend.fake_scheduler import FakeScheduler
 from tests.frontend.test_frontend_service import BackgroundFrontend, tokenizer_dir, wait_for  # noqa: F401 (fixture)
 
@@ -26,8 +26,8 @@ def authorize(header: str | None) -> str | None:
 
 class AuthorizedFrontend(BackgroundFrontend):
     @staticmethod
-    async def _create(config: FrontendConfig) -> FrontendServer:
-        return FrontendServer(config, authorize=authorize)
+    async def _create(config: FrontendConfig, scheduler_address: str) -> FrontendServer:
+        return FrontendServer(config, scheduler_address, authorize=authorize)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,9 @@ def fake(tmp_path_factory) -> Iterator[FakeScheduler]:
 
 @pytest.fixture(scope="module")
 def frontend(fake, tokenizer_dir) -> Iterator[FrontendServer]:  # noqa: F811
-    background = AuthorizedFrontend(FrontendConfig(scheduler_address=fake.address, port=0, http_port=0,
-                                                   metrics_port=0, tokenizer_path=str(tokenizer_dir),
-                                                   model_name="fake-model"))
+    background = AuthorizedFrontend(FrontendConfig(port=0, http_port=0, metrics_port=0,
+                                                   tokenizer_path=str(tokenizer_dir), model_name="fake-model"),
+                                    fake.address)
     try:
         wait_for(lambda: background.server._service.server_info is not None, "the frontend to be ready")
         yield background.server
@@ -82,11 +82,14 @@ def http_status(url: str, token: str | None) -> int:
         return error.code
 
 
-def test_the_grpc_bearer_tokens_guard_the_http_api_by_default(fake, tokenizer_dir):  # noqa: F811
-    tokens = AuthTokens(api="api-token", admin="admin-token")
-    background = BackgroundFrontend(FrontendConfig(scheduler_address=fake.address, port=0, http_port=0,
-                                                   metrics_port=0, tokenizer_path=str(tokenizer_dir),
-                                                   model_name="fake-model", auth=tokens))
+def test_the_grpc_bearer_tokens_guard_the_http_api_by_default(fake, tokenizer_dir, tmp_path):  # noqa: F811
+    (tmp_path / "api").write_text("api-token\n")
+    (tmp_path / "admin").write_text("admin-token\n")
+    background = BackgroundFrontend(FrontendConfig(port=0, http_port=0, metrics_port=0,
+                                                   tokenizer_path=str(tokenizer_dir), model_name="fake-model",
+                                                   auth_token_file=str(tmp_path / "api"),
+                                                   admin_token_file=str(tmp_path / "admin")),
+                                    fake.address)
     try:
         wait_for(lambda: background.server._service.server_info is not None, "the frontend to be ready")
         models = f"http://127.0.0.1:{background.server.http_port}/v1/models"

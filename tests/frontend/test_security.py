@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,10 +15,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from frontend.auth import AuthDenied, AuthTokens, Denial, check_bearer
-from frontend.server import FrontendConfig
 from frontend.tls import TlsFiles
 from loraserve.client import LoraServeClient
 from protos.loraserve.v1 import serving_pb2
+from settings.config import FrontendConfig
 from tests.certs import CertificateAuthority
 from tests.frontend.fake_scheduler import FakeScheduler
 from tests.frontend.test_frontend_service import BackgroundFrontend, rpc_error, wait_for
@@ -34,13 +35,30 @@ def fake(tmp_path) -> Iterator[FakeScheduler]:
 
 
 @contextmanager
-def frontend(fake: FakeScheduler, **options: Any) -> Iterator[BackgroundFrontend]:
-    server = BackgroundFrontend(FrontendConfig(scheduler_address=fake.address, port=0, readiness_retry_s=0.05,
-                                               **options))
-    try:
-        yield server
-    finally:
-        server.stop()
+def frontend(fake: FakeScheduler, tokens: AuthTokens = AuthTokens(), tls: TlsFiles | None = None,
+             **options: Any) -> Iterator[BackgroundFrontend]:
+    """`tokens` reach the frontend as token files, `tls` as its PEM files' paths."""
+    with tempfile.TemporaryDirectory() as directory:
+        config = FrontendConfig(port=0, readiness_retry_s=0.05, **token_files(tokens, Path(directory)),
+                                **tls_paths(tls), **options)
+        server = BackgroundFrontend(config, fake.address)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def token_files(tokens: AuthTokens, directory: Path) -> dict[str, str]:
+    files = {}
+    for option, token in (("auth_token_file", tokens.api), ("admin_token_file", tokens.admin)):
+        if token:
+            files[option] = str(directory / option)
+            Path(files[option]).write_text(f"{token}\n")
+    return files
+
+
+def tls_paths(tls: TlsFiles | None) -> dict[str, str | None]:
+    return {} if tls is None else {"tls_cert": tls.cert, "tls_key": tls.key, "tls_client_ca": tls.client_ca}
 
 
 def health(address: str, credentials: grpc.ChannelCredentials | None = None) -> int:
@@ -91,7 +109,7 @@ def test_tokens_come_from_files(tmp_path):
 
 
 def test_every_rpc_but_health_needs_the_token_and_admin_rpcs_the_admin_token(fake):
-    with frontend(fake, auth=BOTH) as server:
+    with frontend(fake, tokens=BOTH) as server:
         wait_for(lambda: health(server.address) == SERVING, "SERVING without credentials")
         anonymous = LoraServeClient(server.address, timeout=10)
         wrong = LoraServeClient(server.address, timeout=10, token="guess")
@@ -117,7 +135,7 @@ def test_every_rpc_but_health_needs_the_token_and_admin_rpcs_the_admin_token(fak
 
 def test_reflection_needs_the_token_too(fake):
     request = reflection_pb2.ServerReflectionRequest(list_services="")
-    with frontend(fake, auth=AuthTokens(api=API)) as server, grpc.insecure_channel(server.address) as channel:
+    with frontend(fake, tokens=AuthTokens(api=API)) as server, grpc.insecure_channel(server.address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         error = rpc_error(lambda: list(stub.ServerReflectionInfo(iter([request]), timeout=5)))
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -157,7 +175,7 @@ def test_tls_serves_tls_clients_only(fake, pki):
 
 
 def test_mutual_tls_needs_a_client_certificate_of_the_ca(fake, pki):
-    with frontend(fake, tls=tls_files(pki, mutual=True), auth=AuthTokens(api=API)) as server:
+    with frontend(fake, tls=tls_files(pki, mutual=True), tokens=AuthTokens(api=API)) as server:
         wait_for(lambda: health(server.address, channel_credentials(pki, "client")) == SERVING, "SERVING over mTLS")
         for client_identity in (None, "stranger"):
             with LoraServeClient(server.address, timeout=3, token=API,
@@ -222,7 +240,7 @@ def test_oversized_messages_are_refused_and_serving_goes_on(fake):
 
 def test_stop_drains_in_flight_requests_and_refuses_new_ones(fake):
     fake.script, fake.token_interval_s = list(range(20, 40)), 0.05  # one second of tokens
-    server = BackgroundFrontend(FrontendConfig(scheduler_address=fake.address, port=0))
+    server = BackgroundFrontend(FrontendConfig(port=0), fake.address)
     client = LoraServeClient(server.address, timeout=30)
     try:
         client.wait_until_ready(10)
@@ -245,7 +263,7 @@ def test_stop_drains_in_flight_requests_and_refuses_new_ones(fake):
 
 def test_the_grace_period_bounds_the_drain(fake):
     fake.script, fake.token_interval_s = [40] * 60, 0.2  # twelve seconds of tokens
-    server = BackgroundFrontend(FrontendConfig(scheduler_address=fake.address, port=0))
+    server = BackgroundFrontend(FrontendConfig(port=0), fake.address)
     client = LoraServeClient(server.address, timeout=30)
     try:
         client.wait_until_ready(10)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from loraserve.client import LoraServeClient
-from loraserve.launcher import Launcher, ServeConfig
+from loraserve.launcher import Launcher, ProcessModules
+from settings.config import ServeConfig
 from tests.model_factory import AdapterSpec, build_adapter, build_tiny_model
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -42,9 +42,9 @@ def service_adapters(artifacts, service_model) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def base_config(service_model, service_adapters) -> ServeConfig:
-    return ServeConfig(
+    return ServeConfig.of(
         model_path=str(service_model), tokenizer_path=str(service_model),
-        lora_paths={name: str(path) for name, path in service_adapters.items()},
+        initial_adapters={name: str(path) for name, path in service_adapters.items()},
         device="cpu", dtype="float32", max_loras_per_batch=2, max_loaded_loras=4, max_lora_rank=16,
         page_size=4, num_kv_pages=512, host_cache_bytes=16 << 20, max_batch_tokens=64,
         startup_timeout_s=120, grace_seconds=2, log_level="warning",
@@ -52,8 +52,10 @@ def base_config(service_model, service_adapters) -> ServeConfig:
 
 
 @contextmanager
-def running_server(config: ServeConfig) -> Iterator[tuple[Launcher, LoraServeClient]]:
-    launcher = Launcher(replace(config, port=free_port()))
+def running_server(config: ServeConfig, modules: ProcessModules = ProcessModules()
+                   ) -> Iterator[tuple[Launcher, LoraServeClient]]:
+    """`modules`: `tests.slow_worker.slow_worker_modules(...)` as the worker for slow loads or reads."""
+    launcher = Launcher(config.replace(port=free_port()), modules)
     launcher.start()
     try:
         launcher.wait_until_serving()

@@ -10,14 +10,14 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import replace
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraserve.client import LoraServeClient
-from loraserve.launcher import Launcher, ServeConfig
+from loraserve.launcher import Launcher
+from settings.config import ServeConfig
 from tests.integration.conftest import free_port, running_server
 from tests.integration.test_service import (  # noqa: F401 - fixtures
     WORKLOAD,
@@ -29,6 +29,7 @@ from tests.integration.test_service import (  # noqa: F401 - fixtures
     wait_for,
 )
 from tests.model_factory import AdapterSpec, build_adapter
+from tests.slow_worker import slow_worker_modules
 
 RECOVERY_TIMEOUT_S = 180.0  # a new worker imports torch and loads the model, on a shared 2-core machine
 
@@ -36,7 +37,7 @@ RECOVERY_TIMEOUT_S = 180.0  # a new worker imports torch and loads the model, on
 @contextmanager
 def supervised_server(config: ServeConfig) -> Iterator[tuple[Launcher, LoraServeClient]]:
     """A launcher that supervises (restarts the dead) on a thread, as `loraserve serve` does."""
-    launcher = Launcher(replace(config, port=free_port()))
+    launcher = Launcher(config.replace(port=free_port()))
     launcher.start()
     supervisor = threading.Thread(target=launcher.supervise, name="supervisor", daemon=True)
     try:
@@ -146,9 +147,9 @@ SLOW_LOAD_S = 5.0
 @pytest.fixture(scope="module")
 def slow_server(base_config) -> Iterator[tuple[Launcher, LoraServeClient]]:
     """A queue of two; loads of a2 and a3 take SLOW_LOAD_S, so requests for them wait in the queue."""
-    config = replace(base_config, max_queued_requests=2, slow_loads={"a2": SLOW_LOAD_S, "a3": SLOW_LOAD_S},
+    config = base_config.replace(max_queued_requests=2,
                      grace_seconds=60)
-    with running_server(config) as pair:
+    with running_server(config, slow_worker_modules(slow_loads={"a2": SLOW_LOAD_S, "a3": SLOW_LOAD_S})) as pair:
         yield pair
 
 

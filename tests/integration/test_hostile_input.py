@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -63,7 +62,7 @@ def adapter_root(artifacts, service_model) -> Path:
 
 @pytest.fixture(scope="module")
 def hostile_server(base_config, adapter_root) -> Iterator[tuple[Launcher, LoraServeClient]]:
-    with running_server(replace(base_config, adapter_root=str(adapter_root))) as pair:
+    with running_server(base_config.replace(adapter_root=str(adapter_root))) as pair:
         yield pair
 
 

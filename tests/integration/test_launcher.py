@@ -82,3 +82,17 @@ def test_children_die_with_a_killed_launcher(demo_server):
 def test_scheduler_process_never_imports_torch():
     code = "import sys, scheduler.__main__, scheduler.service; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_bad_setting_is_a_usage_error_not_a_traceback():
+    result = subprocess.run([*CLI, "serve", "--pause-tokens-ratio", "1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "pause_tokens_ratio must exceed 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("process", ["frontend", "scheduler", "worker"])
+def test_each_process_lists_the_flags_of_its_part(process):
+    result = subprocess.run([sys.executable, "-m", process, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--log-level" in result.stdout
+    assert {"frontend": "--served-model-name", "scheduler": "--no-prefetch", "worker": "--host-cache-bytes"}[
+        process] in result.stdout

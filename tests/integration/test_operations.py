@@ -10,7 +10,6 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -28,15 +27,15 @@ BASE = "service-model"  # the served name of the base model: its directory's nam
 @pytest.fixture(scope="module")
 def ops_server(base_config, tmp_path_factory) -> Iterator[dict]:
     log_file = tmp_path_factory.mktemp("ops-logs") / "loraserve.jsonl"
-    config = replace(base_config, http_port=free_port(), metrics_port=free_port(), log_level="debug",
+    config = base_config.replace(http_port=free_port(), metrics_port=free_port(), log_level="debug",
                      log_format="json", log_file=str(log_file))
     with running_server(config) as (launcher, client):
-        host = f"http://127.0.0.1:{config.http_port}"
+        host = f"http://127.0.0.1:{config.frontend.http_port}"
         yield {
             "grpc": client,
             "openai": openai.OpenAI(base_url=f"{host}/v1", api_key="unused", timeout=60, max_retries=0),
             "http": host,
-            "metrics": f"http://127.0.0.1:{config.metrics_port}/metrics",
+            "metrics": f"http://127.0.0.1:{config.frontend.metrics_port}/metrics",
             "log_file": log_file,
         }
 

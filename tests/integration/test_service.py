@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import grpc
 import pytest
@@ -15,6 +14,7 @@ from tests.driver import Driver, Request, make_engine, make_resident
 from tests.integration.conftest import running_server
 from tests.model_factory import AdapterSpec, build_adapter
 from tests.oracle import PeftOracle
+from tests.slow_worker import slow_worker_modules
 
 TEACHER_FORCED_ATOL = 1e-4
 CLEAR_MARGIN = 1e-3  # tokens must be identical wherever the reference's top-two gap exceeds this
@@ -101,8 +101,8 @@ def test_text_prompts_are_tokenized_and_detokenized(server, oracle):
 
 @pytest.mark.parametrize("mode", ["overlap-off", "all-resident"])
 def test_modes_agree_with_overlap_on(mode, base_config, oracle, reference):
-    config = (replace(base_config, overlap_loading=False) if mode == "overlap-off"
-              else replace(base_config, max_loras_per_batch=4))
+    config = (base_config.replace(overlap_loading=False) if mode == "overlap-off"
+              else base_config.replace(max_loras_per_batch=4))
     with running_server(config) as (_, client):
         if mode == "all-resident":
             wait_for(lambda: all(a.state == serving_pb2.ADAPTER_STATE_RESIDENT
@@ -123,8 +123,7 @@ def wait_for(condition, what: str, timeout: float = 30.0) -> None:
 
 def test_slow_load_does_not_hold_back_resident_adapters(base_config, oracle, reference):
     slow_seconds = 3.0
-    config = replace(base_config, slow_loads={"a3": slow_seconds})
-    with running_server(config) as (_, client):
+    with running_server(base_config, slow_worker_modules(slow_loads={"a3": slow_seconds})) as (_, client):
         wait_for(lambda: {a.name: a.state for a in client.list_adapters().adapters}["a0"]
                  == serving_pb2.ADAPTER_STATE_RESIDENT, "a0 resident")
         finished_at = {}
@@ -190,7 +189,7 @@ def test_load_and_unload_while_requests_run(server, service_model, artifacts, or
         client.generate(input_ids=[5, 6, 7], adapter="a2", max_new_tokens=2)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     client.unload_adapter("late")
-    client.load_adapter("a2", str(server[0].config.lora_paths["a2"]))
+    client.load_adapter("a2", str(server[0].config.scheduler.initial_adapters["a2"]))
 
 
 def test_adapter_errors_have_status_codes(server, service_adapters, tmp_path):
@@ -221,8 +220,8 @@ def test_pipelined_load_streams_an_adapter_only_on_disk(base_config, oracle, ref
     admitted at once, its forward waits per layer for the read (streamed into the slot), and
     its tokens are right. Three host entries: prefetch leaves a3, the fourth, on disk."""
     slow_seconds = 1.5
-    config = replace(base_config, slow_reads={"a3": slow_seconds}, pipelined_loads=True, max_loaded_loras=3)
-    with running_server(config) as (_, client):
+    config = base_config.replace(pipelined_loads=True, max_loaded_loras=3)
+    with running_server(config, slow_worker_modules(slow_reads={"a3": slow_seconds})) as (_, client):
         wait_for(lambda: {a.name: a.state for a in client.list_adapters().adapters} == {
             "a0": serving_pb2.ADAPTER_STATE_RESIDENT, "a1": serving_pb2.ADAPTER_STATE_RESIDENT,
             "a2": serving_pb2.ADAPTER_STATE_HOST, "a3": serving_pb2.ADAPTER_STATE_ON_DISK}, "prefetch done")
@@ -238,8 +237,8 @@ def test_pipelined_load_streams_an_adapter_only_on_disk(base_config, oracle, ref
 def test_pipelined_load_starts_a_cold_request_on_an_idle_server(base_config, oracle, reference):
     """--pipelined-loads: admitted while its adapter's copy runs; the forward waits per layer."""
     slow_seconds = 1.5
-    config = replace(base_config, slow_loads={"a3": slow_seconds}, pipelined_loads=True)
-    with running_server(config) as (_, client):
+    config = base_config.replace(pipelined_loads=True)
+    with running_server(config, slow_worker_modules(slow_loads={"a3": slow_seconds})) as (_, client):
         wait_for(lambda: {a.name: a.state for a in client.list_adapters().adapters}["a0"]
                  == serving_pb2.ADAPTER_STATE_RESIDENT, "a0 resident")
         request_id, adapter, ids, n = WORKLOAD[4]  # a3

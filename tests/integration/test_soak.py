@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -157,11 +157,11 @@ def idle(client: LoraServeClient) -> tuple[int, ...]:
 
 
 def test_soak(base_config, soak_adapters, references):
-    config = replace(base_config, lora_paths={name: str(soak_adapters[name]) for name in SERVED},
+    config = base_config.replace(initial_adapters={name: str(soak_adapters[name]) for name in SERVED},
                      max_queued_requests=4 * CONCURRENCY)
     with running_server(config) as (launcher, client):
         size = next(a.size_bytes for a in client.list_adapters().adapters)
-        host_idle = -(-size // 256) * 256 * config.max_loaded_loras  # four of the six, all one shape
+        host_idle = -(-size // 256) * 256 * config.engine.max_loaded_loras  # four of the six, all one shape
         wait_for(lambda: client.stats().host_cache_bytes == host_idle, "the prefetch to fill the host cache")
         rng = random.Random(6)
         cases = [rng.choice(POOL) for _ in range(SOAK_REQUESTS)]

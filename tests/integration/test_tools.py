@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import replace
 
 from loraserve.bench import Record, summarize
 from loraserve.cli import main as cli
 from tests.integration.conftest import running_server
+from tests.slow_worker import slow_worker_modules
 
 
 def test_bench_records_summary_and_timeline(base_config, tmp_path):
-    config = replace(base_config, slow_loads={"a3": 1.5})
-    with running_server(config) as (launcher, client):
+    with running_server(base_config, slow_worker_modules(slow_loads={"a3": 1.5})) as (launcher, client):
         out = tmp_path / "bench.json"
         args = ["bench", "--address", launcher.address, "--num-prompts", "12", "--random-input-len", "24",
                 "--random-output-len", "8", "--request-rate", "40", "--seed", "3", "--lora-name", "a0", "a1",

@@ -9,9 +9,9 @@ import pytest
 
 from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
-from scheduler.config import SchedulerConfig
 from scheduler.core import SchedulerCore
 from scheduler.pages import PageAllocator
+from settings.config import SchedulerConfig
 from tests.scheduler.fake_worker import FakeWorker, hello, token_for
 
 CLIENT = b"frontend-1"

@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pytest
 
 from protos.loraserve.v1 import internal_pb2 as pb
-from scheduler.config import SchedulerConfig
 from scheduler.core import SchedulerCore
 from scheduler.requests import Phase, Request
+from settings.config import SchedulerConfig
 from tests.scheduler.fake_worker import FakeWorker, hello, token_for
 from tests.scheduler.test_core import assert_idle, finished, submit, tokens_of
 

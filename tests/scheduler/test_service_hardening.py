@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from protos.loraserve.v1 import internal_pb2 as pb
-from scheduler.config import SchedulerConfig
 from scheduler.service import SchedulerService, SchedulerServiceConfig, _parse, _read_registry
+from settings.config import SchedulerConfig
 
 
 @pytest.mark.parametrize("frames", [

@@ -16,8 +16,8 @@ import zmq
 from loraserve.healthcheck import healthy
 from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
-from scheduler.config import SchedulerConfig
 from scheduler.service import SchedulerService, SchedulerServiceConfig
+from settings.config import SchedulerConfig
 from tests.scheduler.fake_worker import hello
 
 TIMEOUT_MS = 10_000

@@ -1,0 +1,1 @@
+"""Settings shared by the launcher and the three processes; imports no process package."""

@@ -61,7 +61,7 @@ def step_batch(batch: int, adapters: int, context: int, prefill: int) -> list[Se
 
 def use_attention_shape(target_programs: int, warps: int, reduce_warps: int) -> None:
     """Replaces the decode attention's launch-shape defaults (read when a step's graph is captured)."""
-    from worker.kernels import _decode_attention_triton as kernels
+    from worker.kernels import _paged_attention_triton as kernels
 
     kernels.decode_attention = functools.partial(kernels.decode_attention, target_programs=target_programs,
                                                  warps=warps, reduce_warps=reduce_warps)

@@ -34,14 +34,7 @@ import torch
 
 from worker.batch import NO_ADAPTER, SequenceInput
 from worker.host_upload import mapped_bytes, upload_into
-from worker.kernels.decode_attention import (
-    decode_attention,
-    decode_attention_reference,
-    ragged_attention,
-    ragged_attention_reference,
-)
-from worker.kernels.lora_blocks import (ATTENTION_BLOCK_M, BLOCK_COLUMNS, BLOCK_M, PROMPT_BLOCK_M, attention_blocks,
-                                       lora_blocks, max_blocks)
+from worker.kernels.lora_blocks import BLOCK_COLUMNS, BLOCK_M, PROMPT_BLOCK_M, lora_blocks, max_blocks
 from worker.kernels.multi_lora import (
     LoraScratch,
     ModuleDelta,
@@ -49,6 +42,14 @@ from worker.kernels.multi_lora import (
     add_lora_deltas,
     lora_expand,
     lora_shrink,
+)
+from worker.kernels.paged_attention import (
+    ATTENTION_BLOCK_M,
+    attention_blocks,
+    decode_attention,
+    decode_attention_reference,
+    ragged_attention,
+    ragged_attention_reference,
 )
 from worker.kv_cache import PagedKVCache
 from worker.lora.slots import LoraSlots

@@ -14,13 +14,14 @@ from tests.driver import Driver, Request, forward_paths, make_engine, make_resid
 from tests.worker.test_multi_lora import mixes, per_token_reference
 from worker import decode_step
 from worker.batch import SequenceInput
-from worker.kernels.decode_attention import (
+from worker.kernels.lora_blocks import BLOCK_M, PROMPT_BLOCK_M, lora_blocks
+from worker.kernels.paged_attention import (
+    attention_blocks,
     decode_attention,
     decode_attention_reference,
     ragged_attention,
     ragged_attention_reference,
 )
-from worker.kernels.lora_blocks import BLOCK_M, PROMPT_BLOCK_M, attention_blocks, lora_blocks
 from worker.kernels.multi_lora import (SPLIT_K_TOKENS, LoraScratch, ModuleDelta, add_lora_delta_reference,
                                       add_lora_deltas, lora_expand, lora_shrink)
 
@@ -150,7 +151,7 @@ def decode_case(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, le
 def test_triton_decode_attention_matches_reference(dtype, heads, kv_heads, head_dim, window, lengths, splits):
     """splits None: the shape heuristic (what `decode_attention` runs); 1: the one-pass kernel; 8: two warps
     (`decode_warps`); 64: many empty."""
-    from worker.kernels import _decode_attention_triton as kernels
+    from worker.kernels import _paged_attention_triton as kernels
 
     q, keys, values, page_table, lens, page_size = decode_case(DTYPES[dtype], heads, kv_heads, head_dim, lengths)
     scale = head_dim**-0.5

@@ -17,7 +17,7 @@ import itertools
 import torch
 
 from gpu_timing import graph_microseconds  # a sibling: benchmarks/ is on sys.path when run as a script
-from worker.decode_step import decode_shape
+from worker.graph_step import decode_shape
 from worker.kernels import _paged_attention_triton as kernels
 from worker.kernels.lora_blocks import max_blocks
 from worker.kernels.paged_attention import attention_blocks

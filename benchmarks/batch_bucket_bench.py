@@ -14,7 +14,7 @@ import argparse
 
 from profile_decode import build_engine, step_batch  # siblings: benchmarks/ is on sys.path as a script
 from step_tile_sweep import Choice, StepTimer
-from worker import decode_step
+from worker import graph_step as decode_step
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.decode_step import MIXED_TOKEN_BUCKETS
+from worker.graph_step import MIXED_TOKEN_BUCKETS
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import asdict, replace
 import torch
 
 from profile_decode import build_engine, step_batch  # a sibling: benchmarks/ is on sys.path as a script
-from worker import decode_step
+from worker import graph_step as decode_step
 from worker.kernels import multi_lora
 from worker.kernels.multi_lora import BLOCK_M, WIDE_INPUT, ExpandTiles, LoraScratch, ShrinkTiles
 

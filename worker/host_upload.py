@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 
+import numpy as np
 import torch
 
 from worker.lora.stream_wait import device_address
@@ -46,7 +47,7 @@ def upload_into(out: torch.Tensor, source: torch.Tensor) -> None:
 _held: deque[tuple[torch.cuda.Event, torch.Tensor]] = deque()  # pinned sources the GPU may still read
 
 
-def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def upload(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host values as a tensor on `device`, queued on the current stream without waiting for it."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
@@ -60,3 +61,9 @@ def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tens
     while _held and _held[0][0].query():
         _held.popleft()
     return out
+
+
+def index_tensor(values: list | np.ndarray, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host indices on the device without waiting for the GPU, nor for adapter loads queued on
+    the copy engine."""
+    return upload(values, dtype, device)

@@ -100,8 +100,8 @@ class WorkerService:
     def __init__(self, config: WorkerConfig, engine: Engine | None = None) -> None:
         self.config = config
         self.engine = engine or Engine(config.engine)
-        if self.engine.decode_runner is not None:
-            self.engine.decode_runner.capture_all()
+        if self.engine.graph_runner is not None:
+            self.engine.graph_runner.capture_all()
         if config.slow_loads:
             on_gpu = self.engine.device.type == "cuda"
             self.engine.copier.hook = slow_load_hook(

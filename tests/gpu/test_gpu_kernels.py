@@ -12,7 +12,7 @@ import torch
 
 from tests.driver import Driver, Request, forward_paths, make_engine, make_resident
 from tests.worker.test_multi_lora import mixes, per_token_reference
-from worker import decode_step
+from worker import graph_step
 from worker.batch import SequenceInput
 from worker.kernels.lora_blocks import BLOCK_M, PROMPT_BLOCK_M, lora_blocks
 from worker.kernels.paged_attention import (
@@ -212,7 +212,7 @@ def test_cuda_graph_decode_matches_eager_while_another_slot_loads(arch, model_di
         requests = decode_requests()
         Driver(engine, chunk=64).run(requests)
         if static:
-            assert engine.decode_runner.graphs_captured > 0
+            assert engine.graph_runner.graphs_captured > 0
         runs[static] = requests
         engine.poll()
         engine.close()
@@ -241,7 +241,7 @@ def test_steps_reading_a_landing_adapter_replay_per_layer_graphs_and_match_eager
         requests = decode_requests()
         Driver(engine, chunk=64).run(requests)
         if static:
-            assert engine.decode_runner.layered_graphs_captured == 1
+            assert engine.graph_runner.layered_graphs_captured == 1
             paths = forward_paths(engine)
             assert paths[0] == "static-waiting" and set(paths[1:]) == {"static"}, paths
         runs[static] = requests
@@ -269,8 +269,8 @@ def test_static_steps_run_lora_on_the_side_stream(model_dirs, mixed_adapter_dirs
         return launch
 
     for kernel in ("lora_shrink", "lora_expand"):
-        monkeypatch.setattr(decode_step, kernel, recorded(kernel, getattr(decode_step, kernel)))
-    side, main = engine.decode_runner._lora_stream, torch.cuda.current_stream()
+        monkeypatch.setattr(graph_step, kernel, recorded(kernel, getattr(graph_step, kernel)))
+    side, main = engine.graph_runner._lora_stream, torch.cuda.current_stream()
     groups = 4 * engine.model_config.num_layers  # qkv, o, gate/up, down
     engine.forward([SequenceInput("r", [5], 3, [0], adapter_slot=2)])
     assert launches == [("lora_shrink", side), ("lora_expand", side)] * groups
@@ -340,7 +340,7 @@ def test_cuda_graph_mixed_steps_match_eager(arch, model_dirs, mixed_adapter_dirs
         requests = decode_requests()
         Driver(engine, chunk=5).run(requests)
         if static:
-            assert any(shape.mixed for shape in engine.decode_runner._graphs)
+            assert any(shape.mixed for shape in engine.graph_runner._graphs)
         runs[static] = requests
         engine.close()
     for eager, graphed in zip(runs[False], runs[True]):

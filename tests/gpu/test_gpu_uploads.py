@@ -48,7 +48,7 @@ def test_a_forward_launched_after_a_load_does_not_wait_for_its_copies(model_dirs
     engine.stage_adapter(late)
     engine.wait_staged(late)
     if static:
-        engine.decode_runner.capture_all()
+        engine.graph_runner.capture_all()
     request = SequenceInput("r", list(range(3, 12)), 0, [0, 1, 2], adapter_slot=2)
     engine.forward([request])  # warm-up: compiles and first pinned allocations
     ballast = torch.empty(BALLAST_BYTES, dtype=torch.uint8, pin_memory=True)

@@ -1,6 +1,6 @@
 """The work list of the segmented multi-LoRA kernels, built on the host.
 
-Tokens arrive sorted by adapter slot (`worker.plan`), so each adapter's tokens form one
+Tokens arrive sorted by adapter slot (`worker.step_inputs`), so each adapter's tokens form one
 contiguous run (base-model tokens, slot -1, come first, and a padded batch's padding rows
 form one more run at the end). Each run is cut into blocks of at most `block_m` tokens
 (BLOCK_M for decode steps, PROMPT_BLOCK_M for steps that carry a prompt); a

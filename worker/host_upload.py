@@ -51,7 +51,7 @@ def upload(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) 
     """Host values as a tensor on `device`, queued on the current stream without waiting for it."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
-    host = torch.tensor(values, dtype=dtype, pin_memory=True)
+    host = _pinned(values, dtype)
     out = torch.empty(host.shape, dtype=dtype, device=device)
     if host.numel():
         upload_into(out, mapped_bytes(host))
@@ -61,6 +61,14 @@ def upload(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) 
     while _held and _held[0][0].query():
         _held.popleft()
     return out
+
+
+def _pinned(values: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(values, np.ndarray):  # torch.tensor cannot pin what it builds from numpy
+        host = torch.empty(values.shape, dtype=dtype, pin_memory=True)
+        host.copy_(torch.from_numpy(values))
+        return host
+    return torch.tensor(values, dtype=dtype, pin_memory=True)
 
 
 def index_tensor(values: list | np.ndarray, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:

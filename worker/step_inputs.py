@@ -60,16 +60,20 @@ def build_step_inputs(inputs: Sequence[SequenceInput], *, page_size: int, num_pa
     context_lens = np.fromiter((seq.context_len for seq in sequences), dtype=np.int64, count=count)
     slots = np.fromiter((seq.adapter_slot for seq in sequences), dtype=np.int64, count=count)
     seq_lens = context_lens + token_counts
-    ends = np.cumsum(token_counts)
-    seq_starts = ends - token_counts
-    num_tokens = int(ends[-1])
-    token_rows = np.repeat(np.arange(count), token_counts)
-    positions = np.arange(num_tokens) - seq_starts[token_rows] + context_lens[token_rows]
+    num_tokens = int(token_counts.sum())
+    if num_tokens == count:  # decodes only (most steps): token i is sequence i's, at its context length
+        seq_starts = token_rows = np.arange(count)
+        positions, token_slots = context_lens, slots
+    else:
+        seq_starts = np.cumsum(token_counts) - token_counts
+        token_rows = np.repeat(np.arange(count), token_counts)
+        positions = np.arange(num_tokens) - seq_starts[token_rows] + context_lens[token_rows]
+        token_slots = np.repeat(slots, token_counts)
     page_table = _page_table(sequences, -(-seq_lens // page_size))
     return StepInputs(
         sequences=sequences,
         order=order,
-        active_slots=frozenset(int(slot) for slot in slots if slot != NO_ADAPTER),
+        active_slots=frozenset(seq.adapter_slot for seq in sequences if seq.adapter_slot != NO_ADAPTER),
         seq_starts=seq_starts,
         token_counts=token_counts,
         seq_lens=seq_lens,
@@ -78,7 +82,7 @@ def build_step_inputs(inputs: Sequence[SequenceInput], *, page_size: int, num_pa
                               count=num_tokens),
         positions=positions,
         kv_write_index=kv_index(page_table, token_rows, positions, page_size),
-        token_slots=np.repeat(slots, token_counts),
+        token_slots=token_slots,
         token_rows=token_rows,
     )
 
@@ -181,7 +185,7 @@ class PreviousTokens:
 
 def previous_token_sources(step: StepInputs, previous: PreviousTokens | None) -> list[tuple[int, int]]:
     """(flat token index, row of `previous`) of each sequence fed its previous sampled token."""
-    wanted = [(int(start), seq.request_id) for seq, start in zip(step.sequences, step.seq_starts)
+    wanted = [(start, seq.request_id) for seq, start in zip(step.sequences, step.seq_starts.tolist())
               if seq.previous_token]
     missing = [request_id for _, request_id in wanted if previous is None or request_id not in previous.rows]
     if missing:

@@ -6,6 +6,7 @@ Run on a GPU machine: `python -m pytest -m gpu tests/gpu`.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,10 @@ BALLAST_BYTES = 512 << 20  # ~10 ms more of the copy engine after each layer's c
     (torch.bool, [True, False, True]),
     (torch.long, [[0, 5], [9, -2]]),
     (torch.long, []),
+    (torch.long, np.array([[0, 5], [9, -2]])),  # numpy, as `worker.step_inputs` builds them
+    (torch.long, np.arange(9)[::2]),
+    (torch.bool, np.array([True, False, True])),
+    (torch.long, np.zeros(0, dtype=np.int64)),
 ])
 def test_upload_gives_the_host_values(dtype, values):
     out = upload(values, dtype, torch.device("cuda"))

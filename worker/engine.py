@@ -1,7 +1,7 @@
 """The worker engine: executes the scheduler's commands, owns every tensor.
 
-Mechanism only: which adapter goes to which slot, what to stage or evict, is decided by the
-caller. Commands never block on a copy unless asked to (`blocking=True`, the seed's
+Mechanism only: which adapter goes to which slot, what to stage ahead or evict, is decided by
+the caller (a load stages an adapter the host cache lacks). Commands never block on a copy unless asked to (`blocking=True`, the seed's
 baseline); `poll` reports finished staging and loads without blocking.
 """
 
@@ -21,7 +21,7 @@ from worker.host_upload import index_tensor
 from worker.kv_cache import PagedKVCache
 from worker.lora.adapter import TARGET_MODULES, AdapterManifest, read_adapter_manifest
 from worker.lora.copier import CudaCopier, LayerCopiedHook, LoadJob, ThreadCopier
-from worker.lora.host_cache import HostAdapter, HostCache
+from worker.lora.host_cache import HostCache
 from worker.lora.slots import LoraSlots
 from worker.model.config import DTYPES, ModelConfig, load_model_config
 from worker.model.llama import LlamaModel, ModelWeights, fuse_weights
@@ -162,9 +162,14 @@ class Engine:
         self.host_cache.evict(name)
 
     def load_adapter(self, name: str, slot: int, *, blocking: bool = False) -> None:
-        """Copies an adapter from the host cache into `slot` on a load stream (or waits, if
-        blocking). One still being read from disk streams: each layer's copy waits for its read."""
-        adapter = self._in_host_cache(name)
+        """Copies an adapter into `slot` on a load stream, staging it first if the host cache
+        lacks it. One still being read from disk streams: each layer's copy waits for its read.
+        Blocking (the seed's baseline) reads the whole adapter, then copies it and waits."""
+        if name not in self.host_cache.entries:
+            self.stage_adapter(name)
+        if blocking:
+            self.wait_staged(name)
+        adapter = self.host_cache.entries[name]
         self._check_slot_free_for(name, slot)
         self.slots.assign(slot, adapter)
         self.failed_slots.discard(slot)
@@ -318,7 +323,7 @@ class Engine:
         chosen = [i for i, seq in enumerate(step.sequences) if seq.sample]
         if not chosen:
             return chosen, None
-        last_tokens = step.seq_starts[chosen] + step.token_counts[chosen] - 1
+        last_tokens = (step.seq_starts[chosen] + step.token_counts[chosen] - 1).tolist()
         logits = self.model.logits(hidden[index_tensor(last_tokens, self.device)])
         seqs = [step.sequences[i] for i in chosen]
         return chosen, sample_on_device(logits, [s.sampling for s in seqs], [s.total_len for s in seqs])
@@ -350,14 +355,6 @@ class Engine:
         if name not in self.adapters:
             raise AdapterNotFoundError(f"adapter {name!r} is not registered")
         return self.adapters[name]
-
-    def _in_host_cache(self, name: str) -> HostAdapter:
-        """Its host entry, staged or still being read (a failed read fails the load through `poll`)."""
-        self._manifest(name)
-        entry = self.host_cache.entries.get(name)
-        if entry is None:
-            raise AdapterStateError(f"adapter {name!r} is not in the host cache; stage it first")
-        return entry
 
     def _check_slot_free_for(self, name: str, slot: int) -> None:
         if not 0 <= slot < self.slots.num_slots:

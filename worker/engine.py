@@ -1,8 +1,9 @@
 """The worker engine: executes the scheduler's commands, owns every tensor.
 
 Mechanism only: which adapter goes to which slot, what to stage ahead or evict, is decided by
-the caller (a load stages an adapter the host cache lacks). Commands never block on a copy unless asked to (`blocking=True`, the seed's
-baseline); `poll` reports finished staging and loads without blocking.
+the caller (a load stages an adapter the host cache lacks). Commands never block on a copy
+unless asked to (`blocking=True`, the seed's baseline); `poll` reports finished staging and
+loads without blocking.
 """
 
 from __future__ import annotations

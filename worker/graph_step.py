@@ -4,13 +4,12 @@ A decode-only batch (one new token per sequence) is padded to a batch-size bucke
 page-table width bucket. With `mixed=True`, a batch with prefill chunks is padded to a
 token bucket instead and its attention runs the ragged paged kernel (a block of up to
 ATTENTION_BLOCK_M query tokens of one sequence per program; `EngineConfig.static_mixed`, on
-by default).
-Everything the step reads lives in per-shape static buffers, refilled before each step by
-one upload (a kernel reading their pinned host twin): the step's inputs built once by
-`worker.step_inputs` (token ids, positions, KV write indices, page table, sequence lengths,
-per-token slots and sequence rows), padded, and the multi-LoRA and attention block tables. On
-CUDA the whole forward (embedding to final norm, 2 kernels per adapted module, the paged
-attention kernels) is captured once per shape and replayed, so a step costs a few
+by default). Everything the step reads lives in per-shape static buffers, refilled before
+each step by one upload (a kernel reading their pinned host twin): the step's inputs, built
+once by `worker.step_inputs` (token ids, positions, KV write indices, page table, sequence
+lengths, per-token slots and sequence rows), padded, and the multi-LoRA and attention block
+tables. On CUDA the whole forward (embedding to final norm, 2 kernels per adapted module,
+the paged attention kernels) is captured once per shape and replayed, so a step costs a few
 launches instead of thousands. On CPU the same step runs eagerly with the torch reference
 kernels, which is how CI covers the buffer logic.
 

@@ -314,14 +314,14 @@ def test_triton_ragged_attention_matches_reference(dtype, heads, kv_heads, head_
     values = torch.randn_like(keys)
     page_table = torch.stack([torch.randperm(num_pages, generator=torch.Generator().manual_seed(i))[:20]
                               for i in range(len(sequences))]).cuda()
-    token_seq = [row for row, (_, n) in enumerate(sequences) for _ in range(n)] + [-1] * 9
+    token_rows = [row for row, (_, n) in enumerate(sequences) for _ in range(n)] + [-1] * 9
     positions = [p for context, n in sequences for p in range(context, context + n)] + [0] * 9
-    token_seq, positions = torch.tensor(token_seq, device="cuda"), torch.tensor(positions, device="cuda")
-    q = torch.randn(len(token_seq), heads, head_dim, device="cuda", generator=gen, dtype=DTYPES[dtype])
+    token_rows, positions = torch.tensor(token_rows, device="cuda"), torch.tensor(positions, device="cuda")
+    q = torch.randn(len(token_rows), heads, head_dim, device="cuda", generator=gen, dtype=DTYPES[dtype])
     blocks = torch.from_numpy(attention_blocks([n for _, n in sequences], 32)).cuda()
     scale = head_dim**-0.5
     out = ragged_attention(q, keys, values, page_table, blocks, positions, 16, scale, window)
-    expected = ragged_attention_reference(q.double(), keys.double(), values.double(), page_table, token_seq,
+    expected = ragged_attention_reference(q.double(), keys.double(), values.double(), page_table, token_rows,
                                           positions, page_size, scale, window)
     tolerance = 1e-4 if dtype == "float32" else 2e-2
     torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)

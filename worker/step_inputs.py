@@ -53,14 +53,13 @@ def build_step_inputs(inputs: Sequence[SequenceInput], *, page_size: int, num_pa
         raise ValueError("a forward needs at least one sequence")
     order = sorted(range(len(inputs)), key=lambda i: inputs[i].adapter_slot)
     sequences = [inputs[i] for i in order]
+    for seq in sequences:  # on Python ints, before any could overflow an int64 array
+        _validate(seq, page_size, num_pages, vocab_size)
     count = len(sequences)
-    token_counts = np.fromiter((len(seq.token_ids) for seq in sequences), dtype=np.int64, count=count)
-    context_lens = np.fromiter((seq.context_len for seq in sequences), dtype=np.int64, count=count)
-    slots = np.fromiter((seq.adapter_slot for seq in sequences), dtype=np.int64, count=count)
+    token_counts = np.array([len(seq.token_ids) for seq in sequences], dtype=np.int64)
+    context_lens = np.array([seq.context_len for seq in sequences], dtype=np.int64)
+    slots = np.array([seq.adapter_slot for seq in sequences], dtype=np.int64)
     seq_lens = context_lens + token_counts
-    pages_needed = -(-seq_lens // page_size)
-    for seq, pages in zip(sequences, pages_needed.tolist()):
-        _validate(seq, pages, num_pages, vocab_size)
     num_tokens = int(token_counts.sum())
     if num_tokens == count:  # decodes only (most steps): token i is sequence i's, at its context length
         seq_starts = token_rows = np.arange(count)
@@ -70,7 +69,7 @@ def build_step_inputs(inputs: Sequence[SequenceInput], *, page_size: int, num_pa
         token_rows = np.repeat(np.arange(count), token_counts)
         positions = np.arange(num_tokens) - seq_starts[token_rows] + context_lens[token_rows]
         token_slots = np.repeat(slots, token_counts)
-    page_table = _page_table(sequences, pages_needed)
+    page_table = _page_table(sequences, -(-seq_lens // page_size))
     return StepInputs(
         sequences=sequences,
         order=order,
@@ -95,13 +94,14 @@ def _page_table(sequences: Sequence[SequenceInput], pages_needed: np.ndarray) ->
     return table
 
 
-def _validate(seq: SequenceInput, needed_pages: int, num_pages: int, vocab_size: int) -> None:
+def _validate(seq: SequenceInput, page_size: int, num_pages: int, vocab_size: int) -> None:
     if not seq.token_ids:
         raise ValueError(f"request {seq.request_id}: no new tokens")
     if seq.previous_token and len(seq.token_ids) != 1:
         raise ValueError(f"request {seq.request_id}: a previous-token input is one token")
     if seq.context_len < 0:
         raise ValueError(f"request {seq.request_id}: negative context length")
+    needed_pages = -(-seq.total_len // page_size)
     if len(seq.page_table) < needed_pages:
         raise ValueError(
             f"request {seq.request_id}: {seq.total_len} tokens need {needed_pages} pages, "

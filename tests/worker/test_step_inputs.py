@@ -110,3 +110,9 @@ def test_padded_attention_groups_match_the_reference():
 def test_an_empty_batch_is_refused():
     with pytest.raises(ValueError, match="at least one sequence"):
         build_step_inputs([], page_size=4, num_pages=NUM_PAGES, vocab_size=VOCAB)
+
+
+def test_a_context_past_int64_is_refused_by_validation_not_wrapped():
+    huge = SequenceInput("r", [1], context_len=2**63 - 1, page_table=[0])
+    with pytest.raises(ValueError, match="pages"):
+        build_step_inputs([huge], page_size=4, num_pages=NUM_PAGES, vocab_size=VOCAB)

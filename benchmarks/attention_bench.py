@@ -17,9 +17,10 @@ import itertools
 import torch
 
 from benchmarks.common import graph_microseconds
-from worker.decode_step import decode_shape
-from worker.kernels import _decode_attention_triton as kernels
-from worker.kernels.lora_blocks import attention_blocks, max_blocks
+from worker.graph_step import decode_shape
+from worker.kernels import _paged_attention_triton as kernels
+from worker.kernels.lora_blocks import max_blocks
+from worker.kernels.paged_attention import attention_blocks
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
 CALLS_PER_GRAPH = 20

@@ -3,7 +3,7 @@
     python -m benchmarks.seed_steps OUT/large-on.trace.json.gz   # written by seed_workload
 
 Decode steps are grouped by (sequences, adapters); steps carrying a prompt by the mixed
-token bucket their tokens pad to (`worker.decode_step.MIXED_TOKEN_BUCKETS`, or `--buckets`:
+token bucket their tokens pad to (`worker.graph_step.MIXED_TOKEN_BUCKETS`, or `--buckets`:
 the trace does not say which buckets the run had) and their path
 (`static`, `static-waiting` while a load lands, `eager`). Prints each group's count, median
 and total milliseconds, the largest totals first, and the share of the forwards' time that
@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.decode_step import MIXED_TOKEN_BUCKETS
+from worker.graph_step import MIXED_TOKEN_BUCKETS
 
 
 @dataclass(frozen=True)

@@ -10,27 +10,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from worker.plan import AttentionPlan
+from worker.step_inputs import PaddedAttentionGroup
 
 
-def attention_mask(plan: AttentionPlan, sliding_window: int | None) -> torch.Tensor:
+def attention_mask(group: PaddedAttentionGroup, sliding_window: int | None) -> torch.Tensor:
     """[B, 1, max_q, max_kv] bool: causal, within the sequence, within the window."""
-    max_kv = plan.kv_index.shape[1]
-    kv_pos = torch.arange(max_kv, device=plan.kv_index.device)
-    q_pos = plan.q_pos[:, :, None]
-    mask = (kv_pos[None, None, :] <= q_pos) & (kv_pos[None, None, :] < plan.kv_len[:, None, None])
+    max_kv = group.kv_index.shape[1]
+    kv_pos = torch.arange(max_kv, device=group.kv_index.device)
+    q_pos = group.q_pos[:, :, None]
+    mask = (kv_pos[None, None, :] <= q_pos) & (kv_pos[None, None, :] < group.kv_len[:, None, None])
     if sliding_window is not None:
         mask &= kv_pos[None, None, :] > q_pos - sliding_window
     # Padded query rows attend to key 0 so softmax has no all-masked row (their output is dropped).
-    mask[:, :, 0] |= ~plan.q_valid
+    mask[:, :, 0] |= ~group.q_valid
     return mask[:, None]
 
 
-def paged_attention(
+def padded_group_attention(
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    groups: list[AttentionPlan],
+    groups: list[PaddedAttentionGroup],
     masks: list[torch.Tensor],
     scale: float,
 ) -> torch.Tensor:
@@ -46,10 +46,10 @@ def paged_attention(
     return out
 
 
-def _group_attention(q, keys, values, plan: AttentionPlan, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def _group_attention(q, keys, values, group: PaddedAttentionGroup, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """The group's valid query rows, in padded-row order (= its token_index order)."""
-    q_padded = q[plan.q_index].transpose(1, 2)  # [B, H, max_q, D]
-    k = keys[plan.kv_index].transpose(1, 2)  # [B, KVH, max_kv, D]
-    v = values[plan.kv_index].transpose(1, 2)
+    q_padded = q[group.q_index].transpose(1, 2)  # [B, H, max_q, D]
+    k = keys[group.kv_index].transpose(1, 2)  # [B, KVH, max_kv, D]
+    v = values[group.kv_index].transpose(1, 2)
     out = F.scaled_dot_product_attention(q_padded, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(1, 2).flatten(0, 1)[plan.q_rows]
+    return out.transpose(1, 2).flatten(0, 1)[group.q_rows]

@@ -1,8 +1,9 @@
 """The worker engine: executes the scheduler's commands, owns every tensor.
 
-Mechanism only: which adapter goes to which slot, what to stage or evict, is decided by the
-caller. Commands never block on a copy unless asked to (`blocking=True`, the seed's
-baseline); `poll` reports finished staging and loads without blocking.
+Mechanism only: which adapter goes to which slot, what to stage ahead or evict, is decided by
+the caller (a load stages an adapter the host cache lacks). Commands never block on a copy
+unless asked to (`blocking=True`, the seed's baseline); `poll` reports finished staging and
+loads without blocking.
 """
 
 from __future__ import annotations
@@ -15,27 +16,26 @@ import torch
 
 from settings.config import EngineConfig
 from worker.batch import NO_ADAPTER, ForwardOutput, SampledToken, SequenceInput
-from worker.decode_step import DecodeRunner
 from worker.errors import AdapterNotFoundError, AdapterStateError, CapacityError
+from worker.graph_step import GraphStepRunner
+from worker.host_upload import index_tensor
 from worker.kv_cache import PagedKVCache
 from worker.lora.adapter import AdapterManifest, read_adapter_manifest
 from worker.lora.copier import CudaCopier, LayerCopiedHook, LoadJob, ThreadCopier
-from worker.lora.host_cache import HostAdapter, HostCache, LayerReadHook
+from worker.lora.host_cache import HostCache, LayerReadHook
 from worker.lora.slots import LoraSlots
 from worker.model.config import DTYPES, ModelConfig, load_model_config
 from worker.model.llama import LlamaModel, ModelWeights, fuse_weights
 from worker.model.weights import dummy_weights, load_safetensors
-from worker.plan import (
-    ForwardPlan,
-    PreviousTokens,
-    SortedBatch,
-    feed_previous_tokens,
-    index_tensor,
-    plan_tensors,
-    previous_token_sources,
-    sort_batch,
-)
 from worker.sampling import DeviceSample, sample_on_device, to_host, validate_sampling
+from worker.step_inputs import (
+    PreviousTokens,
+    StepInputs,
+    build_step_inputs,
+    eager_step_tensors,
+    feed_previous_tokens,
+    previous_token_sources,
+)
 from worker.timeline import COMPUTE_LANE, COPY_LANE, Timeline
 
 
@@ -52,8 +52,8 @@ class AdapterInfo:
 class PendingForward:
     """A forward queued on the GPU; `Engine.finish` waits for its tokens."""
 
-    batch: SortedBatch
-    sampled_rows: list[int]  # indices into batch.sequences of the sequences that sample
+    step: StepInputs
+    sampled_rows: list[int]  # indices into step.sequences of the sequences that sample
     sampled: DeviceSample | None
     logits: dict[str, torch.Tensor] | None
     done: torch.cuda.Event | None  # after the tokens' host copies; None on CPU (already run)
@@ -94,7 +94,7 @@ class Engine:
         self.copier = (CudaCopier(self.slots, c.num_layers, self.device, load_hook) if on_gpu
                        else ThreadCopier(self.slots, c.num_layers, load_hook))
         self.timeline = Timeline(self.device)
-        self.decode_runner = DecodeRunner(
+        self.graph_runner = GraphStepRunner(
             self.model, self.kv_cache, self.slots, page_size=config.page_size,
             max_batch=config.max_decode_batch, use_cuda_graphs=config.cuda_graphs, mixed=config.static_mixed,
         ) if config.static_decode else None
@@ -146,9 +146,14 @@ class Engine:
         self.host_cache.evict(name)
 
     def load_adapter(self, name: str, slot: int, *, blocking: bool = False) -> None:
-        """Copies an adapter from the host cache into `slot` on a load stream (or waits, if
-        blocking). One still being read from disk streams: each layer's copy waits for its read."""
-        adapter = self._in_host_cache(name)
+        """Copies an adapter into `slot` on a load stream, staging it first if the host cache
+        lacks it. One still being read from disk streams: each layer's copy waits for its read.
+        Blocking (the seed's baseline) reads the whole adapter, then copies it and waits."""
+        if name not in self.host_cache.entries:
+            self.stage_adapter(name)
+        if blocking:
+            self.wait_staged(name)
+        adapter = self.host_cache.entries[name]
         self._check_slot_free_for(name, slot)
         self.slots.assign(slot, adapter)
         self.failed_slots.discard(slot)
@@ -232,36 +237,36 @@ class Engine:
         for seq in inputs:
             validate_sampling(seq.sampling)
             self._check_slot_served(seq)
-        batch = sort_batch(inputs, page_size=self.config.page_size, num_pages=self.config.num_kv_pages,
-                           vocab_size=self.model_config.vocab_size)
-        sources = previous_token_sources(batch, previous)
-        static = self.decode_runner is not None and self.decode_runner.supports(batch.sequences)
-        landing = self._landing(batch.active_slots)
-        span = self.timeline.begin(COMPUTE_LANE, "forward", sequences=len(inputs), tokens=batch.num_tokens,
-                                   adapters=sorted({self.slots.occupants[s] for s in batch.active_slots}),
+        step = build_step_inputs(inputs, page_size=self.config.page_size, num_pages=self.config.num_kv_pages,
+                                 vocab_size=self.model_config.vocab_size)
+        sources = previous_token_sources(step, previous)
+        static = self.graph_runner is not None and self.graph_runner.supports(step.sequences)
+        landing = self._landing(step.active_slots)
+        span = self.timeline.begin(COMPUTE_LANE, "forward", sequences=len(inputs), tokens=step.num_tokens,
+                                   adapters=sorted({self.slots.occupants[s] for s in step.active_slots}),
                                    path=_path_name(static, landing))
 
         def feed(input_ids: torch.Tensor) -> None:
             if sources:
                 feed_previous_tokens(input_ids, sources, previous)
 
-        with torch.inference_mode(), self.copier.reading(batch.active_slots):
+        with torch.inference_mode(), self.copier.reading(step.active_slots):
             if static:
-                hidden = self.decode_runner.run(batch.sequences, feed, self._layer_waits(landing))
+                hidden = self.graph_runner.run(step, feed, self._layer_waits(landing))
             else:
-                hidden = self._eager_forward(batch, feed, landing)
-            sampled_rows, sampled = self._sample(batch, hidden)
+                hidden = self._eager_forward(step, feed, landing)
+            sampled_rows, sampled = self._sample(step, hidden)
             self._waited_on.update(job.slot for job in landing)
             self.timeline.end(span)
             done = None
             if self.device.type == "cuda":  # passed once the tokens' copies to the host are done
                 done = torch.cuda.Event()
                 done.record()
-            logits = self._all_logits(batch, hidden) if return_logits else None
+            logits = self._all_logits(step, hidden) if return_logits else None
         if sampled is not None:
-            self._previous = PreviousTokens(sampled.token_ids, {batch.sequences[i].request_id: row
+            self._previous = PreviousTokens(sampled.token_ids, {step.sequences[i].request_id: row
                                                                 for row, i in enumerate(sampled_rows)})
-        return PendingForward(batch, sampled_rows, sampled, logits, done)
+        return PendingForward(step, sampled_rows, sampled, logits, done)
 
     def finish(self, pending: PendingForward) -> ForwardOutput:
         """Waits for a launched forward's tokens; they come in the caller's order."""
@@ -270,8 +275,8 @@ class Engine:
         if pending.done is not None:
             pending.done.synchronize()  # this forward's tokens only, not a forward queued after it
         token_ids, logprobs = to_host(pending.sampled)
-        batch = pending.batch
-        by_caller_order = sorted((batch.order[i], batch.sequences[i].request_id, token, logprob)
+        step = pending.step
+        by_caller_order = sorted((step.order[i], step.sequences[i].request_id, token, logprob)
                                  for i, token, logprob in zip(pending.sampled_rows, token_ids, logprobs))
         return ForwardOutput(tokens=[SampledToken(request_id, token, logprob)
                                      for _, request_id, token, logprob in by_caller_order],
@@ -291,27 +296,27 @@ class Engine:
                 self.copier.wait_layer(job, layer)
         return wait
 
-    def _eager_forward(self, batch: SortedBatch, feed: Callable[[torch.Tensor], None],
+    def _eager_forward(self, step: StepInputs, feed: Callable[[torch.Tensor], None],
                        landing: list[LoadJob]) -> torch.Tensor:
-        plan = plan_tensors(batch, page_size=self.config.page_size, device=self.device)
-        feed(plan.input_ids)
-        return self.model.forward(plan, self.kv_cache, _ForwardLora(self, plan, landing))
+        tensors = eager_step_tensors(step, page_size=self.config.page_size, device=self.device)
+        feed(tensors.input_ids)
+        return self.model.forward(tensors, self.kv_cache, _ForwardLora(self, step, landing))
 
-    def _sample(self, batch: SortedBatch, hidden: torch.Tensor) -> tuple[list[int], DeviceSample | None]:
+    def _sample(self, step: StepInputs, hidden: torch.Tensor) -> tuple[list[int], DeviceSample | None]:
         """Queues the sampling of every sequence that samples: (their indices, tokens on the device)."""
-        chosen = [i for i, seq in enumerate(batch.sequences) if seq.sample]
+        chosen = [i for i, seq in enumerate(step.sequences) if seq.sample]
         if not chosen:
             return chosen, None
-        rows = [batch.seq_starts[i] + len(batch.sequences[i].token_ids) - 1 for i in chosen]
-        logits = self.model.logits(hidden[index_tensor(rows, self.device)])
-        seqs = [batch.sequences[i] for i in chosen]
+        last_tokens = (step.seq_starts[chosen] + step.token_counts[chosen] - 1).tolist()
+        logits = self.model.logits(hidden[index_tensor(last_tokens, self.device)])
+        seqs = [step.sequences[i] for i in chosen]
         return chosen, sample_on_device(logits, [s.sampling for s in seqs], [s.total_len for s in seqs])
 
-    def _all_logits(self, plan: SortedBatch, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _all_logits(self, step: StepInputs, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.model.logits(hidden).cpu()
         return {
-            seq.request_id: logits[start:start + len(seq.token_ids)]
-            for seq, start in zip(plan.sequences, plan.seq_starts)
+            seq.request_id: logits[start:start + count]
+            for seq, start, count in zip(step.sequences, step.seq_starts.tolist(), step.token_counts.tolist())
         }
 
     def close(self) -> None:
@@ -335,14 +340,6 @@ class Engine:
             raise AdapterNotFoundError(f"adapter {name!r} is not registered")
         return self.adapters[name]
 
-    def _in_host_cache(self, name: str) -> HostAdapter:
-        """Its host entry, staged or still being read (a failed read fails the load through `poll`)."""
-        self._manifest(name)
-        entry = self.host_cache.entries.get(name)
-        if entry is None:
-            raise AdapterStateError(f"adapter {name!r} is not in the host cache; stage it first")
-        return entry
-
     def _check_slot_free_for(self, name: str, slot: int) -> None:
         if not 0 <= slot < self.slots.num_slots:
             raise CapacityError(f"slot {slot} outside [0, {self.slots.num_slots})")
@@ -364,10 +361,10 @@ class Engine:
 class _ForwardLora:
     """The model's LoRA hook for one forward: waits per layer on loads still landing."""
 
-    def __init__(self, engine: Engine, plan: ForwardPlan, landing: list[LoadJob]) -> None:
+    def __init__(self, engine: Engine, step: StepInputs, landing: list[LoadJob]) -> None:
         self.slots = engine.slots
         self.copier = engine.copier
-        self.batch = engine.slots.segment_batch(plan.token_slots, engine.device)
+        self.batch = engine.slots.segment_batch(step.token_slots.tolist(), engine.device)
         self.landing = landing
 
     def before_layer(self, layer: int) -> None:

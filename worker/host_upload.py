@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 
+import numpy as np
 import torch
 
 from worker.lora.stream_wait import device_address
@@ -46,11 +47,11 @@ def upload_into(out: torch.Tensor, source: torch.Tensor) -> None:
 _held: deque[tuple[torch.cuda.Event, torch.Tensor]] = deque()  # pinned sources the GPU may still read
 
 
-def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def upload(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host values as a tensor on `device`, queued on the current stream without waiting for it."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
-    host = torch.tensor(values, dtype=dtype, pin_memory=True)
+    host = _pinned(values, dtype)
     out = torch.empty(host.shape, dtype=dtype, device=device)
     if host.numel():
         upload_into(out, mapped_bytes(host))
@@ -60,3 +61,17 @@ def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tens
     while _held and _held[0][0].query():
         _held.popleft()
     return out
+
+
+def _pinned(values: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(values, np.ndarray):  # torch.tensor cannot pin what it builds from numpy
+        host = torch.empty(values.shape, dtype=dtype, pin_memory=True)
+        host.copy_(torch.from_numpy(values))
+        return host
+    return torch.tensor(values, dtype=dtype, pin_memory=True)
+
+
+def index_tensor(values: list | np.ndarray, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host indices on the device without waiting for the GPU, nor for adapter loads queued on
+    the copy engine."""
+    return upload(values, dtype, device)

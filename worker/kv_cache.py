@@ -9,9 +9,9 @@ class PagedKVCache:
     """Per layer, keys and values of shape [num_pages * page_size, kv_heads, head_dim].
 
     A token at position p of a sequence lives at flat index
-    page_table[p // page_size] * page_size + p % page_size. One page more than `num_pages`
-    is allocated: padding rows of a fixed-size (CUDA-graph) batch write their keys there,
-    at `scratch_index`, which no page table may name.
+    page_table[p // page_size] * page_size + p % page_size (`worker.step_inputs.kv_index`).
+    One page more than `num_pages` is allocated: padding rows of a fixed-size (CUDA-graph)
+    batch write their keys there, at `scratch_index`, which no page table may name.
     """
 
     def __init__(

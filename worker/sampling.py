@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.batch import SamplingParams
-from worker.plan import index_tensor
+from worker.host_upload import index_tensor
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) over 64 bits
 _MASK64 = (1 << 64) - 1

@@ -72,8 +72,8 @@ class WorkerService:
         """`engine`: one built from `config.engine` beforehand (with test hooks, say); by default a new one."""
         self.config = config
         self.engine = engine or Engine(config.engine)
-        if self.engine.decode_runner is not None:
-            self.engine.decode_runner.capture_all()
+        if self.engine.graph_runner is not None:
+            self.engine.graph_runner.capture_all()
         self.in_flight: InFlightForward | None = None
         self.context = zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
@@ -172,21 +172,14 @@ class WorkerService:
         elif kind == "evict_host":
             engine.evict_host(command.evict_host.name)
         elif kind == "load_slot":
-            self._load(command.load_slot)
+            load = command.load_slot
+            engine.load_adapter(load.name, load.slot, blocking=load.blocking)
         elif kind == "evict_slot":
             engine.evict_slot(command.evict_slot.slot)
         elif kind == "export_timeline":
             result.timeline_json = json.dumps(engine.timeline.chrome_trace())
         else:
             raise ValueError(f"unknown worker command {kind!r}")
-
-    def _load(self, load: pb.LoadSlot) -> None:
-        engine = self.engine
-        if load.name not in engine.host_cache.entries:
-            engine.stage_adapter(load.name)
-        if load.blocking:  # the seed's baseline: the whole adapter is read, then copied
-            engine.wait_staged(load.name)
-        engine.load_adapter(load.name, load.slot, blocking=load.blocking)
 
     def _launch(self, forward: pb.Forward) -> PendingForward:
         if log.isEnabledFor(logging.DEBUG):

@@ -12,15 +12,16 @@ import torch
 
 from tests.driver import Driver, Request, forward_paths, make_engine, make_resident
 from tests.worker.test_multi_lora import mixes, per_token_reference
-from worker import decode_step
+from worker import graph_step
 from worker.batch import SequenceInput
-from worker.kernels.decode_attention import (
+from worker.kernels.lora_blocks import BLOCK_M, PROMPT_BLOCK_M, lora_blocks
+from worker.kernels.paged_attention import (
+    attention_blocks,
     decode_attention,
     decode_attention_reference,
     ragged_attention,
     ragged_attention_reference,
 )
-from worker.kernels.lora_blocks import BLOCK_M, PROMPT_BLOCK_M, attention_blocks, lora_blocks
 from worker.kernels.multi_lora import (SPLIT_K_TOKENS, LoraScratch, ModuleDelta, add_lora_delta_reference,
                                       add_lora_deltas, lora_expand, lora_shrink)
 
@@ -150,7 +151,7 @@ def decode_case(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, le
 def test_triton_decode_attention_matches_reference(dtype, heads, kv_heads, head_dim, window, lengths, splits):
     """splits None: the shape heuristic (what `decode_attention` runs); 1: the one-pass kernel; 8: two warps
     (`decode_warps`); 64: many empty."""
-    from worker.kernels import _decode_attention_triton as kernels
+    from worker.kernels import _paged_attention_triton as kernels
 
     q, keys, values, page_table, lens, page_size = decode_case(DTYPES[dtype], heads, kv_heads, head_dim, lengths)
     scale = head_dim**-0.5
@@ -211,7 +212,7 @@ def test_cuda_graph_decode_matches_eager_while_another_slot_loads(arch, model_di
         requests = decode_requests()
         Driver(engine, chunk=64).run(requests)
         if static:
-            assert engine.decode_runner.graphs_captured > 0
+            assert engine.graph_runner.graphs_captured > 0
         runs[static] = requests
         engine.poll()
         engine.close()
@@ -240,7 +241,7 @@ def test_steps_reading_a_landing_adapter_replay_per_layer_graphs_and_match_eager
         requests = decode_requests()
         Driver(engine, chunk=64).run(requests)
         if static:
-            assert engine.decode_runner.layered_graphs_captured == 1
+            assert engine.graph_runner.layered_graphs_captured == 1
             paths = forward_paths(engine)
             assert paths[0] == "static-waiting" and set(paths[1:]) == {"static"}, paths
         runs[static] = requests
@@ -268,8 +269,8 @@ def test_static_steps_run_lora_on_the_side_stream(model_dirs, mixed_adapter_dirs
         return launch
 
     for kernel in ("lora_shrink", "lora_expand"):
-        monkeypatch.setattr(decode_step, kernel, recorded(kernel, getattr(decode_step, kernel)))
-    side, main = engine.decode_runner._lora_stream, torch.cuda.current_stream()
+        monkeypatch.setattr(graph_step, kernel, recorded(kernel, getattr(graph_step, kernel)))
+    side, main = engine.graph_runner._lora_stream, torch.cuda.current_stream()
     groups = 4 * engine.model_config.num_layers  # qkv, o, gate/up, down
     engine.forward([SequenceInput("r", [5], 3, [0], adapter_slot=2)])
     assert launches == [("lora_shrink", side), ("lora_expand", side)] * groups
@@ -313,14 +314,14 @@ def test_triton_ragged_attention_matches_reference(dtype, heads, kv_heads, head_
     values = torch.randn_like(keys)
     page_table = torch.stack([torch.randperm(num_pages, generator=torch.Generator().manual_seed(i))[:20]
                               for i in range(len(sequences))]).cuda()
-    token_seq = [row for row, (_, n) in enumerate(sequences) for _ in range(n)] + [-1] * 9
+    token_rows = [row for row, (_, n) in enumerate(sequences) for _ in range(n)] + [-1] * 9
     positions = [p for context, n in sequences for p in range(context, context + n)] + [0] * 9
-    token_seq, positions = torch.tensor(token_seq, device="cuda"), torch.tensor(positions, device="cuda")
-    q = torch.randn(len(token_seq), heads, head_dim, device="cuda", generator=gen, dtype=DTYPES[dtype])
+    token_rows, positions = torch.tensor(token_rows, device="cuda"), torch.tensor(positions, device="cuda")
+    q = torch.randn(len(token_rows), heads, head_dim, device="cuda", generator=gen, dtype=DTYPES[dtype])
     blocks = torch.from_numpy(attention_blocks([n for _, n in sequences], 32)).cuda()
     scale = head_dim**-0.5
     out = ragged_attention(q, keys, values, page_table, blocks, positions, 16, scale, window)
-    expected = ragged_attention_reference(q.double(), keys.double(), values.double(), page_table, token_seq,
+    expected = ragged_attention_reference(q.double(), keys.double(), values.double(), page_table, token_rows,
                                           positions, page_size, scale, window)
     tolerance = 1e-4 if dtype == "float32" else 2e-2
     torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
@@ -339,7 +340,7 @@ def test_cuda_graph_mixed_steps_match_eager(arch, model_dirs, mixed_adapter_dirs
         requests = decode_requests()
         Driver(engine, chunk=5).run(requests)
         if static:
-            assert any(shape.mixed for shape in engine.decode_runner._graphs)
+            assert any(shape.mixed for shape in engine.graph_runner._graphs)
         runs[static] = requests
         engine.close()
     for eager, graphed in zip(runs[False], runs[True]):

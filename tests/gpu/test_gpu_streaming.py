@@ -26,7 +26,7 @@ from tests.worker.test_streamed_loads import (
     start_load_failing_at_layer_1,
 )
 from worker.batch import SequenceInput
-from worker.decode_step import MIXED_TOKEN_BUCKETS
+from worker.graph_step import MIXED_TOKEN_BUCKETS
 from worker.errors import CorruptAdapterError
 
 pytestmark = [
@@ -71,7 +71,7 @@ def start_streamed_load(engine, name: str, adapter_dir, slot: int) -> HeldLastLa
 def graphed_engine(model_dir, **overrides):
     """The static path with every graph captured up front, as the worker starts it."""
     engine = make_engine(model_dir, **overrides)
-    engine.decode_runner.capture_all()
+    engine.graph_runner.capture_all()
     return engine
 
 
@@ -97,7 +97,7 @@ def test_layer_0_lands_and_a_forward_launches_before_the_last_layer_is_read(mode
     assert settle(engine).loaded == [("a1", 0)]
     if make is graphed_engine:
         assert forward_paths(engine) == ["static-waiting"]
-        assert engine.decode_runner.layered_graphs_captured == len(MIXED_TOKEN_BUCKETS), "captured while serving"
+        assert engine.graph_runner.layered_graphs_captured == len(MIXED_TOKEN_BUCKETS), "captured while serving"
     engine.close()
 
 

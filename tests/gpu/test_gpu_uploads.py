@@ -6,6 +6,7 @@ Run on a GPU machine: `python -m pytest -m gpu tests/gpu`.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,10 @@ BALLAST_BYTES = 512 << 20  # ~10 ms more of the copy engine after each layer's c
     (torch.bool, [True, False, True]),
     (torch.long, [[0, 5], [9, -2]]),
     (torch.long, []),
+    (torch.long, np.array([[0, 5], [9, -2]])),  # numpy, as `worker.step_inputs` builds them
+    (torch.long, np.arange(9)[::2]),
+    (torch.bool, np.array([True, False, True])),
+    (torch.long, np.zeros(0, dtype=np.int64)),
 ])
 def test_upload_gives_the_host_values(dtype, values):
     out = upload(values, dtype, torch.device("cuda"))
@@ -48,7 +53,7 @@ def test_a_forward_launched_after_a_load_does_not_wait_for_its_copies(model_dirs
     engine.stage_adapter(late)
     engine.wait_staged(late)
     if static:
-        engine.decode_runner.capture_all()
+        engine.graph_runner.capture_all()
     request = SequenceInput("r", list(range(3, 12)), 0, [0, 1, 2], adapter_slot=2)
     engine.forward([request])  # warm-up: compiles and first pinned allocations
     ballast = torch.empty(BALLAST_BYTES, dtype=torch.uint8, pin_memory=True)

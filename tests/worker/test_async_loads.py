@@ -222,3 +222,20 @@ def test_blocking_load_is_complete_on_return(model_dirs, churn_adapters):
     assert engine.copier.is_done(engine.pending[0])
     assert engine.poll().loaded == [("c3", 0)]
     engine.close()
+
+
+@pytest.mark.parametrize("blocking", [False, True], ids=["streamed", "blocking"])
+def test_a_load_stages_an_adapter_the_host_cache_lacks(model_dirs, churn_adapters, blocking):
+    """Blocking reads the whole adapter before copying it; otherwise the copy streams behind the read."""
+    engine = make_engine(model_dirs["llama3"], max_loras_per_batch=1)
+    engine.register_adapter("c4", churn_adapters["c4"])
+    engine.load_adapter("c4", 0, blocking=blocking)
+    assert "c4" in engine.host_cache.entries
+    if blocking:
+        assert not engine.pending[0].streamed and engine.copier.is_done(engine.pending[0])
+    deadline = time.monotonic() + 5
+    loaded = []
+    while not loaded and time.monotonic() < deadline:
+        loaded = engine.poll().loaded
+    assert loaded == [("c4", 0)]
+    engine.close()

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels._triton_common import dot, lora_block
-from worker.kernels.multi_lora import MAX_GROUP, ExpandTiles, LoraScratch, ShrinkTiles
+from worker.kernels.lora_launch import MAX_GROUP, ExpandTiles, LoraScratch, ShrinkTiles
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """The work list of the segmented multi-LoRA kernels, built on the host.
 
-Tokens arrive sorted by adapter slot (`worker.plan`), so each adapter's tokens form one
+Tokens arrive sorted by adapter slot (`worker.step_inputs`), so each adapter's tokens form one
 contiguous run (base-model tokens, slot -1, come first, and a padded batch's padding rows
 form one more run at the end). Each run is cut into blocks of at most `block_m` tokens
 (BLOCK_M for decode steps, PROMPT_BLOCK_M for steps that carry a prompt); a
@@ -54,25 +54,3 @@ def lora_blocks(token_slots: Sequence[int], slot_ranks: Sequence[int], num_rows:
         table[:len(rows)] = rows
     return table
 
-
-# Query tokens per ragged-attention program. 16 against 32 (`attention_bench.py --ragged-only`,
-# results/attention-shapes-h200/): a 400-token prompt beside 8 decodes 67.2 -> 52.5 us a layer.
-ATTENTION_BLOCK_M = 16
-
-
-def attention_blocks(token_counts: Sequence[int], num_rows: int, block_m: int = ATTENTION_BLOCK_M) -> np.ndarray:
-    """[num_rows, 3] int64 (sequence row, start, end): each sequence's flat tokens (laid out in
-    order) cut into blocks of at most `block_m`, padded with empty rows (the ragged attention
-    kernel's work list)."""
-    rows: list[tuple[int, int, int]] = []
-    position = 0
-    for row, count in enumerate(token_counts):
-        rows.extend((row, start, min(start + block_m, position + count))
-                    for start in range(position, position + count, block_m))
-        position += count
-    if len(rows) > num_rows:
-        raise ValueError(f"{len(rows)} attention blocks do not fit a table of {num_rows}")
-    table = np.zeros((num_rows, 3), dtype=np.int64)
-    if rows:
-        table[:len(rows)] = rows
-    return table

@@ -19,7 +19,7 @@ from worker.batch import NO_ADAPTER
 from worker.errors import UnsupportedAdapterError
 from worker.lora.host_cache import HostAdapter
 from worker.model.config import ModelConfig
-from worker.plan import index_tensor
+from worker.host_upload import index_tensor
 
 
 class LoraSlots:

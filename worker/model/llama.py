@@ -13,12 +13,12 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from worker.attention import attention_mask, paged_attention
+from worker.attention import attention_mask, padded_group_attention
 from worker.kernels.elementwise import add_rms_norm, rope_and_cache_kv, silu_mul
 from worker.kv_cache import PagedKVCache
 from worker.model.config import ModelConfig
 from worker.model.rope import RotaryEmbedding
-from worker.plan import ForwardPlan
+from worker.step_inputs import EagerStepTensors
 
 
 # (layer index, rotated queries [T, heads, head_dim]) -> attention output of the same shape,
@@ -116,15 +116,16 @@ class LlamaModel:
     def dtype(self) -> torch.dtype:
         return self.weights.embed.dtype
 
-    def forward(self, plan: ForwardPlan, kv_cache: PagedKVCache, lora: LoraHook) -> torch.Tensor:
-        """Runs all layers over a ragged plan (reference attention); returns final-normed hidden [T, hidden]."""
-        masks = {w: [attention_mask(group, w) for group in plan.attention] for w in set(self.config.sliding_windows)}
+    def forward(self, step: EagerStepTensors, kv_cache: PagedKVCache, lora: LoraHook) -> torch.Tensor:
+        """Runs all layers over a ragged step (reference attention); returns final-normed hidden [T, hidden]."""
+        masks = {w: [attention_mask(group, w) for group in step.attention] for w in set(self.config.sliding_windows)}
 
         def attend(index: int, q: torch.Tensor) -> torch.Tensor:
             mask = masks[self.config.sliding_windows[index]]
-            return paged_attention(q, kv_cache.keys(index), kv_cache.values(index), plan.attention, mask, self.scale)
+            return padded_group_attention(q, kv_cache.keys(index), kv_cache.values(index), step.attention, mask,
+                                          self.scale)
 
-        return self.forward_tokens(plan.input_ids, plan.positions, plan.kv_write_index, kv_cache, lora, attend)
+        return self.forward_tokens(step.input_ids, step.positions, step.kv_write_index, kv_cache, lora, attend)
 
     def forward_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_write_index: torch.Tensor,
                        kv_cache: PagedKVCache, lora: LoraHook, attend: Attend) -> torch.Tensor:

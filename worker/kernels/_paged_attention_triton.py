@@ -1,4 +1,4 @@
-"""Triton kernels of `worker.kernels.decode_attention` (imported only on CUDA machines)."""
+"""Triton kernels of `worker.kernels.paged_attention` (imported only on CUDA machines)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import triton
 import triton.language as tl
 
 from worker.kernels._triton_common import dot
-from worker.kernels.lora_blocks import ATTENTION_BLOCK_M
 
 BLOCK_N = 64  # keys per loop iteration: 4 pages of 16
 # Launch shapes from `attention_bench.py --decode-sweep` on an H200 (results/attention-shapes-h200/):
@@ -198,9 +197,9 @@ def _ragged_kernel(q_ptr, k_ptr, v_ptr, out_ptr, page_table_ptr, positions_ptr, 
 
 def ragged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, page_table: torch.Tensor,
                      blocks: torch.Tensor, positions: torch.Tensor, page_size: int, scale: float,
-                     window: int, *, block_m: int = ATTENTION_BLOCK_M, block_n: int = BLOCK_N,
+                     window: int, *, block_m: int, block_n: int = BLOCK_N,
                      warps: int = 4) -> torch.Tensor:
-    """`block_m` (at least the blocks' tokens), `block_n` and `warps` are for benchmarks."""
+    """`block_m`: at least the blocks' tokens; `block_n` and `warps` are for benchmarks."""
     tokens, heads, head_dim = q.shape
     if keys.stride(-1) != 1 or q.stride(-1) != 1 or page_table.stride(-1) != 1:
         raise ValueError("ragged attention needs a unit stride in the last dimension")

@@ -2,13 +2,14 @@
 
 A decode-only batch (one new token per sequence) is padded to a batch-size bucket and a
 page-table width bucket. With `mixed=True`, a batch with prefill chunks is padded to a
-token bucket instead and its attention runs the ragged paged kernel (a block of up to 32
-query tokens of one sequence per program; `EngineConfig.static_mixed`, on by default).
-Everything the step reads lives in per-shape static buffers, refilled before each step by
-one upload (a kernel reading their pinned host twin): token ids, positions, KV write
-indices, page tables, sequence lengths, per-token slots and the multi-LoRA block table. On
-CUDA the whole forward (embedding to final norm, 2 kernels per adapted module, the paged
-decode-attention kernel) is captured once per shape and replayed, so a step costs a few
+token bucket instead and its attention runs the ragged paged kernel (a block of up to
+ATTENTION_BLOCK_M query tokens of one sequence per program; `EngineConfig.static_mixed`, on
+by default). Everything the step reads lives in per-shape static buffers, refilled before
+each step by one upload (a kernel reading their pinned host twin): the step's inputs, built
+once by `worker.step_inputs` (token ids, positions, KV write indices, page table, sequence
+lengths, per-token slots and sequence rows), padded, and the multi-LoRA and attention block
+tables. On CUDA the whole forward (embedding to final norm, 2 kernels per adapted module,
+the paged attention kernels) is captured once per shape and replayed, so a step costs a few
 launches instead of thousands. On CPU the same step runs eagerly with the torch reference
 kernels, which is how CI covers the buffer logic.
 
@@ -29,19 +30,11 @@ import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from worker.batch import NO_ADAPTER, SequenceInput
 from worker.host_upload import mapped_bytes, upload_into
-from worker.kernels.decode_attention import (
-    decode_attention,
-    decode_attention_reference,
-    ragged_attention,
-    ragged_attention_reference,
-)
-from worker.kernels.lora_blocks import (ATTENTION_BLOCK_M, BLOCK_COLUMNS, BLOCK_M, PROMPT_BLOCK_M, attention_blocks,
-                                       lora_blocks, max_blocks)
+from worker.kernels.lora_blocks import BLOCK_COLUMNS, BLOCK_M, PROMPT_BLOCK_M, lora_blocks, max_blocks
 from worker.kernels.multi_lora import (
     LoraScratch,
     ModuleDelta,
@@ -50,16 +43,24 @@ from worker.kernels.multi_lora import (
     lora_expand,
     lora_shrink,
 )
+from worker.kernels.paged_attention import (
+    ATTENTION_BLOCK_M,
+    attention_blocks,
+    decode_attention,
+    decode_attention_reference,
+    ragged_attention,
+    ragged_attention_reference,
+)
 from worker.kv_cache import PagedKVCache
 from worker.lora.slots import LoraSlots
 from worker.model.llama import LORA_GROUPS, LlamaModel
+from worker.step_inputs import StepInputs
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
-# A step carrying a prompt costs about 21 us per padded token at 8B sizes (the seed run at
-# 74910af: 280 tokens padded to 512 took 17.9 ms, 242 tokens in 256 took 13.2 ms), so
-# buckets come every 64 tokens up to 512, where most prompts land, then 768 and doubling.
-# Not 448: at aa59c98 its steps took 22.7 ms (median of 19) against 19.1 ms for the same
-# token counts padded to 512 at 74910af.
+# A step carrying a prompt costs about 21 us per padded token at 8B sizes (a seed run: 280
+# tokens padded to 512 took 17.9 ms, 242 tokens in 256 took 13.2 ms), so buckets come every
+# 64 tokens up to 512, where most prompts land, then 768 and doubling. Not 448: its steps
+# took 22.7 ms (median of 19) against 19.1 ms for the same token counts padded to 512.
 MIXED_TOKEN_BUCKETS = (64, 128, 192, 256, 320, 384, 512, 768, 1024, 2048, 4096)
 # The copier's thread queues adapter copies on its own streams while this thread may be
 # capturing: "thread_local" restricts only the capturing thread's calls, "global" every thread's.
@@ -117,7 +118,7 @@ class StaticInputs:
         self.block_m = PROMPT_BLOCK_M if shape.mixed else BLOCK_M  # tokens per LoRA block
         self.num_block_rows = max_blocks(t, num_slots, self.block_m)
         self.num_attention_rows = max_blocks(t, s, ATTENTION_BLOCK_M) if shape.mixed else 0
-        sizes = {"input_ids": t, "positions": t, "kv_write": t, "token_slots": t, "token_seq": t, "seq_lens": s,
+        sizes = {"input_ids": t, "positions": t, "kv_write": t, "token_slots": t, "token_rows": t, "seq_lens": s,
                  "blocks": self.num_block_rows * BLOCK_COLUMNS, "attention_blocks": self.num_attention_rows * 3,
                  "page_table": s * w}
         on_gpu = device.type == "cuda"
@@ -142,18 +143,24 @@ class StaticInputs:
             return view.view(self.num_attention_rows, 3)
         return view
 
-    def fill(self, sequences: Sequence[SequenceInput], slot_ranks: Sequence[int], page_size: int,
-             scratch_index: int) -> None:
-        """Writes the batch (sorted by slot) into the host twin and uploads it to the device
-        (a kernel reading the pinned twin: a copy would queue behind adapter loads)."""
+    def fill(self, step: StepInputs, slot_ranks: Sequence[int], scratch_index: int) -> None:
+        """Writes the step's inputs, padded, into the host twin and uploads it to the device (a
+        kernel reading the pinned twin: a copy would queue behind adapter loads)."""
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's upload has read the host twin
-        page_table = self._fill_page_table(sequences, page_size)
-        if self.shape.mixed:
-            self._fill_tokens(sequences, page_table, page_size, scratch_index)
-        else:
-            self._fill_decodes(sequences, page_table, page_size, scratch_index)
         host = self._host_views
+        for name, values, padding in (("input_ids", step.input_ids, 0), ("positions", step.positions, 0),
+                                      ("kv_write", step.kv_write_index, scratch_index),
+                                      ("token_slots", step.token_slots, NO_ADAPTER),
+                                      ("token_rows", step.token_rows, -1), ("seq_lens", step.seq_lens, 0)):
+            host[name][:len(values)] = values
+            host[name][len(values):] = padding
+        page_table = host["page_table"].reshape(self.shape.seqs, self.shape.pages)
+        page_table[:] = 0
+        rows, width = step.page_table.shape
+        page_table[:rows, :width] = step.page_table
+        if self.shape.mixed:
+            host["attention_blocks"][:] = attention_blocks(step.token_counts, self.num_attention_rows).reshape(-1)
         host["blocks"][:] = lora_blocks(host["token_slots"], slot_ranks, self.num_block_rows,
                                          self.block_m).reshape(-1)
         if self._mapped_host is None:
@@ -162,57 +169,12 @@ class StaticInputs:
             upload_into(self.device_block, self._mapped_host)
             self._copied.record()
 
-    def _fill_page_table(self, sequences: Sequence[SequenceInput], page_size: int) -> np.ndarray:
-        host = self._host_views
-        host["page_table"][:] = 0
-        page_table = host["page_table"].reshape(self.shape.seqs, self.shape.pages)
-        for row, seq in enumerate(sequences):
-            pages = -(-seq.total_len // page_size)
-            page_table[row, :pages] = seq.page_table[:pages]
-        return page_table
 
-    def _fill_decodes(self, sequences: Sequence[SequenceInput], page_table: np.ndarray, page_size: int,
-                      scratch_index: int) -> None:
-        host = self._host_views
-        count = len(sequences)
-        positions = np.fromiter((seq.context_len for seq in sequences), dtype=np.int64, count=count)
-        host["input_ids"][:] = 0
-        host["input_ids"][:count] = [seq.token_ids[0] for seq in sequences]
-        host["positions"][:] = 0
-        host["positions"][:count] = positions
-        host["kv_write"][:] = scratch_index
-        rows = np.arange(count)
-        host["kv_write"][:count] = page_table[rows, positions // page_size] * page_size + positions % page_size
-        host["seq_lens"][:] = 0
-        host["seq_lens"][:count] = positions + 1
-        host["token_slots"][:] = NO_ADAPTER
-        host["token_slots"][:count] = [seq.adapter_slot for seq in sequences]
-        host["token_seq"][:] = -1
-        host["token_seq"][:count] = rows
-
-    def _fill_tokens(self, sequences: Sequence[SequenceInput], page_table: np.ndarray, page_size: int,
-                     scratch_index: int) -> None:
-        """Prefill chunks and decodes: each sequence's new tokens in order, padding after."""
-        host = self._host_views
-        for name, value in (("input_ids", 0), ("positions", 0), ("kv_write", scratch_index),
-                            ("token_slots", NO_ADAPTER), ("token_seq", -1), ("seq_lens", 0)):
-            host[name][:] = value
-        start = 0
-        for row, seq in enumerate(sequences):
-            end = start + len(seq.token_ids)
-            positions = np.arange(seq.context_len, seq.total_len)
-            host["input_ids"][start:end] = seq.token_ids
-            host["positions"][start:end] = positions
-            host["kv_write"][start:end] = page_table[row, positions // page_size] * page_size + positions % page_size
-            host["token_slots"][start:end] = seq.adapter_slot
-            host["token_seq"][start:end] = row
-            host["seq_lens"][row] = seq.total_len
-            start = end
-        table = attention_blocks([len(seq.token_ids) for seq in sequences], self.num_attention_rows)
-        host["attention_blocks"][:] = table.reshape(-1)
+class GraphStepRunner:
+    """Runs a step (decodes, or with `mixed` prefill chunks too) on the static buffers of its
+    shape, replaying the shape's CUDA graph on the GPU."""
 
 
-class DecodeRunner:
     def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, slots: LoraSlots, *, page_size: int,
                  max_batch: int, use_cuda_graphs: bool, mixed: bool = False) -> None:
         self.model = model
@@ -265,19 +227,18 @@ class DecodeRunner:
             if shape not in self._layered:
                 self._capture_layered(self._inputs_of(shape))
 
-    def run(self, sequences: Sequence[SequenceInput], feed: Callable[[torch.Tensor], None],
+    def run(self, step: StepInputs, feed: Callable[[torch.Tensor], None],
             wait_for_layer: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Final-normed hidden states of every new token, in order; sequences sorted by adapter slot.
-        `feed` may rewrite the flat input ids on the device before the step runs. With
-        `wait_for_layer` (an adapter of the batch is landing) it is called before each layer,
-        between the step's per-layer graphs (eagerly without graphs)."""
-        pages = max(-(-seq.total_len // self.page_size) for seq in sequences)
-        num_tokens = sum(len(seq.token_ids) for seq in sequences)
-        shape = (decode_shape(len(sequences), pages) if num_tokens == len(sequences)
+        """Final-normed hidden states of every new token, in order. `feed` may rewrite the flat
+        input ids on the device before the step runs. With `wait_for_layer` (an adapter of the
+        batch is landing) it is called before each layer, between the step's per-layer graphs
+        (eagerly without graphs)."""
+        num_tokens, pages = step.num_tokens, step.page_table.shape[1]
+        shape = (decode_shape(num_tokens, pages) if num_tokens == len(step.sequences)
                  else mixed_shape(num_tokens, self.max_batch, pages))
         inputs = self._inputs_of(shape)
         slot_ranks = [self.slots.adapter_rank(slot) for slot in range(self.slots.num_slots)]
-        inputs.fill(sequences, slot_ranks, self.page_size, self.kv_cache.scratch_index)
+        inputs.fill(step, slot_ranks, self.kv_cache.scratch_index)
         feed(inputs.device("input_ids"))
         if not self.use_cuda_graphs:
             return self._step(inputs, wait_for_layer)[:num_tokens]
@@ -338,7 +299,7 @@ class DecodeRunner:
         windows = [w or 0 for w in self.model.config.sliding_windows]
         if inputs.shape.mixed:
             attention = ragged_attention if on_gpu else ragged_attention_reference
-            locate = inputs.device("attention_blocks") if on_gpu else inputs.device("token_seq")
+            locate = inputs.device("attention_blocks") if on_gpu else inputs.device("token_rows")
             extra = (locate, positions)
         else:
             attention = decode_attention if on_gpu else decode_attention_reference

@@ -1,4 +1,4 @@
-"""Decode steps on fixed-size buffers (worker.decode_step) against the eager path.
+"""Steps on fixed-size buffers (worker.graph_step) against the eager path.
 
 On CPU the static path runs the torch reference kernels without CUDA graphs; these tests
 hold its buffer logic (padding, buckets, page tables, block tables, scratch writes) to the
@@ -15,7 +15,7 @@ import torch
 from tests.driver import Driver, Request, make_engine, make_resident
 from tests.model_factory import ARCHITECTURES
 from worker.batch import NO_ADAPTER, SequenceInput
-from worker.decode_step import BATCH_BUCKETS, MIN_PAGE_BUCKET, decode_shape, mixed_shape
+from worker.graph_step import BATCH_BUCKETS, MIN_PAGE_BUCKET, decode_shape, mixed_shape
 
 
 def prompt(seed: int, length: int) -> list[int]:
@@ -62,7 +62,7 @@ def test_static_decode_matches_eager_forward(arch, mixed, model_dirs, mixed_adap
         Driver(engine, chunk=5 if mixed else 64).run(requests)
         runs[static] = requests
         if static:
-            assert engine.decode_runner is not None
+            assert engine.graph_runner is not None
             assert paths_used(engine, decode_only=True) == {"static"}
             assert paths_used(engine, decode_only=False) == ({"static"} if mixed else {"eager"})
         engine.close()
@@ -96,7 +96,7 @@ def test_a_step_reading_a_landing_adapter_waits_per_layer_and_the_steps_after_it
     engine = engine_with_adapters(model_dirs["llama"], mixed_adapter_dirs["llama"], static_mixed=mixed)
     decode = SequenceInput("d", [5], context_len=3, page_table=[0], adapter_slot=2)
     prefill = SequenceInput("p", [5, 6], context_len=0, page_table=[1], adapter_slot=0)
-    runner = engine.decode_runner
+    runner = engine.graph_runner
     assert runner.supports([decode]) and runner.supports([decode, prefill]) == mixed
     landing, waits = SimpleNamespace(slot=2), []
     monkeypatch.setattr(engine.copier, "wait_layer", lambda job, layer: waits.append((job, layer)))

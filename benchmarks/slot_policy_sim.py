@@ -152,12 +152,12 @@ class TimedWorker(FakeWorker):
     copy_free_at: float = 0.0
     copy_done_at: dict[str, float] = field(default_factory=dict)
 
-    def _forward(self, batch: pb.Forward) -> pb.ForwardResult:
+    def forward(self, batch: pb.Forward) -> pb.ForwardResult:
         self.forward_end = max(self.clock.ms, self.forward_end) + self.stall_ms + self.steps.step_ms(batch)
         self.stall_ms = 0.0
-        return super()._forward(batch)
+        return super().forward(batch)
 
-    def _tick_loads(self) -> pb.LoadEvents:
+    def tick_loads(self) -> pb.LoadEvents:
         events = pb.LoadEvents(staged=self.staged)
         self.staged = []
         for name, (slot, _) in list(self.loading.items()):
@@ -240,7 +240,7 @@ class ArrivalOrderCore(SchedulerCore):
     """The policy before shortest-first: waiting requests were admitted,
     and claimed the slots that freed, in arrival order."""
 
-    def _admission_order(self, now: float) -> list[Request]:
+    def admission_order(self, now: float) -> list[Request]:
         return list(self.waiting)
 
 

@@ -185,7 +185,7 @@ class SchedulerCore:
         now = time.monotonic()
         self._contention.begin_admission_pass(now, self._ids_in_flight())
         self._idle_before_admission = not self.running
-        for request in self._admission_order(now):
+        for request in self.admission_order(now):
             if len(self.running) >= self.config.max_running_requests:
                 return
             if not self._adapter_ready(request, now):
@@ -200,7 +200,7 @@ class SchedulerCore:
     def _ids_in_flight(self) -> set[int]:
         return {id(r) for step in self._forwards_in_flight for r in step.members}
 
-    def _admission_order(self, now: float) -> list[Request]:
+    def admission_order(self, now: float) -> list[Request]:
         """Requests that have waited `drain_after_s` first, oldest first (they may drain a slot);
         then those whose adapter holds a slot, so they reference it before another request looks
         for an idle slot to take; then the rest by fewest new tokens. That order decides who
@@ -208,7 +208,10 @@ class SchedulerCore:
         it back soonest lets the most requests start (shortest job first). Tokens left is
         exact for requests that ignore EOS and a bound for others; ties keep queue order. A
         paused request counts its queued time before admission and while paused, and queues
-        again behind the requests waiting when it paused."""
+        again behind the requests waiting when it paused.
+
+        Public so that a subclass can stand in another policy for comparison
+        (benchmarks/slot_policy_sim.py)."""
         def key(request: Request) -> tuple[int, int]:
             if request.waited_s(now) >= self.config.drain_after_s:
                 return 0, 0

@@ -58,8 +58,8 @@ class FakeWorker:
         if batch is not None:
             self.batches.append(batch)
             self._check_batch(batch)
-            self.core.on_forward_result(self._forward(batch))
-        self.core.on_load_events(self._tick_loads())
+            self.core.on_forward_result(self.forward(batch))
+        self.core.on_load_events(self.tick_loads())
         self._execute(self.core.take_commands())
         return batch is not None
 
@@ -72,8 +72,8 @@ class FakeWorker:
         self._execute(self.core.take_commands())
         answered = bool(self.in_flight)
         if answered:
-            self.core.on_forward_result(self._forward(self.in_flight.popleft()))
-        self.core.on_load_events(self._tick_loads())
+            self.core.on_forward_result(self.forward(self.in_flight.popleft()))
+        self.core.on_load_events(self.tick_loads())
         self._execute(self.core.take_commands())
         return answered
 
@@ -102,7 +102,7 @@ class FakeWorker:
                 self.loading[load.name] = (load.slot, steps)
                 self.slots[load.slot] = load.name
                 if load.blocking:
-                    self.core.on_load_events(self._tick_loads())
+                    self.core.on_load_events(self.tick_loads())
             elif kind == "evict_slot":
                 self.slots.pop(command.evict_slot.slot, None)
             elif kind == "unregister_adapter":
@@ -121,7 +121,8 @@ class FakeWorker:
                 assert request is None or request.adapter == name, "request runs with another adapter's slot"
         self.last_sampled = {seq.request_id for seq in batch.sequences if seq.sample}
 
-    def _forward(self, batch: pb.Forward) -> pb.ForwardResult:
+    def forward(self, batch: pb.Forward) -> pb.ForwardResult:
+        """One forward's tokens; a subclass may time it (benchmarks/slot_policy_sim.py)."""
         result = pb.ForwardResult()
         for seq in batch.sequences:
             if seq.sample:
@@ -129,7 +130,8 @@ class FakeWorker:
                 result.tokens.add(request_id=seq.request_id, token_id=token_for(seq.request_id, position))
         return result
 
-    def _tick_loads(self) -> pb.LoadEvents:
+    def tick_loads(self) -> pb.LoadEvents:
+        """The load events since the last call; a subclass may time the copies."""
         events = pb.LoadEvents(staged=self.staged)
         self.staged = []
         for name, (slot, steps) in list(self.loading.items()):

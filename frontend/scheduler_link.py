@@ -105,7 +105,7 @@ class SchedulerLink:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._fail_all("the frontend is shutting down")
+        self.fail_all("the frontend is shutting down")
         if self._socket is not None:
             self._socket.disable_monitor()
             self._socket.close(linger=0)
@@ -207,7 +207,7 @@ class SchedulerLink:
             event = parse_monitor_message(await self._monitor.recv_multipart())
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 log.warning("lost the connection to the scheduler at %s", self.address)
-                self._fail_all("lost the connection to the scheduler")
+                self.fail_all("lost the connection to the scheduler")
                 if self._on_disconnect is not None:
                     self._on_disconnect()
 
@@ -226,9 +226,9 @@ class SchedulerLink:
             return  # an answer, even a refusal, shows the scheduler is alive
         except SchedulerUnavailable as error:
             log.warning("the scheduler has been silent for %.1f s and failed a liveness check: %s", silent_for, error)
-            self._fail_all(f"the scheduler stopped answering: {error}")
+            self.fail_all(f"the scheduler stopped answering: {error}")
 
-    def _fail_all(self, reason: str) -> None:
+    def fail_all(self, reason: str) -> None:
         """Ends every request and admin call in flight with UNAVAILABLE."""
         for request_id, queue in self._streams.items():
             queue.put_nowait(_unavailable_output(request_id, reason))

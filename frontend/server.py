@@ -40,6 +40,7 @@ SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["LoraServing"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DRAIN_POLL_S = 0.05
+ENDING_S = 2.0  # after the grace period: for the APIs to send each request its end
 
 
 class BindError(OSError):
@@ -120,28 +121,37 @@ class FrontendServer:
         return port
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drains: NOT_SERVING and new RPCs UNAVAILABLE while in-flight ones finish within the grace period.
+        """Drains: NOT_SERVING and new requests UNAVAILABLE while in-flight ones finish within the grace period.
 
-        Health keeps answering (NOT_SERVING) during the drain; what is left at its end is cancelled.
+        What is still running when the grace period ends gets a proper end rather than a cut
+        connection: UNAVAILABLE saying the server is shutting down (gRPC status; HTTP 503, or
+        an error event and `[DONE]` on a stream), logged like every finished request.
         """
         self._stopping = True
         self._service.draining = True
         await self._health.enter_graceful_shutdown()
         if self._readiness is not None:
             self._readiness.cancel()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self.config.grace_seconds if grace_s is None else grace_s)
-        http_stopped = asyncio.gather(*(runner.shutdown() for runner in self._http_runners))
-        while self._link.in_flight and loop.time() < deadline:
-            await asyncio.sleep(DRAIN_POLL_S)
+        grace = self.config.grace_seconds if grace_s is None else grace_s
+        await self._wait_for_in_flight(grace)
+        if self._link.in_flight:
+            log.warning("the grace period of %g s ended with %d requests in flight: ending them", grace,
+                        self._link.in_flight)
+            self._link.fail_all(f"the server is shutting down: its grace period of {grace:g} s ended "
+                                "before this request finished; retry on another replica or later")
+            await self._wait_for_in_flight(ENDING_S)
         if self._server is not None:
-            await self._server.stop(max(0.0, deadline - loop.time()))
-        await asyncio.wait_for(http_stopped, max(0.0, deadline - loop.time()) + 1)
+            await self._server.stop(ENDING_S)
         for runner in self._http_runners:
-            await runner.cleanup()
-        await self._link.close()  # after the server: cancelled RPCs still send their aborts
+            await runner.cleanup()  # waits up to ENDING_S for handlers still writing their ends
+        await self._link.close()  # after the servers: cancelled RPCs still send their aborts
         if self._tokenizer is not None:
             self._tokenizer.close()
+
+    async def _wait_for_in_flight(self, timeout_s: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._link.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
 
     async def _start_http(self) -> None:
         if self.config.http_port is not None:
@@ -152,7 +162,7 @@ class FrontendServer:
 
     async def _serve_http(self, app: web.Application, port: int) -> int:
         """Serves `app` on the configured host; returns the port (handlers are cancelled if the client leaves)."""
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=ENDING_S)
         await runner.setup()
         try:
             await web.TCPSite(runner, self.config.host, port).start()

@@ -9,8 +9,11 @@ file), the frontend alone. More than `max_restarts` restarts of one process with
 `restart_window_s`, or a death during start-up, stops everything and exits non-zero.
 
 SIGINT/SIGTERM drain: the frontend is stopped first (NOT_SERVING, new requests
-UNAVAILABLE, in-flight ones finish within the grace period), then the scheduler and the
-worker; SIGKILL for anything still running after that, leaving no process behind.
+UNAVAILABLE, in-flight ones finish within the grace period, those left then end with
+UNAVAILABLE), then the scheduler, then the worker; SIGKILL for anything still running after
+that, leaving no process behind. The children run in a process group of their own, so a
+signal to the launcher's group (Ctrl-C in a terminal, `kill -TERM -PGID`) reaches the
+launcher alone and it drains in that order instead of every process stopping at once.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Addresses:
 @dataclass(frozen=True)
 class RuntimeFiles:
     ready: str  # the frontend creates it once it first serves
+    worker_ready: str  # the worker creates it once its model is loaded
     registry: str  # the scheduler's adapters, for its successor after a crash
 
 
@@ -60,7 +64,7 @@ def process_commands(config: ServeConfig, addresses: Addresses, files: RuntimeFi
                      modules: ProcessModules = ProcessModules()) -> dict[str, list[str]]:
     """Each process's command line: its addresses and runtime files, then its part of `config` whole."""
     logging_flags = to_argv(config.logging)
-    worker = ["--scheduler-address", addresses.worker, *to_argv(config.engine)]
+    worker = ["--scheduler-address", addresses.worker, "--ready-file", files.worker_ready, *to_argv(config.engine)]
     scheduler = ["--frontend-address", addresses.frontend, "--worker-address", addresses.worker,
                  *to_argv(replace(config.scheduler, registry_file=files.registry))]
     model_name = config.frontend.model_name or Path(config.engine.model_path).name
@@ -77,6 +81,7 @@ class Launcher:
         self.addresses = Addresses(frontend=f"ipc://{self.runtime_dir}/frontend.sock",
                                    worker=f"ipc://{self.runtime_dir}/worker.sock")
         self.files = RuntimeFiles(ready=str(self.runtime_dir / "frontend.ready"),
+                                  worker_ready=str(self.runtime_dir / "worker.ready"),
                                   registry=str(self.runtime_dir / "adapters.json"))
         self.commands = process_commands(config, self.addresses, self.files, modules)
         self.processes: dict[str, subprocess.Popen] = {}
@@ -88,25 +93,36 @@ class Launcher:
         return f"{self.config.frontend.host}:{self.config.frontend.port}"
 
     def start(self) -> None:
-        for name in self.commands:
-            self._spawn(name)
+        """The worker and the scheduler; the frontend follows once the model is loaded (`wait_until_serving`)."""
+        self._spawn("worker")
+        self._spawn("scheduler")
 
     def _spawn(self, name: str) -> None:
         environment = os.environ | {PARENT_PID_VARIABLE: str(os.getpid())}
         # The child keeps its own copy of the log file's descriptor once started.
         log_file_path = self.config.deployment.log_file
         with open(log_file_path, "a") if log_file_path else nullcontext() as log_file:
-            self.processes[name] = subprocess.Popen(self.commands[name], env=environment, stderr=log_file)
+            self.processes[name] = subprocess.Popen(self.commands[name], env=environment, stderr=log_file,
+                                                    process_group=0)
         log.debug("started %s (pid %d)", name, self.processes[name].pid)
 
     def wait_until_serving(self) -> None:
-        """Until the frontend first reports SERVING (its ready file); a death meanwhile is fatal."""
+        """Until the worker has loaded the model, then until the frontend first reports SERVING.
+
+        The frontend starts only then, so that a model that cannot load never has an API announced
+        for it. A death meanwhile is fatal.
+        """
         deadline = time.monotonic() + self.config.deployment.startup_timeout_s
+        self._wait_for_file(self.files.worker_ready, deadline)
+        self._spawn("frontend")
+        self._wait_for_file(self.files.ready, deadline)
+
+    def _wait_for_file(self, path: str, deadline: float) -> None:
         while time.monotonic() < deadline:
             if self.stopping:
                 raise InterruptedError("stopped during start-up")
             self._check_alive()
-            if os.path.exists(self.files.ready):
+            if os.path.exists(path):
                 return
             time.sleep(0.2)
         raise TimeoutError(f"loraserve did not become ready within {self.config.deployment.startup_timeout_s} s")
@@ -155,9 +171,13 @@ class Launcher:
         log.warning("the %s process exited with code %d; restarting it", name, returncode)
 
     def stop(self) -> None:
-        """The frontend first, so that its in-flight requests can finish; then the rest."""
-        self._terminate([self.processes[name] for name in ("frontend",) if name in self.processes])
-        self._terminate(list(self.processes.values()))
+        """The frontend first, so that its in-flight requests can finish; then the scheduler, then the worker.
+
+        The scheduler before its worker: a worker that left first would read to the scheduler as a crash.
+        """
+        for name in ("frontend", "scheduler", "worker"):
+            if name in self.processes:
+                self._terminate([self.processes[name]])
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def _terminate(self, processes: list[subprocess.Popen]) -> None:
@@ -174,8 +194,8 @@ class Launcher:
                 process.wait()
 
 
-def serve(config: ServeConfig) -> int:
-    launcher = Launcher(config)
+def serve(config: ServeConfig, modules: ProcessModules = ProcessModules()) -> int:
+    launcher = Launcher(config, modules)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: setattr(launcher, "stopping", True))
     launcher.start()

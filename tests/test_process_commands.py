@@ -13,7 +13,7 @@ from scheduler.__main__ import parse_args as scheduler_args
 from settings.config import ServeConfig
 from worker.__main__ import parse_args as worker_args
 
-FILES = RuntimeFiles(ready="/tmp/r/ready", registry="/tmp/r/registry.json")
+FILES = RuntimeFiles(ready="/tmp/r/ready", worker_ready="/tmp/r/worker.ready", registry="/tmp/r/registry.json")
 
 
 def commands(**settings):

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +26,7 @@ from protos.loraserve.v1 import serving_pb2
 from settings.config import FrontendConfig
 from tests.certs import CertificateAuthority
 from tests.frontend.fake_scheduler import FakeScheduler
-from tests.frontend.test_frontend_service import BackgroundFrontend, rpc_error, wait_for
+from tests.frontend.test_frontend_service import BackgroundFrontend, rpc_error, tokenizer_dir, wait_for  # noqa: F401
 
 API, ADMIN = "api-secret", "admin-secret"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -261,17 +266,46 @@ def test_stop_drains_in_flight_requests_and_refuses_new_ones(fake):
         server._loop.call_soon_threadsafe(server._loop.stop)
 
 
-def test_the_grace_period_bounds_the_drain(fake):
+def test_the_grace_period_ends_every_api_request_properly(fake, tokenizer_dir):  # noqa: F811
+    """Requests still running when the grace period ends get UNAVAILABLE ("shutting down") on every API:
+    a gRPC status, an HTTP 503 body, and on an HTTP stream an error event then [DONE]; the frontend
+    stops within the grace period and a bounded moment for those ends."""
     fake.script, fake.token_interval_s = [40] * 60, 0.2  # twelve seconds of tokens
-    server = BackgroundFrontend(FrontendConfig(port=0), fake.address)
+    server = BackgroundFrontend(FrontendConfig(port=0, http_port=0, tokenizer_path=str(tokenizer_dir)),
+                                fake.address)
     client = LoraServeClient(server.address, timeout=30)
+    completions = f"http://127.0.0.1:{server.server.http_port}/v1/completions"
     try:
         client.wait_until_ready(10)
         stream = client.generate_stream(input_ids=[1, 2], max_new_tokens=60, request_id="long")
         next(stream)
-        asyncio.run_coroutine_threadsafe(server.server.stop(grace_s=0.5), server._loop).result(timeout=10)
-        assert rpc_error(lambda: list(stream)).code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            unary = pool.submit(rpc_error, lambda: client.generate(input_ids=[1, 2], max_new_tokens=60))
+            plain = pool.submit(http_post, completions, {"prompt": [1, 2], "max_tokens": 60})
+            events = pool.submit(http_post, completions, {"prompt": [1, 2], "max_tokens": 60, "stream": True})
+            wait_for(lambda: len(fake.submits) == 4, "every request at the scheduler")
+            started = time.monotonic()
+            asyncio.run_coroutine_threadsafe(server.server.stop(grace_s=0.5), server._loop).result(timeout=10)
+            stopped_after = time.monotonic() - started
+            for error in (rpc_error(lambda: list(stream)), unary.result(timeout=10)):
+                assert error.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in error.details()
+            status, body = plain.result(timeout=10)
+            assert status == 503 and "shutting down" in json.loads(body)["error"]["message"]
+            status, body = events.result(timeout=10)
+            lines = [line for line in body.splitlines() if line.startswith("data: ")]
+            assert status == 200 and lines[-1] == "data: [DONE]"
+            assert "shutting down" in json.loads(lines[-2].removeprefix("data: "))["error"]["message"]
+        assert stopped_after < 0.5 + 3
         wait_for(lambda: "long" in fake.aborts, "the abort of the cut request")
     finally:
         client.close()
         server._loop.call_soon_threadsafe(server._loop.stop)
+
+
+def http_post(url: str, body: dict[str, Any]) -> tuple[int, str]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()

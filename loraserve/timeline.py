@@ -13,17 +13,15 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
-from protos.loraserve.v1 import serving_pb2, serving_pb2_grpc
+from loraserve.client import Connection
+from loraserve.command_line import CommandError, add_connection_arguments, connection_from_args, existing_file
 
 BASE_MODEL_COLOUR = "#9e9e9e"
 
 
-def fetch_trace(address: str) -> dict:
-    with grpc.insecure_channel(address) as channel:
-        stub = serving_pb2_grpc.LoraServingStub(channel)
-        return json.loads(stub.GetTimeline(serving_pb2.GetTimelineRequest(), timeout=60).chrome_trace_json)
+def fetch_trace(connection: Connection) -> dict:
+    with connection.client(timeout=60) as client:
+        return json.loads(client.timeline().chrome_trace_json)
 
 
 STEADY_GAP_US = 50_000  # a longer pause between forwards means no work was waiting, not a slow host
@@ -135,23 +133,29 @@ def _style(event: dict, colours: dict[str, str]) -> tuple[str, float]:
 
 def add_timeline_parsers(commands) -> None:
     trace = commands.add_parser("trace", help="save a running server's timeline as a Chrome trace")
-    trace.add_argument("--address", default="127.0.0.1:50051")
-    trace.add_argument("-o", "--output", type=Path, default=Path("trace.json"))
-    trace.set_defaults(run=run_trace)
+    add_connection_arguments(trace)
+    trace.add_argument("-o", "--output", type=Path, default=Path("trace.json"), help="(default: %(default)s)")
+    trace.set_defaults(run=run_trace, parser=trace)
     timeline = commands.add_parser("timeline", help="draw a Chrome trace as the seed's timeline picture")
-    timeline.add_argument("trace", type=Path)
+    timeline.add_argument("trace", type=existing_file, help="a Chrome trace of `loraserve trace`")
     timeline.add_argument("-o", "--output", type=Path, default=Path("timeline.png"))
     timeline.add_argument("--title", default="")
     timeline.set_defaults(run=run_timeline)
 
 
 def run_trace(args: argparse.Namespace) -> int:
-    args.output.write_text(json.dumps(fetch_trace(args.address)))
+    args.output.write_text(json.dumps(fetch_trace(connection_from_args(args.parser, args))))
     print(f"wrote {args.output}")
     return 0
 
 
 def run_timeline(args: argparse.Namespace) -> int:
-    draw(json.loads(args.trace.read_text()), args.output, args.title)
+    trace = json.loads(args.trace.read_text())
+    if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
+        raise CommandError(f"{args.trace} is not a Chrome trace (no traceEvents); pass a file of `loraserve trace`")
+    try:
+        draw(trace, args.output, args.title)
+    except ValueError as error:
+        raise CommandError(f"{args.trace}: {error}") from error
     print(f"wrote {args.output}")
     return 0

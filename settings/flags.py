@@ -149,7 +149,7 @@ def name_value(text: str) -> tuple[str, str]:
     """An item of a NAME=VALUE list flag: "a=/x" -> ("a", "/x")."""
     name, sep, value = text.partition("=")
     if not sep or not name or not value:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (such as mine=/adapters/mine), got {text!r}")
     return name, value
 
 

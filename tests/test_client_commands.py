@@ -4,6 +4,7 @@ and their one-line errors."""
 from __future__ import annotations
 
 import json
+from importlib import metadata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ def pki(tmp_path_factory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory, pki) -> Iterator[tuple[BackgroundFrontend, dict[str, Path]]]:
+def secured(tmp_path_factory, pki) -> Iterator[tuple[BackgroundFrontend, dict[str, Path], FakeScheduler]]:
     """A frontend needing the API token and a client certificate, and the files a client passes."""
     directory = tmp_path_factory.mktemp("secured")
     build_tokenizer(directory / "tokenizer", max_length=64)
@@ -45,7 +46,7 @@ def secured(tmp_path_factory, pki) -> Iterator[tuple[BackgroundFrontend, dict[st
             with LoraServeClient(server.address, tls=credentials) as client:
                 client.wait_until_ready(10)
             yield server, {"token": directory / "token", "ca": pki["ca"].cert, "cert": pki["client"].cert,
-                           "key": pki["client"].key}
+                           "key": pki["client"].key}, fake
 
 
 def flags(server: BackgroundFrontend, files: dict[str, Path], *, token: bool = True) -> list[str]:
@@ -55,7 +56,7 @@ def flags(server: BackgroundFrontend, files: dict[str, Path], *, token: bool = T
 
 
 def test_every_client_command_reaches_a_server_needing_a_token_and_mutual_tls(secured, tmp_path, capsys):
-    server, files = secured
+    server, files, _ = secured
     assert cli(["generate", "hi", "--max-tokens", "2", *flags(server, files)]) == 0
     assert capsys.readouterr().out.strip()
     assert cli(["bench", *BENCH, "--output-file", str(tmp_path / "bench.json"), *flags(server, files)]) == 0
@@ -67,10 +68,30 @@ def test_every_client_command_reaches_a_server_needing_a_token_and_mutual_tls(se
 @pytest.mark.parametrize("command", [["generate", "hi"], ["bench", *BENCH], ["trace"]])
 def test_a_missing_token_is_one_line_naming_the_flag(secured, tmp_path, capsys, monkeypatch, command):
     monkeypatch.chdir(tmp_path)
-    server, files = secured
+    server, files, _ = secured
     assert cli([*command, *flags(server, files, token=False)]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "UNAUTHENTICATED" in error and "--token-file" in error
+
+
+@pytest.mark.parametrize("length_flag", ["--max-tokens", "--max-new-tokens"])
+def test_generate_sends_its_sampling_flags_and_leaves_the_rest_to_the_server(secured, capsys, length_flag):
+    server, files, fake = secured
+    fake.submits.clear()
+    assert cli(["generate", "hi", length_flag, "2", "--seed", "7", "--top-p", "0.5", "--temperature", "0.7",
+                "--stop", "x", "--stop", "yz", *flags(server, files)]) == 0
+    assert cli(["generate", "hi", *flags(server, files)]) == 0
+    chosen, default = (submit.sampling for submit in fake.submits)
+    context_left = fake.info.max_context_length - len(fake.submits[1].input_ids)
+    assert (chosen.max_new_tokens, chosen.seed, chosen.temperature) == (2, 7, pytest.approx(0.7))
+    assert chosen.top_p == pytest.approx(0.5) and list(chosen.stop) == ["x", "yz"]
+    assert default.max_new_tokens == min(128, context_left) and default.temperature == 0 and not default.HasField("seed")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"loraserve {metadata.version('loraserve')}"
 
 
 # One-line errors ----------------------------------------------------------------------------

@@ -166,7 +166,16 @@ def summarize(records: list[Record], duration_s: float) -> dict:
         "ttft_ms": _stats([r.ttft_ms for r in done]),
         "tpot_ms": _stats([r.tpot_ms for r in done if r.tpot_ms is not None]),
         "itl_ms": _stats([x for r in done for x in r.itl_ms]),
+        "input_len": _spread([r.input_len for r in done]),
+        "output_len": _spread([r.output_tokens for r in done]),
     }
+
+
+def _spread(values: list[int]) -> dict[str, float]:
+    """How the lengths were spread (the range ratio draws them from an interval)."""
+    if not values:
+        return {"min": 0, "median": 0.0, "max": 0}
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 async def run_benchmark(args: argparse.Namespace, connection: Connection) -> dict:
@@ -202,9 +211,16 @@ TABLE_ROWS = [
 ]
 
 
+LENGTH_ROWS = [("Input length min/median/max (tokens)", "input_len"),
+               ("Output length min/median/max (tokens)", "output_len")]
+
+
 def format_summary(summary: dict) -> str:
     lines = ["{:=^60}".format(" Serving Benchmark Result ")]
     lines += [f"{label:<44}{fmt.format(get(summary)):>16}" for label, get, fmt in TABLE_ROWS]
+    for label, key in LENGTH_ROWS:
+        spread = "/".join(f"{summary[key][stat]:g}" for stat in ("min", "median", "max"))
+        lines.append(f"{label:<44}{spread:>16}")
     return "\n".join(lines)
 
 
@@ -231,19 +247,29 @@ def add_bench_parser(commands) -> None:
     compare.add_argument("files", nargs="+", type=existing_file, help="JSON files of `bench --output-file`")
     compare.set_defaults(run=run_compare)
     add_connection_arguments(parser)
-    parser.add_argument("--dataset", choices=("random",), default="random")
-    parser.add_argument("--random-input-len", type=int, default=512)
-    parser.add_argument("--random-output-len", type=int, default=512)
-    parser.add_argument("--random-range-ratio", type=float, default=0.0)
-    parser.add_argument("--num-prompts", type=int, default=100)
-    parser.add_argument("--request-rate", type=float, default=float("inf"))
-    parser.add_argument("--max-concurrency", type=int)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--lora-name", nargs="*")
-    parser.add_argument("--lora-request-distribution", choices=("uniform", "distinct", "skewed"), default="uniform")
-    parser.add_argument("--lora-zipf-alpha", type=float, default=1.5)
-    parser.add_argument("--output-file", type=Path, help="JSON with the summary and every request's record")
-    parser.add_argument("--disable-progress", action="store_true")
+    parser.add_argument("--dataset", choices=("random",), default="random",
+                        help="prompts of random token ids (default: %(default)s)")
+    parser.add_argument("--random-input-len", type=int, default=512,
+                        help="longest prompt, in tokens (default: %(default)s)")
+    parser.add_argument("--random-output-len", type=int, default=512,
+                        help="longest output, in tokens; every request runs to its length (default: %(default)s)")
+    parser.add_argument("--random-range-ratio", type=float, default=0.0,
+                        help="as SGLang's: each length is uniform in [LEN * RATIO, LEN] (at least 1), so 0.0 gives "
+                             "1 to LEN and 1.0 exactly LEN (default: %(default)s)")
+    parser.add_argument("--num-prompts", type=int, default=100, help="requests to send (default: %(default)s)")
+    parser.add_argument("--request-rate", type=float, default=float("inf"),
+                        help="requests per second, Poisson arrivals; inf sends all at once (default: %(default)s)")
+    parser.add_argument("--max-concurrency", type=int, help="most requests in flight (default: no limit)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the workload (default: %(default)s)")
+    parser.add_argument("--lora-name", nargs="*", help="adapters to pick from (default: the base model only)")
+    parser.add_argument("--lora-request-distribution", choices=("uniform", "distinct", "skewed"), default="uniform",
+                        help="how a request's adapter is picked: at random, in turn, or Zipf-skewed "
+                             "(default: %(default)s)")
+    parser.add_argument("--lora-zipf-alpha", type=float, default=1.5,
+                        help="the skewed distribution's exponent (default: %(default)s)")
+    parser.add_argument("--output-file", type=Path,
+                        help="JSON with the summary and every request's record (default: none)")
+    parser.add_argument("--disable-progress", action="store_true", help="no progress bar (default: shown)")
     parser.set_defaults(run=run_bench, parser=parser)
 
 

@@ -47,7 +47,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-ca", type=existing_file,
                        help="PEM CA of the server's certificate: connect with TLS (default: plaintext)")
     group.add_argument("--tls-cert", type=existing_file,
-                       help="PEM client certificate for mutual TLS (with --tls-key; default: none)")
+                       help="PEM client certificate for mutual TLS, with --tls-key (default: none)")
     group.add_argument("--tls-key", type=existing_file, help="PEM private key of --tls-cert (default: none)")
 
 

@@ -33,6 +33,7 @@ def test_bench_records_summary_and_timeline(base_config, tmp_path):
     loads = [e for e in trace if e["tid"] == "pcie" and e["name"] == "a3"]
     forwards = [e for e in trace if e["tid"] == "compute"]
     assert loads and all(load["dur"] >= 1.0e6 for load in loads)
+    assert {e["args"]["device"] for e in trace if e["pid"] == "worker"} == {"cpu"}
     for load in loads:
         during = [f for f in forwards if load["ts"] < f["ts"] and f["ts"] + f["dur"] < load["ts"] + load["dur"]]
         assert during, "other requests' forwards should run while a3 loads"
@@ -40,3 +41,4 @@ def test_bench_records_summary_and_timeline(base_config, tmp_path):
     assert Counter(e["name"] for e in trace if e["pid"] == "scheduler")["running"] >= 12
     assert cli(["timeline", str(trace_file), "-o", str(picture)]) == 0
     assert picture.stat().st_size > 10_000
+    assert cli(["timeline", str(trace_file), "-o", str(picture), "--last", "0.5"]) == 0

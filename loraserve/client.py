@@ -115,10 +115,10 @@ class LoraServeClient:
         """The recent forwards, adapter loads and requests as a Chrome trace (`chrome_trace_json`)."""
         return self._stub.GetTimeline(serving_pb2.GetTimelineRequest(), timeout=self._deadline(timeout))
 
-    def is_ready(self) -> bool:
-        """True when the server's health check says SERVING."""
+    def is_ready(self, timeout: float = 1.0) -> bool:
+        """True when the server's health check says SERVING within `timeout` seconds."""
         try:
-            response = self._health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            response = self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError:
             return False
         return response.status == health_pb2.HealthCheckResponse.SERVING

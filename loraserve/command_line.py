@@ -39,9 +39,12 @@ def existing_file(text: str) -> Path:
     return path
 
 
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+def add_connection_arguments(parser: argparse.ArgumentParser, address: bool = True) -> None:
+    """`address`: False where the command takes the address otherwise (a positional argument)."""
     group = parser.add_argument_group("connection")
-    group.add_argument("--address", default=DEFAULT_ADDRESS, help="HOST:PORT of the gRPC API (default: %(default)s)")
+    if address:
+        group.add_argument("--address", default=DEFAULT_ADDRESS,
+                           help="HOST:PORT of the gRPC API (default: %(default)s)")
     group.add_argument("--token-file", type=existing_file,
                        help="file holding the bearer token, if the server needs one (default: none)")
     group.add_argument("--tls-ca", type=existing_file,
@@ -52,7 +55,8 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def connection_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Connection:
-    """The parsed connection flags as a `Connection`; inconsistent ones are a usage error."""
+    """The parsed connection flags (`args.address`, however the command took it); inconsistent ones are a
+    usage error."""
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     token = args.token_file.read_text().strip() if args.token_file else None

@@ -15,6 +15,7 @@ import pytest
 from frontend.auth import AuthTokens
 from loraserve.cli import main as cli
 from loraserve.client import LoraServeClient
+from loraserve.healthcheck import main as healthcheck
 from loraserve.demo import build_tokenizer
 from tests.certs import CertificateAuthority
 from tests.frontend.fake_scheduler import FakeScheduler
@@ -72,6 +73,13 @@ def test_a_missing_token_is_one_line_naming_the_flag(secured, tmp_path, capsys, 
     assert cli([*command, *flags(server, files, token=False)]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "UNAUTHENTICATED" in error and "--token-file" in error
+
+
+def test_the_healthcheck_reaches_a_tls_frontend_with_the_same_flags(secured):
+    server, files, _ = secured
+    tls = flags(server, files, token=False)[2:]  # health needs no token
+    assert healthcheck(["frontend", server.address, *tls]) == 0
+    assert healthcheck(["frontend", server.address, "--timeout", "1"]) == 1
 
 
 @pytest.mark.parametrize("length_flag", ["--max-tokens", "--max-new-tokens"])

@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, grpc.RpcError, OSError, json.JSONDecodeError) as error:
         print(f"loraserve: error: {describe_failure(error, vars(args).get('address'))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("loraserve: interrupted", file=sys.stderr)
+        return 130
 
 
 def package_version() -> str:

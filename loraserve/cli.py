@@ -1,4 +1,4 @@
-"""The `loraserve` command: serve, generate."""
+"""The `loraserve` command: serve, generate, bench, trace, timeline."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def add_generate_parser(commands) -> None:
     parser.add_argument("--top-p", type=float, help="nucleus sampling's probability mass (default: 1)")
     parser.add_argument("--seed", type=int, help="makes a sampled answer reproducible (default: none)")
     parser.add_argument("--stop", action="append", help="stop before this text; repeatable (default: none)")
-    parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    parser.add_argument("--stream", action="store_true", help="print the text as it is generated (default: off)")
     parser.set_defaults(run=run_generate, parser=parser)
 
 

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from settings.config import PARTS, EngineConfig, FrontendConfig, SchedulerConfig, ServeConfig, spec_of
+from tests.driver import make_engine
+from tests.model_factory import MAX_POSITIONS, build_tiny_model
+from worker.errors import ModelLoadError
 from worker.service import context_length
 from settings.flags import (
     add_arguments,
@@ -126,14 +129,20 @@ def test_every_serve_flag_shows_help_and_its_default():
     assert undocumented == []
 
 
-def test_max_model_len_is_the_context_length_and_cut_to_the_models():
+def test_max_model_len_is_the_context_length():
     serve = argparse.ArgumentParser()
     add_serve_arguments(serve)
     config = serve_config_from_args(serve, serve.parse_args(["--model-path", "/m", "--max-model-len", "512"]))
     assert config.engine.context_length == 512
     assert context_length(config.engine, model_positions=4096) == 512
-    assert context_length(config.engine, model_positions=256) == 256
     assert context_length(dataclasses.replace(config.engine, context_length=None), model_positions=4096) == 4096
+
+
+def test_a_context_length_beyond_the_models_is_refused(tmp_path):
+    model = build_tiny_model(tmp_path / "model", "llama3", seed=1)
+    with pytest.raises(ModelLoadError, match=f"--context-length {MAX_POSITIONS + 1} exceeds"):
+        make_engine(model, context_length=MAX_POSITIONS + 1)
+    assert make_engine(model, context_length=MAX_POSITIONS).config.context_length == MAX_POSITIONS
 
 
 @pytest.mark.parametrize("config_type, argv, message", [

@@ -37,9 +37,7 @@ def main(argv: list[str] | None = None, build_engine: Callable[[EngineConfig], E
     try:
         engine = build_engine(args.engine)
     except (ModelLoadError, OSError) as error:  # a wrong path or a model we cannot serve: one line, no traceback
-        logging.getLogger("loraserve.worker").error(
-            "cannot serve --model-path %s: %s (give a model directory with config.json and safetensors weights)",
-            args.engine.model_path, error)
+        logging.getLogger("loraserve.worker").error("cannot serve --model-path %s: %s", args.engine.model_path, error)
         sys.exit(1)
     service = WorkerService(WorkerConfig(args.scheduler_address, args.engine), engine)
     if args.ready_file:

@@ -209,8 +209,8 @@ class WorkerService:
 
 
 def context_length(config: EngineConfig, model_positions: int) -> int:
-    """The longest request in tokens: `--context-length`, at most the model's positions."""
-    return model_positions if config.context_length is None else min(config.context_length, model_positions)
+    """The longest request in tokens: `--context-length` (the engine refused one beyond the model's), or the model's."""
+    return model_positions if config.context_length is None else config.context_length
 
 
 def _sequence_input(message: pb.SequenceInput) -> SequenceInput:

@@ -173,13 +173,15 @@ class OpenAIApi:
     # /v1/models -------------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
+        """The base model's card also gives the adapter root (null without one), where adapter paths lie."""
         base = self._base_model()
+        adapter_root = self._service.server_info.adapter_root or None
         try:
             adapters = (await self._service.list_adapters()).adapters
         except Exception as error:  # noqa: BLE001 - becomes an HTTP status
             raise ApiError.of(error) from None
         created = int(time.time())
-        cards = [_model_card(base, created, root=base, parent=None)]
+        cards = [_model_card(base, created, root=base, parent=None) | {"adapter_root": adapter_root}]
         cards += [_model_card(a.name, created, root=a.path, parent=base) for a in adapters]
         return web.json_response({"object": "list", "data": cards})
 

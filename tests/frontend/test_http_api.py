@@ -1,6 +1,6 @@
 """The HTTP side of the frontend against the fake scheduler: the authorization hook (given, and
 the default one from the gRPC API's bearer tokens), refusals in OpenAI's field names,
-`Retry-After` on 429, `/health` and `/version`, a client that leaves mid-stream, and the
+`Retry-After` on 429, `/health` and `/version`, the adapter root, a client that leaves mid-stream, and the
 metrics endpoint while the scheduler does not answer."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from frontend.server import FrontendServer
+from loraserve.client import LoraServeClient
 from settings.config import FrontendConfig
 from tests.frontend.fake_scheduler import FakeScheduler
 from tests.frontend.test_frontend_service import BackgroundFrontend, tokenizer_dir, wait_for  # noqa: F401 (fixture)
@@ -205,6 +206,20 @@ def test_health_is_503_until_the_scheduler_answers_and_while_draining(tmp_path, 
             assert status == 503 and "shutting down" in json.loads(body)["error"]["message"]
         finally:
             background.server._service.draining = False
+            background.stop()
+
+
+def test_the_adapter_root_is_in_server_info_and_the_base_model_card(tmp_path):
+    with FakeScheduler(f"ipc://{tmp_path}/scheduler.sock") as own_fake:
+        own_fake.info.adapter_root = "/srv/adapters"
+        background = BackgroundFrontend(FrontendConfig(port=0, http_port=0), own_fake.address)
+        try:
+            with LoraServeClient(background.address, timeout=10) as client:
+                client.wait_until_ready(10)
+                assert client.server_info().adapter_root == "/srv/adapters"
+            models = json.loads(get(f"http://127.0.0.1:{background.server.http_port}/v1/models")[1])["data"]
+            assert models[0]["adapter_root"] == "/srv/adapters"
+        finally:
             background.stop()
 
 

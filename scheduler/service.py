@@ -375,6 +375,7 @@ class SchedulerService:
             max_lora_rank=hello.max_lora_rank, overlap_loading=config.overlap_loading,
             num_kv_pages=hello.num_kv_pages, page_size=hello.page_size,
             max_queued_requests=config.max_queued_requests, version=_package_version(),
+            adapter_root=str(Path(config.adapter_root).resolve()) if config.adapter_root else "",
         )
 
     def _send_frontend(self, client: bytes, message: pb.SchedulerMessage) -> None:

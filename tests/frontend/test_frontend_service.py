@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
 from frontend.server import FrontendServer
-from frontend.validation import NO_TOKENIZER
+from frontend.validation import no_tokenizer
 from loraserve.client import LoraServeClient
 from loraserve.demo import build_tokenizer
 from settings.config import FrontendConfig
@@ -382,7 +382,7 @@ def test_without_a_tokenizer_prompts_must_be_token_ids(fake):
                      lambda: client.generate(input_ids=[1], stop=["x"])):
             error = rpc_error(call)
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert rpc_error(lambda: client.tokenize("hello")).details() == NO_TOKENIZER
+        assert rpc_error(lambda: client.tokenize("hello")).details() == no_tokenizer().message
         response = client.generate(input_ids=[1, 2], max_new_tokens=3)
         assert list(response.token_ids) == [10, 11, 12] and response.text == ""
 

@@ -23,7 +23,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, replace
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from aiohttp import web
@@ -33,6 +32,7 @@ from frontend.generation import accumulate
 from frontend.generation_service import GenerationService, GenerationStream
 from frontend.validation import Field, FieldNames, InvalidRequest
 from protos.loraserve.v1 import serving_pb2
+from settings.version import package_version
 
 Authorize = Callable[[str | None], str | None]
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -462,13 +462,6 @@ def _sampling(body: dict[str, Any], max_tokens: int | None, max_tokens_param: st
 
 
 # Responses --------------------------------------------------------------------------------
-
-def package_version() -> str:
-    try:
-        return version("loraserve")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "dev"
-
 
 def _model_card(model_id: str, created: int, root: str, parent: str | None) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": created, "owned_by": "loraserve", "root": root,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ from loraserve.timeline import add_timeline_parsers
 from settings.config import LoggingConfig, ServeConfig
 from settings.flags import add_serve_arguments, config_from_args, serve_config_from_args
 from settings.logs import configure_logging
+from settings.version import package_version
 
 if TYPE_CHECKING:
     from loraserve.demo import DemoAssets
@@ -110,13 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loraserve: interrupted", file=sys.stderr)
         return 130
-
-
-def package_version() -> str:
-    try:
-        return metadata.version("loraserve")
-    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown"
 
 
 if __name__ == "__main__":

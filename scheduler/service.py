@@ -22,7 +22,6 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import zmq
@@ -34,6 +33,7 @@ from protos.loraserve.v1 import serving_pb2
 from scheduler.adapter_paths import OutsideAdapterRoot, confine
 from scheduler.core import SchedulerCore
 from settings.config import SchedulerConfig
+from settings.version import package_version
 
 log = logging.getLogger("loraserve.scheduler")
 IDLE_POLL_MS = 50
@@ -50,13 +50,6 @@ class SchedulerServiceConfig:
     frontend_address: str
     worker_address: str
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-
-
-def _package_version() -> str:
-    try:
-        return version("loraserve")
-    except PackageNotFoundError:
-        return "dev"
 
 
 class SchedulerService:
@@ -374,7 +367,7 @@ class SchedulerService:
             max_loras_per_batch=hello.max_loras_per_batch, max_loaded_loras=hello.max_loaded_loras,
             max_lora_rank=hello.max_lora_rank, overlap_loading=config.overlap_loading,
             num_kv_pages=hello.num_kv_pages, page_size=hello.page_size,
-            max_queued_requests=config.max_queued_requests, version=_package_version(),
+            max_queued_requests=config.max_queued_requests, version=package_version(),
             adapter_root=str(Path(config.adapter_root).resolve()) if config.adapter_root else "",
         )
 

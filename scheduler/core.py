@@ -343,7 +343,8 @@ class SchedulerCore:
         self.outputs.append((client, pb.SchedulerMessage(output=output)))
 
     def add_scheduler_step_time(self, seconds: float) -> None:
-        """Time the scheduler took from a forward's result to sending the next forward."""
+        """The scheduler's own work from a forward's result to sending the next forward (or to having
+        nothing more to send); never time spent waiting for requests or for the worker."""
         self._counters.scheduler_step_seconds += seconds
 
     # Queries --------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -33,6 +32,7 @@ from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
 from scheduler.adapter_paths import OutsideAdapterRoot, confine
 from scheduler.core import SchedulerCore
+from scheduler.metrics import StepTimer
 from settings.config import SchedulerConfig
 
 log = logging.getLogger("loraserve.scheduler")
@@ -76,7 +76,7 @@ class SchedulerService:
         saved = _read_registry(config.scheduler.registry_file)
         self.registered_paths: dict[str, str] = dict(config.scheduler.initial_adapters if saved is None else saved)
         self.registrations_pending = 0
-        self.last_result_at: float | None = None  # when the last forward's result arrived
+        self.step_timer = StepTimer()
         self.stopping = False
 
     def _bind(self, address: str) -> zmq.Socket:
@@ -102,6 +102,7 @@ class SchedulerService:
                  self.config.worker_address)
         while not self.stopping:
             busy = self.core is not None and self.core.has_requests()
+            self._count_step_time()  # before waiting: the wait is not the scheduler's work
             events = dict(poller.poll(0 if busy and not self.core.has_forward_in_flight() else IDLE_POLL_MS))
             if self.worker_monitor in events:  # before the worker's messages: a successor's hello comes after
                 self._on_worker_socket_events()
@@ -137,11 +138,14 @@ class SchedulerService:
         while (batch := self.core.schedule()) is not None:  # up to max_forwards_in_flight
             self._flush_commands()
             self._send_command(pb.WorkerCommand(forward=batch), self._on_forward_done)
-            if self.last_result_at is not None:
-                self.core.add_scheduler_step_time(time.perf_counter() - self.last_result_at)
-                self.last_result_at = None
+            self._count_step_time()
         self._flush_commands()
         self._flush_outputs()  # after the forwards are on their way: streaming overlaps the GPU
+
+    def _count_step_time(self) -> None:
+        seconds = self.step_timer.close()
+        if self.core is not None:
+            self.core.add_scheduler_step_time(seconds)
 
     def _flush(self) -> None:
         self._flush_commands()
@@ -245,7 +249,7 @@ class SchedulerService:
         self.worker.send_multipart([self.worker_identity, command.SerializeToString()])
 
     def _on_forward_done(self, result: pb.CommandResult) -> None:
-        self.last_result_at = time.perf_counter()
+        self.step_timer.result_arrived()
         self.core.on_forward_result(result.forward, result.error if result.HasField("error") else None)
 
     def _on_adapter_command_done(self, command: pb.WorkerCommand) -> CommandDone | None:

@@ -137,7 +137,7 @@ class SchedulerCore:
         Requests started while the load was landing (pipelined) ran on a slot that never got
         the adapter: they fail whatever the error, and their tokens still in flight are dropped.
         """
-        state = self._tier.load_failed(name)
+        state = self._tier.load_failed(name, error.message)
         if state is None:
             return
         message = f"adapter {name!r} could not be loaded: {error.message}"

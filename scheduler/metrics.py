@@ -56,14 +56,16 @@ class CacheTier:
         self.loads_started += 1
         self.started_at[name] = now
 
-    def finish(self, adapter: Adapter, now: float) -> None:
-        """Counts a finished load that was started here (a stage the worker did on its own is not)."""
+    def finish(self, adapter: Adapter, now: float) -> float | None:
+        """Counts a finished load that was started here (a stage the worker did on its own is not);
+        its seconds, None if it was not counted."""
         started = self.started_at.pop(adapter.name, None)
         if started is None:
-            return
+            return None
         self.loads_finished += 1
         self.bytes_loaded += adapter.size_bytes
         self.load_seconds.observe(now - started)
+        return now - started
 
     def fail(self, name: str) -> None:
         self.started_at.pop(name, None)

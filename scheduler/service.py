@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -226,18 +227,19 @@ class SchedulerService:
 
     def _register_at_start(self, name: str, path: str) -> None:
         self.registrations_pending += 1
+        started = time.monotonic()
 
         def done(result: pb.CommandResult) -> None:
             self.registrations_pending -= 1
             if result.HasField("error") and result.error.code == pb.UNAVAILABLE:
                 return  # the worker was lost; its successor's hello registers the adapter again
             if result.HasField("error"):
-                log.error("adapter %s at %s cannot be served: %s", name, path, result.error.message)
+                _log_refused(logging.ERROR, name, path, result.error.code, result.error.message, started)
                 self.registered_paths.pop(name, None)
                 if name in self.config.scheduler.initial_adapters:
-                    raise SystemExit(f"adapter {name!r}: {result.error.message}")
+                    raise SystemExit(1)  # the record above says why
                 return
-            self.core.register(result.adapter, path)
+            _log_registered(self.core.register(result.adapter, path), started)
 
         self._send_command(pb.WorkerCommand(register_adapter=pb.RegisterAdapter(name=name, path=path)), done)
 
@@ -261,9 +263,10 @@ class SchedulerService:
                 if kind == "load_slot" and command.load_slot.blocking and self.core is not None:
                     self.core.on_blocking_load_done(name)
                 return
-            log.warning("%s failed: %s", kind, result.error.message)
             if name is not None and self.core is not None:
-                self.core.on_adapter_failed(name, result.error)
+                self.core.on_adapter_failed(name, result.error)  # logs the failed load
+            else:
+                log.warning("%s failed: %s", kind, result.error.message)
 
         return done
 
@@ -313,8 +316,14 @@ class SchedulerService:
         else:
             fail(pb.INVALID_ARGUMENT, f"unknown admin command {command!r}")
 
-    def _load_adapter(self, request: serving_pb2.LoadAdapterRequest, reply, fail) -> None:
+    def _load_adapter(self, request: serving_pb2.LoadAdapterRequest, reply, fail_request) -> None:
         name, path = request.name, request.path
+        started = time.monotonic()
+
+        def fail(code: int, message: str) -> None:
+            _log_refused(logging.INFO, name, path, code, message, started)
+            fail_request(code, message)
+
         if not ADAPTER_NAME.match(name):
             fail(pb.INVALID_ARGUMENT, f"adapter name {name!r} must be 1-128 letters, digits or ._:/@+-")
             return
@@ -340,6 +349,7 @@ class SchedulerService:
                 return
             self._save_registry()
             info = self.core.register(result.adapter, path)
+            _log_registered(info, started)
             reply(pb.AdminResponse(load_adapter=serving_pb2.LoadAdapterResponse(adapter=info)))
 
         # Commands the core has queued go first: an unload of the same name just answered has
@@ -392,6 +402,22 @@ class SchedulerService:
         temporary = f"{path}.tmp"
         Path(temporary).write_text(json.dumps(self.registered_paths))
         os.replace(temporary, path)
+
+
+def _log_registered(info: serving_pb2.AdapterInfo, started: float) -> None:
+    """A LoadAdapter (or an adapter given at start) the worker validated: servable, still on disk."""
+    log.info("adapter registered", extra={"adapter": info.name, "path": info.path, "bytes": info.size_bytes,
+                                          "tier": "disk", "rank": info.rank, "duration_ms": _ms_since(started)})
+
+
+def _log_refused(level: int, name: str, path: str, code: int, message: str, started: float) -> None:
+    log.log(level, "adapter load refused", extra={"adapter": name, "path": path, "tier": "disk",
+                                                  "code": pb.ErrorCode.Name(code), "error": message,
+                                                  "duration_ms": _ms_since(started)})
+
+
+def _ms_since(started: float) -> float:
+    return round((time.monotonic() - started) * 1e3, 2)
 
 
 def _read_registry(path: str | None) -> dict[str, str] | None:

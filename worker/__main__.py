@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from settings.config import EngineConfig, LoggingConfig
 from settings.flags import add_arguments, parse_parts
 from settings.logs import configure_logging
 from settings.process import die_with_parent, on_termination
-from worker.engine import Engine
-from worker.service import WorkerConfig, WorkerService
+
+if TYPE_CHECKING:
+    from worker.engine import Engine
 
 PARTS = {"engine": EngineConfig, "logging": LoggingConfig}
 
@@ -24,12 +26,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_parts(parser, argv, PARTS)
 
 
-def main(argv: list[str] | None = None, build_engine: Callable[[EngineConfig], Engine] = Engine) -> None:
-    """`build_engine`: how the engine is made (a test's entry point passes one with hooks)."""
+def main(argv: list[str] | None = None, build_engine: Callable[[EngineConfig], Engine] | None = None) -> None:
+    """`build_engine`: how the engine is made (a test's entry point passes one with hooks); by default `Engine`."""
     args = parse_args(argv)
     die_with_parent()
     configure_logging(args.logging.log_level, "worker", args.logging.log_format)
-    service = WorkerService(WorkerConfig(args.scheduler_address, args.engine), build_engine(args.engine))
+    # torch and transformers only now: what they warn of while importing is logged as records
+    from worker.engine import Engine
+    from worker.service import WorkerConfig, WorkerService
+
+    engine = (build_engine or Engine)(args.engine)
+    service = WorkerService(WorkerConfig(args.scheduler_address, args.engine), engine)
     on_termination(lambda: setattr(service, "stopping", True))
     service.run()
 

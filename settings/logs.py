@@ -10,8 +10,9 @@ huggingface_hub's loggers (which would print through handlers of their own) and 
 exceptions (the traceback is a field) go through the same handler; progress bars are drawn
 only when stderr is a terminal; what a process tells its user on stdout (where it listens)
 is a record too (`announce`). gRPC's C core writes below Python, so it is silenced
-(GRPC_VERBOSITY=NONE unless set): it reads the variable when grpc is first imported, so a
-process configures logging before importing grpc, and the processes it starts inherit it.
+(GRPC_VERBOSITY=NONE unless GRPC_VERBOSITY or GRPC_TRACE is set): it reads the variable when
+grpc is first imported, so a process configures logging before importing grpc, and the
+processes it starts inherit it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 LOG_FORMATS = ("logfmt", "json")
 _STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 GRPC_VERBOSITY = "GRPC_VERBOSITY"
+GRPC_TRACE = "GRPC_TRACE"
 HUB_PROGRESS_BARS_OFF = "HF_HUB_DISABLE_PROGRESS_BARS"  # transformers follows huggingface_hub's setting
 TRUE_WORDS = frozenset({"1", "ON", "YES", "TRUE"})  # as huggingface_hub reads its variables
 
@@ -82,7 +84,8 @@ def configure_logging(level: str, process: str, log_format: str = "logfmt", *, h
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_uncaught_in_thread
-    os.environ.setdefault(GRPC_VERBOSITY, "NONE")
+    if GRPC_TRACE not in os.environ:  # whoever asks for gRPC's traces wants its plain lines
+        os.environ.setdefault(GRPC_VERBOSITY, "NONE")
     if not sys.stderr.isatty():
         os.environ.setdefault(HUB_PROGRESS_BARS_OFF, "1")
     if hugging_face:

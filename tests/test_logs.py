@@ -57,13 +57,12 @@ def test_logfmt_lines_are_records_too():
         assert line.startswith("ts=") and " process=test " in line, line
 
 
-@pytest.mark.parametrize("preset, expected", [(None, "NONE"), ("ERROR", "ERROR")])
+@pytest.mark.parametrize("preset, expected", [({}, "NONE"), ({"GRPC_VERBOSITY": "ERROR"}, "ERROR"),
+                                              ({"GRPC_TRACE": "api"}, "unset")])
 def test_grpc_core_is_silenced_for_the_processes_started_unless_the_user_chose(preset, expected):
-    environment = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
-    if preset is not None:
-        environment["GRPC_VERBOSITY"] = preset
-    code = ("import os, subprocess, sys; from settings.logs import configure_logging; "
+    environment = {k: v for k, v in os.environ.items() if k not in ("GRPC_VERBOSITY", "GRPC_TRACE")} | preset
+    code = ("import subprocess, sys; from settings.logs import configure_logging; "
             "configure_logging('info', 'test', hugging_face=False); "
-            "subprocess.run([sys.executable, '-c', 'import os; print(os.environ[\"GRPC_VERBOSITY\"])'])")
+            "subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"GRPC_VERBOSITY\", \"unset\"))'])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=environment)
     assert result.stdout.strip() == expected

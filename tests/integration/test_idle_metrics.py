@@ -96,3 +96,10 @@ def test_nothing_accumulates_while_idle_and_a_request_adds_only_its_own_step_tim
         step_s = after[source] - before[source]
         assert 0 < step_s < request_s, f"{source} grew {step_s:.3f} s for a request of {request_s:.3f} s"
     assert after["stats forward_steps"] > before["stats forward_steps"]
+    # No other time figure took in the idle spell either (the worker's forwards overlap one another
+    # in flight, so their sum may exceed the request's duration; they are counted from launch).
+    times = [name for name in after if "seconds" in name and "worker_forward" not in name
+             and not any(part in name for part in ("_bucket", "_count", CREATION_TIME_SUFFIX))]
+    assert len(times) == 9, times  # five frontend histograms, two load histograms, the step time twice
+    for name in times:
+        assert after[name] - before[name] <= request_s, f"{name} grew more than the request took"

@@ -399,7 +399,7 @@ def test_python_m_frontend_serves_and_exits_cleanly_on_sigterm(fake):
         reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
         reader.start()
         reader.join(timeout=30)
-        assert lines == [f"frontend listening on 127.0.0.1:{port}\n"]
+        assert len(lines) == 1 and f'msg="frontend listening on 127.0.0.1:{port}" api=grpc port={port}\n' in lines[0]
         with LoraServeClient(f"127.0.0.1:{port}", timeout=10) as client:
             client.wait_until_ready(10)
             assert list(client.generate(input_ids=[1, 2], max_new_tokens=2).token_ids) == [10, 11]

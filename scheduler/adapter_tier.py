@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
-from scheduler.adapters import IN_HOST_CACHE, LEGAL_TRANSITIONS, Adapter, AdapterState, IllegalTransition
+from scheduler.adapters import IN_HOST_CACHE, LEGAL_TRANSITIONS, ON_GPU, Adapter, AdapterState, IllegalTransition
 from scheduler.metrics import SchedulerMetrics
 
 log = logging.getLogger("loraserve.scheduler")
@@ -96,6 +96,14 @@ class AdapterTier:
 
     def infos(self) -> list[serving_pb2.AdapterInfo]:
         return [adapter.info() for _, adapter in sorted(self._adapters.items())]
+
+    def residency(self) -> tuple[list[str], list[str]]:
+        """(adapters on the GPU or being copied there, adapters in host memory or being read into it);
+        adapters being unloaded take no new requests and are in neither."""
+        serving = [a for a in self._adapters.values() if not a.unloading]
+        on_gpu = sorted(a.name for a in serving if a.state in ON_GPU)
+        in_host = sorted(a.name for a in serving if a.state in IN_HOST_CACHE and a.state not in ON_GPU)
+        return on_gpu, in_host
 
     @property
     def registered_count(self) -> int:

@@ -21,7 +21,7 @@ from protos.loraserve.v1 import serving_pb2
 from settings.config import FrontendConfig
 from tests.certs import CertificateAuthority
 from tests.frontend.fake_scheduler import FakeScheduler
-from tests.frontend.test_frontend_service import BackgroundFrontend, rpc_error, wait_for
+from tests.frontend.test_frontend_service import WAIT_S, BackgroundFrontend, rpc_error, wait_for
 
 API, ADMIN = "api-secret", "admin-secret"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -228,7 +228,7 @@ def test_requests_that_do_not_parse_are_invalid_argument(fake, method, payload):
 def test_oversized_messages_are_refused_and_serving_goes_on(fake):
     with frontend(fake, max_message_bytes=64 << 10) as server:
         with LoraServeClient(server.address, timeout=10) as client:
-            client.wait_until_ready(10)
+            client.wait_until_ready(WAIT_S)
             error = rpc_error(lambda: client.generate(input_ids=[1] * 100_000))
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert fake.submits == []
@@ -243,14 +243,16 @@ def test_stop_drains_in_flight_requests_and_refuses_new_ones(fake):
     server = BackgroundFrontend(FrontendConfig(port=0), fake.address)
     client = LoraServeClient(server.address, timeout=30)
     try:
-        client.wait_until_ready(10)
+        client.wait_until_ready(WAIT_S)
         stream = client.generate_stream(input_ids=[1, 2], max_new_tokens=20)
         first = next(stream)
+        fake.silent = True  # holds the stream in flight until the refusals are checked, however slow they are
         stopping = asyncio.run_coroutine_threadsafe(server.server.stop(grace_s=30), server._loop)
         wait_for(lambda: health(server.address) == NOT_SERVING, "NOT_SERVING while draining")
         for call in (lambda: client.generate(input_ids=[1, 2]), client.stats):
             error = rpc_error(call)
             assert error.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in error.details()
+        fake.silent = False
         rest = list(stream)
         assert list(first.token_ids) + [t for m in rest for t in m.token_ids] == list(range(20, 40))
         assert rest[-1].finish_reason == "length"
@@ -266,7 +268,7 @@ def test_the_grace_period_bounds_the_drain(fake):
     server = BackgroundFrontend(FrontendConfig(port=0), fake.address)
     client = LoraServeClient(server.address, timeout=30)
     try:
-        client.wait_until_ready(10)
+        client.wait_until_ready(WAIT_S)
         stream = client.generate_stream(input_ids=[1, 2], max_new_tokens=60, request_id="long")
         next(stream)
         asyncio.run_coroutine_threadsafe(server.server.stop(grace_s=0.5), server._loop).result(timeout=10)

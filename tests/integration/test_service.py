@@ -164,6 +164,8 @@ def worker_paused(launcher: Launcher) -> Iterator[None]:
 
 def test_cancel_and_deadline_release_pages_and_slots(server):
     launcher, client = server
+    for adapter in ("a0", "a1"):  # resident, so that every stream starts at once, with no load first
+        client.generate(input_ids=[5, 6, 7], adapter=adapter, max_new_tokens=1)
     idle = client.stats()
     streams = [client.generate_stream(input_ids=prompt(50 + i, 8), adapter=["a0", "a1", ""][i % 3],
                                       max_new_tokens=240, ignore_eos=True) for i in range(6)]

@@ -32,10 +32,11 @@ from tests.frontend.fake_scheduler import LOGPROB, FakeScheduler
 MULTILINGUAL = "héllo wörld 🙂 日本"
 SLOW_TOKEN_S = 0.05
 SERVICE = "loraserve.v1.LoraServing"
+WAIT_S = 30.0  # for conditions that hold at once on a fast machine; generous for a loaded one
 T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() >= deadline:
@@ -121,7 +122,7 @@ def fake(ipc_dir) -> Iterator[FakeScheduler]:
 @pytest.fixture(scope="module")
 def shared_frontend(fake, tokenizer_dir) -> Iterator[LoraServeClient]:
     with running_frontend(fake.address, tokenizer_path=str(tokenizer_dir), model_name="fake-model") as client:
-        client.wait_until_ready(10)
+        client.wait_until_ready(WAIT_S)
         yield client
 
 
@@ -323,7 +324,7 @@ def test_health_turns_serving_once_the_scheduler_answers(own_fake):
         time.sleep(0.3)
         assert health_status(client, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
         own_fake.ready = True
-        client.wait_until_ready(5)
+        client.wait_until_ready(WAIT_S)
         assert health_status(client, SERVICE) == health_pb2.HealthCheckResponse.SERVING
         assert list(client.generate(input_ids=[1, 2], max_new_tokens=2).token_ids) == [10, 11]
 
@@ -343,7 +344,7 @@ def test_silent_scheduler_fails_requests_in_flight(own_fake):
     own_fake.start()
     own_fake.script, own_fake.token_interval_s = [40] * 50, SLOW_TOKEN_S
     with running_frontend(own_fake.address, **liveness) as client:
-        client.wait_until_ready(5)
+        client.wait_until_ready(WAIT_S)
         stream = client.generate_stream(input_ids=[1, 2], request_id="hung-1", max_new_tokens=50)
         next(stream)
         own_fake.silent = True
@@ -360,7 +361,7 @@ def test_scheduler_exit_fails_requests_and_recovers_when_it_returns(own_fake):
     own_fake.start()
     own_fake.script, own_fake.token_interval_s = [40] * 50, SLOW_TOKEN_S
     with running_frontend(own_fake.address, readiness_retry_s=0.05) as client:
-        client.wait_until_ready(5)
+        client.wait_until_ready(WAIT_S)
         stream = client.generate_stream(input_ids=[1, 2], max_new_tokens=50)
         next(stream)
         started = time.monotonic()
@@ -370,14 +371,14 @@ def test_scheduler_exit_fails_requests_and_recovers_when_it_returns(own_fake):
         assert time.monotonic() - started < 3, "a dropped connection must not wait for the liveness check"
         wait_for(lambda: not client.is_ready(), "NOT_SERVING")
         with FakeScheduler(own_fake.address):
-            client.wait_until_ready(5)
+            client.wait_until_ready(WAIT_S)
             assert list(client.generate(input_ids=[1, 2], max_new_tokens=2).token_ids) == [10, 11]
 
 
 def test_without_a_tokenizer_prompts_must_be_token_ids(fake):
     fake.reset()
     with running_frontend(fake.address) as client:
-        client.wait_until_ready(5)
+        client.wait_until_ready(WAIT_S)
         for call in (lambda: client.generate("hello"), lambda: client.tokenize("hello"),
                      lambda: client.generate(input_ids=[1], stop=["x"])):
             error = rpc_error(call)
@@ -401,7 +402,7 @@ def test_python_m_frontend_serves_and_exits_cleanly_on_sigterm(fake):
         reader.join(timeout=30)
         assert len(lines) == 1 and f'msg="frontend listening on 127.0.0.1:{port}" api=grpc port={port}\n' in lines[0]
         with LoraServeClient(f"127.0.0.1:{port}", timeout=10) as client:
-            client.wait_until_ready(10)
+            client.wait_until_ready(WAIT_S)
             assert list(client.generate(input_ids=[1, 2], max_new_tokens=2).token_ids) == [10, 11]
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0

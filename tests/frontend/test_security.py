@@ -26,7 +26,13 @@ from protos.loraserve.v1 import serving_pb2
 from settings.config import FrontendConfig
 from tests.certs import CertificateAuthority
 from tests.frontend.fake_scheduler import FakeScheduler
-from tests.frontend.test_frontend_service import BackgroundFrontend, rpc_error, tokenizer_dir, wait_for  # noqa: F401
+from tests.frontend.test_frontend_service import (  # noqa: F401 (tokenizer_dir: a fixture)
+    WAIT_S,
+    BackgroundFrontend,
+    rpc_error,
+    tokenizer_dir,
+    wait_for,
+)
 
 API, ADMIN = "api-secret", "admin-secret"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -233,7 +239,7 @@ def test_requests_that_do_not_parse_are_invalid_argument(fake, method, payload):
 def test_oversized_messages_are_refused_and_serving_goes_on(fake):
     with frontend(fake, max_message_bytes=64 << 10) as server:
         with LoraServeClient(server.address, timeout=10) as client:
-            client.wait_until_ready(10)
+            client.wait_until_ready(WAIT_S)
             error = rpc_error(lambda: client.generate(input_ids=[1] * 100_000))
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert fake.submits == []
@@ -248,14 +254,16 @@ def test_stop_drains_in_flight_requests_and_refuses_new_ones(fake):
     server = BackgroundFrontend(FrontendConfig(port=0), fake.address)
     client = LoraServeClient(server.address, timeout=30)
     try:
-        client.wait_until_ready(10)
+        client.wait_until_ready(WAIT_S)
         stream = client.generate_stream(input_ids=[1, 2], max_new_tokens=20)
         first = next(stream)
+        fake.silent = True  # holds the stream in flight until the refusals are checked, however slow they are
         stopping = asyncio.run_coroutine_threadsafe(server.server.stop(grace_s=30), server._loop)
         wait_for(lambda: health(server.address) == NOT_SERVING, "NOT_SERVING while draining")
         for call in (lambda: client.generate(input_ids=[1, 2]), client.stats):
             error = rpc_error(call)
             assert error.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in error.details()
+        fake.silent = False
         rest = list(stream)
         assert list(first.token_ids) + [t for m in rest for t in m.token_ids] == list(range(20, 40))
         assert rest[-1].finish_reason == "length"
@@ -276,7 +284,7 @@ def test_the_grace_period_ends_every_api_request_properly(fake, tokenizer_dir): 
     client = LoraServeClient(server.address, timeout=30)
     completions = f"http://127.0.0.1:{server.server.http_port}/v1/completions"
     try:
-        client.wait_until_ready(10)
+        client.wait_until_ready(WAIT_S)
         stream = client.generate_stream(input_ids=[1, 2], max_new_tokens=60, request_id="long")
         next(stream)
         with ThreadPoolExecutor(max_workers=3) as pool:

@@ -23,10 +23,19 @@ SERVICE_ADAPTERS = {
 }
 
 
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not given before in this session: the server binds it only later, so
+    two calls in a row (a server's gRPC, HTTP and metrics ports) must not return the same one."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from tests.integration.test_service import (  # noqa: F401 - fixtures
     reference,
     run_workload,
     wait_for,
+    worker_paused,
 )
 from tests.model_factory import AdapterSpec, build_adapter
 from tests.slow_worker import slow_worker_modules
@@ -154,15 +155,15 @@ def slow_server(base_config) -> Iterator[tuple[Launcher, LoraServeClient]]:
 
 
 def test_a_full_queue_refuses_at_once_and_recovers(slow_server):
-    _, client = slow_server
+    launcher, client = slow_server
     waiting = [client.generate_stream(input_ids=prompt(600 + i, 6), adapter="a3", max_new_tokens=3, ignore_eos=True)
                for i in range(2)]
     wait_for(lambda: client.stats().waiting_requests == 2, "two requests queued behind the slow load")
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    with worker_paused(launcher), ThreadPoolExecutor(max_workers=8) as pool:  # the queue stays full meanwhile
         refused = [pool.submit(client.generate, input_ids=prompt(610 + i, 6), max_new_tokens=2) for i in range(8)]
         codes = [f.exception().code() if f.exception() else None for f in refused]
+        assert client.stats().waiting_requests == 2, "the refused requests never queued"
     assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 8
-    assert client.stats().waiting_requests == 2, "the refused requests never queued"
     for stream in waiting:
         assert [t for m in stream for t in m.token_ids].__len__() == 3
     assert len(client.generate(input_ids=[5, 6, 7], max_new_tokens=2).token_ids) == 2
@@ -178,10 +179,12 @@ def test_stop_drains_then_every_process_exits(slow_server):
     stream = client.generate_stream(input_ids=prompt(700, 6), adapter="a2", max_new_tokens=5, ignore_eos=True)
     wait_for(lambda: client.stats().waiting_requests == 1, "the request queued behind a2's slow load")
     stopper = threading.Thread(target=launcher.stop, name="stop")
-    stopper.start()
-    wait_for(lambda: health_status(launcher.address) == health_pb2.HealthCheckResponse.NOT_SERVING, "NOT_SERVING")
-    with pytest.raises(grpc.RpcError) as refused:
-        client.generate(input_ids=[5, 6, 7], max_new_tokens=2)
+    with worker_paused(launcher):  # the request stays in flight until the refusal is seen
+        stopper.start()
+        wait_for(lambda: health_status(launcher.address) == health_pb2.HealthCheckResponse.NOT_SERVING,
+                 "NOT_SERVING")
+        with pytest.raises(grpc.RpcError) as refused:
+            client.generate(input_ids=[5, 6, 7], max_new_tokens=2)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.details()
     messages = list(stream)
     assert sum(len(m.token_ids) for m in messages) == 5 and messages[-1].finish_reason == "length"

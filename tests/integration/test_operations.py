@@ -261,8 +261,10 @@ def _request(input_ids: list[int], adapter: str):
 
 
 def _records(log_file: Path) -> list[dict]:
+    """The complete records: the processes may be writing the last line while it is read."""
+    text = log_file.read_text()
     records = []
-    for line in log_file.read_text().splitlines():
+    for line in text[:text.rfind("\n") + 1].splitlines():
         if line.startswith("{"):
             records.append(json.loads(line))
     return records

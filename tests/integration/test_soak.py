@@ -31,6 +31,9 @@ SOAK_REQUESTS = int(os.environ.get("LORASERVE_SOAK_REQUESTS", "600"))
 CONCURRENCY = int(os.environ.get("LORASERVE_SOAK_CONCURRENCY", "16"))
 CANCEL_FRACTION = 0.15
 RSS_GROWTH_BOUND_MIB = 64  # per process, from after the warm-up to the end
+# Only a guard against a hang: on a loaded 2-core machine the soak ran at about 1 request/s, and
+# some requests (16 at a time over two slots) took over a minute.
+REQUEST_TIMEOUT_S = 600.0
 NEAR_TIE = 1e-3  # as in test_service: tokens may differ only after a top-two gap this small
 TEACHER_FORCED_ATOL = 1e-4
 # Six served adapters and one churned, all the same shape (so the host cache's idle bytes do not
@@ -159,7 +162,8 @@ def idle(client: LoraServeClient) -> tuple[int, ...]:
 def test_soak(base_config, soak_adapters, references):
     config = base_config.replace(initial_adapters={name: str(soak_adapters[name]) for name in SERVED},
                      max_queued_requests=4 * CONCURRENCY)
-    with running_server(config) as (launcher, client):
+    with (running_server(config) as (launcher, _),
+          LoraServeClient(launcher.address, timeout=REQUEST_TIMEOUT_S) as client):
         size = next(a.size_bytes for a in client.list_adapters().adapters)
         host_idle = -(-size // 256) * 256 * config.engine.max_loaded_loras  # four of the six, all one shape
         wait_for(lambda: client.stats().host_cache_bytes == host_idle, "the prefetch to fill the host cache")

@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+import scheduler.adapter_tier
+import scheduler.core
 from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
 from scheduler.core import SchedulerCore
@@ -207,15 +209,38 @@ def test_waiting_request_is_not_starved_by_a_stream_of_ready_ones():
     assert_idle(worker)
 
 
-def test_a_slot_drains_only_once_the_waiting_request_has_waited_drain_after_s():
+class ManualClock:
+    """The scheduler's time.monotonic, moved only by `advance`: waits compared with drain_after_s
+    then do not depend on how long the machine takes to run the steps."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> ManualClock:
+    clock = ManualClock()
+    for module in (scheduler.core, scheduler.adapter_tier):
+        monkeypatch.setattr(module, "time", clock)
+    return clock
+
+
+def test_a_slot_drains_only_once_the_waiting_request_has_waited_drain_after_s(clock):
     """Before that, slots usually free on their own; a drain would hold back resident requests."""
     worker = make(adapters=("a", "b", "c"), drain_after_s=0.2, pause_tokens_ratio=NO_PREEMPTION)
     fill_both_slots_then_wait_for_c(worker, running_tokens=50)
     for i in range(1, 4):
         submit(worker, f"a{i}", "a", max_new_tokens=3)
         worker.step()
+        clock.advance(0.05)
     assert not worker.core.draining_adapters() and "a3" in {r.request_id for r in worker.core.running}
-    time.sleep(0.25)
+    clock.advance(0.1)
     worker.step()
     assert worker.core.draining_adapters() in (["a"], ["b"])
     worker.run_until_idle()

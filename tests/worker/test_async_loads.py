@@ -14,6 +14,7 @@ from tests.model_factory import AdapterSpec, build_adapter
 from worker.errors import AdapterStateError
 from worker.lora.copier import LoadJob
 
+WAIT_S = 30.0  # for a load that lands at once on an idle machine
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHURN_SPECS = [
     AdapterSpec(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=11),
@@ -53,23 +54,30 @@ def reference_outputs(model_dir, adapters, requests_spec):
 
 
 class RandomDelays:
-    """A load hook that sleeps a random time after each layer; `slow` adapters sleep longer."""
+    """A load hook that sleeps a random time after each layer; `late`'s first load lands only
+    once `early`'s has (a wait on that, not a longer sleep: the order holds on a loaded machine)."""
 
-    def __init__(self, seed: int, max_delay_s: float, num_layers: int, slow: set[str]) -> None:
+    def __init__(self, seed: int, max_delay_s: float, num_layers: int, late: str, early: str) -> None:
         self.random = random.Random(seed)
         self.max_delay_s = max_delay_s
         self.last_layer = num_layers - 1
-        self.slow = slow
+        self.late, self.early = late, early
+        self.early_landed = threading.Event()
         self.lock = threading.Lock()
         self.completed: list[str] = []
 
     def __call__(self, name: str, slot: int, layer: int) -> None:
         with self.lock:
-            delay = self.random.uniform(0, self.max_delay_s) + (0.05 if name in self.slow else 0.0)
+            delay = self.random.uniform(0, self.max_delay_s)
         time.sleep(delay)
-        if layer == self.last_layer:
-            with self.lock:
-                self.completed.append(name)
+        if layer != self.last_layer:
+            return
+        if name == self.late:
+            assert self.early_landed.wait(WAIT_S), f"the load of {self.early} never landed"
+        with self.lock:
+            self.completed.append(name)
+        if name == self.early:
+            self.early_landed.set()
 
 
 def test_churn_with_slow_out_of_order_loads_matches_all_resident(model_dirs, churn_adapters):
@@ -80,14 +88,15 @@ def test_churn_with_slow_out_of_order_loads_matches_all_resident(model_dirs, chu
     """
     rng = random.Random(7)
     names = list(churn_adapters)
-    # The first three requests start three loads at once, the first of them slow: they land out of order.
+    # The first three requests start three loads at once; the first lands after the second: out of order.
     adapters = names[:3] + [rng.choice(names) for _ in range(15)]
     requests_spec = [(f"r{i}", adapter, prompt(100 + i, rng.randint(3, 14)), rng.randint(1, 5))
                      for i, adapter in enumerate(adapters)]
     expected = reference_outputs(model_dirs["llama3"], churn_adapters, requests_spec)
 
     engine = make_engine(model_dirs["llama3"], max_loras_per_batch=3, max_loaded_loras=4)
-    delays = RandomDelays(seed=3, max_delay_s=0.01, num_layers=engine.model_config.num_layers, slow={names[0]})
+    delays = RandomDelays(seed=3, max_delay_s=0.01, num_layers=engine.model_config.num_layers,
+                          late=names[0], early=names[1])
     engine.copier.hook = delays
     for name, path in churn_adapters.items():
         engine.register_adapter(name, path)
@@ -193,7 +202,7 @@ def test_host_copy_is_kept_until_its_load_completes(model_dirs, churn_adapters):
     """Hazard 3: the pinned source of a copy in flight cannot be evicted."""
     engine = make_engine(model_dirs["llama3"], max_loras_per_batch=1)
     release = threading.Event()
-    engine.copier.hook = lambda name, slot, layer: release.wait(5)
+    engine.copier.hook = lambda name, slot, layer: release.wait(WAIT_S)
     engine.register_adapter("c2", churn_adapters["c2"])
     engine.stage_adapter("c2")
     engine.wait_staged("c2")
@@ -202,7 +211,7 @@ def test_host_copy_is_kept_until_its_load_completes(model_dirs, churn_adapters):
         engine.evict_host("c2")
     assert engine.poll().loaded == []
     release.set()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + WAIT_S
     loaded = []
     while not loaded and time.monotonic() < deadline:
         loaded = engine.poll().loaded
@@ -233,7 +242,7 @@ def test_a_load_stages_an_adapter_the_host_cache_lacks(model_dirs, churn_adapter
     assert "c4" in engine.host_cache.entries
     if blocking:
         assert not engine.pending[0].streamed and engine.copier.is_done(engine.pending[0])
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + WAIT_S
     loaded = []
     while not loaded and time.monotonic() < deadline:
         loaded = engine.poll().loaded

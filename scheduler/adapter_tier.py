@@ -215,9 +215,9 @@ class AdapterTier:
                 self._stage(adapter)
                 count, used = count + 1, used + adapter.host_bytes
         for adapter in entries:
-            if self.free_slot() is None:
-                break
             if adapter.state is AdapterState.HOST and not adapter.unloading:
+                if self.free_slot() is None:
+                    break
                 self.start_loading(adapter)
 
     def _claim_slot(self) -> int | None:

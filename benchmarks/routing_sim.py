@@ -22,7 +22,7 @@ the most requests a second one all-resident replica finishes with a backlog of r
 a slot of its replica, resident or being copied, when it arrived), slot loads per request,
 median and P99 TTFT and goodput: requests a second whose TTFT met the SLO, 2x the all-resident
 P99 at the same (replicas, popularity, load). The first `--warmup` share of requests is left out
-of every figure (the replicas start with empty slots).
+of every figure (the replicas start with the adapters their prefetch loads first).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ class Replica:
         """One scheduler step at `now_ms`; returns when its outputs are out (ms)."""
         if self.worker.step():
             self.next_event_ms = self.worker.forward_end
-        elif self.worker.loading or self.core.has_requests():  # the idle worker polls its copies every ms
+        elif self.worker.loading or self.core.has_requests():  # no forward: poll copies every ms, as slot_policy_sim
             self.next_event_ms = now_ms + 1.0
         else:
             self.next_event_ms = math.inf
@@ -184,6 +184,7 @@ def make_replica(name: str, adapters: AdapterSet, clock: SimulatedClock, all_res
 
 @dataclass
 class Outcome:
+    adapter: str
     arrival_ms: float
     replica: str
     gpu_hit: bool
@@ -209,7 +210,6 @@ class Fleet:
     policy: Policy
     clock: SimulatedClock
     outcomes: dict[int, Outcome] = field(default_factory=dict)
-    adapter_of: dict[int, str] = field(default_factory=dict)
     unfinished: int = 0
 
     def run(self, items: list[WorkItem], measure_from: int) -> FleetRun:
@@ -242,8 +242,8 @@ class Fleet:
 
     def _route(self, item: WorkItem, by_name: dict[str, Replica]) -> None:
         replica = by_name[self.policy.choose(item.adapter, self.clock.monotonic())]
-        self.outcomes[item.index] = Outcome(self.clock.ms, replica.name, replica.has_on_gpu(item.adapter))
-        self.adapter_of[item.index] = item.adapter
+        self.outcomes[item.index] = Outcome(item.adapter, self.clock.ms, replica.name,
+                                            replica.has_on_gpu(item.adapter))
         submit(replica.core, item)
         replica.next_event_ms = min(replica.next_event_ms, self.clock.ms)
 
@@ -257,7 +257,7 @@ class Fleet:
             if output.finished:
                 assert not output.HasField("error"), output.error.message
                 outcome.finished_ms = at_ms
-                self.policy.finished(self.adapter_of[index])
+                self.policy.finished(outcome.adapter)
                 self.unfinished -= 1
 
 

@@ -1,7 +1,13 @@
 .PHONY: setup test test-gpu bench-gpu serve
 
-setup:
+# .venv is (re)installed only when it is missing or one of these changed since the last install.
+INSTALLED := .venv/.installed
+
+setup: $(INSTALLED)
+
+$(INSTALLED): requirements.lock pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
+	touch $@
 
 test: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
-from frontend.server import BindError, serve
 from settings.config import FrontendConfig, LoggingConfig
 from settings.flags import add_arguments, parse_parts
 from settings.logs import configure_logging
 from settings.process import die_with_parent
 
 PARTS = {"frontend": FrontendConfig, "logging": LoggingConfig}
+log = logging.getLogger("loraserve.frontend")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,10 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     die_with_parent()
     configure_logging(args.logging.log_level, "frontend", args.logging.log_format)
+    from frontend.server import BindError, serve  # imports grpc, which reads GRPC_VERBOSITY once, set just above
+
     try:
         asyncio.run(serve(args.frontend, args.scheduler_address, ready_file=args.ready_file))
     except BindError as error:
-        print(f"frontend: {error}", file=sys.stderr)
+        log.error("%s", error)
         return 1
     return 0
 

@@ -16,17 +16,18 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from frontend.errors import ServiceError, StatusCode, error_code
+from frontend.errors import error_code
 from frontend.generation import OutputAssembler
 from frontend.metrics import FrontendMetrics
 from frontend.scheduler_link import SchedulerFailure, SchedulerLink, SchedulerUnavailable
 from frontend.tokenizer import PromptTokenizer
 from frontend.validation import (
-    NO_TOKENIZER,
+    Field,
     InvalidRequest,
     ModelLimits,
     check_prompt,
     check_request,
+    no_tokenizer,
     resolve_sampling,
 )
 from protos.loraserve.v1 import internal_pb2, serving_pb2
@@ -63,6 +64,11 @@ class GenerationService:
         """UNAVAILABLE while shutting down (generation checks it; the gRPC API, for every RPC)."""
         if self.draining:
             raise SchedulerUnavailable("the server is shutting down; retry on another replica or later")
+
+    def check_serving(self) -> None:
+        """UNAVAILABLE, saying why, unless generation requests are taken now."""
+        self.refuse_while_draining()
+        self._limits()
 
     # Generation ---------------------------------------------------------------------------
 
@@ -145,24 +151,20 @@ class GenerationService:
 
     # Tokenizer ----------------------------------------------------------------------------
 
-    @property
-    def has_tokenizer(self) -> bool:
-        return self._tokenizer is not None
-
     async def tokenize(self, text: str) -> serving_pb2.TokenizeResponse:
         if self._tokenizer is None:
-            raise InvalidRequest(NO_TOKENIZER)
+            raise no_tokenizer()
         input_ids = await self._tokenizer.encode(text)
         return serving_pb2.TokenizeResponse(input_ids=input_ids, tokens=self._tokenizer.token_strings(input_ids))
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """A conversation's prompt through the tokenizer's chat template."""
         if self._tokenizer is None:
-            raise InvalidRequest(NO_TOKENIZER)
+            raise no_tokenizer()
         try:
             return await self._tokenizer.encode_chat(messages)
         except ValueError as error:  # no chat template
-            raise ServiceError(str(error), StatusCode.INVALID_ARGUMENT) from None
+            raise InvalidRequest(str(error), Field.PROMPT) from None
 
     def token_strings(self, token_ids: list[int]) -> list[str]:
         """The tokens as the tokenizer writes them; without a tokenizer, their ids."""

@@ -145,7 +145,7 @@ class SchedulerCollector(Collector):
                                   "Running requests paused to free their adapter's slot for a shorter one",
                                   value=stats.requests_paused)
         yield CounterMetricFamily("loraserve_scheduler_step_seconds",
-                                  "Scheduler time from a forward's result to the next forward sent",
+                                  "Scheduler work from a forward's result to the next forward sent (waits excluded)",
                                   value=stats.scheduler_step_seconds)
         forward = snapshot.worker_forward_seconds
         yield HistogramMetricFamily("loraserve_worker_forward_seconds", "Worker wall time of one forward",

@@ -1,13 +1,16 @@
 """The OpenAI-compatible HTTP API (aiohttp, on the frontend's event loop).
 
 `/v1/completions`, `/v1/chat/completions` (the tokenizer's chat template) and `/v1/models`,
-with streaming as server-sent events. `model` names the base model or an adapter, as in
-vLLM. Every request goes through the `GenerationService`, as the gRPC API's do, so
-limits, errors and metrics are the same; errors become HTTP statuses with OpenAI-shaped
-bodies (`{"error": {"message", "type", "param", "code"}}`).
+with streaming as server-sent events; `/health` and `/version` as vLLM's. `model` names the
+base model or an adapter, as in vLLM. Every request goes through the `GenerationService`,
+as the gRPC API's do, so limits, errors and metrics are the same; errors become HTTP
+statuses with OpenAI-shaped bodies (`{"error": {"message", "type", "param", "code"}}`),
+refused fields named as in OpenAI's API (`max_tokens`, `prompt`, `messages`).
 
 Authentication is a hook: `authorize(authorization_header_or_None)` returns an error
-message to refuse the request with 401, or None to let it through.
+message to refuse a `/v1/` request with 401, or None to let it through. `/health` and
+`/version` are open, as in vLLM: probes and load balancers carry no token, and they tell
+only whether the server takes requests and its version.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -27,13 +30,18 @@ from aiohttp import web
 from frontend.errors import ServiceError, StatusCode, as_service_error
 from frontend.generation import accumulate
 from frontend.generation_service import GenerationService, GenerationStream
-from frontend.validation import NO_TOKENIZER
+from frontend.validation import Field, FieldNames, InvalidRequest
 from protos.loraserve.v1 import serving_pb2
+from settings.version import package_version
 
 Authorize = Callable[[str | None], str | None]
 REQUEST_ID_HEADER = "X-Request-Id"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default (the gRPC API's is greedy)
+# Every 429 says when to retry. A full queue (or adapter tier) empties as requests finish,
+# which at any load is seconds away: one second, the header's smallest whole value.
+RETRY_AFTER_S = 1
+OPEN_PATHS = frozenset({"/health", "/version"})  # no token needed: see the module's docstring
 
 HTTP_STATUS = {
     StatusCode.INVALID_ARGUMENT: 400, StatusCode.FAILED_PRECONDITION: 400, StatusCode.OUT_OF_RANGE: 400,
@@ -48,6 +56,34 @@ COMPLETION, CHAT_COMPLETION, CHAT_CHUNK = "text_completion", "chat.completion", 
 Chunks = AsyncIterator[tuple[int, serving_pb2.GenerateStreamResponse]]
 
 
+@dataclass(frozen=True)
+class RequestFields:
+    """How one endpoint names the request fields validation refuses: `params` as OpenAI's error
+    `param`, and in messages as `param` in backticks, the prompt's two forms as phrases."""
+
+    params: Mapping[Field, str]
+    prompt_as_text: str
+    prompt_as_ids: str
+
+    @property
+    def names(self) -> FieldNames:
+        return ({field: f"`{param}`" for field, param in self.params.items()}
+                | {Field.TEXT: self.prompt_as_text, Field.INPUT_IDS: self.prompt_as_ids})
+
+    def renamed(self, field: Field, param: str) -> RequestFields:
+        return replace(self, params={**self.params, field: param})
+
+
+_SAMPLING_PARAMS = {Field.MAX_NEW_TOKENS: "max_tokens", Field.TEMPERATURE: "temperature", Field.TOP_P: "top_p",
+                    Field.TOP_K: "top_k", Field.STOP: "stop"}
+COMPLETION_FIELDS = RequestFields(
+    {Field.PROMPT: "prompt", Field.TEXT: "prompt", Field.INPUT_IDS: "prompt"} | _SAMPLING_PARAMS,
+    prompt_as_text="`prompt` as text", prompt_as_ids="`prompt` as token ids")
+CHAT_FIELDS = RequestFields(
+    {Field.PROMPT: "messages", Field.TEXT: "messages", Field.INPUT_IDS: "messages"} | _SAMPLING_PARAMS,
+    prompt_as_text="`messages`", prompt_as_ids="token ids to /v1/completions")
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -60,11 +96,15 @@ class ApiError(Exception):
         return cls(400, message, "invalid_argument", param)
 
     @classmethod
-    def of(cls, error: Exception, model: str | None = None) -> ApiError:
+    def of(cls, error: Exception, model: str | None = None, fields: RequestFields | None = None) -> ApiError:
+        """The HTTP error for a service error; `fields` names a refused field as the endpoint does."""
         failure = as_service_error(error)
         code, message = failure.code, failure.message
         if code is StatusCode.NOT_FOUND and model is not None:
             return cls(404, f"The model `{model}` does not exist: {message}", "model_not_found", "model")
+        if isinstance(failure, InvalidRequest) and fields is not None:
+            param = fields.params[failure.field] if failure.field is not None else None
+            return cls.invalid(failure.describe(fields.names), param)
         return cls(HTTP_STATUS.get(code, 500), message, code.name.lower())
 
     def body(self) -> dict[str, Any]:
@@ -72,7 +112,8 @@ class ApiError(Exception):
                           "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 429 else None
+        return web.json_response(self.body(), status=self.status, headers=headers)
 
 
 @dataclass(frozen=True)
@@ -84,6 +125,7 @@ class Prompted:
     stream: bool
     include_usage: bool
     logprobs: bool
+    fields: RequestFields
 
 
 class OpenAIApi:
@@ -93,6 +135,8 @@ class OpenAIApi:
 
     def application(self) -> web.Application:
         app = web.Application(middlewares=[self._errors_and_auth])
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/version", self.version)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
@@ -101,7 +145,7 @@ class OpenAIApi:
     @web.middleware
     async def _errors_and_auth(self, request: web.Request,
                                handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if self._authorize is not None:
+        if self._authorize is not None and request.path not in OPEN_PATHS:
             refusal = self._authorize(request.headers.get("Authorization"))
             if refusal is not None:
                 return ApiError(401, refusal, "invalid_api_key").response()
@@ -113,16 +157,31 @@ class OpenAIApi:
             return ApiError(error.status, error.reason, "not_found" if error.status == 404 else "invalid_request"
                             ).response()
 
+    # /health, /version -------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        """200 (empty, as vLLM's) while generation requests are taken; 503 with the reason otherwise."""
+        try:
+            self._service.check_serving()
+        except ServiceError as error:
+            raise ApiError.of(error) from None
+        return web.Response()
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": package_version()})
+
     # /v1/models -------------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
+        """The base model's card also gives the adapter root (null without one), where adapter paths lie."""
         base = self._base_model()
+        adapter_root = self._service.server_info.adapter_root or None
         try:
             adapters = (await self._service.list_adapters()).adapters
         except Exception as error:  # noqa: BLE001 - becomes an HTTP status
             raise ApiError.of(error) from None
         created = int(time.time())
-        cards = [_model_card(base, created, root=base, parent=None)]
+        cards = [_model_card(base, created, root=base, parent=None) | {"adapter_root": adapter_root}]
         cards += [_model_card(a.name, created, root=a.path, parent=base) for a in adapters]
         return web.json_response({"object": "list", "data": cards})
 
@@ -137,7 +196,7 @@ class OpenAIApi:
             raise ApiError.invalid("only logprobs=0 is supported (the sampled token's log-probability)", "logprobs")
         request_id = _request_id(request)
         parsed = self._parse(body, request_id, prompts, logprobs is not None,
-                             _optional(body, "max_tokens", int, COMPLETIONS_DEFAULT_MAX_TOKENS))
+                             _optional(body, "max_tokens", int, COMPLETIONS_DEFAULT_MAX_TOKENS), COMPLETION_FIELDS)
         response_id = f"cmpl-{request_id}"
         if parsed.stream:
             return await self._stream(request, parsed, response_id, self._completion_chunk, COMPLETION)
@@ -147,8 +206,6 @@ class OpenAIApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
-        if not self._service.has_tokenizer:
-            raise ApiError.invalid(NO_TOKENIZER.replace("send input_ids", "use /v1/completions with token ids"))
         messages = _messages(body.get("messages"))
         _refuse_unsupported(body)
         if _optional(body, "top_logprobs", int) not in (None, 0):
@@ -156,11 +213,14 @@ class OpenAIApi:
         try:
             prompt_ids = await self._service.encode_chat(messages)
         except ServiceError as error:
-            raise ApiError.invalid(error.message, "messages") from None
-        max_tokens = _optional(body, "max_completion_tokens", int, _optional(body, "max_tokens", int))
+            raise ApiError.of(error, fields=CHAT_FIELDS) from None
+        max_tokens = _optional(body, "max_completion_tokens", int)
+        fields = CHAT_FIELDS.renamed(Field.MAX_NEW_TOKENS, "max_completion_tokens")
+        if max_tokens is None:
+            max_tokens, fields = _optional(body, "max_tokens", int), CHAT_FIELDS
         request_id = _request_id(request)
         parsed = self._parse(body, request_id, [prompt_ids], bool(_optional(body, "logprobs", bool, False)),
-                             max_tokens)
+                             max_tokens, fields)
         response_id = f"chatcmpl-{request_id}"
         if parsed.stream:
             return await self._stream(request, parsed, response_id, self._chat_chunk, CHAT_CHUNK)
@@ -175,10 +235,10 @@ class OpenAIApi:
         return info.model
 
     def _parse(self, body: dict[str, Any], request_id: str, prompts: list[str | list[int]], logprobs: bool,
-               max_tokens: int | None) -> Prompted:
+               max_tokens: int | None, fields: RequestFields) -> Prompted:
         base = self._base_model()
         model = _optional(body, "model", str, base)
-        sampling = _sampling(body, max_tokens, logprobs)
+        sampling = _sampling(body, max_tokens, fields.params[Field.MAX_NEW_TOKENS], logprobs)
         requests = []
         for index, prompt in enumerate(prompts):
             generate = serving_pb2.GenerateRequest(
@@ -191,7 +251,7 @@ class OpenAIApi:
             requests.append(generate)
         options = _optional(body, "stream_options", dict, {}) or {}
         return Prompted(model=model, requests=requests, stream=bool(_optional(body, "stream", bool, False)),
-                        include_usage=bool(options.get("include_usage")), logprobs=logprobs)
+                        include_usage=bool(options.get("include_usage")), logprobs=logprobs, fields=fields)
 
     async def _chunks(self, parsed: Prompted) -> Chunks:
         """(prompt index, stream message) of every prompt's generation, interleaved as they come."""
@@ -205,7 +265,7 @@ class OpenAIApi:
                 async for item in chunks:
                     yield item
         except Exception as error:  # noqa: BLE001 - becomes an HTTP status or an error event
-            raise ApiError.of(error, parsed.model if parsed.requests[0].adapter else None) from None
+            raise ApiError.of(error, parsed.model if parsed.requests[0].adapter else None, parsed.fields) from None
 
     async def _complete(self, parsed: Prompted, response_id: str, render: Callable[..., dict]) -> web.Response:
         results = [serving_pb2.GenerateResponse() for _ in parsed.requests]
@@ -375,7 +435,8 @@ def _refuse_unsupported(body: dict[str, Any], **allowed: Any) -> None:
             raise ApiError.invalid(f"`{name}` is not supported (only {json.dumps(default)})", name)
 
 
-def _sampling(body: dict[str, Any], max_tokens: int | None, logprobs: bool) -> serving_pb2.SamplingParams:
+def _sampling(body: dict[str, Any], max_tokens: int | None, max_tokens_param: str,
+              logprobs: bool) -> serving_pb2.SamplingParams:
     sampling = serving_pb2.SamplingParams(
         temperature=_optional(body, "temperature", float, DEFAULT_TEMPERATURE),
         top_p=_optional(body, "top_p", float, 1.0), top_k=_optional(body, "top_k", int, -1),
@@ -383,7 +444,7 @@ def _sampling(body: dict[str, Any], max_tokens: int | None, logprobs: bool) -> s
     )
     if max_tokens is not None:
         if max_tokens < 1:
-            raise ApiError.invalid("`max_tokens` must be at least 1", "max_tokens")
+            raise ApiError.invalid(f"`{max_tokens_param}` must be at least 1", max_tokens_param)
         sampling.max_new_tokens = max_tokens
     seed = _optional(body, "seed", int)
     if seed is not None:

@@ -33,6 +33,7 @@ from frontend.tls import TlsFiles, server_credentials
 from frontend.tokenizer import PromptTokenizer
 from protos.loraserve.v1 import serving_pb2, serving_pb2_grpc
 from settings.config import FrontendConfig
+from settings.logs import announce
 
 log = logging.getLogger("loraserve.frontend")
 
@@ -211,10 +212,11 @@ async def serve(config: FrontendConfig, scheduler_address: str, *, ready_file: s
         loop.add_signal_handler(signum, stop.set)
     frontend = FrontendServer(config, scheduler_address, ready_file=ready_file)
     port = await frontend.start()
-    print(f"frontend listening on {grpc_address(config.host, port)}", flush=True)
-    for name, http_port in (("OpenAI-compatible HTTP API", frontend.http_port), ("metrics", frontend.metrics_port)):
+    announce(log, f"frontend listening on {grpc_address(config.host, port)}", api="grpc", port=port)
+    for name, api, http_port in (("OpenAI-compatible HTTP API", "http", frontend.http_port),
+                                 ("metrics", "metrics", frontend.metrics_port)):
         if http_port is not None:
-            print(f"frontend {name} on http://{grpc_address(config.host, http_port)}", flush=True)
+            announce(log, f"frontend {name} on http://{grpc_address(config.host, http_port)}", api=api, port=http_port)
     await stop.wait()
     log.info("stopping (grace period %g s)", config.grace_seconds)
     await frontend.stop()

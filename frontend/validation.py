@@ -2,14 +2,17 @@
 
 Two stages because the prompt's length is known only after tokenization:
 `check_request` looks at the request itself, `check_prompt` at the prompt's token ids.
-Both raise `InvalidRequest`, an INVALID_ARGUMENT `ServiceError`.
+Both raise `InvalidRequest`, an INVALID_ARGUMENT `ServiceError` that names the field at
+fault; each API writes its message with its own field names (`FieldNames`).
 """
 
 from __future__ import annotations
 
+import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from frontend.errors import ServiceError, StatusCode
 from protos.loraserve.v1 import serving_pb2
@@ -19,13 +22,45 @@ DEFAULT_TEMPERATURE = 0.0  # greedy
 DEFAULT_TOP_P = 1.0
 DEFAULT_TOP_K = -1  # off
 
-NO_TOKENIZER = "this server has no tokenizer; send input_ids"
+
+class Field(enum.Enum):
+    """A field of a generation request that validation can refuse, whatever an API calls it."""
+
+    PROMPT = enum.auto()  # the prompt as a whole
+    TEXT = enum.auto()  # the prompt given as text
+    INPUT_IDS = enum.auto()  # the prompt given as token ids
+    MAX_NEW_TOKENS = enum.auto()
+    TEMPERATURE = enum.auto()
+    TOP_P = enum.auto()
+    TOP_K = enum.auto()
+    STOP = enum.auto()
+
+
+FieldNames = Mapping[Field, str]
+"""How one API writes each field in its error messages."""
+
+# The .proto's names, which the gRPC API's messages use.
+GRPC_FIELD_NAMES: FieldNames = {field: field.name.lower() for field in Field} | {Field.PROMPT: "text or input_ids"}
+Describe = Callable[[FieldNames], str]
 
 
 class InvalidRequest(ServiceError, ValueError):
-    """The request is malformed or cannot fit the model."""
+    """The request is malformed or cannot fit the model.
+
+    `field` is the field at fault (None when no one field is); `describe(names)` writes the
+    message with an API's field names. `message` is the gRPC API's, in the .proto's names.
+    """
 
     code = StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, describe: Describe | str, field: Field | None = None) -> None:
+        self.describe: Describe = describe if callable(describe) else lambda _names: describe
+        self.field = field
+        super().__init__(self.describe(GRPC_FIELD_NAMES))
+
+
+def no_tokenizer() -> InvalidRequest:
+    return InvalidRequest(lambda names: f"this server has no tokenizer; send {names[Field.INPUT_IDS]}", Field.TEXT)
 
 
 @dataclass(frozen=True)
@@ -45,17 +80,20 @@ def check_request(request: serving_pb2.GenerateRequest, limits: ModelLimits, has
 
 def check_prompt(prompt_ids: Sequence[int], sampling: serving_pb2.SamplingParams, limits: ModelLimits) -> None:
     if not prompt_ids:
-        raise InvalidRequest("the prompt is empty: its text produced no tokens")
+        raise InvalidRequest("the prompt is empty: its text produced no tokens", Field.PROMPT)
     out_of_vocab = next((token for token in prompt_ids if token >= limits.vocab_size), None)
     if out_of_vocab is not None:
-        raise InvalidRequest(f"token id {out_of_vocab} is not below the vocabulary size {limits.vocab_size}")
+        raise InvalidRequest(f"token id {out_of_vocab} is not below the vocabulary size {limits.vocab_size}",
+                             Field.INPUT_IDS)
     context = limits.max_context_length
     if len(prompt_ids) >= context:
-        raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context} tokens")
+        raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context} tokens",
+                             Field.PROMPT)
     new_tokens = max_new_tokens(sampling, len(prompt_ids), limits)
     if len(prompt_ids) + new_tokens > context:
-        raise InvalidRequest(f"the prompt's {len(prompt_ids)} tokens plus max_new_tokens {new_tokens} exceed "
-                             f"the model's context of {context} tokens")
+        raise InvalidRequest(lambda names: f"the prompt's {len(prompt_ids)} tokens plus "
+                                           f"{names[Field.MAX_NEW_TOKENS]} {new_tokens} exceed the model's context "
+                                           f"of {context} tokens", Field.MAX_NEW_TOKENS)
 
 
 def max_new_tokens(sampling: serving_pb2.SamplingParams, prompt_tokens: int, limits: ModelLimits) -> int:
@@ -82,27 +120,34 @@ def resolve_sampling(sampling: serving_pb2.SamplingParams, prompt_tokens: int,
 
 def _check_prompt_form(request: serving_pb2.GenerateRequest, has_tokenizer: bool) -> None:
     if request.text and request.input_ids:
-        raise InvalidRequest("send exactly one of text and input_ids, not both")
+        raise InvalidRequest(lambda names: f"send exactly one of {names[Field.TEXT]} and {names[Field.INPUT_IDS]}, "
+                                           "not both", Field.PROMPT)
     if not request.text and not request.input_ids:
-        raise InvalidRequest("the prompt is empty: send text or input_ids")
+        raise InvalidRequest(lambda names: f"the prompt is empty: send {names[Field.TEXT]} or "
+                                           f"{names[Field.INPUT_IDS]}", Field.PROMPT)
     if request.text and not has_tokenizer:
-        raise InvalidRequest(NO_TOKENIZER)
+        raise no_tokenizer()
 
 
 def _check_sampling(sampling: serving_pb2.SamplingParams, limits: ModelLimits, has_tokenizer: bool) -> None:
     if sampling.HasField("max_new_tokens"):
         if sampling.max_new_tokens == 0:
-            raise InvalidRequest("max_new_tokens must be at least 1")
+            _refuse(Field.MAX_NEW_TOKENS, "must be at least 1")
         if sampling.max_new_tokens > limits.max_context_length:
-            raise InvalidRequest(f"max_new_tokens {sampling.max_new_tokens} exceeds the model's context of "
-                                 f"{limits.max_context_length} tokens")
+            _refuse(Field.MAX_NEW_TOKENS, f"{sampling.max_new_tokens} exceeds the model's context of "
+                                          f"{limits.max_context_length} tokens")
     if sampling.HasField("temperature") and not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
-        raise InvalidRequest(f"temperature must be a finite number >= 0, got {sampling.temperature}")
+        _refuse(Field.TEMPERATURE, f"must be a finite number >= 0, got {sampling.temperature}")
     if sampling.HasField("top_p") and not 0.0 < sampling.top_p <= 1.0:
-        raise InvalidRequest(f"top_p must be in (0, 1], got {sampling.top_p}")
+        _refuse(Field.TOP_P, f"must be in (0, 1], got {sampling.top_p}")
     if sampling.HasField("top_k") and (sampling.top_k < -1 or sampling.top_k == 0):
-        raise InvalidRequest(f"top_k must be -1 (off) or at least 1, got {sampling.top_k}")
+        _refuse(Field.TOP_K, f"must be -1 (off) or at least 1, got {sampling.top_k}")
     if any(not stop for stop in sampling.stop):
-        raise InvalidRequest("stop strings must not be empty")
+        _refuse(Field.STOP, "strings must not be empty")
     if sampling.stop and not has_tokenizer:
-        raise InvalidRequest("stop strings need a tokenizer, and this server has none")
+        _refuse(Field.STOP, "strings need a tokenizer, and this server has none")
+
+
+def _refuse(field: Field, what: str) -> NoReturn:
+    """Refuses the request with "<the field's name> <what>"."""
+    raise InvalidRequest(lambda names: f"{names[field]} {what}", field)

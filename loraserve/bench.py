@@ -21,7 +21,12 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
+from loraserve.client import Connection
+from loraserve.command_line import CommandError, add_connection_arguments, connection_from_args, existing_file
 from protos.loraserve.v1 import serving_pb2, serving_pb2_grpc
+
+SERVER_INFO_TIMEOUT_S = 30.0
+CONNECTION_FILES = ("token_file", "tls_ca", "tls_cert", "tls_key")
 
 
 @dataclass(frozen=True)
@@ -97,13 +102,14 @@ def build_workload(args: argparse.Namespace, vocab_size: int) -> list[WorkItem]:
     ]
 
 
-async def send(stub, item: WorkItem, start: float, semaphore: asyncio.Semaphore | None, bar: tqdm) -> Record:
+async def send(stub, item: WorkItem, start: float, semaphore: asyncio.Semaphore | None, bar: tqdm,
+               metadata: tuple[tuple[str, str], ...]) -> Record:
     await asyncio.sleep(max(0.0, start + item.send_at - time.perf_counter()))
     record = Record(item.index, item.adapter, len(item.input_ids), item.output_len)
     if semaphore is not None:
         await semaphore.acquire()
     try:
-        await _stream(stub, item, record)
+        await _stream(stub, item, record, metadata)
     finally:
         if semaphore is not None:
             semaphore.release()
@@ -111,13 +117,13 @@ async def send(stub, item: WorkItem, start: float, semaphore: asyncio.Semaphore 
     return record
 
 
-async def _stream(stub, item: WorkItem, record: Record) -> None:
+async def _stream(stub, item: WorkItem, record: Record, metadata: tuple[tuple[str, str], ...]) -> None:
     request = serving_pb2.GenerateRequest(
         input_ids=item.input_ids, adapter=item.adapter,
         sampling=serving_pb2.SamplingParams(max_new_tokens=item.output_len, temperature=0.0, ignore_eos=True))
     sent = last = time.perf_counter()
     try:
-        async for message in stub.GenerateStream(request):
+        async for message in stub.GenerateStream(request, metadata=metadata):
             now = time.perf_counter()
             if message.token_ids:
                 if record.output_tokens == 0:
@@ -160,21 +166,31 @@ def summarize(records: list[Record], duration_s: float) -> dict:
         "ttft_ms": _stats([r.ttft_ms for r in done]),
         "tpot_ms": _stats([r.tpot_ms for r in done if r.tpot_ms is not None]),
         "itl_ms": _stats([x for r in done for x in r.itl_ms]),
+        "input_len": _spread([r.input_len for r in done]),
+        "output_len": _spread([r.output_tokens for r in done]),
     }
 
 
-async def run_benchmark(args: argparse.Namespace) -> dict:
-    async with grpc.aio.insecure_channel(args.address) as channel:
+def _spread(values: list[int]) -> dict[str, float]:
+    """How the lengths were spread (the range ratio draws them from an interval)."""
+    if not values:
+        return {"min": 0, "median": 0.0, "max": 0}
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+async def run_benchmark(args: argparse.Namespace, connection: Connection) -> dict:
+    async with connection.aio_channel() as channel:
         stub = serving_pb2_grpc.LoraServingStub(channel)
-        info = await stub.GetServerInfo(serving_pb2.GetServerInfoRequest())
+        info = await stub.GetServerInfo(serving_pb2.GetServerInfoRequest(), metadata=connection.metadata(),
+                                        timeout=SERVER_INFO_TIMEOUT_S)
         workload = build_workload(args, info.vocab_size)
         semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
         bar = tqdm(total=len(workload), disable=args.disable_progress, desc="requests")
         start = time.perf_counter()
-        records = await asyncio.gather(*(send(stub, item, start, semaphore, bar) for item in workload))
+        records = await asyncio.gather(*(send(stub, item, start, semaphore, bar, connection.metadata()) for item in workload))
         duration = time.perf_counter() - start
         bar.close()
-    settings = {k: v for k, v in vars(args).items() if k != "run"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "parser", *CONNECTION_FILES)}
     settings |= {"request_rate": str(args.request_rate), "output_file": str(args.output_file)}
     return {"args": settings,
             "server": {"model": info.model, "device": info.device, "dtype": info.dtype,
@@ -195,9 +211,16 @@ TABLE_ROWS = [
 ]
 
 
+LENGTH_ROWS = [("Input length min/median/max (tokens)", "input_len"),
+               ("Output length min/median/max (tokens)", "output_len")]
+
+
 def format_summary(summary: dict) -> str:
     lines = ["{:=^60}".format(" Serving Benchmark Result ")]
     lines += [f"{label:<44}{fmt.format(get(summary)):>16}" for label, get, fmt in TABLE_ROWS]
+    for label, key in LENGTH_ROWS:
+        spread = "/".join(f"{summary[key][stat]:g}" for stat in ("min", "median", "max"))
+        lines.append(f"{label:<44}{spread:>16}")
     return "\n".join(lines)
 
 
@@ -221,27 +244,37 @@ def add_bench_parser(commands) -> None:
                                  description=__doc__)
     sub = parser.add_subparsers(dest="bench_command")
     compare = sub.add_parser("compare", help="side-by-side table of result files")
-    compare.add_argument("files", nargs="+", type=Path)
+    compare.add_argument("files", nargs="+", type=existing_file, help="JSON files of `bench --output-file`")
     compare.set_defaults(run=run_compare)
-    parser.add_argument("--address", default="127.0.0.1:50051")
-    parser.add_argument("--dataset", choices=("random",), default="random")
-    parser.add_argument("--random-input-len", type=int, default=512)
-    parser.add_argument("--random-output-len", type=int, default=512)
-    parser.add_argument("--random-range-ratio", type=float, default=0.0)
-    parser.add_argument("--num-prompts", type=int, default=100)
-    parser.add_argument("--request-rate", type=float, default=float("inf"))
-    parser.add_argument("--max-concurrency", type=int)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--lora-name", nargs="*")
-    parser.add_argument("--lora-request-distribution", choices=("uniform", "distinct", "skewed"), default="uniform")
-    parser.add_argument("--lora-zipf-alpha", type=float, default=1.5)
-    parser.add_argument("--output-file", type=Path, help="JSON with the summary and every request's record")
-    parser.add_argument("--disable-progress", action="store_true")
-    parser.set_defaults(run=run_bench)
+    add_connection_arguments(parser)
+    parser.add_argument("--dataset", choices=("random",), default="random",
+                        help="prompts of random token ids (default: %(default)s)")
+    parser.add_argument("--random-input-len", type=int, default=512,
+                        help="longest prompt, in tokens (default: %(default)s)")
+    parser.add_argument("--random-output-len", type=int, default=512,
+                        help="longest output, in tokens; every request runs to its length (default: %(default)s)")
+    parser.add_argument("--random-range-ratio", type=float, default=0.0,
+                        help="as SGLang's: each length is uniform in [LEN * RATIO, LEN] (at least 1), so 0.0 gives "
+                             "1 to LEN and 1.0 exactly LEN (default: %(default)s)")
+    parser.add_argument("--num-prompts", type=int, default=100, help="requests to send (default: %(default)s)")
+    parser.add_argument("--request-rate", type=float, default=float("inf"),
+                        help="requests per second, Poisson arrivals; inf sends all at once (default: %(default)s)")
+    parser.add_argument("--max-concurrency", type=int, help="most requests in flight (default: no limit)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the workload (default: %(default)s)")
+    parser.add_argument("--lora-name", nargs="*", help="adapters to pick from (default: the base model only)")
+    parser.add_argument("--lora-request-distribution", choices=("uniform", "distinct", "skewed"), default="uniform",
+                        help="how a request's adapter is picked: at random, in turn, or Zipf-skewed "
+                             "(default: %(default)s)")
+    parser.add_argument("--lora-zipf-alpha", type=float, default=1.5,
+                        help="the skewed distribution's exponent (default: %(default)s)")
+    parser.add_argument("--output-file", type=Path,
+                        help="JSON with the summary and every request's record (default: none)")
+    parser.add_argument("--disable-progress", action="store_true", help="no progress bar (default: shown)")
+    parser.set_defaults(run=run_bench, parser=parser)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    result = asyncio.run(run_benchmark(args))
+    result = asyncio.run(run_benchmark(args, connection_from_args(args.parser, args)))
     print(format_summary(result["summary"]))
     if args.output_file:
         args.output_file.parent.mkdir(parents=True, exist_ok=True)
@@ -250,6 +283,13 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    summaries = [json.loads(path.read_text())["summary"] for path in args.files]
+    summaries = [_summary_of(path) for path in args.files]
     print(format_comparison([path.stem for path in args.files], summaries))
     return 0
+
+
+def _summary_of(path: Path) -> dict:
+    result = json.loads(path.read_text())
+    if not isinstance(result, dict) or "summary" not in result:
+        raise CommandError(f"{path} has no benchmark summary; pass files written by `loraserve bench --output-file`")
+    return result["summary"]

@@ -1,8 +1,9 @@
-"""The `loraserve` command: serve, generate."""
+"""The `loraserve` command: serve, generate, bench, trace, timeline."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,11 +11,14 @@ from typing import TYPE_CHECKING
 import grpc
 
 from loraserve.bench import add_bench_parser
+from loraserve.command_line import (CommandError, OneLineErrorParser, add_connection_arguments, connection_from_args,
+                                    describe_failure)
 from loraserve.launcher import serve
 from loraserve.timeline import add_timeline_parsers
 from settings.config import LoggingConfig, ServeConfig
 from settings.flags import add_serve_arguments, config_from_args, serve_config_from_args
 from settings.logs import configure_logging
+from settings.version import package_version
 
 if TYPE_CHECKING:
     from loraserve.demo import DemoAssets
@@ -60,48 +64,52 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def add_generate_parser(commands) -> None:
-    parser = commands.add_parser("generate", help="send one prompt to a running server")
+    parser = commands.add_parser("generate", help="send one prompt to a running server",
+                                 description="Unset sampling options take the server's defaults.")
     parser.add_argument("prompt")
-    parser.add_argument("--address", default="127.0.0.1:50051")
+    add_connection_arguments(parser)
     parser.add_argument("--adapter", default="", help="adapter name (default: the base model)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--stream", action="store_true")
-    parser.add_argument("--token-file", help="file holding the bearer token, if the server needs one")
-    parser.add_argument("--tls-ca", help="PEM CA of the server's certificate: connect with TLS")
-    parser.set_defaults(run=run_generate)
+    parser.add_argument("--max-tokens", "--max-new-tokens", dest="max_new_tokens", type=int,
+                        help="most tokens to generate (default: the server's, 128 or what the context leaves)")
+    parser.add_argument("--temperature", type=float, help="0 is greedy (default: 0)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling's probability mass (default: 1)")
+    parser.add_argument("--seed", type=int, help="makes a sampled answer reproducible (default: none)")
+    parser.add_argument("--stop", action="append", help="stop before this text; repeatable (default: none)")
+    parser.add_argument("--stream", action="store_true", help="print the text as it is generated (default: off)")
+    parser.set_defaults(run=run_generate, parser=parser)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from frontend.auth import read_token
-    from loraserve.client import LoraServeClient
-
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    token = read_token(args.token_file) if args.token_file else None
-    tls = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes()) if args.tls_ca else None
-    try:
-        with LoraServeClient(args.address, token=token, tls=tls) as client:
-            if args.stream:
-                for message in client.generate_stream(args.prompt, adapter=args.adapter, **sampling):
-                    print(message.text, end="", flush=True)
-                print()
-            else:
-                print(client.generate(args.prompt, adapter=args.adapter, **sampling).text)
-    except grpc.RpcError as error:
-        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 1
+    sampling = {name: value for name, value in (("max_new_tokens", args.max_new_tokens),
+                                                 ("temperature", args.temperature), ("top_p", args.top_p),
+                                                 ("seed", args.seed), ("stop", args.stop)) if value is not None}
+    with connection_from_args(args.parser, args).client() as client:
+        if args.stream:
+            for message in client.generate_stream(args.prompt, adapter=args.adapter, **sampling):
+                print(message.text, end="", flush=True)
+            print()
+        else:
+            print(client.generate(args.prompt, adapter=args.adapter, **sampling).text)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loraserve", description="A multi-LoRA inference server.")
+    parser = OneLineErrorParser(prog="loraserve", description="A multi-LoRA inference server.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(required=True)
     add_serve_parser(commands)
     add_generate_parser(commands)
     add_bench_parser(commands)
     add_timeline_parsers(commands)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (CommandError, grpc.RpcError, OSError, json.JSONDecodeError) as error:
+        print(f"loraserve: error: {describe_failure(error, vars(args).get('address'))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("loraserve: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

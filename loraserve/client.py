@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -30,6 +31,31 @@ class GenerateStream(Iterator[serving_pb2.GenerateStreamResponse], Protocol):
     """The messages of one streamed generation; `cancel()` stops it (the server frees its resources)."""
 
     def cancel(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where and how to reach a server: its address, the bearer token it needs, TLS credentials."""
+
+    address: str = "127.0.0.1:50051"
+    token: str | None = None
+    tls: grpc.ChannelCredentials | None = None
+
+    def client(self, timeout: float | None = None) -> LoraServeClient:
+        return LoraServeClient(self.address, timeout=timeout, token=self.token, tls=self.tls)
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        """An asyncio channel; its calls need `metadata()` for the token."""
+        if self.tls is None:
+            return grpc.aio.insecure_channel(self.address)
+        return grpc.aio.secure_channel(self.address, self.tls)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return bearer_metadata(self.token)
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return () if token is None else (("authorization", f"Bearer {token}"),)
 
 
 class LoraServeClient:
@@ -85,10 +111,14 @@ class LoraServeClient:
     def stats(self, timeout: float | None = None) -> serving_pb2.ServerStats:
         return self._stub.GetStats(serving_pb2.GetStatsRequest(), timeout=self._deadline(timeout))
 
-    def is_ready(self) -> bool:
-        """True when the server's health check says SERVING."""
+    def timeline(self, timeout: float | None = None) -> serving_pb2.Timeline:
+        """The recent forwards, adapter loads and requests as a Chrome trace (`chrome_trace_json`)."""
+        return self._stub.GetTimeline(serving_pb2.GetTimelineRequest(), timeout=self._deadline(timeout))
+
+    def is_ready(self, timeout: float = 1.0) -> bool:
+        """True when the server's health check says SERVING within `timeout` seconds."""
         try:
-            response = self._health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            response = self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError:
             return False
         return response.status == health_pb2.HealthCheckResponse.SERVING
@@ -116,10 +146,10 @@ class LoraServeClient:
 
 class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     def __init__(self, token: str) -> None:
-        self._metadata = ("authorization", f"Bearer {token}")
+        self._metadata = bearer_metadata(token)
 
     def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return details._replace(metadata=[*(details.metadata or ()), self._metadata])
+        return details._replace(metadata=[*(details.metadata or ()), *self._metadata])
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._with_token(client_call_details), request)

@@ -1,8 +1,9 @@
 """The built-in demo: a tiny random Llama model, a byte-level tokenizer and three adapters.
 
-Made locally on first use (no downloads) under the cache directory, so `loraserve serve`
-with no arguments works on a fresh machine. Tests build their own models from the same
-tokenizer.
+Made locally on first use (no downloads) in `$LORASERVE_HOME/demo-v1` (by default
+`~/.cache/loraserve/demo-v1`), so `loraserve serve` with no arguments works on a fresh
+machine; that directory is also the demo's adapter root. Tests build their own models from
+the same tokenizer.
 """
 
 from __future__ import annotations

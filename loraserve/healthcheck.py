@@ -2,7 +2,7 @@
 
 The container healthchecks of the compose deployment (no torch is imported):
 
-- `frontend HOST:PORT`: grpc.health.v1 says SERVING.
+- `frontend HOST:PORT`: grpc.health.v1 says SERVING (`--tls-ca` etc. for a TLS frontend).
 - `scheduler tcp://HOST:PORT` (its frontend socket): the scheduler answers an admin request,
   even with "waiting for the worker" - it is up, whether or not a worker is.
 - `worker tcp://HOST:PORT` (the scheduler's frontend socket): the scheduler has a worker
@@ -14,20 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-import grpc
 import zmq
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loraserve.client import Connection
+from loraserve.command_line import OneLineErrorParser, add_connection_arguments, connection_from_args
 from protos.loraserve.v1 import internal_pb2, serving_pb2
 
 
-def frontend_serving(address: str, timeout_s: float) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
-        except grpc.RpcError:
-            return False
-    return response.status == health_pb2.HealthCheckResponse.SERVING
+def frontend_serving(connection: Connection, timeout_s: float) -> bool:
+    with connection.client() as client:
+        return client.is_ready(timeout_s)
 
 
 def ask_scheduler(address: str, timeout_s: float) -> internal_pb2.AdminResponse | None:
@@ -48,9 +44,10 @@ def ask_scheduler(address: str, timeout_s: float) -> internal_pb2.AdminResponse 
         context.term()
 
 
-def healthy(service: str, address: str, timeout_s: float) -> bool:
+def healthy(service: str, address: str, timeout_s: float, connection: Connection | None = None) -> bool:
+    """`connection`: the frontend's credentials (TLS), if it needs any."""
     if service == "frontend":
-        return frontend_serving(address, timeout_s)
+        return frontend_serving(connection or Connection(address), timeout_s)
     answer = ask_scheduler(address, timeout_s)
     if service == "scheduler":
         return answer is not None
@@ -58,13 +55,14 @@ def healthy(service: str, address: str, timeout_s: float) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loraserve.healthcheck", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(prog="python -m loraserve.healthcheck", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("service", choices=("frontend", "scheduler", "worker"))
     parser.add_argument("address", help="HOST:PORT of the frontend, or the scheduler's frontend socket")
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer (default: 3)")
+    add_connection_arguments(parser, address=False)
     args = parser.parse_args(argv)
-    ok = healthy(args.service, args.address, args.timeout)
+    ok = healthy(args.service, args.address, args.timeout, connection_from_args(parser, args))
     print(f"{args.service}: {'healthy' if ok else 'unhealthy'}")
     return 0 if ok else 1
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from settings.config import ServeConfig
 from settings.flags import to_argv
+from settings.logs import announce
 from settings.process import PARENT_PID_VARIABLE
 
 log = logging.getLogger("loraserve.launcher")
@@ -208,5 +209,6 @@ def serve(config: ServeConfig, modules: ProcessModules = ProcessModules()) -> in
         log.error("start-up failed: %s", error)
         launcher.stop()
         return 1
-    print(f"loraserve serving {config.engine.model_path} on {launcher.address}", flush=True)
+    announce(log, f"loraserve serving {config.engine.model_path} on {launcher.address}",
+             model_path=config.engine.model_path, address=launcher.address)
     return launcher.supervise()

@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     die_with_parent()
-    configure_logging(args.logging.log_level, "scheduler", args.logging.log_format)
+    configure_logging(args.logging.log_level, "scheduler", args.logging.log_format, hugging_face=False)
     service = SchedulerService(SchedulerServiceConfig(args.frontend_address, args.worker_address, args.scheduler))
     on_termination(lambda: setattr(service, "stopping", True))
     service.run()

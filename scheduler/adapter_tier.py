@@ -4,11 +4,14 @@ evictions, unloads and the reference counts that guard them.
 Every state change goes through `_move`, which refuses an edge the state machine lacks
 (`LEGAL_TRANSITIONS`), and every adapter command for the worker (stage, load, evict, unregister)
 is queued here, in the order the decisions are taken; the core hands them on with its forward.
+Each load into a tier, eviction, unload and failed load is logged at info (warning for a
+failure) with the adapter's name, path, bytes and tier.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ from protos.loraserve.v1 import serving_pb2
 from scheduler.adapters import IN_HOST_CACHE, LEGAL_TRANSITIONS, Adapter, AdapterState, IllegalTransition
 from scheduler.metrics import SchedulerMetrics
 
+log = logging.getLogger("loraserve.scheduler")
 UnloadDone = Callable[[], None]
 
 
@@ -33,6 +37,23 @@ class LoadStart(enum.Enum):
 class PendingUnload:
     name: str
     on_done: list[UnloadDone] = field(default_factory=list)
+    started_at: float = field(default_factory=time.monotonic)
+
+
+def log_adapter(level: int, message: str, adapter: Adapter, tier: str, seconds: float | None = None,
+                **fields: object) -> None:
+    """One record about an adapter operation: name, path, bytes, tier, and how long it took if known."""
+    extra = {"adapter": adapter.name, "path": adapter.path, "bytes": adapter.size_bytes, "tier": tier, **fields}
+    if seconds is not None:
+        extra["duration_ms"] = round(seconds * 1e3, 2)
+    log.log(level, message, extra=extra)
+
+
+def tier_of(adapter: Adapter) -> str:
+    """Where the adapter is: `gpu` (a slot, loading or resident), `host` (pinned memory) or `disk`."""
+    if adapter.slot is not None:
+        return "gpu"
+    return "host" if adapter.state in IN_HOST_CACHE else "disk"
 
 
 class AdapterTier:
@@ -180,6 +201,7 @@ class AdapterTier:
                 return False
             self._move(victim, AdapterState.ON_DISK)
             self._commands.append(pb.WorkerCommand(evict_host=pb.EvictHost(name=victim.name)))
+            log_adapter(logging.INFO, "adapter evicted", victim, "host", for_adapter=adapter.name)
         return True
 
     # Staging and loads -----------------------------------------------------------------------
@@ -233,6 +255,7 @@ class AdapterTier:
         victim.slot = None
         self._move(victim, AdapterState.HOST)
         self._commands.append(pb.WorkerCommand(evict_slot=pb.EvictSlot(slot=slot)))
+        log_adapter(logging.INFO, "adapter evicted", victim, "gpu", slot=slot)
         return slot
 
     def _stage(self, adapter: Adapter) -> None:
@@ -259,7 +282,7 @@ class AdapterTier:
         adapter = self._adapters.get(name)
         if adapter is None:
             return
-        self._metrics.host.finish(adapter, now)
+        log_adapter(logging.INFO, "adapter loaded", adapter, "host", self._metrics.host.finish(adapter, now))
         if adapter.state is AdapterState.STAGING:
             self._move(adapter, AdapterState.HOST)
 
@@ -269,19 +292,26 @@ class AdapterTier:
             self._move(adapter, AdapterState.RESIDENT)
             adapter.loaded_at = now
             self.loads_finished += 1
-            self._metrics.gpu.finish(adapter, now)
+            log_adapter(logging.INFO, "adapter loaded", adapter, "gpu", self._metrics.gpu.finish(adapter, now),
+                        slot=slot)
 
     def on_blocking_load_done(self, name: str) -> None:
         """The worker answered a blocking load: the copy is done (counted resident when issued)."""
         adapter = self._adapters.get(name)
         if adapter is not None:
-            self._metrics.gpu.finish(adapter, time.monotonic())
+            seconds = self._metrics.gpu.finish(adapter, time.monotonic())
+            log_adapter(logging.INFO, "adapter loaded", adapter, "gpu", seconds, slot=adapter.slot)
 
-    def load_failed(self, name: str) -> AdapterState | None:
+    def load_failed(self, name: str, error: str) -> AdapterState | None:
         """Forgets the failed stage or load's start; the adapter's state, None if it is not registered."""
         self._metrics.fail(name)
         adapter = self._adapters.get(name)
-        return None if adapter is None else adapter.state
+        if adapter is None:
+            return None
+        if adapter.state is not AdapterState.ON_DISK:  # on disk: a failure reported twice, logged once
+            tier = "gpu" if adapter.state in (AdapterState.LOADING, AdapterState.RESIDENT) else "host"
+            log_adapter(logging.WARNING, "adapter load failed", adapter, tier, error=error)
+        return adapter.state
 
     def roll_back_to_disk(self, name: str) -> None:
         """After a failed stage or load: no slot, not in host memory."""
@@ -305,6 +335,7 @@ class AdapterTier:
             adapter = self._adapters[name]
             if adapter.references or adapter.waiting or adapter.state in (AdapterState.STAGING, AdapterState.LOADING):
                 continue
+            log_adapter(logging.INFO, "adapter unloaded", adapter, tier_of(adapter), time.monotonic() - unload.started_at)
             if adapter.slot is not None:
                 self._commands.append(pb.WorkerCommand(evict_slot=pb.EvictSlot(slot=adapter.slot)))
                 self._slot_owner[adapter.slot] = None

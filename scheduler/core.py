@@ -137,7 +137,7 @@ class SchedulerCore:
         Requests started while the load was landing (pipelined) ran on a slot that never got
         the adapter: they fail whatever the error, and their tokens still in flight are dropped.
         """
-        state = self._tier.load_failed(name)
+        state = self._tier.load_failed(name, error.message)
         if state is None:
             return
         message = f"adapter {name!r} could not be loaded: {error.message}"
@@ -343,7 +343,8 @@ class SchedulerCore:
         self.outputs.append((client, pb.SchedulerMessage(output=output)))
 
     def add_scheduler_step_time(self, seconds: float) -> None:
-        """Time the scheduler took from a forward's result to sending the next forward."""
+        """The scheduler's own work from a forward's result to sending the next forward (or to having
+        nothing more to send); never time spent waiting for requests or for the worker."""
         self._counters.scheduler_step_seconds += seconds
 
     # Queries --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The scheduler's figures for the Prometheus endpoint: adapter cache tiers and forward times.
+"""The scheduler's figures for the Prometheus endpoint: adapter cache tiers, forward and step times.
 
 The scheduler has no Prometheus client (it serves nothing over HTTP); it keeps plain
 counters and fixed-bucket histograms and sends them to the frontend on each scrape as a
@@ -13,6 +13,8 @@ STAGING a host miss.
 from __future__ import annotations
 
 import bisect
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protos.loraserve.v1 import internal_pb2 as pb
@@ -54,14 +56,16 @@ class CacheTier:
         self.loads_started += 1
         self.started_at[name] = now
 
-    def finish(self, adapter: Adapter, now: float) -> None:
-        """Counts a finished load that was started here (a stage the worker did on its own is not)."""
+    def finish(self, adapter: Adapter, now: float) -> float | None:
+        """Counts a finished load that was started here (a stage the worker did on its own is not);
+        its seconds, None if it was not counted."""
         started = self.started_at.pop(adapter.name, None)
         if started is None:
-            return
+            return None
         self.loads_finished += 1
         self.bytes_loaded += adapter.size_bytes
         self.load_seconds.observe(now - started)
+        return now - started
 
     def fail(self, name: str) -> None:
         self.started_at.pop(name, None)
@@ -91,3 +95,27 @@ class SchedulerMetrics:
     def fail(self, name: str) -> None:
         self.host.fail(name)
         self.gpu.fail(name)
+
+
+@dataclass
+class StepTimer:
+    """Times the scheduler's own work from a forward's result to the next forward it sends.
+
+    Opened by a result; closed when the next forward is sent, or when the loop is about to wait
+    for a message (nothing more to send), so neither time waiting for requests nor time waiting
+    for the worker is counted.
+    """
+
+    clock: Callable[[], float] = time.perf_counter
+    _opened_at: float | None = None
+
+    def result_arrived(self) -> None:
+        if self._opened_at is None:
+            self._opened_at = self.clock()
+
+    def close(self) -> float:
+        """Seconds since the first result it was opened by; 0 if it is not open."""
+        if self._opened_at is None:
+            return 0.0
+        seconds, self._opened_at = self.clock() - self._opened_at, None
+        return seconds

@@ -22,7 +22,6 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import zmq
@@ -33,7 +32,9 @@ from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
 from scheduler.adapter_paths import OutsideAdapterRoot, confine
 from scheduler.core import SchedulerCore
+from scheduler.metrics import StepTimer
 from settings.config import SchedulerConfig
+from settings.version import package_version
 
 log = logging.getLogger("loraserve.scheduler")
 IDLE_POLL_MS = 50
@@ -50,13 +51,6 @@ class SchedulerServiceConfig:
     frontend_address: str
     worker_address: str
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-
-
-def _package_version() -> str:
-    try:
-        return version("loraserve")
-    except PackageNotFoundError:
-        return "dev"
 
 
 class SchedulerService:
@@ -76,7 +70,7 @@ class SchedulerService:
         saved = _read_registry(config.scheduler.registry_file)
         self.registered_paths: dict[str, str] = dict(config.scheduler.initial_adapters if saved is None else saved)
         self.registrations_pending = 0
-        self.last_result_at: float | None = None  # when the last forward's result arrived
+        self.step_timer = StepTimer()
         self.stopping = False
 
     def _bind(self, address: str) -> zmq.Socket:
@@ -102,6 +96,7 @@ class SchedulerService:
                  self.config.worker_address)
         while not self.stopping:
             busy = self.core is not None and self.core.has_requests()
+            self._count_step_time()  # before waiting: the wait is not the scheduler's work
             events = dict(poller.poll(0 if busy and not self.core.has_forward_in_flight() else IDLE_POLL_MS))
             if self.worker_monitor in events:  # before the worker's messages: a successor's hello comes after
                 self._on_worker_socket_events()
@@ -137,11 +132,14 @@ class SchedulerService:
         while (batch := self.core.schedule()) is not None:  # up to max_forwards_in_flight
             self._flush_commands()
             self._send_command(pb.WorkerCommand(forward=batch), self._on_forward_done)
-            if self.last_result_at is not None:
-                self.core.add_scheduler_step_time(time.perf_counter() - self.last_result_at)
-                self.last_result_at = None
+            self._count_step_time()
         self._flush_commands()
         self._flush_outputs()  # after the forwards are on their way: streaming overlaps the GPU
+
+    def _count_step_time(self) -> None:
+        seconds = self.step_timer.close()
+        if self.core is not None:
+            self.core.add_scheduler_step_time(seconds)
 
     def _flush(self) -> None:
         self._flush_commands()
@@ -222,18 +220,19 @@ class SchedulerService:
 
     def _register_at_start(self, name: str, path: str) -> None:
         self.registrations_pending += 1
+        started = time.monotonic()
 
         def done(result: pb.CommandResult) -> None:
             self.registrations_pending -= 1
             if result.HasField("error") and result.error.code == pb.UNAVAILABLE:
                 return  # the worker was lost; its successor's hello registers the adapter again
             if result.HasField("error"):
-                log.error("adapter %s at %s cannot be served: %s", name, path, result.error.message)
+                _log_refused(logging.ERROR, name, path, result.error.code, result.error.message, started)
                 self.registered_paths.pop(name, None)
                 if name in self.config.scheduler.initial_adapters:
-                    raise SystemExit(f"adapter {name!r}: {result.error.message}")
+                    raise SystemExit(1)  # the record above says why
                 return
-            self.core.register(result.adapter, path)
+            _log_registered(self.core.register(result.adapter, path), started)
 
         self._send_command(pb.WorkerCommand(register_adapter=pb.RegisterAdapter(name=name, path=path)), done)
 
@@ -245,7 +244,7 @@ class SchedulerService:
         self.worker.send_multipart([self.worker_identity, command.SerializeToString()])
 
     def _on_forward_done(self, result: pb.CommandResult) -> None:
-        self.last_result_at = time.perf_counter()
+        self.step_timer.result_arrived()
         self.core.on_forward_result(result.forward, result.error if result.HasField("error") else None)
 
     def _on_adapter_command_done(self, command: pb.WorkerCommand) -> CommandDone | None:
@@ -257,9 +256,10 @@ class SchedulerService:
                 if kind == "load_slot" and command.load_slot.blocking and self.core is not None:
                     self.core.on_blocking_load_done(name)
                 return
-            log.warning("%s failed: %s", kind, result.error.message)
             if name is not None and self.core is not None:
-                self.core.on_adapter_failed(name, result.error)
+                self.core.on_adapter_failed(name, result.error)  # logs the failed load
+            else:
+                log.warning("%s failed: %s", kind, result.error.message)
 
         return done
 
@@ -309,8 +309,14 @@ class SchedulerService:
         else:
             fail(pb.INVALID_ARGUMENT, f"unknown admin command {command!r}")
 
-    def _load_adapter(self, request: serving_pb2.LoadAdapterRequest, reply, fail) -> None:
+    def _load_adapter(self, request: serving_pb2.LoadAdapterRequest, reply, fail_request) -> None:
         name, path = request.name, request.path
+        started = time.monotonic()
+
+        def fail(code: int, message: str) -> None:
+            _log_refused(logging.INFO, name, path, code, message, started)
+            fail_request(code, message)
+
         if not ADAPTER_NAME.match(name):
             fail(pb.INVALID_ARGUMENT, f"adapter name {name!r} must be 1-128 letters, digits or ._:/@+-")
             return
@@ -336,6 +342,7 @@ class SchedulerService:
                 return
             self._save_registry()
             info = self.core.register(result.adapter, path)
+            _log_registered(info, started)
             reply(pb.AdminResponse(load_adapter=serving_pb2.LoadAdapterResponse(adapter=info)))
 
         # Commands the core has queued go first: an unload of the same name just answered has
@@ -374,7 +381,8 @@ class SchedulerService:
             max_loras_per_batch=hello.max_loras_per_batch, max_loaded_loras=hello.max_loaded_loras,
             max_lora_rank=hello.max_lora_rank, overlap_loading=config.overlap_loading,
             num_kv_pages=hello.num_kv_pages, page_size=hello.page_size,
-            max_queued_requests=config.max_queued_requests, version=_package_version(),
+            max_queued_requests=config.max_queued_requests, version=package_version(),
+            adapter_root=str(Path(config.adapter_root).resolve()) if config.adapter_root else "",
         )
 
     def _send_frontend(self, client: bytes, message: pb.SchedulerMessage) -> None:
@@ -388,6 +396,22 @@ class SchedulerService:
         temporary = f"{path}.tmp"
         Path(temporary).write_text(json.dumps(self.registered_paths))
         os.replace(temporary, path)
+
+
+def _log_registered(info: serving_pb2.AdapterInfo, started: float) -> None:
+    """A LoadAdapter (or an adapter given at start) the worker validated: servable, still on disk."""
+    log.info("adapter registered", extra={"adapter": info.name, "path": info.path, "bytes": info.size_bytes,
+                                          "tier": "disk", "rank": info.rank, "duration_ms": _ms_since(started)})
+
+
+def _log_refused(level: int, name: str, path: str, code: int, message: str, started: float) -> None:
+    log.log(level, "adapter load refused", extra={"adapter": name, "path": path, "tier": "disk",
+                                                  "code": pb.ErrorCode.Name(code), "error": message,
+                                                  "duration_ms": _ms_since(started)})
+
+
+def _ms_since(started: float) -> float:
+    return round((time.monotonic() - started) * 1e3, 2)
 
 
 def _read_registry(path: str | None) -> dict[str, str] | None:

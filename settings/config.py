@@ -186,6 +186,10 @@ class EngineConfig:
     device: str = setting("auto", choices=("auto", "cpu", "cuda"), help="`cpu`, `cuda`, or `auto` (CUDA if there is one)")
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"),
                          help="`float32`, `bfloat16`, `float16`, or `auto` (the checkpoint's)")
+    context_length: int | None = setting(
+        None, aliases=("--max-model-len",), minimum=1, default_text="the model's `max_position_embeddings`",
+        help="longest prompt plus output, in tokens (SGLang's name; vLLM's `--max-model-len`); "
+             "at most the model's (a larger value is refused)")
     page_size: int = setting(16, minimum=1, help="tokens per KV-cache page")
     num_kv_pages: int = setting(2048, minimum=1, help="KV-cache pages")
     max_loras_per_batch: int = setting(8, minimum=1, help="GPU adapter slots")

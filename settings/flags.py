@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import NoneType, UnionType
 from typing import Any
 
-from settings.config import PARTS, ServeConfig, Spec, settings_of, spec_of
+from settings.config import PARTS, ServeConfig, Spec, Switch, settings_of, spec_of
 
 @dataclass(frozen=True)
 class Row:
@@ -124,7 +124,8 @@ def _add_field(group: argparse._ArgumentGroup, field: dataclasses.Field, value_t
     target = group.add_mutually_exclusive_group() if options > 1 else group
     common = {"dest": field.name, "default": argparse.SUPPRESS}
     for flag, switch in switches.items():
-        target.add_argument(flag, action="store_const", const=switch.value, help=switch.help, **common)
+        target.add_argument(flag, action="store_const", const=switch.value,
+                            help=f"{switch.help} (default: {_switch_default(field, switch)})", **common)
     if value_type is bool:
         return
     required = required and _has_no_default(field)
@@ -149,7 +150,7 @@ def name_value(text: str) -> tuple[str, str]:
     """An item of a NAME=VALUE list flag: "a=/x" -> ("a", "/x")."""
     name, sep, value = text.partition("=")
     if not sep or not name or not value:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (such as mine=/adapters/mine), got {text!r}")
     return name, value
 
 
@@ -191,10 +192,14 @@ def _default_text(field: dataclasses.Field) -> str:
     return str(default)
 
 
+def _switch_default(field: dataclasses.Field, switch: Switch) -> str:
+    return "on" if switch.value == _default(field) else "off"
+
+
 def _rows(field: dataclasses.Field) -> Iterator[Row]:
     spec, default = spec_of(field), _default(field)
     for flag, switch in spec.switches.items():
-        yield Row(flag, "on" if switch.value == default else "off", switch.help)
+        yield Row(flag, _switch_default(field, switch), switch.help)
     if isinstance(default, bool):
         return
     yield Row(_flag(field), _default_text(field), spec.help)

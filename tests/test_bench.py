@@ -9,11 +9,15 @@ from collections import Counter
 
 import pytest
 
+from loraserve.cli import main as cli
+
 from loraserve.bench import (
     Record,
+    add_bench_parser,
     arrival_times,
     build_workload,
     format_comparison,
+    format_summary,
     lengths,
     pick_adapters,
     summarize,
@@ -69,3 +73,26 @@ def test_summary_statistics():
     assert summary["output_token_throughput"] == 7.5
     table = format_comparison(["off", "on"], [summary, summarize(records[:2], 1.0)])
     assert "Median TTFT (ms)" in table and "%" in table
+
+
+def test_the_summary_shows_how_lengths_were_spread():
+    records = [Record(i, "", input_len, 16, success=True, output_tokens=output)
+               for i, (input_len, output) in enumerate([(4, 1), (9, 15), (30, 8)])]
+    summary = summarize(records, duration_s=1.0)
+    assert summary["input_len"] == {"min": 4, "median": 9, "max": 30}
+    assert summary["output_len"] == {"min": 1, "median": 8, "max": 15}
+    table = format_summary(summary)
+    assert "Input length min/median/max (tokens)" in table and "4/9/30" in table and "1/8/15" in table
+
+
+def test_bench_help_shows_every_default_and_the_range_ratio(capsys):
+    with pytest.raises(SystemExit):
+        cli(["bench", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "[LEN * RATIO, LEN]" in help_text and "0.0 gives 1 to LEN" in help_text
+    commands = argparse.ArgumentParser().add_subparsers()
+    add_bench_parser(commands)
+    bench = commands.choices["bench"]
+    undocumented = [action.option_strings[0] for action in bench._actions
+                    if action.option_strings and action.dest != "help" and "(default: " not in (action.help or "")]
+    assert undocumented == []

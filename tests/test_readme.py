@@ -2,8 +2,9 @@
 
 Examples run in order in one scratch directory (they share the server, so an adapter loaded
 by one is seen by the next), with the README's addresses replaced by the test server's and
-its placeholder paths by real files. A block preceded by `<!-- not run: why -->` is skipped;
-grpcurl examples go through `tests/grpcurl_standin.py` when grpcurl is not installed.
+the engine example's placeholder paths by real files (adapter paths run as written). A block
+preceded by `<!-- not run: why -->` is skipped; grpcurl examples go through
+`tests/grpcurl_standin.py` when grpcurl is not installed.
 """
 
 from __future__ import annotations
@@ -93,13 +94,12 @@ def test_flag_table_covers_every_serve_flag(capsys):
 
 
 def test_readme_examples_run(demo_server, tmp_path):
+    """Adapter paths are used as written: the demo serves its adapters from its own directory."""
     adapter = next(iter(DEMO_ADAPTERS))
     demo_root = demo_server.home / "demo-v1"
-    mine = demo_root / "adapters" / "mine"  # inside the demo's directory, its default --adapter-root
-    shutil.copytree(demo_root / "adapters" / adapter, mine)
     replacements = {
         "127.0.0.1:50051": demo_server.grpc, "127.0.0.1:8000": demo_server.http,
-        "127.0.0.1:9400": demo_server.metrics, "/adapters/mine": str(mine),
+        "127.0.0.1:9400": demo_server.metrics,
         "path/to/llama": str(demo_root / "model"), "path/to/peft-adapter": str(demo_root / "adapters" / adapter),
     }
     environment = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -117,3 +117,5 @@ def test_readme_examples_run(demo_server, tmp_path):
                                 timeout=EXAMPLE_TIMEOUT_S)
         assert result.returncode == 0, f"README example failed: {example.title}\n{result.stdout}\n{result.stderr}"
         assert result.stdout.strip(), f"README example printed nothing: {example.title}"
+        if ".state" in code:
+            assert "ADAPTER_STATE_" in result.stdout, f"adapter states are printed by name: {example.title}"

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 from settings.config import PARTS, EngineConfig, FrontendConfig, SchedulerConfig, ServeConfig, spec_of
+from tests.driver import make_engine
+from tests.model_factory import MAX_POSITIONS, build_tiny_model
+from worker.errors import ModelLoadError
+from worker.service import context_length
 from settings.flags import (
     add_arguments,
     add_serve_arguments,
@@ -26,7 +30,8 @@ PROCESS_PACKAGES = ("frontend", "scheduler", "worker")
 
 # A value off its default for every field of every part (a new field must be added here).
 NON_DEFAULTS = {
-    "model_path": "/models/m", "load_format": "dummy", "device": "cpu", "dtype": "float16", "page_size": 8,
+    "model_path": "/models/m", "load_format": "dummy", "device": "cpu", "dtype": "float16", "context_length": 512,
+    "page_size": 8,
     "num_kv_pages": 99, "max_loras_per_batch": 3, "max_loaded_loras": 5, "max_lora_rank": 32,
     "lora_target_modules": ("q_proj", "down_proj"), "host_cache_bytes": 12345, "seed": 7, "static_decode": False,
     "cuda_graphs": False, "max_decode_batch": 64, "static_mixed": False,
@@ -114,6 +119,30 @@ def test_flags_kept_from_before_the_settings_package():
     assert not config.scheduler.prefetch
     frontend = parser_of(FrontendConfig)
     assert config_from_args(frontend, FrontendConfig, frontend.parse_args(["--model-name", "y"])).model_name == "y"
+
+
+def test_every_serve_flag_shows_help_and_its_default():
+    serve = argparse.ArgumentParser()
+    add_serve_arguments(serve)
+    undocumented = [action.option_strings[0] for action in serve._actions
+                    if action.dest != "help" and "(default: " not in (action.help or "")]
+    assert undocumented == []
+
+
+def test_max_model_len_is_the_context_length():
+    serve = argparse.ArgumentParser()
+    add_serve_arguments(serve)
+    config = serve_config_from_args(serve, serve.parse_args(["--model-path", "/m", "--max-model-len", "512"]))
+    assert config.engine.context_length == 512
+    assert context_length(config.engine, model_positions=4096) == 512
+    assert context_length(dataclasses.replace(config.engine, context_length=None), model_positions=4096) == 4096
+
+
+def test_a_context_length_beyond_the_models_is_refused(tmp_path):
+    model = build_tiny_model(tmp_path / "model", "llama3", seed=1)
+    with pytest.raises(ModelLoadError, match=f"--context-length {MAX_POSITIONS + 1} exceeds"):
+        make_engine(model, context_length=MAX_POSITIONS + 1)
+    assert make_engine(model, context_length=MAX_POSITIONS).config.context_length == MAX_POSITIONS
 
 
 @pytest.mark.parametrize("config_type, argv, message", [

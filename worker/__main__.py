@@ -7,14 +7,16 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from settings.config import EngineConfig, LoggingConfig
 from settings.flags import add_arguments, parse_parts
 from settings.logs import configure_logging
 from settings.process import die_with_parent, on_termination
-from worker.engine import Engine
 from worker.errors import ModelLoadError
-from worker.service import WorkerConfig, WorkerService
+
+if TYPE_CHECKING:
+    from worker.engine import Engine
 
 PARTS = {"engine": EngineConfig, "logging": LoggingConfig}
 
@@ -29,17 +31,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_parts(parser, argv, PARTS)
 
 
-def main(argv: list[str] | None = None, build_engine: Callable[[EngineConfig], Engine] = Engine) -> None:
-    """`build_engine`: how the engine is made (a test's entry point passes one with hooks)."""
+def main(argv: list[str] | None = None, build_engine: Callable[[EngineConfig], Engine] | None = None) -> None:
+    """`build_engine`: how the engine is made (a test's entry point passes one with hooks); by default `Engine`."""
     args = parse_args(argv)
     die_with_parent()
     configure_logging(args.logging.log_level, "worker", args.logging.log_format)
+    # torch and transformers only now: what they warn of while importing is logged as records
+    from worker.engine import Engine
+    from worker.service import WorkerConfig, WorkerService
+
     try:
-        engine = build_engine(args.engine)
+        engine = (build_engine or Engine)(args.engine)
     except (ModelLoadError, OSError) as error:  # a wrong path or a model we cannot serve: one line, no traceback
-        logging.getLogger("loraserve.worker").error(
-            "cannot serve --model-path %s: %s (give a model directory with config.json and safetensors weights)",
-            args.engine.model_path, error)
+        logging.getLogger("loraserve.worker").error("cannot serve --model-path %s: %s", args.engine.model_path, error)
         sys.exit(1)
     service = WorkerService(WorkerConfig(args.scheduler_address, args.engine), engine)
     if args.ready_file:

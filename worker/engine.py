@@ -16,7 +16,7 @@ import torch
 
 from settings.config import EngineConfig
 from worker.batch import NO_ADAPTER, ForwardOutput, SampledToken, SequenceInput
-from worker.errors import AdapterNotFoundError, AdapterStateError, CapacityError
+from worker.errors import AdapterNotFoundError, AdapterStateError, CapacityError, ModelLoadError
 from worker.graph_step import GraphStepRunner
 from worker.host_upload import index_tensor
 from worker.kv_cache import PagedKVCache
@@ -77,6 +77,10 @@ class Engine:
         self.config = config
         self.device = _device(config.device)
         self.model_config = load_model_config(config.model_path)
+        if config.context_length is not None and config.context_length > self.model_config.max_position_embeddings:
+            raise ModelLoadError(f"--context-length {config.context_length} exceeds the model's "
+                                 f"max_position_embeddings ({self.model_config.max_position_embeddings}): "
+                                 "give at most that, or leave it unset")
         self.dtype = _dtype(config.dtype, self.model_config)
         self.model = LlamaModel(self.model_config, self._load_weights(), self.device)
         c = self.model_config

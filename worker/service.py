@@ -198,7 +198,7 @@ class WorkerService:
         return pb.WorkerHello(
             model=config.model_path, architecture=model.architecture, dtype=str(engine.dtype).removeprefix("torch."),
             device=str(engine.device), vocab_size=model.vocab_size,
-            max_context_length=model.max_position_embeddings, num_kv_pages=config.num_kv_pages,
+            max_context_length=context_length(config, model.max_position_embeddings), num_kv_pages=config.num_kv_pages,
             page_size=config.page_size, max_loras_per_batch=config.max_loras_per_batch,
             max_loaded_loras=config.max_loaded_loras, max_lora_rank=config.max_lora_rank,
             host_cache_bytes=config.host_cache_bytes, eos_token_ids=list(model.eos_token_ids), pid=os.getpid(),
@@ -206,6 +206,11 @@ class WorkerService:
 
     def _send(self, event: pb.WorkerEvent) -> None:
         self.socket.send(event.SerializeToString())
+
+
+def context_length(config: EngineConfig, model_positions: int) -> int:
+    """The longest request in tokens: `--context-length` (the engine refused one beyond the model's), or the model's."""
+    return model_positions if config.context_length is None else config.context_length
 
 
 def _sequence_input(message: pb.SequenceInput) -> SequenceInput:

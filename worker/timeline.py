@@ -30,6 +30,7 @@ class Span:
 
 class Timeline:
     def __init__(self, device: torch.device, capacity: int = 200_000) -> None:
+        self.device = str(device)  # in every span's args: `loraserve timeline` names the lanes by it
         self.on_gpu = device.type == "cuda"
         self.spans: deque[Span] = deque(maxlen=capacity)
         self.origin_host = time.time()
@@ -73,7 +74,8 @@ class Timeline:
                 continue
             events.append({"name": span.name, "ph": "X", "pid": process_name, "tid": span.lane,
                            "ts": start * 1e6, "dur": max(0.0, end - start) * 1e6,
-                           "args": span.args | {"clock": "gpu" if span.end_event else "host"}})
+                           "args": span.args | {"clock": "gpu" if span.end_event else "host",
+                                                "device": self.device}})
         return events
 
     def _times(self, span: Span) -> tuple[float | None, float | None]:

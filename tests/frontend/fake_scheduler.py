@@ -7,6 +7,7 @@ from a small adapter table. Submits and aborts are recorded for the tests to ins
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class FakeScheduler:
         self.silent = False  # True: receives everything, answers nothing (a hung scheduler)
         self.queue_full = False
         self.adapters: dict[str, serving_pb2.AdapterInfo] = {}
+        self.trace_events: list[dict] = []  # GetTimeline's Chrome trace
         self.submits: list[pb.SubmitRequest] = []
         self.aborts: list[str] = []
         self._generations: dict[str, _Generation] = {}
@@ -85,6 +87,7 @@ class FakeScheduler:
         self.token_interval_s = 0.0
         self.ready, self.silent, self.queue_full = True, False, False
         self.adapters.clear()
+        self.trace_events.clear()
         self.submits.clear()
         self.aborts.clear()
 
@@ -184,6 +187,8 @@ class FakeScheduler:
         elif command == "stats":
             response.stats.CopyFrom(serving_pb2.ServerStats(running_requests=len(self._generations),
                                                             requests_aborted=len(self.aborts)))
+        elif command == "timeline":
+            response.timeline.chrome_trace_json = json.dumps({"traceEvents": self.trace_events})
         elif command == "list_adapters":
             response.list_adapters.adapters.extend(self.adapters[name] for name in sorted(self.adapters))
         elif command == "load_adapter":

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
 from frontend.server import FrontendServer
-from frontend.validation import NO_TOKENIZER
+from frontend.validation import no_tokenizer
 from loraserve.client import LoraServeClient
 from loraserve.demo import build_tokenizer
 from settings.config import FrontendConfig
@@ -382,7 +382,7 @@ def test_without_a_tokenizer_prompts_must_be_token_ids(fake):
                      lambda: client.generate(input_ids=[1], stop=["x"])):
             error = rpc_error(call)
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert rpc_error(lambda: client.tokenize("hello")).details() == NO_TOKENIZER
+        assert rpc_error(lambda: client.tokenize("hello")).details() == no_tokenizer().message
         response = client.generate(input_ids=[1, 2], max_new_tokens=3)
         assert list(response.token_ids) == [10, 11, 12] and response.text == ""
 
@@ -399,7 +399,7 @@ def test_python_m_frontend_serves_and_exits_cleanly_on_sigterm(fake):
         reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
         reader.start()
         reader.join(timeout=30)
-        assert lines == [f"frontend listening on 127.0.0.1:{port}\n"]
+        assert len(lines) == 1 and f'msg="frontend listening on 127.0.0.1:{port}" api=grpc port={port}\n' in lines[0]
         with LoraServeClient(f"127.0.0.1:{port}", timeout=10) as client:
             client.wait_until_ready(10)
             assert list(client.generate(input_ids=[1, 2], max_new_tokens=2).token_ids) == [10, 11]

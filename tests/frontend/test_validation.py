@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
 from frontend.validation import (
     DEFAULT_MAX_NEW_TOKENS,
-    NO_TOKENIZER,
+    GRPC_FIELD_NAMES,
+    Field,
     InvalidRequest,
     ModelLimits,
     check_prompt,
@@ -28,7 +30,7 @@ def request(text: str = "", input_ids: list[int] | None = None, **sampling) -> s
 REFUSED_REQUESTS = {
     "neither text nor ids": (request(), "the prompt is empty"),
     "both text and ids": (request("hi", [1]), "not both"),
-    "text without a tokenizer": (request("hi"), NO_TOKENIZER),
+    "text without a tokenizer": (request("hi"), "no tokenizer; send input_ids"),
     "zero new tokens": (request(input_ids=[1], max_new_tokens=0), "at least 1"),
     "more new tokens than the context": (request(input_ids=[1], max_new_tokens=201), "exceeds the model's context"),
     "negative temperature": (request(input_ids=[1], temperature=-1), "temperature"),
@@ -56,6 +58,27 @@ def test_stop_strings_need_a_tokenizer():
     check_request(request(input_ids=[1], stop=["x"]), LIMITS, has_tokenizer=True)
 
 
+# The .proto's field names a refusal could write ("text" is also an English word, so left out):
+# each must come from the API's names, so that another API can name the field its own way.
+PROTO_FIELD = re.compile(r"\b({})\b".format("|".join(
+    ["input_ids", *(f.name for f in serving_pb2.SamplingParams.DESCRIPTOR.fields)])))
+
+
+def refusal(check) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as refused:
+        check()
+    return refused.value
+
+
+@pytest.mark.parametrize("case", REFUSED_REQUESTS)
+def test_refused_requests_name_their_field_in_any_api_s_terms(case):
+    refused = refusal(lambda: check_request(REFUSED_REQUESTS[case][0], LIMITS, has_tokenizer=False))
+    assert refused.field is not None
+    elsewhere = refused.describe({field: f"<{field.name}>" for field in Field})
+    assert not PROTO_FIELD.search(elsewhere), elsewhere
+    assert refused.message == refused.describe(GRPC_FIELD_NAMES)
+
+
 @pytest.mark.parametrize("good", [
     request("hi"), request(input_ids=[1, 99]), request(input_ids=[1], max_new_tokens=200),
     request(input_ids=[1], temperature=0, top_p=1, top_k=-1), request(input_ids=[1], temperature=1.5, top_p=0.01, top_k=1),
@@ -77,6 +100,15 @@ def test_refused_prompts(case):
     prompt, sampling, message = REFUSED_PROMPTS[case]
     with pytest.raises(InvalidRequest, match=message):
         check_prompt(prompt, serving_pb2.SamplingParams(**sampling), LIMITS)
+
+
+@pytest.mark.parametrize("case", REFUSED_PROMPTS)
+def test_refused_prompts_name_their_field_in_any_api_s_terms(case):
+    prompt, sampling, _ = REFUSED_PROMPTS[case]
+    refused = refusal(lambda: check_prompt(prompt, serving_pb2.SamplingParams(**sampling), LIMITS))
+    assert refused.field is not None
+    elsewhere = refused.describe({field: f"<{field.name}>" for field in Field})
+    assert not PROTO_FIELD.search(elsewhere), elsewhere
 
 
 def test_a_prompt_that_exactly_fills_the_context_is_accepted():

@@ -97,8 +97,9 @@ def test_bad_adapters_are_refused_with_their_codes(hostile_server, adapter_root,
     assert_still_correct(launcher, client, oracle, reference, pids)
 
 
-def test_the_adapter_root_confines_load_paths(hostile_server, adapter_root, service_adapters):
+def test_the_adapter_root_confines_load_paths_and_is_reported(hostile_server, adapter_root, service_adapters):
     launcher, client = hostile_server
+    assert client.server_info().adapter_root == str(adapter_root.resolve())
     escaping = [str(service_adapters["a0"]), f"{adapter_root}/good/../good", "../outside-root", "escape",
                 str(adapter_root / "escape"), "/etc"]
     for path in escaping:

@@ -212,6 +212,7 @@ def test_server_info_reports_the_configuration(server):
     info = client.server_info()
     assert (info.architecture, info.dtype, info.device) == ("LlamaForCausalLM", "float32", "cpu")
     assert (info.max_loras_per_batch, info.max_loaded_loras, info.overlap_loading) == (2, 4, True)
+    assert info.adapter_root == ""  # none configured: LoadAdapter takes any path
     assert all(process.poll() is None for process in launcher.processes.values())
 
 

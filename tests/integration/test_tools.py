@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
+
+import pytest
 
 from loraserve.bench import Record, summarize
 from loraserve.cli import main as cli
-from tests.integration.conftest import running_server
+from tests.integration.conftest import free_port, running_server
 from tests.slow_worker import slow_worker_modules
 
 
@@ -33,6 +37,7 @@ def test_bench_records_summary_and_timeline(base_config, tmp_path):
     loads = [e for e in trace if e["tid"] == "pcie" and e["name"] == "a3"]
     forwards = [e for e in trace if e["tid"] == "compute"]
     assert loads and all(load["dur"] >= 1.0e6 for load in loads)
+    assert {e["args"]["device"] for e in trace if e["pid"] == "worker"} == {"cpu"}
     for load in loads:
         during = [f for f in forwards if load["ts"] < f["ts"] and f["ts"] + f["dur"] < load["ts"] + load["dur"]]
         assert during, "other requests' forwards should run while a3 loads"
@@ -40,3 +45,24 @@ def test_bench_records_summary_and_timeline(base_config, tmp_path):
     assert Counter(e["name"] for e in trace if e["pid"] == "scheduler")["running"] >= 12
     assert cli(["timeline", str(trace_file), "-o", str(picture)]) == 0
     assert picture.stat().st_size > 10_000
+    assert cli(["timeline", str(trace_file), "-o", str(picture), "--last", "0.5"]) == 0
+
+
+ONE_LINE_FAILURES = [  # (argv, exit code, words the line must have)
+    (["bench", "--address", "{closed}", "--disable-progress"], 1, ["UNAVAILABLE", "--address"]),
+    (["trace", "--address", "{closed}"], 1, ["UNAVAILABLE", "--address"]),
+    (["timeline", "missing.json"], 2, ["no such file: missing.json"]),
+    (["bench", "compare", "missing.json"], 2, ["no such file: missing.json"]),
+    (["serve", "--lora-paths", "justapath"], 2, ["--lora-paths", "NAME=VALUE", "justapath"]),
+]
+
+
+@pytest.mark.parametrize("argv, code, words", ONE_LINE_FAILURES)
+def test_the_command_fails_in_one_line_without_a_traceback(tmp_path, argv, code, words):
+    """The installed `loraserve` command, as a user runs it."""
+    argv = [word.format(closed=f"127.0.0.1:{free_port()}") for word in argv]
+    done = subprocess.run([sys.executable, "-c", "import sys; from loraserve.cli import main; sys.exit(main())",
+                           *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == code
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert all(word in done.stderr for word in words), done.stderr

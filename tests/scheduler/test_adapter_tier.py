@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import logging
 import time
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def test_a_failed_load_rolls_back_once_even_if_reported_twice():
     adapter = register(tier, "a")
     tier.start_loading(adapter)
     for _ in range(2):
-        tier.load_failed("a")
+        tier.load_failed("a", "no such file")
         tier.roll_back_to_disk("a")
         assert (adapter.state, adapter.slot, tier.slot_owners()) == (AdapterState.ON_DISK, None, [None])
 
@@ -173,3 +174,25 @@ def test_the_state_walk_finds_each_form_of_assignment():
     source = "def f(a):\n    a.state = 1\n    a.state += 1\n    a.state: int = 1\n    a.state, b = 1, 2\n" \
              "    setattr(a, 'state', 1)\n    a.slot = 1\n"
     assert _state_assignments(ast.parse(source)) == [("f", 2), ("f", 3), ("f", 4), ("f", 5), ("f", 6)]
+
+
+def test_each_load_eviction_failure_and_unload_is_one_record_with_name_path_bytes_and_tier(caplog):
+    caplog.set_level(logging.INFO, logger="loraserve.scheduler")
+    tier = make_tier(slots=1, host_entries=2)
+    for name in ("a", "b"):
+        adapter = register(tier, name)
+        tier.start_loading(adapter)  # "b" takes the one slot from "a"
+        tier.on_staged(name, now=time.monotonic())
+        tier.on_loaded(name, slot=0, now=time.monotonic())
+    tier.start_loading(register(tier, "c"))  # host room from "a", the slot from "b"
+    tier.load_failed("c", "disk error")
+    tier.roll_back_to_disk("c")
+    tier.begin_unload("b", lambda: None)
+    assert [(r.msg, r.adapter, r.tier) for r in caplog.records] == [
+        ("adapter loaded", "a", "host"), ("adapter loaded", "a", "gpu"), ("adapter evicted", "a", "gpu"),
+        ("adapter loaded", "b", "host"), ("adapter loaded", "b", "gpu"), ("adapter evicted", "a", "host"),
+        ("adapter evicted", "b", "gpu"), ("adapter load failed", "c", "gpu"), ("adapter unloaded", "b", "host"),
+    ]
+    assert all(r.path == f"/a/{r.adapter}" and r.bytes == 1000 for r in caplog.records)
+    assert all(r.duration_ms >= 0 for r in caplog.records if r.msg in ("adapter loaded", "adapter unloaded"))
+    assert caplog.records[-2].levelname == "WARNING" and caplog.records[-2].error == "disk error"

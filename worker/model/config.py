@@ -72,7 +72,7 @@ class ModelConfig:
 def load_model_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir)
     if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+        raise ModelLoadError(f"{path} has no config.json: give a Hugging Face model directory (config.json and safetensors weights)")
     hf = AutoConfig.from_pretrained(path, local_files_only=True)
     config = model_config_from_hf(hf)
     generation_eos = _generation_eos_token_ids(path)

@@ -191,7 +191,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model", "architecture", "dtype", "device", "max_context_length", "vocab_size", "max_loras_per_batch", "max_loaded_loras", "max_lora_rank", "overlap_loading", "num_kv_pages", "page_size", "max_queued_requests", "version")
+    __slots__ = ("model", "architecture", "dtype", "device", "max_context_length", "vocab_size", "max_loras_per_batch", "max_loaded_loras", "max_lora_rank", "overlap_loading", "num_kv_pages", "page_size", "max_queued_requests", "version", "adapter_root")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +206,7 @@ class ServerInfo(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ROOT_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     dtype: str
@@ -220,7 +221,8 @@ class ServerInfo(_message.Message):
     page_size: int
     max_queued_requests: int
     version: str
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_loras_per_batch: _Optional[int] = ..., max_loaded_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., overlap_loading: _Optional[bool] = ..., num_kv_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    adapter_root: str
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_loras_per_batch: _Optional[int] = ..., max_loaded_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., overlap_loading: _Optional[bool] = ..., num_kv_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., version: _Optional[str] = ..., adapter_root: _Optional[str] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()

@@ -42,6 +42,7 @@ from unittest import mock
 
 from benchmarks.common import run_record, write_result
 from benchmarks.slot_policy_sim import SETS, VOCAB_SIZE, AdapterSet, SimulatedClock, TimedWorker, submit, worker_hello
+from frontend.replicas import view_of
 from frontend.routing import ReplicaView, Router, RoutingConfig, hash_order
 from loraserve.bench import WorkItem, build_workload
 from scheduler.core import SchedulerCore
@@ -150,9 +151,7 @@ class Replica:
     next_event_ms: float = math.inf  # its next step; inf: idle until a request comes
 
     def view(self) -> ReplicaView:
-        return ReplicaView(self.name, frozenset(name for name in self.core.slot_owners() if name),
-                           frozenset(self.core.host_cached_adapters()),
-                           len(self.core.waiting) + len(self.core.running))
+        return view_of(self.name, self.core.replica_state())
 
     def has_on_gpu(self, adapter: str) -> bool:
         return adapter in self.core.slot_owners()

@@ -165,7 +165,7 @@ class ReplicaSet:
                 continue
             was_serving = self.serving
             replica.info = info
-            self.router.update(_view(replica.name, state))
+            self.router.update(view_of(replica.name, state))
             log.info("replica %s ready: %s (%s, %s, context %d)", replica.name, info.model, info.architecture,
                      info.device, info.max_context_length, extra={"replica": replica.name})
             if not was_serving:
@@ -219,12 +219,15 @@ class ReplicaSet:
         try:
             state = await self._admin_result(replica, "replica_state", internal_pb2.ReplicaStateRequest(),
                                              self.settings.admin_timeout_s)
-        except (SchedulerUnavailable, SchedulerFailure) as error:
-            if error.code is StatusCode.UNAVAILABLE and replica.ready:  # e.g. its worker is being restarted
+        except SchedulerFailure as error:  # it answered, refusing: e.g. its worker is being restarted
+            if error.code is StatusCode.UNAVAILABLE and replica.ready:
                 self.take_out(replica, str(error))
             return
+        except SchedulerUnavailable as error:  # no answer in time: the link's liveness check decides
+            log.debug("no state from replica %s: %s", replica.name, error)
+            return
         if replica.ready:
-            self.router.update(_view(replica.name, state))
+            self.router.update(view_of(replica.name, state))
 
     # Fleet operations --------------------------------------------------------------------
 
@@ -330,7 +333,8 @@ class ReplicaSet:
         return getattr(response, command)
 
 
-def _view(name: str, state: internal_pb2.ReplicaState) -> ReplicaView:
+def view_of(name: str, state: internal_pb2.ReplicaState) -> ReplicaView:
+    """What the router sees of a replica that published `state`."""
     return ReplicaView(name, gpu_adapters=frozenset(state.gpu_adapters), host_adapters=frozenset(state.host_adapters),
                        requests=state.requests)
 

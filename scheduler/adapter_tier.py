@@ -188,9 +188,6 @@ class AdapterTier:
         entries = self._host_entries()
         return self._host_fits(adapter, len(entries), sum(a.host_bytes for a in entries))
 
-    def host_cached(self) -> list[str]:
-        return [a.name for a in self._host_entries()]
-
     def _host_fits(self, adapter: Adapter, entries: int, used_bytes: int) -> bool:
         return entries < self._max_host_entries and used_bytes + adapter.host_bytes <= self.host_capacity_bytes
 

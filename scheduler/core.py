@@ -376,11 +376,6 @@ class SchedulerCore:
         """The adapter assigned to each GPU slot (loading or resident), None for a free slot."""
         return self._tier.slot_owners()
 
-    def host_cached_adapters(self) -> list[str]:
-        """The adapters in pinned host memory or being read into it (those in slots too): with
-        `slot_owners`, what a replica publishes for routing (frontend/routing.py)."""
-        return self._tier.host_cached()
-
     def draining_adapters(self) -> list[str]:
         return self._contention.draining_adapters()
 

@@ -379,7 +379,8 @@ def test_host_cache_stays_within_its_entry_bound():
         submit(worker, f"r{i}", adapter, max_new_tokens=2)
         worker.step()
         cached = {info.name for info in worker.core.adapter_infos() if info.state in HOST_CACHE_STATES}
-        assert len(cached) <= 4 and set(worker.core.host_cached_adapters()) == cached
+        state = worker.core.replica_state()
+        assert len(cached) <= 4 and set(state.gpu_adapters) | set(state.host_adapters) == cached
     worker.run_until_idle()
     assert any(c.WhichOneof("kind") == "evict_host" for c in worker.log)
     assert len(finished(worker)) == 10

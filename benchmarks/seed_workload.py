@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.common import run_record, write_result
 from loraserve.bench import format_comparison, run_benchmark
-from loraserve.client import LoraServeClient
+from loraserve.client import Connection, LoraServeClient
 from loraserve.launcher import Launcher
 from loraserve.synthetic import write_model_config, write_random_adapter
 from loraserve.timeline import decode_step_gaps, draw, fetch_trace, load_start_stalls
@@ -108,7 +108,8 @@ def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: floa
             wait_for_adapters(client, resident=mode == "resident")
             output = out_dir / f"{label}.json"
             result = asyncio.run(
-                run_benchmark(bench_args(launcher.address, list(adapters), rate, num_prompts, output)))
+                run_benchmark(bench_args(launcher.address, list(adapters), rate, num_prompts, output),
+                              Connection(launcher.address)))
             result["stats"] = json_stats(client.stats())
             if draw_timeline:
                 trace = fetch_trace(launcher.address)

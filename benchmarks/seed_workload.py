@@ -132,7 +132,11 @@ def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: floa
 
 
 def json_stats(stats: serving_pb2.ServerStats) -> dict:
-    return {field.name: getattr(stats, field.name) for field in stats.DESCRIPTOR.fields}
+    """GetStats' figures; with several replicas, each one's too."""
+    figures = {field.name: getattr(stats, field.name) for field in stats.DESCRIPTOR.fields if field.name != "replicas"}
+    if len(stats.replicas) > 1:
+        figures["replicas"] = {replica.replica: json_stats(replica.stats) for replica in stats.replicas}
+    return figures
 
 
 def copy_bandwidth(trace: dict) -> float | None:

@@ -31,8 +31,10 @@ GPU_STATES = {"ADAPTER_STATE_LOADING", "ADAPTER_STATE_RESIDENT"}
 
 @pytest.fixture(scope="module")
 def fleet(base_config) -> Iterator[tuple[Launcher, LoraServeClient]]:
-    with supervised_server(base_config.replace(replicas=2)) as pair:
-        yield pair
+    with supervised_server(base_config.replace(replicas=2)) as (launcher, client):
+        # The frontend serves once one replica is ready; the tests below need both.
+        wait_for(lambda: len(client.stats().replicas) == 2, "both replicas to be ready")
+        yield launcher, client
 
 
 def finished_per_replica(client: LoraServeClient) -> dict[str, int]:

@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.common import run_record, write_result
 from loraserve.bench import format_comparison, run_benchmark
-from loraserve.client import LoraServeClient
+from loraserve.client import Connection, LoraServeClient
 from loraserve.launcher import Launcher
 from loraserve.synthetic import write_model_config, write_random_adapter
 from loraserve.timeline import decode_step_gaps, draw, fetch_trace, load_start_stalls
@@ -108,7 +108,8 @@ def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: floa
             wait_for_adapters(client, resident=mode == "resident")
             output = out_dir / f"{label}.json"
             result = asyncio.run(
-                run_benchmark(bench_args(launcher.address, list(adapters), rate, num_prompts, output)))
+                run_benchmark(bench_args(launcher.address, list(adapters), rate, num_prompts, output),
+                              Connection(launcher.address)))
             result["stats"] = json_stats(client.stats())
             if draw_timeline:
                 trace = fetch_trace(launcher.address)
@@ -131,7 +132,11 @@ def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: floa
 
 
 def json_stats(stats: serving_pb2.ServerStats) -> dict:
-    return {field.name: getattr(stats, field.name) for field in stats.DESCRIPTOR.fields}
+    """GetStats' figures; with several replicas, each one's too."""
+    figures = {field.name: getattr(stats, field.name) for field in stats.DESCRIPTOR.fields if field.name != "replicas"}
+    if len(stats.replicas) > 1:
+        figures["replicas"] = {replica.replica: json_stats(replica.stats) for replica in stats.replicas}
+    return figures
 
 
 def copy_bandwidth(trace: dict) -> float | None:
@@ -165,6 +170,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--num-prompts", type=int, default=100)
     parser.add_argument("--no-mixed-graphs", action="store_true", help="serve with --disable-mixed-graphs")
+    parser.add_argument("--replicas", type=int, default=1, help="scheduler+worker pairs (on one GPU: all share it)")
+    parser.add_argument("--num-kv-pages", type=int, default=16384, help="per replica")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     bandwidth = pinned_bandwidth_gbps()
@@ -172,7 +179,7 @@ def main() -> None:
     assets = write_assets(Path(tempfile.mkdtemp()))
     base = ServeConfig.of(model_path=str(assets["model"]), tokenizer_path=None, port=50123, device="cuda",
                        dtype="bfloat16", load_format="dummy", max_loras_per_batch=8, max_loaded_loras=16,
-                       max_lora_rank=256, num_kv_pages=16384, page_size=16, host_cache_bytes=24 << 30,
+                       max_lora_rank=256, num_kv_pages=args.num_kv_pages, page_size=16, replicas=args.replicas, host_cache_bytes=24 << 30,
                        max_batch_tokens=4096, startup_timeout_s=600, log_level="warning",
                        static_mixed=not args.no_mixed_graphs)
     results = {}
@@ -188,10 +195,11 @@ def main() -> None:
         table = format_comparison(names, [results[n]["summary"] for n in names])
         (args.out_dir / f"{adapter_set}-table.txt").write_text(table + "\n")
         print(table, flush=True)
-    record = run_record("seed_workload", bandwidth=bandwidth, large_adapter_bytes=assets["large_bytes"],
+    record = run_record("seed_workload", replicas=args.replicas, num_kv_pages=args.num_kv_pages, bandwidth=bandwidth, large_adapter_bytes=assets["large_bytes"],
                         targets=targets(results, bandwidth, assets["large_bytes"]),
                         runs={label: result_figures(r) for label, r in results.items()})
-    write_result(args.out_dir / f"seed-{'-'.join(args.sets)}-{record['commit']}.json", record)
+    replicas = f"-replicas{args.replicas}" if args.replicas > 1 else ""
+    write_result(args.out_dir / f"seed-{'-'.join(args.sets)}{replicas}-{record['commit']}.json", record)
     print(json.dumps(record["targets"], indent=2))
 
 

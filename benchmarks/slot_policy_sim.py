@@ -128,12 +128,13 @@ def simulate(adapters: AdapterSet, items: list[WorkItem], config: SchedulerConfi
     `time.monotonic` (arrival times, waits)."""
     clock = SimulatedClock()
     with mock.patch.object(time, "monotonic", clock.monotonic):
-        return _simulate(adapters, items, core_class(config, _hello()), clock)
+        return _simulate(adapters, items, core_class(config, worker_hello()), clock)
 
 
-def _hello() -> pb.WorkerHello:
-    return hello(max_loras_per_batch=8, max_loaded_loras=16, num_kv_pages=16384, page_size=16,
-                 max_context_length=2048, vocab_size=VOCAB_SIZE, host_cache_bytes=1 << 40)
+def worker_hello(slots: int = 8, host_entries: int = 16, host_cache_bytes: int = 1 << 40) -> pb.WorkerHello:
+    """The simulated H200 worker: `slots` GPU adapter slots, `host_entries` adapters in pinned memory."""
+    return hello(max_loras_per_batch=slots, max_loaded_loras=host_entries, num_kv_pages=16384, page_size=16,
+                 max_context_length=2048, vocab_size=VOCAB_SIZE, host_cache_bytes=host_cache_bytes)
 
 
 @dataclass
@@ -186,7 +187,7 @@ def _simulate(adapters: AdapterSet, items: list[WorkItem], core: SchedulerCore,
     seen_outputs = 0
     while len(finished) < len(items):
         while pending and arrival[pending[0].index] <= clock.ms:
-            _submit(core, pending.pop(0))
+            submit(core, pending.pop(0))
         if worker.step():
             clock.ms = worker.forward_end
         elif worker.loading:  # the idle worker polls its copies every millisecond
@@ -219,7 +220,7 @@ def _prefetch(worker: TimedWorker, clock: SimulatedClock) -> float:
     return clock.ms
 
 
-def _submit(core: SchedulerCore, item: WorkItem) -> None:
+def submit(core: SchedulerCore, item: WorkItem) -> None:
     params = serving_pb2.SamplingParams(max_new_tokens=item.output_len, temperature=0, top_p=1, top_k=-1,
                                         ignore_eos=True)
     core.submit(CLIENT, pb.SubmitRequest(request_id=str(item.index), input_ids=item.input_ids,

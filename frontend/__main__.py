@@ -17,14 +17,19 @@ log = logging.getLogger("loraserve.frontend")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags: the scheduler's address and the ready file, then `.frontend` and `.logging`."""
+    """The flags: the schedulers' addresses and the ready file, then `.frontend` and `.logging`."""
     parser = argparse.ArgumentParser(prog="python -m frontend", description="loraserve's gRPC frontend")
-    parser.add_argument("--scheduler-address", required=True,
-                        help="the scheduler's socket for frontends, e.g. ipc:///tmp/x/scheduler.sock")
+    parser.add_argument("--scheduler-address", action="append", dest="scheduler_addresses", default=[],
+                        help="a replica's scheduler socket for frontends, e.g. ipc:///tmp/x/scheduler.sock or "
+                             "tcp://10.0.0.2:5555; repeat it for each replica")
     parser.add_argument("--ready-file", help="created once the server first turns SERVING")
     for config_type in PARTS.values():
         add_arguments(parser, config_type)
-    return parse_parts(parser, argv, PARTS)
+    args = parse_parts(parser, argv, PARTS)
+    args.scheduler_addresses += args.frontend.replica_addresses
+    if not args.scheduler_addresses:
+        parser.error("give --scheduler-address (or --replica-address) at least once")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from frontend.server import BindError, serve  # imports grpc, which reads GRPC_VERBOSITY once, set just above
 
     try:
-        asyncio.run(serve(args.frontend, args.scheduler_address, ready_file=args.ready_file))
+        asyncio.run(serve(args.frontend, args.scheduler_addresses, ready_file=args.ready_file))
     except BindError as error:
         log.error("%s", error)
         return 1

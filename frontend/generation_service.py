@@ -10,16 +10,18 @@ and a message), which each API maps to its own statuses.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from frontend.errors import error_code
+from frontend.errors import StatusCode, error_code
 from frontend.generation import OutputAssembler
 from frontend.metrics import FrontendMetrics
-from frontend.scheduler_link import SchedulerFailure, SchedulerLink, SchedulerUnavailable
+from frontend.replicas import NO_REPLICA_READY, Replica, ReplicaSet
+from frontend.scheduler_link import SchedulerFailure, SchedulerUnavailable
 from frontend.tokenizer import PromptTokenizer
 from frontend.validation import (
     Field,
@@ -48,16 +50,15 @@ class ServiceSettings:
 class GenerationService:
     """One per frontend, shared by its APIs.
 
-    Generation is refused (UNAVAILABLE) until `fetch_server_info` has given the model's limits.
+    Generation is refused (UNAVAILABLE) until a replica is ready, which gives the model's limits.
     """
 
-    def __init__(self, link: SchedulerLink, tokenizer: PromptTokenizer | None, settings: ServiceSettings,
+    def __init__(self, replicas: ReplicaSet, tokenizer: PromptTokenizer | None, settings: ServiceSettings,
                  metrics: FrontendMetrics) -> None:
-        self._link = link
+        self._replicas = replicas
         self._tokenizer = tokenizer
         self._settings = settings
         self._metrics = metrics
-        self._server_info: serving_pb2.ServerInfo | None = None  # set once the scheduler has answered
         self.draining = False  # shutting down: new requests are refused, in-flight ones finish
 
     def refuse_while_draining(self) -> None:
@@ -101,21 +102,51 @@ class GenerationService:
             log.info("request finished", extra=fields | {"outcome": outcome, "e2e_ms": round(e2e_s * 1e3, 2)})
 
     async def _generate(self, request: serving_pb2.GenerateRequest) -> GenerationStream:
-        """Validates, submits and streams one request; aborts it at the scheduler if left early."""
+        """Validates, then streams the request from the replica the router chose.
+
+        A replica that fails the request UNAVAILABLE before its first token (its scheduler or
+        worker lost) is taken out of routing and the request goes to another replica (its client
+        sees nothing of it); after the first token, it ends UNAVAILABLE.
+        """
         self.refuse_while_draining()
         limits = self._limits()
         check_request(request, limits, has_tokenizer=self._tokenizer is not None)
         prompt_ids = list(request.input_ids) or await self._tokenizer.encode(request.text)
         check_prompt(prompt_ids, request.sampling, limits)
-        request_id = request.request_id
         submit = internal_pb2.SubmitRequest(
-            request_id=request_id, input_ids=prompt_ids, adapter=request.adapter,
+            request_id=request.request_id, input_ids=prompt_ids, adapter=request.adapter,
             sampling=resolve_sampling(request.sampling, len(prompt_ids), limits))
-        assembler = OutputAssembler(request_id, prompt_ids, self._tokenizer, request.sampling.stop)
-        outputs = self._link.open_stream(request_id)
+        for attempt in itertools.count(1):
+            replica = self._replicas.route(request.adapter)
+            assembler = OutputAssembler(request.request_id, prompt_ids, self._tokenizer, request.sampling.stop)
+            sent = False
+            try:
+                async for chunk in self._stream_from(replica, submit, assembler):
+                    sent = True
+                    yield chunk
+                return
+            except SchedulerFailure as error:
+                if sent or not self._may_retry(error, attempt):
+                    raise
+                self._replicas.take_out(replica, str(error))
+                log.info("replica %s failed the request before its first token (%s): retrying on another",
+                         replica.name, error, extra={"request_id": request.request_id, "replica": replica.name})
+            finally:
+                self._replicas.finished(request.adapter)
+
+    def _may_retry(self, error: SchedulerFailure, attempt: int) -> bool:
+        """Its replica could not run it (lost, or its worker gone), another may, and not shutting down."""
+        return (error.code is StatusCode.UNAVAILABLE and not self.draining
+                and attempt < len(self._replicas.replicas))
+
+    async def _stream_from(self, replica: Replica, submit: internal_pb2.SubmitRequest,
+                           assembler: OutputAssembler) -> GenerationStream:
+        """Submits to one replica and streams its outputs; aborts the request there if left early."""
+        link, request_id = replica.link, submit.request_id
+        outputs = link.open_stream(request_id)
         scheduler_done = False
         try:
-            self._link.submit(submit)
+            link.submit(submit)
             while not assembler.finished:
                 output = await outputs.get()
                 scheduler_done = output.finished
@@ -123,14 +154,14 @@ class GenerationService:
                     raise SchedulerFailure(output.error)
                 chunk = assembler.add(output)
                 if assembler.stopped_by_string and not scheduler_done:
-                    self._link.abort(request_id)
+                    link.abort(request_id)
                     scheduler_done = True
                     await self._take_closing_timing(outputs, chunk)
                 yield chunk
         finally:
-            self._link.close_stream(request_id)
+            link.close_stream(request_id)
             if not scheduler_done:  # cancelled, deadline passed, client gone or failed mid-way
-                self._link.abort(request_id)
+                link.abort(request_id)
 
     async def _take_closing_timing(self, outputs: asyncio.Queue[internal_pb2.RequestOutput],
                                    chunk: serving_pb2.GenerateStreamResponse) -> None:
@@ -144,10 +175,10 @@ class GenerationService:
             chunk.timing.CopyFrom(output.timing)
 
     def _limits(self) -> ModelLimits:
-        if self._server_info is None:
-            raise SchedulerUnavailable("the scheduler is not ready (starting, or reconnecting after it was lost); "
-                                       "retry shortly")
-        return ModelLimits.from_server_info(self._server_info)
+        info = self._replicas.server_info
+        if info is None:
+            raise SchedulerUnavailable(NO_REPLICA_READY)
+        return ModelLimits.from_server_info(info)
 
     # Tokenizer ----------------------------------------------------------------------------
 
@@ -175,55 +206,39 @@ class GenerationService:
     # Adapters -----------------------------------------------------------------------------
 
     async def load_adapter(self, request: serving_pb2.LoadAdapterRequest) -> serving_pb2.LoadAdapterResponse:
-        admin = internal_pb2.AdminRequest(load_adapter=request)
-        return (await self._link.admin(admin, self._settings.load_adapter_timeout_s)).load_adapter
+        return await self._replicas.load_adapter(request)
 
     async def unload_adapter(self, request: serving_pb2.UnloadAdapterRequest) -> serving_pb2.UnloadAdapterResponse:
-        # The scheduler answers once the adapter's running requests have finished, which may
-        # take any time: no fixed timeout (the client's deadline and the liveness check apply).
-        admin = internal_pb2.AdminRequest(unload_adapter=request)
-        return (await self._link.admin(admin, None)).unload_adapter
+        return await self._replicas.unload_adapter(request)
 
     async def list_adapters(self) -> serving_pb2.ListAdaptersResponse:
-        admin = internal_pb2.AdminRequest(list_adapters=serving_pb2.ListAdaptersRequest())
-        return (await self._link.admin(admin, self._settings.admin_timeout_s)).list_adapters
+        return await self._replicas.list_adapters()
 
     # Server information -------------------------------------------------------------------
 
     @property
     def server_info(self) -> serving_pb2.ServerInfo | None:
-        """The scheduler's last answer to `fetch_server_info`; None until then or once it was lost."""
-        return self._server_info
-
-    def forget_server_info(self) -> None:
-        """The scheduler was lost; a new one may have other limits, so requests wait for its answer."""
-        self._server_info = None
+        """A ready replica's limits and identity, the model named as configured; None while none is ready."""
+        return self._named(self._replicas.server_info)
 
     async def fetch_server_info(self, timeout_s: float | None = None) -> serving_pb2.ServerInfo:
-        """Asks the scheduler, keeps the answer for validation, and names the model as configured."""
-        admin = internal_pb2.AdminRequest(server_info=serving_pb2.GetServerInfoRequest())
-        info = (await self._link.admin(admin, timeout_s or self._settings.admin_timeout_s)).server_info
-        if self._settings.model_name:
+        """Asks a ready replica now (GetServerInfo)."""
+        return self._named(await self._replicas.server_info_now(timeout_s or self._settings.admin_timeout_s))
+
+    def _named(self, info: serving_pb2.ServerInfo | None) -> serving_pb2.ServerInfo | None:
+        if info is not None and self._settings.model_name:
             info.model = self._settings.model_name
-        self._server_info = info
         return info
 
     async def stats(self, request: serving_pb2.GetStatsRequest) -> serving_pb2.ServerStats:
-        admin = internal_pb2.AdminRequest(stats=request)
-        return (await self._link.admin(admin, self._settings.admin_timeout_s)).stats
+        return await self._replicas.stats(request)
 
     async def timeline(self, request: serving_pb2.GetTimelineRequest) -> serving_pb2.Timeline:
-        admin = internal_pb2.AdminRequest(timeline=request)
-        return (await self._link.admin(admin, self._settings.load_adapter_timeout_s)).timeline
+        return await self._replicas.timeline(request)
 
-    async def scheduler_figures(self) -> internal_pb2.MetricsSnapshot | None:
-        """The scheduler's figures for a metrics scrape; None if it does not answer."""
-        admin = internal_pb2.AdminRequest(metrics=internal_pb2.MetricsRequest())
-        try:
-            return (await self._link.admin(admin, self._settings.metrics_timeout_s)).metrics
-        except (SchedulerUnavailable, SchedulerFailure) as error:
-            log.debug("no scheduler figures for this scrape: %s", error)
-            return None
+    async def scheduler_figures(self) -> dict[str, internal_pb2.MetricsSnapshot | None]:
+        """Each replica's figures for a metrics scrape; None for one that does not answer."""
+        return await self._replicas.figures(self._settings.metrics_timeout_s)
 
 
 async def _closing_output(outputs: asyncio.Queue[internal_pb2.RequestOutput]) -> internal_pb2.RequestOutput:

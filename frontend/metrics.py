@@ -58,12 +58,12 @@ class FrontendMetrics:
 
 
 def metrics_application(metrics: FrontendMetrics,
-                        scheduler_figures: Callable[[], Awaitable[internal_pb2.MetricsSnapshot | None]]
+                        scheduler_figures: Callable[[], Awaitable[dict[str, internal_pb2.MetricsSnapshot | None]]]
                         ) -> web.Application:
-    """GET /metrics: asks the scheduler for its figures, then renders the registry."""
+    """GET /metrics: asks every replica's scheduler for its figures, then renders the registry."""
 
     async def scrape(request: web.Request) -> web.Response:
-        metrics.scheduler.snapshot = await scheduler_figures()
+        metrics.scheduler.snapshots = await scheduler_figures()
         return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
@@ -112,67 +112,86 @@ class RequestTracker:
 
 
 class SchedulerCollector(Collector):
-    """Exposes the latest `MetricsSnapshot` (set just before each scrape is rendered)."""
+    """Exposes each replica's latest `MetricsSnapshot` (set just before each scrape is rendered),
+    labelled `replica`."""
 
     def __init__(self) -> None:
-        self.snapshot: internal_pb2.MetricsSnapshot | None = None
+        self.snapshots: dict[str, internal_pb2.MetricsSnapshot | None] = {}
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("loraserve_scheduler_up", "1 if the scheduler answered this scrape",
-                                value=int(self.snapshot is not None))
-        if self.snapshot is None:
-            return
-        snapshot, stats = self.snapshot, self.snapshot.stats
-        gauges = [
-            ("loraserve_requests_running", "Requests admitted and running", stats.running_requests),
-            ("loraserve_requests_waiting", "Requests queued at the scheduler", stats.waiting_requests),
-            ("loraserve_kv_pages_used", "KV-cache pages reserved by running requests", stats.kv_pages_used),
-            ("loraserve_kv_pages_total", "KV-cache pages", stats.kv_pages_total),
-            ("loraserve_adapters_registered", "Adapters the server can serve", snapshot.adapters_registered),
-            ("loraserve_adapter_gpu_slots_used", "GPU adapter slots holding or loading an adapter", stats.slots_used),
-            ("loraserve_adapter_gpu_slots_total", "GPU adapter slots", snapshot.gpu_slots_total),
-            ("loraserve_adapter_gpu_slot_references", "Running requests holding an adapter slot",
-             stats.slot_references),
-            ("loraserve_adapter_host_cache_used_bytes", "Pinned host memory holding adapters",
-             stats.host_cache_bytes),
-            ("loraserve_adapter_host_cache_capacity_bytes", "Pinned host memory for adapters",
-             snapshot.host_cache_capacity_bytes),
-        ]
-        for name, documentation, value in gauges:
-            yield GaugeMetricFamily(name, documentation, value=value)
-        yield CounterMetricFamily("loraserve_forward_steps", "Forwards the worker ran", value=stats.forward_steps)
-        yield CounterMetricFamily("loraserve_requests_paused",
-                                  "Running requests paused to free their adapter's slot for a shorter one",
-                                  value=stats.requests_paused)
-        yield CounterMetricFamily("loraserve_scheduler_step_seconds",
-                                  "Scheduler work from a forward's result to the next forward sent (waits excluded)",
-                                  value=stats.scheduler_step_seconds)
-        forward = snapshot.worker_forward_seconds
-        yield HistogramMetricFamily("loraserve_worker_forward_seconds", "Worker wall time of one forward",
-                                    buckets=_buckets(forward), sum_value=forward.sum)
-        yield from _cache_tiers(snapshot)
+        up = GaugeMetricFamily("loraserve_scheduler_up", "1 if the replica's scheduler answered this scrape",
+                               labels=["replica"])
+        for replica, snapshot in self.snapshots.items():
+            up.add_metric([replica], int(snapshot is not None))
+        yield up
+        answered = {replica: snapshot for replica, snapshot in self.snapshots.items() if snapshot is not None}
+        if answered:
+            yield from _scheduler_families(answered)
 
 
-def _cache_tiers(snapshot: internal_pb2.MetricsSnapshot) -> Iterator[Metric]:
-    tiers = {"host": snapshot.host, "gpu": snapshot.gpu}
-    counters = [
-        ("loraserve_adapter_cache_hits", "Requests whose adapter was in this tier on arrival", "hits"),
-        ("loraserve_adapter_cache_misses", "Requests whose adapter was not in this tier on arrival (host is "
-         "looked up on gpu misses only)", "misses"),
-        ("loraserve_adapter_loads_started", "Adapter loads into this tier issued", "loads_started"),
-        ("loraserve_adapter_loads_finished", "Adapter loads into this tier finished", "loads_finished"),
-        ("loraserve_adapter_loaded_bytes", "Adapter bytes copied into this tier", "bytes_loaded"),
-    ]
-    for name, documentation, field in counters:
-        family = CounterMetricFamily(name, documentation, labels=["tier"])
-        for tier, figures in tiers.items():
-            family.add_metric([tier], getattr(figures, field))
+GAUGES = [
+    ("loraserve_requests_running", "Requests admitted and running", lambda m: m.stats.running_requests),
+    ("loraserve_requests_waiting", "Requests queued at the scheduler", lambda m: m.stats.waiting_requests),
+    ("loraserve_kv_pages_used", "KV-cache pages reserved by running requests", lambda m: m.stats.kv_pages_used),
+    ("loraserve_kv_pages_total", "KV-cache pages", lambda m: m.stats.kv_pages_total),
+    ("loraserve_adapters_registered", "Adapters the server can serve", lambda m: m.adapters_registered),
+    ("loraserve_adapter_gpu_slots_used", "GPU adapter slots holding or loading an adapter",
+     lambda m: m.stats.slots_used),
+    ("loraserve_adapter_gpu_slots_total", "GPU adapter slots", lambda m: m.gpu_slots_total),
+    ("loraserve_adapter_gpu_slot_references", "Running requests holding an adapter slot",
+     lambda m: m.stats.slot_references),
+    ("loraserve_adapter_host_cache_used_bytes", "Pinned host memory holding adapters",
+     lambda m: m.stats.host_cache_bytes),
+    ("loraserve_adapter_host_cache_capacity_bytes", "Pinned host memory for adapters",
+     lambda m: m.host_cache_capacity_bytes),
+]
+COUNTERS = [
+    ("loraserve_forward_steps", "Forwards the worker ran", lambda m: m.stats.forward_steps),
+    ("loraserve_requests_paused", "Running requests paused to free their adapter's slot for a shorter one",
+     lambda m: m.stats.requests_paused),
+    ("loraserve_scheduler_step_seconds",
+     "Scheduler work from a forward's result to the next forward sent (waits excluded)",
+     lambda m: m.stats.scheduler_step_seconds),
+]
+TIER_COUNTERS = [
+    ("loraserve_adapter_cache_hits", "Requests whose adapter was in this tier on arrival", "hits"),
+    ("loraserve_adapter_cache_misses", "Requests whose adapter was not in this tier on arrival (host is "
+     "looked up on gpu misses only)", "misses"),
+    ("loraserve_adapter_loads_started", "Adapter loads into this tier issued", "loads_started"),
+    ("loraserve_adapter_loads_finished", "Adapter loads into this tier finished", "loads_finished"),
+    ("loraserve_adapter_loaded_bytes", "Adapter bytes copied into this tier", "bytes_loaded"),
+]
+
+
+def _scheduler_families(snapshots: dict[str, internal_pb2.MetricsSnapshot]) -> Iterator[Metric]:
+    for family_type, table in ((GaugeMetricFamily, GAUGES), (CounterMetricFamily, COUNTERS)):
+        for name, documentation, value in table:
+            family = family_type(name, documentation, labels=["replica"])
+            for replica, snapshot in snapshots.items():
+                family.add_metric([replica], value(snapshot))
+            yield family
+    forward = HistogramMetricFamily("loraserve_worker_forward_seconds", "Worker wall time of one forward",
+                                    labels=["replica"])
+    for replica, snapshot in snapshots.items():
+        forward.add_metric([replica], _buckets(snapshot.worker_forward_seconds), snapshot.worker_forward_seconds.sum)
+    yield forward
+    yield from _cache_tiers(snapshots)
+
+
+def _cache_tiers(snapshots: dict[str, internal_pb2.MetricsSnapshot]) -> Iterator[Metric]:
+    for name, documentation, field in TIER_COUNTERS:
+        family = CounterMetricFamily(name, documentation, labels=["replica", "tier"])
+        for replica, snapshot in snapshots.items():
+            for tier in ("host", "gpu"):
+                family.add_metric([replica, tier], getattr(getattr(snapshot, tier), field))
         yield family
     load_seconds = HistogramMetricFamily("loraserve_adapter_load_seconds",
                                          "Adapter load issued -> finished (host: disk -> pinned; gpu: -> slot)",
-                                         labels=["tier"])
-    for tier, figures in tiers.items():
-        load_seconds.add_metric([tier], _buckets(figures.load_seconds), figures.load_seconds.sum)
+                                         labels=["replica", "tier"])
+    for replica, snapshot in snapshots.items():
+        for tier in ("host", "gpu"):
+            figures = getattr(snapshot, tier)
+            load_seconds.add_metric([replica, tier], _buckets(figures.load_seconds), figures.load_seconds.sum)
     yield load_seconds
 
 

@@ -11,9 +11,9 @@ again whenever the connection to the scheduler drops, and while shutting down.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -28,7 +28,9 @@ from frontend.grpc_api import LoraServingServicer
 from frontend.malformed import MalformedRequestInterceptor
 from frontend.metrics import FrontendMetrics, metrics_application
 from frontend.openai_api import Authorize, OpenAIApi
-from frontend.scheduler_link import LivenessConfig, SchedulerFailure, SchedulerLink, SchedulerUnavailable
+from frontend.replicas import ReplicaSet, ReplicaSettings
+from frontend.routing import RoutingConfig
+from frontend.scheduler_link import LivenessConfig
 from frontend.tls import TlsFiles, server_credentials
 from frontend.tokenizer import PromptTokenizer
 from protos.loraserve.v1 import serving_pb2, serving_pb2_grpc
@@ -52,6 +54,18 @@ def grpc_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def _replica_settings(config: FrontendConfig) -> ReplicaSettings:
+    liveness = LivenessConfig(config.liveness_silence_s, config.liveness_ping_timeout_s,
+                              config.liveness_check_interval_s)
+    routing = RoutingConfig(load_bound=config.routing_load_bound, min_bound=config.routing_min_bound,
+                            requests_per_replica=config.routing_requests_per_replica,
+                            spread_interval_s=config.routing_spread_interval_s)
+    return ReplicaSettings(liveness=liveness, routing=routing, state_interval_s=config.replica_state_interval_s,
+                           readiness_probe_timeout_s=config.readiness_probe_timeout_s,
+                           readiness_retry_s=config.readiness_retry_s, admin_timeout_s=config.admin_timeout_s,
+                           load_adapter_timeout_s=config.load_adapter_timeout_s)
+
+
 def _service_settings(config: FrontendConfig) -> ServiceSettings:
     return ServiceSettings(model_name=config.model_name, admin_timeout_s=config.admin_timeout_s,
                            load_adapter_timeout_s=config.load_adapter_timeout_s,
@@ -61,33 +75,32 @@ def _service_settings(config: FrontendConfig) -> ServiceSettings:
 class FrontendServer:
     """The frontend in the current event loop: `port = await start()`, later `await stop()`."""
 
-    def __init__(self, config: FrontendConfig, scheduler_address: str, *, ready_file: str | None = None,
-                 authorize: Authorize | None = None) -> None:
-        """`ready_file` is created once health first turns SERVING (the launcher waits for it).
+    def __init__(self, config: FrontendConfig, scheduler_addresses: Sequence[str] | str, *,
+                 ready_file: str | None = None, authorize: Authorize | None = None) -> None:
+        """`scheduler_addresses`: one per replica (frontend/replicas.py).
+        `ready_file` is created once health first turns SERVING (the launcher waits for it).
         `authorize` guards the HTTP API: Authorization header (or None) -> refusal message, or None.
 
         By default the HTTP API takes the gRPC API's bearer tokens (config's token files), when any are set.
         """
         self.config = config
-        self.scheduler_address = scheduler_address
+        addresses = [scheduler_addresses] if isinstance(scheduler_addresses, str) else list(scheduler_addresses)
         self.ready_file = ready_file
         self.auth = AuthTokens.from_files(config.auth_token_file, config.admin_token_file)
         self.tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
         if authorize is None and self.auth.enabled:
             authorize = http_authorizer(self.auth)
         self._tokenizer = PromptTokenizer(config.tokenizer_path) if config.tokenizer_path else None
-        liveness = LivenessConfig(config.liveness_silence_s, config.liveness_ping_timeout_s,
-                                  config.liveness_check_interval_s)
-        self._link = SchedulerLink(scheduler_address, liveness, on_disconnect=self._on_scheduler_lost)
+        self._replicas = ReplicaSet(addresses, _replica_settings(config), on_serving_changed=self._on_serving_changed)
         self.metrics = FrontendMetrics()
-        self._service = GenerationService(self._link, self._tokenizer, _service_settings(config), self.metrics)
+        self._service = GenerationService(self._replicas, self._tokenizer, _service_settings(config), self.metrics)
         self._http_api = OpenAIApi(self._service, authorize)
         self._http_runners: list[web.AppRunner] = []
         self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
-        self._readiness: asyncio.Task[None] | None = None
+        self._health_updates: set[asyncio.Task[None]] = set()
         self._stopping = False
 
     async def start(self) -> int:
@@ -114,11 +127,10 @@ class FrontendServer:
         except RuntimeError as error:
             raise BindError(f"cannot listen on {address}: {error}") from None
         await self._set_health(NOT_SERVING)
-        await self._link.start()
+        await self._replicas.start()
         await self._start_http()
         await server.start()
         self._server = server
-        self._readiness = asyncio.create_task(self._become_ready())
         return port
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -131,27 +143,25 @@ class FrontendServer:
         self._stopping = True
         self._service.draining = True
         await self._health.enter_graceful_shutdown()
-        if self._readiness is not None:
-            self._readiness.cancel()
         grace = self.config.grace_seconds if grace_s is None else grace_s
         await self._wait_for_in_flight(grace)
-        if self._link.in_flight:
+        if self._replicas.in_flight:
             log.warning("the grace period of %g s ended with %d requests in flight: ending them", grace,
-                        self._link.in_flight)
-            self._link.fail_all(f"the server is shutting down: its grace period of {grace:g} s ended "
+                        self._replicas.in_flight)
+            self._replicas.fail_all(f"the server is shutting down: its grace period of {grace:g} s ended "
                                 "before this request finished; retry on another replica or later")
             await self._wait_for_in_flight(ENDING_S)
         if self._server is not None:
             await self._server.stop(ENDING_S)
         for runner in self._http_runners:
             await runner.cleanup()  # waits up to ENDING_S for handlers still writing their ends
-        await self._link.close()  # after the servers: cancelled RPCs still send their aborts
+        await self._replicas.close()  # after the servers: cancelled RPCs still send their aborts
         if self._tokenizer is not None:
             self._tokenizer.close()
 
     async def _wait_for_in_flight(self, timeout_s: float) -> None:
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while self._link.in_flight and asyncio.get_running_loop().time() < deadline:
+        while self._replicas.in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
 
     async def _start_http(self) -> None:
@@ -173,44 +183,28 @@ class FrontendServer:
         self._http_runners.append(runner)
         return runner.addresses[-1][1]
 
-    async def _become_ready(self) -> None:
-        await self._set_health(NOT_SERVING)
-        for attempt in itertools.count():
-            try:
-                info = await self._service.fetch_server_info(self.config.readiness_probe_timeout_s)
-            except (SchedulerUnavailable, SchedulerFailure) as error:
-                log.log(logging.INFO if attempt == 0 else logging.DEBUG, "waiting for the scheduler at %s: %s",
-                        self.scheduler_address, error)
-                await asyncio.sleep(self.config.readiness_retry_s)
-                continue
-            log.info("scheduler ready: %s (%s, %s, context %d)", info.model, info.architecture, info.device,
-                     info.max_context_length)
-            await self._set_health(SERVING)
-            if self.ready_file:
-                Path(self.ready_file).touch()
-            return
-
-    def _on_scheduler_lost(self) -> None:
-        """NOT_SERVING until a scheduler answers again (a new one may have other limits)."""
+    def _on_serving_changed(self, serving: bool) -> None:
+        """SERVING while any replica takes requests (the ready file marks the first time)."""
         if self._stopping:
             return
-        self._service.forget_server_info()
-        if self._readiness is not None:
-            self._readiness.cancel()
-        self._readiness = asyncio.create_task(self._become_ready())
+        task = asyncio.create_task(self._set_health(SERVING if serving else NOT_SERVING))
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
+        if serving and self.ready_file:
+            Path(self.ready_file).touch()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for service in ("", SERVICE_NAME):
             await self._health.set(service, status)
 
 
-async def serve(config: FrontendConfig, scheduler_address: str, *, ready_file: str | None = None) -> None:
+async def serve(config: FrontendConfig, scheduler_addresses: Sequence[str], *, ready_file: str | None = None) -> None:
     """Runs the frontend until SIGTERM or SIGINT, then stops it gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    frontend = FrontendServer(config, scheduler_address, ready_file=ready_file)
+    frontend = FrontendServer(config, scheduler_addresses, ready_file=ready_file)
     port = await frontend.start()
     announce(log, f"frontend listening on {grpc_address(config.host, port)}", api="grpc", port=port)
     for name, api, http_port in (("OpenAI-compatible HTTP API", "http", frontend.http_port),

@@ -1,6 +1,8 @@
-"""Starts the worker, scheduler and frontend as three processes, supervises and stops them.
+"""Starts the frontend and each replica's scheduler and worker as processes, supervises and stops them.
 
-The processes talk over ipc:// sockets in a private runtime directory (mode 0700: only
+A replica is a scheduler with its worker; `--replicas N` starts N (one per GPU by default when
+there are several), each worker on its own GPU, all behind the one frontend, which routes
+between them (frontend/replicas.py). The processes talk over ipc:// sockets in a private runtime directory (mode 0700: only
 this user can open them). A process that dies after start-up is restarted: the worker
 alone (the scheduler fails its in-flight requests and re-registers every adapter with the
 new one), the scheduler together with the worker (a new scheduler cannot know the old
@@ -40,16 +42,49 @@ log = logging.getLogger("loraserve.launcher")
 
 
 @dataclass(frozen=True)
-class Addresses:
-    frontend: str  # the scheduler's socket for frontends
-    worker: str  # the scheduler's socket for the worker
+class Replica:
+    """One scheduler+worker pair: its processes' names, sockets and runtime files."""
 
-
-@dataclass(frozen=True)
-class RuntimeFiles:
-    ready: str  # the frontend creates it once it first serves
+    scheduler: str  # process names: "scheduler" and "worker" for the first, "scheduler-1", ... after
+    worker: str
+    frontend_address: str  # the scheduler's socket for frontends
+    worker_address: str  # the scheduler's socket for the worker
     worker_ready: str  # the worker creates it once its model is loaded
     registry: str  # the scheduler's adapters, for its successor after a crash
+    gpu: str | None = None  # CUDA_VISIBLE_DEVICES of its worker; None: the launcher's own
+
+
+def replicas_in(runtime_dir: Path, count: int, gpus: list[str]) -> list[Replica]:
+    """`count` replicas, each worker on its own GPU (round robin if there are fewer GPUs) when several."""
+    def named(kind: str, index: int) -> str:
+        return kind if index == 0 else f"{kind}-{index}"
+
+    return [Replica(scheduler=named("scheduler", i), worker=named("worker", i),
+                    frontend_address=f"ipc://{runtime_dir}/{named('frontend', i)}.sock",
+                    worker_address=f"ipc://{runtime_dir}/{named('worker', i)}.sock",
+                    worker_ready=str(runtime_dir / f"{named('worker', i)}.ready"),
+                    registry=str(runtime_dir / f"{named('adapters', i)}.json"),
+                    gpu=gpus[i % len(gpus)] if count > 1 and gpus else None)
+            for i in range(count)]
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use (CUDA_VISIBLE_DEVICES, else those nvidia-smi lists)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [device for device in visible.split(",") if device.strip()]
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(index) for index, line in enumerate(listed.splitlines()) if line.startswith("GPU ")]
+
+
+def replica_count(config: ServeConfig, gpus: list[str]) -> int:
+    """--replicas, or one per GPU when serving on CUDA with several."""
+    if config.deployment.replicas is not None:
+        return config.deployment.replicas
+    return len(gpus) if config.engine.device != "cpu" and len(gpus) > 1 else 1
 
 
 @dataclass(frozen=True)
@@ -61,30 +96,31 @@ class ProcessModules:
     frontend: tuple[str, ...] = ("frontend",)
 
 
-def process_commands(config: ServeConfig, addresses: Addresses, files: RuntimeFiles,
+def process_commands(config: ServeConfig, replicas: list[Replica], ready_file: str,
                      modules: ProcessModules = ProcessModules()) -> dict[str, list[str]]:
     """Each process's command line: its addresses and runtime files, then its part of `config` whole."""
     logging_flags = to_argv(config.logging)
-    worker = ["--scheduler-address", addresses.worker, "--ready-file", files.worker_ready, *to_argv(config.engine)]
-    scheduler = ["--frontend-address", addresses.frontend, "--worker-address", addresses.worker,
-                 *to_argv(replace(config.scheduler, registry_file=files.registry))]
     model_name = config.frontend.model_name or Path(config.engine.model_path).name
-    frontend = ["--scheduler-address", addresses.frontend, "--ready-file", files.ready,
-                *to_argv(replace(config.frontend, model_name=model_name))]
-    return {name: [sys.executable, "-m", *getattr(modules, name), *flags, *logging_flags]
-            for name, flags in (("scheduler", scheduler), ("worker", worker), ("frontend", frontend))}
+    flags = {"frontend": [*(word for r in replicas for word in ("--scheduler-address", r.frontend_address)),
+                          "--ready-file", ready_file, *to_argv(replace(config.frontend, model_name=model_name))]}
+    for replica in replicas:
+        flags[replica.scheduler] = ["--frontend-address", replica.frontend_address,
+                                    "--worker-address", replica.worker_address,
+                                    *to_argv(replace(config.scheduler, registry_file=replica.registry))]
+        flags[replica.worker] = ["--scheduler-address", replica.worker_address, "--ready-file", replica.worker_ready,
+                                 *to_argv(config.engine)]
+    return {name: [sys.executable, "-m", *getattr(modules, name.split("-")[0]), *words, *logging_flags]
+            for name, words in flags.items()}
 
 
 class Launcher:
     def __init__(self, config: ServeConfig, modules: ProcessModules = ProcessModules()) -> None:
         self.config = config
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="loraserve-"))  # mode 0700
-        self.addresses = Addresses(frontend=f"ipc://{self.runtime_dir}/frontend.sock",
-                                   worker=f"ipc://{self.runtime_dir}/worker.sock")
-        self.files = RuntimeFiles(ready=str(self.runtime_dir / "frontend.ready"),
-                                  worker_ready=str(self.runtime_dir / "worker.ready"),
-                                  registry=str(self.runtime_dir / "adapters.json"))
-        self.commands = process_commands(config, self.addresses, self.files, modules)
+        gpus = visible_gpus() if config.engine.device != "cpu" else []
+        self.replicas = replicas_in(self.runtime_dir, replica_count(config, gpus), gpus)
+        self.ready_file = str(self.runtime_dir / "frontend.ready")
+        self.commands = process_commands(config, self.replicas, self.ready_file, modules)
         self.processes: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, deque[float]] = {name: deque() for name in self.commands}
         self.stopping = False
@@ -94,12 +130,17 @@ class Launcher:
         return f"{self.config.frontend.host}:{self.config.frontend.port}"
 
     def start(self) -> None:
-        """The worker and the scheduler; the frontend follows once the model is loaded (`wait_until_serving`)."""
-        self._spawn("worker")
-        self._spawn("scheduler")
+        """Every replica's worker and scheduler; the frontend follows once the models are loaded
+        (`wait_until_serving`)."""
+        for replica in self.replicas:
+            self._spawn(replica.worker)
+            self._spawn(replica.scheduler)
 
     def _spawn(self, name: str) -> None:
         environment = os.environ | {PARENT_PID_VARIABLE: str(os.getpid())}
+        gpu = next((r.gpu for r in self.replicas if r.worker == name), None)
+        if gpu is not None:
+            environment["CUDA_VISIBLE_DEVICES"] = gpu
         # The child keeps its own copy of the log file's descriptor once started.
         log_file_path = self.config.deployment.log_file
         with open(log_file_path, "a") if log_file_path else nullcontext() as log_file:
@@ -108,15 +149,16 @@ class Launcher:
         log.debug("started %s (pid %d)", name, self.processes[name].pid)
 
     def wait_until_serving(self) -> None:
-        """Until the worker has loaded the model, then until the frontend first reports SERVING.
+        """Until every worker has loaded the model, then until the frontend first reports SERVING.
 
         The frontend starts only then, so that a model that cannot load never has an API announced
         for it. A death meanwhile is fatal.
         """
         deadline = time.monotonic() + self.config.deployment.startup_timeout_s
-        self._wait_for_file(self.files.worker_ready, deadline)
+        for replica in self.replicas:
+            self._wait_for_file(replica.worker_ready, deadline)
         self._spawn("frontend")
-        self._wait_for_file(self.files.ready, deadline)
+        self._wait_for_file(self.ready_file, deadline)
 
     def _wait_for_file(self, path: str, deadline: float) -> None:
         while time.monotonic() < deadline:
@@ -153,10 +195,11 @@ class Launcher:
             if process.poll() is None or self.stopping:
                 continue
             self._count_restart(name, process.returncode)
-            if name == "scheduler":
-                self._terminate([self.processes["worker"]])  # its state belongs to the dead scheduler
-                self._spawn("scheduler")
-                self._spawn("worker")
+            replica = next((r for r in self.replicas if r.scheduler == name), None)
+            if replica is not None:
+                self._terminate([self.processes[replica.worker]])  # its state belongs to the dead scheduler
+                self._spawn(replica.scheduler)
+                self._spawn(replica.worker)
             else:
                 self._spawn(name)
 
@@ -172,13 +215,12 @@ class Launcher:
         log.warning("the %s process exited with code %d; restarting it", name, returncode)
 
     def stop(self) -> None:
-        """The frontend first, so that its in-flight requests can finish; then the scheduler, then the worker.
+        """The frontend first, so that its in-flight requests can finish; then the schedulers, then the workers.
 
-        The scheduler before its worker: a worker that left first would read to the scheduler as a crash.
+        A scheduler before its worker: a worker that left first would read to the scheduler as a crash.
         """
-        for name in ("frontend", "scheduler", "worker"):
-            if name in self.processes:
-                self._terminate([self.processes[name]])
+        for names in (["frontend"], [r.scheduler for r in self.replicas], [r.worker for r in self.replicas]):
+            self._terminate([self.processes[name] for name in names if name in self.processes])
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def _terminate(self, processes: list[subprocess.Popen]) -> None:

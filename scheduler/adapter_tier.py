@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
-from scheduler.adapters import IN_HOST_CACHE, LEGAL_TRANSITIONS, Adapter, AdapterState, IllegalTransition
+from scheduler.adapters import IN_HOST_CACHE, LEGAL_TRANSITIONS, ON_GPU, Adapter, AdapterState, IllegalTransition
 from scheduler.metrics import SchedulerMetrics
 
 log = logging.getLogger("loraserve.scheduler")
@@ -62,6 +62,9 @@ class AdapterTier:
     def __init__(self, num_slots: int, host_capacity_bytes: int, max_host_entries: int, blocking_loads: bool,
                  metrics: SchedulerMetrics) -> None:
         self._adapters: dict[str, Adapter] = {}
+        # Those in IN_HOST_CACHE, kept by `_move`: the host cache is asked about per waiting request
+        # each step, and a scan of 1,000 registered adapters each time cost ~10 ms a step.
+        self._host: dict[str, Adapter] = {}
         self._slot_owner: list[str | None] = [None] * num_slots
         self.host_capacity_bytes = host_capacity_bytes
         self._max_host_entries = max_host_entries
@@ -78,6 +81,7 @@ class AdapterTier:
         adapter = Adapter(registered.name, path, registered.rank, registered.size_bytes,
                           tuple(registered.target_modules))
         self._adapters[adapter.name] = adapter
+        self._host.pop(adapter.name, None)
         return adapter
 
     def __contains__(self, name: str) -> bool:
@@ -96,6 +100,14 @@ class AdapterTier:
 
     def infos(self) -> list[serving_pb2.AdapterInfo]:
         return [adapter.info() for _, adapter in sorted(self._adapters.items())]
+
+    def residency(self) -> tuple[list[str], list[str]]:
+        """(adapters on the GPU or being copied there, adapters in host memory or being read into it);
+        adapters being unloaded take no new requests and are in neither."""
+        serving = [a for a in self._adapters.values() if not a.unloading]
+        on_gpu = sorted(a.name for a in serving if a.state in ON_GPU)
+        in_host = sorted(a.name for a in serving if a.state in IN_HOST_CACHE and a.state not in ON_GPU)
+        return on_gpu, in_host
 
     @property
     def registered_count(self) -> int:
@@ -174,16 +186,17 @@ class AdapterTier:
 
     def host_has_room(self, adapter: Adapter) -> bool:
         entries = self._host_entries()
-        return (len(entries) < self._max_host_entries
-                and self.host_bytes + adapter.host_bytes <= self.host_capacity_bytes)
+        return self._host_fits(adapter, len(entries), sum(a.host_bytes for a in entries))
+
+    def _host_fits(self, adapter: Adapter, entries: int, used_bytes: int) -> bool:
+        return entries < self._max_host_entries and used_bytes + adapter.host_bytes <= self.host_capacity_bytes
 
     def _host_entries(self) -> list[Adapter]:
-        return [a for a in self._adapters.values() if a.state in IN_HOST_CACHE]
+        return list(self._host.values())
 
     def _host_victim(self, keep: str) -> Adapter | None:
         """The least recently used adapter in host memory that no slot, load or request needs."""
-        idle = [a for a in self._adapters.values()
-                if a.state is AdapterState.HOST and a.waiting == 0 and a.name != keep]
+        idle = [a for a in self._host.values() if a.state is AdapterState.HOST and a.waiting == 0 and a.name != keep]
         return min(idle, key=lambda a: a.last_used, default=None)
 
     def _make_host_room(self, adapter: Adapter) -> bool:
@@ -215,13 +228,23 @@ class AdapterTier:
         return LoadStart.STARTED
 
     def prefetch(self) -> None:
-        """Fills never-used capacity ahead of demand: host memory first, then free slots."""
-        for adapter in list(self._adapters.values()):
-            if adapter.unloading:
-                continue
-            if adapter.state is AdapterState.ON_DISK and self.host_has_room(adapter):
+        """Fills never-used capacity ahead of demand: host memory first, then free slots.
+
+        It runs every step, so it counts the host cache once and as it fills (asking
+        `host_has_room` per adapter cost 139 ms a step with 1,000 adapters registered)."""
+        entries = self._host_entries()
+        count, used = len(entries), sum(a.host_bytes for a in entries)
+        for adapter in self._adapters.values():
+            if count >= self._max_host_entries:
+                break
+            if (adapter.state is AdapterState.ON_DISK and not adapter.unloading
+                    and self._host_fits(adapter, count, used)):
                 self._stage(adapter)
-            if adapter.state is AdapterState.HOST and self.free_slot() is not None:
+                count, used = count + 1, used + adapter.host_bytes
+        for adapter in entries:
+            if adapter.state is AdapterState.HOST and not adapter.unloading:
+                if self.free_slot() is None:
+                    break
                 self.start_loading(adapter)
 
     def _claim_slot(self) -> int | None:
@@ -323,6 +346,7 @@ class AdapterTier:
                 self._slot_owner[adapter.slot] = None
             self._commands.append(pb.WorkerCommand(unregister_adapter=pb.UnregisterAdapter(name=name)))
             del self._adapters[name]
+            self._host.pop(name, None)
             del self._unloads[name]
             for callback in unload.on_done:
                 callback()
@@ -340,6 +364,10 @@ class AdapterTier:
         if state not in LEGAL_TRANSITIONS[adapter.state]:
             raise IllegalTransition(adapter.name, adapter.state, state)
         adapter.state = state
+        if state in IN_HOST_CACHE:
+            self._host[adapter.name] = adapter
+        else:
+            self._host.pop(adapter.name, None)
 
     def take_commands(self) -> list[pb.WorkerCommand]:
         commands, self._commands = self._commands, []

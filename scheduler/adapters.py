@@ -30,6 +30,7 @@ class AdapterState(enum.Enum):
 
 
 IN_HOST_CACHE = (AdapterState.STAGING, AdapterState.HOST, AdapterState.LOADING, AdapterState.RESIDENT)
+ON_GPU = (AdapterState.LOADING, AdapterState.RESIDENT)
 
 LEGAL_TRANSITIONS: dict[AdapterState, frozenset[AdapterState]] = {
     AdapterState.ON_DISK: frozenset({AdapterState.STAGING}),

@@ -366,6 +366,12 @@ class SchedulerCore:
         """Every registered adapter, unloading ones included, by name."""
         return self._tier.infos()
 
+    def replica_state(self) -> pb.ReplicaState:
+        """What the frontends' routers need: where adapters are, and how many requests are here."""
+        on_gpu, in_host = self._tier.residency()
+        return pb.ReplicaState(gpu_adapters=on_gpu, host_adapters=in_host,
+                               requests=len(self.waiting) + len(self.running))
+
     def slot_owners(self) -> list[str | None]:
         """The adapter assigned to each GPU slot (loading or resident), None for a free slot."""
         return self._tier.slot_owners()

@@ -295,6 +295,8 @@ class SchedulerService:
             reply(pb.AdminResponse(server_info=self._server_info()))
         elif command == "stats":
             reply(pb.AdminResponse(stats=self.core.stats()))
+        elif command == "replica_state":
+            reply(pb.AdminResponse(replica_state=self.core.replica_state()))
         elif command == "metrics":
             reply(pb.AdminResponse(metrics=self.core.metrics_snapshot()))
         elif command == "list_adapters":

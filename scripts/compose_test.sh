@@ -5,9 +5,10 @@
 #     every container uses the host's network and talks on 127.0.0.1 only);
 #  3. imports a Debian base image made by debootstrap, builds the project image from a
 #     local wheelhouse with the network off, builds the demo model and adapters with it;
-#  4. `docker-compose up -d` (CPU: the base file alone), waits for health, runs
-#     tests/compose (generation with two adapters, LoadAdapter of a third, streaming, a
-#     killed worker and the recovery), then `docker-compose down` and stops dockerd.
+#  4. `docker-compose up -d` (CPU: the base file alone: two replicas, each a scheduler and
+#     a worker, behind one frontend), waits for health, runs tests/compose (generation with
+#     two adapters, LoadAdapter of a third, streaming, one replica's worker killed under
+#     traffic and its recovery), then `docker-compose down` and stops dockerd.
 # Containers, dockerd and temporary files are removed on exit (trap). Cached between runs
 # in $LORASERVE_CI_CACHE (default /var/cache/loraserve-ci), each rebuilt when absent: the
 # debootstrap tarball, the wheelhouse, and dockerd's data root (so the image's dependency
@@ -171,8 +172,10 @@ main() {
     export LORASERVE_LORA_PATHS="demo-qv=/adapters/demo-qv demo-all=/adapters/demo-all"
     export LORASERVE_DEVICE=cpu LORASERVE_DTYPE=float32 LORASERVE_NUM_KV_PAGES=512
     export LORASERVE_HOST_CACHE_BYTES=$((64 << 20)) LORASERVE_MAX_LORA_RANK=16
-    read -r LORASERVE_PORT LORASERVE_SCHEDULER_PORT LORASERVE_WORKER_PORT < <(free_ports 3)
-    export LORASERVE_PORT LORASERVE_SCHEDULER_PORT LORASERVE_WORKER_PORT LORASERVE_MODEL_NAME=demo
+    read -r LORASERVE_PORT LORASERVE_SCHEDULER_PORT LORASERVE_WORKER_PORT LORASERVE_SCHEDULER_PORT_2 \
+        LORASERVE_WORKER_PORT_2 < <(free_ports 5)
+    export LORASERVE_PORT LORASERVE_SCHEDULER_PORT LORASERVE_WORKER_PORT LORASERVE_SCHEDULER_PORT_2 \
+        LORASERVE_WORKER_PORT_2 LORASERVE_MODEL_NAME=demo
     log "docker-compose up"
     compose up --detach --no-build
     wait_healthy frontend 300

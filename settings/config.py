@@ -118,6 +118,21 @@ class FrontendConfig:
     tls_key: str | None = setting(None, default_text="none", help="PEM private key of `--tls-cert`")
     tls_client_ca: str | None = setting(
         None, default_text="none", help="PEM CA: mutual TLS, clients need a certificate it signed")
+    replica_addresses: tuple[str, ...] = setting(
+        (), flag="--replica-address", default_text="none",
+        help="schedulers of replicas started elsewhere (`tcp://HOST:PORT ...`), served besides the local ones")
+    replica_state_interval_s: float = setting(
+        0.05, minimum=0.001, help="how often each replica is asked which adapters it holds and its load, for routing")
+    routing_load_bound: float = setting(
+        1.25, minimum=1, help="a replica holds at most this times its fair share of the requests in flight "
+                              "before an adapter's requests go elsewhere (bounded-load hashing; docs/routing.md)")
+    routing_min_bound: int = setting(
+        16, minimum=1, help="... and it may always hold this many, however light the load")
+    routing_requests_per_replica: int = setting(
+        8, minimum=1, help="an adapter with more requests in flight than this per replica holding it spreads to "
+                           "one more replica")
+    routing_spread_interval_s: float = setting(
+        1.0, minimum=0, help="at most one more replica per adapter this often")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -228,6 +243,9 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class DeploymentConfig:
+    replicas: int | None = setting(
+        None, minimum=1, default_text="one per GPU (1 on CPU or one GPU)",
+        help="scheduler+worker pairs on this host, each worker on its own GPU when there are enough")
     log_file: str | None = setting(None, default_text="stderr", help="append the three processes' logs to this file")
     startup_timeout_s: float = setting(300.0, minimum=0, help="how long start-up may take before giving up")
     max_restarts: int = setting(

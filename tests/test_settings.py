@@ -40,13 +40,15 @@ NON_DEFAULTS = {
     "load_adapter_timeout_s": 60.0, "readiness_retry_s": 0.05, "readiness_probe_timeout_s": 0.5,
     "stop_ack_timeout_s": 2.0, "metrics_timeout_s": 0.1, "liveness_silence_s": 0.3, "liveness_ping_timeout_s": 0.2,
     "liveness_check_interval_s": 0.05, "auth_token_file": "/a", "admin_token_file": "/b", "tls_cert": "/c",
-    "tls_key": "/k", "tls_client_ca": "/ca",
+    "tls_key": "/k", "tls_client_ca": "/ca", "replica_addresses": ("tcp://10.0.0.2:5555",),
+    "replica_state_interval_s": 0.02, "routing_load_bound": 1.5, "routing_min_bound": 4,
+    "routing_requests_per_replica": 3, "routing_spread_interval_s": 0.5,
     "initial_adapters": {"a": "/x", "b": "/y=z"}, "overlap_loading": False, "pipelined_loads": True,
     "pause_tokens_ratio": math.inf, "max_pauses_per_request": 0, "max_forwards_in_flight": 1, "prefetch": False,
     "max_batch_tokens": 64, "max_running_requests": 4, "max_queued_requests": 0, "max_draining_slots": 2,
     "drain_after_s": 0.0, "adapter_root": "/adapters", "registry_file": "/r.json",
     "log_level": "debug", "log_format": "json",
-    "log_file": "/l.log", "startup_timeout_s": 10.0, "max_restarts": 0, "restart_window_s": 1.0,
+    "replicas": 2, "log_file": "/l.log", "startup_timeout_s": 10.0, "max_restarts": 0, "restart_window_s": 1.0,
 }
 ALL_FIELDS = [(part, field) for part in PARTS.values() for field in dataclasses.fields(part)]
 

@@ -52,6 +52,7 @@ class FakeScheduler:
         self.ready = True  # False: answers like a scheduler still waiting for its worker
         self.silent = False  # True: receives everything, answers nothing (a hung scheduler)
         self.queue_full = False
+        self.refused_loads = False  # True: LoadAdapter is refused (INVALID_ARGUMENT), as a worker that cannot serve it
         self.adapters: dict[str, serving_pb2.AdapterInfo] = {}
         self.trace_events: list[dict] = []  # GetTimeline's Chrome trace
         self.submits: list[pb.SubmitRequest] = []
@@ -187,6 +188,9 @@ class FakeScheduler:
         elif command == "stats":
             response.stats.CopyFrom(serving_pb2.ServerStats(running_requests=len(self._generations),
                                                             requests_aborted=len(self.aborts)))
+        elif command == "replica_state":
+            on_gpu = [name for name, info in self.adapters.items() if info.state == serving_pb2.ADAPTER_STATE_RESIDENT]
+            response.replica_state.CopyFrom(pb.ReplicaState(gpu_adapters=on_gpu, requests=len(self._generations)))
         elif command == "timeline":
             response.timeline.chrome_trace_json = json.dumps({"traceEvents": self.trace_events})
         elif command == "list_adapters":
@@ -202,7 +206,9 @@ class FakeScheduler:
         return response
 
     def _load(self, request: serving_pb2.LoadAdapterRequest, response: pb.AdminResponse) -> None:
-        if request.name in self.adapters:
+        if self.refused_loads:
+            response.error.CopyFrom(pb.Error(code=pb.INVALID_ARGUMENT, message="this replica refuses every adapter"))
+        elif request.name in self.adapters:
             response.error.CopyFrom(pb.Error(code=pb.ALREADY_EXISTS, message=f"adapter {request.name!r} is already loaded"))
         elif not request.path.startswith("/adapters/"):
             response.error.CopyFrom(pb.Error(code=pb.NOT_FOUND, message=f"no adapter at {request.path}"))

@@ -13,12 +13,17 @@ import pytest
 from frontend.errors import ServiceError, StatusCode
 from frontend.generation_service import GenerationService, ServiceSettings
 from frontend.metrics import FrontendMetrics
-from frontend.scheduler_link import SchedulerLink, SchedulerUnavailable
+from frontend.replicas import ReplicaSet, ReplicaSettings
+from frontend.routing import RoutingConfig
+from frontend.scheduler_link import LivenessConfig, SchedulerUnavailable
 from protos.loraserve.v1 import serving_pb2
 from tests.frontend.fake_scheduler import FakeScheduler
 
 SETTINGS = ServiceSettings(model_name="fake-model", admin_timeout_s=5.0, load_adapter_timeout_s=5.0,
                            stop_ack_timeout_s=1.0, metrics_timeout_s=1.0)
+REPLICA_SETTINGS = ReplicaSettings(LivenessConfig(), RoutingConfig(), state_interval_s=0.05,
+                                   readiness_probe_timeout_s=1.0, readiness_retry_s=0.02, admin_timeout_s=5.0,
+                                   load_adapter_timeout_s=5.0)
 T = TypeVar("T")
 
 
@@ -32,12 +37,12 @@ def with_service(fake: FakeScheduler, use: Callable[[GenerationService], Awaitab
     """Runs `use` with a service (no tokenizer) linked to the fake, on an event loop of its own."""
 
     async def run() -> T:
-        link = SchedulerLink(fake.address)
-        await link.start()
+        replicas = ReplicaSet([fake.address], REPLICA_SETTINGS)
+        await replicas.start()
         try:
-            return await use(GenerationService(link, None, SETTINGS, FrontendMetrics()))
+            return await use(GenerationService(replicas, None, SETTINGS, FrontendMetrics()))
         finally:
-            await link.close()
+            await replicas.close()
 
     return asyncio.run(run())
 
@@ -75,7 +80,7 @@ def test_requests_wait_for_server_info_then_stream_with_an_id(fake: FakeSchedule
         with pytest.raises(ServiceError) as refused:
             await generate(service, input_ids=[1, 2])
         info = await until_ready(service)
-        assert info.model == "fake-model" and service.server_info is info
+        assert info.model == "fake-model" and service.server_info == info
         return refused.value, await generate(service, input_ids=[1, 2])
 
     not_ready, chunks = with_service(fake, use)

@@ -238,9 +238,9 @@ def test_a_client_that_leaves_mid_stream_aborts_its_request(api, frontend, fake)
 
 def test_scrapes_go_on_while_the_scheduler_does_not_answer(api, frontend, fake):
     api.completions.create(model="fake-model", prompt="Hi", max_tokens=2)
-    assert scrape(frontend)["loraserve_scheduler_up[]"] == 1
+    assert scrape(frontend)["loraserve_scheduler_up[('replica', '0')]"] == 1
     fake.ready = False
     samples = scrape(frontend)
-    assert samples["loraserve_scheduler_up[]"] == 0
+    assert samples["loraserve_scheduler_up[('replica', '0')]"] == 0
     assert samples["loraserve_requests_total[('adapter', ''), ('outcome', 'length')]"] >= 1
-    assert "loraserve_requests_running[]" not in samples
+    assert "loraserve_requests_running[('replica', '0')]" not in samples

@@ -117,7 +117,7 @@ def test_malformed_internal_messages_are_dropped(hostile_server, oracle, referen
     garbage = [[b"\xff\xff\xff"], [b""], [b"a", b"b", b"c"], [pb.FrontendMessage().SerializeToString()],
                [os.urandom(4096)]]
     try:
-        for address in (launcher.addresses.frontend, launcher.addresses.worker):
+        for address in (launcher.replicas[0].frontend_address, launcher.replicas[0].worker_address):
             peer = context.socket(zmq.DEALER)
             peer.setsockopt(zmq.LINGER, 0)
             peer.connect(address)

@@ -54,9 +54,16 @@ def accumulated(url: str, client: LoraServeClient) -> dict[str, float]:
     figures = {f"metrics {name}{dict(labels)}": value for (name, labels), value in samples.items()
                if name not in STATE_GAUGES}
     stats = client.stats()
-    figures |= {f"stats {field.name}": getattr(stats, field.name) for field in serving_pb2.ServerStats.DESCRIPTOR.fields
-                if field.name not in STATE_STATS}
+    figures |= counted_stats("stats", stats)
+    for replica in stats.replicas:
+        figures |= counted_stats(f"stats of replica {replica.replica}", replica.stats)
     return figures
+
+
+def counted_stats(prefix: str, stats: serving_pb2.ServerStats) -> dict[str, float]:
+    """The counters of one GetStats answer (its per-replica list is flattened by the caller)."""
+    return {f"{prefix} {field.name}": getattr(stats, field.name) for field in serving_pb2.ServerStats.DESCRIPTOR.fields
+            if field.name not in STATE_STATS and field.name != "replicas"}
 
 
 def settled(client: LoraServeClient) -> bool:
@@ -92,7 +99,7 @@ def test_nothing_accumulates_while_idle_and_a_request_adds_only_its_own_step_tim
     client.generate(input_ids=[9, 10, 11], max_new_tokens=2, ignore_eos=True)
     request_s = time.perf_counter() - sent
     after = accumulated(url, client)
-    for source in ("metrics loraserve_scheduler_step_seconds_total{}", "stats scheduler_step_seconds"):
+    for source in ("metrics loraserve_scheduler_step_seconds_total{'replica': '0'}", "stats scheduler_step_seconds"):
         step_s = after[source] - before[source]
         assert 0 < step_s < request_s, f"{source} grew {step_s:.3f} s for a request of {request_s:.3f} s"
     assert after["stats forward_steps"] > before["stats forward_steps"]
@@ -100,6 +107,6 @@ def test_nothing_accumulates_while_idle_and_a_request_adds_only_its_own_step_tim
     # in flight, so their sum may exceed the request's duration; they are counted from launch).
     times = [name for name in after if "seconds" in name and "worker_forward" not in name
              and not any(part in name for part in ("_bucket", "_count", CREATION_TIME_SUFFIX))]
-    assert len(times) == 9, times  # five frontend histograms, two load histograms, the step time twice
+    assert len(times) == 10, times  # five frontend histograms, two load histograms, the step time three times (metrics, total, replica)
     for name in times:
         assert after[name] - before[name] <= request_s, f"{name} grew more than the request took"

@@ -378,7 +378,9 @@ def test_host_cache_stays_within_its_entry_bound():
     for i, adapter in enumerate("abcdefgabc"):
         submit(worker, f"r{i}", adapter, max_new_tokens=2)
         worker.step()
-        assert sum(info.state in HOST_CACHE_STATES for info in worker.core.adapter_infos()) <= 4
+        cached = {info.name for info in worker.core.adapter_infos() if info.state in HOST_CACHE_STATES}
+        state = worker.core.replica_state()
+        assert len(cached) <= 4 and set(state.gpu_adapters) | set(state.host_adapters) == cached
     worker.run_until_idle()
     assert any(c.WhichOneof("kind") == "evict_host" for c in worker.log)
     assert len(finished(worker)) == 10

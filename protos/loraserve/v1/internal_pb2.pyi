@@ -66,7 +66,7 @@ class AbortRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class AdminRequest(_message.Message):
-    __slots__ = ("correlation_id", "load_adapter", "unload_adapter", "list_adapters", "server_info", "stats", "timeline", "metrics")
+    __slots__ = ("correlation_id", "load_adapter", "unload_adapter", "list_adapters", "server_info", "stats", "timeline", "metrics", "replica_state")
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     UNLOAD_ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class AdminRequest(_message.Message):
     STATS_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_STATE_FIELD_NUMBER: _ClassVar[int]
     correlation_id: int
     load_adapter: _serving_pb2.LoadAdapterRequest
     unload_adapter: _serving_pb2.UnloadAdapterRequest
@@ -83,7 +84,22 @@ class AdminRequest(_message.Message):
     stats: _serving_pb2.GetStatsRequest
     timeline: _serving_pb2.GetTimelineRequest
     metrics: MetricsRequest
-    def __init__(self, correlation_id: _Optional[int] = ..., load_adapter: _Optional[_Union[_serving_pb2.LoadAdapterRequest, _Mapping]] = ..., unload_adapter: _Optional[_Union[_serving_pb2.UnloadAdapterRequest, _Mapping]] = ..., list_adapters: _Optional[_Union[_serving_pb2.ListAdaptersRequest, _Mapping]] = ..., server_info: _Optional[_Union[_serving_pb2.GetServerInfoRequest, _Mapping]] = ..., stats: _Optional[_Union[_serving_pb2.GetStatsRequest, _Mapping]] = ..., timeline: _Optional[_Union[_serving_pb2.GetTimelineRequest, _Mapping]] = ..., metrics: _Optional[_Union[MetricsRequest, _Mapping]] = ...) -> None: ...
+    replica_state: ReplicaStateRequest
+    def __init__(self, correlation_id: _Optional[int] = ..., load_adapter: _Optional[_Union[_serving_pb2.LoadAdapterRequest, _Mapping]] = ..., unload_adapter: _Optional[_Union[_serving_pb2.UnloadAdapterRequest, _Mapping]] = ..., list_adapters: _Optional[_Union[_serving_pb2.ListAdaptersRequest, _Mapping]] = ..., server_info: _Optional[_Union[_serving_pb2.GetServerInfoRequest, _Mapping]] = ..., stats: _Optional[_Union[_serving_pb2.GetStatsRequest, _Mapping]] = ..., timeline: _Optional[_Union[_serving_pb2.GetTimelineRequest, _Mapping]] = ..., metrics: _Optional[_Union[MetricsRequest, _Mapping]] = ..., replica_state: _Optional[_Union[ReplicaStateRequest, _Mapping]] = ...) -> None: ...
+
+class ReplicaStateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReplicaState(_message.Message):
+    __slots__ = ("gpu_adapters", "host_adapters", "requests")
+    GPU_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    HOST_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    gpu_adapters: _containers.RepeatedScalarFieldContainer[str]
+    host_adapters: _containers.RepeatedScalarFieldContainer[str]
+    requests: int
+    def __init__(self, gpu_adapters: _Optional[_Iterable[str]] = ..., host_adapters: _Optional[_Iterable[str]] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class MetricsRequest(_message.Message):
     __slots__ = ()
@@ -162,7 +178,7 @@ class RequestOutput(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., timing: _Optional[_Union[_serving_pb2.Timing, _Mapping]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class AdminResponse(_message.Message):
-    __slots__ = ("correlation_id", "error", "load_adapter", "unload_adapter", "list_adapters", "server_info", "stats", "timeline", "metrics")
+    __slots__ = ("correlation_id", "error", "load_adapter", "unload_adapter", "list_adapters", "server_info", "stats", "timeline", "metrics", "replica_state")
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     LOAD_ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +188,7 @@ class AdminResponse(_message.Message):
     STATS_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_STATE_FIELD_NUMBER: _ClassVar[int]
     correlation_id: int
     error: Error
     load_adapter: _serving_pb2.LoadAdapterResponse
@@ -181,7 +198,8 @@ class AdminResponse(_message.Message):
     stats: _serving_pb2.ServerStats
     timeline: _serving_pb2.Timeline
     metrics: MetricsSnapshot
-    def __init__(self, correlation_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., load_adapter: _Optional[_Union[_serving_pb2.LoadAdapterResponse, _Mapping]] = ..., unload_adapter: _Optional[_Union[_serving_pb2.UnloadAdapterResponse, _Mapping]] = ..., list_adapters: _Optional[_Union[_serving_pb2.ListAdaptersResponse, _Mapping]] = ..., server_info: _Optional[_Union[_serving_pb2.ServerInfo, _Mapping]] = ..., stats: _Optional[_Union[_serving_pb2.ServerStats, _Mapping]] = ..., timeline: _Optional[_Union[_serving_pb2.Timeline, _Mapping]] = ..., metrics: _Optional[_Union[MetricsSnapshot, _Mapping]] = ...) -> None: ...
+    replica_state: ReplicaState
+    def __init__(self, correlation_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., load_adapter: _Optional[_Union[_serving_pb2.LoadAdapterResponse, _Mapping]] = ..., unload_adapter: _Optional[_Union[_serving_pb2.UnloadAdapterResponse, _Mapping]] = ..., list_adapters: _Optional[_Union[_serving_pb2.ListAdaptersResponse, _Mapping]] = ..., server_info: _Optional[_Union[_serving_pb2.ServerInfo, _Mapping]] = ..., stats: _Optional[_Union[_serving_pb2.ServerStats, _Mapping]] = ..., timeline: _Optional[_Union[_serving_pb2.Timeline, _Mapping]] = ..., metrics: _Optional[_Union[MetricsSnapshot, _Mapping]] = ..., replica_state: _Optional[_Union[ReplicaState, _Mapping]] = ...) -> None: ...
 
 class WorkerCommand(_message.Message):
     __slots__ = ("command_id", "register_adapter", "unregister_adapter", "stage_adapter", "evict_host", "load_slot", "evict_slot", "forward", "export_timeline")

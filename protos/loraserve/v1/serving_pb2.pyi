@@ -119,7 +119,7 @@ class GenerateStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "path", "rank", "size_bytes", "state", "target_modules", "slot", "active_requests")
+    __slots__ = ("name", "path", "rank", "size_bytes", "state", "target_modules", "slot", "active_requests", "replicas")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class AdapterInfo(_message.Message):
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     rank: int
@@ -136,7 +137,20 @@ class AdapterInfo(_message.Message):
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     slot: int
     active_requests: int
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., state: _Optional[_Union[AdapterState, str]] = ..., target_modules: _Optional[_Iterable[str]] = ..., slot: _Optional[int] = ..., active_requests: _Optional[int] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[AdapterPlacement]
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., state: _Optional[_Union[AdapterState, str]] = ..., target_modules: _Optional[_Iterable[str]] = ..., slot: _Optional[int] = ..., active_requests: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[AdapterPlacement, _Mapping]]] = ...) -> None: ...
+
+class AdapterPlacement(_message.Message):
+    __slots__ = ("replica", "state", "slot", "active_requests")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    state: AdapterState
+    slot: int
+    active_requests: int
+    def __init__(self, replica: _Optional[str] = ..., state: _Optional[_Union[AdapterState, str]] = ..., slot: _Optional[int] = ..., active_requests: _Optional[int] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("name", "path")
@@ -191,7 +205,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model", "architecture", "dtype", "device", "max_context_length", "vocab_size", "max_loras_per_batch", "max_loaded_loras", "max_lora_rank", "overlap_loading", "num_kv_pages", "page_size", "max_queued_requests", "version", "adapter_root")
+    __slots__ = ("model", "architecture", "dtype", "device", "max_context_length", "vocab_size", "max_loras_per_batch", "max_loaded_loras", "max_lora_rank", "overlap_loading", "num_kv_pages", "page_size", "max_queued_requests", "version", "adapter_root", "replicas")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +221,7 @@ class ServerInfo(_message.Message):
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ROOT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     dtype: str
@@ -222,14 +237,15 @@ class ServerInfo(_message.Message):
     max_queued_requests: int
     version: str
     adapter_root: str
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_loras_per_batch: _Optional[int] = ..., max_loaded_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., overlap_loading: _Optional[bool] = ..., num_kv_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., version: _Optional[str] = ..., adapter_root: _Optional[str] = ...) -> None: ...
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_loras_per_batch: _Optional[int] = ..., max_loaded_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., overlap_loading: _Optional[bool] = ..., num_kv_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., version: _Optional[str] = ..., adapter_root: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("waiting_requests", "running_requests", "kv_pages_used", "kv_pages_total", "slot_references", "slots_used", "host_cache_bytes", "requests_finished", "requests_aborted", "forward_steps", "loads_started", "loads_finished", "worker_forward_seconds", "scheduler_step_seconds", "requests_paused")
+    __slots__ = ("waiting_requests", "running_requests", "kv_pages_used", "kv_pages_total", "slot_references", "slots_used", "host_cache_bytes", "requests_finished", "requests_aborted", "forward_steps", "loads_started", "loads_finished", "worker_forward_seconds", "scheduler_step_seconds", "requests_paused", "replicas")
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_USED_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +261,7 @@ class ServerStats(_message.Message):
     WORKER_FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_PAUSED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     waiting_requests: int
     running_requests: int
     kv_pages_used: int
@@ -260,7 +277,16 @@ class ServerStats(_message.Message):
     worker_forward_seconds: float
     scheduler_step_seconds: float
     requests_paused: int
-    def __init__(self, waiting_requests: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., slot_references: _Optional[int] = ..., slots_used: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., forward_steps: _Optional[int] = ..., loads_started: _Optional[int] = ..., loads_finished: _Optional[int] = ..., worker_forward_seconds: _Optional[float] = ..., scheduler_step_seconds: _Optional[float] = ..., requests_paused: _Optional[int] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStats]
+    def __init__(self, waiting_requests: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., slot_references: _Optional[int] = ..., slots_used: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., forward_steps: _Optional[int] = ..., loads_started: _Optional[int] = ..., loads_finished: _Optional[int] = ..., worker_forward_seconds: _Optional[float] = ..., scheduler_step_seconds: _Optional[float] = ..., requests_paused: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ...) -> None: ...
+
+class ReplicaStats(_message.Message):
+    __slots__ = ("replica", "stats")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    stats: ServerStats
+    def __init__(self, replica: _Optional[str] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ...) -> None: ...
 
 class GetTimelineRequest(_message.Message):
     __slots__ = ()

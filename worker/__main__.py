@@ -74,8 +74,7 @@ def start_group(argv: list[str], args: argparse.Namespace) -> tuple[Followers | 
     if size == 1:
         return None, TensorParallel()
     followers = Followers(_without_ready_file(argv), size)
-    followers.tp = join(GroupSpec(size, 0, followers.rendezvous, args.engine.tp_timeout_s), args.engine.device)
-    return followers, followers.tp
+    return followers, join(GroupSpec(size, 0, followers.rendezvous, args.engine.tp_timeout_s), args.engine.device)
 
 
 def follower(args: argparse.Namespace, build_engine: Callable[..., Engine]) -> None:
@@ -89,9 +88,8 @@ def follower(args: argparse.Namespace, build_engine: Callable[..., Engine]) -> N
         engine = build_engine(args.engine, tp)
     except (ModelLoadError, OSError):  # rank 0 meets the same error and reports it
         sys.exit(1)
-    on_termination(lambda: sys.exit(0))
-    try:
-        follow(engine)
+    try:  # SIGTERM's default action ends a follower even inside a collective
+        follow(engine, args.tp_rendezvous)
     except GroupFailure as failure:
         logging.getLogger("loraserve.worker").error("%s", failure)
         sys.exit(1)
@@ -111,6 +109,7 @@ def serve(args: argparse.Namespace, engine: Engine, followers: Followers | None)
         service.run()
     except GroupFailure as failure:  # the launcher starts the group again
         logging.getLogger("loraserve.worker").error("the tensor-parallel group goes down: %s", failure)
+        followers.kill()
         service.close()
         sys.exit(1)
 

@@ -3,16 +3,18 @@
 Rank 0 is the worker the scheduler knows: it starts the other ranks (children that die with
 it), receives every command, and relays it to them before running it, so that every rank runs
 the same engine calls in the same order and their collectives meet. Commands travel as the
-scheduler's protobuf bytes over a gloo group (never a pickle); a forward's collectives use
-NCCL on CUDA and gloo on CPU, with a timeout, so that a hung or dead rank takes the group
-down (`GroupFailure`) instead of hanging it. The launcher then starts the group again.
+scheduler's protobuf bytes (never a pickle) on ZeroMQ PUSH sockets over `ipc://`: a send never
+waits for a rank, and a rank may idle on its socket for as long as the worker idles. Every
+collective (a forward's: NCCL on CUDA, gloo on CPU; the load agreement's: gloo) has a timeout,
+so a hung or dead rank takes the group down (`GroupFailure`) instead of hanging it; the launcher
+then starts the group again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import zmq
 
 from protos.loraserve.v1 import internal_pb2 as pb
 from settings.process import PARENT_PID_VARIABLE, TP_RANK_FLAG, TP_RENDEZVOUS_FLAG
@@ -31,8 +34,6 @@ from worker.tensor_parallel import GroupFailure, TensorParallel
 
 log = logging.getLogger("loraserve.worker")
 COMMAND, POLL, STOP = b"C", b"P", b"S"
-# Followers wait on the control group for their next command however long the worker idles.
-CONTROL_TIMEOUT = timedelta(days=365)
 FOLLOWER_EXIT_S = 10.0
 
 
@@ -60,7 +61,7 @@ def join(spec: GroupSpec, device: str) -> TensorParallel:
     store = dist.FileStore(spec.rendezvous, spec.size)
     dist.init_process_group("nccl" if on_cuda else "gloo", store=store, rank=spec.rank, world_size=spec.size,
                             timeout=timedelta(seconds=spec.timeout_s))
-    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=spec.timeout_s))
     # Every rank samples the same tokens from the same gathered logits: same generator state.
     torch.manual_seed(0)
     return TensorParallel(spec.rank, spec.size, group=dist.group.WORLD, control=control)
@@ -73,11 +74,18 @@ class Followers:
         self.directory = tempfile.mkdtemp(prefix="loraserve-tp-")
         self.rendezvous = str(Path(self.directory) / "rendezvous")
         environment = {**os.environ, PARENT_PID_VARIABLE: str(os.getpid())}
+        self.context = zmq.Context.instance()
+        self.sockets = []
+        for rank in range(1, size):  # bound before the rank starts: what is sent meanwhile waits for it
+            socket = self.context.socket(zmq.PUSH)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.SNDHWM, 0)
+            socket.bind(command_address(self.directory, rank))
+            self.sockets.append(socket)
         self.processes = [
             subprocess.Popen([sys.executable, "-m", "worker", *argv, TP_RANK_FLAG, str(rank),
                               TP_RENDEZVOUS_FLAG, self.rendezvous], env=environment)
             for rank in range(1, size)]
-        self.tp: TensorParallel | None = None
 
     def relay_command(self, command: bytes) -> None:
         """Before rank 0 runs a command (the scheduler's bytes), every other rank gets it."""
@@ -89,7 +97,8 @@ class Followers:
 
     def _relay(self, message: bytes) -> None:
         self.check()
-        self.tp.broadcast_bytes(message)
+        for socket in self.sockets:
+            socket.send(message)
 
     def check(self) -> None:
         """Raises `GroupFailure` if a rank has exited."""
@@ -100,30 +109,41 @@ class Followers:
 
     def stop(self) -> None:
         """Asks the ranks to leave; kills those that do not (a hung one, a stopped one)."""
-        try:
-            if self.tp is not None and all(p.poll() is None for p in self.processes):
-                self.tp.broadcast_bytes(STOP)
-        except GroupFailure:
-            pass
+        for socket in self.sockets:
+            socket.send(STOP)
         for process in self.processes:
             try:
                 process.wait(timeout=FOLLOWER_EXIT_S)
             except subprocess.TimeoutExpired:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-        for path in Path(self.directory).iterdir():
-            path.unlink()
-        os.rmdir(self.directory)
+                process.kill()
+        self.kill()
+
+    def kill(self) -> None:
+        """Ends every rank at once (the group failed: a collective may never return) and cleans up."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        for socket in self.sockets:
+            socket.close(linger=0)
+        self.sockets = []
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def follow(engine: Engine) -> None:
+def command_address(directory: str, rank: int) -> str:
+    return f"ipc://{directory}/rank-{rank}.sock"
+
+
+def follow(engine: Engine, rendezvous: str) -> None:
     """A rank other than 0: runs what rank 0 relays until told to stop. Errors are rank 0's to
     report (every rank meets the same ones); a `GroupFailure` ends the process."""
     if engine.graph_runner is not None:
         engine.graph_runner.capture_all()
     tp = engine.tp
+    socket = zmq.Context.instance().socket(zmq.PULL)
+    socket.connect(command_address(str(Path(rendezvous).parent), tp.rank))
     while True:
-        message = tp.broadcast_bytes()
+        message = socket.recv()
         op, body = message[:1], message[1:]
         if op == STOP:
             return

@@ -42,7 +42,7 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None  # a forward's collectives (NCCL on CUDA, gloo on CPU)
-    control: dist.ProcessGroup | None = None  # commands and load agreement, on CPU tensors (gloo)
+    control: dist.ProcessGroup | None = None  # the load agreement, on CPU tensors (gloo)
 
     @property
     def enabled(self) -> bool:
@@ -167,18 +167,6 @@ class TensorParallel:
         counts = torch.tensor([done, failed], dtype=torch.int32)
         self._collective(dist.all_reduce, counts, group=self.control)
         return [c == self.size for c in counts[0].tolist()], [c > 0 for c in counts[1].tolist()]
-
-    def broadcast_bytes(self, payload: bytes = b"") -> bytes:
-        """Rank 0's `payload` on every rank (a command: protobuf bytes, never a pickle)."""
-        size = torch.tensor([len(payload)], dtype=torch.int64)
-        self._collective(dist.broadcast, size, 0, group=self.control)
-        if self.rank == 0:
-            buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
-        else:
-            buffer = torch.empty(int(size.item()), dtype=torch.uint8)
-        if buffer.numel():
-            self._collective(dist.broadcast, buffer, 0, group=self.control)
-        return buffer.numpy().tobytes()
 
     def _collective(self, operation, *args, **kwargs) -> None:
         try:

@@ -51,11 +51,12 @@ class Replica:
     worker_address: str  # the scheduler's socket for the worker
     worker_ready: str  # the worker creates it once its model is loaded
     registry: str  # the scheduler's adapters, for its successor after a crash
-    gpu: str | None = None  # CUDA_VISIBLE_DEVICES of its worker; None: the launcher's own
+    gpu: str | None = None  # CUDA_VISIBLE_DEVICES of its worker (group); None: the launcher's own
 
 
-def replicas_in(runtime_dir: Path, count: int, gpus: list[str]) -> list[Replica]:
-    """`count` replicas, each worker on its own GPU (round robin if there are fewer GPUs) when several."""
+def replicas_in(runtime_dir: Path, count: int, gpus: list[str], gpus_per_replica: int = 1) -> list[Replica]:
+    """`count` replicas, each worker (a tensor-parallel group: `gpus_per_replica` GPUs) on GPUs of its
+    own (round robin if there are fewer) when several."""
     def named(kind: str, index: int) -> str:
         return kind if index == 0 else f"{kind}-{index}"
 
@@ -64,7 +65,8 @@ def replicas_in(runtime_dir: Path, count: int, gpus: list[str]) -> list[Replica]
                     worker_address=f"ipc://{runtime_dir}/{named('worker', i)}.sock",
                     worker_ready=str(runtime_dir / f"{named('worker', i)}.ready"),
                     registry=str(runtime_dir / f"{named('adapters', i)}.json"),
-                    gpu=gpus[i % len(gpus)] if count > 1 and gpus else None)
+                    gpu=",".join(gpus[(i * gpus_per_replica + j) % len(gpus)] for j in range(gpus_per_replica))
+                    if count > 1 and gpus else None)
             for i in range(count)]
 
 
@@ -81,10 +83,11 @@ def visible_gpus() -> list[str]:
 
 
 def replica_count(config: ServeConfig, gpus: list[str]) -> int:
-    """--replicas, or one per GPU when serving on CUDA with several."""
+    """--replicas, or one per GPU (per group of --tensor-parallel-size GPUs) when serving on CUDA with several."""
     if config.deployment.replicas is not None:
         return config.deployment.replicas
-    return len(gpus) if config.engine.device != "cpu" and len(gpus) > 1 else 1
+    groups = len(gpus) // config.engine.tensor_parallel_size
+    return groups if config.engine.device != "cpu" and groups > 1 else 1
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,8 @@ class Launcher:
         self.config = config
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="loraserve-"))  # mode 0700
         gpus = visible_gpus() if config.engine.device != "cpu" else []
-        self.replicas = replicas_in(self.runtime_dir, replica_count(config, gpus), gpus)
+        self.replicas = replicas_in(self.runtime_dir, replica_count(config, gpus), gpus,
+                                    config.engine.tensor_parallel_size)
         self.ready_file = str(self.runtime_dir / "frontend.ready")
         self.commands = process_commands(config, self.replicas, self.ready_file, modules)
         self.processes: dict[str, subprocess.Popen] = {}

@@ -201,6 +201,12 @@ class EngineConfig:
     device: str = setting("auto", choices=("auto", "cpu", "cuda"), help="`cpu`, `cuda`, or `auto` (CUDA if there is one)")
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"),
                          help="`float32`, `bfloat16`, `float16`, or `auto` (the checkpoint's)")
+    tensor_parallel_size: int = setting(
+        1, aliases=("--tp",), minimum=1,
+        help="GPUs (CPU processes) one worker spreads the model over: a group of that many processes, one per GPU")
+    tp_timeout_s: float = setting(
+        60.0, minimum=0.1, help="a collective of the tensor-parallel group taking longer means a rank hung: "
+                                "the group goes down and is started again")
     context_length: int | None = setting(
         None, aliases=("--max-model-len",), minimum=1, default_text="the model's `max_position_embeddings`",
         help="longest prompt plus output, in tokens (SGLang's name; vLLM's `--max-model-len`); "

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 
 PARENT_PID_VARIABLE = "LORASERVE_PARENT_PID"
+# What rank 0 of a tensor-parallel worker group tells each worker process it starts.
+TP_RANK_FLAG, TP_RENDEZVOUS_FLAG = "--tp-rank", "--tp-rendezvous"
 PR_SET_PDEATHSIG = 1
 
 

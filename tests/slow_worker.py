@@ -19,6 +19,7 @@ from settings.flags import name_value
 from worker.__main__ import main as worker_main
 from worker.engine import Engine
 from worker.model.config import load_model_config
+from worker.tensor_parallel import TensorParallel
 
 MODULE = "tests.slow_worker"
 
@@ -56,11 +57,12 @@ def slow_read_hook(delays: Mapping[str, float], num_layers: int) -> Callable[[st
     return hook
 
 
-def slow_engine(config: EngineConfig, slow_loads: Mapping[str, float], slow_reads: Mapping[str, float]) -> Engine:
+def slow_engine(config: EngineConfig, slow_loads: Mapping[str, float], slow_reads: Mapping[str, float],
+                tp: TensorParallel) -> Engine:
     num_layers = load_model_config(config.model_path).num_layers
     on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     return Engine(config, load_hook=slow_load_hook(slow_loads, num_layers, on_gpu),
-                  read_hook=slow_read_hook(slow_reads, num_layers))
+                  read_hook=slow_read_hook(slow_reads, num_layers), tp=tp)
 
 
 def main() -> None:
@@ -70,7 +72,7 @@ def main() -> None:
     delays, worker_argv = parser.parse_known_args()
     slow_loads = {name: float(seconds) for name, seconds in delays.slow_load}
     slow_reads = {name: float(seconds) for name, seconds in delays.slow_read}
-    worker_main(worker_argv, build_engine=lambda config: slow_engine(config, slow_loads, slow_reads))
+    worker_main(worker_argv, build_engine=lambda config, tp: slow_engine(config, slow_loads, slow_reads, tp))
 
 
 if __name__ == "__main__":

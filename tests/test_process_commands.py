@@ -106,3 +106,13 @@ def test_one_replica_per_gpu_by_default_and_one_on_cpu():
     assert replica_count(ServeConfig.of(model_path="/m"), gpus=["0"]) == 1
     assert replica_count(ServeConfig.of(model_path="/m", replicas=2), gpus=[]) == 2
     assert replicas_in(Path("/r"), 1, ["0", "1"])[0].gpu is None, "one replica keeps the launcher's devices"
+
+
+def test_a_tensor_parallel_replica_gets_a_group_of_gpus():
+    config = ServeConfig.of(model_path="/m", tensor_parallel_size=2)
+    gpus = ["0", "1", "2", "3"]
+    assert replica_count(config, gpus) == 2, "one replica per two GPUs"
+    assert [r.gpu for r in replicas_in(Path("/r"), 2, gpus, 2)] == ["0,1", "2,3"]
+    assert replica_count(config, ["0", "1"]) == 1
+    worker = worker_args(process_commands(config, replicas_in(Path("/r"), 1, gpus, 2), READY)["worker"][3:])
+    assert worker.engine.tensor_parallel_size == 2

@@ -31,6 +31,7 @@ PROCESS_PACKAGES = ("frontend", "scheduler", "worker")
 # A value off its default for every field of every part (a new field must be added here).
 NON_DEFAULTS = {
     "model_path": "/models/m", "load_format": "dummy", "device": "cpu", "dtype": "float16", "context_length": 512,
+    "tensor_parallel_size": 4, "tp_timeout_s": 5.0,
     "page_size": 8,
     "num_kv_pages": 99, "max_loras_per_batch": 3, "max_loaded_loras": 5, "max_lora_rank": 32,
     "lora_target_modules": ("q_proj", "down_proj"), "host_cache_bytes": 12345, "seed": 7, "static_decode": False,

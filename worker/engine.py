@@ -16,7 +16,7 @@ import torch
 
 from settings.config import EngineConfig
 from worker.batch import NO_ADAPTER, ForwardOutput, SampledToken, SequenceInput
-from worker.errors import AdapterNotFoundError, AdapterStateError, CapacityError, ModelLoadError
+from worker.errors import AdapterNotFoundError, AdapterStateError, CapacityError, CorruptAdapterError, ModelLoadError
 from worker.graph_step import GraphStepRunner
 from worker.host_upload import index_tensor
 from worker.kv_cache import PagedKVCache
@@ -28,6 +28,7 @@ from worker.model.config import DTYPES, ModelConfig, load_model_config
 from worker.model.llama import LlamaModel, ModelWeights, fuse_weights
 from worker.model.weights import dummy_weights, load_safetensors
 from worker.sampling import DeviceSample, sample_on_device, to_host, validate_sampling
+from worker.tensor_parallel import TensorParallel
 from worker.step_inputs import (
     PreviousTokens,
     StepInputs,
@@ -71,19 +72,24 @@ class LoadReport:
 
 class Engine:
     def __init__(self, config: EngineConfig, *, load_hook: LayerCopiedHook | None = None,
-                 read_hook: LayerReadHook | None = None) -> None:
+                 read_hook: LayerReadHook | None = None, tp: TensorParallel = TensorParallel()) -> None:
         """`load_hook` runs after each layer of an adapter's copy to its slot, `read_hook` before each layer
-        of its read from disk (tests slow them down)."""
+        of its read from disk (tests slow them down); `tp`: this engine's rank in a tensor-parallel group,
+        whose every rank runs the same calls in the same order."""
         self.config = config
-        self.device = _device(config.device)
+        self.tp = tp
+        self.device = _device(config.device, tp)
         self.model_config = load_model_config(config.model_path)
+        tp.check(self.model_config)
         if config.context_length is not None and config.context_length > self.model_config.max_position_embeddings:
             raise ModelLoadError(f"--context-length {config.context_length} exceeds the model's "
                                  f"max_position_embeddings ({self.model_config.max_position_embeddings}): "
                                  "give at most that, or leave it unset")
         self.dtype = _dtype(config.dtype, self.model_config)
-        self.model = LlamaModel(self.model_config, self._load_weights(), self.device)
-        c = self.model_config
+        # This rank's heads and intermediate slice: what its KV cache, slots and host cache hold.
+        self.shard_config = tp.local_config(self.model_config)
+        self.model = LlamaModel(self.shard_config, self._load_weights(), self.device, tp)
+        c = self.shard_config
         self.kv_cache = PagedKVCache(
             num_layers=c.num_layers, num_pages=config.num_kv_pages, page_size=config.page_size,
             num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=self.dtype, device=self.device,
@@ -93,7 +99,8 @@ class Engine:
             modules=config.lora_target_modules, dtype=self.dtype, device=self.device,
         )
         on_gpu = self.device.type == "cuda"
-        self.host_cache = HostCache(c, config.host_cache_bytes, config.max_loaded_loras, self.dtype, pin=on_gpu)
+        self.host_cache = HostCache(c, config.host_cache_bytes, config.max_loaded_loras, self.dtype, pin=on_gpu,
+                                    lora_slices=lambda module: tp.lora_slices(self.model_config, module))
         self.host_cache.read_hook = read_hook
         self.copier = (CudaCopier(self.slots, c.num_layers, self.device, load_hook) if on_gpu
                        else ThreadCopier(self.slots, c.num_layers, load_hook))
@@ -126,7 +133,7 @@ class Engine:
 
     def adapter_info(self, name: str) -> AdapterInfo:
         manifest = self._manifest(name)
-        nbytes = manifest.nbytes(self.model_config, self.dtype.itemsize)
+        nbytes = manifest.nbytes(self.shard_config, self.dtype.itemsize)  # what one rank holds
         return AdapterInfo(name, manifest.path, manifest.max_rank, nbytes, manifest.modules)
 
     def unregister_adapter(self, name: str) -> None:
@@ -190,9 +197,13 @@ class Engine:
         Loads first: a failed read is reported once, by the host cache, after the streamed
         load that was draining its region has finished."""
         report = LoadReport()
-        for slot, job in list(self.pending.items()):
-            if self.copier.is_done(job):
-                self._finish_load(job, report)
+        jobs = list(self.pending.values())  # in the same order on every rank: they ran the same commands
+        done = [self.copier.is_done(job) for job in jobs]
+        failed = [is_done and _load_error(job) is not None for job, is_done in zip(jobs, done)]
+        done, failed = self.tp.agree_loads(done, failed)  # a load is done once every rank has it
+        for job, is_done, failed_somewhere in zip(jobs, done, failed):
+            if is_done:
+                self._finish_load(job, report, failed_somewhere)
         for result in self.host_cache.poll():
             if result.error is None:
                 report.staged.append(result.name)
@@ -200,20 +211,20 @@ class Engine:
                 report.failed.append((result.name, result.error))
         return report
 
-    def _finish_load(self, job: LoadJob, report: LoadReport) -> None:
+    def _finish_load(self, job: LoadJob, report: LoadReport, failed_somewhere: bool) -> None:
         del self.pending[job.slot]
         self._waited_on.discard(job.slot)
         job.adapter.copies_in_flight -= 1
         read_error = job.adapter.progress.error
-        copy_error = job.finished.exception() if job.finished.done() else None
         self._add_copy_span(job)
-        if read_error is None and copy_error is None:
+        if not failed_somewhere:
             report.loaded.append((job.name, job.slot))
             return
         self.slots.clear(job.slot)
         self.failed_slots.add(job.slot)
         if read_error is None:  # a read error is the host cache's to report
-            report.failed.append((job.name, copy_error))
+            report.failed.append((job.name, _load_error(job) or CorruptAdapterError(
+                f"loading adapter {job.name!r} failed on another tensor-parallel rank")))
 
     def _add_copy_span(self, job: LoadJob) -> None:
         """The load's span on the timeline: timed by its stream's events on CUDA (recorded by
@@ -332,9 +343,9 @@ class Engine:
     def _load_weights(self) -> ModelWeights:
         path = Path(self.config.model_path)
         if self.config.load_format == "dummy":
-            tensors = dummy_weights(self.model_config, self.dtype, self.device, self.config.seed)
+            tensors = dummy_weights(self.model_config, self.dtype, self.device, self.config.seed, self.tp)
         elif self.config.load_format == "safetensors":
-            tensors = load_safetensors(path, self.model_config, self.dtype, self.device)
+            tensors = load_safetensors(path, self.model_config, self.dtype, self.device, self.tp)
         else:
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.config.load_format!r}")
         return fuse_weights(self.model_config, tensors)
@@ -395,9 +406,18 @@ def _path_name(static: bool, landing: list[LoadJob]) -> str:
     return "static-waiting" if landing else "static"
 
 
-def _device(name: str) -> torch.device:
+def _load_error(job: LoadJob) -> Exception | None:
+    """Why a finished load failed on this rank: its read from disk, or its copy."""
+    copy_error = job.finished.exception() if job.finished.done() else None
+    return job.adapter.progress.error or copy_error
+
+
+def _device(name: str, tp: TensorParallel) -> torch.device:
+    """The device named; on CUDA, a tensor-parallel rank's own GPU (the group's GPUs are the visible ones)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and tp.enabled:
+        return torch.device("cuda", tp.rank)
     return torch.device(name)
 
 

@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import zmq
 
@@ -38,6 +39,18 @@ IDLE_POLL_MS = 100
 LOADING_POLL_MS = 1
 IN_FLIGHT_POLL_MS = 1  # how often the next command is looked for while the GPU runs a forward
 PREVIOUS_TOKEN_PLACEHOLDER = 0  # input id until the GPU writes the previous forward's token
+
+
+class GroupRelay(Protocol):
+    """The other ranks of a tensor-parallel group, seen from rank 0 (`worker.group.Followers`)."""
+
+    def relay_command(self, command: bytes) -> None: ...
+
+    def relay_poll(self) -> None: ...
+
+    def check(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -68,10 +81,13 @@ def error_message(error: Exception) -> pb.Error:
 
 
 class WorkerService:
-    def __init__(self, config: WorkerConfig, engine: Engine | None = None) -> None:
-        """`engine`: one built from `config.engine` beforehand (with test hooks, say); by default a new one."""
+    def __init__(self, config: WorkerConfig, engine: Engine | None = None,
+                 followers: GroupRelay | None = None) -> None:
+        """`engine`: one built from `config.engine` beforehand (with test hooks, say); by default a new one.
+        `followers`: the other ranks of this worker's tensor-parallel group, which get every command first."""
         self.config = config
         self.engine = engine or Engine(config.engine)
+        self.followers = followers
         if self.engine.graph_runner is not None:
             self.engine.graph_runner.capture_all()
         self.in_flight: InFlightForward | None = None
@@ -85,11 +101,13 @@ class WorkerService:
         self._send(pb.WorkerEvent(hello=self._hello()))
         log.info("worker connected to %s", self.config.scheduler_address)
         while not self.stopping:
+            if self.followers is not None:
+                self.followers.check()
             if self.in_flight is not None:
                 self._wait_for_command_or_gpu()
             timeout = 0 if self.in_flight else LOADING_POLL_MS if self._loading() else IDLE_POLL_MS
             if self.socket.poll(timeout):
-                self._on_command(pb.WorkerCommand.FromString(self.socket.recv()))
+                self._receive()
             elif self.in_flight is not None:
                 self._answer_in_flight()
             elif self._loading():
@@ -100,7 +118,16 @@ class WorkerService:
 
     def close(self) -> None:
         self.socket.close(linger=0)
+        if self.followers is not None:
+            self.followers.stop()
         self.engine.close()
+
+    def _receive(self) -> None:
+        raw = self.socket.recv()
+        command = pb.WorkerCommand.FromString(raw)
+        if self.followers is not None:
+            self.followers.relay_command(raw)
+        self._on_command(command)
 
     def _wait_for_command_or_gpu(self) -> None:
         """Returns once a command is waiting or the forward in flight has finished on the GPU."""
@@ -144,7 +171,7 @@ class WorkerService:
         """Runs a command other than a forward and answers it."""
         result = pb.CommandResult(command_id=command.command_id)
         try:
-            self._dispatch(command, result)
+            execute_command(self.engine, command, result)
         except Exception as error:  # reported to the scheduler; the worker keeps serving
             return self._failed(command, error)
         result.load_events.CopyFrom(self._poll_events())
@@ -158,38 +185,17 @@ class WorkerService:
         result.load_events.CopyFrom(self._poll_events())
         return result
 
-    def _dispatch(self, command: pb.WorkerCommand, result: pb.CommandResult) -> None:
-        kind = command.WhichOneof("kind")
-        engine = self.engine
-        if kind == "register_adapter":
-            info = engine.register_adapter(command.register_adapter.name, command.register_adapter.path)
-            result.adapter.CopyFrom(pb.RegisteredAdapter(
-                name=info.name, rank=info.rank, size_bytes=info.nbytes, target_modules=sorted(info.modules)))
-        elif kind == "unregister_adapter":
-            engine.unregister_adapter(command.unregister_adapter.name)
-        elif kind == "stage_adapter":
-            engine.stage_adapter(command.stage_adapter.name)
-        elif kind == "evict_host":
-            engine.evict_host(command.evict_host.name)
-        elif kind == "load_slot":
-            load = command.load_slot
-            engine.load_adapter(load.name, load.slot, blocking=load.blocking)
-        elif kind == "evict_slot":
-            engine.evict_slot(command.evict_slot.slot)
-        elif kind == "export_timeline":
-            result.timeline_json = json.dumps(engine.timeline.chrome_trace())
-        else:
-            raise ValueError(f"unknown worker command {kind!r}")
-
     def _launch(self, forward: pb.Forward) -> PendingForward:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("forward", extra={"request_ids": [s.request_id for s in forward.sequences]})
-        return self.engine.launch([_sequence_input(s) for s in forward.sequences])
+        return self.engine.launch([sequence_input(s) for s in forward.sequences])
 
     def _loading(self) -> bool:
         return self.engine.busy_loading
 
     def _poll_events(self) -> pb.LoadEvents:
+        if self.followers is not None and self.engine.pending:  # every rank has the same loads in flight
+            self.followers.relay_poll()
         return _load_events(self.engine.poll())
 
     def _hello(self) -> pb.WorkerHello:
@@ -208,12 +214,36 @@ class WorkerService:
         self.socket.send(event.SerializeToString())
 
 
+def execute_command(engine: Engine, command: pb.WorkerCommand, result: pb.CommandResult) -> None:
+    """Runs a command other than a forward on `engine`, filling `result`."""
+    kind = command.WhichOneof("kind")
+    if kind == "register_adapter":
+        info = engine.register_adapter(command.register_adapter.name, command.register_adapter.path)
+        result.adapter.CopyFrom(pb.RegisteredAdapter(
+            name=info.name, rank=info.rank, size_bytes=info.nbytes, target_modules=sorted(info.modules)))
+    elif kind == "unregister_adapter":
+        engine.unregister_adapter(command.unregister_adapter.name)
+    elif kind == "stage_adapter":
+        engine.stage_adapter(command.stage_adapter.name)
+    elif kind == "evict_host":
+        engine.evict_host(command.evict_host.name)
+    elif kind == "load_slot":
+        load = command.load_slot
+        engine.load_adapter(load.name, load.slot, blocking=load.blocking)
+    elif kind == "evict_slot":
+        engine.evict_slot(command.evict_slot.slot)
+    elif kind == "export_timeline":
+        result.timeline_json = json.dumps(engine.timeline.chrome_trace())
+    else:
+        raise ValueError(f"unknown worker command {kind!r}")
+
+
 def context_length(config: EngineConfig, model_positions: int) -> int:
     """The longest request in tokens: `--context-length` (the engine refused one beyond the model's), or the model's."""
     return model_positions if config.context_length is None else config.context_length
 
 
-def _sequence_input(message: pb.SequenceInput) -> SequenceInput:
+def sequence_input(message: pb.SequenceInput) -> SequenceInput:
     s = message.sampling
     return SequenceInput(
         request_id=message.request_id,

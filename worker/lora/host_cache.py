@@ -29,6 +29,10 @@ AdapterTensors = tuple[torch.Tensor, torch.Tensor]  # (A, B.T) of one adapted mo
 # Called by the reader before it reads a layer: (adapter name, layer). Tests use it to make
 # reads slow, to hold a layer back, or to fail a read part way.
 LayerReadHook = Callable[[str, int], None]
+Index = tuple[slice, slice]
+# module -> how a tensor-parallel rank indexes the file's A [r, in] and B [out, r] (its shard).
+LoraSlices = Callable[[str], tuple[Index, Index]]
+WHOLE: Index = (slice(None), slice(None))
 
 
 class ReadProgress:
@@ -116,9 +120,13 @@ class HostCache:
     """Bounded by entry count and by bytes; eviction policy belongs to the caller."""
 
     def __init__(
-        self, model: ModelConfig, capacity_bytes: int, max_entries: int, dtype: torch.dtype, pin: bool
+        self, model: ModelConfig, capacity_bytes: int, max_entries: int, dtype: torch.dtype, pin: bool,
+        lora_slices: LoraSlices = lambda module: (WHOLE, WHOLE),
     ) -> None:
+        """`model`: this rank's part of the model, whose module shapes the staged tensors take;
+        `lora_slices`: what of each file tensor this rank reads (all of it without tensor parallelism)."""
         self.model = model
+        self.lora_slices = lora_slices
         self.dtype = dtype
         self.max_entries = max_entries
         self.pin = pin
@@ -234,8 +242,9 @@ class HostCache:
 
     def _copy_target(self, tensors, target: LoraTarget, destination: tuple[torch.Tensor, torch.Tensor]) -> None:
         a_dst, b_t_dst = destination
-        a_dst.copy_(tensors.get_tensor(target.a_key))
-        b = tensors.get_tensor(target.b_key).to(torch.float32) * target.scaling
+        a_index, b_index = self.lora_slices(target.module)
+        a_dst.copy_(tensors.get_slice(target.a_key)[a_index])
+        b = tensors.get_slice(target.b_key)[b_index].to(torch.float32) * target.scaling
         b_t_dst.copy_(b.t())
 
 

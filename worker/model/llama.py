@@ -19,6 +19,7 @@ from worker.kv_cache import PagedKVCache
 from worker.model.config import ModelConfig
 from worker.model.rope import RotaryEmbedding
 from worker.step_inputs import EagerStepTensors
+from worker.tensor_parallel import TensorParallel
 
 
 # (layer index, rotated queries [T, heads, head_dim]) -> attention output of the same shape,
@@ -106,9 +107,12 @@ def _fuse_layer(config: ModelConfig, tensors: dict[str, torch.Tensor], prefix: s
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: ModelWeights, device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, device: torch.device,
+                 tp: TensorParallel = TensorParallel()) -> None:
+        """`config` and `weights` are this rank's part of the model (all of it without tensor parallelism)."""
         self.config = config
         self.weights = weights
+        self.tp = tp
         self.rope = RotaryEmbedding(config, device)
         self.scale = config.head_dim**-0.5
 
@@ -130,7 +134,7 @@ class LlamaModel:
     def forward_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_write_index: torch.Tensor,
                        kv_cache: PagedKVCache, lora: LoraHook, attend: Attend) -> torch.Tensor:
         """All layers over flat tokens; `attend` is the attention back-end. Returns final-normed hidden."""
-        hidden = self.weights.embed[input_ids]
+        hidden = self.tp.embed(self.weights.embed, input_ids)
         mlp_out = (None, None)  # the last MLP output and its LoRA deltas, added to hidden by the next norm's kernel
         cos, sin = self.rope.cos_sin(positions, self.dtype)
         for index, layer in enumerate(self.weights.layers):
@@ -140,7 +144,7 @@ class LlamaModel:
         return add_rms_norm(hidden, mlp_out[0], self.weights.norm, self.config.rms_norm_eps, mlp_out[1])[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weights.lm_head).float()
+        return self.tp.gather_vocab(F.linear(hidden, self.weights.lm_head).float(), self.config.vocab_size)
 
     def _layer(self, index, layer: LayerWeights, hidden, mlp_out, kv_write_index, kv_cache, lora, cos, sin,
                attend) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -166,7 +170,7 @@ class LlamaModel:
         attn = attend(index, q).reshape(-1, c.q_size)
         lora.start_deltas(attn, index, O_MODULES)
         out = F.linear(attn, layer.o, layer.o_bias)
-        return out, lora.finish_deltas(attn, index, (("o_proj", out),))
+        return self._row_parallel_sum(out, lora.finish_deltas(attn, index, (("o_proj", out),)))
 
     def _mlp(self, index, layer: LayerWeights, x, lora) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The down projection's output and its LoRA deltas if not added yet."""
@@ -177,4 +181,14 @@ class LlamaModel:
         h = silu_mul(gate_up, gate_up_lora)
         lora.start_deltas(h, index, DOWN_MODULES)
         out = F.linear(h, layer.down, layer.down_bias)
-        return out, lora.finish_deltas(h, index, (("down_proj", out),))
+        return self._row_parallel_sum(out, lora.finish_deltas(h, index, (("down_proj", out),)))
+
+    def _row_parallel_sum(self, out: torch.Tensor, deltas: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A row-parallel module's output: each rank's partial sum, LoRA deltas included, summed over
+        the ranks (without tensor parallelism, the deltas are left to the next norm's kernel to add)."""
+        if not self.tp.enabled:
+            return out, deltas
+        if deltas is not None:
+            out += deltas
+        return self.tp.all_reduce(out), None

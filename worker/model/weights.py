@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 
 from worker.errors import ModelLoadError
 from worker.model.config import ModelConfig
+from worker.tensor_parallel import TensorParallel
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -58,13 +59,15 @@ def _has_bias(config: ModelConfig, module: str) -> bool:
 
 
 def load_safetensors(
-    model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device
+    model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+    tp: TensorParallel = TensorParallel(),
 ) -> dict[str, torch.Tensor]:
-    """Reads every tensor, refusing unknown, missing and mis-shaped ones."""
+    """Reads every tensor (this rank's part of it), refusing unknown, missing and mis-shaped ones."""
     expected = expected_shapes(config)
     tensors: dict[str, torch.Tensor] = {}
     for file, names in _files_and_names(model_dir).items():
-        tensors.update(_read_file(file, names, expected, dtype, device))
+        tensors.update(_read_file(file, names, expected, dtype, device, lambda name, part, shape: tp.checkpoint_slice(
+            config, name, part, shape)))
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise ModelLoadError(f"checkpoint {model_dir} is missing {len(missing)} tensors, e.g. {missing[:3]}")
@@ -90,7 +93,7 @@ def _files_and_names(model_dir: Path) -> dict[Path, list[str] | None]:
     raise ModelLoadError(f"{model_dir} has neither {SINGLE_FILE} nor {SAFETENSORS_INDEX}")
 
 
-def _read_file(file, names, expected, dtype, device) -> dict[str, torch.Tensor]:
+def _read_file(file, names, expected, dtype, device, rank_part) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise ModelLoadError(f"checkpoint shard {file} is missing")
     tensors = {}
@@ -101,24 +104,24 @@ def _read_file(file, names, expected, dtype, device) -> dict[str, torch.Tensor]:
                     continue
                 if name not in expected:
                     raise ModelLoadError(f"unexpected tensor {name!r} in {file.name} for this config")
-                tensor = shard.get_tensor(name)
-                if tuple(tensor.shape) != expected[name]:
-                    raise ModelLoadError(
-                        f"tensor {name!r} has shape {tuple(tensor.shape)}, config expects {expected[name]}"
-                    )
-                tensors[name] = tensor.to(dtype)
+                part = shard.get_slice(name)
+                shape = tuple(part.get_shape())
+                if shape != expected[name]:
+                    raise ModelLoadError(f"tensor {name!r} has shape {shape}, config expects {expected[name]}")
+                tensors[name] = rank_part(name, part, shape).to(dtype)
     except SafetensorError as error:
         raise ModelLoadError(f"cannot read {file}: {error}") from error
     return tensors
 
 
 def dummy_weights(
-    config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int, tp: TensorParallel = TensorParallel()
 ) -> dict[str, torch.Tensor]:
-    """Random weights from the config alone, created on the target device."""
-    generator = torch.Generator(device=device).manual_seed(seed)
+    """Random weights from the config alone, created on the target device (this rank's part only)."""
+    generator = torch.Generator(device=device).manual_seed(seed + tp.rank)
     tensors = {}
-    for name, shape in expected_shapes(config).items():
+    for name, full_shape in expected_shapes(config).items():
+        shape = tp.local_shape(config, name, full_shape)
         if name.endswith("norm.weight"):
             tensors[name] = torch.ones(shape, dtype=dtype, device=device)
             continue

@@ -1,0 +1,134 @@
+"""Tensor-parallel engines on CPU (gloo): TP=2 and TP=4 against TP=1 and transformers + PEFT.
+
+Each rank is a process that runs the same engine calls (as a worker group's ranks do); rank 0
+writes the logits it saw. The tiny models have 4 attention heads and 2 KV heads, so TP=4
+replicates KV heads."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing
+from safetensors.torch import load_file, save_file
+
+from settings.config import EngineConfig
+from tests.driver import Driver, Request, make_resident
+from tests.model_factory import STANDARD_ADAPTER_SPECS, build_adapter, build_tiny_model
+from tests.oracle import PeftOracle
+from tests.worker.test_equivalence import LOGIT_ATOL, assert_matches_oracle, prompt
+from worker.engine import Engine
+from worker.errors import ModelLoadError
+from worker.group import GroupSpec, join
+from worker.model.config import load_model_config
+from worker.tensor_parallel import TensorParallel
+
+ADAPTERS = ("all7_r16_a8", "qv_r8", "rank_alpha_pattern", "rslora_r4")
+LATE_ADAPTER = "layer1_only"  # loaded while the others decode, into an evicted slot
+ENGINE_SETTINGS = dict(dtype="float32", device="cpu", page_size=4, num_kv_pages=256, max_loras_per_batch=4,
+                       max_lora_rank=32, host_cache_bytes=16 << 20)
+CASES = [("llama", 2), ("llama3", 2), ("mistral", 2), ("qwen2", 2), ("qwen2-tied", 2), ("qwen3", 2),
+         ("llama3", 4), ("qwen3", 4)]
+
+
+@pytest.fixture(scope="module")
+def tp_models(artifacts) -> dict[str, Path]:
+    """The architectures, and Qwen2 with tied embeddings (its LM head is the split embedding)."""
+    models = {arch: build_tiny_model(artifacts / f"tp-{arch}", arch) for arch in ("llama", "llama3", "mistral",
+                                                                                 "qwen2", "qwen3")}
+    models["qwen2-tied"] = build_tiny_model(artifacts / "tp-qwen2-tied", "qwen2", tie_word_embeddings=True)
+    return models
+
+
+@pytest.fixture(scope="module")
+def tp_adapters(artifacts, tp_models) -> dict[str, dict[str, Path]]:
+    return {model: {name: build_adapter(path, artifacts / f"tp-{model}-{name}", STANDARD_ADAPTER_SPECS[name])
+                    for name in (*ADAPTERS, LATE_ADAPTER)}
+            for model, path in tp_models.items()}
+
+
+def workload(engine: Engine, adapters: dict[str, Path]) -> list[Request]:
+    """Four adapters of different ranks, targets and scalings with base requests in one batch; then
+    one adapter evicted and another loaded (not blocking) into its slot while the rest decode."""
+    for name, path in adapters.items():
+        engine.register_adapter(name, path)
+    for slot, name in enumerate(ADAPTERS):
+        make_resident(engine, name, slot)
+    first = [Request("base", prompt(3, 17), max_new_tokens=5)]
+    first += [Request(name, prompt(10 + slot, 6 + 5 * slot), adapter_slot=slot, max_new_tokens=4 + slot)
+              for slot, name in enumerate(ADAPTERS)]
+    Driver(engine, chunk=5).run(first)
+
+    engine.evict_slot(3)
+    engine.stage_adapter(LATE_ADAPTER)
+    engine.load_adapter(LATE_ADAPTER, 3)
+    driver = Driver(engine, chunk=4)
+    driver._next_page = 128  # clear of the first batch's pages
+    decoding = [Request("qv-during-load", prompt(30, 9), adapter_slot=1, max_new_tokens=6)]
+    while not any(name == LATE_ADAPTER for name, _ in engine.poll().loaded):
+        driver.step(decoding)
+        time.sleep(0.01)
+    late = [Request(LATE_ADAPTER, prompt(31, 11), adapter_slot=3, max_new_tokens=5)]
+    driver.run(decoding + late)
+    return first + decoding + late
+
+
+def run_rank(rank: int, size: int, rendezvous: str, model_dir: str, adapters: dict[str, Path], out: str) -> None:
+    torch.set_num_threads(1)  # 2-4 ranks share this machine's cores
+    tp = join(GroupSpec(size, rank, rendezvous, timeout_s=120), "cpu") if size > 1 else TensorParallel()
+    engine = Engine(EngineConfig(model_path=model_dir, **ENGINE_SETTINGS), tp=tp)
+    requests = workload(engine, adapters)
+    if rank == 0:
+        tensors = {}
+        for r in requests:
+            tensors[f"{r.request_id}.logits"] = r.all_logits().contiguous()
+            tensors[f"{r.request_id}.prompt"] = torch.tensor(r.prompt)
+            tensors[f"{r.request_id}.generated"] = torch.tensor(r.generated)
+        save_file(tensors, out)
+    engine.close()
+    if size > 1:
+        dist.destroy_process_group()
+
+
+def run_group(size: int, model_dir: Path, adapters: dict[str, Path], directory: Path) -> dict[str, Request]:
+    """The workload's requests as rank 0 of a group of `size` saw them."""
+    out = directory / f"tp{size}.safetensors"
+    args = (size, str(directory / f"rendezvous-{size}"), str(model_dir), adapters, str(out))
+    if size == 1:
+        run_rank(0, *args)
+    else:
+        torch.multiprocessing.spawn(run_rank, args=args, nprocs=size)
+    tensors = load_file(out)
+    requests = {}
+    for key in tensors:
+        request_id = key.rsplit(".", 1)[0]
+        request = Request(request_id, tensors[f"{request_id}.prompt"].tolist(),
+                          generated=tensors[f"{request_id}.generated"].tolist())
+        request.logits = [tensors[f"{request_id}.logits"]]
+        requests[request_id] = request
+    return requests
+
+
+def adapter_of(request_id: str) -> str | None:
+    return {"base": None, "qv-during-load": "qv_r8"}.get(request_id, request_id)
+
+
+@pytest.mark.parametrize(("model", "size"), CASES)
+def test_tensor_parallel_matches_one_rank_and_peft(model, size, tp_models, tp_adapters, tmp_path):
+    adapters = tp_adapters[model]
+    reference = run_group(1, tp_models[model], adapters, tmp_path)
+    sharded = run_group(size, tp_models[model], adapters, tmp_path)
+    assert sharded.keys() == reference.keys()
+    oracle = PeftOracle(tp_models[model], adapters)
+    for request_id, request in sharded.items():
+        assert request.generated == reference[request_id].generated, request_id
+        torch.testing.assert_close(request.all_logits(), reference[request_id].all_logits(), atol=LOGIT_ATOL, rtol=0)
+        assert_matches_oracle(oracle, request, adapter_of(request_id))
+
+
+def test_a_group_size_that_does_not_divide_the_heads_is_refused(tp_models):
+    with pytest.raises(ModelLoadError, match="--tensor-parallel-size 3 cannot split 4 attention heads"):
+        TensorParallel(rank=0, size=3).check(load_model_config(tp_models["llama"]))

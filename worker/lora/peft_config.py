@@ -52,6 +52,7 @@ def _is_bias(value: object) -> bool:
 
 
 # field -> (does this value need an unsupported feature?, what the feature does to the forward pass)
+# A variant's sub-config turns the variant on even when empty ({}), so any value but null is refused.
 REFUSED_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "use_dora": (_is_truthy, "DoRA rescales every adapted output by a learned magnitude vector"),
     "modules_to_save": (_is_truthy, "it replaces whole base modules per adapter"),
@@ -62,9 +63,9 @@ REFUSED_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "target_parameters": (_is_truthy, "it adapts raw parameters (e.g. MoE experts), not linear modules"),
     "enable_lora": (_is_set, "it is the old fused-qkv MergedLinear layout"),
     "alora_invocation_tokens": (_is_set, "activated LoRA applies only after its invocation tokens"),
-    "use_bdlora": (_is_truthy, "BD-LoRA uses block-diagonal A or B"),
-    "arrow_config": (_is_truthy, "Arrow routes each token between several LoRA experts"),
-    "kasa_config": (_is_truthy, "KaSA inserts a learned singular-value diagonal between A and B"),
+    "use_bdlora": (_is_set, "BD-LoRA uses block-diagonal A or B"),
+    "arrow_config": (_is_set, "Arrow routes each token between several LoRA experts"),
+    "kasa_config": (_is_set, "KaSA inserts a learned singular-value diagonal between A and B"),
 }
 
 _ALL_LINEAR = "all-linear"

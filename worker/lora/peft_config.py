@@ -33,10 +33,6 @@ INERT_FIELDS = frozenset({
     "runtime_config", "use_qalora", "qalora_group_size", "velora_config", "monteclora_config",
     "ensure_weight_tying",
 })
-APPLIED_FIELDS = frozenset({
-    "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
-    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-})
 
 
 def _is_set(value: object) -> bool:
@@ -75,45 +71,6 @@ _DEFAULT_TARGETS = ["q_proj", "v_proj"]
 _UNSERVABLE_PATHS = ("model.embed_tokens", "lm_head")
 
 
-def check_config(config: dict, directory: Path) -> None:
-    """Refuse what cannot be served, naming the field; warn once about fields unknown here."""
-    peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise UnsupportedAdapterError(f"peft_type {peft_type!r} is not supported; only LORA adapters are")
-    for field, (unsupported, why) in REFUSED_FIELDS.items():
-        if unsupported(config.get(field)):
-            raise UnsupportedAdapterError(
-                f"{field}={config[field]!r} is not supported: {why} ({directory})"
-            )
-    _check_types(config)
-    _check_servable_targets(config)
-    unknown = sorted(set(config) - INERT_FIELDS - APPLIED_FIELDS - set(REFUSED_FIELDS))
-    if unknown:
-        log.warning("adapter %s: ignoring adapter_config.json fields unknown to this server: %s",
-                    directory, ", ".join(unknown))
-
-
-def _check_types(config: dict) -> None:
-    expectations: dict[str, tuple[str, Callable[[object], bool]]] = {
-        "r": ("a positive integer", lambda v: _is_int(v) and v > 0),
-        "lora_alpha": ("a number", _is_number),
-        "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
-        "rank_pattern": ("an object of regex -> rank", lambda v: isinstance(v, dict)
-                         and all(_is_int(r) and r > 0 for r in v.values())),
-        "alpha_pattern": ("an object of regex -> alpha", lambda v: isinstance(v, dict)
-                          and all(_is_number(a) for a in v.values())),
-        "target_modules": ("a list of names or a regex", _is_names_or_regex),
-        "exclude_modules": ("a list of names or a regex", _is_names_or_regex),
-        "layers_to_transform": ("a layer index or a list of them",
-                                lambda v: _is_int(v) or isinstance(v, list) and all(_is_int(i) for i in v)),
-        "layers_pattern": ("a name or a list of names", _is_names_or_regex),
-    }
-    for field, (expected, valid) in expectations.items():
-        value = config.get(field)
-        if value is not None and not valid(value):
-            raise CorruptAdapterError(f"adapter_config.json field {field} must be {expected}, not {value!r}")
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -124,6 +81,48 @@ def _is_number(value: object) -> bool:
 
 def _is_names_or_regex(value: object) -> bool:
     return isinstance(value, str) or isinstance(value, list) and all(isinstance(n, str) for n in value)
+
+
+# The fields that change the math and are applied as PEFT does -> (what the value must be, check); a value of another type would otherwise
+# surface as a TypeError deep in the matching instead of a refusal naming the field.
+_APPLIED_FIELD_TYPES: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "r": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "lora_alpha": ("a number", _is_number),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "rank_pattern": ("an object of regex -> rank",
+                     lambda v: isinstance(v, dict) and all(_is_int(r) and r > 0 for r in v.values())),
+    "alpha_pattern": ("an object of regex -> alpha",
+                      lambda v: isinstance(v, dict) and all(_is_number(a) for a in v.values())),
+    "target_modules": ("a list of names or a regex", _is_names_or_regex),
+    "exclude_modules": ("a list of names or a regex", _is_names_or_regex),
+    "layers_to_transform": ("a layer index or a list of them",
+                            lambda v: _is_int(v) or isinstance(v, list) and all(_is_int(i) for i in v)),
+    "layers_pattern": ("a name or a list of names", _is_names_or_regex),
+}
+APPLIED_FIELDS = frozenset(_APPLIED_FIELD_TYPES)
+
+
+def check_config(config: dict, directory: Path) -> None:
+    """Refuse what cannot be served, naming the field; warn once about fields unknown here."""
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise UnsupportedAdapterError(f"peft_type {peft_type!r} is not supported; only LORA adapters are")
+    for field, (unsupported, why) in REFUSED_FIELDS.items():
+        if unsupported(config.get(field)):
+            raise UnsupportedAdapterError(f"{field}={config[field]!r} is not supported: {why} ({directory})")
+    _check_types(config)
+    _check_servable_targets(config)
+    unknown = sorted(set(config) - INERT_FIELDS - APPLIED_FIELDS - set(REFUSED_FIELDS))
+    if unknown:
+        log.warning("adapter %s: ignoring adapter_config.json fields unknown to this server: %s",
+                    directory, ", ".join(unknown))
+
+
+def _check_types(config: dict) -> None:
+    for field, (expected, valid) in _APPLIED_FIELD_TYPES.items():
+        value = config.get(field)
+        if value is not None and not valid(value):
+            raise CorruptAdapterError(f"adapter_config.json field {field} must be {expected}, not {value!r}")
 
 
 def _check_servable_targets(config: dict) -> None:

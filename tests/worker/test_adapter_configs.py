@@ -69,6 +69,7 @@ SERVED: dict[str, Variant] = {
     "init_lora_weights": Variant(config={"init_lora_weights": "gaussian"}),
     "loftq_config": Variant(config={"loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}),
     "megatron": Variant(config={"megatron_config": None, "megatron_core": "megatron.core"}),
+    # PEFT imports megatron_core when megatron_config is set, so it cannot load this one here.
     "megatron_config_set": Variant(config={"megatron_config": {"tensor_model_parallel_size": 1}},
                                    peft_loads=False),
     "lora_dropout": Variant(config={"lora_dropout": 0.1}),
@@ -77,7 +78,7 @@ SERVED: dict[str, Variant] = {
     "base_model_name_or_path": Variant(config={"base_model_name_or_path": "/elsewhere/llama"}),
     "auto_mapping": Variant(config={"auto_mapping": {"base_model_class": "LlamaForCausalLM",
                                                      "parent_library": "transformers.models.llama"}}),
-    "runtime_config": Variant(config={"runtime_config": {"ephemeral_gpu_offload": False}}, peft_loads=False),
+    "runtime_config": Variant(config={"runtime_config": {"ephemeral_gpu_offload": False}}),
     "eva_config": Variant(config={"eva_config": {"rho": 2.0, "tau": 0.99}}),
     "corda_config": Variant(config={"corda_config": {"corda_method": "ipm"}}),
     "qalora": Variant(config={"use_qalora": True, "qalora_group_size": 16}),

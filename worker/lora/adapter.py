@@ -15,9 +15,9 @@ from safetensors import SafetensorError, safe_open
 
 from settings.config import TARGET_MODULES
 from worker.errors import (
+    AdapterConfigMismatchError,
     AdapterNotFoundError,
     AdapterRankError,
-    AdapterConfigMismatchError,
     AdapterShapeError,
     CorruptAdapterError,
     PickleRefusedError,

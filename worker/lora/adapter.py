@@ -25,6 +25,7 @@ from worker.errors import (
 )
 from worker.lora.peft_config import (
     PARENT,
+    alpha,
     check_config,
     expected_rank,
     module_path,
@@ -51,6 +52,7 @@ class LoraTarget:
     layer: int
     module: str
     rank: int
+    alpha: float
     scaling: float
     a_key: str  # safetensors key of A, shape [rank, in_features]
     b_key: str  # safetensors key of B, shape [out_features, rank]
@@ -78,6 +80,16 @@ class AdapterManifest:
     @property
     def modules(self) -> frozenset[str]:
         return frozenset(t.module for t in self.targets)
+
+    @property
+    def ranks(self) -> list[int]:
+        """Every rank its modules have, ascending (rank_pattern may give several)."""
+        return sorted({t.rank for t in self.targets})
+
+    @property
+    def alphas(self) -> list[float]:
+        """Every lora_alpha its modules have, ascending (alpha_pattern may give several)."""
+        return sorted({t.alpha for t in self.targets})
 
     def nbytes(self, model: ModelConfig, element_size: int) -> int:
         shapes = model.module_shapes()
@@ -200,4 +212,5 @@ def _target(layer, module, keys, shapes, config, model: ModelConfig) -> LoraTarg
             f"{module_path(layer, module)} has rank {rank} in the weights but {config_rank} from the config's "
             f"{rank_field}"
         )
-    return LoraTarget(layer, module, rank, scaling(config, layer, module, rank), keys["A"], keys["B"])
+    module_alpha = alpha(config, layer, module)
+    return LoraTarget(layer, module, rank, module_alpha, scaling(config, module_alpha, rank), keys["A"], keys["B"])

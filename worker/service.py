@@ -8,8 +8,9 @@ as soon as the reader has it (the wait is on the load's stream or thread, never 
 
 A forward is launched on the GPU and answered once its tokens are back; a forward command
 arriving meanwhile (the scheduler sends the next step before it has this one's tokens) is
-launched first, so the GPU has the next step queued when the current one ends. Any other
-command waits for the forward in flight to be answered.
+launched first, so the GPU has the next step queued when the current one ends, unless the
+current one has already ended: then its tokens are answered first. Any other command waits
+for the forward in flight to be answered.
 """
 
 from __future__ import annotations
@@ -130,6 +131,9 @@ class WorkerService:
             self._answer_in_flight()
             self._send(pb.WorkerEvent(result=self.execute(command)))
             return
+        if self.in_flight is not None and self.in_flight.forward.is_done():
+            # Its tokens leave now, not once the next forward is launched (on CPU: has run).
+            self._answer_in_flight()
         try:
             launched = InFlightForward(command.command_id, self._launch(command.forward), time.perf_counter())
         except Exception as error:  # reported to the scheduler; the worker keeps serving

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import zmq
 
@@ -35,14 +35,23 @@ from worker.errors import (
     InvalidAdapterError,
 )
 
-if TYPE_CHECKING:
-    from worker.group import Followers
-
 log = logging.getLogger("loraserve.worker")
 IDLE_POLL_MS = 100
 LOADING_POLL_MS = 1
 IN_FLIGHT_POLL_MS = 1  # how often the next command is looked for while the GPU runs a forward
 PREVIOUS_TOKEN_PLACEHOLDER = 0  # input id until the GPU writes the previous forward's token
+
+
+class GroupRelay(Protocol):
+    """The other ranks of a tensor-parallel group, seen from rank 0 (`worker.group.Followers`)."""
+
+    def relay_command(self, command: bytes) -> None: ...
+
+    def relay_poll(self) -> None: ...
+
+    def check(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,7 @@ def error_message(error: Exception) -> pb.Error:
 
 class WorkerService:
     def __init__(self, config: WorkerConfig, engine: Engine | None = None,
-                 followers: Followers | None = None) -> None:
+                 followers: GroupRelay | None = None) -> None:
         """`engine`: one built from `config.engine` beforehand (with test hooks, say); by default a new one.
         `followers`: the other ranks of this worker's tensor-parallel group, which get every command first."""
         self.config = config

@@ -140,7 +140,9 @@ class AdapterSpec:
     fan_in_fan_out: bool = False
     use_dora: bool = False
     modules_to_save: list[str] | None = None
-    layers_to_transform: list[int] | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
     dtype: str = "float32"  # dtype of the saved adapter tensors
     seed: int = 0
 
@@ -196,7 +198,9 @@ def _lora_config(spec: AdapterSpec) -> LoraConfig:
         fan_in_fan_out=spec.fan_in_fan_out,
         use_dora=spec.use_dora,
         modules_to_save=spec.modules_to_save,
+        exclude_modules=spec.exclude_modules,
         layers_to_transform=spec.layers_to_transform,
+        layers_pattern=spec.layers_pattern,
         lora_dropout=0.0,
         init_lora_weights=False,
     )

@@ -37,6 +37,10 @@ class CorruptAdapterError(InvalidAdapterError):
     """The adapter's files cannot be parsed (corrupt or truncated safetensors, bad JSON)."""
 
 
+class AdapterConfigMismatchError(InvalidAdapterError):
+    """adapter_config.json and the weights disagree (modules or ranks PEFT would not load)."""
+
+
 class PickleRefusedError(InvalidAdapterError):
     """Only a pickle-based weight file exists; unpickling could execute arbitrary code."""
 

@@ -10,6 +10,7 @@ import pytest
 from tests import model_factory as factory
 from tests.driver import Driver, Request, make_engine, make_resident
 from worker.errors import (
+    AdapterConfigMismatchError,
     AdapterNotFoundError,
     AdapterRankError,
     AdapterShapeError,
@@ -83,7 +84,7 @@ def test_missing_directory_and_files(serving_engine, tmp_path):
 def test_errors_map_to_two_families():
     """The service maps InvalidAdapterError to INVALID_ARGUMENT and not-found to NOT_FOUND."""
     for error in (AdapterRankError, UnsupportedAdapterError, AdapterShapeError, CorruptAdapterError,
-                  PickleRefusedError):
+                  PickleRefusedError, AdapterConfigMismatchError):
         assert issubclass(error, InvalidAdapterError)
     assert not issubclass(AdapterNotFoundError, InvalidAdapterError)
 

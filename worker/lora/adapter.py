@@ -7,7 +7,6 @@ adapter is cheap and every reason it cannot be served is reported before any loa
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from settings.config import TARGET_MODULES
 from worker.errors import (
+    AdapterConfigMismatchError,
     AdapterNotFoundError,
     AdapterRankError,
     AdapterShapeError,
@@ -23,16 +23,24 @@ from worker.errors import (
     PickleRefusedError,
     UnsupportedAdapterError,
 )
+from worker.lora.peft_config import (
+    PARENT,
+    check_config,
+    expected_rank,
+    module_path,
+    scaling,
+    selected_modules,
+    selection_fields,
+)
 from worker.model.config import ModelConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-_UNSERVABLE_TARGETS = ("embed_tokens", "lm_head")
+# What PEFT saves ("base_model.model." + module path), also without that prefix or with the
+# adapter name "default" before ".weight", as some trainers write them.
 _LORA_KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$"
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
 )
 
 
@@ -79,7 +87,7 @@ class AdapterManifest:
 def read_adapter_manifest(path: str | Path, model: ModelConfig, max_lora_rank: int) -> AdapterManifest:
     directory = Path(path)
     config = _read_config(directory)
-    _check_config(config)
+    check_config(config, directory)
     weights = _weights_file(directory)
     targets = _read_targets(weights, config, model)
     max_rank = max(t.rank for t in targets)
@@ -104,27 +112,6 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
-def _check_config(config: dict) -> None:
-    peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise UnsupportedAdapterError(f"peft_type {peft_type!r} is not supported; only LORA adapters are")
-    if config.get("use_dora"):
-        raise UnsupportedAdapterError("DoRA adapters (use_dora=true) are not supported")
-    if config.get("modules_to_save"):
-        raise UnsupportedAdapterError(
-            f"modules_to_save {config['modules_to_save']} is not supported: it replaces base weights per adapter"
-        )
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise UnsupportedAdapterError("adapters with trained biases are not supported (bias must be 'none')")
-    targets = config.get("target_modules") or []
-    if isinstance(targets, list):
-        unservable = [t for t in targets if t.split(".")[-1] in _UNSERVABLE_TARGETS]
-        if unservable:
-            raise UnsupportedAdapterError(
-                f"target modules {unservable} cannot be served; supported: {', '.join(TARGET_MODULES)}"
-            )
-
-
 def _weights_file(directory: Path) -> Path:
     weights = directory / WEIGHTS_FILE
     if weights.is_file():
@@ -143,13 +130,34 @@ def _read_targets(weights: Path, config: dict, model: ModelConfig) -> tuple[Lora
     pairs: dict[tuple[int, str], dict[str, str]] = {}
     for key in shapes:
         layer, module, which = _parse_key(key, model)
-        pairs.setdefault((layer, module), {})[which] = key
+        pair = pairs.setdefault((layer, module), {})
+        if which in pair:
+            raise CorruptAdapterError(f"{weights} holds lora_{which} of {module_path(layer, module)} twice: "
+                                      f"{pair[which]!r} and {key!r}")
+        pair[which] = key
     if not pairs:
         raise CorruptAdapterError(f"{weights} holds no LoRA tensors")
+    _check_tensors_match_config(set(pairs), config, model)
     targets = [
         _target(layer, module, keys, shapes, config, model) for (layer, module), keys in sorted(pairs.items())
     ]
     return tuple(targets)
+
+
+def _check_tensors_match_config(found: set[tuple[int, str]], config: dict, model: ModelConfig) -> None:
+    """The tensors must be exactly the modules the config selects, as PEFT would load them."""
+    selected = selected_modules(config, model.num_layers)
+    fields = " / ".join(selection_fields(config))
+    if found - selected:
+        path = module_path(*min(found - selected))
+        raise AdapterConfigMismatchError(
+            f"the weights hold LoRA tensors for {path}, which the config's {fields} do not select"
+        )
+    if selected - found:
+        path = module_path(*min(selected - found))
+        raise AdapterConfigMismatchError(
+            f"the config's {fields} select {path}, but the weights hold no LoRA tensors for it"
+        )
 
 
 def _header_shapes(weights: Path) -> dict[str, list[int]]:
@@ -168,7 +176,7 @@ def _parse_key(key: str, model: ModelConfig) -> tuple[int, str, str]:
             f"({', '.join(TARGET_MODULES)}); embeddings, lm_head, DoRA and bias tensors are not served"
         )
     layer, parent, module, which = int(match[1]), match[2], match[3], match[4]
-    if module not in TARGET_MODULES or _PARENT[module] != parent:
+    if module not in TARGET_MODULES or PARENT[module] != parent:
         raise UnsupportedAdapterError(f"tensor {key!r} targets {parent}.{module}, which cannot be served")
     if layer >= model.num_layers:
         raise AdapterShapeError(f"tensor {key!r} is for layer {layer}; the model has {model.num_layers} layers")
@@ -186,15 +194,10 @@ def _target(layer, module, keys, shapes, config, model: ModelConfig) -> LoraTarg
             f"layer {layer} {module}: A {a_shape} and B {b_shape} do not fit the base model "
             f"(expected [r, {in_features}] and [{out_features}, r]); is the adapter for another base model?"
         )
-    return LoraTarget(layer, module, rank, _scaling(config, layer, module, rank), keys["A"], keys["B"])
-
-
-def _scaling(config: dict, layer: int, module: str, rank: int) -> float:
-    """PEFT's scaling: lora_alpha / r, or / sqrt(r) with rslora; alpha_pattern overrides alpha."""
-    module_key = f"model.layers.{layer}.{_PARENT[module]}.{module}"
-    alpha = config.get("lora_alpha", 8)
-    for pattern, pattern_alpha in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module_key):
-            alpha = pattern_alpha
-            break
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    config_rank, rank_field = expected_rank(config, layer, module)
+    if rank != config_rank:
+        raise AdapterConfigMismatchError(
+            f"{module_path(layer, module)} has rank {rank} in the weights but {config_rank} from the config's "
+            f"{rank_field}"
+        )
+    return LoraTarget(layer, module, rank, scaling(config, layer, module, rank), keys["A"], keys["B"])

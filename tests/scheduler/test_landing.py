@@ -54,7 +54,7 @@ def busy_server(clock, **config) -> FakeWorker:  # noqa: F811
 @pytest.mark.parametrize(("bytes_per_s", "admit", "joins_before_the_report"), [
     (1e12, True, True),  # a 1 µs copy lands before the next forward starts
     (1e6, True, False),  # a 1 s copy would stall that forward: the request waits for the report
-    (1e12, False, False),  # --wait-for-load-reports
+    (1e12, False, False),  # the default: the request waits for the report
 ])
 def test_a_request_joins_the_first_forward_predicted_to_start_after_its_copy(clock, bytes_per_s, admit,  # noqa: F811
                                                                              joins_before_the_report):

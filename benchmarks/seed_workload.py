@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import run_record, write_result
-from loraserve.bench import format_comparison, run_benchmark
-from loraserve.client import Connection, LoraServeClient
+from loraserve.bench import add_bench_parser, format_comparison, run_benchmark
+from loraserve.client import LoraServeClient
+from loraserve.command_line import connection_from_args
 from loraserve.launcher import Launcher
 from loraserve.synthetic import write_model_config, write_random_adapter
 from loraserve.timeline import decode_step_gaps, draw, fetch_trace, load_start_stalls
@@ -37,8 +38,11 @@ from worker.model.config import load_model_config
 SMALL_SPECS = [(8, ("q_proj", "v_proj")), (16, ("q_proj", "k_proj", "v_proj", "o_proj")), (32, TARGET_MODULES),
                (64, ("q_proj", "v_proj")), (8, TARGET_MODULES), (16, ("gate_proj", "up_proj", "down_proj")),
                (32, ("q_proj", "k_proj", "v_proj")), (64, ("o_proj", "down_proj"))]
+# "on-landing": overlap on, a request joining the forward predicted to follow its adapter's copy.
 MODES = {"off": dict(overlap_loading=False), "on": dict(overlap_loading=True),
-         "resident": dict(overlap_loading=True, max_loras_per_batch=16)}
+         "resident": dict(overlap_loading=True, max_loras_per_batch=16),
+         "on-landing": dict(overlap_loading=True, admit_landing_loads=True)}
+DEFAULT_MODES = ("off", "on", "resident")
 
 
 def pinned_bandwidth_gbps() -> dict[str, float]:
@@ -90,11 +94,16 @@ def wait_for_adapters(client: LoraServeClient, resident: bool, timeout: float = 
     raise TimeoutError("adapters were not staged in time")
 
 
-def bench_args(address: str, names: list[str], rate: float, num_prompts: int, output: Path):
-    return argparse.Namespace(
-        address=address, dataset="random", random_input_len=512, random_output_len=512, random_range_ratio=0.0,
-        num_prompts=num_prompts, request_rate=rate, max_concurrency=None, seed=1, lora_name=names,
-        lora_request_distribution="distinct", lora_zipf_alpha=1.5, output_file=output, disable_progress=True)
+def bench_args(address: str, names: list[str], rate: float, num_prompts: int, output: Path) -> argparse.Namespace:
+    """`loraserve bench`'s own parsed flags for the seed's client: prompts and outputs uniform over
+    [1, 512], Poisson arrivals at `rate`, adapters in turn."""
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers())
+    return parser.parse_args([
+        "bench", "--address", address, "--dataset", "random", "--random-input-len", "512",
+        "--random-output-len", "512", "--random-range-ratio", "0.0", "--num-prompts", str(num_prompts),
+        "--request-rate", str(rate), "--seed", "1", "--lora-name", *names, "--lora-request-distribution", "distinct",
+        "--output-file", str(output), "--disable-progress"])
 
 
 def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: float, num_prompts: int,
@@ -107,9 +116,8 @@ def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: floa
         with LoraServeClient(launcher.address, timeout=600) as client:
             wait_for_adapters(client, resident=mode == "resident")
             output = out_dir / f"{label}.json"
-            result = asyncio.run(
-                run_benchmark(bench_args(launcher.address, list(adapters), rate, num_prompts, output),
-                              Connection(launcher.address)))
+            args = bench_args(launcher.address, list(adapters), rate, num_prompts, output)
+            result = asyncio.run(run_benchmark(args, connection_from_args(args.parser, args)))
             result["stats"] = json_stats(client.stats())
             if draw_timeline:
                 trace = fetch_trace(launcher.address)
@@ -167,7 +175,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--sets", nargs="+", default=["large", "small"], choices=("large", "small", "small16"))
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=list(MODES))
     parser.add_argument("--num-prompts", type=int, default=100)
     parser.add_argument("--no-mixed-graphs", action="store_true", help="serve with --disable-mixed-graphs")
     parser.add_argument("--replicas", type=int, default=1, help="scheduler+worker pairs (on one GPU: all share it)")

@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
 from scheduler.adapters import IN_HOST_CACHE, LEGAL_TRANSITIONS, ON_GPU, Adapter, AdapterState, IllegalTransition
+from scheduler.landing import LoadClock
 from scheduler.metrics import SchedulerMetrics
+
+FIRST_BANDWIDTH_GUESS = 1e9  # bytes/s: below pinned host-to-GPU copies, so the first predictions err late
 
 log = logging.getLogger("loraserve.scheduler")
 UnloadDone = Callable[[], None]
@@ -74,6 +77,8 @@ class AdapterTier:
         self._commands: list[pb.WorkerCommand] = []
         self.loads_started = 0
         self.loads_finished = 0
+        # Until a load has finished, a slow guess: requests wait for the load's report, as without predictions.
+        self.load_clock = LoadClock(bytes_per_s=FIRST_BANDWIDTH_GUESS)
 
     # Registry ------------------------------------------------------------------------------
 
@@ -223,9 +228,10 @@ class AdapterTier:
         slot = self._claim_slot()
         if slot is None:
             return LoadStart.NO_SLOT
+        from_host = adapter.state is AdapterState.HOST
         if adapter.state is AdapterState.ON_DISK:
             self._stage(adapter)
-        self._load(adapter, slot)
+        self._load(adapter, slot, from_host)
         return LoadStart.STARTED
 
     def prefetch(self) -> None:
@@ -269,14 +275,19 @@ class AdapterTier:
         self._commands.append(pb.WorkerCommand(stage_adapter=pb.StageAdapter(name=adapter.name)))
         self._metrics.host.start(adapter.name, time.monotonic())
 
-    def _load(self, adapter: Adapter, slot: int) -> None:
+    def _load(self, adapter: Adapter, slot: int, from_host: bool) -> None:
+        """`from_host`: the adapter is all in host memory, so its copy's end can be predicted (one
+        still being read streams at the disk's pace)."""
         self._move(adapter, AdapterState.LOADING)
         self._slot_owner[slot] = adapter.name
         adapter.slot = slot
         self._commands.append(pb.WorkerCommand(load_slot=pb.LoadSlot(name=adapter.name, slot=slot,
                                                                      blocking=self._blocking_loads)))
         self.loads_started += 1
-        self._metrics.gpu.start(adapter.name, time.monotonic())
+        now = time.monotonic()
+        self._metrics.gpu.start(adapter.name, now)
+        if from_host and not self._blocking_loads:
+            self.load_clock.started(adapter.name, adapter.size_bytes, now)
         if self._blocking_loads:  # the worker finishes the copy before it runs the next forward
             self._move(adapter, AdapterState.RESIDENT)
             adapter.loaded_at = time.monotonic()
@@ -298,6 +309,7 @@ class AdapterTier:
             self._move(adapter, AdapterState.RESIDENT)
             adapter.loaded_at = now
             self.loads_finished += 1
+            self.load_clock.finished(name, adapter.size_bytes, now)
             log_adapter(logging.INFO, "adapter loaded", adapter, "gpu", self._metrics.gpu.finish(adapter, now),
                         slot=slot)
 
@@ -311,6 +323,7 @@ class AdapterTier:
     def load_failed(self, name: str, error: str) -> AdapterState | None:
         """Forgets the failed stage or load's start; the adapter's state, None if it is not registered."""
         self._metrics.fail(name)
+        self.load_clock.forget(name)
         adapter = self._adapters.get(name)
         if adapter is None:
             return None

@@ -28,6 +28,7 @@ from protos.loraserve.v1 import serving_pb2
 from scheduler.adapter_tier import AdapterTier, LoadStart, UnloadDone
 from scheduler.adapters import AdapterState
 from scheduler.batch_builder import InFlightForward, build_forward
+from scheduler.landing import StepClock
 from scheduler.metrics import SchedulerMetrics
 from scheduler.pages import PageAllocator
 from scheduler.request_trace import RequestTrace
@@ -70,6 +71,7 @@ class SchedulerCore:
         self._counters = Counters()
         self._idle_before_admission = True  # no request ran when this admission pass began
         self._forwards_in_flight: deque[InFlightForward] = deque()  # oldest first
+        self._steps = StepClock()
         self._trace = RequestTrace()
 
     # Requests -------------------------------------------------------------------------
@@ -236,11 +238,17 @@ class SchedulerCore:
         # Blocking mode: the copy is done before the next forward. Pipelined loads on an idle
         # server: the request starts at once (the worker starts every load when it arrives, one
         # still being read from disk streaming layer by layer) and its forward waits per layer
-        # on the copy; with other requests running it waits, so their decoding never does
-        # (requests admitted beside it in the same pass have not decoded yet).
+        # on the copy. Otherwise it joins the first forward predicted to start once the copy has
+        # landed, so that no request in that forward waits for the copy (scheduler/landing.py).
         if not self.config.overlap_loading:
             return True
-        return self.config.pipelined_loads and self._idle_before_admission
+        if self.config.pipelined_loads and self._idle_before_admission:
+            return True
+        return self.config.admit_landing_loads and self._lands_before_next_forward(adapter.name, now)
+
+    def _lands_before_next_forward(self, name: str, now: float) -> bool:
+        end = self._tier.load_clock.predicted_end(name)
+        return end is not None and self._steps.lands_in_time(end, now, len(self._forwards_in_flight))
 
     def _start_running(self, request: Request, now: float) -> None:
         self.waiting.remove(request)
@@ -265,6 +273,7 @@ class SchedulerCore:
     def on_forward_result(self, result: pb.ForwardResult | None, error: pb.Error | None = None) -> None:
         """The oldest forward in flight has ended (the worker answers in order)."""
         step = self._forwards_in_flight.popleft() if self._forwards_in_flight else InFlightForward([], [])
+        self._steps.result(time.monotonic(), len(self._forwards_in_flight))
         for request in step.sampling:
             request.tokens_in_flight -= 1
         if error is not None:

@@ -8,8 +8,9 @@ as soon as the reader has it (the wait is on the load's stream or thread, never 
 
 A forward is launched on the GPU and answered once its tokens are back; a forward command
 arriving meanwhile (the scheduler sends the next step before it has this one's tokens) is
-launched first, so the GPU has the next step queued when the current one ends. Any other
-command waits for the forward in flight to be answered.
+launched first, so the GPU has the next step queued when the current one ends, unless the
+current one has already ended: then its tokens are answered first. Any other command waits
+for the forward in flight to be answered.
 """
 
 from __future__ import annotations
@@ -123,11 +124,13 @@ class WorkerService:
         self.engine.close()
 
     def _receive(self) -> None:
-        raw = self.socket.recv()
-        command = pb.WorkerCommand.FromString(raw)
+        self._on_command(pb.WorkerCommand.FromString(self.socket.recv()))
+
+    def _relay(self, command: pb.WorkerCommand) -> None:
+        """The other ranks get each command right before rank 0 runs it: every poll rank 0 makes
+        on the way (answering a forward) is relayed in the same order, so their collectives meet."""
         if self.followers is not None:
-            self.followers.relay_command(raw)
-        self._on_command(command)
+            self.followers.relay_command(command.SerializeToString())
 
     def _wait_for_command_or_gpu(self) -> None:
         """Returns once a command is waiting or the forward in flight has finished on the GPU."""
@@ -137,8 +140,13 @@ class WorkerService:
     def _on_command(self, command: pb.WorkerCommand) -> None:
         if command.WhichOneof("kind") != "forward":
             self._answer_in_flight()
+            self._relay(command)
             self._send(pb.WorkerEvent(result=self.execute(command)))
             return
+        if self.in_flight is not None and self.in_flight.forward.is_done():
+            # Its tokens leave now, not once the next forward is launched (on CPU: has run).
+            self._answer_in_flight()
+        self._relay(command)
         try:
             launched = InFlightForward(command.command_id, self._launch(command.forward), time.perf_counter())
         except Exception as error:  # reported to the scheduler; the worker keeps serving

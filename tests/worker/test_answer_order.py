@@ -1,0 +1,61 @@
+"""The worker's order of launches and answers when the scheduler sends the next forward early."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from protos.loraserve.v1 import internal_pb2 as pb
+from settings.config import EngineConfig
+from worker.batch import ForwardOutput
+from worker.engine import LoadReport
+from worker.service import WorkerConfig, WorkerService
+
+
+@dataclass
+class Launched:
+    number: int
+    done: bool
+
+    def is_done(self) -> bool:
+        return self.done
+
+
+@dataclass
+class RecordingEngine:
+    """Stands in for the engine: records launches and finishes; forwards end at once (CPU) or not (GPU)."""
+
+    ends_at_once: bool
+    events: list[str] = field(default_factory=list)
+    graph_runner: None = None
+    pending: dict = field(default_factory=dict)
+    busy_loading: bool = False
+
+    def launch(self, inputs) -> Launched:
+        number = sum(event.startswith("launch") for event in self.events) + 1
+        self.events.append(f"launch {number}")
+        return Launched(number, self.ends_at_once)
+
+    def finish(self, launched: Launched) -> ForwardOutput:
+        self.events.append(f"finish {launched.number}")
+        return ForwardOutput(tokens=[])
+
+    def poll(self) -> LoadReport:
+        return LoadReport()
+
+
+@pytest.mark.parametrize(("ends_at_once", "expected"), [
+    (True, ["launch 1", "finish 1", "answer 1", "launch 2"]),  # CPU: tokens leave before the next forward runs
+    (False, ["launch 1", "launch 2", "finish 1", "answer 1"]),  # GPU: the next forward is queued first
+])
+def test_a_forward_already_ended_is_answered_before_the_next_is_launched(ends_at_once, expected):
+    engine = RecordingEngine(ends_at_once)
+    service = WorkerService(WorkerConfig("ipc:///unused", EngineConfig(model_path="/unused")), engine)
+    service._send = lambda event: engine.events.append(f"answer {event.result.command_id}")
+    try:
+        for command_id in (1, 2):
+            service._on_command(pb.WorkerCommand(command_id=command_id, forward=pb.Forward()))
+    finally:
+        service.socket.close(linger=0)
+    assert engine.events == expected

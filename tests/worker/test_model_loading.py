@@ -97,7 +97,7 @@ def test_llama31_config_in_the_v4_format_gives_transformers_rope(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA31_8B | {"eos_token_id": [128001, 128008, 128009]}))
     config = load_model_config(tmp_path)
-    assert (config.rope_type, config.eos_token_ids) == ("llama3", (128001, 128008, 128009))
+    assert (config.rope_type(None), config.eos_token_ids) == ("llama3", (128001, 128008, 128009))
     positions = torch.tensor([0, 5, 9000, 100_000])
     cos, sin = RotaryEmbedding(config, torch.device("cpu")).cos_sin(positions, torch.float32)
     hf_cos, hf_sin = LlamaRotaryEmbedding(AutoConfig.from_pretrained(tmp_path))(

@@ -9,9 +9,9 @@ their count, not by memory.
   in float32 models the two are the same. Shapes: hidden, delta [T, N]; weight [N].
 - `rope_and_cache_kv`: q, k and v taken from the fused qkv matrix [T, (heads + 2 kv_heads) * D];
   q and k optionally RMS-normed per head over its D (Qwen3's and Gemma 3's q_norm/k_norm,
-  weights as add_rms_norm's), then rotated
-  with HF's rotate_half layout: `out = x * cos + cat(-x[D/2:], x[:D/2]) * sin`, every product
-  and sum rounded to the model dtype as the torch ops do; cos, sin [T, 1, D] are those of
+  weights as add_rms_norm's), then rotated with HF's rotate_half layout:
+  `out = x * cos + cat(-x[D/2:], x[:D/2]) * sin`, every product and sum rounded to the model
+  dtype as the torch ops do; cos, sin [T, 1, D] are those of
   `RotaryEmbedding.cos_sin`, already in the model dtype. k and v are written to the KV cache
   rows `write_index` [T] (keys, values [rows, kv_heads, D]); returns q [T, heads, D]. qkv
   itself is left as it is.
@@ -24,8 +24,9 @@ rounded as the unfused `out += delta` would be, so that no separate add kernel r
 
 Each public function runs one Triton kernel on CUDA tensors and the torch reference (the
 code the model ran before, which CI covers) otherwise. The kernels round in the same places
-as the references; what differs is only the order of the float32 sum of squares (and exp's
-last bits in the activations). Their grids depend only on the tensors' shapes, so they replay in CUDA graphs.
+as the references; what differs is only the order of the float32 sum of squares (and the last
+bits of exp and tanh in the activations). Their grids depend only on the tensors' shapes, so
+they replay in CUDA graphs.
 """
 
 from __future__ import annotations

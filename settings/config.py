@@ -203,7 +203,8 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: str = setting(default_text="the demo",
-                              help="Hugging Face model directory (Llama 2/3, Mistral, Qwen2, Qwen3)")
+                              help="Hugging Face model directory (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2, "
+                                   "Gemma 3 text)")
     load_format: str = setting("safetensors", choices=("safetensors", "dummy"), parse=_load_format,
                                help="`dummy`: random weights from config.json alone (`auto`: safetensors)")
     device: str = setting("auto", choices=("auto", "cpu", "cuda"), help="`cpu`, `cuda`, or `auto` (CUDA if there is one)")

@@ -2,7 +2,8 @@
 
 Everything is built locally (no hub access) and seeded, so the same arguments give the same
 bytes. The models are small enough for CPU tests yet use the features a server must get
-right: GQA, rope variants, sliding windows, q/k/v bias, q/k norm, tied embeddings, shards.
+right: GQA, rope variants, sliding windows, q/k/v bias, q/k norm, tied embeddings, shards,
+and Gemma's soft-capping, sandwich norms, scales and per-layer-type ropes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
@@ -29,7 +32,7 @@ from transformers import (
 
 from loraserve.demo import BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_tokenizer  # noqa: F401 (re-exported for tests)
 
-ARCHITECTURES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 
 VOCAB_SIZE = 256
 MAX_POSITIONS = 256
@@ -50,6 +53,25 @@ _LLAMA3_ROPE = {
     "original_max_position_embeddings": 32,
 }
 
+# Gemma ties its embeddings. A larger init than the others' 0.02 makes attention scores and
+# logits reach the soft caps (scores up to ~+-5 against a cap of 4, logits ~+-7 against 3),
+# and a query_pre_attn_scalar other than head_dim makes the attention scale matter.
+_GEMMA_COMMON: dict[str, object] = {"tie_word_embeddings": True, "initializer_range": 0.15,
+                                    "sliding_window": SLIDING_WINDOW}
+_GEMMA_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
+    # Layers alternate sliding, full (Gemma 2's own default).
+    "gemma2": (Gemma2Config, {"head_dim": 16, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 4.0,
+                              "final_logit_softcapping": 3.0}),
+    # Full, then sliding; local layers keep base 10000, global ones a linearly scaled 1e6 (as
+    # Gemma 3 4B); q/k norms; non-square q/o; no attention soft-capping (Gemma 3's default).
+    "gemma3": (Gemma3TextConfig, {
+        "head_dim": 32, "query_pre_attn_scalar": 20, "final_logit_softcapping": 3.0,
+        "layer_types": ["full_attention", "sliding_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+    }),
+}
+
 _ARCH_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
     "llama": (LlamaConfig, {}),
     "llama3": (LlamaConfig, {"rope_parameters": _LLAMA3_ROPE}),
@@ -57,6 +79,7 @@ _ARCH_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
     "qwen2": (Qwen2Config, {}),
     # head_dim * heads = 128 != hidden 64, so q/o projections are not square.
     "qwen3": (Qwen3Config, {"head_dim": 32}),
+    **{arch: (config_class, {**_GEMMA_COMMON, **extra}) for arch, (config_class, extra) in _GEMMA_CONFIGS.items()},
 }
 
 # Default init leaves biases at 0 and norm weights at 1; perturb them so a server that
@@ -74,21 +97,22 @@ def build_tiny_model(
     arch: str,
     *,
     dtype: str = "float32",
-    tie_word_embeddings: bool = False,
+    tie_word_embeddings: bool | None = None,
     shard: bool = False,
     seed: int = 0,
 ) -> Path:
-    """Write a random-weight `arch` model plus tokenizer and generation config to `out_dir`."""
+    """Write a random-weight `arch` model plus tokenizer and generation config to `out_dir`
+    (`tie_word_embeddings` None: as the architecture usually does, i.e. only Gemma ties)."""
     _write_model(out_dir, _config(arch, tie_word_embeddings), dtype=dtype, shard=shard, seed=seed)
     build_tokenizer(out_dir, max_length=MAX_POSITIONS)
     return out_dir
 
 
-def _config(arch: str, tie_word_embeddings: bool) -> PretrainedConfig:
+def _config(arch: str, tie_word_embeddings: bool | None) -> PretrainedConfig:
     if arch not in _ARCH_CONFIGS:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
     config_class, extra = _ARCH_CONFIGS[arch]
-    return config_class(
+    settings = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
         intermediate_size=128,
@@ -97,12 +121,15 @@ def _config(arch: str, tie_word_embeddings: bool) -> PretrainedConfig:
         num_key_value_heads=2,
         max_position_embeddings=MAX_POSITIONS,
         initializer_range=0.02,
-        tie_word_embeddings=tie_word_embeddings,
+        tie_word_embeddings=False,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
-        **extra,
     )
+    settings.update(extra)
+    if tie_word_embeddings is not None:
+        settings["tie_word_embeddings"] = tie_word_embeddings
+    return config_class(**settings)
 
 
 def _write_model(out_dir: Path, config: PretrainedConfig, *, dtype: str, shard: bool, seed: int) -> None:
@@ -123,8 +150,8 @@ def _perturb_biases_and_norms(model: torch.nn.Module) -> None:
     for name, param in model.named_parameters():
         if name.endswith(".bias"):
             param.normal_(0.0, _BIAS_STD)
-        elif name.endswith("norm.weight"):
-            param.copy_(1.0 + _NORM_WEIGHT_STD * torch.randn_like(param))
+        elif name.endswith("norm.weight"):  # around 1 (Llama), around 0 (Gemma's 1 + w)
+            param.add_(_NORM_WEIGHT_STD * torch.randn_like(param))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.gemma2.modeling_gemma2 import apply_rotary_pos_emb
 
 from tests.model_factory import (
     ARCHITECTURES,
@@ -103,10 +104,32 @@ def test_model_loads_and_matches_tokenizer(models: dict[tuple[str, bool], Path],
         assert model.model.layers[0].self_attn.q_proj.bias.abs().min() > 0
     if arch == "qwen3":
         assert config.head_dim * config.num_attention_heads != config.hidden_size
+    if arch.startswith("gemma"):
+        assert_soft_caps_bite(model)
     with torch.no_grad():
         logits = model(torch.tensor([PROMPT])).logits[0]
     assert torch.isfinite(logits).all()
     assert logits.std(dim=-1).min() > 0.05  # not a flat distribution
+
+
+def assert_soft_caps_bite(model: torch.nn.Module) -> None:
+    """The raw logits, and attention scores where capped, reach beyond Gemma's soft caps."""
+    config = model.config
+    with torch.no_grad():
+        outputs = model.model(torch.tensor([PROMPT]))
+        assert model.lm_head(outputs.last_hidden_state).abs().max() > config.final_logit_softcapping
+        if config.attn_logit_softcapping is None:
+            return
+        # Layer 0's scores, as its attention computes them before capping.
+        attention = model.model.layers[0].self_attn
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(torch.tensor([PROMPT])))
+        q, k = (proj(hidden).view(1, len(PROMPT), -1, attention.head_dim).transpose(1, 2)
+                for proj in (attention.q_proj, attention.k_proj))
+        cos, sin = model.model.rotary_emb(hidden, torch.arange(len(PROMPT))[None])
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = q @ k.transpose(2, 3) * attention.scaling
+        assert scores.abs().max() > config.attn_logit_softcapping
 
 
 def test_sharded_model_equals_unsharded(models: dict[tuple[str, bool], Path], tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ can replace this behind the same signature.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from worker.kernels.paged_attention import reference_sdpa
 from worker.step_inputs import PaddedAttentionGroup
 
 
@@ -33,23 +33,26 @@ def padded_group_attention(
     groups: list[PaddedAttentionGroup],
     masks: list[torch.Tensor],
     scale: float,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """q: [T, heads, head_dim]; keys/values: one layer's cache [slots, kv_heads, head_dim].
+    """q: [T, heads, head_dim]; keys/values: one layer's cache [slots, kv_heads, head_dim];
+    softcap > 0 soft-caps the scores (`reference_sdpa`).
 
     Returns [T, heads, head_dim].
     """
     if len(groups) == 1:  # one group covers every token, already in flat order
-        return _group_attention(q, keys, values, groups[0], masks[0], scale)
+        return _group_attention(q, keys, values, groups[0], masks[0], scale, softcap)
     out = torch.empty_like(q)
     for group, mask in zip(groups, masks):
-        out[group.token_index] = _group_attention(q, keys, values, group, mask, scale)
+        out[group.token_index] = _group_attention(q, keys, values, group, mask, scale, softcap)
     return out
 
 
-def _group_attention(q, keys, values, group: PaddedAttentionGroup, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def _group_attention(q, keys, values, group: PaddedAttentionGroup, mask: torch.Tensor, scale: float,
+                     softcap: float) -> torch.Tensor:
     """The group's valid query rows, in padded-row order (= its token_index order)."""
     q_padded = q[group.q_index].transpose(1, 2)  # [B, H, max_q, D]
     k = keys[group.kv_index].transpose(1, 2)  # [B, KVH, max_kv, D]
     v = values[group.kv_index].transpose(1, 2)
-    out = F.scaled_dot_product_attention(q_padded, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    out = reference_sdpa(q_padded, k, v, mask, scale, softcap)
     return out.transpose(1, 2).flatten(0, 1)[group.q_rows]

@@ -307,7 +307,7 @@ class GraphStepRunner:
 
         def attend(index: int, q: torch.Tensor) -> torch.Tensor:
             return attention(q, keys(index), values(index), page_table, *extra, self.page_size,
-                             self.model.scale, windows[index])
+                             self.model.scale, windows[index], self.model.config.attn_logit_softcap)
 
         return self.model.forward_tokens(inputs.device("input_ids"), inputs.device("positions"),
                                          inputs.device("kv_write"), self.kv_cache, lora, attend)

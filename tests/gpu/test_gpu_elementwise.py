@@ -11,7 +11,12 @@ import os
 import pytest
 import torch
 
-from worker.kernels.elementwise import add_rms_norm_reference, rope_and_cache_kv_reference, silu_mul_reference
+from worker.kernels.elementwise import (
+    ACTIVATIONS,
+    act_mul_reference,
+    add_rms_norm_reference,
+    rope_and_cache_kv_reference,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # then CPU tensors run the kernels in the interpreter
 DEVICES = ["cuda"] * torch.cuda.is_available() + ["cpu"] * INTERPRET
@@ -22,6 +27,8 @@ pytestmark = [
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # float32: summation order (and exp's last bits); bfloat16: a rounding flipped by those, one ulp (2^-7 relative).
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+# Norm weights in the model dtype (Llama) or float32 (Gemma's 1 + w: scaled before the one rounding).
+NORM_WEIGHT_DTYPES = {"model": None, "float32": torch.float32}
 
 
 @pytest.fixture(params=DEVICES)
@@ -68,11 +75,12 @@ def assert_matches(out: torch.Tensor, expected: torch.Tensor, dtype: str) -> Non
 @pytest.mark.parametrize("tokens", [1, 5, 37])
 @pytest.mark.parametrize("size", [72, 4096])
 @pytest.mark.parametrize("addends", ["none", "delta", "delta+lora"])
-def test_add_rms_norm_matches_reference(device, dtype, tokens, size, addends):
+@pytest.mark.parametrize("norm_weight", list(NORM_WEIGHT_DTYPES))
+def test_add_rms_norm_matches_reference(device, dtype, tokens, size, addends, norm_weight):
     hidden = randn(tokens, size, dtype=DTYPES[dtype], device=device, seed=0)
     delta = randn(tokens, size, dtype=DTYPES[dtype], device=device, seed=1) if addends != "none" else None
     lora_delta = randn(tokens, size, dtype=DTYPES[dtype], device=device, seed=7) if addends == "delta+lora" else None
-    weight = randn(size, dtype=DTYPES[dtype], device=device, seed=2, scale=0.1) + 1
+    weight = randn(size, dtype=NORM_WEIGHT_DTYPES[norm_weight] or DTYPES[dtype], device=device, seed=2, scale=0.1) + 1
     summed, normed = kernels().add_rms_norm(hidden, delta, weight, 1e-6, lora_delta)
     expected_sum, expected_normed = add_rms_norm_reference(hidden, delta, weight, 1e-6, lora_delta)
     assert torch.equal(summed, expected_sum), "the residual add is exact"
@@ -83,7 +91,7 @@ def test_add_rms_norm_matches_reference(device, dtype, tokens, size, addends):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("tokens", [1, 5, 37])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (4, 4, 64), (8, 2, 16)])
-@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("qk_norm", [None, *NORM_WEIGHT_DTYPES])
 @pytest.mark.parametrize("with_lora", [False, True])
 def test_rope_and_cache_kv_matches_reference(device, dtype, tokens, heads, kv_heads, head_dim, qk_norm, with_lora):
     """q, k and v come from a fused qkv (plus staged LoRA deltas), which the kernel leaves
@@ -98,7 +106,8 @@ def test_rope_and_cache_kv_matches_reference(device, dtype, tokens, heads, kv_he
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = (f(emb).to(torch_dtype).to(device)[:, None, :] for f in (torch.cos, torch.sin))
-    norms = [randn(head_dim, dtype=torch_dtype, device=device, seed=5 + i, scale=0.1) + 1 for i in range(2)]
+    norm_dtype = NORM_WEIGHT_DTYPES.get(qk_norm) or torch_dtype
+    norms = [randn(head_dim, dtype=norm_dtype, device=device, seed=5 + i, scale=0.1) + 1 for i in range(2)]
     q_norm, k_norm = norms if qk_norm else (None, None)
     rows = 2 * tokens + 1
     scratch = rows - 1
@@ -124,10 +133,12 @@ def test_rope_and_cache_kv_matches_reference(device, dtype, tokens, heads, kv_he
 @pytest.mark.parametrize("tokens", [1, 5, 37])
 @pytest.mark.parametrize("size", [72, 1100, 14336])
 @pytest.mark.parametrize("with_lora", [False, True])
-def test_silu_mul_matches_reference(device, dtype, tokens, size, with_lora):
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_act_mul_matches_reference(device, dtype, tokens, size, with_lora, activation):
     gate_up = randn(tokens, 2 * size, dtype=DTYPES[dtype], device=device, seed=6, scale=3.0)
     lora_delta = randn(tokens, 2 * size, dtype=DTYPES[dtype], device=device, seed=7) if with_lora else None
-    assert_matches(kernels().silu_mul(gate_up, lora_delta), silu_mul_reference(gate_up, lora_delta), dtype)
+    assert_matches(kernels().act_mul(gate_up, lora_delta, activation),
+                   act_mul_reference(gate_up, lora_delta, activation), dtype)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="dispatch to Triton happens on CUDA only")
@@ -136,7 +147,7 @@ def test_public_functions_dispatch_to_triton_on_cuda(monkeypatch):
     from worker.kernels import elementwise
 
     calls = []
-    for name in ("add_rms_norm", "rope_and_cache_kv", "silu_mul"):
+    for name in ("add_rms_norm", "rope_and_cache_kv", "act_mul"):
         original = getattr(kernels(), name)
         monkeypatch.setattr(kernels(), name,
                             lambda *args, _f=original, _n=name, **kwargs: calls.append(_n) or _f(*args, **kwargs))
@@ -146,5 +157,5 @@ def test_public_functions_dispatch_to_triton_on_cuda(monkeypatch):
     elementwise.add_rms_norm(x, x, torch.ones(64, device="cuda"), 1e-6)
     elementwise.rope_and_cache_kv(x[:, :48], None, 1, 1, 16, cos, sin, None, None, 1e-6, keys=cache,
                                   values=cache.clone(), write_index=torch.arange(3, device="cuda"))
-    elementwise.silu_mul(x)
-    assert calls == ["add_rms_norm", "rope_and_cache_kv", "silu_mul"]
+    elementwise.act_mul(x)
+    assert calls == ["add_rms_norm", "rope_and_cache_kv", "act_mul"]

@@ -124,6 +124,8 @@ def test_triton_multi_lora_groups_at_8b_sizes(dtype, mix, tokens, block_m, group
         torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
 
 
+SOFTCAP = 2.0  # Gemma 2's attention logit soft-capping, low enough to bend unit-variance scores
+
 DECODE_LENGTHS = {  # page-table width in pages, sequence lengths (0: a padding row)
     "short": (32, [0, 1, 15, 16, 17, 64, 65, 200, 333]),
     "long": (256, [0, 1, 17, 1000, 2049, 4095, 4096]),  # 4096 keys: 64 blocks, one per split at splits=64
@@ -148,7 +150,9 @@ def decode_case(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, le
 @pytest.mark.parametrize("window", [0, 37, 300])
 @pytest.mark.parametrize("lengths", list(DECODE_LENGTHS))
 @pytest.mark.parametrize("splits", [None, 1, 5, 8, 64])
-def test_triton_decode_attention_matches_reference(dtype, heads, kv_heads, head_dim, window, lengths, splits):
+@pytest.mark.parametrize("softcap", [0.0, SOFTCAP])
+def test_triton_decode_attention_matches_reference(dtype, heads, kv_heads, head_dim, window, lengths, splits,
+                                                   softcap):
     """splits None: the shape heuristic (what `decode_attention` runs); 1: the one-pass kernel; 8: two warps
     (`decode_warps`); 64: many empty."""
     from worker.kernels import _paged_attention_triton as kernels
@@ -156,11 +160,12 @@ def test_triton_decode_attention_matches_reference(dtype, heads, kv_heads, head_
     q, keys, values, page_table, lens, page_size = decode_case(DTYPES[dtype], heads, kv_heads, head_dim, lengths)
     scale = head_dim**-0.5
     if splits is None:
-        out = decode_attention(q, keys, values, page_table, lens, page_size, scale, window)
+        out = decode_attention(q, keys, values, page_table, lens, page_size, scale, window, softcap)
     else:
-        out = kernels.decode_attention(q, keys, values, page_table, lens, page_size, scale, window, splits=splits)
+        out = kernels.decode_attention(q, keys, values, page_table, lens, page_size, scale, window, softcap,
+                                       splits=splits)
     expected = decode_attention_reference(q.double(), keys.double(), values.double(), page_table, lens,
-                                          page_size, scale, window)
+                                          page_size, scale, window, softcap)
     tolerance = 1e-4 if dtype == "float32" else 2e-2
     torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
     assert not out[0].any(), "a padding row (length 0) gives zeros"
@@ -305,7 +310,8 @@ def test_cuda_graph_decode_bfloat16_first_steps_match_eager(model_dirs, mixed_ad
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (8, 2, 16)])
 @pytest.mark.parametrize("window", [0, 37])
-def test_triton_ragged_attention_matches_reference(dtype, heads, kv_heads, head_dim, window):
+@pytest.mark.parametrize("softcap", [0.0, SOFTCAP])
+def test_triton_ragged_attention_matches_reference(dtype, heads, kv_heads, head_dim, window, softcap):
     """Prefill chunks (fresh and continued) and decodes in one flat batch, padding tokens after."""
     page_size, num_pages = 16, 128
     sequences = [(0, 100), (20, 1), (5, 3), (200, 1), (64, 70), (0, 1)]  # (context, new tokens)
@@ -320,9 +326,9 @@ def test_triton_ragged_attention_matches_reference(dtype, heads, kv_heads, head_
     q = torch.randn(len(token_rows), heads, head_dim, device="cuda", generator=gen, dtype=DTYPES[dtype])
     blocks = torch.from_numpy(attention_blocks([n for _, n in sequences], 32)).cuda()
     scale = head_dim**-0.5
-    out = ragged_attention(q, keys, values, page_table, blocks, positions, 16, scale, window)
+    out = ragged_attention(q, keys, values, page_table, blocks, positions, 16, scale, window, softcap)
     expected = ragged_attention_reference(q.double(), keys.double(), values.double(), page_table, token_rows,
-                                          positions, page_size, scale, window)
+                                          positions, page_size, scale, window, softcap)
     tolerance = 1e-4 if dtype == "float32" else 2e-2
     torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
     assert not out[-9:].any(), "padding tokens give zeros"

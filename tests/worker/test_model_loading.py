@@ -97,10 +97,51 @@ def test_llama31_config_in_the_v4_format_gives_transformers_rope(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA31_8B | {"eos_token_id": [128001, 128008, 128009]}))
     config = load_model_config(tmp_path)
-    assert (config.rope_type, config.eos_token_ids) == ("llama3", (128001, 128008, 128009))
+    assert (config.rope_type(None), config.eos_token_ids) == ("llama3", (128001, 128008, 128009))
     positions = torch.tensor([0, 5, 9000, 100_000])
     cos, sin = RotaryEmbedding(config, torch.device("cpu")).cos_sin(positions, torch.float32)
     hf_cos, hf_sin = LlamaRotaryEmbedding(AutoConfig.from_pretrained(tmp_path))(
         torch.zeros(1, dtype=torch.float32), positions[None])
     torch.testing.assert_close(cos[:, 0], hf_cos[0])
     torch.testing.assert_close(sin[:, 0], hf_sin[0])
+
+
+GEMMA3_1B = {  # config.json of Gemma 3 1B (transformers v4 form: rope_theta, rope_local_base_freq, a pattern)
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 1152,
+    "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1,
+    "head_dim": 256, "query_pre_attn_scalar": 256, "rope_theta": 1000000, "rope_local_base_freq": 10000,
+    "rope_scaling": None, "sliding_window": 512, "sliding_window_pattern": 6, "final_logit_softcapping": None,
+    "attn_logit_softcapping": None, "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 32768,
+    "vocab_size": 262144, "rms_norm_eps": 1e-06, "eos_token_id": [1, 106],
+}
+
+
+def test_gemma3_config_gives_transformers_ropes_windows_and_knobs(tmp_path):
+    """Every sixth layer is global (rope base 1e6, no window); the others local (base 1e4, 512 keys)."""
+    from transformers import AutoConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    from worker.model.config import load_model_config
+    from worker.model.rope import RotaryEmbedding
+
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA3_1B))
+    config = load_model_config(tmp_path)
+    assert config.sliding_windows[4:7] == (512, None, 512)
+    assert config.layer_ropes[4:7] == ("sliding_attention", "full_attention", "sliding_attention")
+    assert (config.attention_scale, config.attn_logit_softcap, config.final_logit_softcap) == (256**-0.5, 0.0, 0.0)
+    assert (config.qk_norm, config.sandwich_norms, config.norm_weight_offset) == (True, True, 1.0)
+    positions = torch.tensor([0, 5, 9000, 30_000])
+    hf_rope = Gemma3RotaryEmbedding(AutoConfig.from_pretrained(tmp_path))
+    for layer_type in ("sliding_attention", "full_attention"):
+        cos, sin = RotaryEmbedding(config, torch.device("cpu"), layer_type).cos_sin(positions, torch.float32)
+        hf_cos, hf_sin = hf_rope(torch.zeros(1, dtype=torch.float32), positions[None], layer_type)
+        torch.testing.assert_close(cos[:, 0], hf_cos[0])
+        torch.testing.assert_close(sin[:, 0], hf_sin[0])
+
+
+def test_gemma_embedding_models_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA3_1B | {"use_bidirectional_attention": True}))
+    from worker.model.config import load_model_config
+
+    with pytest.raises(ModelLoadError, match="use_bidirectional_attention"):
+        load_model_config(tmp_path)

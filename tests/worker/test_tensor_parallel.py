@@ -31,14 +31,14 @@ LATE_ADAPTER = "layer1_only"  # loaded while the others decode, into an evicted 
 ENGINE_SETTINGS = dict(dtype="float32", device="cpu", page_size=4, num_kv_pages=256, max_loras_per_batch=4,
                        max_lora_rank=32, host_cache_bytes=16 << 20)
 CASES = [("llama", 2), ("llama3", 2), ("mistral", 2), ("qwen2", 2), ("qwen2-tied", 2), ("qwen3", 2),
-         ("llama3", 4), ("qwen3", 4)]
+         ("gemma2", 2), ("gemma3", 2), ("llama3", 4), ("qwen3", 4), ("gemma3", 4)]
 
 
 @pytest.fixture(scope="module")
 def tp_models(artifacts) -> dict[str, Path]:
-    """The architectures, and Qwen2 with tied embeddings (its LM head is the split embedding)."""
+    """The architectures, and Qwen2 with tied embeddings (its LM head is the split embedding, as Gemma's)."""
     models = {arch: build_tiny_model(artifacts / f"tp-{arch}", arch) for arch in ("llama", "llama3", "mistral",
-                                                                                 "qwen2", "qwen3")}
+                                                                                 "qwen2", "qwen3", "gemma2", "gemma3")}
     models["qwen2-tied"] = build_tiny_model(artifacts / "tp-qwen2-tied", "qwen2", tie_word_embeddings=True)
     return models
 

@@ -2,8 +2,9 @@
 
 Values are loaded in the model dtype, computed in float32 and rounded back to the model
 dtype after each operation the torch reference does in that dtype, so the results match it
-bit for bit but for the sum of squares' order. Launched with enable_fp_fusion=False: a
-multiply-add contracted into an FMA would round once where torch rounds twice.
+bit for bit but for the sum of squares' order (and the activations' exp and tanh). Launched
+with enable_fp_fusion=False: a multiply-add contracted into an FMA would round once where
+torch rounds twice.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.kernels._triton_common import tanh
+
 
 @triton.jit
 def _scale_by_weight(x, rstd, weight):
-    """HF's RMSNorm tail: x (float32) * rstd rounded to the model dtype, times weight in that dtype."""
+    """HF's RMSNorm tail: x (float32) * rstd rounded to the model dtype, times weight in that dtype
+    (Llama); with a float32 weight (Gemma's 1 + w) all in float32, left to the caller to round."""
     normed = (x * rstd).to(weight.dtype).to(tl.float32)
     return (weight.to(tl.float32) * normed).to(weight.dtype)
 
@@ -45,7 +49,8 @@ def _add_rms_norm_kernel(hidden_ptr, delta_ptr, lora_ptr, weight_ptr, sum_ptr, n
     x = x.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(x * x, 0) / size + eps)
     weight = tl.load(weight_ptr + cols, mask=ok, other=0.0)
-    tl.store(normed_ptr + row * stride_n + cols, _scale_by_weight(x, rstd, weight), mask=ok)
+    normed = _scale_by_weight(x, rstd, weight).to(normed_ptr.dtype.element_ty)
+    tl.store(normed_ptr + row * stride_n + cols, normed, mask=ok)
 
 
 def _num_warps(block: int) -> int:
@@ -55,10 +60,10 @@ def _num_warps(block: int) -> int:
 def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  lora_delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, size = hidden.shape
-    _check(hidden, weight)
+    _check_norm_weight(hidden, weight)
     for addend in (delta, lora_delta):
         if addend is not None:
-            _check(addend, weight)
+            _check(addend, hidden)
     if lora_delta is not None and delta is None:
         raise ValueError("a LoRA delta is added to a module's output (delta)")
     summed = torch.empty_like(hidden) if delta is not None else hidden
@@ -80,12 +85,12 @@ def _rope_head(x1, x2, cos_ptr, sin_ptr, out_ptr, norm_ptr, eps, dims, ok, HEAD_
                QK_NORM: tl.constexpr):
     """One head of one token (its halves x1, x2): the halves of head_dim are rotated into each other."""
     half: tl.constexpr = HEAD_DIM // 2
-    if QK_NORM:
+    dtype = x1.dtype
+    if QK_NORM:  # the normed head is rounded to the model dtype before the rotation, as HF's is
         a, b = x1.to(tl.float32), x2.to(tl.float32)
         rstd = tl.math.rsqrt((tl.sum(a * a, 0) + tl.sum(b * b, 0)) / HEAD_DIM + eps)
-        x1 = _scale_by_weight(a, rstd, tl.load(norm_ptr + dims, mask=ok, other=0.0))
-        x2 = _scale_by_weight(b, rstd, tl.load(norm_ptr + half + dims, mask=ok, other=0.0))
-    dtype = x1.dtype
+        x1 = _scale_by_weight(a, rstd, tl.load(norm_ptr + dims, mask=ok, other=0.0)).to(dtype)
+        x2 = _scale_by_weight(b, rstd, tl.load(norm_ptr + half + dims, mask=ok, other=0.0)).to(dtype)
     cos1 = tl.load(cos_ptr + dims, mask=ok, other=0.0).to(tl.float32)
     cos2 = tl.load(cos_ptr + half + dims, mask=ok, other=0.0).to(tl.float32)
     sin1 = tl.load(sin_ptr + dims, mask=ok, other=0.0).to(tl.float32)
@@ -135,8 +140,8 @@ def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: torch.Tensor | None, heads:
     if cos.stride(-1) != 1 or sin.stride(-1) != 1:
         raise ValueError("rope_and_cache_kv needs cos and sin with a unit stride in the last dimension")
     if q_norm is not None:
-        _check(qkv, q_norm)
-        _check(qkv, k_norm)
+        _check_norm_weight(qkv, q_norm)
+        _check_norm_weight(qkv, k_norm)
     if lora_delta is not None:
         _check(lora_delta, qkv)
     for cache in (keys, values):
@@ -155,34 +160,51 @@ def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: torch.Tensor | None, heads:
     return q
 
 
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # by the names of `worker.kernels.elementwise.ACTIVATIONS`
+
+
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, lora_ptr, out_ptr, size, stride_g, stride_l, stride_o, BLOCK: tl.constexpr,
-                     HAS_LORA: tl.constexpr):
+def _act_mul_kernel(gate_up_ptr, lora_ptr, out_ptr, size, stride_g, stride_l, stride_o, BLOCK: tl.constexpr,
+                    HAS_LORA: tl.constexpr, ACTIVATION: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < size
     gate = _load_plus_lora(gate_up_ptr + row * stride_g, lora_ptr + row * stride_l, cols, ok, HAS_LORA)
     up = _load_plus_lora(gate_up_ptr + row * stride_g + size, lora_ptr + row * stride_l + size, cols, ok, HAS_LORA)
     g = gate.to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)  # F.silu's formula, rounded like its output
-    tl.store(out_ptr + row * stride_o + cols, (silu * up.to(tl.float32)).to(gate.dtype), mask=ok)
+    if ACTIVATION == "gelu_pytorch_tanh":  # F.gelu(approximate="tanh")'s formula; sqrt(2 / pi) = 0.79788...
+        act = 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+    else:  # F.silu's formula
+        act = g / (1.0 + tl.exp(-g))
+    act = act.to(gate.dtype).to(tl.float32)  # rounded like the activation's output
+    tl.store(out_ptr + row * stride_o + cols, (act * up.to(tl.float32)).to(gate.dtype), mask=ok)
 
 
-def silu_mul(gate_up: torch.Tensor, lora_delta: torch.Tensor | None = None) -> torch.Tensor:
+def act_mul(gate_up: torch.Tensor, lora_delta: torch.Tensor | None = None, activation: str = "silu") -> torch.Tensor:
     tokens, width = gate_up.shape
     if gate_up.stride(-1) != 1:
-        raise ValueError("silu_mul needs a unit stride in the last dimension")
+        raise ValueError("act_mul needs a unit stride in the last dimension")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}")
     if lora_delta is not None:
         _check(lora_delta, gate_up)
     size = width // 2
     out = torch.empty(tokens, size, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     lora = gate_up if lora_delta is None else lora_delta
-    _silu_mul_kernel[(tokens, triton.cdiv(size, block))](
+    _act_mul_kernel[(tokens, triton.cdiv(size, block))](
         gate_up, lora, out, size, gate_up.stride(0), lora.stride(0), out.stride(0), BLOCK=block,
-        HAS_LORA=lora_delta is not None, num_warps=4, enable_fp_fusion=False,
+        HAS_LORA=lora_delta is not None, ACTIVATION=activation, num_warps=4, enable_fp_fusion=False,
     )
     return out
+
+
+def _check_norm_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """A norm weight is in x's dtype (Llama) or float32 (Gemma's 1 + w, scaling before the rounding)."""
+    if x.stride(-1) != 1:
+        raise ValueError("the elementwise kernels need a unit stride in the last dimension")
+    if weight.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"expected a norm weight in {x.dtype} or float32, got {weight.dtype}")
 
 
 def _check(x: torch.Tensor, other: torch.Tensor) -> None:

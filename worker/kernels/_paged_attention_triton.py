@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels._triton_common import dot
+from worker.kernels._triton_common import dot, tanh
 
 BLOCK_N = 64  # keys per loop iteration: 4 pages of 16
 # Launch shapes from `attention_bench.py --decode-sweep` on an H200 (results/attention-shapes-h200/):
@@ -32,6 +32,15 @@ def decode_warps(splits: int) -> int:
 
 
 @triton.jit
+def _scores(q, k, scale, softcap, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+    """Scaled q.k for a tile of queries [M, D] and keys [N, D]; soft-capped (Gemma 2) with SOFTCAP."""
+    scores = dot(q, tl.trans(k), IEEE) * scale
+    if SOFTCAP:
+        scores = softcap * tanh(scores / softcap)
+    return scores
+
+
+@triton.jit
 def _split_range(seq_len, window, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """(first visible key, start, end) of one split: the key blocks over [first, seq_len) dealt out in order."""
     first = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
@@ -43,9 +52,10 @@ def _split_range(seq_len, window, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.c
 
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, acc_ptr, stats_ptr, page_table_ptr, seq_lens_ptr, scale, window,
-                   stride_qb, stride_qh, stride_kt, stride_kh, stride_ob, stride_oh, stride_pb,
+                   softcap, stride_qb, stride_qh, stride_kt, stride_kh, stride_ob, stride_oh, stride_pb,
                    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+                   SOFTCAP: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -70,7 +80,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, acc_ptr, stats_ptr, page_table_
         kv_offsets = rows[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
         kv_mask = visible[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        scores = tl.where(visible[None, :], dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
+        scores = tl.where(visible[None, :], _scores(q, k, scale, softcap, SOFTCAP, IEEE), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
@@ -114,7 +124,7 @@ def _reduce_kernel(acc_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, HEAD_DIM: 
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, page_table: torch.Tensor,
-                     seq_lens: torch.Tensor, page_size: int, scale: float, window: int, *,
+                     seq_lens: torch.Tensor, page_size: int, scale: float, window: int, softcap: float = 0.0, *,
                      splits: int | None = None, block_n: int = BLOCK_N, warps: int | None = None,
                      reduce_warps: int = REDUCE_WARPS, target_programs: int = TARGET_PROGRAMS) -> torch.Tensor:
     """`splits` (default: `num_splits`), `block_n`, the warps and `target_programs` are for benchmarks;
@@ -133,12 +143,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     group = heads // kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
     _decode_kernel[(batch, kv_heads, splits)](
-        q, keys, values, out, acc, stats, page_table, seq_lens, scale, window,
+        q, keys, values, out, acc, stats, page_table, seq_lens, scale, window, float(softcap),
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
         page_table.stride(0),
         PAGE_SIZE=page_size, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32,
-        num_warps=warps or decode_warps(splits),
+        SOFTCAP=softcap > 0, num_warps=warps or decode_warps(splits),
     )
     if splits > 1:
         _reduce_kernel[(batch, heads)](acc, stats, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
@@ -148,10 +158,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 @triton.jit
-def _ragged_kernel(q_ptr, k_ptr, v_ptr, out_ptr, page_table_ptr, positions_ptr, blocks_ptr, scale, window,
+def _ragged_kernel(q_ptr, k_ptr, v_ptr, out_ptr, page_table_ptr, positions_ptr, blocks_ptr, scale, window, softcap,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_pb,
                    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
     row = blocks_ptr + tl.program_id(0) * 3
     seq = tl.load(row)
     start = tl.load(row + 1)
@@ -181,7 +191,7 @@ def _ragged_kernel(q_ptr, k_ptr, v_ptr, out_ptr, page_table_ptr, positions_ptr, 
             k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
             visible = (key_pos[None, :] <= q_pos[:, None]) & key_ok[None, :]
             visible &= (window <= 0) | (key_pos[None, :] > q_pos[:, None] - window)
-            scores = tl.where(visible, dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
+            scores = tl.where(visible, _scores(q, k, scale, softcap, SOFTCAP, IEEE), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
             alpha = tl.exp(m_i - m_safe)
@@ -197,7 +207,7 @@ def _ragged_kernel(q_ptr, k_ptr, v_ptr, out_ptr, page_table_ptr, positions_ptr, 
 
 def ragged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, page_table: torch.Tensor,
                      blocks: torch.Tensor, positions: torch.Tensor, page_size: int, scale: float,
-                     window: int, *, block_m: int, block_n: int = BLOCK_N,
+                     window: int, softcap: float = 0.0, *, block_m: int, block_n: int = BLOCK_N,
                      warps: int = 4) -> torch.Tensor:
     """`block_m`: at least the blocks' tokens; `block_n` and `warps` are for benchmarks."""
     tokens, heads, head_dim = q.shape
@@ -205,11 +215,11 @@ def ragged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         raise ValueError("ragged attention needs a unit stride in the last dimension")
     out = torch.zeros_like(q)
     _ragged_kernel[(blocks.shape[0], heads)](
-        q, keys, values, out, page_table, positions, blocks, scale, window,
+        q, keys, values, out, page_table, positions, blocks, scale, window, float(softcap),
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
         page_table.stride(0),
         PAGE_SIZE=page_size, GROUP=heads // keys.shape[1], HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32, num_warps=warps,
+        IEEE=q.dtype == torch.float32, SOFTCAP=softcap > 0, num_warps=warps,
     )
     return out

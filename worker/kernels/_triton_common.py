@@ -19,3 +19,9 @@ def lora_block(blocks_ptr, index):
     """Row `index` of a multi-LoRA block table: (slot, start, end, rank)."""
     row = blocks_ptr + index * 4
     return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+
+
+@triton.jit
+def tanh(x):
+    """tanh from exp (float32 x): exp(2x) overflowing to inf or vanishing gives exactly +-1."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)

@@ -4,15 +4,19 @@ their count, not by memory.
 
 - `add_rms_norm`: the residual add and the next RMSNorm in one pass over the row:
   `h = hidden + delta` (in the model dtype), `normed = weight * (h32 * rsqrt(mean(h32^2) + eps)).to(dtype)`
-  with `h32 = h.float()`, as HF. Shapes: hidden, delta [T, N]; weight [N].
+  with `h32 = h.float()`, as HF's Llama. A float32 weight (Gemma's 1 + w, in a model of another
+  dtype) scales before the one rounding instead, as HF's Gemma: `(h32 * rsqrt(...) * weight).to(dtype)`;
+  in float32 models the two are the same. Shapes: hidden, delta [T, N]; weight [N].
 - `rope_and_cache_kv`: q, k and v taken from the fused qkv matrix [T, (heads + 2 kv_heads) * D];
-  q and k optionally RMS-normed per head over its D (Qwen3's q_norm/k_norm), then rotated
-  with HF's rotate_half layout: `out = x * cos + cat(-x[D/2:], x[:D/2]) * sin`, every product
-  and sum rounded to the model dtype as the torch ops do; cos, sin [T, 1, D] are those of
+  q and k optionally RMS-normed per head over its D (Qwen3's and Gemma 3's q_norm/k_norm,
+  weights as add_rms_norm's), then rotated with HF's rotate_half layout:
+  `out = x * cos + cat(-x[D/2:], x[:D/2]) * sin`, every product and sum rounded to the model
+  dtype as the torch ops do; cos, sin [T, 1, D] are those of
   `RotaryEmbedding.cos_sin`, already in the model dtype. k and v are written to the KV cache
   rows `write_index` [T] (keys, values [rows, kv_heads, D]); returns q [T, heads, D]. qkv
   itself is left as it is.
-- `silu_mul`: `silu(gate) * up` from the fused gate_up matrix [T, 2I] -> [T, I].
+- `act_mul`: `act(gate) * up` from the fused gate_up matrix [T, 2I] -> [T, I], act one of
+  `ACTIVATIONS`: silu (Llama's SwiGLU) or gelu with the tanh approximation (Gemma's GeGLU).
 
 Each takes an optional `lora_delta` shaped like the module output it reads (delta, qkv,
 gate_up): the LoRA deltas staged beside the base GEMM, added to that output first and
@@ -20,8 +24,9 @@ rounded as the unfused `out += delta` would be, so that no separate add kernel r
 
 Each public function runs one Triton kernel on CUDA tensors and the torch reference (the
 code the model ran before, which CI covers) otherwise. The kernels round in the same places
-as the references; what differs is only the order of the float32 sum of squares (and exp's
-last bits in silu). Their grids depend only on the tensors' shapes, so they replay in CUDA graphs.
+as the references; what differs is only the order of the float32 sum of squares (and the last
+bits of exp and tanh in the activations). Their grids depend only on the tensors' shapes, so
+they replay in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -30,10 +35,16 @@ import torch
 import torch.nn.functional as F
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As HF: normalise in float32, cast back, then scale."""
+    """As HF: normalise in float32, then Llama casts back and scales; Gemma (a float32 weight,
+    its 1 + w) scales in float32 and casts back."""
     x32 = x.to(torch.float32)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype == torch.float32:
+        return (x32 * weight).to(x.dtype)
     return weight * x32.to(x.dtype)
 
 
@@ -70,11 +81,12 @@ def rope_and_cache_kv_reference(qkv: torch.Tensor, lora_delta: torch.Tensor | No
     return rotate(q, cos, sin)
 
 
-def silu_mul_reference(gate_up: torch.Tensor, lora_delta: torch.Tensor | None = None) -> torch.Tensor:
+def act_mul_reference(gate_up: torch.Tensor, lora_delta: torch.Tensor | None = None,
+                      activation: str = "silu") -> torch.Tensor:
     if lora_delta is not None:
         gate_up = gate_up + lora_delta
     i = gate_up.shape[-1] // 2
-    return F.silu(gate_up[:, :i]) * gate_up[:, i:]
+    return ACTIVATIONS[activation](gate_up[:, :i]) * gate_up[:, i:]
 
 
 def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -102,10 +114,10 @@ def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: torch.Tensor | None, heads:
                                      keys=keys, values=values, write_index=write_index)
 
 
-def silu_mul(gate_up: torch.Tensor, lora_delta: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(gate) * up of the fused [T, 2I] gate_up (+ lora_delta) -> [T, I]."""
+def act_mul(gate_up: torch.Tensor, lora_delta: torch.Tensor | None = None, activation: str = "silu") -> torch.Tensor:
+    """act(gate) * up of the fused [T, 2I] gate_up (+ lora_delta) -> [T, I]; `activation` names act."""
     if not gate_up.is_cuda:
-        return silu_mul_reference(gate_up, lora_delta)
+        return act_mul_reference(gate_up, lora_delta, activation)
     from worker.kernels import _elementwise_triton as kernels
 
-    return kernels.silu_mul(gate_up, lora_delta)
+    return kernels.act_mul(gate_up, lora_delta, activation)

@@ -65,7 +65,8 @@ REFUSED_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
 }
 
 _ALL_LINEAR = "all-linear"
-# PEFT's default target_modules for llama, mistral, qwen2 and qwen3 when the config names none.
+# PEFT's default target_modules for llama, mistral, qwen2, qwen3, gemma2 and gemma3_text when the config
+# names none.
 _DEFAULT_TARGETS = ["q_proj", "v_proj"]
 # Modules PEFT can adapt in the served architectures that the server has no LoRA path for.
 _UNSERVABLE_PATHS = ("model.embed_tokens", "lm_head")

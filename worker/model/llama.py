@@ -1,7 +1,11 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) over a ragged batch.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) and Gemma 2/3 over a ragged batch.
 
 One forward takes every token of every sequence flattened into [T]; q/k/v and gate/up
 are fused into one matrix each; LoRA deltas are added per module through a `LoraHook`.
+Gemma differs by the knobs of its `ModelConfig`: its RMSNorms scale by 1 + w (kept as a
+float32 weight, see `worker.kernels.elementwise`), the attention and MLP outputs are
+normed before their residual adds ("sandwich" norms), embeddings are scaled, GeGLU, a rope
+per layer type, and soft-capped attention scores and logits.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.attention import attention_mask, padded_group_attention
-from worker.kernels.elementwise import add_rms_norm, rope_and_cache_kv, silu_mul
+from worker.kernels.elementwise import act_mul, add_rms_norm, rope_and_cache_kv
 from worker.kv_cache import PagedKVCache
 from worker.model.config import ModelConfig
 from worker.model.rope import RotaryEmbedding
@@ -50,6 +54,10 @@ class LoraHook(Protocol):
         matrix for the caller's next kernel to add."""
 
 
+# A module's output and its LoRA deltas if they are still to be added (by the next norm's kernel).
+ModuleOutput = tuple[torch.Tensor, torch.Tensor | None]
+
+
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
@@ -59,7 +67,9 @@ class LayerWeights:
     k_norm: torch.Tensor | None
     o: torch.Tensor
     o_bias: torch.Tensor | None
-    post_norm: torch.Tensor
+    attn_out_norm: torch.Tensor | None  # Gemma's post_attention_layernorm, of o's output
+    mlp_norm: torch.Tensor  # of the MLP's input: Llama's post_attention_layernorm, Gemma's pre_feedforward
+    mlp_out_norm: torch.Tensor | None  # Gemma's post_feedforward_layernorm, of down's output
     gate_up: torch.Tensor  # [2 intermediate, hidden]
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor
@@ -79,26 +89,45 @@ def fuse_weights(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> Model
     layers = [_fuse_layer(config, tensors, f"model.layers.{i}.") for i in range(config.num_layers)]
     embed = tensors.pop("model.embed_tokens.weight")
     lm_head = embed if config.tie_word_embeddings else tensors.pop("lm_head.weight")
-    return ModelWeights(embed=embed, layers=layers, norm=tensors.pop("model.norm.weight"), lm_head=lm_head)
+    norm = _norm_weight(config, tensors.pop("model.norm.weight"))
+    return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
+
+
+def _norm_weight(config: ModelConfig, weight: torch.Tensor | None) -> torch.Tensor | None:
+    """Gemma's 1 + w in float32 (HF computes it so at every call): the norm kernels then scale
+    in float32 and round once, as HF's Gemma RMSNorm does."""
+    if weight is None or not config.norm_weight_offset:
+        return weight
+    return weight.float() + config.norm_weight_offset
 
 
 def _fuse_layer(config: ModelConfig, tensors: dict[str, torch.Tensor], prefix: str) -> LayerWeights:
     def take(name: str) -> torch.Tensor | None:
         return tensors.pop(prefix + name, None)
 
+    def norm(name: str) -> torch.Tensor | None:
+        return _norm_weight(config, take(name + ".weight"))
+
     def cat(*names: str) -> torch.Tensor | None:
         parts = [take(n) for n in names]
         return None if parts[0] is None else torch.cat(parts)
 
+    if config.sandwich_norms:
+        attn_out_norm, mlp_norm = norm("post_attention_layernorm"), norm("pre_feedforward_layernorm")
+        mlp_out_norm = norm("post_feedforward_layernorm")
+    else:
+        attn_out_norm, mlp_norm, mlp_out_norm = None, norm("post_attention_layernorm"), None
     return LayerWeights(
-        input_norm=take("input_layernorm.weight"),
+        input_norm=norm("input_layernorm"),
         qkv=cat("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
         qkv_bias=cat("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-        q_norm=take("self_attn.q_norm.weight"),
-        k_norm=take("self_attn.k_norm.weight"),
+        q_norm=norm("self_attn.q_norm"),
+        k_norm=norm("self_attn.k_norm"),
         o=take("self_attn.o_proj.weight"),
         o_bias=take("self_attn.o_proj.bias"),
-        post_norm=take("post_attention_layernorm.weight"),
+        attn_out_norm=attn_out_norm,
+        mlp_norm=mlp_norm,
+        mlp_out_norm=mlp_out_norm,
         gate_up=cat("mlp.gate_proj.weight", "mlp.up_proj.weight"),
         gate_up_bias=cat("mlp.gate_proj.bias", "mlp.up_proj.bias"),
         down=take("mlp.down_proj.weight"),
@@ -113,8 +142,11 @@ class LlamaModel:
         self.config = config
         self.weights = weights
         self.tp = tp
-        self.rope = RotaryEmbedding(config, device)
-        self.scale = config.head_dim**-0.5
+        self.ropes = {key: RotaryEmbedding(config, device, key) for key in set(config.layer_ropes)}
+        self.scale = config.attention_scale
+        # HF rounds the scale to the model dtype before multiplying.
+        self.embed_scale = (None if config.embed_scale is None
+                            else torch.tensor(config.embed_scale).to(device=device, dtype=self.dtype))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -127,7 +159,7 @@ class LlamaModel:
         def attend(index: int, q: torch.Tensor) -> torch.Tensor:
             mask = masks[self.config.sliding_windows[index]]
             return padded_group_attention(q, kv_cache.keys(index), kv_cache.values(index), step.attention, mask,
-                                          self.scale)
+                                          self.scale, self.config.attn_logit_softcap)
 
         return self.forward_tokens(step.input_ids, step.positions, step.kv_write_index, kv_cache, lora, attend)
 
@@ -135,29 +167,43 @@ class LlamaModel:
                        kv_cache: PagedKVCache, lora: LoraHook, attend: Attend) -> torch.Tensor:
         """All layers over flat tokens; `attend` is the attention back-end. Returns final-normed hidden."""
         hidden = self.tp.embed(self.weights.embed, input_ids)
+        if self.embed_scale is not None:
+            hidden = hidden * self.embed_scale
         mlp_out = (None, None)  # the last MLP output and its LoRA deltas, added to hidden by the next norm's kernel
-        cos, sin = self.rope.cos_sin(positions, self.dtype)
+        ropes = {key: rope.cos_sin(positions, self.dtype) for key, rope in self.ropes.items()}
         for index, layer in enumerate(self.weights.layers):
             lora.before_layer(index)
+            cos, sin = ropes[self.config.layer_ropes[index]]
             hidden, mlp_out = self._layer(index, layer, hidden, mlp_out, kv_write_index, kv_cache, lora, cos, sin,
                                           attend)
         return add_rms_norm(hidden, mlp_out[0], self.weights.norm, self.config.rms_norm_eps, mlp_out[1])[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.gather_vocab(F.linear(hidden, self.weights.lm_head).float(), self.config.vocab_size)
+        logits = F.linear(hidden, self.weights.lm_head)
+        cap = self.config.final_logit_softcap
+        if cap:  # in the model dtype, as HF
+            logits = torch.tanh(logits / cap) * cap
+        return self.tp.gather_vocab(logits.float(), self.config.vocab_size)
 
-    def _layer(self, index, layer: LayerWeights, hidden, mlp_out, kv_write_index, kv_cache, lora, cos, sin,
-               attend) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
-        """(residual stream, previous layer's MLP output and LoRA deltas or Nones) -> the same for
-        the next layer: each residual add (and the LoRA deltas' add) is fused into the next norm."""
+    def _layer(self, index, layer: LayerWeights, hidden, mlp_out: ModuleOutput, kv_write_index, kv_cache, lora,
+               cos, sin, attend) -> tuple[torch.Tensor, ModuleOutput]:
+        """(residual stream, previous layer's MLP output) -> the same for the next layer: each
+        residual add (and the LoRA deltas' add) is fused into the next norm."""
         eps = self.config.rms_norm_eps
         hidden, x = add_rms_norm(hidden, mlp_out[0], layer.input_norm, eps, mlp_out[1])
-        attn_out, attn_lora = self._attention(index, layer, x, kv_write_index, kv_cache, lora, cos, sin, attend)
-        hidden, x = add_rms_norm(hidden, attn_out, layer.post_norm, eps, attn_lora)
-        return hidden, self._mlp(index, layer, x, lora)
+        attn_out = self._attention(index, layer, x, kv_write_index, kv_cache, lora, cos, sin, attend)
+        attn_out, attn_lora = self._output_norm(attn_out, layer.attn_out_norm)
+        hidden, x = add_rms_norm(hidden, attn_out, layer.mlp_norm, eps, attn_lora)
+        return hidden, self._output_norm(self._mlp(index, layer, x, lora), layer.mlp_out_norm)
+
+    def _output_norm(self, out: ModuleOutput, weight: torch.Tensor | None) -> ModuleOutput:
+        """Gemma's norm of a module's output (its LoRA deltas added first) before the residual add."""
+        if weight is None:
+            return out
+        return add_rms_norm(out[0], out[1], weight, self.config.rms_norm_eps)[1], None
 
     def _attention(self, index, layer: LayerWeights, x, kv_write_index, kv_cache, lora, cos, sin,
-                   attend) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   attend) -> ModuleOutput:
         """The o projection's output and its LoRA deltas if not added yet; writes k and v to the cache."""
         c = self.config
         lora.start_deltas(x, index, QKV_MODULES)
@@ -172,19 +218,18 @@ class LlamaModel:
         out = F.linear(attn, layer.o, layer.o_bias)
         return self._row_parallel_sum(out, lora.finish_deltas(attn, index, (("o_proj", out),)))
 
-    def _mlp(self, index, layer: LayerWeights, x, lora) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _mlp(self, index, layer: LayerWeights, x, lora) -> ModuleOutput:
         """The down projection's output and its LoRA deltas if not added yet."""
         i = self.config.intermediate_size
         lora.start_deltas(x, index, GATE_UP_MODULES)
         gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
         gate_up_lora = lora.finish_deltas(x, index, tuple(zip(GATE_UP_MODULES, gate_up.split(i, 1))))
-        h = silu_mul(gate_up, gate_up_lora)
+        h = act_mul(gate_up, gate_up_lora, self.config.activation)
         lora.start_deltas(h, index, DOWN_MODULES)
         out = F.linear(h, layer.down, layer.down_bias)
         return self._row_parallel_sum(out, lora.finish_deltas(h, index, (("down_proj", out),)))
 
-    def _row_parallel_sum(self, out: torch.Tensor, deltas: torch.Tensor | None
-                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _row_parallel_sum(self, out: torch.Tensor, deltas: torch.Tensor | None) -> ModuleOutput:
         """A row-parallel module's output: each rank's partial sum, LoRA deltas included, summed over
         the ranks (without tensor parallelism, the deltas are left to the next norm's kernel to add)."""
         if not self.tp.enabled:

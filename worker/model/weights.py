@@ -34,10 +34,10 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _layer_shapes(config: ModelConfig, prefix: str, h: int, i: int) -> dict[str, tuple[int, ...]]:
-    shapes = {
-        prefix + "input_layernorm.weight": (h,),
-        prefix + "post_attention_layernorm.weight": (h,),
-    }
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if config.sandwich_norms:
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    shapes = {f"{prefix}{norm}.weight": (h,) for norm in norms}
     for module, (in_features, out_features) in config.module_shapes().items():
         parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
         name = f"{prefix}{parent}.{module}"
@@ -122,8 +122,8 @@ def dummy_weights(
     tensors = {}
     for name, full_shape in expected_shapes(config).items():
         shape = tp.local_shape(config, name, full_shape)
-        if name.endswith("norm.weight"):
-            tensors[name] = torch.ones(shape, dtype=dtype, device=device)
+        if name.endswith("norm.weight"):  # scaling by 1
+            tensors[name] = torch.full(shape, 1.0 - config.norm_weight_offset, dtype=dtype, device=device)
             continue
         tensor = torch.empty(shape, dtype=dtype, device=device)
         tensor.uniform_(-DUMMY_INIT_RANGE, DUMMY_INIT_RANGE, generator=generator)

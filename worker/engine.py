@@ -16,12 +16,20 @@ import torch
 
 from settings.config import EngineConfig
 from worker.batch import NO_ADAPTER, ForwardOutput, SampledToken, SequenceInput
-from worker.errors import AdapterNotFoundError, AdapterStateError, CapacityError, CorruptAdapterError, ModelLoadError
+from worker.errors import (
+    AdapterNotFoundError,
+    AdapterStateError,
+    CapacityError,
+    CorruptAdapterError,
+    ModelLoadError,
+    UnsupportedAdapterError,
+)
 from worker.graph_step import GraphStepRunner
 from worker.host_upload import index_tensor
 from worker.kv_cache import PagedKVCache
 from worker.lora.adapter import AdapterManifest, read_adapter_manifest
 from worker.lora.copier import CudaCopier, LayerCopiedHook, LoadJob, ThreadCopier
+from worker.lora.dora import base_module_weights
 from worker.lora.host_cache import HostCache, LayerReadHook
 from worker.lora.slots import LoraSlots
 from worker.model.config import DTYPES, ModelConfig, load_model_config
@@ -97,6 +105,7 @@ class Engine:
         self.slots = LoraSlots(
             c, num_slots=config.max_loras_per_batch, max_rank=config.max_lora_rank,
             modules=config.lora_target_modules, dtype=self.dtype, device=self.device,
+            base_weights=base_module_weights(self.model.weights, c),
         )
         on_gpu = self.device.type == "cuda"
         self.host_cache = HostCache(c, config.host_cache_bytes, config.max_loaded_loras, self.dtype, pin=on_gpu,
@@ -128,6 +137,10 @@ class Engine:
             raise AdapterStateError(f"adapter {name!r} is already registered")
         manifest = read_adapter_manifest(path, self.model_config, self.config.max_lora_rank)
         self.slots.check_servable(name, manifest.modules)
+        if manifest.dora and self.tp.enabled:
+            # A row-parallel module's weight norms would need the other ranks' input columns.
+            raise UnsupportedAdapterError(f"adapter {name!r} is a DoRA adapter (use_dora), which is not served "
+                                          f"with tensor parallelism (--tensor-parallel-size {self.tp.size})")
         self.adapters[name] = manifest
         return self.adapter_info(name)
 
@@ -255,7 +268,9 @@ class Engine:
         step = build_step_inputs(inputs, page_size=self.config.page_size, num_pages=self.config.num_kv_pages,
                                  vocab_size=self.model_config.vocab_size)
         sources = previous_token_sources(step, previous)
-        static = self.graph_runner is not None and self.graph_runner.supports(step.sequences)
+        # The static path's kernels have no DoRA rescaling: batches with a DoRA adapter run eagerly.
+        static = (self.graph_runner is not None and self.graph_runner.supports(step.sequences)
+                  and not self.slots.any_dora(step.active_slots))
         landing = self._landing(step.active_slots)
         span = self.timeline.begin(COMPUTE_LANE, "forward", sequences=len(inputs), tokens=step.num_tokens,
                                    adapters=sorted({self.slots.occupants[s] for s in step.active_slots}),

@@ -133,11 +133,7 @@ class CudaCopier:
                 job.layer_queued[layer].set()
 
     def _queue_layer(self, job: LoadJob, layer: int) -> None:
-        writes = self.slots.layer_writes(job.slot, layer, job.adapter)
-        for destination, source in writes.copies:
-            destination.copy_(source, non_blocking=True)
-        for region in writes.zeros:
-            region.zero_()
+        self.slots.layer_writes(job.slot, layer, job.adapter).apply(non_blocking=True)
         if self.hook is not None:
             self.hook(job.name, job.slot, layer)
 
@@ -204,11 +200,7 @@ class ThreadCopier:
             started = time.time()
             for layer in range(self.num_layers):
                 job.adapter.progress.wait_for_layer(layer)  # in this thread, never the forward's
-                writes = self.slots.layer_writes(job.slot, layer, job.adapter)
-                for destination, source in writes.copies:
-                    destination.copy_(source)
-                for region in writes.zeros:
-                    region.zero_()
+                self.slots.layer_writes(job.slot, layer, job.adapter).apply(non_blocking=False)
                 if self.hook is not None:
                     self.hook(job.name, job.slot, layer)
                 job.layer_ready[layer].set()

@@ -1,0 +1,141 @@
+"""DoRA adapters batched beside plain LoRA adapters and base requests, against PEFT."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import worker.lora.slots
+from settings.config import EngineConfig
+from tests.driver import Driver, Request, forward_paths, make_engine, make_resident
+from tests.model_factory import AdapterSpec, build_adapter
+from tests.oracle import PeftOracle
+from tests.worker.test_equivalence import assert_matches_oracle, prompt
+from worker.engine import Engine
+from worker.errors import UnsupportedAdapterError
+from worker.lora.adapter import read_adapter_manifest
+from worker.lora.dora import dora_scale_and_shift
+from worker.model.config import load_model_config
+from worker.tensor_parallel import TensorParallel
+
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Different ranks, modules and scalings; the plain LoRA adapter adapts every module, so it
+# shares each DoRA module's batched product.
+ADAPTER_SPECS = {
+    "dora_qv": AdapterSpec(rank=8, alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True, seed=21),
+    "dora_rslora": AdapterSpec(rank=4, alpha=8, target_modules=ALL_MODULES, use_rslora=True, use_dora=True,
+                               seed=22),
+    "dora_mixed": AdapterSpec(rank=16, alpha=8, target_modules=["k_proj", "o_proj", "gate_proj", "down_proj"],
+                              use_dora=True, seed=23),
+    "plain": AdapterSpec(rank=8, alpha=16, target_modules=ALL_MODULES, seed=24),
+}
+SLOTS = {"dora_qv": 0, "plain": 1, "dora_rslora": 2, "dora_mixed": 3}
+ARCHS = ("llama", "qwen2")  # qwen2's q/k/v biases are outside DoRA's rescaling
+LANDING = "dora_rslora"  # loaded without blocking, slowly, while the batch runs
+
+
+@pytest.fixture(scope="module")
+def dora_adapters(artifacts, model_dirs) -> dict[str, dict[str, object]]:
+    return {arch: {name: build_adapter(model_dirs[arch], artifacts / f"dora-{arch}-{name}", spec)
+                   for name, spec in ADAPTER_SPECS.items()}
+            for arch in ARCHS}
+
+
+def slow_layers(name: str, slot: int, layer: int) -> None:
+    time.sleep(0.02)
+
+
+def run_mixed_batch(model_dir, adapters, *, static: bool) -> tuple[Engine, list[Request]]:
+    """Every adapter and the base model in one batch; `LANDING` still loading as it starts."""
+    engine = make_engine(model_dir, static_decode=static)
+    engine.copier.hook = slow_layers
+    for name, path in adapters.items():
+        engine.register_adapter(name, path)
+    for name, slot in SLOTS.items():
+        if name != LANDING:
+            make_resident(engine, name, slot)
+    engine.load_adapter(LANDING, SLOTS[LANDING])  # not staged yet: read from disk as it lands
+    assert SLOTS[LANDING] in engine.pending  # the forwards wait for it layer by layer
+    requests = [Request("base", prompt(30, 9), max_new_tokens=5)]
+    requests += [Request(name, prompt(31 + slot, 7 + 3 * slot), adapter_slot=slot, max_new_tokens=4 + slot)
+                 for name, slot in SLOTS.items()]
+    Driver(engine, chunk=5).run(requests)
+    while engine.busy_loading:
+        engine.poll()
+    return engine, requests
+
+
+def check_against_peft(model_dir, adapters, requests: list[Request]) -> None:
+    oracle = PeftOracle(model_dir, adapters)
+    for request in requests:
+        assert_matches_oracle(oracle, request, None if request.request_id == "base" else request.request_id)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dora_and_lora_batch_matches_peft(arch, static, model_dirs, dora_adapters):
+    engine, requests = run_mixed_batch(model_dirs[arch], dora_adapters[arch], static=static)
+    check_against_peft(model_dirs[arch], dora_adapters[arch], requests)
+    assert set(forward_paths(engine)) == {"eager"}  # the static path has no DoRA: such batches run eagerly
+    if static:  # without a DoRA adapter, a decode batch takes the static path again
+        plain = [Request("plain", prompt(40, 1), adapter_slot=SLOTS["plain"], max_new_tokens=2)]
+        Driver(engine).run(plain)
+        assert forward_paths(engine)[-1] == "static"
+    engine.close()
+
+
+def _without_bias_correction(weight, bias, a, b_t, magnitude):
+    """The bias rescaled with the rest of the output."""
+    return dora_scale_and_shift(weight, None, a, b_t, magnitude)
+
+
+def _without_magnitude(weight, bias, a, b_t, magnitude):
+    """g = 1: DoRA served as plain LoRA."""
+    norms = torch.linalg.vector_norm(weight.float() + b_t.float().t() @ a.float(), dim=1)
+    return dora_scale_and_shift(weight, bias, a, b_t, norms)
+
+
+@pytest.mark.parametrize("arch, mutation", [("qwen2", _without_bias_correction), ("llama", _without_magnitude)],
+                         ids=["bias-rescaled-too", "magnitude-ignored"])
+def test_a_wrong_dora_scale_fails_the_comparison(arch, mutation, model_dirs, dora_adapters, monkeypatch):
+    """The comparison above is sharp enough to catch a plausible mistake in g or the bias."""
+    monkeypatch.setattr(worker.lora.slots, "dora_scale_and_shift", mutation)
+    engine, requests = run_mixed_batch(model_dirs[arch], dora_adapters[arch], static=False)
+    engine.close()
+    with pytest.raises(AssertionError):
+        check_against_peft(model_dirs[arch], dora_adapters[arch], requests)
+
+
+def test_a_dora_slot_reused_by_plain_lora_is_plain_again(model_dirs, dora_adapters):
+    """A plain adapter loaded where a DoRA one was must not keep its scales."""
+    model_dir, adapters = model_dirs["qwen2"], dora_adapters["qwen2"]
+    engine = make_engine(model_dir, max_loras_per_batch=1)
+    for name in ("dora_rslora", "plain"):
+        engine.register_adapter(name, adapters[name])
+    make_resident(engine, "dora_rslora", 0)
+    engine.evict_slot(0)
+    make_resident(engine, "plain", 0)
+    request = Request("plain", prompt(50, 6), adapter_slot=0, max_new_tokens=3)
+    Driver(engine).run([request])
+    engine.close()
+    assert_matches_oracle(PeftOracle(model_dir, {"plain": adapters["plain"]}), request, "plain")
+
+
+def test_dora_bytes_include_the_magnitudes(model_dirs, dora_adapters):
+    model = load_model_config(model_dirs["llama"])
+    manifest = read_adapter_manifest(dora_adapters["llama"]["dora_qv"], model, 32)
+    shapes = model.module_shapes()
+    expected = sum(8 * sum(shapes[m]) + shapes[m][1] for m in ("q_proj", "v_proj")) * model.num_layers * 4
+    assert manifest.dora and manifest.nbytes(model, 4) == expected
+
+
+def test_dora_is_refused_with_tensor_parallelism(model_dirs, dora_adapters):
+    config = EngineConfig(model_path=str(model_dirs["llama"]), dtype="float32", device="cpu", page_size=4,
+                          num_kv_pages=16, max_lora_rank=32, host_cache_bytes=1 << 20)
+    engine = Engine(config, tp=TensorParallel(rank=0, size=2))
+    engine.register_adapter("plain", dora_adapters["llama"]["plain"])
+    with pytest.raises(UnsupportedAdapterError, match="DoRA.*tensor parallelism"):
+        engine.register_adapter("dora", dora_adapters["llama"]["dora_qv"])
+    engine.close()

@@ -25,12 +25,20 @@ BaseWeights = Callable[[int, str], tuple[torch.Tensor, torch.Tensor | None]]
 _FUSED_FIELD = {QKV_MODULES: "qkv", O_MODULES: "o", GATE_UP_MODULES: "gate_up", DOWN_MODULES: "down"}
 
 
+# Rows of W + s B A are built this many elements at a time: a whole down_proj in float32
+# would be a temporary of hundreds of MB on the load stream.
+_NORM_CHUNK_ELEMENTS = 1 << 24
+
+
 def dora_scale_and_shift(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b_t: torch.Tensor,
                          magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, (1 - g) * bias) of one module, in float32. `b_t` is B.T already multiplied by the
     scaling (as the slots hold it), so W + b_t.T @ a is PEFT's W + s B A."""
-    adapted = weight.float() + b_t.float().t() @ a.float()
-    scale = magnitude.float() / torch.linalg.vector_norm(adapted, dim=1)
+    rows = max(1, _NORM_CHUNK_ELEMENTS // weight.shape[1])
+    a, b = a.float(), b_t.float().t()
+    norms = [torch.linalg.vector_norm(w.float() + b[start:start + rows] @ a, dim=1)
+             for start, w in zip(range(0, weight.shape[0], rows), weight.split(rows))]
+    scale = magnitude.float() / torch.cat(norms)
     shift = torch.zeros_like(scale) if bias is None else (1 - scale) * bias.float()
     return scale, shift
 

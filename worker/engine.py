@@ -268,9 +268,7 @@ class Engine:
         step = build_step_inputs(inputs, page_size=self.config.page_size, num_pages=self.config.num_kv_pages,
                                  vocab_size=self.model_config.vocab_size)
         sources = previous_token_sources(step, previous)
-        # The static path's kernels have no DoRA rescaling: batches with a DoRA adapter run eagerly.
-        static = (self.graph_runner is not None and self.graph_runner.supports(step.sequences)
-                  and not self.slots.any_dora(step.active_slots))
+        static = self.graph_runner is not None and self.graph_runner.supports(step.sequences)
         landing = self._landing(step.active_slots)
         span = self.timeline.begin(COMPUTE_LANE, "forward", sequences=len(inputs), tokens=step.num_tokens,
                                    adapters=sorted({self.slots.occupants[s] for s in step.active_slots}),

@@ -5,10 +5,11 @@ max_rank, out]. A slot holding an adapter of rank r has A rows [r:] zeroed on lo
 all of A for modules it does not adapt), so one batched product over several slots, cut at
 the largest rank among them, serves heterogeneous ranks exactly.
 
-DoRA (worker/lora/dora.py): `scale[m]` and `shift[m]`, [layers, slots, out] in float32, hold
-each slot's per-output rescaling, computed when the layer is loaded; they stay the identity
-(1 and 0) for plain LoRA and for modules an adapter does not adapt, so a batch mixing both
-rescales every adapted token alike.
+DoRA (worker/lora/dora.py): `scale[m]` and `shift[m]`, [layers, slots + 1, out] in float32,
+hold each slot's per-output rescaling, computed when the layer is loaded; they stay the
+identity (1 and 0) for plain LoRA and for modules an adapter does not adapt, so a batch mixing
+both rescales every adapted token alike. The extra last row, never written, is the identity
+that slot NO_ADAPTER (-1) indexes.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class LoraSlots:
                   for m in self.modules}
         self.b_t = {m: torch.zeros(layers, num_slots, max_rank, shapes[m][1], dtype=dtype, device=device)
                     for m in self.modules}
-        self.scale = {m: torch.ones(layers, num_slots, shapes[m][1], device=device) for m in self.modules}
-        self.shift = {m: torch.zeros(layers, num_slots, shapes[m][1], device=device) for m in self.modules}
+        self.scale = {m: torch.ones(layers, num_slots + 1, shapes[m][1], device=device) for m in self.modules}
+        self.shift = {m: torch.zeros(layers, num_slots + 1, shapes[m][1], device=device) for m in self.modules}
         self.base_weights = base_weights
         self.ranks: list[dict[tuple[int, str], int]] = [{} for _ in range(num_slots)]
         self.occupants: list[str | None] = [None] * num_slots

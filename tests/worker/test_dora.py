@@ -9,8 +9,8 @@ import torch
 
 import worker.lora.slots
 from settings.config import EngineConfig
+from tests.conftest import DORA_ARCHS
 from tests.driver import Driver, Request, forward_paths, make_engine, make_resident
-from tests.model_factory import AdapterSpec, build_adapter
 from tests.oracle import PeftOracle
 from tests.worker.test_equivalence import assert_matches_oracle, prompt
 from worker.engine import Engine
@@ -20,36 +20,17 @@ from worker.lora.dora import dora_scale_and_shift
 from worker.model.config import load_model_config
 from worker.tensor_parallel import TensorParallel
 
-ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Different ranks, modules and scalings; the plain LoRA adapter adapts every module, so it
-# shares each DoRA module's batched product.
-ADAPTER_SPECS = {
-    "dora_qv": AdapterSpec(rank=8, alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True, seed=21),
-    "dora_rslora": AdapterSpec(rank=4, alpha=8, target_modules=ALL_MODULES, use_rslora=True, use_dora=True,
-                               seed=22),
-    "dora_mixed": AdapterSpec(rank=16, alpha=8, target_modules=["k_proj", "o_proj", "gate_proj", "down_proj"],
-                              use_dora=True, seed=23),
-    "plain": AdapterSpec(rank=8, alpha=16, target_modules=ALL_MODULES, seed=24),
-}
-SLOTS = {"dora_qv": 0, "plain": 1, "dora_rslora": 2, "dora_mixed": 3}
-ARCHS = ("llama", "qwen2")  # qwen2's q/k/v biases are outside DoRA's rescaling
+SLOTS = {"dora_qv": 0, "plain": 1, "dora_rslora": 2, "dora_mixed": 3}  # every adapter of DORA_MIX_ADAPTERS
 LANDING = "dora_rslora"  # loaded without blocking, slowly, while the batch runs
-
-
-@pytest.fixture(scope="module")
-def dora_adapters(artifacts, model_dirs) -> dict[str, dict[str, object]]:
-    return {arch: {name: build_adapter(model_dirs[arch], artifacts / f"dora-{arch}-{name}", spec)
-                   for name, spec in ADAPTER_SPECS.items()}
-            for arch in ARCHS}
 
 
 def slow_layers(name: str, slot: int, layer: int) -> None:
     time.sleep(0.02)
 
 
-def run_mixed_batch(model_dir, adapters, *, static: bool) -> tuple[Engine, list[Request]]:
+def run_mixed_batch(model_dir, adapters, *, static: bool, **settings) -> tuple[Engine, list[Request]]:
     """Every adapter and the base model in one batch; `LANDING` still loading as it starts."""
-    engine = make_engine(model_dir, static_decode=static)
+    engine = make_engine(model_dir, static_decode=static, **settings)
     engine.copier.hook = slow_layers
     for name, path in adapters.items():
         engine.register_adapter(name, path)
@@ -74,10 +55,10 @@ def check_against_peft(model_dir, adapters, requests: list[Request]) -> None:
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_dora_and_lora_batch_matches_peft(arch, static, model_dirs, dora_adapters):
-    engine, requests = run_mixed_batch(model_dirs[arch], dora_adapters[arch], static=static)
-    check_against_peft(model_dirs[arch], dora_adapters[arch], requests)
+@pytest.mark.parametrize("arch", DORA_ARCHS)
+def test_dora_and_lora_batch_matches_peft(arch, static, model_dirs, dora_adapter_dirs):
+    engine, requests = run_mixed_batch(model_dirs[arch], dora_adapter_dirs[arch], static=static)
+    check_against_peft(model_dirs[arch], dora_adapter_dirs[arch], requests)
     paths = set(forward_paths(engine))
     assert ("eager" not in paths) if static else (paths == {"eager"}), paths
     engine.close()
@@ -96,18 +77,18 @@ def _without_magnitude(weight, bias, a, b_t, magnitude):
 
 @pytest.mark.parametrize("arch, mutation", [("qwen2", _without_bias_correction), ("llama", _without_magnitude)],
                          ids=["bias-rescaled-too", "magnitude-ignored"])
-def test_a_wrong_dora_scale_fails_the_comparison(arch, mutation, model_dirs, dora_adapters, monkeypatch):
+def test_a_wrong_dora_scale_fails_the_comparison(arch, mutation, model_dirs, dora_adapter_dirs, monkeypatch):
     """The comparison above is sharp enough to catch a plausible mistake in g or the bias."""
     monkeypatch.setattr(worker.lora.slots, "dora_scale_and_shift", mutation)
-    engine, requests = run_mixed_batch(model_dirs[arch], dora_adapters[arch], static=False)
+    engine, requests = run_mixed_batch(model_dirs[arch], dora_adapter_dirs[arch], static=False)
     engine.close()
     with pytest.raises(AssertionError):
-        check_against_peft(model_dirs[arch], dora_adapters[arch], requests)
+        check_against_peft(model_dirs[arch], dora_adapter_dirs[arch], requests)
 
 
-def test_a_dora_slot_reused_by_plain_lora_is_plain_again(model_dirs, dora_adapters):
+def test_a_dora_slot_reused_by_plain_lora_is_plain_again(model_dirs, dora_adapter_dirs):
     """A plain adapter loaded where a DoRA one was must not keep its scales."""
-    model_dir, adapters = model_dirs["qwen2"], dora_adapters["qwen2"]
+    model_dir, adapters = model_dirs["qwen2"], dora_adapter_dirs["qwen2"]
     engine = make_engine(model_dir, max_loras_per_batch=1)
     for name in ("dora_rslora", "plain"):
         engine.register_adapter(name, adapters[name])
@@ -120,19 +101,19 @@ def test_a_dora_slot_reused_by_plain_lora_is_plain_again(model_dirs, dora_adapte
     assert_matches_oracle(PeftOracle(model_dir, {"plain": adapters["plain"]}), request, "plain")
 
 
-def test_dora_bytes_include_the_magnitudes(model_dirs, dora_adapters):
+def test_dora_bytes_include_the_magnitudes(model_dirs, dora_adapter_dirs):
     model = load_model_config(model_dirs["llama"])
-    manifest = read_adapter_manifest(dora_adapters["llama"]["dora_qv"], model, 32)
+    manifest = read_adapter_manifest(dora_adapter_dirs["llama"]["dora_qv"], model, 32)
     shapes = model.module_shapes()
     expected = sum(8 * sum(shapes[m]) + shapes[m][1] for m in ("q_proj", "v_proj")) * model.num_layers * 4
     assert manifest.dora and manifest.nbytes(model, 4) == expected
 
 
-def test_dora_is_refused_with_tensor_parallelism(model_dirs, dora_adapters):
+def test_dora_is_refused_with_tensor_parallelism(model_dirs, dora_adapter_dirs):
     config = EngineConfig(model_path=str(model_dirs["llama"]), dtype="float32", device="cpu", page_size=4,
                           num_kv_pages=16, max_lora_rank=32, host_cache_bytes=1 << 20)
     engine = Engine(config, tp=TensorParallel(rank=0, size=2))
-    engine.register_adapter("plain", dora_adapters["llama"]["plain"])
+    engine.register_adapter("plain", dora_adapter_dirs["llama"]["plain"])
     with pytest.raises(UnsupportedAdapterError, match="DoRA.*tensor parallelism"):
-        engine.register_adapter("dora", dora_adapters["llama"]["dora_qv"])
+        engine.register_adapter("dora", dora_adapter_dirs["llama"]["dora_qv"])
     engine.close()

@@ -79,7 +79,8 @@ class AdapterTier:
 
     def register(self, registered: pb.RegisteredAdapter, path: str) -> Adapter:
         adapter = Adapter(registered.name, path, registered.rank, registered.size_bytes,
-                          tuple(registered.target_modules))
+                          tuple(registered.target_modules), ranks=tuple(registered.ranks),
+                          alphas=tuple(registered.alphas))
         self._adapters[adapter.name] = adapter
         self._host.pop(adapter.name, None)
         return adapter

@@ -64,6 +64,8 @@ class Adapter:
     unloading: bool = False
     last_used: float = field(default_factory=time.monotonic)
     loaded_at: float | None = None
+    ranks: tuple[int, ...] = ()  # every rank its modules have
+    alphas: tuple[float, ...] = ()  # every lora_alpha its modules have
 
     @property
     def host_bytes(self) -> int:
@@ -74,5 +76,6 @@ class Adapter:
             name=self.name, path=self.path, rank=self.rank, size_bytes=self.size_bytes,
             state=serving_pb2.ADAPTER_STATE_UNLOADING if self.unloading else self.state.value,
             target_modules=list(self.modules), slot=-1 if self.slot is None else self.slot,
-            active_requests=self.references + self.waiting,
+            active_requests=self.references + self.waiting, ranks=self.ranks, alphas=self.alphas,
+            host_bytes=self.host_bytes, gpu_bytes=self.size_bytes,
         )

@@ -73,15 +73,16 @@ def start_group(argv: list[str], args: argparse.Namespace) -> tuple[Followers | 
     size = args.engine.tensor_parallel_size
     if size == 1:
         return None, TensorParallel()
-    followers = Followers(_without_ready_file(argv), size)
+    followers = Followers(_without_ready_file(argv), size, args.engine.tp_timeout_s)
     return followers, join(GroupSpec(size, 0, followers.rendezvous, args.engine.tp_timeout_s), args.engine.device)
 
 
 def follower(args: argparse.Namespace, build_engine: Callable[..., Engine]) -> None:
     """A rank other than 0: builds its part of the model, then follows rank 0 until told to stop."""
-    from worker.group import GroupSpec, follow, join
+    from worker.group import GroupSpec, command_socket, follow, join
     from worker.tensor_parallel import GroupFailure
 
+    commands = command_socket(args.tp_rendezvous, args.tp_rank)
     spec = GroupSpec(args.engine.tensor_parallel_size, args.tp_rank, args.tp_rendezvous, args.engine.tp_timeout_s)
     tp = join(spec, args.engine.device)
     try:
@@ -89,7 +90,7 @@ def follower(args: argparse.Namespace, build_engine: Callable[..., Engine]) -> N
     except (ModelLoadError, OSError):  # rank 0 meets the same error and reports it
         sys.exit(1)
     try:  # SIGTERM's default action ends a follower even inside a collective
-        follow(engine, args.tp_rendezvous)
+        follow(engine, commands)
     except GroupFailure as failure:
         logging.getLogger("loraserve.worker").error("%s", failure)
         sys.exit(1)

@@ -55,6 +55,8 @@ class AdapterInfo:
     rank: int
     nbytes: int
     modules: frozenset[str]
+    ranks: list[int]
+    alphas: list[float]
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,8 @@ class Engine:
     def adapter_info(self, name: str) -> AdapterInfo:
         manifest = self._manifest(name)
         nbytes = manifest.nbytes(self.shard_config, self.dtype.itemsize)  # what one rank holds
-        return AdapterInfo(name, manifest.path, manifest.max_rank, nbytes, manifest.modules)
+        return AdapterInfo(name, manifest.path, manifest.max_rank, nbytes, manifest.modules, manifest.ranks,
+                           manifest.alphas)
 
     def unregister_adapter(self, name: str) -> None:
         self._manifest(name)

@@ -70,7 +70,8 @@ def join(spec: GroupSpec, device: str) -> TensorParallel:
 class Followers:
     """Rank 0's handle on the ranks it started: relays commands, notices deaths, stops them."""
 
-    def __init__(self, argv: list[str], size: int) -> None:
+    def __init__(self, argv: list[str], size: int, timeout_s: float) -> None:
+        """`timeout_s`: how long a rank may leave a command untaken (it connects once started)."""
         self.directory = tempfile.mkdtemp(prefix="loraserve-tp-")
         self.rendezvous = str(Path(self.directory) / "rendezvous")
         environment = {**os.environ, PARENT_PID_VARIABLE: str(os.getpid())}
@@ -80,6 +81,7 @@ class Followers:
             socket = self.context.socket(zmq.PUSH)
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.SNDHWM, 0)
+            socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))  # a PUSH send waits for its peer
             socket.bind(command_address(self.directory, rank))
             self.sockets.append(socket)
         self.processes = [
@@ -97,8 +99,11 @@ class Followers:
 
     def _relay(self, message: bytes) -> None:
         self.check()
-        for socket in self.sockets:
-            socket.send(message)
+        for rank, socket in enumerate(self.sockets, start=1):
+            try:
+                socket.send(message)
+            except zmq.Again as error:
+                raise GroupFailure(f"tensor-parallel rank {rank} took no command in time") from error
 
     def check(self) -> None:
         """Raises `GroupFailure` if a rank has exited."""
@@ -110,7 +115,10 @@ class Followers:
     def stop(self) -> None:
         """Asks the ranks to leave; kills those that do not (a hung one, a stopped one)."""
         for socket in self.sockets:
-            socket.send(STOP)
+            try:
+                socket.send(STOP, zmq.NOBLOCK)
+            except zmq.Again:  # a rank that never connected: killed below
+                pass
         for process in self.processes:
             try:
                 process.wait(timeout=FOLLOWER_EXIT_S)
@@ -134,14 +142,20 @@ def command_address(directory: str, rank: int) -> str:
     return f"ipc://{directory}/rank-{rank}.sock"
 
 
-def follow(engine: Engine, rendezvous: str) -> None:
-    """A rank other than 0: runs what rank 0 relays until told to stop. Errors are rank 0's to
-    report (every rank meets the same ones); a `GroupFailure` ends the process."""
+def command_socket(rendezvous: str, rank: int) -> zmq.Socket:
+    """A rank's end of rank 0's commands, connected as soon as the rank starts (rank 0's sends wait for it)."""
+    socket = zmq.Context.instance().socket(zmq.PULL)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(command_address(str(Path(rendezvous).parent), rank))
+    return socket
+
+
+def follow(engine: Engine, socket: zmq.Socket) -> None:
+    """A rank other than 0: runs what rank 0 relays on `socket` until told to stop. Errors are rank
+    0's to report (every rank meets the same ones); a `GroupFailure` ends the process."""
     if engine.graph_runner is not None:
         engine.graph_runner.capture_all()
     tp = engine.tp
-    socket = zmq.Context.instance().socket(zmq.PULL)
-    socket.connect(command_address(str(Path(rendezvous).parent), tp.rank))
     while True:
         message = socket.recv()
         op, body = message[:1], message[1:]

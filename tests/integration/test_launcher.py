@@ -190,3 +190,12 @@ def test_a_model_that_cannot_load_is_one_line_and_no_api_is_announced(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in output and "listening" not in output and "process=frontend" not in output
     assert f"cannot serve --model-path {tmp_path / 'nowhere'}" in output and "config.json" in output
+
+
+def test_a_group_size_that_cannot_split_the_model_is_one_line(service_model):
+    result = subprocess.run([*CLI, "serve", "--model-path", str(service_model), "--device", "cpu", "--tp", "3",
+                             "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "Traceback" not in output and "listening" not in output
+    assert "--tensor-parallel-size 3 cannot split 4 attention heads" in output

@@ -266,3 +266,19 @@ def test_pipelined_load_starts_a_cold_request_on_an_idle_server(base_config, ora
     assert response.timing.adapter_wait_ms < 0.5 * slow_seconds * 1e3, "admitted before the copy finished"
     assert response.timing.time_to_first_token_ms >= 0.8 * slow_seconds * 1e3, "the forward waited for the copy"
     assert_consistent(oracle, reference[request_id], ids, adapter, list(response.token_ids))
+
+
+def test_load_adapter_says_what_it_loaded(server, service_model, artifacts):
+    _, client = server
+    spec = AdapterSpec(rank=8, alpha=16, target_modules=["q_proj", "k_proj", "o_proj"], rank_pattern={"k_proj": 2},
+                       alpha_pattern={"o_proj": 4}, seed=33)
+    info = client.load_adapter("patterned", str(build_adapter(service_model, artifacts / "service-patterned", spec)))
+    adapter = info.adapter
+    try:
+        assert (adapter.rank, list(adapter.ranks), list(adapter.alphas)) == (8, [2, 8], [4.0, 16.0])
+        assert sorted(adapter.target_modules) == ["k_proj", "o_proj", "q_proj"]
+        assert adapter.gpu_bytes == adapter.size_bytes > 0 and adapter.host_bytes >= adapter.size_bytes
+        [listed] = [a for a in client.list_adapters().adapters if a.name == "patterned"]
+        assert (list(listed.ranks), list(listed.alphas), listed.host_bytes) == ([2, 8], [4.0, 16.0], adapter.host_bytes)
+    finally:
+        client.unload_adapter("patterned")

@@ -25,6 +25,7 @@ from worker.errors import (
 )
 from worker.lora.peft_config import (
     PARENT,
+    alpha,
     check_config,
     expected_rank,
     module_path,
@@ -57,6 +58,7 @@ class LoraTarget:
     layer: int
     module: str
     rank: int
+    alpha: float
     scaling: float
     a_key: str  # safetensors key of A, shape [rank, in_features]
     b_key: str  # safetensors key of B, shape [out_features, rank]
@@ -85,6 +87,16 @@ class AdapterManifest:
     @property
     def modules(self) -> frozenset[str]:
         return frozenset(t.module for t in self.targets)
+
+    @property
+    def ranks(self) -> list[int]:
+        """Every rank its modules have, ascending (rank_pattern may give several)."""
+        return sorted({t.rank for t in self.targets})
+
+    @property
+    def alphas(self) -> list[float]:
+        """Every lora_alpha its modules have, ascending (alpha_pattern may give several)."""
+        return sorted({t.alpha for t in self.targets})
 
     @property
     def dora(self) -> bool:
@@ -234,4 +246,6 @@ def _target(layer, module, keys, shapes, config, model: ModelConfig) -> LoraTarg
     if magnitude_key is not None and shapes[magnitude_key] != [out_features]:
         raise AdapterShapeError(f"layer {layer} {module}: lora_magnitude_vector {shapes[magnitude_key]} does not fit "
                                 f"the base model (expected [{out_features}])")
-    return LoraTarget(layer, module, rank, scaling(config, layer, module, rank), keys["A"], keys["B"], magnitude_key)
+    module_alpha = alpha(config, layer, module)
+    return LoraTarget(layer, module, rank, module_alpha, scaling(config, module_alpha, rank), keys["A"], keys["B"],
+                      magnitude_key)

@@ -200,10 +200,15 @@ def expected_rank(config: dict, layer: int, module: str) -> tuple[int, str]:
     return _pattern_value(config, "rank_pattern", module_path(layer, module), "r", 8)
 
 
-def scaling(config: dict, layer: int, module: str, rank: int) -> float:
-    """PEFT's scaling: lora_alpha / r, or / sqrt(r) with rslora; alpha_pattern overrides alpha."""
-    alpha, _ = _pattern_value(config, "alpha_pattern", module_path(layer, module), "lora_alpha", 8)
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+def alpha(config: dict, layer: int, module: str) -> float:
+    """PEFT's lora_alpha for the module: alpha_pattern's, else lora_alpha."""
+    value, _ = _pattern_value(config, "alpha_pattern", module_path(layer, module), "lora_alpha", 8)
+    return value
+
+
+def scaling(config: dict, module_alpha: float, rank: int) -> float:
+    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rslora."""
+    return module_alpha / math.sqrt(rank) if config.get("use_rslora") else module_alpha / rank
 
 
 def _pattern_value(

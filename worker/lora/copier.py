@@ -10,6 +10,10 @@ The three hazards (ARCHITECTURE.md), handled by both back-ends:
 `CudaCopier` uses a dedicated CUDA stream and events; `ThreadCopier` offers the same
 interface on CPU with worker threads and threading events.
 
+A DoRA adapter's layer also queues, after its copies and before its event, the computation
+of its scales from the copied A and B (worker/lora/dora.py), so the per-layer events keep
+meaning "this layer is ready".
+
 Queuing a load's copies (14 per layer for seven modules) takes the host about 8 ms, so
 `CudaCopier` queues them from a thread of its own: the engine's thread goes straight on to
 launch the next forward instead of leaving the GPU idle for that long. A forward that must

@@ -86,19 +86,21 @@ def test_a_wrong_dora_scale_fails_the_comparison(arch, mutation, model_dirs, dor
         check_against_peft(model_dirs[arch], dora_adapter_dirs[arch], requests)
 
 
-def test_a_dora_slot_reused_by_plain_lora_is_plain_again(model_dirs, dora_adapter_dirs):
-    """A plain adapter loaded where a DoRA one was must not keep its scales."""
+@pytest.mark.parametrize("second", ["plain", "dora_qv"])
+def test_a_slot_reused_after_dora_keeps_none_of_its_scales(second, model_dirs, dora_adapter_dirs):
+    """An adapter loaded where a DoRA one (of every module) was must not keep its scales:
+    neither a plain one, nor a DoRA one of fewer modules."""
     model_dir, adapters = model_dirs["qwen2"], dora_adapter_dirs["qwen2"]
     engine = make_engine(model_dir, max_loras_per_batch=1)
-    for name in ("dora_rslora", "plain"):
+    for name in ("dora_rslora", second):
         engine.register_adapter(name, adapters[name])
     make_resident(engine, "dora_rslora", 0)
     engine.evict_slot(0)
-    make_resident(engine, "plain", 0)
-    request = Request("plain", prompt(50, 6), adapter_slot=0, max_new_tokens=3)
+    make_resident(engine, second, 0)
+    request = Request(second, prompt(50, 6), adapter_slot=0, max_new_tokens=3)
     Driver(engine).run([request])
     engine.close()
-    assert_matches_oracle(PeftOracle(model_dir, {"plain": adapters["plain"]}), request, "plain")
+    assert_matches_oracle(PeftOracle(model_dir, {second: adapters[second]}), request, second)
 
 
 def test_dora_bytes_include_the_magnitudes(model_dirs, dora_adapter_dirs):

@@ -86,21 +86,24 @@ def test_a_wrong_dora_scale_fails_the_comparison(arch, mutation, model_dirs, dor
         check_against_peft(model_dirs[arch], dora_adapter_dirs[arch], requests)
 
 
-@pytest.mark.parametrize("second", ["plain", "dora_qv"])
+@pytest.mark.parametrize("second", ["plain", "dora_mixed"])
 def test_a_slot_reused_after_dora_keeps_none_of_its_scales(second, model_dirs, dora_adapter_dirs):
     """An adapter loaded where a DoRA one (of every module) was must not keep its scales:
-    neither a plain one, nor a DoRA one of fewer modules."""
+    neither a plain one, nor a DoRA one of fewer modules; a DoRA adapter in another slot makes
+    the batch read every slot's scales."""
     model_dir, adapters = model_dirs["qwen2"], dora_adapter_dirs["qwen2"]
-    engine = make_engine(model_dir, max_loras_per_batch=1)
-    for name in ("dora_rslora", second):
+    engine = make_engine(model_dir, max_loras_per_batch=2)
+    for name in ("dora_rslora", "dora_qv", second):
         engine.register_adapter(name, adapters[name])
     make_resident(engine, "dora_rslora", 0)
     engine.evict_slot(0)
     make_resident(engine, second, 0)
-    request = Request(second, prompt(50, 6), adapter_slot=0, max_new_tokens=3)
-    Driver(engine).run([request])
+    make_resident(engine, "dora_qv", 1)
+    requests = [Request(second, prompt(50, 6), adapter_slot=0, max_new_tokens=3),
+                Request("dora_qv", prompt(51, 5), adapter_slot=1, max_new_tokens=3)]
+    Driver(engine).run(requests)
     engine.close()
-    assert_matches_oracle(PeftOracle(model_dir, {second: adapters[second]}), request, second)
+    check_against_peft(model_dir, {name: adapters[name] for name in (second, "dora_qv")}, requests)
 
 
 def test_dora_bytes_include_the_magnitudes(model_dirs, dora_adapter_dirs):

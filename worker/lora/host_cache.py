@@ -238,9 +238,7 @@ class HostCache:
                     if self.read_hook is not None:
                         self.read_hook(entry.name, layer)
                     for target in targets:
-                        self._copy_target(tensors, target, entry.tensors[(target.layer, target.module)])
-                        if target.magnitude_key is not None:
-                            entry.magnitudes[(target.layer, target.module)].copy_(tensors.get_tensor(target.magnitude_key))
+                        self._copy_target(tensors, target, entry)
                     progress.publish(layer + 1)
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             progress.fail(CorruptAdapterError(f"reading {entry.manifest.weights_path} failed: {error}"))
@@ -250,12 +248,15 @@ class HostCache:
             return
         progress.publish(self.model.num_layers)
 
-    def _copy_target(self, tensors, target: LoraTarget, destination: tuple[torch.Tensor, torch.Tensor]) -> None:
-        a_dst, b_t_dst = destination
+    def _copy_target(self, tensors, target: LoraTarget, entry: HostAdapter) -> None:
+        key = (target.layer, target.module)
+        a_dst, b_t_dst = entry.tensors[key]
         a_index, b_index = self.lora_slices(target.module)
         a_dst.copy_(tensors.get_slice(target.a_key)[a_index])
         b = tensors.get_slice(target.b_key)[b_index].to(torch.float32) * target.scaling
         b_t_dst.copy_(b.t())
+        if target.magnitude_key is not None:  # whole: DoRA is not served with tensor parallelism
+            entry.magnitudes[key].copy_(tensors.get_tensor(target.magnitude_key))
 
 
 def _check_unchanged(manifest: AdapterManifest) -> None:

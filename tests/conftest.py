@@ -16,6 +16,18 @@ MIXED_ADAPTERS = {
     "a1": AdapterSpec(rank=16, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                         "gate_proj", "up_proj", "down_proj"], seed=2),
 }
+_ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# DoRA adapters of different ranks, modules and scalings, and a plain LoRA adapter of every
+# module (so it shares each DoRA module's batched product).
+DORA_MIX_ADAPTERS = {
+    "dora_qv": AdapterSpec(rank=8, alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True, seed=21),
+    "dora_rslora": AdapterSpec(rank=4, alpha=8, target_modules=_ALL_MODULES, use_rslora=True, use_dora=True,
+                               seed=22),
+    "dora_mixed": AdapterSpec(rank=16, alpha=8, target_modules=["k_proj", "o_proj", "gate_proj", "down_proj"],
+                              use_dora=True, seed=23),
+    "plain": AdapterSpec(rank=8, alpha=16, target_modules=_ALL_MODULES, seed=24),
+}
+DORA_ARCHS = ("llama", "qwen2")  # qwen2's q/k/v biases are outside DoRA's rescaling
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +39,14 @@ def artifacts(tmp_path_factory) -> Path:
 def model_dirs(artifacts) -> dict[str, Path]:
     """One tiny float32 model per supported architecture."""
     return {arch: build_tiny_model(artifacts / arch, arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def dora_adapter_dirs(artifacts, model_dirs) -> dict[str, dict[str, Path]]:
+    """arch -> adapter name -> directory, for the DoRA mixed-batch tests."""
+    return {arch: {name: build_adapter(model_dirs[arch], artifacts / f"dora-{arch}-{name}", spec)
+                   for name, spec in DORA_MIX_ADAPTERS.items()}
+            for arch in DORA_ARCHS}
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,9 @@ _NORM_WEIGHT_STD = 0.1
 # Per-element std of the scaled LoRA delta (scaling * B @ A), half the base weights' 0.02:
 # large enough to change greedy tokens, small enough to keep the model's behaviour.
 _LORA_DELTA_STD = 0.01
+# Relative std of DoRA's magnitude around the adapted weight's row norms (where PEFT starts
+# it), so that its rescaling is far from the identity without swamping the model.
+_DORA_MAGNITUDE_STD = 0.2
 
 
 def build_tiny_model(
@@ -241,6 +244,9 @@ def _randomise_lora(model: PeftModel) -> None:
     dwarfs the base weights. Normalising by each layer's own scaling keeps every adapter's
     effect comparable whatever its rank, alpha, rslora or rank/alpha pattern, while a server
     that gets the scaling wrong still produces a delta of the wrong size.
+
+    DoRA's magnitude, which PEFT initialises to the row norms of W + scaling * B @ A before A
+    and B are redrawn here, becomes those norms for the new A and B times 1 +- _DORA_MAGNITUDE_STD.
     """
     for module in model.modules():
         if not isinstance(module, LoraLayer):
@@ -250,6 +256,10 @@ def _randomise_lora(model: PeftModel) -> None:
             lora_a.weight.normal_(0.0, fan_in**-0.5)
             b_std = _LORA_DELTA_STD * fan_in**0.5 / (module.scaling[name] * rank**0.5)
             module.lora_B[name].weight.normal_(0.0, b_std)
+            if name in module.lora_magnitude_vector:
+                magnitude = module.lora_magnitude_vector[name].weight
+                norms = torch.linalg.vector_norm(module.get_base_layer().weight + module.get_delta_weight(name), dim=1)
+                magnitude.copy_(norms * (1 + _DORA_MAGNITUDE_STD * torch.randn_like(norms)))
 
 
 def _restore_spec_fields(out_dir: Path, spec: AdapterSpec) -> None:
@@ -266,12 +276,12 @@ def _restore_spec_fields(out_dir: Path, spec: AdapterSpec) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-# --- Adapters the server must refuse -------------------------------------------------------
-
-
 def build_dora_adapter(model_dir: Path, out_dir: Path) -> Path:
     """DoRA: adds `lora_magnitude_vector` tensors and `use_dora: true`."""
     return build_adapter(model_dir, out_dir, AdapterSpec(use_dora=True))
+
+
+# --- Adapters the server must refuse -------------------------------------------------------
 
 
 def build_pickle_only_adapter(model_dir: Path, out_dir: Path) -> Path:

@@ -16,12 +16,20 @@ import torch
 
 from settings.config import EngineConfig
 from worker.batch import NO_ADAPTER, ForwardOutput, SampledToken, SequenceInput
-from worker.errors import AdapterNotFoundError, AdapterStateError, CapacityError, CorruptAdapterError, ModelLoadError
+from worker.errors import (
+    AdapterNotFoundError,
+    AdapterStateError,
+    CapacityError,
+    CorruptAdapterError,
+    ModelLoadError,
+    UnsupportedAdapterError,
+)
 from worker.graph_step import GraphStepRunner
 from worker.host_upload import index_tensor
 from worker.kv_cache import PagedKVCache
 from worker.lora.adapter import AdapterManifest, read_adapter_manifest
 from worker.lora.copier import CudaCopier, LayerCopiedHook, LoadJob, ThreadCopier
+from worker.lora.dora import base_module_weights
 from worker.lora.host_cache import HostCache, LayerReadHook
 from worker.lora.slots import LoraSlots
 from worker.model.config import DTYPES, ModelConfig, load_model_config
@@ -99,6 +107,7 @@ class Engine:
         self.slots = LoraSlots(
             c, num_slots=config.max_loras_per_batch, max_rank=config.max_lora_rank,
             modules=config.lora_target_modules, dtype=self.dtype, device=self.device,
+            base_weights=base_module_weights(self.model.weights, c),
         )
         on_gpu = self.device.type == "cuda"
         self.host_cache = HostCache(c, config.host_cache_bytes, config.max_loaded_loras, self.dtype, pin=on_gpu,
@@ -130,6 +139,10 @@ class Engine:
             raise AdapterStateError(f"adapter {name!r} is already registered")
         manifest = read_adapter_manifest(path, self.model_config, self.config.max_lora_rank)
         self.slots.check_servable(name, manifest.modules)
+        if manifest.dora and self.tp.enabled:
+            # A row-parallel module's weight norms would need the other ranks' input columns.
+            raise UnsupportedAdapterError(f"adapter {name!r} is a DoRA adapter (use_dora), which is not served "
+                                          f"with tensor parallelism (--tensor-parallel-size {self.tp.size})")
         self.adapters[name] = manifest
         return self.adapter_info(name)
 

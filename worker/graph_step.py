@@ -16,6 +16,10 @@ kernels, which is how CI covers the buffer logic.
 Padding rows read page 0, have length 0 (attention output 0), no adapter, and write their
 keys and values to the KV cache's scratch row.
 
+A step with a DoRA adapter also rescales each adapted module's output per token
+(worker/lora/dora.py): that step is a graph of its own, captured on first use, so steps
+without DoRA pay nothing for it.
+
 A step that reads an adapter still being copied must wait before each layer on that layer's
 copy event, which is recorded after capture: a single graph cannot hold that wait. Such a
 step replays the same forward captured as one graph per layer (`LayeredGraph`), with the
@@ -186,8 +190,9 @@ class GraphStepRunner:
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self.mixed = mixed
         self._inputs: dict[StepShape, StaticInputs] = {}
-        self._graphs: dict[StepShape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._layered: dict[StepShape, LayeredGraph] = {}
+        # Keyed by (shape, whether the step rescales for DoRA).
+        self._graphs: dict[tuple[StepShape, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._layered: dict[tuple[StepShape, bool], LayeredGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
         # LoRA shrinks run on it beside the base GEMMs (see _StaticLora).
         self._lora_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
@@ -221,11 +226,11 @@ class GraphStepRunner:
         shapes = [decode_shape(batch, 1) for batch in BATCH_BUCKETS if batch <= self.max_batch]
         mixed = [mixed_shape(tokens, self.max_batch, 1) for tokens in MIXED_TOKEN_BUCKETS] if self.mixed else []
         for shape in shapes + mixed:
-            if shape not in self._graphs:
-                self._capture(self._inputs_of(shape))
+            if (shape, False) not in self._graphs:
+                self._capture(self._inputs_of(shape), dora=False)
         for shape in mixed:
-            if shape not in self._layered:
-                self._capture_layered(self._inputs_of(shape))
+            if (shape, False) not in self._layered:
+                self._capture_layered(self._inputs_of(shape), dora=False)
 
     def run(self, step: StepInputs, feed: Callable[[torch.Tensor], None],
             wait_for_layer: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -240,12 +245,13 @@ class GraphStepRunner:
         slot_ranks = [self.slots.adapter_rank(slot) for slot in range(self.slots.num_slots)]
         inputs.fill(step, slot_ranks, self.kv_cache.scratch_index)
         feed(inputs.device("input_ids"))
+        dora = self.slots.any_dora(step.active_slots)
         if not self.use_cuda_graphs:
-            return self._step(inputs, wait_for_layer)[:num_tokens]
+            return self._step(inputs, dora, wait_for_layer)[:num_tokens]
         if wait_for_layer is not None:
-            layered = self._layered.get(shape) or self._capture_layered(inputs)
+            layered = self._layered.get((shape, dora)) or self._capture_layered(inputs, dora)
             return layered.replay(wait_for_layer)[:num_tokens]
-        graph, hidden = self._graphs.get(shape) or self._capture(inputs)
+        graph, hidden = self._graphs.get((shape, dora)) or self._capture(inputs, dora)
         graph.replay()
         return hidden[:num_tokens]
 
@@ -254,26 +260,26 @@ class GraphStepRunner:
             self._inputs[shape] = StaticInputs(shape, self.slots.num_slots, self._lora_scratch, self.device)
         return self._inputs[shape]
 
-    def _warm_up(self, inputs: StaticInputs) -> None:
+    def _warm_up(self, inputs: StaticInputs, dora: bool) -> None:
         """Runs the step once on a side stream before capture (Triton compiles, allocator settles)."""
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._step(inputs)
+            self._step(inputs, dora)
         torch.cuda.current_stream().wait_stream(side)
 
-    def _capture(self, inputs: StaticInputs) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        self._warm_up(inputs)
+    def _capture(self, inputs: StaticInputs, dora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self._warm_up(inputs, dora)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=CAPTURE_MODE):
-            hidden = self._step(inputs)
-        self._graphs[inputs.shape] = (graph, hidden)
+            hidden = self._step(inputs, dora)
+        self._graphs[(inputs.shape, dora)] = (graph, hidden)
         return graph, hidden
 
-    def _capture_layered(self, inputs: StaticInputs) -> LayeredGraph:
+    def _capture_layered(self, inputs: StaticInputs, dora: bool) -> LayeredGraph:
         """Captures the step as `LayeredGraph` parts: each layer boundary (where a landing step
         waits) ends one capture and begins the next, in the shared pool and on one stream."""
-        self._warm_up(inputs)
+        self._warm_up(inputs, dora)
         layered = LayeredGraph()
 
         def begin_part(_layer: int | None = None) -> None:
@@ -285,14 +291,15 @@ class GraphStepRunner:
         torch.cuda.synchronize()
         with torch.cuda.stream(torch.cuda.Stream(device=self.device)):
             begin_part()
-            layered.hidden = self._step(inputs, begin_part)
+            layered.hidden = self._step(inputs, dora, begin_part)
             layered.parts[-1].capture_end()
-        self._layered[inputs.shape] = layered
+        self._layered[(inputs.shape, dora)] = layered
         return layered
 
-    def _step(self, inputs: StaticInputs, wait_for_layer: Callable[[int], None] | None = None) -> torch.Tensor:
-        lora = _StaticLora(self.slots, inputs, use_triton=self.device.type == "cuda", wait_for_layer=wait_for_layer,
-                           side_stream=self._lora_stream)
+    def _step(self, inputs: StaticInputs, dora: bool,
+              wait_for_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        lora = _StaticLora(self.slots, inputs, use_triton=self.device.type == "cuda", dora=dora,
+                           wait_for_layer=wait_for_layer, side_stream=self._lora_stream)
         keys, values = self.kv_cache.keys, self.kv_cache.values
         page_table, positions = inputs.device("page_table"), inputs.device("positions")
         on_gpu = self.device.type == "cuda"
@@ -333,14 +340,16 @@ class _StaticLora:
     the kernel that next reads the GEMM's output adds it (`finish_deltas` returns it);
     larger batches (compute-bound, deltas too big to stage) run only the shrink there and
     the expand on the step's stream. The side stream forks after any per-layer wait and
-    joins within the group, so a captured graph's parts each begin and end on the step's stream."""
+    joins within the group, so a captured graph's parts each begin and end on the step's stream.
+    With `dora`, every delta is added in place and each adapted output then rescaled per token."""
 
-    def __init__(self, slots: LoraSlots, inputs: StaticInputs, *, use_triton: bool,
+    def __init__(self, slots: LoraSlots, inputs: StaticInputs, *, use_triton: bool, dora: bool,
                  wait_for_layer: Callable[[int], None] | None = None,
                  side_stream: torch.cuda.Stream | None = None) -> None:
         self.slots = slots
         self.inputs = inputs
         self.use_triton = use_triton
+        self.dora = dora
         self.wait_for_layer = wait_for_layer
         self.side_stream = side_stream
         self._started: _StartedGroup | None = None
@@ -390,11 +399,21 @@ class _StaticLora:
             if started.deltas is None:
                 lora_expand([m.b_t for m in group], [m.out for m in group], blocks, self.inputs.lora_scratch,
                             block_m=block_m)
-            elif len(adapted) == len(outputs):
+            elif len(adapted) == len(outputs) and not self.dora:
                 return started.deltas  # the caller's next kernel adds them
             else:
                 for module, delta in zip(group, self._split(started.deltas, started.modules)):
                     module.out.add_(delta)
         else:
             add_lora_deltas(x, group, blocks, self.inputs.lora_scratch, block_m)
+        if self.dora:
+            self._rescale(layer, adapted)
         return None
+
+    def _rescale(self, layer: int, adapted: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """DoRA: out = scale * (out + delta) + shift per token; padding and base-model tokens
+        (slot NO_ADAPTER, -1) read the buffers' last row, which is the identity."""
+        token_slots = self.inputs.device("token_slots")
+        for module, out in adapted:
+            out.mul_(self.slots.scale[module][layer][token_slots])
+            out.add_(self.slots.shift[module][layer][token_slots])

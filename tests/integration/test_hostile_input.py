@@ -30,7 +30,6 @@ from tests.integration.test_service import (  # noqa: F401 - fixtures
 
 INITIAL = ("a0", "a1", "a2", "a3")
 BAD_ADAPTERS = {  # directory -> (builder, expected code)
-    "dora": (factory.build_dora_adapter, grpc.StatusCode.INVALID_ARGUMENT),
     "pickle-only": (factory.build_pickle_only_adapter, grpc.StatusCode.INVALID_ARGUMENT),
     "truncated": (factory.build_truncated_adapter, grpc.StatusCode.INVALID_ARGUMENT),
     "corrupt": (factory.build_corrupt_adapter, grpc.StatusCode.INVALID_ARGUMENT),

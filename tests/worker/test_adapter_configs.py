@@ -32,6 +32,7 @@ from worker.errors import (
 
 ARCH = "llama"
 BASE = AdapterSpec(seed=1)  # q_proj and v_proj, r 8, alpha 16
+DORA = AdapterSpec(use_dora=True, seed=24)
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 Tensors = dict[str, torch.Tensor]
 
@@ -55,6 +56,11 @@ def with_default(key: str) -> str:
 
 def without_prefix(key: str) -> str:
     return key.removeprefix("base_model.model.")
+
+
+def with_default_dora(key: str) -> str:
+    """A/B as `with_default`; the magnitude as it is named in PEFT's in-memory state dict."""
+    return key + ".default.weight" if key.endswith(".lora_magnitude_vector") else with_default(key)
 
 
 def both_layouts(tensors: Tensors) -> Tensors:
@@ -119,15 +125,16 @@ SERVED: dict[str, Variant] = {
                                                     seed=21)),
     "layers_pattern": Variant(AdapterSpec(layers_to_transform=[1], layers_pattern="layers", seed=22)),
     "layers_pattern_list": Variant(AdapterSpec(layers_to_transform=[0], layers_pattern=["h", "layers"], seed=23)),
+    "use_dora": Variant(DORA),
     # Weight-key layouts trainers write, which PEFT itself does not read.
     "keys_default": Variant(tensors=rename_keys(with_default), peft_loads=False),
     "keys_without_prefix": Variant(tensors=rename_keys(without_prefix), peft_loads=False),
     "keys_without_prefix_default": Variant(tensors=rename_keys(lambda k: with_default(without_prefix(k))),
                                            peft_loads=False),
+    "keys_default_dora": Variant(DORA, tensors=rename_keys(with_default_dora), peft_loads=False),
 }
 
 REFUSED: dict[str, tuple[Variant, type[InvalidAdapterError], str]] = {
-    "use_dora": (Variant(config={"use_dora": True}), UnsupportedAdapterError, "use_dora"),
     "modules_to_save": (Variant(config={"modules_to_save": ["lm_head"]}), UnsupportedAdapterError, "modules_to_save"),
     "bias_all": (Variant(config={"bias": "all"}), UnsupportedAdapterError, "bias"),
     "bias_lora_only": (Variant(config={"bias": "lora_only"}), UnsupportedAdapterError, "bias"),
@@ -164,6 +171,11 @@ REFUSED: dict[str, tuple[Variant, type[InvalidAdapterError], str]] = {
     "invalid_regex": (Variant(config={"target_modules": "(q_proj"}), CorruptAdapterError, "target_modules"),
     "r_not_int": (Variant(config={"r": "eight"}), CorruptAdapterError, "field r must"),
     "duplicate_keys": (Variant(tensors=both_layouts), CorruptAdapterError, "twice"),
+    "use_dora_without_magnitudes": (Variant(config={"use_dora": True}), AdapterConfigMismatchError,
+                                    r"q_proj lacks the lora_magnitude_vector, but the config's use_dora is True"),
+    "magnitudes_without_use_dora": (Variant(DORA, config={"use_dora": False}), AdapterConfigMismatchError,
+                                    r"q_proj holds a lora_magnitude_vector, but the config's use_dora is False"),
+    "use_dora_not_bool": (Variant(config={"use_dora": "yes"}), CorruptAdapterError, "field use_dora must"),
 }
 
 

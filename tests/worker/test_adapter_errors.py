@@ -22,7 +22,6 @@ from worker.errors import (
 )
 
 BAD_ADAPTERS = {
-    "dora": (factory.build_dora_adapter, UnsupportedAdapterError, "DoRA"),
     "pickle": (factory.build_pickle_only_adapter, PickleRefusedError, "pickle"),
     "truncated": (factory.build_truncated_adapter, CorruptAdapterError, "safetensors"),
     "corrupt": (factory.build_corrupt_adapter, CorruptAdapterError, "safetensors"),

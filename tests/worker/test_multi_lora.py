@@ -65,9 +65,9 @@ def test_batched_product_matches_per_token_loop(engine, mix, module):
 
 def test_unsorted_slots_are_refused():
     with pytest.raises(ValueError, match="sorted by slot"):
-        SegmentBatch.build([1, 3, 1], [{}] * 4, torch.device("cpu"))
+        SegmentBatch.build([1, 3, 1], [{}] * 4, torch.device("cpu"), [False] * 4)
     with pytest.raises(ValueError, match="base-model tokens first"):
-        SegmentBatch.build([1, NO_ADAPTER], [{}] * 4, torch.device("cpu"))
+        SegmentBatch.build([1, NO_ADAPTER], [{}] * 4, torch.device("cpu"), [False] * 4)
 
 
 @pytest.mark.parametrize("mix", list(mixes(1)))

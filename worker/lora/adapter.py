@@ -39,15 +39,21 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 # What PEFT saves ("base_model.model." + module path), also without that prefix or with the
-# adapter name "default" before ".weight", as some trainers write them.
+# adapter name "default" before ".weight", as some trainers write them. DoRA's magnitude is
+# saved as "lora_magnitude_vector" (older PEFT in memory: "lora_magnitude_vector.default.weight").
 _LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
+    r"lora_(?:([AB])(?:\.default)?\.weight|(magnitude)_vector(?:\.default)?(?:\.weight)?)$"
 )
+MAGNITUDE = "magnitude"
 
 
 @dataclass(frozen=True)
 class LoraTarget:
-    """One adapted linear module of one layer: delta(x) = scaling * (x @ A.T) @ B.T."""
+    """One adapted linear module of one layer: delta(x) = scaling * (x @ A.T) @ B.T.
+
+    With DoRA, the module's output (bias aside) and delta are rescaled per output feature
+    by magnitude / ||W + scaling * B @ A|| (row norms)."""
 
     layer: int
     module: str
@@ -56,6 +62,7 @@ class LoraTarget:
     scaling: float
     a_key: str  # safetensors key of A, shape [rank, in_features]
     b_key: str  # safetensors key of B, shape [out_features, rank]
+    magnitude_key: str | None = None  # DoRA only: safetensors key of the magnitude, shape [out_features]
 
 
 @dataclass(frozen=True)
@@ -91,9 +98,19 @@ class AdapterManifest:
         """Every lora_alpha its modules have, ascending (alpha_pattern may give several)."""
         return sorted({t.alpha for t in self.targets})
 
+    @property
+    def dora(self) -> bool:
+        return any(t.magnitude_key is not None for t in self.targets)
+
     def nbytes(self, model: ModelConfig, element_size: int) -> int:
+        """What staging the adapter takes: A, B.T and DoRA's magnitudes."""
         shapes = model.module_shapes()
-        return sum(t.rank * sum(shapes[t.module]) * element_size for t in self.targets)
+        return sum(_target_numel(t, *shapes[t.module]) * element_size for t in self.targets)
+
+
+def _target_numel(target: LoraTarget, in_features: int, out_features: int) -> int:
+    magnitude = out_features if target.magnitude_key is not None else 0
+    return target.rank * (in_features + out_features) + magnitude
 
 
 def read_adapter_manifest(path: str | Path, model: ModelConfig, max_lora_rank: int) -> AdapterManifest:
@@ -150,6 +167,7 @@ def _read_targets(weights: Path, config: dict, model: ModelConfig) -> tuple[Lora
     if not pairs:
         raise CorruptAdapterError(f"{weights} holds no LoRA tensors")
     _check_tensors_match_config(set(pairs), config, model)
+    _check_magnitudes_match_config(pairs, config, weights)
     targets = [
         _target(layer, module, keys, shapes, config, model) for (layer, module), keys in sorted(pairs.items())
     ]
@@ -172,6 +190,18 @@ def _check_tensors_match_config(found: set[tuple[int, str]], config: dict, model
         )
 
 
+def _check_magnitudes_match_config(pairs: dict[tuple[int, str], dict[str, str]], config: dict,
+                                   weights: Path) -> None:
+    """DoRA (use_dora) needs a magnitude for every adapted module; plain LoRA has none."""
+    dora = bool(config.get("use_dora"))
+    for (layer, module), keys in sorted(pairs.items()):
+        if (MAGNITUDE in keys) != dora:
+            state = "lacks the lora_magnitude_vector" if dora else "holds a lora_magnitude_vector"
+            raise AdapterConfigMismatchError(
+                f"{weights}: {module_path(layer, module)} {state}, but the config's use_dora is {dora}"
+            )
+
+
 def _header_shapes(weights: Path) -> dict[str, list[int]]:
     try:
         with safe_open(weights, framework="pt") as tensors:
@@ -185,9 +215,9 @@ def _parse_key(key: str, model: ModelConfig) -> tuple[int, str, str]:
     if match is None:
         raise UnsupportedAdapterError(
             f"tensor {key!r} is not a LoRA A/B weight of a supported module "
-            f"({', '.join(TARGET_MODULES)}); embeddings, lm_head, DoRA and bias tensors are not served"
+            f"({', '.join(TARGET_MODULES)}); embeddings, lm_head and bias tensors are not served"
         )
-    layer, parent, module, which = int(match[1]), match[2], match[3], match[4]
+    layer, parent, module, which = int(match[1]), match[2], match[3], match[4] or match[5]
     if module not in TARGET_MODULES or PARENT[module] != parent:
         raise UnsupportedAdapterError(f"tensor {key!r} targets {parent}.{module}, which cannot be served")
     if layer >= model.num_layers:
@@ -196,8 +226,8 @@ def _parse_key(key: str, model: ModelConfig) -> tuple[int, str, str]:
 
 
 def _target(layer, module, keys, shapes, config, model: ModelConfig) -> LoraTarget:
-    if set(keys) != {"A", "B"}:
-        raise CorruptAdapterError(f"layer {layer} {module} has lora_{next(iter(keys))} without its pair")
+    if not {"A", "B"} <= set(keys):
+        raise CorruptAdapterError(f"layer {layer} {module} has lora_{sorted(keys)[0]} without its pair")
     in_features, out_features = model.module_shapes()[module]
     a_shape, b_shape = shapes[keys["A"]], shapes[keys["B"]]
     rank = a_shape[0] if len(a_shape) == 2 else -1
@@ -212,5 +242,10 @@ def _target(layer, module, keys, shapes, config, model: ModelConfig) -> LoraTarg
             f"{module_path(layer, module)} has rank {rank} in the weights but {config_rank} from the config's "
             f"{rank_field}"
         )
+    magnitude_key = keys.get(MAGNITUDE)
+    if magnitude_key is not None and shapes[magnitude_key] != [out_features]:
+        raise AdapterShapeError(f"layer {layer} {module}: lora_magnitude_vector {shapes[magnitude_key]} does not fit "
+                                f"the base model (expected [{out_features}])")
     module_alpha = alpha(config, layer, module)
-    return LoraTarget(layer, module, rank, module_alpha, scaling(config, module_alpha, rank), keys["A"], keys["B"])
+    return LoraTarget(layer, module, rank, module_alpha, scaling(config, module_alpha, rank), keys["A"], keys["B"],
+                      magnitude_key)

@@ -10,6 +10,10 @@ The three hazards (ARCHITECTURE.md), handled by both back-ends:
 `CudaCopier` uses a dedicated CUDA stream and events; `ThreadCopier` offers the same
 interface on CPU with worker threads and threading events.
 
+A DoRA adapter's layer also queues, after its copies and before its event, the computation
+of its scales from the copied A and B (worker/lora/dora.py), so the per-layer events keep
+meaning "this layer is ready".
+
 Queuing a load's copies (14 per layer for seven modules) takes the host about 8 ms, so
 `CudaCopier` queues them from a thread of its own: the engine's thread goes straight on to
 launch the next forward instead of leaving the GPU idle for that long. A forward that must
@@ -133,11 +137,7 @@ class CudaCopier:
                 job.layer_queued[layer].set()
 
     def _queue_layer(self, job: LoadJob, layer: int) -> None:
-        writes = self.slots.layer_writes(job.slot, layer, job.adapter)
-        for destination, source in writes.copies:
-            destination.copy_(source, non_blocking=True)
-        for region in writes.zeros:
-            region.zero_()
+        self.slots.layer_writes(job.slot, layer, job.adapter).apply(non_blocking=True)
         if self.hook is not None:
             self.hook(job.name, job.slot, layer)
 
@@ -204,11 +204,7 @@ class ThreadCopier:
             started = time.time()
             for layer in range(self.num_layers):
                 job.adapter.progress.wait_for_layer(layer)  # in this thread, never the forward's
-                writes = self.slots.layer_writes(job.slot, layer, job.adapter)
-                for destination, source in writes.copies:
-                    destination.copy_(source)
-                for region in writes.zeros:
-                    region.zero_()
+                self.slots.layer_writes(job.slot, layer, job.adapter).apply(non_blocking=False)
                 if self.hook is not None:
                     self.hook(job.name, job.slot, layer)
                 job.layer_ready[layer].set()

@@ -2,7 +2,8 @@
 
 Each staged adapter holds, per adapted (layer, module), A as [rank, in] and B.T pre-scaled
 by PEFT's scaling as [rank, out]: both are row-contiguous, so copying the first `rank`
-rows of a slot is one contiguous copy per tensor.
+rows of a slot is one contiguous copy per tensor. A DoRA adapter also holds each module's
+magnitude vector [out].
 
 The reader publishes each layer as soon as it is in the arena (`ReadProgress`), so a load to
 the GPU can start while the rest of the file is still being read.
@@ -102,6 +103,7 @@ class HostAdapter:
     manifest: AdapterManifest
     region: Region
     tensors: dict[tuple[int, str], AdapterTensors]  # keyed by (layer, module)
+    magnitudes: dict[tuple[int, str], torch.Tensor]  # DoRA's [out] per (layer, module); empty for plain LoRA
     progress: ReadProgress
     copies_in_flight: int = 0  # the pinned region must outlive every copy reading it
 
@@ -156,7 +158,7 @@ class HostCache:
             raise CapacityError(
                 f"host cache has {self.arena.free_bytes} free bytes, adapter {name!r} needs {nbytes}; evict first"
             )
-        entry = HostAdapter(name, manifest, region, self._layout(manifest, region),
+        entry = HostAdapter(name, manifest, region, *self._layout(manifest, region),
                             ReadProgress(self.model.num_layers, self.pin))
         self.entries[name] = entry
         self._unreported.append(name)
@@ -206,9 +208,11 @@ class HostCache:
         del self.entries[entry.name]
         self.arena.release(entry.region)
 
-    def _layout(self, manifest: AdapterManifest, region: Region) -> dict[tuple[int, str], AdapterTensors]:
+    def _layout(self, manifest: AdapterManifest, region: Region
+                ) -> tuple[dict[tuple[int, str], AdapterTensors], dict[tuple[int, str], torch.Tensor]]:
+        """Views of the region: (A, B.T) and, for DoRA, the magnitude of every target."""
         shapes = self.model.module_shapes()
-        tensors = {}
+        tensors, magnitudes = {}, {}
         offset = 0
         for target in manifest.targets:
             in_features, out_features = shapes[target.module]
@@ -217,7 +221,11 @@ class HostCache:
             b_t = self.arena.view(region, offset, (target.rank, out_features), self.dtype)
             offset += b_t.nbytes
             tensors[(target.layer, target.module)] = (a, b_t)
-        return tensors
+            if target.magnitude_key is not None:
+                magnitude = self.arena.view(region, offset, (out_features,), self.dtype)
+                offset += magnitude.nbytes
+                magnitudes[(target.layer, target.module)] = magnitude
+        return tensors, magnitudes
 
     def _read(self, entry: HostAdapter) -> None:
         """Reads the file in layer order (the manifest's targets are sorted by layer),
@@ -230,7 +238,7 @@ class HostCache:
                     if self.read_hook is not None:
                         self.read_hook(entry.name, layer)
                     for target in targets:
-                        self._copy_target(tensors, target, entry.tensors[(target.layer, target.module)])
+                        self._copy_target(tensors, target, entry)
                     progress.publish(layer + 1)
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             progress.fail(CorruptAdapterError(f"reading {entry.manifest.weights_path} failed: {error}"))
@@ -240,12 +248,15 @@ class HostCache:
             return
         progress.publish(self.model.num_layers)
 
-    def _copy_target(self, tensors, target: LoraTarget, destination: tuple[torch.Tensor, torch.Tensor]) -> None:
-        a_dst, b_t_dst = destination
+    def _copy_target(self, tensors, target: LoraTarget, entry: HostAdapter) -> None:
+        key = (target.layer, target.module)
+        a_dst, b_t_dst = entry.tensors[key]
         a_index, b_index = self.lora_slices(target.module)
         a_dst.copy_(tensors.get_slice(target.a_key)[a_index])
         b = tensors.get_slice(target.b_key)[b_index].to(torch.float32) * target.scaling
         b_t_dst.copy_(b.t())
+        if target.magnitude_key is not None:  # whole: DoRA is not served with tensor parallelism
+            entry.magnitudes[key].copy_(tensors.get_tensor(target.magnitude_key))
 
 
 def _check_unchanged(manifest: AdapterManifest) -> None:

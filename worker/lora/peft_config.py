@@ -50,7 +50,6 @@ def _is_bias(value: object) -> bool:
 # field -> (does this value need an unsupported feature?, what the feature does to the forward pass)
 # A variant's sub-config turns the variant on even when empty ({}), so any value but null is refused.
 REFUSED_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
-    "use_dora": (_is_truthy, "DoRA rescales every adapted output by a learned magnitude vector"),
     "modules_to_save": (_is_truthy, "it replaces whole base modules per adapter"),
     "bias": (_is_bias, "it trains biases that are added to the base outputs"),
     "lora_bias": (_is_truthy, "lora_B carries a trained bias"),
@@ -90,6 +89,7 @@ _APPLIED_FIELD_TYPES: dict[str, tuple[str, Callable[[object], bool]]] = {
     "r": ("a positive integer", lambda v: _is_int(v) and v > 0),
     "lora_alpha": ("a number", _is_number),
     "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
     "rank_pattern": ("an object of regex -> rank",
                      lambda v: isinstance(v, dict) and all(_is_int(r) and r > 0 for r in v.values())),
     "alpha_pattern": ("an object of regex -> alpha",

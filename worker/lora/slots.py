@@ -4,6 +4,12 @@ For module m, `a[m]` is [layers, slots, max_rank, in] and `b_t[m]` is [layers, s
 max_rank, out]. A slot holding an adapter of rank r has A rows [r:] zeroed on load (and
 all of A for modules it does not adapt), so one batched product over several slots, cut at
 the largest rank among them, serves heterogeneous ranks exactly.
+
+DoRA (worker/lora/dora.py): `scale[m]` and `shift[m]`, [layers, slots + 1, out] in float32,
+hold each slot's per-output rescaling, computed when the layer is loaded; they stay the
+identity (1 and 0) for plain LoRA and for modules an adapter does not adapt, so a batch mixing
+both rescales every adapted token alike. The extra last row, never written, is the identity
+that slot NO_ADAPTER (-1) indexes.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch.nn.functional as F
 
 from worker.batch import NO_ADAPTER
 from worker.errors import UnsupportedAdapterError
+from worker.lora.dora import BaseWeights, dora_scale_and_shift
 from worker.lora.host_cache import HostAdapter
 from worker.model.config import ModelConfig
 from worker.host_upload import index_tensor
@@ -32,7 +39,9 @@ class LoraSlots:
         modules: Iterable[str],
         dtype: torch.dtype,
         device: torch.device,
+        base_weights: BaseWeights,
     ) -> None:
+        """`base_weights`: the base model's modules, which DoRA's weight norms are taken over."""
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.modules = tuple(modules)
@@ -42,12 +51,20 @@ class LoraSlots:
                   for m in self.modules}
         self.b_t = {m: torch.zeros(layers, num_slots, max_rank, shapes[m][1], dtype=dtype, device=device)
                     for m in self.modules}
+        self.scale = {m: torch.ones(layers, num_slots + 1, shapes[m][1], device=device) for m in self.modules}
+        self.shift = {m: torch.zeros(layers, num_slots + 1, shapes[m][1], device=device) for m in self.modules}
+        self.base_weights = base_weights
         self.ranks: list[dict[tuple[int, str], int]] = [{} for _ in range(num_slots)]
         self.occupants: list[str | None] = [None] * num_slots
+        self.dora: list[bool] = [False] * num_slots  # the occupant is a DoRA adapter
+        # A DoRA adapter was ever loaded into the slot: its scales may differ from the identity,
+        # so every later load writes all of them.
+        self._scales_written: list[bool] = [False] * num_slots
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b_t.values()))
+        buffers = (*self.a.values(), *self.b_t.values(), *self.scale.values(), *self.shift.values())
+        return sum(t.numel() * t.element_size() for t in buffers)
 
     def check_servable(self, name: str, modules: Iterable[str]) -> None:
         missing = sorted(set(modules) - set(self.modules))
@@ -61,6 +78,11 @@ class LoraSlots:
         """Records the slot's new occupant; its weights arrive through `layer_writes`."""
         self.ranks[slot] = {key: a.shape[0] for key, (a, _) in adapter.tensors.items()}
         self.occupants[slot] = adapter.name
+        self.dora[slot] = bool(adapter.magnitudes)
+        self._scales_written[slot] = self._scales_written[slot] or self.dora[slot]
+
+    def any_dora(self, slots: Iterable[int]) -> bool:
+        return any(self.dora[slot] for slot in slots)
 
     def adapter_rank(self, slot: int) -> int:
         """The largest rank of the slot's adapter over its modules and layers (0 when empty)."""
@@ -69,6 +91,7 @@ class LoraSlots:
     def clear(self, slot: int) -> None:
         self.ranks[slot] = {}
         self.occupants[slot] = None
+        self.dora[slot] = False
 
     def layer_writes(self, slot: int, layer: int, adapter: HostAdapter) -> LayerWrites:
         """What loading one layer of `adapter` into `slot` writes.
@@ -76,31 +99,43 @@ class LoraSlots:
         Rows of A past the adapter's rank, and A of served modules it does not adapt in this
         layer, are zeroed: the batched product then reads every slot up to the largest rank
         in the batch and gets exact zeros from them (B may stay stale: it meets only zeros).
+        DoRA's scales are computed from the copied A and B; the other modules' scales are
+        reset to the identity if a DoRA adapter may have left them otherwise.
         """
-        copies, zeros = [], []
+        copies, zeros, ones, rescales = [], [], [], []
         for module in self.modules:
             tensors = adapter.tensors.get((layer, module))
+            magnitude = adapter.magnitudes.get((layer, module))
+            scale, shift = self.scale[module][layer, slot], self.shift[module][layer, slot]
+            if magnitude is None and self._scales_written[slot]:
+                ones.append(scale)
+                zeros.append(shift)
             if tensors is None:
                 zeros.append(self.a[module][layer, slot])
                 continue
             a, b_t = tensors
             rank = a.shape[0]
-            copies.append((self.a[module][layer, slot, :rank], a))
-            copies.append((self.b_t[module][layer, slot, :rank], b_t))
+            a_slot, b_t_slot = self.a[module][layer, slot, :rank], self.b_t[module][layer, slot, :rank]
+            copies.append((a_slot, a))
+            copies.append((b_t_slot, b_t))
             if rank < self.max_rank:
                 zeros.append(self.a[module][layer, slot, rank:])
-        return LayerWrites(copies, zeros)
+            if magnitude is not None:
+                rescales.append(DoraRescale(scale, shift, *self.base_weights(layer, module), a_slot, b_t_slot,
+                                            magnitude))
+        return LayerWrites(copies, zeros, ones, rescales)
 
     def segment_batch(self, token_slots: Sequence[int], device: torch.device) -> SegmentBatch | None:
-        return SegmentBatch.build(token_slots, self.ranks, device)
+        return SegmentBatch.build(token_slots, self.ranks, device, self.dora)
 
     def add_delta(self, out: torch.Tensor, x_padded: torch.Tensor, layer: int, module: str,
                   batch: SegmentBatch) -> None:
-        """out[t] += (x[t] @ A[slot(t)].T) @ B.T[slot(t)] for every adapted token, as two bmm.
+        """out[t] += (x[t] @ A[slot(t)].T) @ B.T[slot(t)] for every adapted token, as two bmm;
+        with a DoRA adapter in the batch, out[t] = scale * (out[t] + delta) + shift instead.
 
         `x_padded` is the input laid out by `batch.pad` ([slots, L, in]); the slot range is a
         view of the stacked buffers (no copy), and ranks are cut at the batch's largest for the
-        module.
+        module. A module no slot of the batch adapts has identity scales: it is left as it is.
         """
         rank = batch.max_rank.get((layer, module), 0)
         if rank == 0 or module not in self.a:
@@ -108,13 +143,50 @@ class LoraSlots:
         a = self.a[module][layer, batch.first_slot:batch.stop_slot, :rank]  # [S, r, in]
         b_t = self.b_t[module][layer, batch.first_slot:batch.stop_slot, :rank]  # [S, r, out]
         delta = torch.bmm(torch.bmm(x_padded, a.transpose(1, 2)), b_t)  # [S, L, out]
-        out[batch.first_token:] += delta.reshape(-1, delta.shape[-1])[batch.valid_rows]
+        adapted = out[batch.first_token:]
+        adapted += delta.reshape(-1, delta.shape[-1])[batch.valid_rows]
+        if batch.adapted_token_slots is not None:
+            adapted.mul_(self.scale[module][layer][batch.adapted_token_slots])
+            adapted.add_(self.shift[module][layer][batch.adapted_token_slots])
+
+
+@dataclass(frozen=True)
+class DoraRescale:
+    """One DoRA module's scale and shift, computed from the slot's A and B once they are copied."""
+
+    scale: torch.Tensor  # slot destination [out]
+    shift: torch.Tensor  # slot destination [out]
+    weight: torch.Tensor  # base [out, in]
+    bias: torch.Tensor | None
+    a: torch.Tensor  # the slot's A [r, in]
+    b_t: torch.Tensor  # the slot's scaled B.T [r, out]
+    magnitude: torch.Tensor  # pinned source [out]
+
+    def write(self) -> None:
+        magnitude = self.magnitude.to(self.scale.device, non_blocking=True)
+        scale, shift = dora_scale_and_shift(self.weight, self.bias, self.a, self.b_t, magnitude)
+        self.scale.copy_(scale)
+        self.shift.copy_(shift)
 
 
 @dataclass(frozen=True)
 class LayerWrites:
+    """Run in order on one stream (or thread): the rescales read the copies' results."""
+
     copies: list[tuple[torch.Tensor, torch.Tensor]]  # (slot destination, pinned source)
     zeros: list[torch.Tensor]  # slot regions to clear
+    ones: list[torch.Tensor]  # slot scales to reset to the identity
+    rescales: list[DoraRescale]
+
+    def apply(self, non_blocking: bool) -> None:
+        for destination, source in self.copies:
+            destination.copy_(source, non_blocking=non_blocking)
+        for region in self.zeros:
+            region.zero_()
+        for region in self.ones:
+            region.fill_(1)
+        for rescale in self.rescales:
+            rescale.write()
 
 
 @dataclass(frozen=True)
@@ -130,6 +202,7 @@ class SegmentBatch:
     gather_index: torch.Tensor  # [S, L] flat token index, or T (a zero row) for padding
     valid_rows: torch.Tensor  # indices into the flattened [S * L] rows, in token order
     max_rank: dict[tuple[int, str], int]  # (layer, module) -> largest rank among the slots used
+    adapted_token_slots: torch.Tensor | None  # the slot of each adapted token, if a DoRA slot is used
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[T, in] -> [S, L, in], each slot's tokens in a row, zeros where padded."""
@@ -137,8 +210,9 @@ class SegmentBatch:
 
     @classmethod
     def build(cls, token_slots: Sequence[int], ranks: list[dict[tuple[int, str], int]],
-              device: torch.device) -> SegmentBatch | None:
-        """From per-token slot indices, sorted by slot with base-model tokens first."""
+              device: torch.device, dora: Sequence[bool]) -> SegmentBatch | None:
+        """From per-token slot indices, sorted by slot with base-model tokens first; `dora`: which
+        slots hold DoRA adapters."""
         runs = _adapter_runs(token_slots)
         if not runs:
             return None
@@ -155,7 +229,11 @@ class SegmentBatch:
         for slot, _, _ in runs:
             for key, rank in ranks[slot].items():
                 max_rank[key] = max(max_rank.get(key, 0), rank)
-        return cls(first, stop, runs[0][1], index_tensor(gather, device), index_tensor(valid, device), max_rank)
+        adapted_token_slots = None
+        if any(dora[slot] for slot, _, _ in runs):
+            adapted_token_slots = index_tensor(token_slots[runs[0][1]:], device)
+        return cls(first, stop, runs[0][1], index_tensor(gather, device), index_tensor(valid, device), max_rank,
+                   adapted_token_slots)
 
 
 def _adapter_runs(token_slots: Sequence[int]) -> list[tuple[int, int, int]]:

@@ -85,7 +85,7 @@ class AdapterTier:
     def register(self, registered: pb.RegisteredAdapter, path: str) -> Adapter:
         adapter = Adapter(registered.name, path, registered.rank, registered.size_bytes,
                           tuple(registered.target_modules), ranks=tuple(registered.ranks),
-                          alphas=tuple(registered.alphas))
+                          alphas=tuple(registered.alphas), dora=registered.dora)
         self._adapters[adapter.name] = adapter
         self._host.pop(adapter.name, None)
         return adapter

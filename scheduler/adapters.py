@@ -66,6 +66,7 @@ class Adapter:
     loaded_at: float | None = None
     ranks: tuple[int, ...] = ()  # every rank its modules have
     alphas: tuple[float, ...] = ()  # every lora_alpha its modules have
+    dora: bool = False
 
     @property
     def host_bytes(self) -> int:
@@ -77,5 +78,5 @@ class Adapter:
             state=serving_pb2.ADAPTER_STATE_UNLOADING if self.unloading else self.state.value,
             target_modules=list(self.modules), slot=-1 if self.slot is None else self.slot,
             active_requests=self.references + self.waiting, ranks=self.ranks, alphas=self.alphas,
-            host_bytes=self.host_bytes, gpu_bytes=self.size_bytes,
+            host_bytes=self.host_bytes, gpu_bytes=self.size_bytes, dora=self.dora,
         )

@@ -57,6 +57,7 @@ class AdapterInfo:
     modules: frozenset[str]
     ranks: list[int]
     alphas: list[float]
+    dora: bool
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class Engine:
         manifest = self._manifest(name)
         nbytes = manifest.nbytes(self.shard_config, self.dtype.itemsize)  # what one rank holds
         return AdapterInfo(name, manifest.path, manifest.max_rank, nbytes, manifest.modules, manifest.ranks,
-                           manifest.alphas)
+                           manifest.alphas, manifest.dora)
 
     def unregister_adapter(self, name: str) -> None:
         self._manifest(name)

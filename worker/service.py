@@ -229,7 +229,7 @@ def execute_command(engine: Engine, command: pb.WorkerCommand, result: pb.Comman
         info = engine.register_adapter(command.register_adapter.name, command.register_adapter.path)
         result.adapter.CopyFrom(pb.RegisteredAdapter(
             name=info.name, rank=info.rank, size_bytes=info.nbytes, target_modules=sorted(info.modules),
-            ranks=info.ranks, alphas=info.alphas))
+            ranks=info.ranks, alphas=info.alphas, dora=info.dora))
     elif kind == "unregister_adapter":
         engine.unregister_adapter(command.unregister_adapter.name)
     elif kind == "stage_adapter":

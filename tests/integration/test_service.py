@@ -17,7 +17,7 @@ from loraserve.launcher import Launcher
 from protos.loraserve.v1 import serving_pb2
 from tests.driver import Driver, Request, make_engine, make_resident
 from tests.integration.conftest import running_server
-from tests.model_factory import AdapterSpec, build_adapter
+from tests.model_factory import AdapterSpec, build_adapter, build_dora_adapter
 from tests.oracle import PeftOracle
 from tests.slow_worker import slow_worker_modules
 
@@ -282,3 +282,15 @@ def test_load_adapter_says_what_it_loaded(server, service_model, artifacts):
         assert (list(listed.ranks), list(listed.alphas), listed.host_bytes) == ([2, 8], [4.0, 16.0], adapter.host_bytes)
     finally:
         client.unload_adapter("patterned")
+
+
+def test_a_dora_adapter_is_served_and_reported(server, service_model, artifacts):
+    _, client = server
+    adapter = client.load_adapter("dora", str(build_dora_adapter(service_model, artifacts / "service-dora"))).adapter
+    try:
+        assert adapter.dora
+        reply = client.generate(input_ids=prompt(90, 6), adapter="dora", max_new_tokens=4, ignore_eos=True)
+        assert len(reply.token_ids) == 4
+        assert not any(a.dora for a in client.list_adapters().adapters if a.name != "dora")
+    finally:
+        client.unload_adapter("dora")

@@ -352,20 +352,22 @@ class WorkerHello(_message.Message):
     def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_length: _Optional[int] = ..., num_kv_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., max_loras_per_batch: _Optional[int] = ..., max_loaded_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class RegisteredAdapter(_message.Message):
-    __slots__ = ("name", "rank", "size_bytes", "target_modules", "ranks", "alphas")
+    __slots__ = ("name", "rank", "size_bytes", "target_modules", "ranks", "alphas", "dora")
     NAME_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     ALPHAS_FIELD_NUMBER: _ClassVar[int]
+    DORA_FIELD_NUMBER: _ClassVar[int]
     name: str
     rank: int
     size_bytes: int
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     ranks: _containers.RepeatedScalarFieldContainer[int]
     alphas: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[int]] = ..., alphas: _Optional[_Iterable[float]] = ...) -> None: ...
+    dora: bool
+    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[int]] = ..., alphas: _Optional[_Iterable[float]] = ..., dora: _Optional[bool] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("request_id", "token_id", "logprob")

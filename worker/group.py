@@ -12,6 +12,7 @@ then starts the group again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -115,10 +116,8 @@ class Followers:
     def stop(self) -> None:
         """Asks the ranks to leave; kills those that do not (a hung one, a stopped one)."""
         for socket in self.sockets:
-            try:
+            with contextlib.suppress(zmq.Again):  # a rank that never connected: killed below
                 socket.send(STOP, zmq.NOBLOCK)
-            except zmq.Again:  # a rank that never connected: killed below
-                pass
         for process in self.processes:
             try:
                 process.wait(timeout=FOLLOWER_EXIT_S)

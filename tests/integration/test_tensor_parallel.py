@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,24 +60,27 @@ def test_a_group_of_two_gives_the_outputs_of_one_worker(group, oracle, reference
         assert_consistent(oracle, reference[request_id], ids, adapter, outputs[request_id])
 
 
-def test_a_rank_killed_mid_generation_takes_the_group_down_and_it_comes_back(group, oracle, reference):  # noqa: F811
-    launcher, client = group
+def signal_rank_1_mid_generation(launcher: Launcher, client: LoraServeClient, oracle, reference,  # noqa: F811
+                                 signum: int, seed: int) -> tuple[subprocess.Popen, int]:
+    """Sends `signum` to rank 1 while streams run; they end UNAVAILABLE and the service recovers.
+    Returns the old rank 0 and rank 1's pid."""
     old = launcher.processes["worker"]
     [rank_1] = ranks_started_by(old.pid)
-    streams = long_streams(client, 1400)
-    os.kill(rank_1, signal.SIGKILL)
+    streams = long_streams(client, seed)
+    os.kill(rank_1, signum)
     assert_ended_unavailable(streams)
     assert_recovered(client, oracle, reference, ADAPTERS)
+    return old, rank_1
+
+
+def test_a_rank_killed_mid_generation_takes_the_group_down_and_it_comes_back(group, oracle, reference):  # noqa: F811
+    launcher, client = group
+    old, _ = signal_rank_1_mid_generation(launcher, client, oracle, reference, signal.SIGKILL, 1400)
     assert launcher.processes["worker"].pid != old.pid and old.poll() is not None
 
 
 def test_a_hung_rank_is_found_by_the_collective_timeout(group, oracle, reference):  # noqa: F811
     launcher, client = group
-    old = launcher.processes["worker"]
-    [rank_1] = ranks_started_by(old.pid)
-    streams = long_streams(client, 1500)
-    os.kill(rank_1, signal.SIGSTOP)
-    assert_ended_unavailable(streams)
-    assert_recovered(client, oracle, reference, ADAPTERS)
+    old, rank_1 = signal_rank_1_mid_generation(launcher, client, oracle, reference, signal.SIGSTOP, 1500)
     assert old.poll() is not None, "rank 0 left the group"
     wait_for(lambda: not Path(f"/proc/{rank_1}").exists(), "the hung rank to be killed")

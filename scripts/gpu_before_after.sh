@@ -2,7 +2,9 @@
 # A change against an earlier tree on one GPU, in one device call: each run alternates
 # before (BASE, an unpacked earlier commit) and after (this tree), so both meet the same machine.
 # Runs, by name: profiles (profile_decode at batch 9 and a mixed step), seed-large and seed-small
-# (seed_workload, overlap on), gpu-tests (this tree only). Into OUT: one log per run and side.
+# (seed_workload; SEED_MODES, default "on", and SEED_MODES_BEFORE for an older tree that lacks
+# a mode), gpu-tests (this tree only). Into OUT: one log per run and side, and each side's seed
+# result file. SIDE_TIMEOUT bounds one benchmark run (seconds, default 300).
 #
 #   git archive OLD | tar x -C .baseline
 #   LORASERVE_COMMIT=$(git rev-parse --short HEAD) BASE_COMMIT=OLD \
@@ -25,7 +27,7 @@ side() {  # side before|after LOG ARGS...: one benchmark run in that side's tree
     local dir=$after commit=${LORASERVE_COMMIT:-unknown}
     [ "$which" = before ] && dir=$base commit=${BASE_COMMIT:-unknown}
     echo "== $which $commit: $* ($(date -u +%H:%M:%S))" | tee -a "$out/before_after.log"
-    (cd "$dir" && LORASERVE_COMMIT=$commit PYTHONPATH=$dir:${PYTHONPATH:-} timeout 300 python3 "$@") >"$out/$log" 2>&1
+    (cd "$dir" && LORASERVE_COMMIT=$commit PYTHONPATH=$dir:${PYTHONPATH:-} timeout "${SIDE_TIMEOUT:-300}" python3 "$@") >"$out/$log" 2>&1
     echo "   exit $?" | tee -a "$out/before_after.log"
 }
 
@@ -40,15 +42,16 @@ both() {  # both NAME BENCHMARK ARGS...: before, then after
     done
 }
 
-seed() {  # seed SET: overlap-on runs; the after side's result file into OUT, traces and pictures left behind
+seed() {  # seed SET: both sides' result files into OUT, traces and pictures left behind
+    local after_modes=${SEED_MODES:-on}
     for which in before after; do
-        local dir=$after
-        [ "$which" = before ] && dir=$base
-        # shellcheck disable=SC2046  # the module's words are meant to split
+        local dir=$after modes=$after_modes
+        [ "$which" = before ] && dir=$base modes=${SEED_MODES_BEFORE:-$after_modes}
+        # shellcheck disable=SC2046,SC2086  # the module's words and the modes are meant to split
         side "$which" "seed-$1-$which.txt" $(module "$dir" seed_workload) --out-dir "/tmp/seed-$1-$which" \
-            --sets "$1" --modes on
+            --sets "$1" --modes $modes
+        mkdir -p "$out/$which" && cp /tmp/seed-"$1"-"$which"/seed-*.json "$out/$which/" 2>/dev/null
     done
-    cp /tmp/seed-"$1"-after/seed-*.json "$out/" 2>/dev/null
 }
 
 for run in "$@"; do
@@ -60,7 +63,7 @@ for run in "$@"; do
         seed-large | seed-small) seed "${run#seed-}" ;;
         gpu-tests)
             echo "== gpu tests ($(date -u +%H:%M:%S))" | tee -a "$out/before_after.log"
-            timeout 280 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider >"$out/gpu-tests-after.txt" 2>&1
+            timeout "${GPU_TESTS_TIMEOUT:-280}" python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider >"$out/gpu-tests-after.txt" 2>&1
             tail -n 3 "$out/gpu-tests-after.txt" ;;
         *) echo "unknown run: $run" >&2; exit 2 ;;
     esac

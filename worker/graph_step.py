@@ -31,7 +31,9 @@ every layer), so the mixed buckets are captured this way up front, decode bucket
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
+import gc
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -271,7 +273,7 @@ class GraphStepRunner:
     def _capture(self, inputs: StaticInputs, dora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         self._warm_up(inputs, dora)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=CAPTURE_MODE):
+        with _no_garbage_collection(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode=CAPTURE_MODE):
             hidden = self._step(inputs, dora)
         self._graphs[(inputs.shape, dora)] = (graph, hidden)
         return graph, hidden
@@ -289,7 +291,7 @@ class GraphStepRunner:
             layered.parts[-1].capture_begin(pool=self._pool, capture_error_mode=CAPTURE_MODE)
 
         torch.cuda.synchronize()
-        with torch.cuda.stream(torch.cuda.Stream(device=self.device)):
+        with _no_garbage_collection(), torch.cuda.stream(torch.cuda.Stream(device=self.device)):
             begin_part()
             layered.hidden = self._step(inputs, dora, begin_part)
             layered.parts[-1].capture_end()
@@ -318,6 +320,21 @@ class GraphStepRunner:
 
         return self.model.forward_tokens(inputs.device("input_ids"), inputs.device("positions"),
                                          inputs.device("kv_write"), self.kv_cache, lora, attend)
+
+
+@contextmanager
+def _no_garbage_collection() -> Iterator[None]:
+    """Collects first, then keeps Python's collector off during a capture: a finalizer run
+    mid-capture (a dropped CUDA graph's pool released, pinned memory freed) makes an implicitly
+    synchronizing call, which invalidates the capture."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,11 @@
 Llama-3.1-8B shape with dummy bf16 weights; large adapters (one rank-256 all-module file,
 ~1.3 GB, under 16 names) and small adapters (8 files, ranks 8-64, each under 2 names);
 100 random prompts (input and output uniform over [1, 512]) at 4 requests/s, adapters
-`distinct`; small adapters also at 16 requests/s for throughput. Writes every run's raw
+`distinct`; small adapters also at 16 requests/s for throughput; `rank64` (one rank-64
+all-module file under 16 names) for the larger shapes. On machines of several GPUs:
+`--replicas N --scale-with-replicas` (16*N adapter names at N times the rate, as the replica
+runs want), `--routing-policy round-robin` for the adapter-blind baseline, `--tp N` per
+replica, `--shape llama-70b`. Writes every run's raw
 JSON, comparison tables and timeline PNGs under --out-dir, and the run's result file
 `seed-<sets>-<commit>.json` (command, commit, GPU, each mode's summary, per-request TTFTs and
 timeline figures): the file to copy into benchmarks/results/.
@@ -28,10 +32,10 @@ from loraserve.bench import add_bench_parser, format_comparison, run_benchmark
 from loraserve.client import LoraServeClient
 from loraserve.command_line import connection_from_args
 from loraserve.launcher import Launcher
-from loraserve.synthetic import write_model_config, write_random_adapter
+from loraserve.synthetic import LLAMA31_8B, LLAMA31_70B, write_model_config, write_random_adapter
 from loraserve.timeline import decode_step_gaps, draw, fetch_trace, load_start_stalls
 from protos.loraserve.v1 import serving_pb2
-from settings.config import ServeConfig
+from settings.config import ROUTING_POLICIES, ServeConfig
 from worker.lora.adapter import TARGET_MODULES
 from worker.model.config import load_model_config
 
@@ -43,6 +47,9 @@ MODES = {"off": dict(overlap_loading=False), "on": dict(overlap_loading=True),
          "resident": dict(overlap_loading=True, max_loras_per_batch=16),
          "on-landing": dict(overlap_loading=True, admit_landing_loads=True)}
 DEFAULT_MODES = ("off", "on", "resident")
+SHAPES = {"llama-8b": LLAMA31_8B, "llama-70b": LLAMA31_70B}
+SET_RATES = {"large": 4.0, "small": 4.0, "small16": 16.0, "rank64": 2.0}  # requests/s on one replica
+NAMES_PER_REPLICA = 16
 
 
 def pinned_bandwidth_gbps() -> dict[str, float]:
@@ -66,18 +73,23 @@ def pinned_bandwidth_gbps() -> dict[str, float]:
     return result
 
 
-def write_assets(root: Path) -> dict:
-    model_dir = write_model_config(root / "model")
+def write_assets(root: Path, sets: list[str], shape: str, names: int) -> dict:
+    """The model's config and the adapter files the sets need, each set's files under `names` names."""
+    model_dir = write_model_config(root / "model", SHAPES[shape])
     config = load_model_config(model_dir)
-    large = write_random_adapter(root / "large", config, rank=256, alpha=512, modules=TARGET_MODULES, seed=1)
-    small = [write_random_adapter(root / f"small{i}", config, rank=r, alpha=2 * r, modules=m, seed=10 + i)
-             for i, (r, m) in enumerate(SMALL_SPECS)]
-    return {
-        "model": model_dir,
-        "large": {f"adapter{i}": large for i in range(16)},
-        "small": {f"adapter{i}": small[i % 8] for i in range(16)},
-        "large_bytes": (large / "adapter_model.safetensors").stat().st_size,
-    }
+    assets: dict = {"model": model_dir}
+    if "large" in sets:
+        large = write_random_adapter(root / "large", config, rank=256, alpha=512, modules=TARGET_MODULES, seed=1)
+        assets["large"] = {f"adapter{i}": large for i in range(names)}
+        assets["large_bytes"] = (large / "adapter_model.safetensors").stat().st_size
+    if {"small", "small16"} & set(sets):
+        small = [write_random_adapter(root / f"small{i}", config, rank=r, alpha=2 * r, modules=m, seed=10 + i)
+                 for i, (r, m) in enumerate(SMALL_SPECS)]
+        assets["small"] = {f"adapter{i}": small[i % len(small)] for i in range(names)}
+    if "rank64" in sets:
+        rank64 = write_random_adapter(root / "rank64", config, rank=64, alpha=128, modules=TARGET_MODULES, seed=2)
+        assets["rank64"] = {f"adapter{i}": rank64 for i in range(names)}
+    return assets
 
 
 def wait_for_adapters(client: LoraServeClient, resident: bool, timeout: float = 600) -> None:
@@ -154,7 +166,7 @@ def copy_bandwidth(trace: dict) -> float | None:
     return sorted(e["args"]["bytes"] / e["dur"] * 1e6 / 1e9 for e in loads)[len(loads) // 2]
 
 
-def targets(results: dict, bandwidth: dict, large_bytes: int) -> dict:
+def targets(results: dict, bandwidth: dict, large_bytes: int | None) -> dict:
     checks = {}
     if {"large-off", "large-on", "large-resident"} <= results.keys():
         on, res = results["large-on"]["summary"], results["large-resident"]["summary"]
@@ -171,29 +183,44 @@ def targets(results: dict, bandwidth: dict, large_bytes: int) -> dict:
     return checks
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out-dir", type=Path, required=True)
-    parser.add_argument("--sets", nargs="+", default=["large", "small"], choices=("large", "small", "small16"))
+    parser.add_argument("--sets", nargs="+", default=["large", "small"], choices=list(SET_RATES))
     parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=list(MODES))
     parser.add_argument("--num-prompts", type=int, default=100)
     parser.add_argument("--no-mixed-graphs", action="store_true", help="serve with --disable-mixed-graphs")
     parser.add_argument("--replicas", type=int, default=1, help="scheduler+worker pairs (on one GPU: all share it)")
     parser.add_argument("--num-kv-pages", type=int, default=16384, help="per replica")
-    args = parser.parse_args()
+    parser.add_argument("--scale-with-replicas", action="store_true",
+                        help=f"{NAMES_PER_REPLICA} adapter names and each set's request rate per replica")
+    parser.add_argument("--routing-policy", default="residency", choices=ROUTING_POLICIES)
+    parser.add_argument("--tp", type=int, default=1, help="GPUs per replica (tensor parallelism)")
+    parser.add_argument("--shape", default="llama-8b", choices=list(SHAPES), help="the dummy model's configuration")
+    return parser.parse_args(argv)
+
+
+def server_config(args: argparse.Namespace, model_dir: Path) -> ServeConfig:
+    return ServeConfig.of(model_path=str(model_dir), tokenizer_path=None, port=50123, device="cuda",
+                          dtype="bfloat16", load_format="dummy", max_loras_per_batch=8, max_loaded_loras=16,
+                          max_lora_rank=256, num_kv_pages=args.num_kv_pages, page_size=16, replicas=args.replicas,
+                          tensor_parallel_size=args.tp, routing_policy=args.routing_policy,
+                          host_cache_bytes=24 << 30, max_batch_tokens=4096, startup_timeout_s=600,
+                          log_level="warning", static_mixed=not args.no_mixed_graphs)
+
+
+def main() -> None:
+    args = parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     bandwidth = pinned_bandwidth_gbps()
     print(f"bandwidth: {bandwidth}", flush=True)
-    assets = write_assets(Path(tempfile.mkdtemp()))
-    base = ServeConfig.of(model_path=str(assets["model"]), tokenizer_path=None, port=50123, device="cuda",
-                       dtype="bfloat16", load_format="dummy", max_loras_per_batch=8, max_loaded_loras=16,
-                       max_lora_rank=256, num_kv_pages=args.num_kv_pages, page_size=16, replicas=args.replicas, host_cache_bytes=24 << 30,
-                       max_batch_tokens=4096, startup_timeout_s=600, log_level="warning",
-                       static_mixed=not args.no_mixed_graphs)
+    scale = args.replicas if args.scale_with_replicas else 1
+    assets = write_assets(Path(tempfile.mkdtemp()), args.sets, args.shape, NAMES_PER_REPLICA * scale)
+    base = server_config(args, assets["model"])
     results = {}
     for adapter_set in args.sets:
-        adapters = assets["small" if adapter_set.startswith("small") else "large"]
-        rate = 16.0 if adapter_set == "small16" else 4.0
+        adapters = assets["small" if adapter_set.startswith("small") else adapter_set]
+        rate = SET_RATES[adapter_set] * scale
         modes = [m for m in args.modes if not (adapter_set == "small16" and m == "resident")]
         for mode in modes:
             label = f"{adapter_set}-{mode}"
@@ -203,12 +230,23 @@ def main() -> None:
         table = format_comparison(names, [results[n]["summary"] for n in names])
         (args.out_dir / f"{adapter_set}-table.txt").write_text(table + "\n")
         print(table, flush=True)
-    record = run_record("seed_workload", replicas=args.replicas, num_kv_pages=args.num_kv_pages, bandwidth=bandwidth, large_adapter_bytes=assets["large_bytes"],
-                        targets=targets(results, bandwidth, assets["large_bytes"]),
+    large_bytes = assets.get("large_bytes")
+    record = run_record("seed_workload", replicas=args.replicas, tp=args.tp, shape=args.shape,
+                        routing_policy=args.routing_policy, scaled_with_replicas=args.scale_with_replicas,
+                        num_kv_pages=args.num_kv_pages, bandwidth=bandwidth, large_adapter_bytes=large_bytes,
+                        targets=targets(results, bandwidth, large_bytes),
                         runs={label: result_figures(r) for label, r in results.items()})
-    replicas = f"-replicas{args.replicas}" if args.replicas > 1 else ""
-    write_result(args.out_dir / f"seed-{'-'.join(args.sets)}{replicas}-{record['commit']}.json", record)
+    write_result(args.out_dir / f"seed-{'-'.join(args.sets)}{run_suffix(args)}-{record['commit']}.json", record)
     print(json.dumps(record["targets"], indent=2))
+
+
+def run_suffix(args: argparse.Namespace) -> str:
+    """What sets a run apart from the seed's one-GPU, 8B, residency-routed run, for its file name."""
+    parts = [f"replicas{args.replicas}" if args.replicas > 1 else "", f"tp{args.tp}" if args.tp > 1 else "",
+             "scaled" if args.scale_with_replicas and args.replicas > 1 else "",
+             args.routing_policy if args.routing_policy != "residency" else "",
+             args.shape if args.shape != "llama-8b" else ""]
+    return "".join(f"-{part}" for part in parts if part)
 
 
 def result_figures(result: dict) -> dict:

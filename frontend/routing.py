@@ -29,6 +29,9 @@ replicas hold it, and a burst does not make every replica load it at once.
 Between two views of a replica, the router counts what it sent there itself (requests and
 adapters it will load), so a burst routed before the next view does not all land on the
 replica that looked idle. Base-model requests (no adapter) go to the least loaded replica.
+
+The baselines a measurement compares against (`RoutingConfig.policy`): `round-robin` (each
+live replica in turn) and `least-loaded`, both blind to where adapters are.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+from settings.config import ROUTING_POLICIES
 
 BASE_MODEL = ""
 
@@ -47,6 +52,11 @@ class RoutingConfig:
     min_bound: int = 16  # ... and never fewer than this many
     requests_per_replica: int = 8  # in-flight requests of one adapter per replica holding it before it spreads
     spread_interval_s: float = 1.0  # at most one new replica per adapter this often
+    policy: str = "residency"  # one of ROUTING_POLICIES
+
+    def __post_init__(self) -> None:
+        if self.policy not in ROUTING_POLICIES:
+            raise ValueError(f"routing policy {self.policy!r} is not one of {', '.join(ROUTING_POLICIES)}")
 
 
 @dataclass(frozen=True)
@@ -63,7 +73,7 @@ class ReplicaView:
 @dataclass(frozen=True)
 class Decision:
     replica: str
-    reason: str  # resident, host-cached, home, spread, all-overloaded, base-model
+    reason: str  # resident, host-cached, home, spread, all-overloaded, base-model; or the baseline policy's name
 
 
 class NoReplica(Exception):
@@ -96,6 +106,7 @@ class Router:
         self._pending: dict[str, _Pending] = {}
         self._in_flight: dict[str, int] = {}  # by adapter, this router's requests not finished yet
         self._last_spread: dict[str, float] = {}
+        self._turns = 0  # round-robin's count of requests routed
 
     # The replicas' state -----------------------------------------------------------------
 
@@ -136,6 +147,11 @@ class Router:
             self._in_flight.pop(adapter, None)
 
     def _decide(self, adapter: str, live: Sequence[ReplicaView], now: float) -> Decision:
+        if self.config.policy == "round-robin":
+            self._turns += 1
+            return Decision(sorted(view.name for view in live)[(self._turns - 1) % len(live)], "round-robin")
+        if self.config.policy == "least-loaded":
+            return Decision(self._least_loaded(live).name, "least-loaded")
         if adapter == BASE_MODEL:
             return Decision(self._least_loaded(live).name, "base-model")
         bound = self._load_bound(live)

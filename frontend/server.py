@@ -59,7 +59,7 @@ def _replica_settings(config: FrontendConfig) -> ReplicaSettings:
                               config.liveness_check_interval_s)
     routing = RoutingConfig(load_bound=config.routing_load_bound, min_bound=config.routing_min_bound,
                             requests_per_replica=config.routing_requests_per_replica,
-                            spread_interval_s=config.routing_spread_interval_s)
+                            spread_interval_s=config.routing_spread_interval_s, policy=config.routing_policy)
     return ReplicaSettings(liveness=liveness, routing=routing, state_interval_s=config.replica_state_interval_s,
                            readiness_probe_timeout_s=config.readiness_probe_timeout_s,
                            readiness_retry_s=config.readiness_retry_s, admin_timeout_s=config.admin_timeout_s,

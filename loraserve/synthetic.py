@@ -25,6 +25,10 @@ LLAMA31_8B = {
     "torch_dtype": "bfloat16", "tie_word_embeddings": False, "eos_token_id": 128001,
 }
 
+# The Llama-3.1-70B configuration: a shape for tensor-parallel runs over several GPUs.
+LLAMA31_70B = {**LLAMA31_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+               "num_attention_heads": 64, "num_key_value_heads": 8}
+
 PARENT_MODULE = {  # each targetable projection's parent in a decoder layer
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}

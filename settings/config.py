@@ -18,6 +18,8 @@ from typing import Any
 
 from settings.logs import LOG_FORMATS
 
+ROUTING_POLICIES = ("residency", "round-robin", "least-loaded")  # frontend/routing.py
+
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GIB = 1 << 30
 
@@ -133,6 +135,10 @@ class FrontendConfig:
                            "one more replica")
     routing_spread_interval_s: float = setting(
         1.0, minimum=0, help="at most one more replica per adapter this often")
+    routing_policy: str = setting(
+        "residency", choices=ROUTING_POLICIES,
+        help="`residency` (where the adapter is, docs/routing.md); `round-robin` and `least-loaded` are "
+             "adapter-blind baselines for measurements")
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.seed_workload import MODES, bench_args
+from benchmarks.seed_workload import MODES, SHAPES, bench_args, parse_args, run_suffix, server_config
 from loraserve.bench import run_bench
 from loraserve.command_line import connection_from_args
+from loraserve.synthetic import write_model_config
 from settings.config import ServeConfig
+from worker.model.config import load_model_config
+from worker.tensor_parallel import TensorParallel
 
 
 def test_the_client_is_loraserve_bench_with_the_seeds_workload(tmp_path):
@@ -25,3 +28,22 @@ def test_the_client_is_loraserve_bench_with_the_seeds_workload(tmp_path):
 def test_every_mode_is_a_server_configuration(mode):
     config = ServeConfig.of(model_path="/m").replace(**MODES[mode])
     assert config.scheduler.overlap_loading == (mode != "off")
+
+
+def test_the_70b_shape_splits_over_4_and_8_gpus(tmp_path):
+    config = load_model_config(write_model_config(tmp_path, SHAPES["llama-70b"]))
+    assert (config.num_layers, config.hidden_size, config.num_kv_heads) == (80, 8192, 8)
+    for size in (4, 8):
+        TensorParallel(size=size).check(config)
+        assert TensorParallel(size=size).local_config(config).num_kv_heads == 8 // size
+
+
+def test_a_multi_gpu_run_is_a_server_configuration_and_names_its_result_file():
+    argv = ["--out-dir", "/o", "--replicas", "4", "--scale-with-replicas", "--routing-policy", "round-robin",
+            "--tp", "2", "--shape", "llama-70b"]
+    args = parse_args(argv)
+    config = server_config(args, Path("/m"))
+    assert (config.frontend.routing_policy, config.engine.tensor_parallel_size, config.deployment.replicas) == (
+        "round-robin", 2, 4)
+    assert run_suffix(args) == "-replicas4-tp2-scaled-round-robin-llama-70b"
+    assert run_suffix(parse_args(["--out-dir", "/o"])) == ""

@@ -99,3 +99,23 @@ def test_replicas_not_serving_get_nothing_and_none_serving_is_an_error():
         router.choose("a", now=0.0)
     router.remove("r2")
     assert "r2" not in router.replicas
+
+
+def test_round_robin_baseline_takes_live_replicas_in_turn_blind_to_residency():
+    views = [ReplicaView("r0", gpu_adapters=frozenset({"x"})), ReplicaView("r1"), ReplicaView("r2", serving=False),
+             ReplicaView("r3")]
+    router = router_of(*views, config=RoutingConfig(policy="round-robin"))
+    decisions = [router.choose("x", now=0.0) for _ in range(6)]
+    assert [d.replica for d in decisions] == ["r0", "r1", "r3", "r0", "r1", "r3"]
+    assert {d.reason for d in decisions} == {"round-robin"}
+
+
+def test_least_loaded_baseline_ignores_where_the_adapter_is():
+    views = [ReplicaView("r0", gpu_adapters=frozenset({"x"}), requests=5), ReplicaView("r1", requests=2)]
+    router = router_of(*views, config=RoutingConfig(policy="least-loaded"))
+    assert [router.choose("x", now=0.0).replica for _ in range(4)] == ["r1", "r1", "r1", "r0"]
+
+
+def test_an_unknown_policy_is_refused_by_name():
+    with pytest.raises(ValueError, match="'random'"):
+        RoutingConfig(policy="random")

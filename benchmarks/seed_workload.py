@@ -4,7 +4,8 @@ Llama-3.1-8B shape with dummy bf16 weights; large adapters (one rank-256 all-mod
 ~1.3 GB, under 16 names) and small adapters (8 files, ranks 8-64, each under 2 names);
 100 random prompts (input and output uniform over [1, 512]) at 4 requests/s, adapters
 `distinct`; small adapters also at 16 requests/s for throughput; `rank64` (one rank-64
-all-module file under 16 names) for the larger shapes. On machines of several GPUs:
+all-module file under 16 names) for the larger shapes; `zipf1000` (the 8 small files under
+1,000 names, requested Zipf(1.1)-skewed; `--rate` sets its load). On machines of several GPUs:
 `--replicas N --scale-with-replicas` (16*N adapter names at N times the rate, as the replica
 runs want), `--routing-policy round-robin` for the adapter-blind baseline, `--tp N` per
 replica, `--shape llama-70b`. Writes every run's raw
@@ -48,7 +49,9 @@ MODES = {"off": dict(overlap_loading=False), "on": dict(overlap_loading=True),
          "on-landing": dict(overlap_loading=True, admit_landing_loads=True)}
 DEFAULT_MODES = ("off", "on", "resident")
 SHAPES = {"llama-8b": LLAMA31_8B, "llama-70b": LLAMA31_70B}
-SET_RATES = {"large": 4.0, "small": 4.0, "small16": 16.0, "rank64": 2.0}  # requests/s on one replica
+SET_RATES = {"large": 4.0, "small": 4.0, "small16": 16.0, "rank64": 2.0, "zipf1000": 4.0}  # requests/s, one replica
+ZIPF_NAMES, ZIPF_ALPHA = 1000, 1.1
+ALL_RESIDENT_SETS = ("large", "small", "rank64")  # 16 names: what 16 slots hold
 NAMES_PER_REPLICA = 16
 
 
@@ -82,10 +85,12 @@ def write_assets(root: Path, sets: list[str], shape: str, names: int) -> dict:
         large = write_random_adapter(root / "large", config, rank=256, alpha=512, modules=TARGET_MODULES, seed=1)
         assets["large"] = {f"adapter{i}": large for i in range(names)}
         assets["large_bytes"] = (large / "adapter_model.safetensors").stat().st_size
-    if {"small", "small16"} & set(sets):
+    if {"small", "small16", "zipf1000"} & set(sets):
         small = [write_random_adapter(root / f"small{i}", config, rank=r, alpha=2 * r, modules=m, seed=10 + i)
                  for i, (r, m) in enumerate(SMALL_SPECS)]
         assets["small"] = {f"adapter{i}": small[i % len(small)] for i in range(names)}
+    if "zipf1000" in sets:
+        assets["zipf1000"] = {f"adapter{i}": small[i % len(small)] for i in range(ZIPF_NAMES)}
     if "rank64" in sets:
         rank64 = write_random_adapter(root / "rank64", config, rank=64, alpha=128, modules=TARGET_MODULES, seed=2)
         assets["rank64"] = {f"adapter{i}": rank64 for i in range(names)}
@@ -106,15 +111,17 @@ def wait_for_adapters(client: LoraServeClient, resident: bool, timeout: float = 
     raise TimeoutError("adapters were not staged in time")
 
 
-def bench_args(address: str, names: list[str], rate: float, num_prompts: int, output: Path) -> argparse.Namespace:
+def bench_args(address: str, names: list[str], rate: float, num_prompts: int, output: Path,
+               zipf: bool = False) -> argparse.Namespace:
     """`loraserve bench`'s own parsed flags for the seed's client: prompts and outputs uniform over
-    [1, 512], Poisson arrivals at `rate`, adapters in turn."""
+    [1, 512], Poisson arrivals at `rate`, adapters in turn (or Zipf-skewed)."""
+    distribution = ["skewed", "--lora-zipf-alpha", str(ZIPF_ALPHA)] if zipf else ["distinct"]
     parser = argparse.ArgumentParser()
     add_bench_parser(parser.add_subparsers())
     return parser.parse_args([
         "bench", "--address", address, "--dataset", "random", "--random-input-len", "512",
         "--random-output-len", "512", "--random-range-ratio", "0.0", "--num-prompts", str(num_prompts),
-        "--request-rate", str(rate), "--seed", "1", "--lora-name", *names, "--lora-request-distribution", "distinct",
+        "--request-rate", str(rate), "--seed", "1", "--lora-name", *names, "--lora-request-distribution", *distribution,
         "--output-file", str(output), "--disable-progress"])
 
 
@@ -128,7 +135,8 @@ def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: floa
         with LoraServeClient(launcher.address, timeout=600) as client:
             wait_for_adapters(client, resident=mode == "resident")
             output = out_dir / f"{label}.json"
-            args = bench_args(launcher.address, list(adapters), rate, num_prompts, output)
+            args = bench_args(launcher.address, list(adapters), rate, num_prompts, output,
+                              zipf=label.startswith("zipf"))
             result = asyncio.run(run_benchmark(args, connection_from_args(args.parser, args)))
             result["stats"] = json_stats(client.stats())
             if draw_timeline:
@@ -196,6 +204,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"{NAMES_PER_REPLICA} adapter names and each set's request rate per replica")
     parser.add_argument("--routing-policy", default="residency", choices=ROUTING_POLICIES)
     parser.add_argument("--tp", type=int, default=1, help="GPUs per replica (tensor parallelism)")
+    parser.add_argument("--rate", type=float, help="requests/s of every set (default: each set's own)")
     parser.add_argument("--shape", default="llama-8b", choices=list(SHAPES), help="the dummy model's configuration")
     return parser.parse_args(argv)
 
@@ -220,8 +229,8 @@ def main() -> None:
     results = {}
     for adapter_set in args.sets:
         adapters = assets["small" if adapter_set.startswith("small") else adapter_set]
-        rate = SET_RATES[adapter_set] * scale
-        modes = [m for m in args.modes if not (adapter_set == "small16" and m == "resident")]
+        rate = args.rate or SET_RATES[adapter_set] * scale
+        modes = [m for m in args.modes if m != "resident" or adapter_set in ALL_RESIDENT_SETS]
         for mode in modes:
             label = f"{adapter_set}-{mode}"
             results[label] = run_mode(base, adapters, mode, rate, args.num_prompts, args.out_dir, label,

@@ -47,3 +47,9 @@ def test_a_multi_gpu_run_is_a_server_configuration_and_names_its_result_file():
         "round-robin", 2, 4)
     assert run_suffix(args) == "-replicas4-tp2-scaled-round-robin-llama-70b"
     assert run_suffix(parse_args(["--out-dir", "/o"])) == ""
+
+
+def test_the_zipf_set_asks_for_skewed_requests_over_its_names(tmp_path):
+    names = [f"adapter{i}" for i in range(1000)]
+    args = bench_args("127.0.0.1:50123", names, 3.0, 100, tmp_path / "out.json", zipf=True)
+    assert (args.lora_request_distribution, args.lora_zipf_alpha, len(args.lora_name)) == ("skewed", 1.1, 1000)

@@ -30,7 +30,7 @@ import torch
 
 from benchmarks.common import run_record, write_result
 from loraserve.bench import add_bench_parser, format_comparison, run_benchmark
-from loraserve.client import LoraServeClient
+from loraserve.client import Connection, LoraServeClient
 from loraserve.command_line import connection_from_args
 from loraserve.launcher import Launcher
 from loraserve.synthetic import LLAMA31_8B, LLAMA31_70B, write_model_config, write_random_adapter
@@ -140,7 +140,7 @@ def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: floa
             result = asyncio.run(run_benchmark(args, connection_from_args(args.parser, args)))
             result["stats"] = json_stats(client.stats())
             if draw_timeline:
-                trace = fetch_trace(launcher.address)
+                trace = fetch_trace(Connection(launcher.address))
                 (out_dir / f"{label}.trace.json").write_text(json.dumps(trace))
                 draw(trace, out_dir / f"{label}.png", title=f"{label}: forwards, adapter loads, requests")
                 result["copy_gbps"] = copy_bandwidth(trace)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 PARENT_PID_VARIABLE = "LORASERVE_PARENT_PID"
 # What rank 0 of a tensor-parallel worker group tells each worker process it starts.
-TP_RANK_FLAG, TP_RENDEZVOUS_FLAG = "--tp-rank", "--tp-rendezvous"
+TP_RANK_FLAG, TP_RENDEZVOUS_FLAG, TP_HOST_MEMORY_FLAG = "--tp-rank", "--tp-rendezvous", "--tp-host-memory"
 PR_SET_PDEATHSIG = 1
 
 

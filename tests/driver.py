@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from settings.config import EngineConfig
 from worker.batch import NO_ADAPTER, SamplingParams, SequenceInput
 from worker.engine import Engine
+from worker.lora.shared_host_memory import SharedLayout
 
 
 def make_engine(model_dir, **overrides) -> Engine:
@@ -16,6 +19,14 @@ def make_engine(model_dir, **overrides) -> Engine:
                     max_loras_per_batch=4, max_lora_rank=32, host_cache_bytes=16 << 20)
     settings.update(overrides)
     return Engine(EngineConfig(model_path=str(model_dir), **settings))
+
+
+def shared_host_memory_file(path: Path, config: EngineConfig, ranks: int) -> str:
+    """What a worker group's rank 0 creates for its ranks' shared host cache, as a file (a test's
+    ranks are spawned, and inherit no descriptors)."""
+    with open(path, "wb") as file:
+        os.ftruncate(file.fileno(), SharedLayout.of(config, ranks).nbytes)
+    return str(path)
 
 
 def make_resident(engine: Engine, name: str, slot: int) -> None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from settings.config import EngineConfig, LoggingConfig
 from settings.flags import add_arguments, parse_parts
 from settings.logs import configure_logging
-from settings.process import TP_RANK_FLAG, TP_RENDEZVOUS_FLAG, die_with_parent, on_termination
+from settings.process import TP_HOST_MEMORY_FLAG, TP_RANK_FLAG, TP_RENDEZVOUS_FLAG, die_with_parent, on_termination
 from worker.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Given by rank 0 of a tensor-parallel group to the ranks it starts; never by hand.
     parser.add_argument(TP_RANK_FLAG, type=int, help=argparse.SUPPRESS)
     parser.add_argument(TP_RENDEZVOUS_FLAG, help=argparse.SUPPRESS)
+    parser.add_argument(TP_HOST_MEMORY_FLAG, help=argparse.SUPPRESS)
     for config_type in PARTS.values():
         add_arguments(parser, config_type)
     return parse_parts(parser, argv, PARTS)
@@ -68,13 +69,16 @@ def _engine(config: EngineConfig, tp: TensorParallel) -> Engine:
 def start_group(argv: list[str], args: argparse.Namespace) -> tuple[Followers | None, TensorParallel]:
     """Rank 0: starts the other ranks of its group (if --tensor-parallel-size > 1) and joins it."""
     from worker.group import Followers, GroupSpec, join
+    from worker.lora.shared_host_memory import SharedLayout, create_shared_memory
     from worker.tensor_parallel import TensorParallel
 
     size = args.engine.tensor_parallel_size
     if size == 1:
         return None, TensorParallel()
-    followers = Followers(_without_ready_file(argv), size, args.engine.tp_timeout_s)
-    return followers, join(GroupSpec(size, 0, followers.rendezvous, args.engine.tp_timeout_s), args.engine.device)
+    host_memory_fd = create_shared_memory(SharedLayout.of(args.engine, size).nbytes)
+    followers = Followers(_without_ready_file(argv), size, args.engine.tp_timeout_s, host_memory_fd)
+    spec = GroupSpec(size, 0, followers.rendezvous, args.engine.tp_timeout_s, followers.host_memory)
+    return followers, join(spec, args.engine.device)
 
 
 def follower(args: argparse.Namespace, build_engine: Callable[..., Engine]) -> None:
@@ -83,7 +87,8 @@ def follower(args: argparse.Namespace, build_engine: Callable[..., Engine]) -> N
     from worker.tensor_parallel import GroupFailure
 
     commands = command_socket(args.tp_rendezvous, args.tp_rank)
-    spec = GroupSpec(args.engine.tensor_parallel_size, args.tp_rank, args.tp_rendezvous, args.engine.tp_timeout_s)
+    spec = GroupSpec(args.engine.tensor_parallel_size, args.tp_rank, args.tp_rendezvous, args.engine.tp_timeout_s,
+                     args.tp_host_memory)
     tp = join(spec, args.engine.device)
     try:
         engine = build_engine(args.engine, tp)

@@ -8,8 +8,9 @@ loads without blocking.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +31,8 @@ from worker.kv_cache import PagedKVCache
 from worker.lora.adapter import AdapterManifest, read_adapter_manifest
 from worker.lora.copier import CudaCopier, LayerCopiedHook, LoadJob, ThreadCopier
 from worker.lora.dora import base_module_weights
-from worker.lora.host_cache import HostCache, LayerReadHook
+from worker.lora.host_cache import HostCache, LayerReadHook, SharedStaging
+from worker.lora.shared_host_memory import SharedHostMemory, SharedLayout
 from worker.lora.slots import LoraSlots
 from worker.model.config import DTYPES, ModelConfig, load_model_config
 from worker.model.llama import LlamaModel, ModelWeights, fuse_weights
@@ -112,7 +114,7 @@ class Engine:
         )
         on_gpu = self.device.type == "cuda"
         self.host_cache = HostCache(c, config.host_cache_bytes, config.max_loaded_loras, self.dtype, pin=on_gpu,
-                                    lora_slices=lambda module: tp.lora_slices(self.model_config, module))
+                                    shared=self._shared_staging(pin=on_gpu), agree=tp.agree)
         self.host_cache.read_hook = read_hook
         self.copier = (CudaCopier(self.slots, c.num_layers, self.device, load_hook) if on_gpu
                        else ThreadCopier(self.slots, c.num_layers, load_hook))
@@ -131,6 +133,17 @@ class Engine:
         # forwards queued after it on the same stream need no waits of their own.
         self._waited_on: set[int] = set()
         self._previous: PreviousTokens | None = None  # what the last launched forward sampled
+
+    def _shared_staging(self, pin: bool) -> SharedStaging | None:
+        """Under tensor parallelism: this rank's part in the host cache its group shares."""
+        tp = self.tp
+        if not tp.enabled:
+            return None
+        if tp.host_memory is None:
+            raise ModelLoadError("a tensor-parallel rank needs its group's shared host memory")
+        memory = SharedHostMemory(tp.host_memory, SharedLayout.of(self.config, tp.size), pin)
+        slices = [functools.partial(replace(tp, rank=rank).lora_slices, self.model_config) for rank in range(tp.size)]
+        return SharedStaging(memory, tp.rank, slices)
 
     # Adapters -------------------------------------------------------------------------
 
@@ -217,7 +230,7 @@ class Engine:
         jobs = list(self.pending.values())  # in the same order on every rank: they ran the same commands
         done = [self.copier.is_done(job) for job in jobs]
         failed = [is_done and _load_error(job) is not None for job, is_done in zip(jobs, done)]
-        done, failed = self.tp.agree_loads(done, failed)  # a load is done once every rank has it
+        done, failed = self.tp.agree(done, failed)  # a load is done once every rank has it
         for job, is_done, failed_somewhere in zip(jobs, done, failed):
             if is_done:
                 self._finish_load(job, report, failed_somewhere)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import zmq
 
 from protos.loraserve.v1 import internal_pb2 as pb
-from settings.process import PARENT_PID_VARIABLE, TP_RANK_FLAG, TP_RENDEZVOUS_FLAG
+from settings.process import PARENT_PID_VARIABLE, TP_HOST_MEMORY_FLAG, TP_RANK_FLAG, TP_RENDEZVOUS_FLAG
 from worker.engine import Engine
 from worker.service import execute_command, sequence_input
 from worker.tensor_parallel import GroupFailure, TensorParallel
@@ -44,6 +44,7 @@ class GroupSpec:
     rank: int
     rendezvous: str  # the FileStore file through which the ranks find one another
     timeout_s: float  # the longest a forward's collective may take
+    host_memory: str  # the shared host cache every rank maps (worker/lora/shared_host_memory.py)
 
 
 def backend_device(device: str) -> str:
@@ -65,14 +66,15 @@ def join(spec: GroupSpec, device: str) -> TensorParallel:
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=spec.timeout_s))
     # Every rank samples the same tokens from the same gathered logits: same generator state.
     torch.manual_seed(0)
-    return TensorParallel(spec.rank, spec.size, group=dist.group.WORLD, control=control)
+    return TensorParallel(spec.rank, spec.size, group=dist.group.WORLD, control=control, host_memory=spec.host_memory)
 
 
 class Followers:
     """Rank 0's handle on the ranks it started: relays commands, notices deaths, stops them."""
 
-    def __init__(self, argv: list[str], size: int, timeout_s: float) -> None:
-        """`timeout_s`: how long a rank may leave a command untaken (it connects once started)."""
+    def __init__(self, argv: list[str], size: int, timeout_s: float, host_memory_fd: int) -> None:
+        """`timeout_s`: how long a rank may leave a command untaken (it connects once started);
+        `host_memory_fd`: the shared host cache, which the ranks inherit (same descriptor number)."""
         self.directory = tempfile.mkdtemp(prefix="loraserve-tp-")
         self.rendezvous = str(Path(self.directory) / "rendezvous")
         environment = {**os.environ, PARENT_PID_VARIABLE: str(os.getpid())}
@@ -85,9 +87,11 @@ class Followers:
             socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))  # a PUSH send waits for its peer
             socket.bind(command_address(self.directory, rank))
             self.sockets.append(socket)
+        self.host_memory = inherited_path(host_memory_fd)
         self.processes = [
             subprocess.Popen([sys.executable, "-m", "worker", *argv, TP_RANK_FLAG, str(rank),
-                              TP_RENDEZVOUS_FLAG, self.rendezvous], env=environment)
+                              TP_RENDEZVOUS_FLAG, self.rendezvous, TP_HOST_MEMORY_FLAG, self.host_memory],
+                             env=environment, pass_fds=(host_memory_fd,))
             for rank in range(1, size)]
 
     def relay_command(self, command: bytes) -> None:
@@ -135,6 +139,11 @@ class Followers:
             socket.close(linger=0)
         self.sockets = []
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def inherited_path(fd: int) -> str:
+    """A path through which a process opens its descriptor `fd` (a child's inherited one alike)."""
+    return f"/proc/self/fd/{fd}"
 
 
 def command_address(directory: str, rank: int) -> str:

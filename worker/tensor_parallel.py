@@ -43,6 +43,7 @@ class TensorParallel:
     size: int = 1
     group: dist.ProcessGroup | None = None  # a forward's collectives (NCCL on CUDA, gloo on CPU)
     control: dist.ProcessGroup | None = None  # the load agreement, on CPU tensors (gloo)
+    host_memory: str | None = None  # the group's shared host cache (worker/lora/shared_host_memory.py)
 
     @property
     def enabled(self) -> bool:
@@ -160,8 +161,8 @@ class TensorParallel:
         self._collective(dist.all_gather, parts, logits.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)[:, :vocab_size]
 
-    def agree_loads(self, done: list[bool], failed: list[bool]) -> tuple[list[bool], list[bool]]:
-        """For loads in flight on every rank (same order): done on every rank, and failed on any."""
+    def agree(self, done: list[bool], failed: list[bool]) -> tuple[list[bool], list[bool]]:
+        """For loads or stagings under way on every rank (same order): done on every rank, and failed on any."""
         if not self.enabled or not done:
             return done, failed
         counts = torch.tensor([done, failed], dtype=torch.int32)

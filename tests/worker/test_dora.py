@@ -10,7 +10,7 @@ import torch
 import worker.lora.slots
 from settings.config import EngineConfig
 from tests.conftest import DORA_ARCHS
-from tests.driver import Driver, Request, forward_paths, make_engine, make_resident
+from tests.driver import Driver, Request, forward_paths, make_engine, make_resident, shared_host_memory_file
 from tests.oracle import PeftOracle
 from tests.worker.test_equivalence import assert_matches_oracle, prompt
 from worker.engine import Engine
@@ -114,10 +114,11 @@ def test_dora_bytes_include_the_magnitudes(model_dirs, dora_adapter_dirs):
     assert manifest.dora and manifest.nbytes(model, 4) == expected
 
 
-def test_dora_is_refused_with_tensor_parallelism(model_dirs, dora_adapter_dirs):
+def test_dora_is_refused_with_tensor_parallelism(model_dirs, dora_adapter_dirs, tmp_path):
     config = EngineConfig(model_path=str(model_dirs["llama"]), dtype="float32", device="cpu", page_size=4,
                           num_kv_pages=16, max_lora_rank=32, host_cache_bytes=1 << 20)
-    engine = Engine(config, tp=TensorParallel(rank=0, size=2))
+    host_memory = shared_host_memory_file(tmp_path / "host-memory", config, ranks=2)
+    engine = Engine(config, tp=TensorParallel(rank=0, size=2, host_memory=host_memory))
     engine.register_adapter("plain", dora_adapter_dirs["llama"]["plain"])
     with pytest.raises(UnsupportedAdapterError, match="DoRA.*tensor parallelism"):
         engine.register_adapter("dora", dora_adapter_dirs["llama"]["dora_qv"])

@@ -16,7 +16,7 @@ import torch.multiprocessing
 from safetensors.torch import load_file, save_file
 
 from settings.config import EngineConfig
-from tests.driver import Driver, Request, make_resident
+from tests.driver import Driver, Request, make_resident, shared_host_memory_file
 from tests.model_factory import STANDARD_ADAPTER_SPECS, build_adapter, build_tiny_model
 from tests.oracle import PeftOracle
 from tests.worker.test_equivalence import LOGIT_ATOL, assert_matches_oracle, prompt
@@ -76,9 +76,10 @@ def workload(engine: Engine, adapters: dict[str, Path]) -> list[Request]:
     return first + decoding + late
 
 
-def run_rank(rank: int, size: int, rendezvous: str, model_dir: str, adapters: dict[str, Path], out: str) -> None:
+def run_rank(rank: int, size: int, rendezvous: str, host_memory: str, model_dir: str, adapters: dict[str, Path],
+             out: str) -> None:
     torch.set_num_threads(1)  # 2-4 ranks share this machine's cores
-    tp = join(GroupSpec(size, rank, rendezvous, timeout_s=120), "cpu") if size > 1 else TensorParallel()
+    tp = join(GroupSpec(size, rank, rendezvous, 120, host_memory), "cpu") if size > 1 else TensorParallel()
     engine = Engine(EngineConfig(model_path=model_dir, **ENGINE_SETTINGS), tp=tp)
     requests = workload(engine, adapters)
     if rank == 0:
@@ -96,7 +97,9 @@ def run_rank(rank: int, size: int, rendezvous: str, model_dir: str, adapters: di
 def run_group(size: int, model_dir: Path, adapters: dict[str, Path], directory: Path) -> dict[str, Request]:
     """The workload's requests as rank 0 of a group of `size` saw them."""
     out = directory / f"tp{size}.safetensors"
-    args = (size, str(directory / f"rendezvous-{size}"), str(model_dir), adapters, str(out))
+    config = EngineConfig(model_path=str(model_dir), **ENGINE_SETTINGS)
+    host_memory = shared_host_memory_file(directory / f"host-memory-{size}", config, size)
+    args = (size, str(directory / f"rendezvous-{size}"), host_memory, str(model_dir), adapters, str(out))
     if size == 1:
         run_rank(0, *args)
     else:

@@ -22,8 +22,9 @@ class Region:
 class PinnedArena:
     """First-fit allocator over one uint8 buffer; freed neighbours coalesce."""
 
-    def __init__(self, capacity_bytes: int, pin: bool) -> None:
-        self.buffer = torch.empty(capacity_bytes, dtype=torch.uint8, pin_memory=pin)
+    def __init__(self, capacity_bytes: int, pin: bool, buffer: torch.Tensor | None = None) -> None:
+        """`buffer`: memory to carve (already pinned, or shared); by default a new buffer."""
+        self.buffer = torch.empty(capacity_bytes, dtype=torch.uint8, pin_memory=pin) if buffer is None else buffer
         self.capacity = capacity_bytes
         self._free: list[Region] = [Region(0, capacity_bytes)]  # sorted by offset
 
@@ -45,14 +46,7 @@ class PinnedArena:
         self._coalesce(index)
 
     def view(self, region: Region, byte_offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        start = region.offset + byte_offset
-        end = start + numel * dtype.itemsize
-        if end > region.offset + region.size:
-            raise ValueError("view exceeds its region")
-        return self.buffer[start:end].view(dtype).view(shape)
+        return view_region(self.buffer, region, byte_offset, shape, dtype)
 
     def _shrink_hole(self, index: int, size: int) -> None:
         hole = self._free[index]
@@ -74,3 +68,16 @@ class PinnedArena:
     @staticmethod
     def _ends_at(left: Region, right: Region) -> bool:
         return left.offset + left.size == right.offset
+
+
+def view_region(buffer: torch.Tensor, region: Region, byte_offset: int, shape: tuple[int, ...],
+                dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over bytes of `region` in `buffer` (an arena's, or another rank's laid out alike)."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    start = region.offset + byte_offset
+    end = start + numel * dtype.itemsize
+    if end > region.offset + region.size:
+        raise ValueError("view exceeds its region")
+    return buffer[start:end].view(dtype).view(shape)

@@ -115,7 +115,7 @@ class CudaCopier:
                 job.copy_started.record(stream)
                 for layer in range(self.num_layers):
                     if layer >= load.already_read:
-                        wait_until_at_least(stream, load.read_counter, layer + 1)
+                        wait_until_at_least(stream, load.read_counter, job.adapter.progress.target(layer))
                     self._queue_layer(job, layer)
                     job.layer_ready[layer].record(stream)
                     job.layer_queued[layer].set()

@@ -7,12 +7,20 @@ magnitude vector [out].
 
 The reader publishes each layer as soon as it is in the arena (`ReadProgress`), so a load to
 the GPU can start while the rest of the file is still being read.
+
+Under tensor parallelism the ranks share one host cache (worker/lora/shared_host_memory.py):
+rank 0 reads each file once and writes every rank's slices; the other ranks read nothing and
+follow rank 0's progress in shared memory. Every rank runs the same calls in the same order,
+and each decision that depends on how far a read has got (evicting, reporting a staging done)
+is agreed across the ranks first, so their allocators stay identical.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +30,8 @@ from safetensors import SafetensorError, safe_open
 
 from worker.errors import AdapterStateError, CapacityError, CorruptAdapterError
 from worker.lora.adapter import AdapterManifest, FileFingerprint, LoraTarget
-from worker.lora.arena import PinnedArena, Region
+from worker.lora.arena import PinnedArena, Region, view_region
+from worker.lora.shared_host_memory import SharedHostMemory
 from worker.model.config import ModelConfig
 
 
@@ -34,6 +43,24 @@ Index = tuple[slice, slice]
 # module -> how a tensor-parallel rank indexes the file's A [r, in] and B [out, r] (its shard).
 LoraSlices = Callable[[str], tuple[Index, Index]]
 WHOLE: Index = (slice(None), slice(None))
+# For each staging entry, on every rank alike: done on every rank, and failed on any (tensor
+# parallelism's all-reduce; without it, the flags as they are).
+Agreement = Callable[[list[bool], list[bool]], tuple[list[bool], list[bool]]]
+# A progress word holds `base + layers read`; `base` steps by PROGRESS_STRIDE per staging, so a
+# shared word's value left by an earlier entry reads as nothing read yet. FAILED_READ is past
+# every layer, so that no GPU waits forever on a failed read.
+PROGRESS_STRIDE = 1024
+FAILED_READ = PROGRESS_STRIDE - 1
+WORD_VALUES = 1 << 32  # the GPU compares the word cyclically, as 32-bit integers
+RELAYED_POLL_S = 0.0005
+
+
+def whole(module: str) -> tuple[Index, Index]:
+    return WHOLE, WHOLE
+
+
+def agree_locally(done: list[bool], failed: list[bool]) -> tuple[list[bool], list[bool]]:
+    return done, failed
 
 
 class ReadProgress:
@@ -47,13 +74,19 @@ class ReadProgress:
     load is reported failed.
     """
 
-    def __init__(self, num_layers: int, pin: bool) -> None:
+    def __init__(self, num_layers: int, pin: bool, word: torch.Tensor | None = None, base: int = 0) -> None:
+        """`word`: where others (a GPU, other ranks) read the count; by default a new pinned word.
+        `base`: what the count is stored above (a shared word's, see PROGRESS_STRIDE)."""
+        if num_layers >= FAILED_READ:
+            raise ValueError(f"a progress word counts at most {FAILED_READ - 1} layers")
         self.num_layers = num_layers
-        self.word = torch.zeros(1, dtype=torch.int32, pin_memory=pin)
+        self.word = torch.zeros(1, dtype=torch.int32, pin_memory=pin) if word is None else word
+        self.base = base
         self._word = self.word.numpy()  # a plain store, no torch dispatch, from the reader thread
         self._changed = threading.Condition()
         self._layers_read = 0
         self._error: Exception | None = None
+        self._store(0)
 
     @property
     def layers_read(self) -> int:
@@ -65,25 +98,29 @@ class ReadProgress:
 
     @property
     def done(self) -> bool:
-        return self._error is not None or self._layers_read == self.num_layers
+        return self.error is not None or self.layers_read == self.num_layers
 
     @property
     def complete(self) -> bool:
         """Every layer read without error."""
-        return self._error is None and self._layers_read == self.num_layers
+        return self.error is None and self.layers_read == self.num_layers
+
+    def target(self, layer: int) -> int:
+        """The word's value once `layer` is read (as an unsigned 32-bit integer)."""
+        return (self.base + layer + 1) % WORD_VALUES
 
     def publish(self, layers_read: int) -> None:
         # The layer's bytes were stored before `word` (x86 keeps stores in order), so a GPU that
         # sees the new count also sees them.
         with self._changed:
             self._layers_read = layers_read
-            self._word[0] = layers_read
+            self._store(layers_read)
             self._changed.notify_all()
 
     def fail(self, error: Exception) -> None:
         with self._changed:
             self._error = error
-            self._word[0] = self.num_layers
+            self._store(FAILED_READ)
             self._changed.notify_all()
 
     def wait_for_layer(self, layer: int) -> None:
@@ -96,6 +133,47 @@ class ReadProgress:
     def wait_done(self) -> None:
         self.wait_for_layer(self.num_layers - 1)
 
+    def _store(self, count: int) -> None:
+        value = (self.base + count) % WORD_VALUES
+        self._word[0] = value - WORD_VALUES if value >= WORD_VALUES // 2 else value
+
+
+class RelayedReadProgress(ReadProgress):
+    """Another rank's reader's progress, as a rank that reads nothing sees it: its shared word."""
+
+    def __init__(self, num_layers: int, word: torch.Tensor, base: int) -> None:
+        self.num_layers = num_layers
+        self.word = word
+        self.base = base
+        self._word = word.numpy()
+
+    @property
+    def layers_read(self) -> int:
+        count = self._count()
+        return 0 if count == FAILED_READ else count
+
+    @property
+    def error(self) -> Exception | None:
+        if self._count() != FAILED_READ:
+            return None
+        return CorruptAdapterError("tensor-parallel rank 0 could not read the adapter file")
+
+    def wait_for_layer(self, layer: int) -> None:
+        while layer >= self.layers_read:
+            if self.error is not None:
+                raise self.error
+            time.sleep(RELAYED_POLL_S)
+
+    def publish(self, layers_read: int) -> None:
+        raise AssertionError("only the reading rank publishes progress")
+
+    def fail(self, error: Exception) -> None:
+        raise AssertionError("only the reading rank publishes progress")
+
+    def _count(self) -> int:
+        count = (int(self._word[0]) - self.base) % WORD_VALUES
+        return count if count <= FAILED_READ else 0  # a value left by an earlier entry
+
 
 @dataclass
 class HostAdapter:
@@ -105,6 +183,7 @@ class HostAdapter:
     tensors: dict[tuple[int, str], AdapterTensors]  # keyed by (layer, module)
     magnitudes: dict[tuple[int, str], torch.Tensor]  # DoRA's [out] per (layer, module); empty for plain LoRA
     progress: ReadProgress
+    board_word: int | None = None  # its progress word on a shared host cache's board
     copies_in_flight: int = 0  # the pinned region must outlive every copy reading it
 
     @property
@@ -118,21 +197,47 @@ class StagingResult:
     error: Exception | None
 
 
+@dataclass(frozen=True)
+class SharedStaging:
+    """A rank's part in a host cache its tensor-parallel group shares: rank 0 reads for all."""
+
+    memory: SharedHostMemory
+    rank: int
+    slices: list[LoraSlices]  # per rank: what of each file tensor it copies
+
+    @property
+    def reads(self) -> bool:
+        return self.rank == 0
+
+
+# Where the reader writes one rank's copy of an entry: (A, B.T) and magnitudes by (layer, module),
+# and what of each file tensor that rank takes.
+RankWrites = tuple[dict[tuple[int, str], AdapterTensors], dict[tuple[int, str], torch.Tensor], LoraSlices]
+
+
 class HostCache:
     """Bounded by entry count and by bytes; eviction policy belongs to the caller."""
 
     def __init__(
         self, model: ModelConfig, capacity_bytes: int, max_entries: int, dtype: torch.dtype, pin: bool,
-        lora_slices: LoraSlices = lambda module: (WHOLE, WHOLE),
+        shared: SharedStaging | None = None, agree: Agreement = agree_locally,
     ) -> None:
         """`model`: this rank's part of the model, whose module shapes the staged tensors take;
-        `lora_slices`: what of each file tensor this rank reads (all of it without tensor parallelism)."""
+        `shared`: this rank's part in its group's shared host cache (tensor parallelism);
+        `agree`: how the ranks agree on whether stagings are done (`Agreement`)."""
         self.model = model
-        self.lora_slices = lora_slices
         self.dtype = dtype
         self.max_entries = max_entries
         self.pin = pin
-        self.arena = PinnedArena(capacity_bytes, pin)
+        self.shared = shared
+        self.agree = agree
+        self.arena = PinnedArena(capacity_bytes, pin, None if shared is None else shared.memory.arena(shared.rank))
+        # Every rank's memory this process's reader writes, with that rank's slices.
+        self._written: list[tuple[torch.Tensor, LoraSlices]] = (
+            [(self.arena.buffer, whole)] if shared is None else
+            [(shared.memory.arena(rank), slices) for rank, slices in enumerate(shared.slices)] if shared.reads else [])
+        self._board_free = list(range(max_entries))  # shared progress words not in use, lowest first
+        self._stagings = 0
         self.entries: dict[str, HostAdapter] = {}
         self.read_hook: LayerReadHook | None = None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-reader")
@@ -158,26 +263,32 @@ class HostCache:
             raise CapacityError(
                 f"host cache has {self.arena.free_bytes} free bytes, adapter {name!r} needs {nbytes}; evict first"
             )
-        entry = HostAdapter(name, manifest, region, *self._layout(manifest, region),
-                            ReadProgress(self.model.num_layers, self.pin))
+        board_word, progress = self._new_progress()
+        entry = HostAdapter(name, manifest, region, *self._layout(manifest, region, self.arena.buffer),
+                            progress, board_word)
         self.entries[name] = entry
         self._unreported.append(name)
-        self._reader.submit(self._read, entry)
+        if self._written:
+            writes = [(*self._layout(manifest, region, buffer), slices) for buffer, slices in self._written]
+            self._reader.submit(self._read, entry, writes)
         return entry
 
     def poll(self) -> list[StagingResult]:
-        """Adapters whose staging finished since the last poll. A failed one is reported and
-        dropped once no copy reads its region any more (a streamed load may still be draining)."""
+        """Adapters whose staging finished (on every rank) since the last poll. A failed one is
+        reported and dropped once no copy reads its region any more (a streamed load may still be draining)."""
+        entries = [self.entries[name] for name in self._unreported]
+        done, failed = self.agree([e.progress.done for e in entries], [e.progress.error is not None for e in entries])
         results = []
-        for name in list(self._unreported):
-            entry = self.entries[name]
-            progress = entry.progress
-            if not progress.done or (progress.error is not None and entry.copies_in_flight):
+        for entry, is_done, failed_somewhere in zip(entries, done, failed):
+            if not is_done or (failed_somewhere and entry.copies_in_flight):
                 continue
-            self._unreported.remove(name)
-            if progress.error is not None:
+            self._unreported.remove(entry.name)
+            error = None
+            if failed_somewhere:
+                error = entry.progress.error or CorruptAdapterError(
+                    f"reading adapter {entry.name!r} failed on another tensor-parallel rank")
                 self._drop(entry)
-            results.append(StagingResult(name, progress.error))
+            results.append(StagingResult(entry.name, error))
         return results
 
     def wait(self, name: str) -> HostAdapter:
@@ -196,7 +307,7 @@ class HostCache:
         entry = self.entries.get(name)
         if entry is None:
             return
-        if entry.copies_in_flight or not entry.progress.done:
+        if entry.copies_in_flight or not self.agree([entry.progress.done], [False])[0][0]:
             raise AdapterStateError(f"adapter {name!r} is being staged or copied to the GPU; evict it later")
         self._unreported = [n for n in self._unreported if n != name]
         self._drop(entry)
@@ -204,32 +315,48 @@ class HostCache:
     def close(self) -> None:
         self._reader.shutdown(wait=True, cancel_futures=True)
 
+    def _new_progress(self) -> tuple[int | None, ReadProgress]:
+        """A new entry's progress: its own pinned word, or on a shared cache a word of the board
+        (the lowest free one, on every rank alike) above a base no earlier entry used."""
+        num_layers = self.model.num_layers
+        if self.shared is None:
+            return None, ReadProgress(num_layers, self.pin)
+        board_word = self._board_free.pop(0)
+        word = self.shared.memory.board[board_word:board_word + 1]
+        base = self._stagings * PROGRESS_STRIDE % WORD_VALUES
+        self._stagings += 1
+        if self.shared.reads:
+            return board_word, ReadProgress(num_layers, self.pin, word, base)
+        return board_word, RelayedReadProgress(num_layers, word, base)
+
     def _drop(self, entry: HostAdapter) -> None:
         del self.entries[entry.name]
         self.arena.release(entry.region)
+        if entry.board_word is not None:
+            bisect.insort(self._board_free, entry.board_word)
 
-    def _layout(self, manifest: AdapterManifest, region: Region
+    def _layout(self, manifest: AdapterManifest, region: Region, buffer: torch.Tensor
                 ) -> tuple[dict[tuple[int, str], AdapterTensors], dict[tuple[int, str], torch.Tensor]]:
-        """Views of the region: (A, B.T) and, for DoRA, the magnitude of every target."""
+        """Views of the region in `buffer`: (A, B.T) and, for DoRA, the magnitude of every target."""
         shapes = self.model.module_shapes()
         tensors, magnitudes = {}, {}
         offset = 0
         for target in manifest.targets:
             in_features, out_features = shapes[target.module]
-            a = self.arena.view(region, offset, (target.rank, in_features), self.dtype)
+            a = view_region(buffer, region, offset, (target.rank, in_features), self.dtype)
             offset += a.nbytes
-            b_t = self.arena.view(region, offset, (target.rank, out_features), self.dtype)
+            b_t = view_region(buffer, region, offset, (target.rank, out_features), self.dtype)
             offset += b_t.nbytes
             tensors[(target.layer, target.module)] = (a, b_t)
             if target.magnitude_key is not None:
-                magnitude = self.arena.view(region, offset, (out_features,), self.dtype)
+                magnitude = view_region(buffer, region, offset, (out_features,), self.dtype)
                 offset += magnitude.nbytes
                 magnitudes[(target.layer, target.module)] = magnitude
         return tensors, magnitudes
 
-    def _read(self, entry: HostAdapter) -> None:
-        """Reads the file in layer order (the manifest's targets are sorted by layer),
-        publishing each layer once its tensors are in the arena."""
+    def _read(self, entry: HostAdapter, writes: list[RankWrites]) -> None:
+        """Reads the file in layer order (the manifest's targets are sorted by layer), each tensor
+        once, publishing each layer once every rank's slices of it are in the arena."""
         progress = entry.progress
         try:
             _check_unchanged(entry.manifest)
@@ -238,7 +365,7 @@ class HostCache:
                     if self.read_hook is not None:
                         self.read_hook(entry.name, layer)
                     for target in targets:
-                        self._copy_target(tensors, target, entry)
+                        _copy_target(tensors, target, writes)
                     progress.publish(layer + 1)
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             progress.fail(CorruptAdapterError(f"reading {entry.manifest.weights_path} failed: {error}"))
@@ -248,15 +375,19 @@ class HostCache:
             return
         progress.publish(self.model.num_layers)
 
-    def _copy_target(self, tensors, target: LoraTarget, entry: HostAdapter) -> None:
-        key = (target.layer, target.module)
-        a_dst, b_t_dst = entry.tensors[key]
-        a_index, b_index = self.lora_slices(target.module)
-        a_dst.copy_(tensors.get_slice(target.a_key)[a_index])
-        b = tensors.get_slice(target.b_key)[b_index].to(torch.float32) * target.scaling
-        b_t_dst.copy_(b.t())
-        if target.magnitude_key is not None:  # whole: DoRA is not served with tensor parallelism
-            entry.magnitudes[key].copy_(tensors.get_tensor(target.magnitude_key))
+
+def _copy_target(tensors, target: LoraTarget, writes: list[RankWrites]) -> None:
+    key = (target.layer, target.module)
+    a = tensors.get_tensor(target.a_key)
+    b = tensors.get_tensor(target.b_key).to(torch.float32) * target.scaling
+    magnitude = None if target.magnitude_key is None else tensors.get_tensor(target.magnitude_key)
+    for rank_tensors, rank_magnitudes, slices in writes:
+        a_dst, b_t_dst = rank_tensors[key]
+        a_index, b_index = slices(target.module)
+        a_dst.copy_(a[a_index])
+        b_t_dst.copy_(b[b_index].t())
+        if magnitude is not None:  # whole: DoRA is not served with tensor parallelism
+            rank_magnitudes[key].copy_(magnitude)
 
 
 def _check_unchanged(manifest: AdapterManifest) -> None:

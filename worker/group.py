@@ -99,7 +99,7 @@ class Followers:
         self._relay(COMMAND + command)
 
     def relay_poll(self) -> None:
-        """Before rank 0 polls loads: the ranks agree on which are done (`Engine.poll`)."""
+        """Before rank 0 polls loads and stagings: the ranks agree on which are done (`Engine.poll`)."""
         self._relay(POLL)
 
     def _relay(self, message: bytes) -> None:

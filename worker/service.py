@@ -202,7 +202,7 @@ class WorkerService:
         return self.engine.busy_loading
 
     def _poll_events(self) -> pb.LoadEvents:
-        if self.followers is not None and self.engine.pending:  # every rank has the same loads in flight
+        if self.followers is not None and self.engine.busy_loading:  # the same loads and stagings on every rank
             self.followers.relay_poll()
         return _load_events(self.engine.poll())
 

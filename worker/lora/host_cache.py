@@ -24,6 +24,8 @@ from worker.errors import AdapterStateError, CapacityError, CorruptAdapterError
 from worker.lora.adapter import AdapterManifest, FileFingerprint, LoraTarget
 from worker.lora.arena import PinnedArena, Region
 from worker.model.config import ModelConfig
+from worker.model.weights import Rows
+from worker.tensor_parallel import ALL
 
 
 AdapterTensors = tuple[torch.Tensor, torch.Tensor]  # (A, B.T) of one adapted module
@@ -253,10 +255,15 @@ class HostCache:
         a_dst, b_t_dst = entry.tensors[key]
         a_index, b_index = self.lora_slices(target.module)
         a_dst.copy_(tensors.get_slice(target.a_key)[a_index])
-        b = tensors.get_slice(target.b_key)[b_index].to(torch.float32) * target.scaling
+        b = _module_rows(tensors.get_slice(target.b_key), target)[b_index].to(torch.float32) * target.scaling
         b_t_dst.copy_(b.t())
         if target.magnitude_key is not None:  # whole: DoRA is not served with tensor parallelism
-            entry.magnitudes[key].copy_(tensors.get_tensor(target.magnitude_key))
+            entry.magnitudes[key].copy_(_module_rows(tensors.get_slice(target.magnitude_key), target)[ALL])
+
+
+def _module_rows(sliceable, target: LoraTarget):
+    """The target module's rows of a tensor saved for the checkpoint module (Phi-3's fused B holds several)."""
+    return sliceable if target.rows is None else Rows(sliceable, slice(*target.rows))
 
 
 def _check_unchanged(manifest: AdapterManifest) -> None:

@@ -27,7 +27,9 @@ DORA_MIX_ADAPTERS = {
                               use_dora=True, seed=23),
     "plain": AdapterSpec(rank=8, alpha=16, target_modules=_ALL_MODULES, seed=24),
 }
-DORA_ARCHS = ("llama", "qwen2")  # qwen2's q/k/v biases are outside DoRA's rescaling
+# qwen2's q/k/v biases are outside DoRA's rescaling; Phi-3's DoRA is on its fused modules (PEFT's
+# norm per row of the fused weight, which the server takes per row of each part).
+DORA_ARCHS = ("llama", "qwen2", "phi3")
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +46,7 @@ def model_dirs(artifacts) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def dora_adapter_dirs(artifacts, model_dirs) -> dict[str, dict[str, Path]]:
     """arch -> adapter name -> directory, for the DoRA mixed-batch tests."""
-    return {arch: {name: build_adapter(model_dirs[arch], artifacts / f"dora-{arch}-{name}", spec)
+    return {arch: {name: build_adapter(model_dirs[arch], artifacts / f"dora-{arch}-{name}", spec_for(arch, spec))
                    for name, spec in DORA_MIX_ADAPTERS.items()}
             for arch in DORA_ARCHS}
 

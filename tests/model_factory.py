@@ -244,9 +244,14 @@ def spec_for(arch: str, spec: AdapterSpec) -> AdapterSpec:
             return list(dict.fromkeys(fused(n) for n in names))
         return names if names is None else fused(names)
 
+    def fused_pattern(pattern: dict[str, float]) -> dict[str, float]:
+        # Fused names can make keys overlap (k_proj and a layer's q_proj both become qkv_proj), where
+        # the first matching key wins: keep the key order of the adapter_config.json written (sorted),
+        # so PEFT builds the adapter by the order it and the server read back.
+        return dict(sorted((fused(key), value) for key, value in pattern.items()))
+
     return replace(spec, target_modules=fused_list(spec.target_modules), exclude_modules=fused_list(spec.exclude_modules),
-                   rank_pattern={fused(k): v for k, v in spec.rank_pattern.items()},
-                   alpha_pattern={fused(k): v for k, v in spec.alpha_pattern.items()})
+                   rank_pattern=fused_pattern(spec.rank_pattern), alpha_pattern=fused_pattern(spec.alpha_pattern))
 
 
 def build_adapter(model_dir: Path, out_dir: Path, spec: AdapterSpec) -> Path:

@@ -62,6 +62,18 @@ def fused_tensors(config: ModelConfig) -> dict[str, tuple[tuple[str, slice], ...
     return fused
 
 
+def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the checkpoint holds, by its name there: `expected_shapes`, with Phi-3's fused
+    tensors in place of their parts."""
+    shapes = expected_shapes(config)
+    for name, parts in fused_tensors(config).items():
+        in_features = shapes[parts[0][0]][1]
+        for part, _ in parts:
+            del shapes[part]
+        shapes[name] = (parts[-1][1].stop, in_features)
+    return shapes
+
+
 class Rows:
     """Rows [start, stop) of a tensor, indexed like a tensor of those rows alone, through the
     tensor's own indexing: a safetensors slice then reads only the bytes asked for."""
@@ -94,10 +106,8 @@ def load_safetensors(
     Phi-3's fused tensors are read as their parts (each part's rows of this rank), so the model
     sees q/k/v and gate/up as it does for Llama."""
     expected = expected_shapes(config)
+    in_checkpoint = checkpoint_shapes(config)
     fused = fused_tensors(config)
-    split = {part for parts in fused.values() for part, _ in parts}
-    in_checkpoint = {name: shape for name, shape in expected.items() if name not in split}
-    in_checkpoint.update({name: (parts[-1][1].stop, *expected[parts[0][0]][1:]) for name, parts in fused.items()})
 
     def rank_parts(name: str, sliceable, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
         if name not in fused:

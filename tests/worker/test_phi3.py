@@ -3,7 +3,7 @@
 The parameterised tests over `ARCHITECTURES` (equivalence, static decode, GPU) cover the Phi-3 model
 with the mixed adapters; these add adapters of mixed ranks on every fused module in one batch in
 float32 and bfloat16, every standard adapter spec in Phi-3's names, a LongRoPE whose attention
-factor is not 1, and the refusals."""
+factor is not 1, tied and sharded checkpoints, and the refusals."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tests.driver import Driver, Request, make_engine, make_resident
 from tests.model_factory import STANDARD_ADAPTER_SPECS, AdapterSpec, build_adapter, build_tiny_model, longrope, spec_for
@@ -196,3 +197,33 @@ def test_a_partial_rotary_factor_is_refused(artifacts):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=r"partial_rotary_factor 0\.5 is not supported"):
         make_engine(model_dir)
+
+
+@pytest.mark.parametrize("variant", ["tied", "sharded"])
+def test_checkpoint_variants_match_transformers(variant, artifacts):
+    """Sharded: the fused tensors are read by the index like any other."""
+    model_dir = build_tiny_model(artifacts / f"phi3-{variant}", "phi3", tie_word_embeddings=variant == "tied",
+                                 shard=variant == "sharded", seed=10)
+    engine = make_engine(model_dir)
+    requests = [Request("r", prompt(58, 13), max_new_tokens=4)]
+    Driver(engine, chunk=13).run(requests)
+    assert_matches_oracle(PeftOracle(model_dir, {}), requests[0], None)
+    engine.close()
+
+
+@pytest.mark.parametrize("damage", ["missing", "misshapen"])
+def test_a_damaged_fused_tensor_is_refused_by_its_checkpoint_name(damage, artifacts):
+    model_dir = build_tiny_model(artifacts / f"phi3-{damage}", "phi3", seed=11)
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    if damage == "missing":
+        del tensors[name]
+    else:
+        tensors[name] = tensors[name][:-16]
+    save_file(tensors, path, metadata={"format": "pt"})
+    expected = ("is missing 1 tensors, e.g. ['model.layers.1.self_attn.qkv_proj.weight']" if damage == "missing"
+                else "has shape (112, 64), config expects (128, 64)")
+    with pytest.raises(ModelLoadError) as refused:
+        make_engine(model_dir)
+    assert expected in str(refused.value)

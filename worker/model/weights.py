@@ -118,7 +118,8 @@ def load_safetensors(
     tensors: dict[str, torch.Tensor] = {}
     for file, names in _files_and_names(model_dir).items():
         tensors.update(_read_file(file, names, in_checkpoint, device, rank_parts))
-    missing = sorted(set(expected) - set(tensors))
+    owner = {part: name for name, parts in fused.items() for part, _ in parts}  # named as in the checkpoint
+    missing = sorted({owner.get(name, name) for name in set(expected) - set(tensors)})
     if missing:
         raise ModelLoadError(f"checkpoint {model_dir} is missing {len(missing)} tensors, e.g. {missing[:3]}")
     return tensors

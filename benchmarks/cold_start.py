@@ -28,10 +28,9 @@ import torch
 
 from benchmarks.common import run_record, write_result
 from loraserve.synthetic import write_model_config, write_random_adapter
-from settings.config import EngineConfig
+from settings.config import TARGET_MODULES, EngineConfig
 from worker.batch import SequenceInput
 from worker.engine import AdapterInfo, Engine
-from worker.lora.adapter import TARGET_MODULES
 
 PROMPT = list(range(100, 612))
 CASES = ("warm", "copy", "sequential", "pipelined", "from_disk", "disk_read")

@@ -26,10 +26,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.common import run_record, write_result
 from loraserve.synthetic import LLAMA31_8B, write_model_config, write_random_adapter
-from settings.config import EngineConfig
+from settings.config import TARGET_MODULES, EngineConfig
 from worker.batch import SequenceInput
 from worker.engine import Engine
-from worker.lora.adapter import TARGET_MODULES
 from worker.model.config import load_model_config
 
 NAMES = [f"a{i}" for i in range(16)]

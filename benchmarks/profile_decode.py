@@ -19,10 +19,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from loraserve.synthetic import write_model_config, write_random_adapter
-from settings.config import EngineConfig
+from settings.config import TARGET_MODULES, EngineConfig
 from worker.batch import NO_ADAPTER, SequenceInput
 from worker.engine import Engine
-from worker.lora.adapter import TARGET_MODULES
 
 
 def build_engine(rank: int, adapters: int, static_decode: bool = True) -> Engine:

@@ -36,8 +36,7 @@ from loraserve.launcher import Launcher
 from loraserve.synthetic import LLAMA31_8B, LLAMA31_70B, write_model_config, write_random_adapter
 from loraserve.timeline import decode_step_gaps, draw, fetch_trace, load_start_stalls
 from protos.loraserve.v1 import serving_pb2
-from settings.config import ROUTING_POLICIES, ServeConfig
-from worker.lora.adapter import TARGET_MODULES
+from settings.config import ROUTING_POLICIES, TARGET_MODULES, ServeConfig
 from worker.model.config import load_model_config
 
 SMALL_SPECS = [(8, ("q_proj", "v_proj")), (16, ("q_proj", "k_proj", "v_proj", "o_proj")), (32, TARGET_MODULES),

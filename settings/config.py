@@ -210,7 +210,7 @@ class SchedulerConfig:
 class EngineConfig:
     model_path: str = setting(default_text="the demo",
                               help="Hugging Face model directory (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2, "
-                                   "Gemma 3 text)")
+                                   "Gemma 3 text, Phi-3)")
     load_format: str = setting("safetensors", choices=("safetensors", "dummy"), parse=_load_format,
                                help="`dummy`: random weights from config.json alone (`auto`: safetensors)")
     device: str = setting("auto", choices=("auto", "cpu", "cuda"), help="`cpu`, `cuda`, or `auto` (CUDA if there is one)")
@@ -232,7 +232,8 @@ class EngineConfig:
     max_loaded_loras: int = setting(16, minimum=1, help="adapters in the pinned host cache")
     max_lora_rank: int = setting(64, minimum=1, help="largest adapter rank accepted")
     lora_target_modules: tuple[str, ...] = setting(TARGET_MODULES, choices=TARGET_MODULES,
-                                                   help="projections the adapter slots hold")
+                                                   help="projections the adapter slots hold (Phi-3's qkv_proj and "
+                                                        "gate_up_proj as their q/k/v and gate/up parts)")
     host_cache_bytes: int = setting(4 * GIB, minimum=0, scaled=("--host-cache-gb", GIB, "GiB"),
                                     help="pinned host memory for adapters")
     seed: int = setting(0, help="seed of the dummy weights")

@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.model_factory import ARCHITECTURES, AdapterSpec, build_adapter, build_tiny_model  # noqa: E402
+from tests.model_factory import ARCHITECTURES, AdapterSpec, build_adapter, build_tiny_model, spec_for  # noqa: E402
 
 MIXED_ADAPTERS = {
     "a0": AdapterSpec(rank=8, alpha=16, target_modules=["q_proj", "v_proj"], seed=1),
@@ -27,7 +27,9 @@ DORA_MIX_ADAPTERS = {
                               use_dora=True, seed=23),
     "plain": AdapterSpec(rank=8, alpha=16, target_modules=_ALL_MODULES, seed=24),
 }
-DORA_ARCHS = ("llama", "qwen2")  # qwen2's q/k/v biases are outside DoRA's rescaling
+# qwen2's q/k/v biases are outside DoRA's rescaling; Phi-3's DoRA is on its fused modules (PEFT's
+# norm per row of the fused weight, which the server takes per row of each part).
+DORA_ARCHS = ("llama", "qwen2", "phi3")
 
 
 @pytest.fixture(scope="session")
@@ -44,16 +46,17 @@ def model_dirs(artifacts) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def dora_adapter_dirs(artifacts, model_dirs) -> dict[str, dict[str, Path]]:
     """arch -> adapter name -> directory, for the DoRA mixed-batch tests."""
-    return {arch: {name: build_adapter(model_dirs[arch], artifacts / f"dora-{arch}-{name}", spec)
+    return {arch: {name: build_adapter(model_dirs[arch], artifacts / f"dora-{arch}-{name}", spec_for(arch, spec))
                    for name, spec in DORA_MIX_ADAPTERS.items()}
             for arch in DORA_ARCHS}
 
 
 @pytest.fixture(scope="session")
 def mixed_adapter_dirs(artifacts, model_dirs) -> dict[str, dict[str, Path]]:
-    """arch -> adapter name -> directory, for the two adapters of the mixed-batch tests."""
+    """arch -> adapter name -> directory, for the two adapters of the mixed-batch tests (Phi-3's on its
+    fused modules: a0 on qkv_proj, a1 on all four)."""
     return {
-        arch: {name: build_adapter(model_dir, artifacts / f"{arch}-{name}", spec)
+        arch: {name: build_adapter(model_dir, artifacts / f"{arch}-{name}", spec_for(arch, spec))
                for name, spec in MIXED_ADAPTERS.items()}
         for arch, model_dir in model_dirs.items()
     }

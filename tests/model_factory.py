@@ -3,15 +3,17 @@
 Everything is built locally (no hub access) and seeded, so the same arguments give the same
 bytes. The models are small enough for CPU tests yet use the features a server must get
 right: GQA, rope variants, sliding windows, q/k/v bias, q/k norm, tied embeddings, shards,
-and Gemma's soft-capping, sandwich norms, scales and per-layer-type ropes.
+Gemma's soft-capping, sandwich norms, scales and per-layer-type ropes, and Phi-3's fused
+projections and LongRoPE.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     PretrainedConfig,
     Qwen2Config,
     Qwen3Config,
@@ -32,7 +35,7 @@ from transformers import (
 
 from loraserve.demo import BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_tokenizer  # noqa: F401 (re-exported for tests)
 
-ARCHITECTURES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+ARCHITECTURES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 VOCAB_SIZE = 256
 MAX_POSITIONS = 256
@@ -72,6 +75,21 @@ _GEMMA_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
     }),
 }
 
+
+def longrope(original_max_positions: int) -> dict[str, object]:
+    """Phi-3's LongRoPE for head_dim 16 (8 frequencies): short factors (those served) far from 1 so a
+    server that ignores them rotates differently, and long factors unlike them."""
+    return {"rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 3.3, 4.0],
+            "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0],
+            "original_max_position_embeddings": original_max_positions}
+
+
+# Phi-3 with LongRoPE whose original_max_position_embeddings is the whole (served) context, so
+# the short factors serve every position; and a sliding window (Phi-3 mini has one of 2047).
+_PHI3 = {"rope_parameters": longrope(MAX_POSITIONS), "original_max_position_embeddings": MAX_POSITIONS,
+         "sliding_window": SLIDING_WINDOW}
+
 _ARCH_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
     "llama": (LlamaConfig, {}),
     "llama3": (LlamaConfig, {"rope_parameters": _LLAMA3_ROPE}),
@@ -80,7 +98,11 @@ _ARCH_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
     # head_dim * heads = 128 != hidden 64, so q/o projections are not square.
     "qwen3": (Qwen3Config, {"head_dim": 32}),
     **{arch: (config_class, {**_GEMMA_COMMON, **extra}) for arch, (config_class, extra) in _GEMMA_CONFIGS.items()},
+    "phi3": (Phi3Config, _PHI3),
 }
+# Phi-3's fused modules -> the Llama-family modules they hold: its adapters name the fused ones.
+_FUSED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 
 # Default init leaves biases at 0 and norm weights at 1; perturb them so a server that
 # drops a bias or a norm weight produces different logits.
@@ -103,15 +125,18 @@ def build_tiny_model(
     tie_word_embeddings: bool | None = None,
     shard: bool = False,
     seed: int = 0,
+    **config_overrides: object,
 ) -> Path:
     """Write a random-weight `arch` model plus tokenizer and generation config to `out_dir`
-    (`tie_word_embeddings` None: as the architecture usually does, i.e. only Gemma ties)."""
-    _write_model(out_dir, _config(arch, tie_word_embeddings), dtype=dtype, shard=shard, seed=seed)
+    (`tie_word_embeddings` None: as the architecture usually does, i.e. only Gemma ties;
+    `config_overrides`: config fields to set besides the architecture's)."""
+    config = _config(arch, tie_word_embeddings, config_overrides)
+    _write_model(out_dir, config, dtype=dtype, shard=shard, seed=seed)
     build_tokenizer(out_dir, max_length=MAX_POSITIONS)
     return out_dir
 
 
-def _config(arch: str, tie_word_embeddings: bool | None) -> PretrainedConfig:
+def _config(arch: str, tie_word_embeddings: bool | None, overrides: dict[str, object]) -> PretrainedConfig:
     if arch not in _ARCH_CONFIGS:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
     config_class, extra = _ARCH_CONFIGS[arch]
@@ -130,6 +155,7 @@ def _config(arch: str, tie_word_embeddings: bool | None) -> PretrainedConfig:
         pad_token_id=PAD_ID,
     )
     settings.update(extra)
+    settings.update(overrides)
     if tie_word_embeddings is not None:
         settings["tie_word_embeddings"] = tie_word_embeddings
     return config_class(**settings)
@@ -202,6 +228,30 @@ STANDARD_ADAPTER_SPECS: dict[str, AdapterSpec] = {
     "layer1_only": AdapterSpec(target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1], seed=9),
     "bf16_qv": AdapterSpec(dtype="bfloat16", seed=10),
 }
+
+
+def spec_for(arch: str, spec: AdapterSpec) -> AdapterSpec:
+    """`spec` in `arch`'s module names: for Phi-3, q/k/v and gate/up become its fused qkv_proj and
+    gate_up_proj (in target_modules, exclude_modules and the pattern keys)."""
+    if arch != "phi3":
+        return spec
+
+    def fused(names: str) -> str:
+        return re.sub(r"\b(q|k|v|gate|up)_proj\b", lambda m: _FUSED_NAMES[m[0]], names)
+
+    def fused_list(names: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(names, list):
+            return list(dict.fromkeys(fused(n) for n in names))
+        return names if names is None else fused(names)
+
+    def fused_pattern(pattern: dict[str, float]) -> dict[str, float]:
+        # Fused names can make keys overlap (k_proj and a layer's q_proj both become qkv_proj), where
+        # the first matching key wins: keep the key order of the adapter_config.json written (sorted),
+        # so PEFT builds the adapter by the order it and the server read back.
+        return dict(sorted((fused(key), value) for key, value in pattern.items()))
+
+    return replace(spec, target_modules=fused_list(spec.target_modules), exclude_modules=fused_list(spec.exclude_modules),
+                   rank_pattern=fused_pattern(spec.rank_pattern), alpha_pattern=fused_pattern(spec.alpha_pattern))
 
 
 def build_adapter(model_dir: Path, out_dir: Path, spec: AdapterSpec) -> Path:

@@ -56,7 +56,7 @@ class AdapterInfo:
     path: Path
     rank: int
     nbytes: int
-    modules: frozenset[str]
+    modules: frozenset[str]  # by the adapter's names (Phi-3's fused qkv_proj, gate_up_proj)
     ranks: list[int]
     alphas: list[float]
     dora: bool
@@ -98,6 +98,7 @@ class Engine:
             raise ModelLoadError(f"--context-length {config.context_length} exceeds the model's "
                                  f"max_position_embeddings ({self.model_config.max_position_embeddings}): "
                                  "give at most that, or leave it unset")
+        self.model_config.check_served_context(config.context_length or self.model_config.max_position_embeddings)
         self.dtype = _dtype(config.dtype, self.model_config)
         # This rank's heads and intermediate slice: what its KV cache, slots and host cache hold.
         self.shard_config = tp.local_config(self.model_config)
@@ -163,7 +164,7 @@ class Engine:
     def adapter_info(self, name: str) -> AdapterInfo:
         manifest = self._manifest(name)
         nbytes = manifest.nbytes(self.shard_config, self.dtype.itemsize)  # what one rank holds
-        return AdapterInfo(name, manifest.path, manifest.max_rank, nbytes, manifest.modules, manifest.ranks,
+        return AdapterInfo(name, manifest.path, manifest.max_rank, nbytes, manifest.target_modules, manifest.ranks,
                            manifest.alphas, manifest.dora)
 
     def unregister_adapter(self, name: str) -> None:

@@ -27,7 +27,7 @@ LAYOUT = SharedLayout(board_words=2, arena_bytes=4 << 20, ranks=RANKS)
 class Ranks:
     """Rank 0's and rank 1's host caches, as two processes would map them."""
 
-    def __init__(self, model_dir: Path, path: Path, agree=None) -> None:
+    def __init__(self, model_dir: Path, path: Path, agree=None, pin: bool = False) -> None:
         with open(path, "wb") as file:
             os.ftruncate(file.fileno(), LAYOUT.nbytes)
         self.model = load_model_config(model_dir)
@@ -35,8 +35,8 @@ class Ranks:
         slices = [functools.partial(tp.lora_slices, self.model) for tp in groups]
         shard = groups[0].local_config(self.model)
         self.caches = [
-            HostCache(shard, LAYOUT.arena_bytes, LAYOUT.board_words, torch.float32, pin=False,
-                      shared=SharedStaging(SharedHostMemory(str(path), LAYOUT, pin=False), rank, slices),
+            HostCache(shard, LAYOUT.arena_bytes, LAYOUT.board_words, torch.float32, pin=pin,
+                      shared=SharedStaging(SharedHostMemory(str(path), LAYOUT, pin=pin), rank, slices),
                       **({} if agree is None else {"agree": agree}))
             for rank in range(RANKS)]
         self.slices = slices

@@ -2,7 +2,8 @@
 
 Each rank is a process that runs the same engine calls (as a worker group's ranks do); rank 0
 writes the logits it saw. The tiny models have 4 attention heads and 2 KV heads, so TP=4
-replicates KV heads."""
+replicates KV heads. Phi-3's fused qkv_proj/gate_up_proj (weights and adapters) are split at load,
+so each part shards as Llama's."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from settings.config import EngineConfig
 from tests.driver import Driver, Request, make_resident, shared_host_memory_file
-from tests.model_factory import STANDARD_ADAPTER_SPECS, build_adapter, build_tiny_model
+from tests.model_factory import STANDARD_ADAPTER_SPECS, build_adapter, build_tiny_model, spec_for
 from tests.oracle import PeftOracle
 from tests.worker.test_equivalence import LOGIT_ATOL, assert_matches_oracle, prompt
 from worker.engine import Engine
@@ -31,21 +32,23 @@ LATE_ADAPTER = "layer1_only"  # loaded while the others decode, into an evicted 
 ENGINE_SETTINGS = dict(dtype="float32", device="cpu", page_size=4, num_kv_pages=256, max_loras_per_batch=4,
                        max_lora_rank=32, host_cache_bytes=16 << 20)
 CASES = [("llama", 2), ("llama3", 2), ("mistral", 2), ("qwen2", 2), ("qwen2-tied", 2), ("qwen3", 2),
-         ("gemma2", 2), ("gemma3", 2), ("llama3", 4), ("qwen3", 4), ("gemma3", 4)]
+         ("gemma2", 2), ("gemma3", 2), ("phi3", 2), ("llama3", 4), ("qwen3", 4), ("gemma3", 4), ("phi3", 4)]
 
 
 @pytest.fixture(scope="module")
 def tp_models(artifacts) -> dict[str, Path]:
     """The architectures, and Qwen2 with tied embeddings (its LM head is the split embedding, as Gemma's)."""
     models = {arch: build_tiny_model(artifacts / f"tp-{arch}", arch) for arch in ("llama", "llama3", "mistral",
-                                                                                 "qwen2", "qwen3", "gemma2", "gemma3")}
+                                                                                 "qwen2", "qwen3", "gemma2", "gemma3",
+                                                                                 "phi3")}
     models["qwen2-tied"] = build_tiny_model(artifacts / "tp-qwen2-tied", "qwen2", tie_word_embeddings=True)
     return models
 
 
 @pytest.fixture(scope="module")
 def tp_adapters(artifacts, tp_models) -> dict[str, dict[str, Path]]:
-    return {model: {name: build_adapter(path, artifacts / f"tp-{model}-{name}", STANDARD_ADAPTER_SPECS[name])
+    return {model: {name: build_adapter(path, artifacts / f"tp-{model}-{name}",
+                                        spec_for(model, STANDARD_ADAPTER_SPECS[name]))
                     for name in (*ADAPTERS, LATE_ADAPTER)}
             for model, path in tp_models.items()}
 

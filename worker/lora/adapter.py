@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from settings.config import TARGET_MODULES
 from worker.errors import (
     AdapterConfigMismatchError,
     AdapterNotFoundError,
@@ -24,7 +23,6 @@ from worker.errors import (
     UnsupportedAdapterError,
 )
 from worker.lora.peft_config import (
-    PARENT,
     alpha,
     check_config,
     expected_rank,
@@ -33,7 +31,7 @@ from worker.lora.peft_config import (
     selected_modules,
     selection_fields,
 )
-from worker.model.config import ModelConfig
+from worker.model.config import ModelConfig, module_parent
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -53,7 +51,11 @@ class LoraTarget:
     """One adapted linear module of one layer: delta(x) = scaling * (x @ A.T) @ B.T.
 
     With DoRA, the module's output (bias aside) and delta are rescaled per output feature
-    by magnitude / ||W + scaling * B @ A|| (row norms)."""
+    by magnitude / ||W + scaling * B @ A|| (row norms).
+
+    A LoRA on one of Phi-3's fused modules (qkv_proj, gate_up_proj) is one target per engine
+    module (q/k/v, gate/up): the same A, and `rows` of B and of the magnitude. The fused delta's
+    rows are exactly the parts' deltas, and DoRA's norms are per row, so the split is exact."""
 
     layer: int
     module: str
@@ -61,8 +63,10 @@ class LoraTarget:
     alpha: float
     scaling: float
     a_key: str  # safetensors key of A, shape [rank, in_features]
-    b_key: str  # safetensors key of B, shape [out_features, rank]
+    b_key: str  # safetensors key of B, shape [out_features (of the checkpoint module), rank]
+    checkpoint_module: str  # the module as the adapter names it: `module`, or the fused one holding it
     magnitude_key: str | None = None  # DoRA only: safetensors key of the magnitude, shape [out_features]
+    rows: tuple[int, int] | None = None  # [start, stop) of a fused module's B and magnitude; None: all rows
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,13 @@ class AdapterManifest:
 
     @property
     def modules(self) -> frozenset[str]:
+        """The engine modules it adapts (Phi-3's fused ones split), which the slots must hold."""
         return frozenset(t.module for t in self.targets)
+
+    @property
+    def target_modules(self) -> frozenset[str]:
+        """The modules it adapts by the adapter's own names (Phi-3's fused ones), for the API."""
+        return frozenset(t.checkpoint_module for t in self.targets)
 
     @property
     def ranks(self) -> list[int]:
@@ -116,7 +126,7 @@ def _target_numel(target: LoraTarget, in_features: int, out_features: int) -> in
 def read_adapter_manifest(path: str | Path, model: ModelConfig, max_lora_rank: int) -> AdapterManifest:
     directory = Path(path)
     config = _read_config(directory)
-    check_config(config, directory)
+    check_config(config, directory, model)
     weights = _weights_file(directory)
     targets = _read_targets(weights, config, model)
     max_rank = max(t.rank for t in targets)
@@ -168,15 +178,22 @@ def _read_targets(weights: Path, config: dict, model: ModelConfig) -> tuple[Lora
         raise CorruptAdapterError(f"{weights} holds no LoRA tensors")
     _check_tensors_match_config(set(pairs), config, model)
     _check_magnitudes_match_config(pairs, config, weights)
-    targets = [
-        _target(layer, module, keys, shapes, config, model) for (layer, module), keys in sorted(pairs.items())
-    ]
+    targets = [part for (layer, module), keys in sorted(pairs.items())
+               for part in _split(_target(layer, module, keys, shapes, config, model), model)]
     return tuple(targets)
+
+
+def _split(target: LoraTarget, model: ModelConfig) -> list[LoraTarget]:
+    """A fused module's target as its engine modules' targets (the same target otherwise)."""
+    parts = model.module_parts(target.module)
+    if len(parts) == 1:
+        return [target]
+    return [replace(target, module=part, rows=(rows.start, rows.stop)) for part, rows in parts]
 
 
 def _check_tensors_match_config(found: set[tuple[int, str]], config: dict, model: ModelConfig) -> None:
     """The tensors must be exactly the modules the config selects, as PEFT would load them."""
-    selected = selected_modules(config, model.num_layers)
+    selected = selected_modules(config, model)
     fields = " / ".join(selection_fields(config))
     if found - selected:
         path = module_path(*min(found - selected))
@@ -215,10 +232,10 @@ def _parse_key(key: str, model: ModelConfig) -> tuple[int, str, str]:
     if match is None:
         raise UnsupportedAdapterError(
             f"tensor {key!r} is not a LoRA A/B weight of a supported module "
-            f"({', '.join(TARGET_MODULES)}); embeddings, lm_head and bias tensors are not served"
+            f"({', '.join(model.checkpoint_modules())}); embeddings, lm_head and bias tensors are not served"
         )
     layer, parent, module, which = int(match[1]), match[2], match[3], match[4] or match[5]
-    if module not in TARGET_MODULES or PARENT[module] != parent:
+    if module not in model.checkpoint_modules() or module_parent(module) != parent:
         raise UnsupportedAdapterError(f"tensor {key!r} targets {parent}.{module}, which cannot be served")
     if layer >= model.num_layers:
         raise AdapterShapeError(f"tensor {key!r} is for layer {layer}; the model has {model.num_layers} layers")
@@ -228,7 +245,7 @@ def _parse_key(key: str, model: ModelConfig) -> tuple[int, str, str]:
 def _target(layer, module, keys, shapes, config, model: ModelConfig) -> LoraTarget:
     if not {"A", "B"} <= set(keys):
         raise CorruptAdapterError(f"layer {layer} {module} has lora_{sorted(keys)[0]} without its pair")
-    in_features, out_features = model.module_shapes()[module]
+    in_features, out_features = model.checkpoint_module_shape(module)
     a_shape, b_shape = shapes[keys["A"]], shapes[keys["B"]]
     rank = a_shape[0] if len(a_shape) == 2 else -1
     if a_shape != [rank, in_features] or b_shape != [out_features, rank] or rank <= 0:
@@ -248,4 +265,4 @@ def _target(layer, module, keys, shapes, config, model: ModelConfig) -> LoraTarg
                                 f"the base model (expected [{out_features}])")
     module_alpha = alpha(config, layer, module)
     return LoraTarget(layer, module, rank, module_alpha, scaling(config, module_alpha, rank), keys["A"], keys["B"],
-                      magnitude_key)
+                      module, magnitude_key)

@@ -379,8 +379,8 @@ class HostCache:
 def _copy_target(tensors, target: LoraTarget, writes: list[RankWrites]) -> None:
     key = (target.layer, target.module)
     a = tensors.get_tensor(target.a_key)
-    b = tensors.get_tensor(target.b_key).to(torch.float32) * target.scaling
-    magnitude = None if target.magnitude_key is None else tensors.get_tensor(target.magnitude_key)
+    b = _module_rows(tensors.get_tensor(target.b_key), target).to(torch.float32) * target.scaling
+    magnitude = None if target.magnitude_key is None else _module_rows(tensors.get_tensor(target.magnitude_key), target)
     for rank_tensors, rank_magnitudes, slices in writes:
         a_dst, b_t_dst = rank_tensors[key]
         a_index, b_index = slices(target.module)
@@ -388,6 +388,11 @@ def _copy_target(tensors, target: LoraTarget, writes: list[RankWrites]) -> None:
         b_t_dst.copy_(b[b_index].t())
         if magnitude is not None:  # whole: DoRA is not served with tensor parallelism
             rank_magnitudes[key].copy_(magnitude)
+
+
+def _module_rows(tensor: torch.Tensor, target: LoraTarget) -> torch.Tensor:
+    """The target module's rows of a tensor saved for the checkpoint module (Phi-3's fused B holds several)."""
+    return tensor if target.rows is None else tensor[slice(*target.rows)]
 
 
 def _check_unchanged(manifest: AdapterManifest) -> None:

@@ -15,13 +15,14 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from settings.config import TARGET_MODULES
 from worker.errors import CorruptAdapterError, UnsupportedAdapterError
+from worker.model.config import FUSED_MODULES, ModelConfig, module_parent
 
 log = logging.getLogger("loraserve.worker")
 
-PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# The linear modules of either layout: the Llama family's, and Phi-3's fused ones.
+LINEAR_MODULES = frozenset(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                            *FUSED_MODULES))
 
 # Training, initialisation, provenance and bookkeeping: the saved A and B already hold their effect.
 # use_qalora only changes GPTQ-quantised layers, which this server does not load.
@@ -65,7 +66,7 @@ REFUSED_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
 
 _ALL_LINEAR = "all-linear"
 # PEFT's default target_modules for llama, mistral, qwen2, qwen3, gemma2 and gemma3_text when the config
-# names none.
+# names none (PEFT has none for phi3: it refuses such a config).
 _DEFAULT_TARGETS = ["q_proj", "v_proj"]
 # Modules PEFT can adapt in the served architectures that the server has no LoRA path for.
 _UNSERVABLE_PATHS = ("model.embed_tokens", "lm_head")
@@ -103,7 +104,7 @@ _APPLIED_FIELD_TYPES: dict[str, tuple[str, Callable[[object], bool]]] = {
 APPLIED_FIELDS = frozenset(_APPLIED_FIELD_TYPES)
 
 
-def check_config(config: dict, directory: Path) -> None:
+def check_config(config: dict, directory: Path, model: ModelConfig) -> None:
     """Refuse what cannot be served, naming the field; warn once about fields unknown here."""
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
@@ -112,7 +113,7 @@ def check_config(config: dict, directory: Path) -> None:
         if unsupported(config.get(field)):
             raise UnsupportedAdapterError(f"{field}={config[field]!r} is not supported: {why} ({directory})")
     _check_types(config)
-    _check_servable_targets(config)
+    _check_servable_targets(config, model)
     unknown = sorted(set(config) - INERT_FIELDS - APPLIED_FIELDS - set(REFUSED_FIELDS))
     if unknown:
         log.warning("adapter %s: ignoring adapter_config.json fields unknown to this server: %s",
@@ -126,28 +127,38 @@ def _check_types(config: dict) -> None:
             raise CorruptAdapterError(f"adapter_config.json field {field} must be {expected}, not {value!r}")
 
 
-def _check_servable_targets(config: dict) -> None:
+def _check_servable_targets(config: dict, model: ModelConfig) -> None:
     targets = config.get("target_modules")
+    supported = ", ".join(model.checkpoint_modules())
+    if targets is None and model.fused_projections:
+        raise UnsupportedAdapterError(f"target_modules is unset, and PEFT has no default for {model.architecture}: "
+                                      f"name the modules ({supported})")
     if isinstance(targets, list):
         unservable = [t for t in targets if t.split(".")[-1] in ("embed_tokens", "lm_head")]
+        # Modules of the other layout (q_proj on Phi-3, qkv_proj on Llama): an adapter for another model.
+        absent = [t for t in targets if t.split(".")[-1] in LINEAR_MODULES - set(model.checkpoint_modules())]
+        if absent:
+            raise UnsupportedAdapterError(
+                f"target_modules {absent} name modules {model.architecture} does not have; its linear modules "
+                f"are {supported}"
+            )
     elif isinstance(targets, str) and targets.lower() != _ALL_LINEAR:
         unservable = [path for path in _UNSERVABLE_PATHS if _fullmatch("target_modules", targets, path)]
     else:
         unservable = []
     if unservable:
-        raise UnsupportedAdapterError(
-            f"target_modules {unservable} cannot be served; supported: {', '.join(TARGET_MODULES)}"
-        )
+        raise UnsupportedAdapterError(f"target_modules {unservable} cannot be served; supported: {supported}")
 
 
 def module_path(layer: int, module: str) -> str:
     """The module's name in the base model, which PEFT matches its config patterns against."""
-    return f"model.layers.{layer}.{PARENT[module]}.{module}"
+    return f"model.layers.{layer}.{module_parent(module)}.{module}"
 
 
-def selected_modules(config: dict, num_layers: int) -> set[tuple[int, str]]:
-    """The (layer, module) pairs PEFT puts a LoRA on for this config."""
-    return {(layer, module) for layer in range(num_layers) for module in TARGET_MODULES
+def selected_modules(config: dict, model: ModelConfig) -> set[tuple[int, str]]:
+    """The (layer, module) pairs PEFT puts a LoRA on for this config, by the model's module names
+    (Phi-3's fused ones)."""
+    return {(layer, module) for layer in range(model.num_layers) for module in model.checkpoint_modules()
             if _peft_selects(config, module_path(layer, module))}
 
 

@@ -1,6 +1,7 @@
 """What the worker needs to know about a checkpoint, read from config.json: the Llama family,
-and Gemma 2/3 as knobs on it (norm offset, GeGLU, softcaps, embedding and attention scales,
-sandwich norms, a rope per layer type)."""
+Gemma 2/3 as knobs on it (norm offset, GeGLU, softcaps, embedding and attention scales,
+sandwich norms, a rope per layer type), and Phi-3 (fused q/k/v and gate/up projections,
+LongRoPE)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,17 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
 )
 GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 # Rope types whose frequencies do not depend on the sequence length.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# LongRoPE's frequencies depend on the sequence length only past original_max_position_embeddings
+# (see `ModelConfig.check_served_context`).
+LONGROPE = "longrope"
+# Phi-3's fused projections (in its checkpoint and adapters) -> the engine's modules they hold, in row order.
+FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,6 +67,9 @@ class ModelConfig:
     embed_scale: float | None = None  # Gemma multiplies embeddings by sqrt(hidden_size)
     attn_logit_softcap: float = 0.0  # scores -> cap * tanh(scores / cap); 0: none
     final_logit_softcap: float = 0.0  # likewise for the logits
+    # Phi-3: the checkpoint and adapters hold qkv_proj and gate_up_proj, split at load into the
+    # engine's q/k/v and gate/up (see `module_parts`).
+    fused_projections: bool = False
 
     @property
     def q_size(self) -> int:
@@ -88,6 +99,49 @@ class ModelConfig:
             "down_proj": (i, h),
         }
 
+    def checkpoint_modules(self) -> tuple[str, ...]:
+        """The linear modules by the HF model's names, which checkpoints and adapters use."""
+        if self.fused_projections:
+            return ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+        return tuple(self.module_shapes())
+
+    def module_parts(self, module: str) -> tuple[tuple[str, slice], ...]:
+        """A checkpoint module's engine modules, each with its rows of the module's output."""
+        shapes = self.module_shapes()
+        parts = FUSED_MODULES[module] if self.fused_projections and module in FUSED_MODULES else (module,)
+        rows, start = [], 0
+        for part in parts:
+            rows.append((part, slice(start, start + shapes[part][1])))
+            start += shapes[part][1]
+        return tuple(rows)
+
+    def checkpoint_module_shape(self, module: str) -> tuple[int, int]:
+        """(in_features, out_features) of a checkpoint module (a fused one's rows are its parts')."""
+        parts = self.module_parts(module)
+        return self.module_shapes()[parts[0][0]][0], parts[-1][1].stop
+
+    def check_served_context(self, context: int) -> None:
+        """Refuses a LongRoPE model served past original_max_position_embeddings: transformers then
+        switches every position of the sequence to the long factors, rotating the keys already in
+        the cache anew, which a paged KV cache (keys rotated once, when written) cannot follow."""
+        for layer_rope in sorted(set(self.layer_ropes), key=str):
+            parameters = self.rope_parameters(layer_rope)
+            if parameters.get("rope_type") != LONGROPE:
+                continue
+            original = parameters["original_max_position_embeddings"]
+            if context > original:
+                raise ModelLoadError(
+                    f"the served context ({context} tokens: --context-length, else max_position_embeddings) exceeds "
+                    f"the LongRoPE original_max_position_embeddings ({original}); past it transformers re-rotates the "
+                    f"whole sequence with the long factors, which a paged KV cache cannot do: give "
+                    f"--context-length {original} or less"
+                )
+
+
+def module_parent(module: str) -> str:
+    """The submodule of a decoder layer that holds a linear module."""
+    return "self_attn" if module in ATTENTION_MODULES else "mlp"
+
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir)
@@ -110,9 +164,7 @@ def model_config_from_hf(hf: PretrainedConfig) -> ModelConfig:
         raise ModelLoadError(f"activation {activation!r} is not supported ({', '.join(ACTIVATIONS)})")
     layer_ropes = _layer_ropes(hf)
     for layer_rope in sorted(set(layer_ropes), key=str):
-        rope_type = _rope_parameters(hf, layer_rope).get("rope_type", "default")
-        if rope_type not in STATIC_ROPE_TYPES:
-            raise ModelLoadError(f"rope type {rope_type!r} is not supported ({', '.join(STATIC_ROPE_TYPES)})")
+        _check_rope(_rope_parameters(hf, layer_rope))
     is_qwen2 = architecture == "Qwen2ForCausalLM"
     attention_bias = bool(getattr(hf, "attention_bias", False))
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
@@ -138,8 +190,19 @@ def model_config_from_hf(hf: PretrainedConfig) -> ModelConfig:
         eos_token_ids=_eos_token_ids(hf),
         hf_config=hf,
         activation=activation,
+        fused_projections=architecture == "Phi3ForCausalLM",
         **(_gemma_knobs(hf) if is_gemma else {}),
     )
+
+
+def _check_rope(parameters: dict) -> None:
+    rope_type = parameters.get("rope_type", "default")
+    if rope_type not in (*STATIC_ROPE_TYPES, LONGROPE):
+        raise ModelLoadError(f"rope type {rope_type!r} is not supported ({', '.join(STATIC_ROPE_TYPES + (LONGROPE,))})")
+    # The rope kernel rotates all of head_dim; a partial rope leaves the rest of each head unrotated.
+    partial = parameters.get("partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        raise ModelLoadError(f"partial_rotary_factor {partial} is not supported: the rope rotates whole heads (1.0)")
 
 
 def _gemma_knobs(hf: PretrainedConfig) -> dict[str, object]:

@@ -1,11 +1,12 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) and Gemma 2/3 over a ragged batch.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3), Gemma 2/3 and Phi-3 over a ragged batch.
 
 One forward takes every token of every sequence flattened into [T]; q/k/v and gate/up
 are fused into one matrix each; LoRA deltas are added per module through a `LoraHook`.
 Gemma differs by the knobs of its `ModelConfig`: its RMSNorms scale by 1 + w (kept as a
 float32 weight, see `worker.kernels.elementwise`), the attention and MLP outputs are
 normed before their residual adds ("sandwich" norms), embeddings are scaled, GeGLU, a rope
-per layer type, and soft-capped attention scores and logits.
+per layer type, and soft-capped attention scores and logits. Phi-3 is this layer once the
+loader has split its fused qkv_proj and gate_up_proj (`worker.model.weights`).
 """
 
 from __future__ import annotations

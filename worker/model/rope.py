@@ -1,4 +1,8 @@
-"""Rotary position embeddings, with the frequency initialisers of transformers."""
+"""Rotary position embeddings, with the frequency initialisers of transformers.
+
+LongRoPE's initialiser, called without a sequence length, gives the short factors and its
+attention factor: what transformers uses up to original_max_position_embeddings, past which the
+engine refuses to serve (`ModelConfig.check_served_context`)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from worker.errors import ModelLoadError
-from worker.model.config import ModelConfig
+from worker.model.config import FUSED_MODULES, ModelConfig, module_parent
 from worker.tensor_parallel import TensorParallel
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -39,8 +39,7 @@ def _layer_shapes(config: ModelConfig, prefix: str, h: int, i: int) -> dict[str,
         norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     shapes = {f"{prefix}{norm}.weight": (h,) for norm in norms}
     for module, (in_features, out_features) in config.module_shapes().items():
-        parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        name = f"{prefix}{parent}.{module}"
+        name = f"{prefix}{module_parent(module)}.{module}"
         shapes[name + ".weight"] = (out_features, in_features)
         if _has_bias(config, module):
             shapes[name + ".bias"] = (out_features,)
@@ -48,6 +47,47 @@ def _layer_shapes(config: ModelConfig, prefix: str, h: int, i: int) -> dict[str,
         shapes[prefix + "self_attn.q_norm.weight"] = (config.head_dim,)
         shapes[prefix + "self_attn.k_norm.weight"] = (config.head_dim,)
     return shapes
+
+
+def fused_tensors(config: ModelConfig) -> dict[str, tuple[tuple[str, slice], ...]]:
+    """Phi-3's fused checkpoint tensors -> the tensors of `expected_shapes` they hold, each with its rows."""
+    if not config.fused_projections:
+        return {}
+    fused = {}
+    for layer in range(config.num_layers):
+        for module in FUSED_MODULES:
+            prefix = f"model.layers.{layer}.{module_parent(module)}."
+            fused[f"{prefix}{module}.weight"] = tuple(
+                (f"{prefix}{part}.weight", rows) for part, rows in config.module_parts(module))
+    return fused
+
+
+def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the checkpoint holds, by its name there: `expected_shapes`, with Phi-3's fused
+    tensors in place of their parts."""
+    shapes = expected_shapes(config)
+    for name, parts in fused_tensors(config).items():
+        in_features = shapes[parts[0][0]][1]
+        for part, _ in parts:
+            del shapes[part]
+        shapes[name] = (parts[-1][1].stop, in_features)
+    return shapes
+
+
+class Rows:
+    """Rows [start, stop) of a tensor, indexed like a tensor of those rows alone, through the
+    tensor's own indexing: a safetensors slice then reads only the bytes asked for."""
+
+    def __init__(self, sliceable, rows: slice) -> None:
+        self.sliceable = sliceable
+        self.rows = rows
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows, *rest = index if isinstance(index, tuple) else (index,)
+        start, stop, step = rows.indices(self.rows.stop - self.rows.start)
+        if step != 1:
+            raise ValueError("Rows takes contiguous row ranges only")
+        return self.sliceable[(slice(self.rows.start + start, self.rows.start + stop), *rest)]
 
 
 def _has_bias(config: ModelConfig, module: str) -> bool:
@@ -62,13 +102,24 @@ def load_safetensors(
     model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
     tp: TensorParallel = TensorParallel(),
 ) -> dict[str, torch.Tensor]:
-    """Reads every tensor (this rank's part of it), refusing unknown, missing and mis-shaped ones."""
+    """Reads every tensor (this rank's part of it), refusing unknown, missing and mis-shaped ones.
+    Phi-3's fused tensors are read as their parts (each part's rows of this rank), so the model
+    sees q/k/v and gate/up as it does for Llama."""
     expected = expected_shapes(config)
+    in_checkpoint = checkpoint_shapes(config)
+    fused = fused_tensors(config)
+
+    def rank_parts(name: str, sliceable, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        if name not in fused:
+            return {name: tp.checkpoint_slice(config, name, sliceable, shape).to(dtype)}
+        return {part: tp.checkpoint_slice(config, part, Rows(sliceable, rows), expected[part]).to(dtype)
+                for part, rows in fused[name]}
+
     tensors: dict[str, torch.Tensor] = {}
     for file, names in _files_and_names(model_dir).items():
-        tensors.update(_read_file(file, names, expected, dtype, device, lambda name, part, shape: tp.checkpoint_slice(
-            config, name, part, shape)))
-    missing = sorted(set(expected) - set(tensors))
+        tensors.update(_read_file(file, names, in_checkpoint, device, rank_parts))
+    owner = {part: name for name, parts in fused.items() for part, _ in parts}  # named as in the checkpoint
+    missing = sorted({owner.get(name, name) for name in set(expected) - set(tensors)})
     if missing:
         raise ModelLoadError(f"checkpoint {model_dir} is missing {len(missing)} tensors, e.g. {missing[:3]}")
     return tensors
@@ -93,7 +144,7 @@ def _files_and_names(model_dir: Path) -> dict[Path, list[str] | None]:
     raise ModelLoadError(f"{model_dir} has neither {SINGLE_FILE} nor {SAFETENSORS_INDEX}")
 
 
-def _read_file(file, names, expected, dtype, device, rank_part) -> dict[str, torch.Tensor]:
+def _read_file(file, names, expected, device, rank_parts) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise ModelLoadError(f"checkpoint shard {file} is missing")
     tensors = {}
@@ -108,7 +159,7 @@ def _read_file(file, names, expected, dtype, device, rank_part) -> dict[str, tor
                 shape = tuple(part.get_shape())
                 if shape != expected[name]:
                     raise ModelLoadError(f"tensor {name!r} has shape {shape}, config expects {expected[name]}")
-                tensors[name] = rank_part(name, part, shape).to(dtype)
+                tensors.update(rank_parts(name, part, shape))
     except SafetensorError as error:
         raise ModelLoadError(f"cannot read {file}: {error}") from error
     return tensors

@@ -17,6 +17,7 @@ from transformers import AutoConfig
 import worker.lora.slots
 from settings.config import EngineConfig
 from tests import model_factory as factory
+from tests.conftest import VOCAB_ADAPTERS, VOCAB_MODELS
 from tests.driver import Driver, Request, forward_paths, make_engine, make_resident
 from tests.model_factory import AdapterSpec, build_adapter, build_tiny_model
 from tests.oracle import PeftOracle
@@ -29,33 +30,9 @@ from worker.model.config import load_model_config
 from worker.tensor_parallel import TensorParallel
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Different ranks, scalings and module mixes, one per slot; "plain" has no vocabulary module.
-VOCAB_ADAPTERS = {
-    "embed": AdapterSpec(rank=8, alpha=16, target_modules=["q_proj", "embed_tokens"], seed=41),
-    "head": AdapterSpec(rank=4, alpha=8, target_modules=["v_proj", "lm_head"], use_rslora=True, seed=42),
-    "both": AdapterSpec(rank=16, alpha=8, target_modules=["embed_tokens", "lm_head", *ALL7],
-                        rank_pattern={"lm_head": 6}, alpha_pattern={"embed_tokens": 24}, seed=43),
-    "plain": AdapterSpec(rank=8, alpha=16, target_modules=ALL7, seed=44),
-}
 SLOTS = {name: slot for slot, name in enumerate(VOCAB_ADAPTERS)}
 LANDING = "both"  # loaded without blocking, slowly, while the batch runs
-# llama unties its embeddings; qwen2 built tied (its LM head is the embedding); gemma2 ties them
-# and scales embeddings, which PEFT applies to the embedding's LoRA delta too.
-MODELS = {"llama": ("llama", None), "qwen2-tied": ("qwen2", True), "gemma2": ("gemma2", None)}
 HALF_ATOL = 0.05  # bfloat16 against the float32 reference, as tests/worker/test_equivalence.py
-
-
-@pytest.fixture(scope="module")
-def vocab_models(artifacts) -> dict[str, Path]:
-    return {name: build_tiny_model(artifacts / f"vocab-{name}", arch, tie_word_embeddings=tied)
-            for name, (arch, tied) in MODELS.items()}
-
-
-@pytest.fixture(scope="module")
-def vocab_adapters(artifacts, vocab_models) -> dict[str, dict[str, Path]]:
-    return {model: {name: build_adapter(path, artifacts / f"vocab-{model}-{name}", spec)
-                    for name, spec in VOCAB_ADAPTERS.items()}
-            for model, path in vocab_models.items()}
 
 
 def slow_layers(name: str, slot: int, layer: int) -> None:
@@ -100,7 +77,7 @@ def check_against_peft(model_dir, adapters, requests: list[Request], *, atol: fl
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
-@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("model", sorted(VOCAB_MODELS))
 def test_vocab_lora_batch_matches_peft(model, static, vocab_models, vocab_adapters):
     engine, requests = run_mixed_batch(vocab_models[model], vocab_adapters[model], static=static)
     check_against_peft(vocab_models[model], vocab_adapters[model], requests)

@@ -75,6 +75,10 @@ class LoraSlots:
         self.ranks: list[dict[tuple[int, str], int]] = [{} for _ in range(num_slots)]
         self.occupants: list[str | None] = [None] * num_slots
         self.dora: list[bool] = [False] * num_slots  # the occupant is a DoRA adapter
+        # Per occupant, kept here because every step asks: the vocabulary modules it adapts, and
+        # its largest rank over the linear modules.
+        self._vocab_modules: list[frozenset[str]] = [frozenset()] * num_slots
+        self._linear_rank: list[int] = [0] * num_slots
         # A DoRA adapter was ever loaded into the slot: its scales may differ from the identity,
         # so every later load writes all of them.
         self._scales_written: list[bool] = [False] * num_slots
@@ -100,31 +104,31 @@ class LoraSlots:
         """Records the slot's new occupant; its weights arrive through `layer_writes`."""
         self.ranks[slot] = {key: a.shape[0] for key, (a, _) in adapter.tensors.items()}
         self.occupants[slot] = adapter.name
+        self._vocab_modules[slot] = frozenset(module for _, module in self.ranks[slot] if module in VOCAB_MODULES)
+        self._linear_rank[slot] = max((rank for (_, module), rank in self.ranks[slot].items()
+                                       if module not in VOCAB_MODULES), default=0)
         self.dora[slot] = bool(adapter.magnitudes)
         self._scales_written[slot] = self._scales_written[slot] or self.dora[slot]
-        self._vocab_written[slot] = self._vocab_written[slot] or bool(self.vocab_modules(slot))
+        self._vocab_written[slot] = self._vocab_written[slot] or bool(self._vocab_modules[slot])
 
     def any_dora(self, slots: Iterable[int]) -> bool:
         return any(self.dora[slot] for slot in slots)
 
-    def vocab_modules(self, slot: int) -> frozenset[str]:
-        """The vocabulary modules the slot's adapter adapts."""
-        return frozenset(module for _, module in self.ranks[slot] if module in VOCAB_MODULES)
-
     def any_adapts(self, slots: Iterable[int], module: str) -> bool:
         """Whether an adapter in `slots` adapts vocabulary module `module`."""
-        return any(module in self.vocab_modules(slot) for slot in slots)
+        return any(module in self._vocab_modules[slot] for slot in slots)
 
     def adapter_rank(self, slot: int) -> int:
         """The largest rank of the slot's adapter over its linear modules and layers (0 when
         none): what the batched products of those modules read."""
-        return max((rank for (_, module), rank in self.ranks[slot].items() if module not in VOCAB_MODULES),
-                   default=0)
+        return self._linear_rank[slot]
 
     def clear(self, slot: int) -> None:
         self.ranks[slot] = {}
         self.occupants[slot] = None
         self.dora[slot] = False
+        self._vocab_modules[slot] = frozenset()
+        self._linear_rank[slot] = 0
 
     def layer_writes(self, slot: int, layer: int, adapter: HostAdapter) -> LayerWrites:
         """What loading one layer of `adapter` into `slot` writes.
@@ -202,7 +206,8 @@ class LoraSlots:
         """x[t] @ b_t[slot(t)] for every row t, as one product: x is spread to its slot's block of a
         [n, (slots + 1) * r] matrix (zeros elsewhere) against the stacked B.T [(slots + 1) * r, out]."""
         slots = b_t.shape[0]
-        one_hot = F.one_hot(row_slots.remainder(slots), slots).to(x.dtype)  # NO_ADAPTER -> the last row
+        # NO_ADAPTER (-1) -> the last row. A comparison, not F.one_hot, which may check its input on the host.
+        one_hot = (row_slots.remainder(slots).unsqueeze(-1) == torch.arange(slots, device=x.device)).to(x.dtype)
         spread = one_hot.unsqueeze(-1) * x.unsqueeze(1)  # [n, slots + 1, r]
         return spread.flatten(1) @ b_t.flatten(0, 1)
 

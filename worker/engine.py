@@ -116,8 +116,8 @@ class Engine:
         on_gpu = self.device.type == "cuda"
         # Every LoRA module's shapes on this rank, the vocabulary modules' included: what it stages.
         self.lora_shapes = lora_shapes(c, vocab_rows)
-        self.host_cache = HostCache(self.lora_shapes, config.host_cache_bytes, config.max_loaded_loras, self.dtype, pin=on_gpu,
-                                    lora_slices=lambda module: tp.lora_slices(self.model_config, module))
+        self.host_cache = HostCache(self.lora_shapes, config.host_cache_bytes, config.max_loaded_loras, self.dtype,
+                                    pin=on_gpu, lora_slices=lambda module: tp.lora_slices(self.model_config, module))
         self.host_cache.read_hook = read_hook
         self.copier = (CudaCopier(self.slots, c.num_layers, self.device, load_hook) if on_gpu
                        else ThreadCopier(self.slots, c.num_layers, load_hook))

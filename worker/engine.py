@@ -351,23 +351,24 @@ class Engine:
         if not chosen:
             return chosen, None
         last_tokens = (step.seq_starts[chosen] + step.token_counts[chosen] - 1).tolist()
-        row_slots = [step.sequences[i].adapter_slot for i in chosen]
-        logits = self.model.logits(hidden[index_tensor(last_tokens, self.device)], self._lm_head_lora(row_slots))
+        logits = self.model.logits(hidden[index_tensor(last_tokens, self.device)], self._lm_head_lora(step, chosen))
         seqs = [step.sequences[i] for i in chosen]
         return chosen, sample_on_device(logits, [s.sampling for s in seqs], [s.total_len for s in seqs])
 
     def _all_logits(self, step: StepInputs, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.model.logits(hidden, self._lm_head_lora(step.token_slots.tolist())).cpu()
+        logits = self.model.logits(hidden, self._lm_head_lora(step, None)).cpu()
         return {
             seq.request_id: logits[start:start + count]
             for seq, start, count in zip(step.sequences, step.seq_starts.tolist(), step.token_counts.tolist())
         }
 
-    def _lm_head_lora(self, row_slots: list[int]) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The LM head's LoRA deltas of logits rows of these slots; None (nothing to run) when none
-        of their adapters adapts the LM head."""
-        if not self.slots.any_adapts(set(row_slots) - {NO_ADAPTER}, "lm_head"):
+    def _lm_head_lora(self, step: StepInputs, sampled: list[int] | None
+                      ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The LM head's LoRA deltas of the logits of the `sampled` sequences' last tokens (None:
+        of every token); None, and no per-row work, when no adapter of the step adapts the LM head."""
+        if not self.slots.any_adapts(step.active_slots, "lm_head"):
             return None
+        row_slots = step.token_slots if sampled is None else [step.sequences[i].adapter_slot for i in sampled]
         slots = index_tensor(row_slots, self.device)
         return lambda hidden: self.slots.lm_head_delta(hidden, slots)
 

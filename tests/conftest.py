@@ -30,6 +30,18 @@ DORA_MIX_ADAPTERS = {
 # qwen2's q/k/v biases are outside DoRA's rescaling; Phi-3's DoRA is on its fused modules (PEFT's
 # norm per row of the fused weight, which the server takes per row of each part).
 DORA_ARCHS = ("llama", "qwen2", "phi3")
+# LoRA on the vocabulary modules: different ranks, scalings and module mixes; "plain" has none.
+VOCAB_ADAPTERS = {
+    "embed": AdapterSpec(rank=8, alpha=16, target_modules=["q_proj", "embed_tokens"], seed=41),
+    "head": AdapterSpec(rank=4, alpha=8, target_modules=["v_proj", "lm_head"], use_rslora=True, seed=42),
+    "both": AdapterSpec(rank=16, alpha=8, target_modules=["embed_tokens", "lm_head", *_ALL_MODULES],
+                        rank_pattern={"lm_head": 6}, alpha_pattern={"embed_tokens": 24}, seed=43),
+    "plain": AdapterSpec(rank=8, alpha=16, target_modules=_ALL_MODULES, seed=44),
+}
+# name -> (architecture, tie_word_embeddings). llama unties its embeddings; qwen2 built tied (its LM
+# head is the embedding); gemma2 ties them and scales embeddings, which PEFT applies to the
+# embedding's LoRA delta too.
+VOCAB_MODELS = {"llama": ("llama", None), "qwen2-tied": ("qwen2", True), "gemma2": ("gemma2", None)}
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +72,17 @@ def mixed_adapter_dirs(artifacts, model_dirs) -> dict[str, dict[str, Path]]:
                for name, spec in MIXED_ADAPTERS.items()}
         for arch, model_dir in model_dirs.items()
     }
+
+
+@pytest.fixture(scope="session")
+def vocab_models(artifacts) -> dict[str, Path]:
+    return {name: build_tiny_model(artifacts / f"vocab-{name}", arch, tie_word_embeddings=tied)
+            for name, (arch, tied) in VOCAB_MODELS.items()}
+
+
+@pytest.fixture(scope="session")
+def vocab_adapters(artifacts, vocab_models) -> dict[str, dict[str, Path]]:
+    """model -> adapter name -> directory, for the vocabulary LoRA tests."""
+    return {model: {name: build_adapter(path, artifacts / f"vocab-{model}-{name}", spec)
+                    for name, spec in VOCAB_ADAPTERS.items()}
+            for model, path in vocab_models.items()}

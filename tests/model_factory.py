@@ -297,10 +297,15 @@ def _randomise_lora(model: PeftModel) -> None:
 
     DoRA's magnitude, which PEFT initialises to the row norms of W + scaling * B @ A before A
     and B are redrawn here, becomes those norms for the new A and B times 1 +- _DORA_MAGNITUDE_STD.
+    An embedding's LoRA (PEFT draws both from randn) gets a delta of the same std per element.
     """
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
+        for name, embedding_a in module.lora_embedding_A.items():  # A [r, vocab] is looked up, B [hidden, r]
+            embedding_a.normal_(0.0, 1.0)
+            rank = embedding_a.shape[0]
+            module.lora_embedding_B[name].normal_(0.0, _LORA_DELTA_STD / (module.scaling[name] * rank**0.5))
         for name, lora_a in module.lora_A.items():  # empty for LoRA on embeddings
             rank, fan_in = lora_a.weight.shape
             lora_a.weight.normal_(0.0, fan_in**-0.5)
@@ -367,6 +372,17 @@ def build_embedding_adapter(model_dir: Path, out_dir: Path, *, target: str = "em
     full base embedding as `...embed_tokens.base_layer.weight`.
     """
     return build_adapter(model_dir, out_dir, AdapterSpec(target_modules=["q_proj", target]))
+
+
+def build_resized_vocab_adapter(model_dir: Path, out_dir: Path, *, extra_tokens: int = 16) -> Path:
+    """LoRA on embed_tokens and lm_head of the same model with `extra_tokens` more tokens, as a
+    trainer that added tokens (resize_token_embeddings) saves it."""
+    config = AutoConfig.from_pretrained(model_dir)
+    config.vocab_size += extra_tokens
+    with tempfile.TemporaryDirectory() as other_base:
+        _write_model(Path(other_base), config, dtype="float32", shard=False, seed=0)
+        return build_adapter(Path(other_base), out_dir, AdapterSpec(target_modules=["q_proj", "embed_tokens",
+                                                                                    "lm_head"]))
 
 
 def build_modules_to_save_adapter(model_dir: Path, out_dir: Path) -> Path:

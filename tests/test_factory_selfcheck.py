@@ -28,6 +28,7 @@ from tests.model_factory import (
     build_high_rank_adapter,
     build_modules_to_save_adapter,
     build_pickle_only_adapter,
+    build_resized_vocab_adapter,
     build_tiny_model,
     build_truncated_adapter,
 )
@@ -259,6 +260,12 @@ def _check_lm_head(d: Path) -> None:
     assert "base_model.model.lm_head.lora_A.weight" in _tensor_shapes(d)
 
 
+def _check_resized_vocab(d: Path) -> None:
+    shapes = _tensor_shapes(d)
+    assert shapes["base_model.model.model.embed_tokens.lora_embedding_A"] == (8, 272)
+    assert shapes["base_model.model.lm_head.lora_B.weight"] == (272, 8)
+
+
 def _check_modules_to_save(d: Path) -> None:
     assert _tensor_shapes(d)["base_model.model.lm_head.weight"] == (256, 64)
 
@@ -279,6 +286,7 @@ BAD_ADAPTERS: dict[str, tuple[Callable[[Path, Path], Path], Callable[[Path], Non
     "embedding": (build_embedding_adapter, _check_embedding),
     "lm_head": (lambda m, o: build_embedding_adapter(m, o, target="lm_head"), _check_lm_head),
     "modules_to_save": (build_modules_to_save_adapter, _check_modules_to_save),
+    "resized_vocab": (build_resized_vocab_adapter, _check_resized_vocab),
     "other_base": (build_adapter_for_other_base, _check_other_base),
     "high_rank": (lambda m, o: build_high_rank_adapter(m, o, 128), _check_high_rank),
 }

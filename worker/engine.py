@@ -33,7 +33,9 @@ from worker.lora.copier import CudaCopier, LayerCopiedHook, LoadJob, ThreadCopie
 from worker.lora.dora import base_module_weights
 from worker.lora.host_cache import HostCache, LayerReadHook, SharedStaging
 from worker.lora.shared_host_memory import SharedHostMemory, SharedLayout
+from worker.lora.peft_config import VOCAB_MODULES
 from worker.lora.slots import LoraSlots
+from worker.lora.vocab import lora_shapes
 from worker.model.config import DTYPES, ModelConfig, load_model_config
 from worker.model.llama import LlamaModel, ModelWeights, fuse_weights
 from worker.model.weights import dummy_weights, load_safetensors
@@ -108,14 +110,17 @@ class Engine:
             num_layers=c.num_layers, num_pages=config.num_kv_pages, page_size=config.page_size,
             num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=self.dtype, device=self.device,
         )
+        vocab_rows = tp.vocab_rows(self.model_config)[1]
         self.slots = LoraSlots(
             c, num_slots=config.max_loras_per_batch, max_rank=config.max_lora_rank,
             modules=config.lora_target_modules, dtype=self.dtype, device=self.device,
-            base_weights=base_module_weights(self.model.weights, c),
+            base_weights=base_module_weights(self.model.weights, c), vocab_rows=vocab_rows,
         )
         on_gpu = self.device.type == "cuda"
-        self.host_cache = HostCache(c, config.host_cache_bytes, config.max_loaded_loras, self.dtype, pin=on_gpu,
-                                    shared=self._shared_staging(pin=on_gpu), agree=tp.agree)
+        # Every LoRA module's shapes on this rank, the vocabulary modules' included: what it stages.
+        self.lora_shapes = lora_shapes(c, vocab_rows)
+        self.host_cache = HostCache(self.lora_shapes, config.host_cache_bytes, config.max_loaded_loras, self.dtype,
+                                    pin=on_gpu, shared=self._shared_staging(pin=on_gpu), agree=tp.agree)
         self.host_cache.read_hook = read_hook
         self.copier = (CudaCopier(self.slots, c.num_layers, self.device, load_hook) if on_gpu
                        else ThreadCopier(self.slots, c.num_layers, load_hook))
@@ -158,12 +163,18 @@ class Engine:
             # A row-parallel module's weight norms would need the other ranks' input columns.
             raise UnsupportedAdapterError(f"adapter {name!r} is a DoRA adapter (use_dora), which is not served "
                                           f"with tensor parallelism (--tensor-parallel-size {self.tp.size})")
+        vocab = sorted(manifest.modules & set(VOCAB_MODULES))
+        if vocab and self.model_config.vocab_size % self.tp.size:
+            # A rank's part of the vocabulary would be padded, and the file's slice shorter than it.
+            raise UnsupportedAdapterError(
+                f"adapter {name!r} adapts {vocab}, which is not served with --tensor-parallel-size {self.tp.size}: "
+                f"it does not divide the vocabulary ({self.model_config.vocab_size} tokens)")
         self.adapters[name] = manifest
         return self.adapter_info(name)
 
     def adapter_info(self, name: str) -> AdapterInfo:
         manifest = self._manifest(name)
-        nbytes = manifest.nbytes(self.shard_config, self.dtype.itemsize)  # what one rank holds
+        nbytes = manifest.nbytes(self.lora_shapes, self.dtype.itemsize)  # what one rank holds
         return AdapterInfo(name, manifest.path, manifest.max_rank, nbytes, manifest.target_modules, manifest.ranks,
                            manifest.alphas, manifest.dora)
 
@@ -354,16 +365,26 @@ class Engine:
         if not chosen:
             return chosen, None
         last_tokens = (step.seq_starts[chosen] + step.token_counts[chosen] - 1).tolist()
-        logits = self.model.logits(hidden[index_tensor(last_tokens, self.device)])
+        logits = self.model.logits(hidden[index_tensor(last_tokens, self.device)], self._lm_head_lora(step, chosen))
         seqs = [step.sequences[i] for i in chosen]
         return chosen, sample_on_device(logits, [s.sampling for s in seqs], [s.total_len for s in seqs])
 
     def _all_logits(self, step: StepInputs, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.model.logits(hidden).cpu()
+        logits = self.model.logits(hidden, self._lm_head_lora(step, None)).cpu()
         return {
             seq.request_id: logits[start:start + count]
             for seq, start, count in zip(step.sequences, step.seq_starts.tolist(), step.token_counts.tolist())
         }
+
+    def _lm_head_lora(self, step: StepInputs, sampled: list[int] | None
+                      ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The LM head's LoRA deltas of the logits of the `sampled` sequences' last tokens (None:
+        of every token); None, and no per-row work, when no adapter of the step adapts the LM head."""
+        if not self.slots.any_adapts(step.active_slots, "lm_head"):
+            return None
+        row_slots = step.token_slots if sampled is None else [step.sequences[i].adapter_slot for i in sampled]
+        slots = index_tensor(row_slots, self.device)
+        return lambda hidden: self.slots.lm_head_delta(hidden, slots)
 
     def close(self) -> None:
         self.copier.close()
@@ -412,6 +433,13 @@ class _ForwardLora:
         self.copier = engine.copier
         self.batch = engine.slots.segment_batch(step.token_slots.tolist(), engine.device)
         self.landing = landing
+        self.token_slots = (index_tensor(step.token_slots, engine.device)
+                            if engine.slots.any_adapts(step.active_slots, "embed_tokens") else None)
+
+    def embedding_delta(self, ids: torch.Tensor, inside: torch.Tensor | None) -> torch.Tensor | None:
+        if self.token_slots is None:
+            return None
+        return self.slots.embedding_delta(ids, inside, self.token_slots)
 
     def before_layer(self, layer: int) -> None:
         for job in self.landing:

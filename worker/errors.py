@@ -26,7 +26,7 @@ class AdapterRankError(InvalidAdapterError):
 
 
 class UnsupportedAdapterError(InvalidAdapterError):
-    """The adapter uses a feature the server does not implement (DoRA, embeddings, ...)."""
+    """The adapter uses a feature the server does not implement (modules_to_save, biases, ...)."""
 
 
 class AdapterShapeError(InvalidAdapterError):

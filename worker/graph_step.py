@@ -17,8 +17,10 @@ Padding rows read page 0, have length 0 (attention output 0), no adapter, and wr
 keys and values to the KV cache's scratch row.
 
 A step with a DoRA adapter also rescales each adapted module's output per token
-(worker/lora/dora.py): that step is a graph of its own, captured on first use, so steps
-without DoRA pay nothing for it.
+(worker/lora/dora.py), and a step with an embedding LoRA adds each token's embedding delta
+(worker/lora/slots.py): each such kind of step (`LoraVariant`) is a graph of its own,
+captured on first use, so steps without them pay nothing for them. The LM head's LoRA runs
+after the graph, with the logits (worker/engine.py).
 
 A step that reads an adapter still being copied must wait before each layer on that layer's
 copy event, which is recorded after capture: a single graph cannot hold that wait. Such a
@@ -35,6 +37,7 @@ import gc
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -99,10 +102,21 @@ def mixed_shape(num_tokens: int, max_sequences: int, pages_needed: int) -> StepS
     return StepShape(tokens, min(tokens, max_sequences), _page_bucket(pages_needed), mixed=True)
 
 
+class LoraVariant(NamedTuple):
+    """What a step's graph computes beyond the plain multi-LoRA deltas."""
+
+    dora: bool  # DoRA's per-token rescaling of adapted outputs
+    embedding: bool  # the embedding's LoRA deltas
+
+
+PLAIN = LoraVariant(dora=False, embedding=False)
+
+
 @dataclass
 class LayeredGraph:
-    """One step's forward as consecutive graphs: before layer 0, then one per layer (the last
-    one ends with the final norm), so that a wait can be queued before each layer."""
+    """One step's forward as consecutive graphs: before layer 0 (and the embedding, whose LoRA
+    lands with layer 0's), then one per layer (the last one ends with the final norm), so that
+    a wait can be queued before each layer."""
 
     parts: list[torch.cuda.CUDAGraph] = field(default_factory=list)
     hidden: torch.Tensor | None = None
@@ -192,9 +206,8 @@ class GraphStepRunner:
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self.mixed = mixed
         self._inputs: dict[StepShape, StaticInputs] = {}
-        # Keyed by (shape, whether the step rescales for DoRA).
-        self._graphs: dict[tuple[StepShape, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._layered: dict[tuple[StepShape, bool], LayeredGraph] = {}
+        self._graphs: dict[tuple[StepShape, LoraVariant], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._layered: dict[tuple[StepShape, LoraVariant], LayeredGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
         # LoRA shrinks run on it beside the base GEMMs (see _StaticLora).
         self._lora_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
@@ -228,11 +241,11 @@ class GraphStepRunner:
         shapes = [decode_shape(batch, 1) for batch in BATCH_BUCKETS if batch <= self.max_batch]
         mixed = [mixed_shape(tokens, self.max_batch, 1) for tokens in MIXED_TOKEN_BUCKETS] if self.mixed else []
         for shape in shapes + mixed:
-            if (shape, False) not in self._graphs:
-                self._capture(self._inputs_of(shape), dora=False)
+            if (shape, PLAIN) not in self._graphs:
+                self._capture(self._inputs_of(shape), PLAIN)
         for shape in mixed:
-            if (shape, False) not in self._layered:
-                self._capture_layered(self._inputs_of(shape), dora=False)
+            if (shape, PLAIN) not in self._layered:
+                self._capture_layered(self._inputs_of(shape), PLAIN)
 
     def run(self, step: StepInputs, feed: Callable[[torch.Tensor], None],
             wait_for_layer: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -247,13 +260,14 @@ class GraphStepRunner:
         slot_ranks = [self.slots.adapter_rank(slot) for slot in range(self.slots.num_slots)]
         inputs.fill(step, slot_ranks, self.kv_cache.scratch_index)
         feed(inputs.device("input_ids"))
-        dora = self.slots.any_dora(step.active_slots)
+        variant = LoraVariant(dora=self.slots.any_dora(step.active_slots),
+                              embedding=self.slots.any_adapts(step.active_slots, "embed_tokens"))
         if not self.use_cuda_graphs:
-            return self._step(inputs, dora, wait_for_layer)[:num_tokens]
+            return self._step(inputs, variant, wait_for_layer)[:num_tokens]
         if wait_for_layer is not None:
-            layered = self._layered.get((shape, dora)) or self._capture_layered(inputs, dora)
+            layered = self._layered.get((shape, variant)) or self._capture_layered(inputs, variant)
             return layered.replay(wait_for_layer)[:num_tokens]
-        graph, hidden = self._graphs.get((shape, dora)) or self._capture(inputs, dora)
+        graph, hidden = self._graphs.get((shape, variant)) or self._capture(inputs, variant)
         graph.replay()
         return hidden[:num_tokens]
 
@@ -262,26 +276,26 @@ class GraphStepRunner:
             self._inputs[shape] = StaticInputs(shape, self.slots.num_slots, self._lora_scratch, self.device)
         return self._inputs[shape]
 
-    def _warm_up(self, inputs: StaticInputs, dora: bool) -> None:
+    def _warm_up(self, inputs: StaticInputs, variant: LoraVariant) -> None:
         """Runs the step once on a side stream before capture (Triton compiles, allocator settles)."""
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._step(inputs, dora)
+            self._step(inputs, variant)
         torch.cuda.current_stream().wait_stream(side)
 
-    def _capture(self, inputs: StaticInputs, dora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        self._warm_up(inputs, dora)
+    def _capture(self, inputs: StaticInputs, variant: LoraVariant) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self._warm_up(inputs, variant)
         graph = torch.cuda.CUDAGraph()
         with _no_garbage_collection(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode=CAPTURE_MODE):
-            hidden = self._step(inputs, dora)
-        self._graphs[(inputs.shape, dora)] = (graph, hidden)
+            hidden = self._step(inputs, variant)
+        self._graphs[(inputs.shape, variant)] = (graph, hidden)
         return graph, hidden
 
-    def _capture_layered(self, inputs: StaticInputs, dora: bool) -> LayeredGraph:
+    def _capture_layered(self, inputs: StaticInputs, variant: LoraVariant) -> LayeredGraph:
         """Captures the step as `LayeredGraph` parts: each layer boundary (where a landing step
         waits) ends one capture and begins the next, in the shared pool and on one stream."""
-        self._warm_up(inputs, dora)
+        self._warm_up(inputs, variant)
         layered = LayeredGraph()
 
         def begin_part(_layer: int | None = None) -> None:
@@ -293,14 +307,14 @@ class GraphStepRunner:
         torch.cuda.synchronize()
         with _no_garbage_collection(), torch.cuda.stream(torch.cuda.Stream(device=self.device)):
             begin_part()
-            layered.hidden = self._step(inputs, dora, begin_part)
+            layered.hidden = self._step(inputs, variant, begin_part)
             layered.parts[-1].capture_end()
-        self._layered[(inputs.shape, dora)] = layered
+        self._layered[(inputs.shape, variant)] = layered
         return layered
 
-    def _step(self, inputs: StaticInputs, dora: bool,
+    def _step(self, inputs: StaticInputs, variant: LoraVariant,
               wait_for_layer: Callable[[int], None] | None = None) -> torch.Tensor:
-        lora = _StaticLora(self.slots, inputs, use_triton=self.device.type == "cuda", dora=dora,
+        lora = _StaticLora(self.slots, inputs, use_triton=self.device.type == "cuda", variant=variant,
                            wait_for_layer=wait_for_layer, side_stream=self._lora_stream)
         keys, values = self.kv_cache.keys, self.kv_cache.values
         page_table, positions = inputs.device("page_table"), inputs.device("positions")
@@ -358,18 +372,26 @@ class _StaticLora:
     larger batches (compute-bound, deltas too big to stage) run only the shrink there and
     the expand on the step's stream. The side stream forks after any per-layer wait and
     joins within the group, so a captured graph's parts each begin and end on the step's stream.
-    With `dora`, every delta is added in place and each adapted output then rescaled per token."""
+    With `variant.dora`, every delta is added in place and each adapted output then rescaled per
+    token; with `variant.embedding`, each token's embedding delta is added to its embedding."""
 
-    def __init__(self, slots: LoraSlots, inputs: StaticInputs, *, use_triton: bool, dora: bool,
+    def __init__(self, slots: LoraSlots, inputs: StaticInputs, *, use_triton: bool, variant: LoraVariant,
                  wait_for_layer: Callable[[int], None] | None = None,
                  side_stream: torch.cuda.Stream | None = None) -> None:
         self.slots = slots
         self.inputs = inputs
         self.use_triton = use_triton
-        self.dora = dora
+        self.dora = variant.dora
+        self.embedding = variant.embedding
         self.wait_for_layer = wait_for_layer
         self.side_stream = side_stream
         self._started: _StartedGroup | None = None
+
+    def embedding_delta(self, ids: torch.Tensor, inside: torch.Tensor | None) -> torch.Tensor | None:
+        """Padding and base-model tokens (slot NO_ADAPTER) read the slots' zero row."""
+        if not self.embedding:
+            return None
+        return self.slots.embedding_delta(ids, inside, self.inputs.device("token_slots"))
 
     def before_layer(self, layer: int) -> None:
         if self.wait_for_layer is not None:

@@ -9,11 +9,15 @@ split by vocabulary (padded to a multiple of the ranks).
 LoRA follows its base module, so that it costs no collective of its own: a column-parallel
 module keeps A whole and slices B by output; a row-parallel one slices A by input and keeps B
 whole, and its delta B (A_r x_r) is added to the partial sum before the all-reduce, which sums
-the ranks' parts into B (A x).
+the ranks' parts into B (A x). The embedding's LoRA is split like its table: a rank holds the
+columns of A [r, vocab] of its vocabulary range and B whole, looks up its own tokens (zero for
+the others) and adds its delta before the embedding's all-reduce; the LM head's keeps A whole
+and slices B [vocab, r] by rows, so each rank computes its own logits' delta before the gather.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,6 +30,9 @@ COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
 VOCAB_PARALLEL = ("model.embed_tokens.weight", "lm_head.weight")
 ALL = slice(None)
+# (this rank's row of each token in its vocabulary part, which tokens are in its part (None: all))
+# -> the embedding's LoRA delta of each token [T, hidden], or None when no adapter of the step has one.
+EmbeddingDelta = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | None]
 
 
 class GroupFailure(BaseException):
@@ -94,6 +101,10 @@ class TensorParallel:
         """How this rank indexes an adapter's A [r, in] and B [out, r] of `module`."""
         if not self.enabled:
             return (ALL, ALL), (ALL, ALL)
+        if module in ("embed_tokens", "lm_head"):
+            first, per_rank = self.vocab_rows(config)
+            vocab = slice(first, first + per_rank)
+            return ((ALL, vocab), (ALL, ALL)) if module == "embed_tokens" else ((ALL, ALL), (vocab, ALL))
         if module in ROW_PARALLEL:
             return (ALL, self.input_columns(config, module)), (ALL, ALL)
         return (ALL, ALL), (self.output_rows(config, module), ALL)
@@ -143,14 +154,21 @@ class TensorParallel:
             self._collective(dist.all_reduce, x, group=self.group)
         return x
 
-    def embed(self, table: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Embedding lookup over a vocabulary-split table: each rank fills its ids' rows, the sum has them all."""
+    def embed(self, table: torch.Tensor, input_ids: torch.Tensor, lora: EmbeddingDelta | None = None) -> torch.Tensor:
+        """Embedding lookup over a vocabulary-split table: each rank fills its ids' rows (and their
+        LoRA deltas, from `lora`), the sum has them all."""
         if not self.enabled:
-            return table[input_ids]
-        first, per_rank = table.shape[0] * self.rank, table.shape[0]
-        local = input_ids - first
-        inside = (local >= 0) & (local < per_rank)
-        hidden = table[local.clamp(0, per_rank - 1)] * inside.unsqueeze(-1).to(table.dtype)
+            local, inside = input_ids, None
+            hidden = table[input_ids]
+        else:
+            first, per_rank = table.shape[0] * self.rank, table.shape[0]
+            local = input_ids - first
+            inside = (local >= 0) & (local < per_rank)
+            local = local.clamp(0, per_rank - 1)
+            hidden = table[local] * inside.unsqueeze(-1).to(table.dtype)
+        delta = None if lora is None else lora(local, inside)
+        if delta is not None:
+            hidden += delta
         return self.all_reduce(hidden)
 
     def gather_vocab(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

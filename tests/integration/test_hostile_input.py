@@ -33,7 +33,7 @@ BAD_ADAPTERS = {  # directory -> (builder, expected code)
     "pickle-only": (factory.build_pickle_only_adapter, grpc.StatusCode.INVALID_ARGUMENT),
     "truncated": (factory.build_truncated_adapter, grpc.StatusCode.INVALID_ARGUMENT),
     "corrupt": (factory.build_corrupt_adapter, grpc.StatusCode.INVALID_ARGUMENT),
-    "embedding-target": (factory.build_embedding_adapter, grpc.StatusCode.INVALID_ARGUMENT),
+    "resized-vocab": (factory.build_resized_vocab_adapter, grpc.StatusCode.INVALID_ARGUMENT),
     "modules-to-save": (factory.build_modules_to_save_adapter, grpc.StatusCode.INVALID_ARGUMENT),
     "other-base": (factory.build_adapter_for_other_base, grpc.StatusCode.INVALID_ARGUMENT),
     "rank-too-high": (lambda model, out: factory.build_high_rank_adapter(model, out, rank=32),

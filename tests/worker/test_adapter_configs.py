@@ -153,7 +153,7 @@ REFUSED: dict[str, tuple[Variant, type[InvalidAdapterError], str]] = {
     "kasa_config": (Variant(config={"kasa_config": {}}), UnsupportedAdapterError, "kasa_config"),
     "peft_type": (Variant(config={"peft_type": "IA3"}), UnsupportedAdapterError, "peft_type"),
     "target_lm_head_regex": (Variant(config={"target_modules": r".*(q_proj|v_proj|lm_head)"}),
-                             UnsupportedAdapterError, "target_modules"),
+                             AdapterConfigMismatchError, "target_modules select lm_head, but the weights hold no"),
     # The config and the tensors disagree: the first mismatch is named.
     "tensors_not_targeted": (Variant(config={"target_modules": ["q_proj"]}), AdapterConfigMismatchError,
                              r"model\.layers\.0\.self_attn\.v_proj.*target_modules"),

@@ -25,7 +25,7 @@ BAD_ADAPTERS = {
     "pickle": (factory.build_pickle_only_adapter, PickleRefusedError, "pickle"),
     "truncated": (factory.build_truncated_adapter, CorruptAdapterError, "safetensors"),
     "corrupt": (factory.build_corrupt_adapter, CorruptAdapterError, "safetensors"),
-    "embedding": (factory.build_embedding_adapter, UnsupportedAdapterError, "cannot be served"),
+    "resized_vocab": (factory.build_resized_vocab_adapter, AdapterShapeError, "resized vocabulary"),
     "modules_to_save": (factory.build_modules_to_save_adapter, UnsupportedAdapterError, "modules_to_save"),
     "other_base": (factory.build_adapter_for_other_base, AdapterShapeError, "another base"),
 }

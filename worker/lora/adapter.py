@@ -23,14 +23,18 @@ from worker.errors import (
     UnsupportedAdapterError,
 )
 from worker.lora.peft_config import (
+    VOCAB_MODULES,
     alpha,
     check_config,
+    check_vocab_targets,
     expected_rank,
     module_path,
     scaling,
     selected_modules,
     selection_fields,
+    vocab_layer,
 )
+from worker.lora.vocab import LoraShapes, lora_shapes
 from worker.model.config import ModelConfig, module_parent
 
 CONFIG_FILE = "adapter_config.json"
@@ -43,6 +47,17 @@ _LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
     r"lora_(?:([AB])(?:\.default)?\.weight|(magnitude)_vector(?:\.default)?(?:\.weight)?)$"
 )
+# LoRA on the vocabulary modules: the embedding's `lora_embedding_A` [r, vocab] and
+# `lora_embedding_B` [hidden, r] (nn.Parameters: no ".weight"; ".default" in memory), the LM
+# head's lora_A/lora_B like any linear module's.
+_VOCAB_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?:model\.(embed_tokens)\.lora_embedding_([AB])(?:\.default)?"
+    r"|(lm_head)\.lora_([AB])(?:\.default)?\.weight)$"
+)
+# The base weights PEFT saves beside a vocabulary module's LoRA (save_embedding_layers): PEFT loads them
+# over the base model's, so they must be the base model's; only their shape is checked (it reveals a
+# resized vocabulary), as reading them whole would cost a vocabulary-sized read per registration.
+_VOCAB_BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.(embed_tokens)|(lm_head))\.base_layer\.weight$")
 MAGNITUDE = "magnitude"
 
 
@@ -112,8 +127,9 @@ class AdapterManifest:
     def dora(self) -> bool:
         return any(t.magnitude_key is not None for t in self.targets)
 
-    def nbytes(self, model: ModelConfig, element_size: int) -> int:
-        """What staging the adapter takes: A, B.T and DoRA's magnitudes."""
+    def nbytes(self, model: ModelConfig | LoraShapes, element_size: int) -> int:
+        """What staging the adapter takes: A, B.T and DoRA's magnitudes. An adapter of the
+        vocabulary modules needs `model` to be `LoraShapes`, which has their shapes."""
         shapes = model.module_shapes()
         return sum(_target_numel(t, *shapes[t.module]) * element_size for t in self.targets)
 
@@ -127,6 +143,7 @@ def read_adapter_manifest(path: str | Path, model: ModelConfig, max_lora_rank: i
     directory = Path(path)
     config = _read_config(directory)
     check_config(config, directory, model)
+    check_vocab_targets(config, model.tie_word_embeddings)
     weights = _weights_file(directory)
     targets = _read_targets(weights, config, model)
     max_rank = max(t.rank for t in targets)
@@ -168,6 +185,8 @@ def _read_targets(weights: Path, config: dict, model: ModelConfig) -> tuple[Lora
     shapes = _header_shapes(weights)
     pairs: dict[tuple[int, str], dict[str, str]] = {}
     for key in shapes:
+        if _is_vocab_base_weight(key, shapes[key], model):
+            continue
         layer, module, which = _parse_key(key, model)
         pair = pairs.setdefault((layer, module), {})
         if which in pair:
@@ -185,6 +204,8 @@ def _read_targets(weights: Path, config: dict, model: ModelConfig) -> tuple[Lora
 
 def _split(target: LoraTarget, model: ModelConfig) -> list[LoraTarget]:
     """A fused module's target as its engine modules' targets (the same target otherwise)."""
+    if target.module in VOCAB_MODULES:
+        return [target]
     parts = model.module_parts(target.module)
     if len(parts) == 1:
         return [target]
@@ -227,12 +248,30 @@ def _header_shapes(weights: Path) -> dict[str, list[int]]:
         raise CorruptAdapterError(f"{weights} is not a readable safetensors file: {error}") from error
 
 
+def _is_vocab_base_weight(key: str, shape: list[int], model: ModelConfig) -> bool:
+    """A saved base embedding or LM head: skipped if it is the model's shape, refused otherwise."""
+    match = _VOCAB_BASE_KEY.match(key)
+    if match is None:
+        return False
+    expected = [model.vocab_size, model.hidden_size]
+    if shape != expected:
+        raise AdapterShapeError(
+            f"tensor {key!r} is {shape}, not the base model's {expected}: the adapter was trained with a resized "
+            f"vocabulary (or for another base model), which is not served"
+        )
+    return True
+
+
 def _parse_key(key: str, model: ModelConfig) -> tuple[int, str, str]:
+    vocab = _VOCAB_LORA_KEY.match(key)
+    if vocab is not None:
+        module = vocab[1] or vocab[3]
+        return vocab_layer(module, model.num_layers), module, vocab[2] or vocab[4]
     match = _LORA_KEY.match(key)
     if match is None:
         raise UnsupportedAdapterError(
             f"tensor {key!r} is not a LoRA A/B weight of a supported module "
-            f"({', '.join(model.checkpoint_modules())}); embeddings, lm_head and bias tensors are not served"
+            f"({', '.join((*model.checkpoint_modules(), *VOCAB_MODULES))}); bias tensors are not served"
         )
     layer, parent, module, which = int(match[1]), match[2], match[3], match[4] or match[5]
     if module not in model.checkpoint_modules() or module_parent(module) != parent:
@@ -245,9 +284,12 @@ def _parse_key(key: str, model: ModelConfig) -> tuple[int, str, str]:
 def _target(layer, module, keys, shapes, config, model: ModelConfig) -> LoraTarget:
     if not {"A", "B"} <= set(keys):
         raise CorruptAdapterError(f"layer {layer} {module} has lora_{sorted(keys)[0]} without its pair")
-    in_features, out_features = model.checkpoint_module_shape(module)
+    in_features, out_features = (lora_shapes(model).module_shapes()[module] if module in VOCAB_MODULES
+                                 else model.checkpoint_module_shape(module))
     a_shape, b_shape = shapes[keys["A"]], shapes[keys["B"]]
     rank = a_shape[0] if len(a_shape) == 2 else -1
+    if module in VOCAB_MODULES:
+        _check_vocabulary(module, a_shape, b_shape, model)
     if a_shape != [rank, in_features] or b_shape != [out_features, rank] or rank <= 0:
         raise AdapterShapeError(
             f"layer {layer} {module}: A {a_shape} and B {b_shape} do not fit the base model "
@@ -266,3 +308,13 @@ def _target(layer, module, keys, shapes, config, model: ModelConfig) -> LoraTarg
     module_alpha = alpha(config, layer, module)
     return LoraTarget(layer, module, rank, module_alpha, scaling(config, module_alpha, rank), keys["A"], keys["B"],
                       module, magnitude_key)
+
+
+def _check_vocabulary(module: str, a_shape: list[int], b_shape: list[int], model: ModelConfig) -> None:
+    """The vocabulary side of an embedding's A [r, vocab] or an LM head's B [vocab, r]."""
+    vocab = a_shape[-1] if module == "embed_tokens" else b_shape[0]
+    if vocab != model.vocab_size:
+        raise AdapterShapeError(
+            f"{module}: LoRA A {a_shape} and B {b_shape} cover a vocabulary of {vocab} tokens, the base model has "
+            f"{model.vocab_size}: the adapter was trained with a resized vocabulary, which is not served"
+        )

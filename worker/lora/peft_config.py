@@ -32,7 +32,7 @@ INERT_FIELDS = frozenset({
     "inference_mode", "lora_dropout", "merge_weights", "fan_in_fan_out", "init_lora_weights",
     "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_config", "megatron_core",
     "runtime_config", "use_qalora", "qalora_group_size", "velora_config", "monteclora_config",
-    "ensure_weight_tying",
+    "ensure_weight_tying",  # inert unless it ties an embedding LoRA to the LM head: see check_vocab_targets
 })
 
 
@@ -68,8 +68,10 @@ _ALL_LINEAR = "all-linear"
 # PEFT's default target_modules for llama, mistral, qwen2, qwen3, gemma2 and gemma3_text when the config
 # names none (PEFT has none for phi3: it refuses such a config).
 _DEFAULT_TARGETS = ["q_proj", "v_proj"]
-# Modules PEFT can adapt in the served architectures that the server has no LoRA path for.
-_UNSERVABLE_PATHS = ("model.embed_tokens", "lm_head")
+# The vocabulary modules and their paths in the base model. Their LoRA travels with a layer's copies
+# (worker/lora/slots.py): the embedding's with layer 0's, the LM head's with the last layer's.
+VOCAB_PATHS = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}
+VOCAB_MODULES = tuple(VOCAB_PATHS)
 
 
 def _is_int(value: object) -> bool:
@@ -133,39 +135,72 @@ def _check_servable_targets(config: dict, model: ModelConfig) -> None:
     if targets is None and model.fused_projections:
         raise UnsupportedAdapterError(f"target_modules is unset, and PEFT has no default for {model.architecture}: "
                                       f"name the modules ({supported})")
-    if isinstance(targets, list):
-        unservable = [t for t in targets if t.split(".")[-1] in ("embed_tokens", "lm_head")]
-        # Modules of the other layout (q_proj on Phi-3, qkv_proj on Llama): an adapter for another model.
-        absent = [t for t in targets if t.split(".")[-1] in LINEAR_MODULES - set(model.checkpoint_modules())]
-        if absent:
-            raise UnsupportedAdapterError(
-                f"target_modules {absent} name modules {model.architecture} does not have; its linear modules "
-                f"are {supported}"
-            )
-    elif isinstance(targets, str) and targets.lower() != _ALL_LINEAR:
-        unservable = [path for path in _UNSERVABLE_PATHS if _fullmatch("target_modules", targets, path)]
-    else:
-        unservable = []
-    if unservable:
-        raise UnsupportedAdapterError(f"target_modules {unservable} cannot be served; supported: {supported}")
+    if not isinstance(targets, list):
+        return
+    # Modules of the other layout (q_proj on Phi-3, qkv_proj on Llama): an adapter for another model.
+    absent = [t for t in targets if t.split(".")[-1] in LINEAR_MODULES - set(model.checkpoint_modules())]
+    if absent:
+        raise UnsupportedAdapterError(
+            f"target_modules {absent} name modules {model.architecture} does not have; its linear modules "
+            f"are {supported}"
+        )
+
+
+def vocab_layer(module: str, num_layers: int) -> int:
+    """The layer whose copies carry a vocabulary module's LoRA: the first for the embedding, the
+    last for the LM head, so the per-layer load events cover them."""
+    return 0 if module == "embed_tokens" else num_layers - 1
 
 
 def module_path(layer: int, module: str) -> str:
     """The module's name in the base model, which PEFT matches its config patterns against."""
+    if module in VOCAB_PATHS:
+        return VOCAB_PATHS[module]
     return f"model.layers.{layer}.{module_parent(module)}.{module}"
 
 
 def selected_modules(config: dict, model: ModelConfig) -> set[tuple[int, str]]:
     """The (layer, module) pairs PEFT puts a LoRA on for this config, by the model's module names
-    (Phi-3's fused ones)."""
-    return {(layer, module) for layer in range(model.num_layers) for module in model.checkpoint_modules()
-            if _peft_selects(config, module_path(layer, module))}
+    (Phi-3's fused ones); vocabulary modules under the layer whose copies carry them."""
+    linear = {(layer, module) for layer in range(model.num_layers) for module in model.checkpoint_modules()
+              if _peft_selects(config, module_path(layer, module))}
+    vocab = {(vocab_layer(module, model.num_layers), module) for module in VOCAB_MODULES
+             if _peft_selects_vocab(config, VOCAB_PATHS[module])}
+    return linear | vocab
 
 
 def selection_fields(config: dict) -> list[str]:
     """The config fields that decided `selected_modules`, for error messages."""
     fields = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
     return [field for field in fields if config.get(field) not in (None, [], "")] or ["target_modules (unset)"]
+
+
+def _peft_selects_vocab(config: dict, path: str) -> bool:
+    """As for a linear module, except that "all-linear" leaves out the embedding (not linear) and
+    the output layer, and the default targets name neither."""
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and targets.lower() == _ALL_LINEAR:
+        return False
+    return _peft_selects(config, path)
+
+
+def check_vocab_targets(config: dict, tied_embeddings: bool) -> None:
+    """Refuses what has no path on the vocabulary modules: DoRA, and PEFT's ensure_weight_tying on a
+    model with tied embeddings, which moves a LoRA on the LM head to the embedding and gives the LM
+    head the embedding's LoRA transposed (peft.tuners.lora.model, tied_adapter: A = embedding B.T,
+    B = embedding A.T), a delta the weights do not hold. Elsewhere ensure_weight_tying does nothing."""
+    targeted = [module for module, path in VOCAB_PATHS.items() if _peft_selects_vocab(config, path)]
+    if not targeted:
+        return
+    if config.get("use_dora"):
+        raise UnsupportedAdapterError(f"use_dora=true with target_modules reaching {targeted} is not supported: "
+                                      "DoRA is served on the decoder layers' linear modules only")
+    if config.get("ensure_weight_tying") and tied_embeddings:
+        raise UnsupportedAdapterError(
+            f"ensure_weight_tying=true with target_modules reaching {targeted} on a model with tied embeddings "
+            "is not supported: PEFT then ties the LM head's LoRA to the embedding's transposed, a delta this "
+            "server does not compute"
+        )
 
 
 def _peft_selects(config: dict, path: str) -> bool:

@@ -10,6 +10,14 @@ hold each slot's per-output rescaling, computed when the layer is loaded; they s
 identity (1 and 0) for plain LoRA and for modules an adapter does not adapt, so a batch mixing
 both rescales every adapted token alike. The extra last row, never written, is the identity
 that slot NO_ADAPTER (-1) indexes.
+
+The vocabulary modules (embed_tokens, lm_head) have one A and B.T per slot, [slots + 1,
+max_rank, in] and [slots + 1, max_rank, out], the extra row zeros for NO_ADAPTER. Their copies
+travel with layer 0's (the embedding) and the last layer's (the LM head), so the per-layer
+load events cover them. A token's delta reads its own slot's A (the embedding: the column of
+its token id; the LM head: all slots' A times its hidden state, a small product) and the
+stacked B.T of every slot through a per-token one-hot over the slots: one product for the
+whole batch, whatever the adapters, and zeros for slots without the module (A zeroed on load).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from worker.batch import NO_ADAPTER
 from worker.errors import UnsupportedAdapterError
 from worker.lora.dora import BaseWeights, dora_scale_and_shift
 from worker.lora.host_cache import HostAdapter
+from worker.lora.peft_config import VOCAB_MODULES, vocab_layer
 from worker.model.config import ModelConfig
 from worker.host_upload import index_tensor
 
@@ -40,8 +49,10 @@ class LoraSlots:
         dtype: torch.dtype,
         device: torch.device,
         base_weights: BaseWeights,
+        vocab_rows: int | None = None,
     ) -> None:
-        """`base_weights`: the base model's modules, which DoRA's weight norms are taken over."""
+        """`base_weights`: the base model's modules, which DoRA's weight norms are taken over;
+        `vocab_rows`: this rank's part of the vocabulary (all of it without tensor parallelism)."""
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.modules = tuple(modules)
@@ -54,20 +65,35 @@ class LoraSlots:
         self.scale = {m: torch.ones(layers, num_slots + 1, shapes[m][1], device=device) for m in self.modules}
         self.shift = {m: torch.zeros(layers, num_slots + 1, shapes[m][1], device=device) for m in self.modules}
         self.base_weights = base_weights
+        self.num_layers = layers
+        vocab, hidden = model.vocab_size if vocab_rows is None else vocab_rows, model.hidden_size
+        vocab_shapes = {"embed_tokens": (vocab, hidden), "lm_head": (hidden, vocab)}
+        self.vocab_a = {m: torch.zeros(num_slots + 1, max_rank, i, dtype=dtype, device=device)
+                        for m, (i, _) in vocab_shapes.items()}
+        self.vocab_b_t = {m: torch.zeros(num_slots + 1, max_rank, o, dtype=dtype, device=device)
+                          for m, (_, o) in vocab_shapes.items()}
         self.ranks: list[dict[tuple[int, str], int]] = [{} for _ in range(num_slots)]
         self.occupants: list[str | None] = [None] * num_slots
         self.dora: list[bool] = [False] * num_slots  # the occupant is a DoRA adapter
+        # Per occupant, kept here because every step asks: the vocabulary modules it adapts, and
+        # its largest rank over the linear modules.
+        self._vocab_modules: list[frozenset[str]] = [frozenset()] * num_slots
+        self._linear_rank: list[int] = [0] * num_slots
         # A DoRA adapter was ever loaded into the slot: its scales may differ from the identity,
         # so every later load writes all of them.
         self._scales_written: list[bool] = [False] * num_slots
+        # Likewise for the vocabulary modules' A: a slot never given one holds zeros already, so a
+        # load without them writes nothing there (a vocabulary's worth of A per slot).
+        self._vocab_written: list[bool] = [False] * num_slots
 
     @property
     def nbytes(self) -> int:
-        buffers = (*self.a.values(), *self.b_t.values(), *self.scale.values(), *self.shift.values())
+        buffers = (*self.a.values(), *self.b_t.values(), *self.scale.values(), *self.shift.values(),
+                   *self.vocab_a.values(), *self.vocab_b_t.values())
         return sum(t.numel() * t.element_size() for t in buffers)
 
     def check_servable(self, name: str, modules: Iterable[str]) -> None:
-        missing = sorted(set(modules) - set(self.modules))
+        missing = sorted(set(modules) - set(self.modules) - set(VOCAB_MODULES))  # vocabulary modules: always
         if missing:
             raise UnsupportedAdapterError(
                 f"adapter {name!r} targets {missing}, which this server has no slots for "
@@ -78,20 +104,31 @@ class LoraSlots:
         """Records the slot's new occupant; its weights arrive through `layer_writes`."""
         self.ranks[slot] = {key: a.shape[0] for key, (a, _) in adapter.tensors.items()}
         self.occupants[slot] = adapter.name
+        self._vocab_modules[slot] = frozenset(module for _, module in self.ranks[slot] if module in VOCAB_MODULES)
+        self._linear_rank[slot] = max((rank for (_, module), rank in self.ranks[slot].items()
+                                       if module not in VOCAB_MODULES), default=0)
         self.dora[slot] = bool(adapter.magnitudes)
         self._scales_written[slot] = self._scales_written[slot] or self.dora[slot]
+        self._vocab_written[slot] = self._vocab_written[slot] or bool(self._vocab_modules[slot])
 
     def any_dora(self, slots: Iterable[int]) -> bool:
         return any(self.dora[slot] for slot in slots)
 
+    def any_adapts(self, slots: Iterable[int], module: str) -> bool:
+        """Whether an adapter in `slots` adapts vocabulary module `module`."""
+        return any(module in self._vocab_modules[slot] for slot in slots)
+
     def adapter_rank(self, slot: int) -> int:
-        """The largest rank of the slot's adapter over its modules and layers (0 when empty)."""
-        return max(self.ranks[slot].values(), default=0)
+        """The largest rank of the slot's adapter over its linear modules and layers (0 when
+        none): what the batched products of those modules read."""
+        return self._linear_rank[slot]
 
     def clear(self, slot: int) -> None:
         self.ranks[slot] = {}
         self.occupants[slot] = None
         self.dora[slot] = False
+        self._vocab_modules[slot] = frozenset()
+        self._linear_rank[slot] = 0
 
     def layer_writes(self, slot: int, layer: int, adapter: HostAdapter) -> LayerWrites:
         """What loading one layer of `adapter` into `slot` writes.
@@ -103,6 +140,7 @@ class LoraSlots:
         reset to the identity if a DoRA adapter may have left them otherwise.
         """
         copies, zeros, ones, rescales = [], [], [], []
+        self._vocab_writes(slot, layer, adapter, copies, zeros)
         for module in self.modules:
             tensors = adapter.tensors.get((layer, module))
             magnitude = adapter.magnitudes.get((layer, module))
@@ -124,6 +162,54 @@ class LoraSlots:
                 rescales.append(DoraRescale(scale, shift, *self.base_weights(layer, module), a_slot, b_t_slot,
                                             magnitude))
         return LayerWrites(copies, zeros, ones, rescales)
+
+    def _vocab_writes(self, slot: int, layer: int, adapter: HostAdapter, copies: list, zeros: list) -> None:
+        """The vocabulary modules whose copies travel with `layer`: as for a linear module, A past
+        the rank (or all of it, if the adapter lacks the module) is zeroed, unless the slot never
+        held a vocabulary LoRA (zeros already)."""
+        for module in VOCAB_MODULES:
+            if vocab_layer(module, self.num_layers) != layer:
+                continue
+            a_slot, b_t_slot = self.vocab_a[module][slot], self.vocab_b_t[module][slot]
+            tensors = adapter.tensors.get((layer, module))
+            if tensors is None:
+                if self._vocab_written[slot]:
+                    zeros.append(a_slot)
+                continue
+            a, b_t = tensors
+            rank = a.shape[0]
+            copies.append((a_slot[:rank], a))
+            copies.append((b_t_slot[:rank], b_t))
+            if rank < self.max_rank:
+                zeros.append(a_slot[rank:])
+
+    def embedding_delta(self, ids: torch.Tensor, inside: torch.Tensor | None,
+                        token_slots: torch.Tensor) -> torch.Tensor:
+        """Each token's embedding LoRA delta [T, hidden]: B.T[slot] rows weighted by A[slot][:, id].
+
+        `ids`: each token's row in this rank's vocabulary part; `inside`: which tokens are in it
+        (None: all); `token_slots`: each token's slot, NO_ADAPTER (-1, the zero row) for none."""
+        a = self.vocab_a["embed_tokens"][token_slots, :, ids]  # [T, r]
+        if inside is not None:
+            a = a * inside.unsqueeze(-1).to(a.dtype)
+        return self._expand(a, token_slots, self.vocab_b_t["embed_tokens"])
+
+    def lm_head_delta(self, hidden: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor:
+        """The LM head's LoRA delta of each row's logits [n, this rank's vocabulary]."""
+        a = self.vocab_a["lm_head"]  # [slots + 1, r, hidden]
+        shrunk = (hidden @ a.flatten(0, 1).t()).view(hidden.shape[0], a.shape[0], a.shape[1])
+        own = shrunk[torch.arange(hidden.shape[0], device=hidden.device), row_slots]  # [n, r]
+        return self._expand(own, row_slots, self.vocab_b_t["lm_head"])
+
+    @staticmethod
+    def _expand(x: torch.Tensor, row_slots: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+        """x[t] @ b_t[slot(t)] for every row t, as one product: x is spread to its slot's block of a
+        [n, (slots + 1) * r] matrix (zeros elsewhere) against the stacked B.T [(slots + 1) * r, out]."""
+        slots = b_t.shape[0]
+        # NO_ADAPTER (-1) -> the last row. A comparison, not F.one_hot, which may check its input on the host.
+        one_hot = (row_slots.remainder(slots).unsqueeze(-1) == torch.arange(slots, device=x.device)).to(x.dtype)
+        spread = one_hot.unsqueeze(-1) * x.unsqueeze(1)  # [n, slots + 1, r]
+        return spread.flatten(1) @ b_t.flatten(0, 1)
 
     def segment_batch(self, token_slots: Sequence[int], device: torch.device) -> SegmentBatch | None:
         return SegmentBatch.build(token_slots, self.ranks, device, self.dora)

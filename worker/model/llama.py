@@ -40,6 +40,10 @@ LORA_GROUPS = (QKV_MODULES, O_MODULES, GATE_UP_MODULES, DOWN_MODULES)  # modules
 
 
 class LoraHook(Protocol):
+    def embedding_delta(self, ids: torch.Tensor, inside: torch.Tensor | None) -> torch.Tensor | None:
+        """The embedding's LoRA delta of each token [T, hidden] (None: no adapter of the step has
+        one); `ids` index this rank's vocabulary part, `inside` marks the tokens in it (None: all)."""
+
     def before_layer(self, layer: int) -> None:
         """Called before a layer's first use of adapter weights (a load may still be landing)."""
 
@@ -167,20 +171,28 @@ class LlamaModel:
     def forward_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_write_index: torch.Tensor,
                        kv_cache: PagedKVCache, lora: LoraHook, attend: Attend) -> torch.Tensor:
         """All layers over flat tokens; `attend` is the attention back-end. Returns final-normed hidden."""
-        hidden = self.tp.embed(self.weights.embed, input_ids)
-        if self.embed_scale is not None:
+        ropes = {key: rope.cos_sin(positions, self.dtype) for key, rope in self.ropes.items()}
+        # The embedding's LoRA is copied with layer 0's: layer 0's wait comes before the embedding.
+        lora.before_layer(0)
+        hidden = self.tp.embed(self.weights.embed, input_ids, lora.embedding_delta)
+        if self.embed_scale is not None:  # PEFT scales the LoRA delta too
             hidden = hidden * self.embed_scale
         mlp_out = (None, None)  # the last MLP output and its LoRA deltas, added to hidden by the next norm's kernel
-        ropes = {key: rope.cos_sin(positions, self.dtype) for key, rope in self.ropes.items()}
         for index, layer in enumerate(self.weights.layers):
-            lora.before_layer(index)
+            if index:
+                lora.before_layer(index)
             cos, sin = ropes[self.config.layer_ropes[index]]
             hidden, mlp_out = self._layer(index, layer, hidden, mlp_out, kv_write_index, kv_cache, lora, cos, sin,
                                           attend)
         return add_rms_norm(hidden, mlp_out[0], self.weights.norm, self.config.rms_norm_eps, mlp_out[1])[1]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor,
+               lora: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits of final-normed hidden states; `lora` gives their LM-head LoRA deltas (this rank's
+        vocabulary part), added before the soft cap as PEFT's wrapped lm_head does."""
         logits = F.linear(hidden, self.weights.lm_head)
+        if lora is not None:
+            logits += lora(hidden)
         cap = self.config.final_logit_softcap
         if cap:  # in the model dtype, as HF
             logits = torch.tanh(logits / cap) * cap

@@ -12,18 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing
-from safetensors.torch import load_file, save_file
 
-from settings.config import EngineConfig
-from tests.driver import Driver, Request, make_resident, shared_host_memory_file
+from tests import tp_group
+from tests.driver import Driver, Request, make_resident
 from tests.model_factory import STANDARD_ADAPTER_SPECS, build_adapter, build_tiny_model, spec_for
 from tests.oracle import PeftOracle
 from tests.worker.test_equivalence import LOGIT_ATOL, assert_matches_oracle, prompt
 from worker.engine import Engine
 from worker.errors import ModelLoadError
-from worker.group import GroupSpec, join
 from worker.model.config import load_model_config
 from worker.tensor_parallel import TensorParallel
 
@@ -79,43 +75,9 @@ def workload(engine: Engine, adapters: dict[str, Path]) -> list[Request]:
     return first + decoding + late
 
 
-def run_rank(rank: int, size: int, rendezvous: str, host_memory: str, model_dir: str, adapters: dict[str, Path],
-             out: str) -> None:
-    torch.set_num_threads(1)  # 2-4 ranks share this machine's cores
-    tp = join(GroupSpec(size, rank, rendezvous, 120, host_memory), "cpu") if size > 1 else TensorParallel()
-    engine = Engine(EngineConfig(model_path=model_dir, **ENGINE_SETTINGS), tp=tp)
-    requests = workload(engine, adapters)
-    if rank == 0:
-        tensors = {}
-        for r in requests:
-            tensors[f"{r.request_id}.logits"] = r.all_logits().contiguous()
-            tensors[f"{r.request_id}.prompt"] = torch.tensor(r.prompt)
-            tensors[f"{r.request_id}.generated"] = torch.tensor(r.generated)
-        save_file(tensors, out)
-    engine.close()
-    if size > 1:
-        dist.destroy_process_group()
-
-
 def run_group(size: int, model_dir: Path, adapters: dict[str, Path], directory: Path) -> dict[str, Request]:
     """The workload's requests as rank 0 of a group of `size` saw them."""
-    out = directory / f"tp{size}.safetensors"
-    config = EngineConfig(model_path=str(model_dir), **ENGINE_SETTINGS)
-    host_memory = shared_host_memory_file(directory / f"host-memory-{size}", config, size)
-    args = (size, str(directory / f"rendezvous-{size}"), host_memory, str(model_dir), adapters, str(out))
-    if size == 1:
-        run_rank(0, *args)
-    else:
-        torch.multiprocessing.spawn(run_rank, args=args, nprocs=size)
-    tensors = load_file(out)
-    requests = {}
-    for key in tensors:
-        request_id = key.rsplit(".", 1)[0]
-        request = Request(request_id, tensors[f"{request_id}.prompt"].tolist(),
-                          generated=tensors[f"{request_id}.generated"].tolist())
-        request.logits = [tensors[f"{request_id}.logits"]]
-        requests[request_id] = request
-    return requests
+    return tp_group.run_group(size, model_dir, adapters, directory, ENGINE_SETTINGS, workload)
 
 
 def adapter_of(request_id: str) -> str | None:

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
@@ -21,10 +19,10 @@ from tests.conftest import VOCAB_ADAPTERS, VOCAB_MODELS
 from tests.driver import Driver, Request, forward_paths, make_engine, make_resident, shared_host_memory_file
 from tests.model_factory import AdapterSpec, build_adapter, build_tiny_model
 from tests.oracle import PeftOracle
+from tests.tp_group import run_group
 from tests.worker.test_equivalence import LOGIT_ATOL, assert_matches_oracle, prompt
 from worker.engine import Engine
 from worker.errors import AdapterShapeError, UnsupportedAdapterError
-from worker.group import GroupSpec, join
 from worker.lora.slots import LoraSlots
 from worker.model.config import load_model_config
 from worker.tensor_parallel import TensorParallel
@@ -287,11 +285,7 @@ TP_SETTINGS = dict(dtype="float32", device="cpu", page_size=4, num_kv_pages=256,
                    max_lora_rank=32, host_cache_bytes=16 << 20)
 
 
-def _tp_rank(rank: int, size: int, rendezvous: str, host_memory: str, model_dir: str, adapters: dict[str, Path],
-             out: str) -> None:
-    torch.set_num_threads(1)
-    tp = join(GroupSpec(size, rank, rendezvous, 120, host_memory), "cpu") if size > 1 else TensorParallel()
-    engine = Engine(EngineConfig(model_path=model_dir, **TP_SETTINGS), tp=tp)
+def _tp_workload(engine: Engine, adapters: dict[str, Path]) -> list[Request]:
     for name, path in adapters.items():
         engine.register_adapter(name, path)
     for name, slot in SLOTS.items():
@@ -302,36 +296,11 @@ def _tp_rank(rank: int, size: int, rendezvous: str, host_memory: str, model_dir:
     Driver(engine, chunk=5).run(requests)
     while engine.busy_loading:
         engine.poll()
-    if rank == 0:
-        tensors = {}
-        for r in requests:
-            tensors[f"{r.request_id}.logits"] = r.all_logits().contiguous()
-            tensors[f"{r.request_id}.prompt"] = torch.tensor(r.prompt)
-            tensors[f"{r.request_id}.generated"] = torch.tensor(r.generated)
-        save_file(tensors, out)
-    engine.close()
-    if size > 1:
-        dist.destroy_process_group()
+    return requests
 
 
 def _tp_group(size: int, model_dir: Path, adapters: dict[str, Path], directory: Path) -> dict[str, Request]:
-    out = directory / f"tp{size}.safetensors"
-    config = EngineConfig(model_path=str(model_dir), **TP_SETTINGS)
-    host_memory = shared_host_memory_file(directory / f"host-memory-{size}", config, size)
-    args = (size, str(directory / f"rendezvous-{size}"), host_memory, str(model_dir), adapters, str(out))
-    if size == 1:
-        _tp_rank(0, *args)
-    else:
-        torch.multiprocessing.spawn(_tp_rank, args=args, nprocs=size)
-    tensors = load_file(out)
-    requests = {}
-    for key in tensors:
-        request_id = key.rsplit(".", 1)[0]
-        request = Request(request_id, tensors[f"{request_id}.prompt"].tolist(),
-                          generated=tensors[f"{request_id}.generated"].tolist())
-        request.logits = [tensors[f"{request_id}.logits"]]
-        requests[request_id] = request
-    return requests
+    return run_group(size, model_dir, adapters, directory, TP_SETTINGS, _tp_workload)
 
 
 @pytest.mark.parametrize("model", ["llama", "qwen2-tied"])

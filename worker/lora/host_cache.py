@@ -232,10 +232,7 @@ class HostCache:
         self.shared = shared
         self.agree = agree
         self.arena = PinnedArena(capacity_bytes, pin, None if shared is None else shared.memory.arena(shared.rank))
-        # Every rank's memory this process's reader writes, with that rank's slices.
-        self._written: list[tuple[torch.Tensor, LoraSlices]] = (
-            [(self.arena.buffer, whole)] if shared is None else
-            [(shared.memory.arena(rank), slices) for rank, slices in enumerate(shared.slices)] if shared.reads else [])
+        self._written = self._memory_written()
         self._board_free = list(range(max_entries))  # shared progress words not in use, lowest first
         self._stagings = 0
         self.entries: dict[str, HostAdapter] = {}
@@ -314,6 +311,14 @@ class HostCache:
 
     def close(self) -> None:
         self._reader.shutdown(wait=True, cancel_futures=True)
+
+    def _memory_written(self) -> list[tuple[torch.Tensor, LoraSlices]]:
+        """Every rank's memory this process's reader writes, with what that rank takes of each tensor."""
+        if self.shared is None:
+            return [(self.arena.buffer, whole)]
+        if not self.shared.reads:
+            return []
+        return [(self.shared.memory.arena(rank), slices) for rank, slices in enumerate(self.shared.slices)]
 
     def _new_progress(self) -> tuple[int | None, ReadProgress]:
         """A new entry's progress: its own pinned word, or on a shared cache a word of the board

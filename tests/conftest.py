@@ -41,7 +41,8 @@ VOCAB_ADAPTERS = {
 # name -> (architecture, tie_word_embeddings). llama unties its embeddings; qwen2 built tied (its LM
 # head is the embedding); gemma2 ties them and scales embeddings, which PEFT applies to the
 # embedding's LoRA delta too.
-VOCAB_MODELS = {"llama": ("llama", None), "qwen2-tied": ("qwen2", True), "gemma2": ("gemma2", None)}
+VOCAB_MODELS = {"llama": ("llama", None), "qwen2-tied": ("qwen2", True), "gemma2": ("gemma2", None),
+                "gemma3": ("gemma3", None), "phi3": ("phi3", None)}
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +84,7 @@ def vocab_models(artifacts) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def vocab_adapters(artifacts, vocab_models) -> dict[str, dict[str, Path]]:
     """model -> adapter name -> directory, for the vocabulary LoRA tests."""
-    return {model: {name: build_adapter(path, artifacts / f"vocab-{model}-{name}", spec)
+    return {model: {name: build_adapter(path, artifacts / f"vocab-{model}-{name}",
+                                        spec_for(VOCAB_MODELS[model][0], spec))
                     for name, spec in VOCAB_ADAPTERS.items()}
             for model, path in vocab_models.items()}

@@ -147,7 +147,7 @@ class Engine:
             return None
         if tp.host_memory is None:
             raise ModelLoadError("a tensor-parallel rank needs its group's shared host memory")
-        memory = SharedHostMemory(tp.host_memory, SharedLayout.of(self.config, tp.size), pin)
+        memory = SharedHostMemory(tp.host_memory, SharedLayout.of(self.config, tp.size), tp.rank, pin)
         slices = [functools.partial(replace(tp, rank=rank).lora_slices, self.model_config) for rank in range(tp.size)]
         return SharedStaging(memory, tp.rank, slices)
 

@@ -36,7 +36,7 @@ class Ranks:
         shard = groups[0].local_config(self.model)
         self.caches = [
             HostCache(shard, LAYOUT.arena_bytes, LAYOUT.board_words, torch.float32, pin=pin,
-                      shared=SharedStaging(SharedHostMemory(str(path), LAYOUT, pin=pin), rank, slices),
+                      shared=SharedStaging(SharedHostMemory(str(path), LAYOUT, rank, pin), rank, slices),
                       **({} if agree is None else {"agree": agree}))
             for rank in range(RANKS)]
         self.slices = slices

@@ -7,8 +7,8 @@ rank runs the same host-cache calls in the same order, so their allocators hand 
 offsets: an adapter's slices for rank r lie at its region's offset within sub-arena r.
 
 Rank 0 creates the mapping as a memfd (not a file under /dev/shm, which containers cap at
-64 MiB by default) and the ranks it starts inherit it; each maps it and registers it with CUDA,
-so copies from it are true asynchronous DMA and the GPU can poll the board.
+64 MiB by default) and the ranks it starts inherit it; each maps it and registers with CUDA the
+pages its GPU reads, so its copies are true asynchronous DMA and the GPU can poll the board.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from settings.config import EngineConfig
-from worker.lora.arena import ALIGNMENT
 
 _CUDA_HOST_REGISTER_PORTABLE_MAPPED = 0x01 | 0x02  # pinned for every context; the GPU may read it in place
 
@@ -35,13 +34,23 @@ class SharedLayout:
     def of(cls, config: EngineConfig, ranks: int) -> SharedLayout:
         return cls(config.max_loaded_loras, config.host_cache_bytes, ranks)
 
+    # The board and each sub-arena start on a page of their own: a rank registers only the pages
+    # its GPU reads (the board and its sub-arena), and registered ranges may not share a page.
     @property
     def board_bytes(self) -> int:
-        return -(-4 * self.board_words // ALIGNMENT) * ALIGNMENT
+        return _pages(4 * self.board_words)
+
+    @property
+    def arena_stride(self) -> int:
+        return _pages(self.arena_bytes)
 
     @property
     def nbytes(self) -> int:
-        return self.board_bytes + self.ranks * self.arena_bytes
+        return self.board_bytes + self.ranks * self.arena_stride
+
+
+def _pages(nbytes: int) -> int:
+    return -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 def create_shared_memory(nbytes: int) -> int:
@@ -52,10 +61,11 @@ def create_shared_memory(nbytes: int) -> int:
 
 
 class SharedHostMemory:
-    """One process's view of the group's mapping: the board and every rank's sub-arena."""
+    """One rank's view of the group's mapping: the board and every rank's sub-arena."""
 
-    def __init__(self, path: str, layout: SharedLayout, pin: bool) -> None:
-        """`path`: the mapping (`/proc/self/fd/N` for an inherited memfd, or a file)."""
+    def __init__(self, path: str, layout: SharedLayout, rank: int, pin: bool) -> None:
+        """`path`: the mapping (`/proc/self/fd/N` for an inherited memfd, or a file); `pin`: register
+        the board and `rank`'s sub-arena with CUDA (other ranks' sub-arenas this process only writes)."""
         self.layout = layout
         fd = os.open(path, os.O_RDWR)
         try:
@@ -65,13 +75,17 @@ class SharedHostMemory:
         finally:
             os.close(fd)
         self.buffer = torch.frombuffer(self._mapping, dtype=torch.uint8)
+        board = self.buffer[:layout.board_bytes]
+        self.board = board.view(torch.int32)
         if pin:
-            _register_with_cuda(self.buffer)
-        self.board = self.buffer[:layout.board_bytes].view(torch.int32)
+            _register_with_cuda(board)
+            _register_with_cuda(self.buffer[self._arena_start(rank):][:layout.arena_stride])
 
     def arena(self, rank: int) -> torch.Tensor:
-        start = self.layout.board_bytes + rank * self.layout.arena_bytes
-        return self.buffer[start:start + self.layout.arena_bytes]
+        return self.buffer[self._arena_start(rank):][:self.layout.arena_bytes]
+
+    def _arena_start(self, rank: int) -> int:
+        return self.layout.board_bytes + rank * self.layout.arena_stride
 
 
 def _register_with_cuda(buffer: torch.Tensor) -> None:

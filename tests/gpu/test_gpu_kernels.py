@@ -199,7 +199,7 @@ def decode_requests() -> list[Request]:
             for i, (n, s) in enumerate(zip(lengths, slots))]
 
 
-@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen3", "phi3"])
 def test_cuda_graph_decode_matches_eager_while_another_slot_loads(arch, model_dirs, mixed_adapter_dirs):
     """fp32: the same tokens and logits as the eager path, with a load landing in slot 1 meanwhile."""
     runs = {}
@@ -226,7 +226,7 @@ def test_cuda_graph_decode_matches_eager_while_another_slot_loads(arch, model_di
         torch.testing.assert_close(graphed.all_logits(), eager.all_logits(), atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen3", "phi3"])
 def test_steps_reading_a_landing_adapter_replay_per_layer_graphs_and_match_eager(arch, model_dirs,
                                                                                  mixed_adapter_dirs):
     """fp32: requests on an adapter whose copy is held back 100 ms start at once; their first
@@ -334,7 +334,7 @@ def test_triton_ragged_attention_matches_reference(dtype, heads, kv_heads, head_
     assert not out[-9:].any(), "padding tokens give zeros"
 
 
-@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen3", "phi3"])
 def test_cuda_graph_mixed_steps_match_eager(arch, model_dirs, mixed_adapter_dirs):
     """static_mixed: prompts fed 5 tokens a step (prefill chunks beside decodes) replayed from graphs, fp32."""
     runs = {}

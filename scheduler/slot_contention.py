@@ -111,7 +111,7 @@ class SlotContention:
         (no host room for the adapter, or no KV pages for a new request)."""
         if (math.isinf(self._config.pause_tokens_ratio) or adapter.slot is not None
                 or any(reclaim.for_adapter == adapter.name for reclaim in self._reclaims.values())
-                or self._tier.free_slot() is not None or self._tier.slot_victim() is not None
+                or self._tier.free_slot(adapter) is not None or self._tier.slot_victim(adapter) is not None
                 or (adapter.state is AdapterState.ON_DISK and not self._tier.host_has_room(adapter))
                 or (request.phase is Phase.WAITING and not self._pages.can_allocate(request.kv_tokens))):
             return

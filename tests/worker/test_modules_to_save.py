@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 
 import worker.lora.slots
 from settings.config import EngineConfig
-from tests.conftest import VOCAB_ADAPTERS
+from tests.conftest import SAVED_MODULE_ADAPTERS, SAVED_MODULE_MODELS
 from tests.driver import Driver, Request, forward_paths, make_engine, make_resident, shared_host_memory_file
-from tests.model_factory import AdapterSpec, build_adapter, build_tiny_model
+from tests.model_factory import AdapterSpec, build_saving_adapter, build_tiny_model
 from tests.oracle import PeftOracle
 from tests.worker.test_equivalence import LOGIT_ATOL, prompt
 from tests.worker.test_vocab_lora import HALF_ATOL, check_against_peft, slow_layers
@@ -27,50 +27,10 @@ from worker.group import GroupSpec, join
 from worker.tensor_parallel import TensorParallel
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# name -> (LoRA spec, modules_to_save); "plain" has no saved module.
-SPECS = {
-    "save-embed": (AdapterSpec(rank=8, alpha=16, target_modules=["q_proj"], seed=51), ["embed_tokens"]),
-    "save-head": (AdapterSpec(rank=4, alpha=8, target_modules=["v_proj"], seed=52), ["lm_head"]),
-    "save-both": (AdapterSpec(rank=16, alpha=8, target_modules=ALL7, seed=53), ["model.embed_tokens", "lm_head"]),
-    "plain": (VOCAB_ADAPTERS["plain"], None),
-}
-MODELS = {"llama": ("llama", None), "qwen2-tied": ("qwen2", True)}
+MODELS = SAVED_MODULE_MODELS
 SAVED_SLOTS = 3
 SLOTS = {"save-embed": 0, "save-head": 1, "save-both": 2, "plain": 3}  # the saved-module slots first
 LANDING = "save-both"  # loaded without blocking, slowly, while the batch runs
-
-
-def _replace_tables(path: Path, seed: int) -> None:
-    """PEFT saves modules_to_save as copies of the base tables: give the adapter tables of its own."""
-    weights = path / "adapter_model.safetensors"
-    tensors = load_file(weights)
-    generator = torch.Generator().manual_seed(seed)
-    for key, value in tensors.items():
-        if "lora" not in key and key.endswith(("embed_tokens.weight", "lm_head.weight")):
-            noise = torch.randn(value.shape, generator=generator, dtype=torch.float32)
-            tensors[key] = (noise * value.float().std()).to(value.dtype)
-    save_file(tensors, weights)
-
-
-def build_saving_adapter(model_dir: Path, out: Path, spec: AdapterSpec, saved: list[str] | None) -> Path:
-    path = build_adapter(model_dir, out, AdapterSpec(**{**spec.__dict__, "modules_to_save": saved}))
-    if saved:
-        _replace_tables(path, spec.seed)
-    return path
-
-
-@pytest.fixture(scope="module")
-def mts_models(artifacts) -> dict[str, Path]:
-    return {name: build_tiny_model(artifacts / f"mts-{name}", arch,
-                                   **({} if tied is None else {"tie_word_embeddings": tied}))
-            for name, (arch, tied) in MODELS.items()}
-
-
-@pytest.fixture(scope="module")
-def mts_adapters(artifacts, mts_models) -> dict[str, dict[str, Path]]:
-    return {model: {name: build_saving_adapter(path, artifacts / f"mts-{model}-{name}", spec, saved)
-                    for name, (spec, saved) in SPECS.items()}
-            for model, path in mts_models.items()}
 
 
 def requests_for(adapters) -> list[Request]:
@@ -121,11 +81,24 @@ def test_the_tables_change_the_logits(mts_models, mts_adapters):
             assert (oracle.logits(tokens, name) - base).abs().max() > 100 * LOGIT_ATOL, (model, name)
 
 
+def _skip(*args) -> None:
+    """A replacement left out: the base table's rows stay."""
+
+
+@pytest.mark.parametrize("method", ["saved_embeddings", "saved_logits"])
+def test_a_missing_replacement_fails_the_comparison(method, mts_models, mts_adapters, monkeypatch):
+    monkeypatch.setattr(worker.lora.slots.LoraSlots, method, _skip)
+    engine, requests = run_mixed_batch(mts_models["llama"], mts_adapters["llama"], static=False)
+    engine.close()
+    with pytest.raises(AssertionError):
+        check_against_peft(mts_models["llama"], mts_adapters["llama"], requests)
+
+
 def test_bfloat16_serving_follows_the_reference(artifacts):
     model_dir = build_tiny_model(artifacts / "mts-bf16", "qwen2", dtype="bfloat16", tie_word_embeddings=True, seed=7)
     adapters = {name: build_saving_adapter(model_dir, artifacts / f"mts-bf16-{name}",
-                                           AdapterSpec(**{**spec.__dict__, "dtype": "bfloat16"}), saved)
-                for name, (spec, saved) in SPECS.items()}
+                                           AdapterSpec(**{**spec.__dict__, "dtype": "bfloat16"}))
+                for name, spec in SAVED_MODULE_ADAPTERS.items()}
     engine, requests = run_mixed_batch(model_dir, adapters, static=False, dtype="auto")
     assert engine.dtype == torch.bfloat16
     engine.close()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from settings.config import EngineConfig
@@ -468,12 +469,12 @@ class _ForwardLora:
         """The tokens whose adapter replaces the embedding (modules_to_save), looked up in its table."""
         if not engine.slots.any_saves(step.active_slots):
             return None
-        slots = step.token_slots.tolist()
-        rows = [t for t, slot in enumerate(slots) if engine.slots.replaces(slot, "embed_tokens")]
-        if not rows:
+        replacing = [slot for slot in step.active_slots if engine.slots.replaces(slot, "embed_tokens")]
+        rows = np.flatnonzero(np.isin(step.token_slots, replacing))
+        if not rows.size:
             return None
         rows_tensor = index_tensor(rows, engine.device)
-        row_slots = index_tensor([slots[t] for t in rows], engine.device)
+        row_slots = index_tensor(step.token_slots[rows], engine.device)
         return lambda hidden, ids, inside: self.slots.saved_embeddings(hidden, ids, inside, rows_tensor, row_slots)
 
     def embedding_delta(self, ids: torch.Tensor, inside: torch.Tensor | None) -> torch.Tensor | None:

@@ -7,6 +7,8 @@ from protos.loraserve.v1 import internal_pb2 as pb
 from scheduler.adapter_tier import AdapterTier, LoadStart
 from scheduler.adapters import Adapter, AdapterState
 from scheduler.metrics import SchedulerMetrics
+from tests.scheduler.fake_worker import FakeWorker, hello
+from tests.scheduler.test_core import NO_PREEMPTION, finished, make, submit
 
 
 def make_tier(slots: int, saved: int, host_entries: int = 8) -> AdapterTier:
@@ -108,3 +110,28 @@ def test_without_saved_module_slots_the_choice_is_as_before():
     tier = make_tier(slots=3, saved=0)
     assert [load(tier, register(tier, f"p{i}"), now=i) for i in range(3)] == [0, 1, 2]
     assert load(tier, register(tier, "q"), now=9) == 0, "the least recently used"
+
+
+def make_core(**hello_fields) -> FakeWorker:
+    return make(adapters=("a", "b"), worker_hello=hello(**hello_fields), drain_after_s=0,
+                pause_tokens_ratio=NO_PREEMPTION)
+
+
+def test_the_core_drains_a_saved_module_slot_for_a_waiting_adapter_with_tables():
+    """Both slots referenced and `s` (with tables) waiting: the drain takes slot 0, the only one `s`
+    may take, though the plain slot's request finishes sooner; `s` loads only there."""
+    worker = make_core(saved_module_slots=1, max_loras_per_batch=2)
+    worker.core.register(pb.RegisteredAdapter(name="s", rank=8, size_bytes=1000, target_modules=["q_proj"],
+                                              extra_modules=["lm_head"]), "/adapters/s")
+    submit(worker, "a0", "a", max_new_tokens=2)  # slot 1: plain adapters take the plain slot first
+    submit(worker, "b0", "b", max_new_tokens=6)  # slot 0
+    worker.step()
+    assert worker.core.hello.saved_module_slots == 1
+    assert {info.name: info.slot for info in worker.core.adapter_infos() if info.slot >= 0} == {"a": 1, "b": 0}
+    submit(worker, "s0", "s", max_new_tokens=2)
+    worker.step()
+    assert worker.core.draining_adapters() == ["b"]
+    worker.run_until_idle()
+    assert "s0" in finished(worker)
+    loads = [c.load_slot for c in worker.log if c.WhichOneof("kind") == "load_slot" and c.load_slot.name == "s"]
+    assert loads and all(load.slot == 0 for load in loads)

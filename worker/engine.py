@@ -379,15 +379,13 @@ class Engine:
         if not chosen:
             return chosen, None
         last_tokens = (step.seq_starts[chosen] + step.token_counts[chosen] - 1).tolist()
-        row_slots = [step.sequences[i].adapter_slot for i in chosen]
         logits = self.model.logits(hidden[index_tensor(last_tokens, self.device)], self._lm_head_lora(step, chosen),
-                                   self._saved_lm_head(step, row_slots))
+                                   self._saved_lm_head(step, chosen))
         seqs = [step.sequences[i] for i in chosen]
         return chosen, sample_on_device(logits, [s.sampling for s in seqs], [s.total_len for s in seqs])
 
     def _all_logits(self, step: StepInputs, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.model.logits(hidden, self._lm_head_lora(step, None),
-                                   self._saved_lm_head(step, step.token_slots.tolist())).cpu()
+        logits = self.model.logits(hidden, self._lm_head_lora(step, None), self._saved_lm_head(step, None)).cpu()
         return {
             seq.request_id: logits[start:start + count]
             for seq, start, count in zip(step.sequences, step.seq_starts.tolist(), step.token_counts.tolist())
@@ -403,12 +401,15 @@ class Engine:
         slots = index_tensor(row_slots, self.device)
         return lambda hidden: self.slots.lm_head_delta(hidden, slots)
 
-    def _saved_lm_head(self, step: StepInputs, row_slots: list[int]
+    def _saved_lm_head(self, step: StepInputs, sampled: list[int] | None
                        ) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
-        """Overwrites the logits of rows whose adapter replaces the LM head (modules_to_save) with its
-        table's; None, and no per-row work, when no adapter of the step replaces anything."""
+        """Overwrites the logits of the `sampled` sequences' last tokens (None: of every token) whose
+        adapter replaces the LM head (modules_to_save) with its table's; None, and no per-row work,
+        when no adapter of the step replaces anything."""
         if not self.slots.any_saves(step.active_slots):
             return None
+        row_slots = step.token_slots.tolist() if sampled is None else [step.sequences[i].adapter_slot
+                                                                       for i in sampled]
         rows_by_slot = _rows_by_slot(row_slots, lambda slot: self.slots.replaces(slot, "lm_head"), self.device)
         if not rows_by_slot:
             return None

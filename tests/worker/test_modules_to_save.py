@@ -14,6 +14,9 @@ import torch.multiprocessing
 from safetensors.torch import load_file, save_file
 
 import worker.lora.slots
+from protos.loraserve.v1 import internal_pb2 as pb
+from scheduler.adapter_tier import AdapterTier
+from scheduler.metrics import SchedulerMetrics
 from settings.config import EngineConfig
 from tests.conftest import SAVED_MODULE_ADAPTERS, SAVED_MODULE_MODELS
 from tests.driver import Driver, Request, forward_paths, make_engine, make_resident, shared_host_memory_file
@@ -24,6 +27,7 @@ from tests.worker.test_vocab_lora import HALF_ATOL, check_against_peft, slow_lay
 from worker.engine import Engine
 from worker.errors import AdapterConfigMismatchError, AdapterShapeError, UnsupportedAdapterError
 from worker.group import GroupSpec, join
+from worker.service import execute_command
 from worker.tensor_parallel import TensorParallel
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -201,6 +205,22 @@ def test_adapter_info_reports_the_extra_modules_and_their_bytes(mts_models, mts_
     assert engine.slots.table_bytes() == tables * 4
     assert sum(t.numel() * 4 for t in engine.slots.saved.values()) == 2 * tables * 4
     engine.close()
+
+
+def test_the_registration_reaches_the_adapter_api(mts_models, mts_adapters):
+    """Worker to scheduler: the registered adapter's extra modules and bytes, as the API reports them."""
+    engine = make_engine(mts_models["llama"], saved_module_slots=1)
+    result = pb.CommandResult()
+    command = pb.WorkerCommand(register_adapter=pb.RegisterAdapter(name="save-head",
+                                                                  path=str(mts_adapters["llama"]["save-head"])))
+    execute_command(engine, command, result)
+    info = engine.adapter_info("save-head")
+    engine.close()
+    assert list(result.adapter.extra_modules) == ["lm_head"] and result.adapter.size_bytes == info.nbytes
+    tier = AdapterTier(2, 1 << 30, 4, blocking_loads=True, metrics=SchedulerMetrics(), saved_module_slots=1)
+    api = tier.register(result.adapter, "/adapters/save-head").info()
+    assert list(api.extra_modules) == ["lm_head"] and api.gpu_bytes == info.nbytes and api.host_bytes >= info.nbytes
+    assert api.target_modules == ["v_proj"]
 
 
 def _refused(model_dir, path, error, match, **settings) -> None:

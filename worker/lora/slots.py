@@ -119,7 +119,7 @@ class LoraSlots:
         """What one saved-module slot's two tables take."""
         return sum(t.shape[1] * t.shape[2] * t.element_size() for t in self.saved.values())
 
-    def check_saved_slot(self, name: str, slot: int, adapter: HostAdapter) -> None:
+    def _check_saved_slot(self, name: str, slot: int, adapter: HostAdapter) -> None:
         """An adapter with modules_to_save tables loads only into a slot that owns tables."""
         if adapter.saved and slot >= self.saved_module_slots:
             raise UnsupportedAdapterError(
@@ -128,7 +128,7 @@ class LoraSlots:
 
     def assign(self, slot: int, adapter: HostAdapter) -> None:
         """Records the slot's new occupant; its weights arrive through `layer_writes`."""
-        self.check_saved_slot(adapter.name, slot, adapter)
+        self._check_saved_slot(adapter.name, slot, adapter)
         self._saved_modules[slot] = frozenset(adapter.saved)
         self.ranks[slot] = {key: a.shape[0] for key, (a, _) in adapter.tensors.items()}
         self.occupants[slot] = adapter.name

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
 
 import worker.lora.slots
 from protos.loraserve.v1 import internal_pb2 as pb
@@ -19,14 +18,15 @@ from scheduler.adapter_tier import AdapterTier
 from scheduler.metrics import SchedulerMetrics
 from settings.config import EngineConfig
 from tests.conftest import SAVED_MODULE_ADAPTERS, SAVED_MODULE_MODELS
+from tests import model_factory as factory
 from tests.driver import Driver, Request, forward_paths, make_engine, make_resident, shared_host_memory_file
 from tests.model_factory import AdapterSpec, build_saving_adapter, build_tiny_model
 from tests.oracle import PeftOracle
+from tests.tp_group import run_group
 from tests.worker.test_equivalence import LOGIT_ATOL, prompt
 from tests.worker.test_vocab_lora import HALF_ATOL, check_against_peft, slow_layers
 from worker.engine import Engine
 from worker.errors import AdapterConfigMismatchError, AdapterShapeError, UnsupportedAdapterError
-from worker.group import GroupSpec, join
 from worker.service import execute_command
 from worker.tensor_parallel import TensorParallel
 
@@ -306,11 +306,7 @@ TP_SETTINGS = dict(dtype="float32", device="cpu", page_size=4, num_kv_pages=256,
                    max_lora_rank=32, host_cache_bytes=16 << 20, saved_module_slots=SAVED_SLOTS)
 
 
-def _tp_rank(rank: int, size: int, rendezvous: str, host_memory: str, model_dir: str, adapters: dict[str, Path],
-             out: str) -> None:
-    torch.set_num_threads(1)
-    tp = join(GroupSpec(size, rank, rendezvous, 120, host_memory), "cpu") if size > 1 else TensorParallel()
-    engine = Engine(EngineConfig(model_path=model_dir, **TP_SETTINGS), tp=tp)
+def _tp_workload(engine: Engine, adapters: dict[str, Path]) -> list[Request]:
     for name, path in adapters.items():
         engine.register_adapter(name, path)
     for name, slot in SLOTS.items():
@@ -321,45 +317,31 @@ def _tp_rank(rank: int, size: int, rendezvous: str, host_memory: str, model_dir:
     Driver(engine, chunk=5).run(requests)
     while engine.busy_loading:
         engine.poll()
-    if rank == 0:
-        tensors = {}
-        for r in requests:
-            tensors[f"{r.request_id}.logits"] = r.all_logits().contiguous()
-            tensors[f"{r.request_id}.prompt"] = torch.tensor(r.prompt)
-            tensors[f"{r.request_id}.generated"] = torch.tensor(r.generated)
-        save_file(tensors, out)
-    engine.close()
-    if size > 1:
-        dist.destroy_process_group()
-
-
-def _tp_group(size: int, model_dir: Path, adapters: dict[str, Path], directory: Path) -> dict[str, Request]:
-    out = directory / f"tp{size}.safetensors"
-    config = EngineConfig(model_path=str(model_dir), **TP_SETTINGS)
-    host_memory = shared_host_memory_file(directory / f"host-memory-{size}", config, size)
-    args = (size, str(directory / f"rendezvous-{size}"), host_memory, str(model_dir), adapters, str(out))
-    if size == 1:
-        _tp_rank(0, *args)
-    else:
-        torch.multiprocessing.spawn(_tp_rank, args=args, nprocs=size)
-    tensors = load_file(out)
-    requests = {}
-    for key in tensors:
-        request_id = key.rsplit(".", 1)[0]
-        request = Request(request_id, tensors[f"{request_id}.prompt"].tolist(),
-                          generated=tensors[f"{request_id}.generated"].tolist())
-        request.logits = [tensors[f"{request_id}.logits"]]
-        requests[request_id] = request
     return requests
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_tensor_parallel_saved_modules_match_one_rank_and_peft(model, mts_models, mts_adapters, tmp_path):
     adapters = mts_adapters[model]
-    reference = _tp_group(1, mts_models[model], adapters, tmp_path)
-    sharded = _tp_group(2, mts_models[model], adapters, tmp_path)
+    reference = run_group(1, mts_models[model], adapters, tmp_path, TP_SETTINGS, _tp_workload)
+    sharded = run_group(2, mts_models[model], adapters, tmp_path, TP_SETTINGS, _tp_workload)
     assert sharded.keys() == reference.keys()
     check_against_peft(mts_models[model], adapters, list(sharded.values()))
     for request_id, request in sharded.items():
         assert request.generated == reference[request_id].generated, request_id
         torch.testing.assert_close(request.all_logits(), reference[request_id].all_logits(), atol=LOGIT_ATOL, rtol=0)
+
+
+def test_tensor_parallel_refuses_tables_of_a_vocabulary_it_cannot_split_evenly(artifacts, tmp_path):
+    """As for vocabulary LoRA: a rank's part of a padded vocabulary is longer than the file's slice."""
+    model_dir = artifacts / "mts-odd"
+    config = AutoConfig.from_pretrained(build_tiny_model(artifacts / "mts-odd-source", "llama"))
+    config.vocab_size = 257
+    factory._write_model(model_dir, config, dtype="float32", shard=False, seed=0)
+    path = build_saving_adapter(model_dir, artifacts / "mts-odd-head", SAVED_MODULE_ADAPTERS["save-head"])
+    config = EngineConfig(model_path=str(model_dir), **TP_SETTINGS)
+    host_memory = shared_host_memory_file(tmp_path / "host-memory", config, ranks=2)
+    engine = Engine(config, tp=TensorParallel(rank=0, size=2, host_memory=host_memory))
+    with pytest.raises(UnsupportedAdapterError, match=r"\['lm_head'\].*tensor-parallel-size 2.*257 tokens"):
+        engine.register_adapter("save-head", path)
+    engine.close()

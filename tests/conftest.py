@@ -51,8 +51,9 @@ VOCAB_ADAPTERS = {
 VOCAB_MODELS = {"llama": ("llama", None), "qwen2-tied": ("qwen2", True), "gemma2": ("gemma2", None)}
 
 # modules_to_save of the vocabulary modules (whole tables per adapter, the path names included), with
-# LoRA on linear modules beside them; "plain" replaces nothing. The tied model shows that PEFT keeps the
-# two tables apart (replacing the embedding leaves the LM head the base one).
+# LoRA on linear modules beside them; "plain" replaces nothing. The tied models show that PEFT keeps the
+# two tables apart (replacing the embedding leaves the LM head the base one); gemma2 scales the replaced
+# embedding and soft-caps the replaced LM head's logits.
 SAVED_MODULE_ADAPTERS = {
     "save-embed": AdapterSpec(rank=8, alpha=16, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
                               seed=51),
@@ -61,7 +62,7 @@ SAVED_MODULE_ADAPTERS = {
                              modules_to_save=["model.embed_tokens", "lm_head"], seed=53),
     "plain": AdapterSpec(rank=8, alpha=16, target_modules=_ALL_MODULES, seed=44),
 }
-SAVED_MODULE_MODELS = {"llama": ("llama", None), "qwen2-tied": ("qwen2", True)}
+SAVED_MODULE_MODELS = {"llama": ("llama", None), "qwen2-tied": ("qwen2", True), "gemma2": ("gemma2", None)}
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory) -> Path:

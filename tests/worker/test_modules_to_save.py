@@ -245,6 +245,13 @@ def test_a_module_both_replaced_and_adapted_is_refused(mts_models, mts_adapters,
     _refused(model_dir, path, UnsupportedAdapterError, r"modules_to_save and target_modules both reach \['embed_tokens'\]")
 
 
+def test_ensure_weight_tying_on_tied_embeddings_is_refused(mts_models, mts_adapters, artifacts):
+    path = _rewrite(mts_adapters["qwen2-tied"]["save-embed"], artifacts / "mts-tying",
+                    config=lambda c: {**c, "ensure_weight_tying": True})
+    _refused(mts_models["qwen2-tied"], path, UnsupportedAdapterError,
+             r"ensure_weight_tying=true with modules_to_save \['embed_tokens'\] on a model with tied embeddings")
+
+
 def test_a_resized_table_is_refused(mts_models, mts_adapters, artifacts):
     model_dir = mts_models["llama"]
     source = mts_adapters["llama"]["save-embed"]
@@ -320,7 +327,7 @@ def _tp_workload(engine: Engine, adapters: dict[str, Path]) -> list[Request]:
     return requests
 
 
-@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("model", ["llama", "qwen2-tied"])
 def test_tensor_parallel_saved_modules_match_one_rank_and_peft(model, mts_models, mts_adapters, tmp_path):
     adapters = mts_adapters[model]
     reference = run_group(1, mts_models[model], adapters, tmp_path, TP_SETTINGS, _tp_workload)

@@ -13,6 +13,8 @@ the ranks' parts into B (A x). The embedding's LoRA is split like its table: a r
 columns of A [r, vocab] of its vocabulary range and B whole, looks up its own tokens (zero for
 the others) and adds its delta before the embedding's all-reduce; the LM head's keeps A whole
 and slices B [vocab, r] by rows, so each rank computes its own logits' delta before the gather.
+An adapter's own embedding and LM head tables (modules_to_save) are split by vocabulary as the base
+ones, and replace their rows before the same all-reduce and gather.
 """
 
 from __future__ import annotations

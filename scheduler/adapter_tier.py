@@ -63,8 +63,11 @@ class AdapterTier:
     """Others may read the `Adapter` records it hands out; only its methods change them."""
 
     def __init__(self, num_slots: int, host_capacity_bytes: int, max_host_entries: int, blocking_loads: bool,
-                 metrics: SchedulerMetrics) -> None:
+                 metrics: SchedulerMetrics, saved_module_slots: int = 0) -> None:
+        """`saved_module_slots`: slots [0, N) own the embedding and LM head tables that adapters with
+        modules_to_save replace; such adapters load only there."""
         self._adapters: dict[str, Adapter] = {}
+        self.saved_module_slots = saved_module_slots
         # Those in IN_HOST_CACHE, kept by `_move`: the host cache is asked about per waiting request
         # each step, and a scan of 1,000 registered adapters each time cost ~10 ms a step.
         self._host: dict[str, Adapter] = {}
@@ -85,7 +88,8 @@ class AdapterTier:
     def register(self, registered: pb.RegisteredAdapter, path: str) -> Adapter:
         adapter = Adapter(registered.name, path, registered.rank, registered.size_bytes,
                           tuple(registered.target_modules), ranks=tuple(registered.ranks),
-                          alphas=tuple(registered.alphas), dora=registered.dora)
+                          alphas=tuple(registered.alphas), dora=registered.dora,
+                          extra_modules=tuple(registered.extra_modules))
         self._adapters[adapter.name] = adapter
         self._host.pop(adapter.name, None)
         return adapter
@@ -174,14 +178,27 @@ class AdapterTier:
         return [slot for slot, owner in enumerate(self._slot_owner)
                 if owner is not None and self._adapters[owner].state is AdapterState.RESIDENT]
 
-    def free_slot(self) -> int | None:
-        return next((slot for slot, owner in enumerate(self._slot_owner) if owner is None), None)
+    def slots_for(self, adapter: Adapter | None) -> list[int]:
+        """The slots `adapter` may take, preferred first: one with modules_to_save only the
+        saved-module slots; any other every slot, the plain ones first, so that the saved-module
+        slots stay free for the adapters that need them (None: any adapter, as a plain one)."""
+        saved = list(range(self.saved_module_slots))
+        if adapter is not None and adapter.extra_modules:
+            return saved
+        return [*range(self.saved_module_slots, self.num_slots), *saved]
 
-    def slot_victim(self) -> int | None:
-        """The least recently used resident slot with no references (LRU eviction)."""
-        candidates = [self._adapters[owner] for owner in self._slot_owner if owner is not None]
+    def free_slot(self, adapter: Adapter | None = None) -> int | None:
+        return next((slot for slot in self.slots_for(adapter) if self._slot_owner[slot] is None), None)
+
+    def slot_victim(self, adapter: Adapter | None = None) -> int | None:
+        """The least recently used resident slot with no references (LRU eviction) among those
+        `adapter` may take; for a plain adapter, a saved-module slot only if no other is idle."""
+        saved_first = adapter is None or not adapter.extra_modules
+        candidates = [self._adapters[self._slot_owner[slot]] for slot in self.slots_for(adapter)
+                      if self._slot_owner[slot] is not None]
         idle = [a for a in candidates if a.state is AdapterState.RESIDENT and a.references == 0]
-        victim = min(idle, key=lambda a: (a.waiting > 0, a.last_used), default=None)
+        victim = min(idle, key=lambda a: (saved_first and a.slot < self.saved_module_slots, a.waiting > 0,
+                                          a.last_used), default=None)
         return None if victim is None else victim.slot
 
     # Host cache ------------------------------------------------------------------------------
@@ -225,7 +242,7 @@ class AdapterTier:
         # free it for a moment only, and the next step would evict the adapter reloaded into it.
         if adapter.state is AdapterState.ON_DISK and not self._make_host_room(adapter):
             return LoadStart.NO_HOST_ROOM
-        slot = self._claim_slot()
+        slot = self._claim_slot(adapter)
         if slot is None:
             return LoadStart.NO_SLOT
         from_host = adapter.state is AdapterState.HOST
@@ -249,17 +266,16 @@ class AdapterTier:
                 self._stage(adapter)
                 count, used = count + 1, used + adapter.host_bytes
         for adapter in entries:
-            if adapter.state is AdapterState.HOST and not adapter.unloading:
-                if self.free_slot() is None:
-                    break
+            # Into a free slot only; an adapter with modules_to_save may find none where another would.
+            if adapter.state is AdapterState.HOST and not adapter.unloading and self.free_slot(adapter) is not None:
                 self.start_loading(adapter)
 
-    def _claim_slot(self) -> int | None:
-        """A free slot, else the least recently used idle one, evicted."""
-        slot = self.free_slot()
+    def _claim_slot(self, adapter: Adapter) -> int | None:
+        """A free slot `adapter` may take, else the least recently used idle one, evicted."""
+        slot = self.free_slot(adapter)
         if slot is not None:
             return slot
-        slot = self.slot_victim()
+        slot = self.slot_victim(adapter)
         if slot is None:
             return None
         victim = self._adapters[self._slot_owner[slot]]

@@ -67,6 +67,7 @@ class Adapter:
     ranks: tuple[int, ...] = ()  # every rank its modules have
     alphas: tuple[float, ...] = ()  # every lora_alpha its modules have
     dora: bool = False
+    extra_modules: tuple[str, ...] = ()  # modules_to_save it replaces: it needs a saved-module slot
 
     @property
     def host_bytes(self) -> int:
@@ -78,5 +79,5 @@ class Adapter:
             state=serving_pb2.ADAPTER_STATE_UNLOADING if self.unloading else self.state.value,
             target_modules=list(self.modules), slot=-1 if self.slot is None else self.slot,
             active_requests=self.references + self.waiting, ranks=self.ranks, alphas=self.alphas,
-            host_bytes=self.host_bytes, gpu_bytes=self.size_bytes, dora=self.dora,
+            host_bytes=self.host_bytes, gpu_bytes=self.size_bytes, dora=self.dora, extra_modules=self.extra_modules,
         )

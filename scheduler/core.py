@@ -66,7 +66,8 @@ class SchedulerCore:
         self._pages = PageAllocator(hello.num_kv_pages, hello.page_size)
         self._metrics = SchedulerMetrics()
         self._tier = AdapterTier(hello.max_loras_per_batch, hello.host_cache_bytes, hello.max_loaded_loras,
-                                 blocking_loads=not config.overlap_loading, metrics=self._metrics)
+                                 blocking_loads=not config.overlap_loading, metrics=self._metrics,
+                                 saved_module_slots=hello.saved_module_slots)
         self._contention = SlotContention(config, self._tier, self._pages, self.running, self.waiting)
         self._counters = Counters()
         self._idle_before_admission = True  # no request ran when this admission pass began

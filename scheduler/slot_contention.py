@@ -85,21 +85,24 @@ class SlotContention:
     def _drain_for_waiting_adapters(self) -> None:
         """Stops admitting to the slots that free soonest, one per adapter waiting for a slot."""
         limit = min(len(self._wanting_slot), self._config.max_draining_slots)
+        # Only slots a waiting adapter may take (one with modules_to_save: the saved-module slots).
+        wanted = {slot for name in self._wanting_slot if (adapter := self._tier.get(name)) is not None
+                  for slot in self._tier.slots_for(adapter)}
         while len(self._draining) < limit:
-            slot = self._soonest_free_slot()
+            slot = self._soonest_free_slot(wanted)
             if slot is None:
                 return
             self._draining[slot] = self._tier.owner_of(slot)
 
-    def _soonest_free_slot(self) -> int | None:
-        """The resident, not yet draining slot whose running requests have the fewest tokens left."""
+    def _soonest_free_slot(self, wanted: set[int]) -> int | None:
+        """The resident, not yet draining slot of `wanted` whose running requests have the fewest tokens left."""
         tokens_left: dict[int, int] = {}
         for request in self._running:
             if request.slot >= 0:
                 left = request.sampling.max_new_tokens - len(request.generated)
                 tokens_left[request.slot] = max(tokens_left.get(request.slot, 0), left)
         candidates = [slot for slot in self._tier.resident_slots()
-                      if slot not in self._draining and slot not in self._reclaims]
+                      if slot in wanted and slot not in self._draining and slot not in self._reclaims]
         return min(candidates, key=lambda slot: tokens_left.get(slot, 0), default=None)
 
     # Reclaiming ----------------------------------------------------------------------------------
@@ -111,7 +114,7 @@ class SlotContention:
         (no host room for the adapter, or no KV pages for a new request)."""
         if (math.isinf(self._config.pause_tokens_ratio) or adapter.slot is not None
                 or any(reclaim.for_adapter == adapter.name for reclaim in self._reclaims.values())
-                or self._tier.free_slot() is not None or self._tier.slot_victim() is not None
+                or self._tier.free_slot(adapter) is not None or self._tier.slot_victim(adapter) is not None
                 or (adapter.state is AdapterState.ON_DISK and not self._tier.host_has_room(adapter))
                 or (request.phase is Phase.WAITING and not self._pages.can_allocate(request.kv_tokens))):
             return

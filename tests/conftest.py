@@ -9,7 +9,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.model_factory import ARCHITECTURES, AdapterSpec, build_adapter, build_tiny_model, spec_for  # noqa: E402
+from tests.model_factory import (  # noqa: E402
+    ARCHITECTURES,
+    AdapterSpec,
+    build_adapter,
+    build_saving_adapter,
+    build_tiny_model,
+    spec_for,
+)
 
 MIXED_ADAPTERS = {
     "a0": AdapterSpec(rank=8, alpha=16, target_modules=["q_proj", "v_proj"], seed=1),
@@ -44,6 +51,19 @@ VOCAB_ADAPTERS = {
 VOCAB_MODELS = {"llama": ("llama", None), "qwen2-tied": ("qwen2", True), "gemma2": ("gemma2", None),
                 "gemma3": ("gemma3", None), "phi3": ("phi3", None)}
 
+# modules_to_save of the vocabulary modules (whole tables per adapter, the path names included), with
+# LoRA on linear modules beside them; "plain" replaces nothing. The tied models show that PEFT keeps the
+# two tables apart (replacing the embedding leaves the LM head the base one); gemma2 scales the replaced
+# embedding and soft-caps the replaced LM head's logits.
+SAVED_MODULE_ADAPTERS = {
+    "save-embed": AdapterSpec(rank=8, alpha=16, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                              seed=51),
+    "save-head": AdapterSpec(rank=4, alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"], seed=52),
+    "save-both": AdapterSpec(rank=16, alpha=8, target_modules=_ALL_MODULES,
+                             modules_to_save=["model.embed_tokens", "lm_head"], seed=53),
+    "plain": AdapterSpec(rank=8, alpha=16, target_modules=_ALL_MODULES, seed=44),
+}
+SAVED_MODULE_MODELS = {"llama": ("llama", None), "qwen2-tied": ("qwen2", True), "gemma2": ("gemma2", None)}
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory) -> Path:
@@ -88,3 +108,17 @@ def vocab_adapters(artifacts, vocab_models) -> dict[str, dict[str, Path]]:
                                         spec_for(VOCAB_MODELS[model][0], spec))
                     for name, spec in VOCAB_ADAPTERS.items()}
             for model, path in vocab_models.items()}
+
+
+@pytest.fixture(scope="session")
+def mts_models(artifacts) -> dict[str, Path]:
+    return {name: build_tiny_model(artifacts / f"mts-{name}", arch, tie_word_embeddings=tied)
+            for name, (arch, tied) in SAVED_MODULE_MODELS.items()}
+
+
+@pytest.fixture(scope="session")
+def mts_adapters(artifacts, mts_models) -> dict[str, dict[str, Path]]:
+    """model -> adapter name -> directory, for the modules_to_save tests."""
+    return {model: {name: build_saving_adapter(path, artifacts / f"mts-{model}-{name}", spec)
+                    for name, spec in SAVED_MODULE_ADAPTERS.items()}
+            for model, path in mts_models.items()}

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -388,6 +388,21 @@ def build_resized_vocab_adapter(model_dir: Path, out_dir: Path, *, extra_tokens:
 def build_modules_to_save_adapter(model_dir: Path, out_dir: Path) -> Path:
     """modules_to_save=["lm_head"]: the adapter carries a full `base_model.model.lm_head.weight`."""
     return build_adapter(model_dir, out_dir, AdapterSpec(modules_to_save=["lm_head"]))
+
+
+def build_saving_adapter(model_dir: Path, out_dir: Path, spec: AdapterSpec) -> Path:
+    """An adapter with `spec.modules_to_save` tables of its own: PEFT saves copies of the base
+    tables, which would make its output the base model's; each is redrawn at the base table's std."""
+    path = build_adapter(model_dir, out_dir, spec)
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    generator = torch.Generator().manual_seed(spec.seed)
+    for key, value in tensors.items():
+        if "lora" not in key and key.endswith(("embed_tokens.weight", "lm_head.weight")):
+            noise = torch.randn(value.shape, generator=generator, dtype=torch.float32)
+            tensors[key] = (noise * value.float().std()).to(value.dtype)
+    save_file(tensors, weights)
+    return path
 
 
 def build_adapter_for_other_base(model_dir: Path, out_dir: Path) -> Path:

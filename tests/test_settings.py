@@ -33,7 +33,7 @@ NON_DEFAULTS = {
     "model_path": "/models/m", "load_format": "dummy", "device": "cpu", "dtype": "float16", "context_length": 512,
     "tensor_parallel_size": 4, "tp_timeout_s": 5.0,
     "page_size": 8,
-    "num_kv_pages": 99, "max_loras_per_batch": 3, "max_loaded_loras": 5, "max_lora_rank": 32,
+    "num_kv_pages": 99, "max_loras_per_batch": 3, "saved_module_slots": 2, "max_loaded_loras": 5, "max_lora_rank": 32,
     "lora_target_modules": ("q_proj", "down_proj"), "host_cache_bytes": 12345, "seed": 7, "static_decode": False,
     "cuda_graphs": False, "max_decode_batch": 64, "static_mixed": False,
     "host": "0.0.0.0", "port": 0, "tokenizer_path": "/tok", "model_name": "served", "http_port": 8000,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from settings.config import EngineConfig
@@ -40,7 +41,7 @@ from worker.model.config import DTYPES, ModelConfig, load_model_config
 from worker.model.llama import LlamaModel, ModelWeights, fuse_weights
 from worker.model.weights import dummy_weights, load_safetensors
 from worker.sampling import DeviceSample, sample_on_device, to_host, validate_sampling
-from worker.tensor_parallel import TensorParallel
+from worker.tensor_parallel import EmbeddingReplace, TensorParallel
 from worker.step_inputs import (
     PreviousTokens,
     StepInputs,
@@ -62,6 +63,7 @@ class AdapterInfo:
     ranks: list[int]
     alphas: list[float]
     dora: bool
+    extra_modules: frozenset[str] = frozenset()  # modules_to_save it replaces: it needs a saved-module slot
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class Engine:
             c, num_slots=config.max_loras_per_batch, max_rank=config.max_lora_rank,
             modules=config.lora_target_modules, dtype=self.dtype, device=self.device,
             base_weights=base_module_weights(self.model.weights, c), vocab_rows=vocab_rows,
+            saved_module_slots=config.saved_module_slots,
         )
         on_gpu = self.device.type == "cuda"
         # Every LoRA module's shapes on this rank, the vocabulary modules' included: what it stages.
@@ -163,7 +166,8 @@ class Engine:
             # A row-parallel module's weight norms would need the other ranks' input columns.
             raise UnsupportedAdapterError(f"adapter {name!r} is a DoRA adapter (use_dora), which is not served "
                                           f"with tensor parallelism (--tensor-parallel-size {self.tp.size})")
-        vocab = sorted(manifest.modules & set(VOCAB_MODULES))
+        self._check_saved_modules_servable(name, manifest)
+        vocab = sorted((manifest.modules | manifest.saved_modules) & set(VOCAB_MODULES))
         if vocab and self.model_config.vocab_size % self.tp.size:
             # A rank's part of the vocabulary would be padded, and the file's slice shorter than it.
             raise UnsupportedAdapterError(
@@ -172,11 +176,19 @@ class Engine:
         self.adapters[name] = manifest
         return self.adapter_info(name)
 
+    def _check_saved_modules_servable(self, name: str, manifest: AdapterManifest) -> None:
+        """An adapter replacing the embedding or LM head (modules_to_save) needs slots that own tables."""
+        if manifest.saved_modules and not self.config.saved_module_slots:
+            raise UnsupportedAdapterError(
+                f"adapter {name!r} replaces {sorted(manifest.saved_modules)} (modules_to_save), which needs GPU "
+                f"slots with their own tables: start the server with --saved-module-slots N (each such slot takes "
+                f"{self.slots.table_bytes()} bytes of GPU memory)")
+
     def adapter_info(self, name: str) -> AdapterInfo:
         manifest = self._manifest(name)
         nbytes = manifest.nbytes(self.lora_shapes, self.dtype.itemsize)  # what one rank holds
         return AdapterInfo(name, manifest.path, manifest.max_rank, nbytes, manifest.target_modules, manifest.ranks,
-                           manifest.alphas, manifest.dora)
+                           manifest.alphas, manifest.dora, manifest.saved_modules)
 
     def unregister_adapter(self, name: str) -> None:
         self._manifest(name)
@@ -297,7 +309,9 @@ class Engine:
         step = build_step_inputs(inputs, page_size=self.config.page_size, num_pages=self.config.num_kv_pages,
                                  vocab_size=self.model_config.vocab_size)
         sources = previous_token_sources(step, previous)
-        static = self.graph_runner is not None and self.graph_runner.supports(step.sequences)
+        # Steps with an adapter's own embedding or LM head table (modules_to_save) run eager.
+        static = (self.graph_runner is not None and self.graph_runner.supports(step.sequences)
+                  and not self.slots.any_saves(step.active_slots))
         landing = self._landing(step.active_slots)
         span = self.timeline.begin(COMPUTE_LANE, "forward", sequences=len(inputs), tokens=step.num_tokens,
                                    adapters=sorted({self.slots.occupants[s] for s in step.active_slots}),
@@ -365,12 +379,13 @@ class Engine:
         if not chosen:
             return chosen, None
         last_tokens = (step.seq_starts[chosen] + step.token_counts[chosen] - 1).tolist()
-        logits = self.model.logits(hidden[index_tensor(last_tokens, self.device)], self._lm_head_lora(step, chosen))
+        logits = self.model.logits(hidden[index_tensor(last_tokens, self.device)], self._lm_head_lora(step, chosen),
+                                   self._saved_lm_head(step, chosen))
         seqs = [step.sequences[i] for i in chosen]
         return chosen, sample_on_device(logits, [s.sampling for s in seqs], [s.total_len for s in seqs])
 
     def _all_logits(self, step: StepInputs, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.model.logits(hidden, self._lm_head_lora(step, None)).cpu()
+        logits = self.model.logits(hidden, self._lm_head_lora(step, None), self._saved_lm_head(step, None)).cpu()
         return {
             seq.request_id: logits[start:start + count]
             for seq, start, count in zip(step.sequences, step.seq_starts.tolist(), step.token_counts.tolist())
@@ -385,6 +400,20 @@ class Engine:
         row_slots = step.token_slots if sampled is None else [step.sequences[i].adapter_slot for i in sampled]
         slots = index_tensor(row_slots, self.device)
         return lambda hidden: self.slots.lm_head_delta(hidden, slots)
+
+    def _saved_lm_head(self, step: StepInputs, sampled: list[int] | None
+                       ) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+        """Overwrites the logits of the `sampled` sequences' last tokens (None: of every token) whose
+        adapter replaces the LM head (modules_to_save) with its table's; None, and no per-row work,
+        when no adapter of the step replaces anything."""
+        if not self.slots.any_saves(step.active_slots):
+            return None
+        row_slots = step.token_slots.tolist() if sampled is None else [step.sequences[i].adapter_slot
+                                                                       for i in sampled]
+        rows_by_slot = _rows_by_slot(row_slots, lambda slot: self.slots.replaces(slot, "lm_head"), self.device)
+        if not rows_by_slot:
+            return None
+        return lambda logits, hidden: self.slots.saved_logits(logits, hidden, rows_by_slot)
 
     def close(self) -> None:
         self.copier.close()
@@ -435,6 +464,19 @@ class _ForwardLora:
         self.landing = landing
         self.token_slots = (index_tensor(step.token_slots, engine.device)
                             if engine.slots.any_adapts(step.active_slots, "embed_tokens") else None)
+        self.saved_embeddings = self._saved_embeddings(engine, step)
+
+    def _saved_embeddings(self, engine: Engine, step: StepInputs) -> EmbeddingReplace | None:
+        """The tokens whose adapter replaces the embedding (modules_to_save), looked up in its table."""
+        if not engine.slots.any_saves(step.active_slots):
+            return None
+        replacing = [slot for slot in step.active_slots if engine.slots.replaces(slot, "embed_tokens")]
+        rows = np.flatnonzero(np.isin(step.token_slots, replacing))
+        if not rows.size:
+            return None
+        rows_tensor = index_tensor(rows, engine.device)
+        row_slots = index_tensor(step.token_slots[rows], engine.device)
+        return lambda hidden, ids, inside: self.slots.saved_embeddings(hidden, ids, inside, rows_tensor, row_slots)
 
     def embedding_delta(self, ids: torch.Tensor, inside: torch.Tensor | None) -> torch.Tensor | None:
         if self.token_slots is None:
@@ -454,6 +496,16 @@ class _ForwardLora:
         padded = self.batch.pad(x)
         for module, out in outputs:
             self.slots.add_delta(out, padded, layer, module, self.batch)
+
+
+def _rows_by_slot(row_slots: list[int], replaces: Callable[[int], bool],
+                  device: torch.device) -> dict[int, torch.Tensor]:
+    """The rows of each slot that `replaces`, as index tensors on `device`."""
+    rows: dict[int, list[int]] = {}
+    for row, slot in enumerate(row_slots):
+        if replaces(slot):
+            rows.setdefault(slot, []).append(row)
+    return {slot: index_tensor(indexes, device) for slot, indexes in rows.items()}
 
 
 def _path_name(static: bool, landing: list[LoadJob]) -> str:

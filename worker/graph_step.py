@@ -375,6 +375,8 @@ class _StaticLora:
     With `variant.dora`, every delta is added in place and each adapted output then rescaled per
     token; with `variant.embedding`, each token's embedding delta is added to its embedding."""
 
+    saved_embeddings = None  # steps with modules_to_save tables run eager (worker/engine.py)
+
     def __init__(self, slots: LoraSlots, inputs: StaticInputs, *, use_triton: bool, variant: LoraVariant,
                  wait_for_layer: Callable[[int], None] | None = None,
                  side_stream: torch.cuda.Stream | None = None) -> None:

@@ -216,6 +216,7 @@ class WorkerService:
             page_size=config.page_size, max_loras_per_batch=config.max_loras_per_batch,
             max_loaded_loras=config.max_loaded_loras, max_lora_rank=config.max_lora_rank,
             host_cache_bytes=config.host_cache_bytes, eos_token_ids=list(model.eos_token_ids), pid=os.getpid(),
+            saved_module_slots=config.saved_module_slots,
         )
 
     def _send(self, event: pb.WorkerEvent) -> None:
@@ -229,7 +230,7 @@ def execute_command(engine: Engine, command: pb.WorkerCommand, result: pb.Comman
         info = engine.register_adapter(command.register_adapter.name, command.register_adapter.path)
         result.adapter.CopyFrom(pb.RegisteredAdapter(
             name=info.name, rank=info.rank, size_bytes=info.nbytes, target_modules=sorted(info.modules),
-            ranks=info.ranks, alphas=info.alphas, dora=info.dora))
+            ranks=info.ranks, alphas=info.alphas, dora=info.dora, extra_modules=sorted(info.extra_modules)))
     elif kind == "unregister_adapter":
         engine.unregister_adapter(command.unregister_adapter.name)
     elif kind == "stage_adapter":

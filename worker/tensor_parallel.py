@@ -13,6 +13,8 @@ the ranks' parts into B (A x). The embedding's LoRA is split like its table: a r
 columns of A [r, vocab] of its vocabulary range and B whole, looks up its own tokens (zero for
 the others) and adds its delta before the embedding's all-reduce; the LM head's keeps A whole
 and slices B [vocab, r] by rows, so each rank computes its own logits' delta before the gather.
+An adapter's own embedding and LM head tables (modules_to_save) are split by vocabulary as the base
+ones, and replace their rows before the same all-reduce and gather.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ ALL = slice(None)
 # (this rank's row of each token in its vocabulary part, which tokens are in its part (None: all))
 # -> the embedding's LoRA delta of each token [T, hidden], or None when no adapter of the step has one.
 EmbeddingDelta = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | None]
+# (embeddings [T, hidden], this rank's row of each token, which tokens are in its part (None: all)) ->
+# None, having overwritten the embeddings of tokens whose adapter replaces the table (modules_to_save).
+EmbeddingReplace = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]
 
 
 class GroupFailure(BaseException):
@@ -154,9 +159,10 @@ class TensorParallel:
             self._collective(dist.all_reduce, x, group=self.group)
         return x
 
-    def embed(self, table: torch.Tensor, input_ids: torch.Tensor, lora: EmbeddingDelta | None = None) -> torch.Tensor:
+    def embed(self, table: torch.Tensor, input_ids: torch.Tensor, lora: EmbeddingDelta | None = None,
+              replace: EmbeddingReplace | None = None) -> torch.Tensor:
         """Embedding lookup over a vocabulary-split table: each rank fills its ids' rows (and their
-        LoRA deltas, from `lora`), the sum has them all."""
+        LoRA deltas, from `lora`; `replace` swaps in adapters' own tables), the sum has them all."""
         if not self.enabled:
             local, inside = input_ids, None
             hidden = table[input_ids]
@@ -166,6 +172,8 @@ class TensorParallel:
             inside = (local >= 0) & (local < per_rank)
             local = local.clamp(0, per_rank - 1)
             hidden = table[local] * inside.unsqueeze(-1).to(table.dtype)
+        if replace is not None:
+            replace(hidden, local, inside)
         delta = None if lora is None else lora(local, inside)
         if delta is not None:
             hidden += delta

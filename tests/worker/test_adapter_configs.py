@@ -135,7 +135,11 @@ SERVED: dict[str, Variant] = {
 }
 
 REFUSED: dict[str, tuple[Variant, type[InvalidAdapterError], str]] = {
-    "modules_to_save": (Variant(config={"modules_to_save": ["lm_head"]}), UnsupportedAdapterError, "modules_to_save"),
+    # Only embed_tokens and lm_head may be replaced (tests/worker/test_modules_to_save.py serves them).
+    "modules_to_save_other": (Variant(config={"modules_to_save": ["score"]}), UnsupportedAdapterError,
+                              "modules_to_save names 'score'"),
+    "modules_to_save_without_table": (Variant(config={"modules_to_save": ["lm_head"]}), AdapterConfigMismatchError,
+                                      "modules_to_save lists lm_head, but .* holds no lm_head table"),
     "bias_all": (Variant(config={"bias": "all"}), UnsupportedAdapterError, "bias"),
     "bias_lora_only": (Variant(config={"bias": "lora_only"}), UnsupportedAdapterError, "bias"),
     "lora_bias": (Variant(config={"lora_bias": True}), UnsupportedAdapterError, "lora_bias"),

@@ -26,7 +26,9 @@ BAD_ADAPTERS = {
     "truncated": (factory.build_truncated_adapter, CorruptAdapterError, "safetensors"),
     "corrupt": (factory.build_corrupt_adapter, CorruptAdapterError, "safetensors"),
     "resized_vocab": (factory.build_resized_vocab_adapter, AdapterShapeError, "resized vocabulary"),
-    "modules_to_save": (factory.build_modules_to_save_adapter, UnsupportedAdapterError, "modules_to_save"),
+    # Served only with --saved-module-slots (tests/worker/test_modules_to_save.py).
+    "modules_to_save": (factory.build_modules_to_save_adapter, UnsupportedAdapterError,
+                        r"modules_to_save.*--saved-module-slots"),
     "other_base": (factory.build_adapter_for_other_base, AdapterShapeError, "another base"),
 }
 

@@ -26,6 +26,7 @@ from worker.lora.peft_config import (
     VOCAB_MODULES,
     alpha,
     check_config,
+    check_saved_modules,
     check_vocab_targets,
     expected_rank,
     module_path,
@@ -58,6 +59,9 @@ _VOCAB_LORA_KEY = re.compile(
 # over the base model's, so they must be the base model's; only their shape is checked (it reveals a
 # resized vocabulary), as reading them whole would cost a vocabulary-sized read per registration.
 _VOCAB_BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.(embed_tokens)|(lm_head))\.base_layer\.weight$")
+# A module_to_save's replacement table ([vocab, hidden], as the base weight), as PEFT saves it: the
+# module's path and ".weight", with or without the "base_model.model." prefix.
+_SAVED_MODULE_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.(embed_tokens)|(lm_head))\.weight$")
 MAGNITUDE = "magnitude"
 
 
@@ -85,6 +89,14 @@ class LoraTarget:
 
 
 @dataclass(frozen=True)
+class SavedModule:
+    """A vocabulary module PEFT's modules_to_save replaces: the adapter's whole table [vocab, hidden]."""
+
+    module: str  # embed_tokens or lm_head
+    key: str  # its safetensors key
+
+
+@dataclass(frozen=True)
 class FileFingerprint:
     size: int
     mtime_ns: int
@@ -98,6 +110,12 @@ class AdapterManifest:
     targets: tuple[LoraTarget, ...]
     max_rank: int
     fingerprint: FileFingerprint
+    saved: tuple[SavedModule, ...] = ()  # modules_to_save's tables, the embedding's first
+
+    @property
+    def saved_modules(self) -> frozenset[str]:
+        """The vocabulary modules it replaces (modules_to_save): it needs a saved-module slot."""
+        return frozenset(s.module for s in self.saved)
 
     @property
     def weights_path(self) -> Path:
@@ -129,9 +147,14 @@ class AdapterManifest:
 
     def nbytes(self, model: ModelConfig | LoraShapes, element_size: int) -> int:
         """What staging the adapter takes: A, B.T and DoRA's magnitudes. An adapter of the
-        vocabulary modules needs `model` to be `LoraShapes`, which has their shapes."""
+        vocabulary modules or replacement tables needs `model` to be `LoraShapes`, which has their
+        shapes (this rank's vocabulary rows)."""
         shapes = model.module_shapes()
-        return sum(_target_numel(t, *shapes[t.module]) * element_size for t in self.targets)
+        tables = 0
+        if self.saved:
+            vocab, hidden = shapes["embed_tokens"]  # both tables are [vocab, hidden], as the embedding
+            tables = len(self.saved) * vocab * hidden
+        return (sum(_target_numel(t, *shapes[t.module]) for t in self.targets) + tables) * element_size
 
 
 def _target_numel(target: LoraTarget, in_features: int, out_features: int) -> int:
@@ -144,13 +167,14 @@ def read_adapter_manifest(path: str | Path, model: ModelConfig, max_lora_rank: i
     config = _read_config(directory)
     check_config(config, directory, model)
     check_vocab_targets(config, model.tie_word_embeddings)
+    saved_modules = check_saved_modules(config, model.tie_word_embeddings)
     weights = _weights_file(directory)
-    targets = _read_targets(weights, config, model)
-    max_rank = max(t.rank for t in targets)
+    targets, saved = _read_targets(weights, config, model, saved_modules)
+    max_rank = max((t.rank for t in targets), default=0)
     if max_rank > max_lora_rank:
         raise AdapterRankError(f"adapter {directory} has rank {max_rank}, above max_lora_rank {max_lora_rank}")
     stat = weights.stat()
-    return AdapterManifest(directory, targets, max_rank, FileFingerprint(stat.st_size, stat.st_mtime_ns))
+    return AdapterManifest(directory, targets, max_rank, FileFingerprint(stat.st_size, stat.st_mtime_ns), saved)
 
 
 def _read_config(directory: Path) -> dict:
@@ -181,11 +205,19 @@ def _weights_file(directory: Path) -> Path:
     raise AdapterNotFoundError(f"{directory} has no {WEIGHTS_FILE}")
 
 
-def _read_targets(weights: Path, config: dict, model: ModelConfig) -> tuple[LoraTarget, ...]:
+def _read_targets(weights: Path, config: dict, model: ModelConfig, saved_modules: frozenset[str]
+                  ) -> tuple[tuple[LoraTarget, ...], tuple[SavedModule, ...]]:
     shapes = _header_shapes(weights)
     pairs: dict[tuple[int, str], dict[str, str]] = {}
+    saved: dict[str, str] = {}
     for key in shapes:
         if _is_vocab_base_weight(key, shapes[key], model):
+            continue
+        module = _saved_module(key, shapes[key], model)
+        if module is not None:
+            if module in saved:
+                raise CorruptAdapterError(f"{weights} holds the {module} table twice: {saved[module]!r} and {key!r}")
+            saved[module] = key
             continue
         layer, module, which = _parse_key(key, model)
         pair = pairs.setdefault((layer, module), {})
@@ -193,13 +225,42 @@ def _read_targets(weights: Path, config: dict, model: ModelConfig) -> tuple[Lora
             raise CorruptAdapterError(f"{weights} holds lora_{which} of {module_path(layer, module)} twice: "
                                       f"{pair[which]!r} and {key!r}")
         pair[which] = key
-    if not pairs:
+    if not pairs and not saved:
         raise CorruptAdapterError(f"{weights} holds no LoRA tensors")
+    _check_saved_match_config(set(saved), saved_modules, weights)
     _check_tensors_match_config(set(pairs), config, model)
     _check_magnitudes_match_config(pairs, config, weights)
     targets = [part for (layer, module), keys in sorted(pairs.items())
                for part in _split(_target(layer, module, keys, shapes, config, model), model)]
-    return tuple(targets)
+    return tuple(targets), tuple(SavedModule(module, saved[module]) for module in VOCAB_MODULES if module in saved)
+
+
+def _saved_module(key: str, shape: list[int], model: ModelConfig) -> str | None:
+    """The vocabulary module a modules_to_save table replaces (None: not such a key); a table of
+    another vocabulary or hidden size is refused."""
+    match = _SAVED_MODULE_KEY.match(key)
+    if match is None:
+        return None
+    module = match[1] or match[2]
+    if len(shape) != 2 or shape[1] != model.hidden_size:
+        raise AdapterShapeError(f"the {module} table {key!r} is {shape}, not [vocab, {model.hidden_size}]: is the "
+                                "adapter for another base model?")
+    if shape[0] != model.vocab_size:
+        raise AdapterShapeError(
+            f"the {module} table {key!r} covers a vocabulary of {shape[0]} tokens, the base model has "
+            f"{model.vocab_size}: the adapter was trained with a resized vocabulary, which is not served")
+    return module
+
+
+def _check_saved_match_config(found: set[str], listed: frozenset[str], weights: Path) -> None:
+    """The replacement tables must be exactly the modules modules_to_save lists."""
+    for module in VOCAB_MODULES:
+        if module in found and module not in listed:
+            raise AdapterConfigMismatchError(
+                f"{weights} holds a full {module} table, but the config's modules_to_save does not list it")
+        if module in listed and module not in found:
+            raise AdapterConfigMismatchError(
+                f"the config's modules_to_save lists {module}, but {weights} holds no {module} table")
 
 
 def _split(target: LoraTarget, model: ModelConfig) -> list[LoraTarget]:

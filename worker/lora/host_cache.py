@@ -29,8 +29,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from worker.errors import AdapterStateError, CapacityError, CorruptAdapterError
-from worker.lora.adapter import AdapterManifest, FileFingerprint, LoraTarget
+from worker.lora.adapter import AdapterManifest, FileFingerprint, LoraTarget, SavedModule
 from worker.lora.arena import PinnedArena, Region, view_region
+from worker.lora.peft_config import vocab_layer
 from worker.lora.shared_host_memory import SharedHostMemory
 from worker.model.config import ModelConfig
 
@@ -182,6 +183,7 @@ class HostAdapter:
     region: Region
     tensors: dict[tuple[int, str], AdapterTensors]  # keyed by (layer, module)
     magnitudes: dict[tuple[int, str], torch.Tensor]  # DoRA's [out] per (layer, module); empty for plain LoRA
+    saved: dict[str, torch.Tensor]  # modules_to_save's replacement tables, this rank's vocabulary rows [vocab, hidden]
     progress: ReadProgress
     board_word: int | None = None  # its progress word on a shared host cache's board
     copies_in_flight: int = 0  # the pinned region must outlive every copy reading it
@@ -211,8 +213,9 @@ class SharedStaging:
 
 
 # Where the reader writes one rank's copy of an entry: (A, B.T) and magnitudes by (layer, module),
-# and what of each file tensor that rank takes.
-RankWrites = tuple[dict[tuple[int, str], AdapterTensors], dict[tuple[int, str], torch.Tensor], LoraSlices]
+# replacement tables by module, and what of each file tensor that rank takes.
+RankWrites = tuple[dict[tuple[int, str], AdapterTensors], dict[tuple[int, str], torch.Tensor],
+                   dict[str, torch.Tensor], LoraSlices]
 
 
 class HostCache:
@@ -341,10 +344,12 @@ class HostCache:
             bisect.insort(self._board_free, entry.board_word)
 
     def _layout(self, manifest: AdapterManifest, region: Region, buffer: torch.Tensor
-                ) -> tuple[dict[tuple[int, str], AdapterTensors], dict[tuple[int, str], torch.Tensor]]:
-        """Views of the region in `buffer`: (A, B.T) and, for DoRA, the magnitude of every target."""
+                ) -> tuple[dict[tuple[int, str], AdapterTensors], dict[tuple[int, str], torch.Tensor],
+                           dict[str, torch.Tensor]]:
+        """Views of the region in `buffer`: (A, B.T) and, for DoRA, the magnitude of every target;
+        then the replacement tables of modules_to_save."""
         shapes = self.model.module_shapes()
-        tensors, magnitudes = {}, {}
+        tensors, magnitudes, saved = {}, {}, {}
         offset = 0
         for target in manifest.targets:
             in_features, out_features = shapes[target.module]
@@ -357,20 +362,30 @@ class HostCache:
                 magnitude = view_region(buffer, region, offset, (out_features,), self.dtype)
                 offset += magnitude.nbytes
                 magnitudes[(target.layer, target.module)] = magnitude
-        return tensors, magnitudes
+        for table in manifest.saved:
+            saved[table.module] = view_region(buffer, region, offset, shapes["embed_tokens"], self.dtype)
+            offset += saved[table.module].nbytes
+        return tensors, magnitudes, saved
 
     def _read(self, entry: HostAdapter, writes: list[RankWrites]) -> None:
         """Reads the file in layer order (the manifest's targets are sorted by layer), each tensor
-        once, publishing each layer once every rank's slices of it are in the arena."""
+        once, publishing each layer once every rank's slices of it are in the arena. A replacement
+        table is read with the layer whose copies carry it (the embedding's layer 0, the LM head's
+        the last), so that layer's progress covers it."""
         progress = entry.progress
+        manifest = entry.manifest
+        by_layer = {layer: list(targets) for layer, targets in itertools.groupby(manifest.targets, lambda t: t.layer)}
+        tables = {vocab_layer(table.module, self.model.num_layers): table for table in manifest.saved}
         try:
-            _check_unchanged(entry.manifest)
-            with safe_open(entry.manifest.weights_path, framework="pt") as tensors:
-                for layer, targets in itertools.groupby(entry.manifest.targets, key=lambda t: t.layer):
+            _check_unchanged(manifest)
+            with safe_open(manifest.weights_path, framework="pt") as tensors:
+                for layer in sorted(by_layer.keys() | tables.keys()):
                     if self.read_hook is not None:
                         self.read_hook(entry.name, layer)
-                    for target in targets:
+                    for target in by_layer.get(layer, ()):
                         _copy_target(tensors, target, writes)
+                    if layer in tables:
+                        _copy_table(tensors, tables[layer], writes)
                     progress.publish(layer + 1)
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             progress.fail(CorruptAdapterError(f"reading {entry.manifest.weights_path} failed: {error}"))
@@ -386,13 +401,22 @@ def _copy_target(tensors, target: LoraTarget, writes: list[RankWrites]) -> None:
     a = tensors.get_tensor(target.a_key)
     b = _module_rows(tensors.get_tensor(target.b_key), target).to(torch.float32) * target.scaling
     magnitude = None if target.magnitude_key is None else _module_rows(tensors.get_tensor(target.magnitude_key), target)
-    for rank_tensors, rank_magnitudes, slices in writes:
+    for rank_tensors, rank_magnitudes, _, slices in writes:
         a_dst, b_t_dst = rank_tensors[key]
         a_index, b_index = slices(target.module)
         a_dst.copy_(a[a_index])
         b_t_dst.copy_(b[b_index].t())
         if magnitude is not None:  # whole: DoRA is not served with tensor parallelism
             rank_magnitudes[key].copy_(magnitude)
+
+
+def _copy_table(tensors, table: SavedModule, writes: list[RankWrites]) -> None:
+    """A replacement table [vocab, hidden]: each rank takes its vocabulary rows, which are the rows
+    it takes of the LM head's B [vocab, r] (the same split as the base embedding and LM head)."""
+    source = tensors.get_slice(table.key)
+    for _, _, rank_tables, slices in writes:
+        rows = slices("lm_head")[1]
+        rank_tables[table.module].copy_(source[rows])
 
 
 def _module_rows(tensor: torch.Tensor, target: LoraTarget) -> torch.Tensor:

@@ -51,7 +51,6 @@ def _is_bias(value: object) -> bool:
 # field -> (does this value need an unsupported feature?, what the feature does to the forward pass)
 # A variant's sub-config turns the variant on even when empty ({}), so any value but null is refused.
 REFUSED_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
-    "modules_to_save": (_is_truthy, "it replaces whole base modules per adapter"),
     "bias": (_is_bias, "it trains biases that are added to the base outputs"),
     "lora_bias": (_is_truthy, "lora_B carries a trained bias"),
     "layer_replication": (_is_set, "it stacks copies of base layers into a deeper model"),
@@ -102,6 +101,7 @@ _APPLIED_FIELD_TYPES: dict[str, tuple[str, Callable[[object], bool]]] = {
     "layers_to_transform": ("a layer index or a list of them",
                             lambda v: _is_int(v) or isinstance(v, list) and all(_is_int(i) for i in v)),
     "layers_pattern": ("a name or a list of names", _is_names_or_regex),
+    "modules_to_save": ("a list of module names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
 }
 APPLIED_FIELDS = frozenset(_APPLIED_FIELD_TYPES)
 
@@ -144,6 +144,39 @@ def _check_servable_targets(config: dict, model: ModelConfig) -> None:
             f"target_modules {absent} name modules {model.architecture} does not have; its linear modules "
             f"are {supported}"
         )
+
+
+def saved_modules(config: dict) -> frozenset[str]:
+    """The vocabulary modules `modules_to_save` replaces with full tables of the adapter's own.
+
+    PEFT wraps every module whose path ends with a listed name; only the embedding and the LM head
+    are served (a listed name must be `embed_tokens`, `lm_head` or a path ending in one of them)."""
+    names = config.get("modules_to_save") or []
+    modules = set()
+    for name in names:
+        module = next((m for m, path in VOCAB_PATHS.items() if path == name or path.endswith(f".{name}")), None)
+        if module is None:
+            raise UnsupportedAdapterError(
+                f"modules_to_save names {name!r}, which is not served: only embed_tokens and lm_head may be "
+                f"replaced per adapter")
+        modules.add(module)
+    return frozenset(modules)
+
+
+def check_saved_modules(config: dict, tied_embeddings: bool) -> frozenset[str]:
+    """`saved_modules`, refusing what has no path: a module both replaced and given a LoRA (PEFT's
+    result depends on its wrapping order), and ensure_weight_tying on tied embeddings (PEFT may then
+    make the LM head follow the replaced embedding, which the weights do not say)."""
+    saved = saved_modules(config)
+    lora = [m for m in sorted(saved) if _peft_selects_vocab(config, VOCAB_PATHS[m])]
+    if lora:
+        raise UnsupportedAdapterError(f"modules_to_save and target_modules both reach {lora}: a module is either "
+                                      "replaced or given a LoRA, not both")
+    if saved and config.get("ensure_weight_tying") and tied_embeddings:
+        raise UnsupportedAdapterError(
+            f"ensure_weight_tying=true with modules_to_save {sorted(saved)} on a model with tied embeddings is not "
+            "supported: PEFT may then tie the LM head's table to the embedding's, which this server does not model")
+    return saved
 
 
 def vocab_layer(module: str, num_layers: int) -> int:

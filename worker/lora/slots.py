@@ -18,6 +18,13 @@ load events cover them. A token's delta reads its own slot's A (the embedding: t
 its token id; the LM head: all slots' A times its hidden state, a small product) and the
 stacked B.T of every slot through a per-token one-hot over the slots: one product for the
 whole batch, whatever the adapters, and zeros for slots without the module (A zeroed on load).
+
+PEFT's modules_to_save of the vocabulary modules: slots [0, saved_module_slots) each own a whole
+embedding and LM head table ([vocab, hidden], this rank's vocabulary rows), copied with the same
+layers' copies as the vocabulary LoRA. Only adapters with such tables load there; a token of such a
+slot reads its slot's embedding row instead of the base one, and a sampled row its slot's LM head.
+A table is read only while its slot's occupant replaces that module, so a stale one is never seen
+and needs no clearing.
 """
 
 from __future__ import annotations
@@ -50,9 +57,11 @@ class LoraSlots:
         device: torch.device,
         base_weights: BaseWeights,
         vocab_rows: int | None = None,
+        saved_module_slots: int = 0,
     ) -> None:
         """`base_weights`: the base model's modules, which DoRA's weight norms are taken over;
-        `vocab_rows`: this rank's part of the vocabulary (all of it without tensor parallelism)."""
+        `vocab_rows`: this rank's part of the vocabulary (all of it without tensor parallelism);
+        `saved_module_slots`: the first slots, which own modules_to_save tables."""
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.modules = tuple(modules)
@@ -72,12 +81,18 @@ class LoraSlots:
                         for m, (i, _) in vocab_shapes.items()}
         self.vocab_b_t = {m: torch.zeros(num_slots + 1, max_rank, o, dtype=dtype, device=device)
                           for m, (_, o) in vocab_shapes.items()}
+        if saved_module_slots > num_slots:
+            raise ValueError(f"saved_module_slots {saved_module_slots} exceeds the {num_slots} slots")
+        self.saved_module_slots = saved_module_slots
+        self.saved = {m: torch.zeros(saved_module_slots, vocab, hidden, dtype=dtype, device=device)
+                      for m in VOCAB_MODULES}
         self.ranks: list[dict[tuple[int, str], int]] = [{} for _ in range(num_slots)]
         self.occupants: list[str | None] = [None] * num_slots
         self.dora: list[bool] = [False] * num_slots  # the occupant is a DoRA adapter
         # Per occupant, kept here because every step asks: the vocabulary modules it adapts, and
         # its largest rank over the linear modules.
         self._vocab_modules: list[frozenset[str]] = [frozenset()] * num_slots
+        self._saved_modules: list[frozenset[str]] = [frozenset()] * num_slots  # the tables it replaces
         self._linear_rank: list[int] = [0] * num_slots
         # A DoRA adapter was ever loaded into the slot: its scales may differ from the identity,
         # so every later load writes all of them.
@@ -89,7 +104,7 @@ class LoraSlots:
     @property
     def nbytes(self) -> int:
         buffers = (*self.a.values(), *self.b_t.values(), *self.scale.values(), *self.shift.values(),
-                   *self.vocab_a.values(), *self.vocab_b_t.values())
+                   *self.vocab_a.values(), *self.vocab_b_t.values(), *self.saved.values())
         return sum(t.numel() * t.element_size() for t in buffers)
 
     def check_servable(self, name: str, modules: Iterable[str]) -> None:
@@ -100,8 +115,21 @@ class LoraSlots:
                 f"(lora target modules: {', '.join(self.modules)})"
             )
 
+    def table_bytes(self) -> int:
+        """What one saved-module slot's two tables take."""
+        return sum(t.shape[1] * t.shape[2] * t.element_size() for t in self.saved.values())
+
+    def _check_saved_slot(self, name: str, slot: int, adapter: HostAdapter) -> None:
+        """An adapter with modules_to_save tables loads only into a slot that owns tables."""
+        if adapter.saved and slot >= self.saved_module_slots:
+            raise UnsupportedAdapterError(
+                f"adapter {name!r} replaces {sorted(adapter.saved)} (modules_to_save) and must load into a "
+                f"saved-module slot (0 to {self.saved_module_slots - 1}), not slot {slot}")
+
     def assign(self, slot: int, adapter: HostAdapter) -> None:
         """Records the slot's new occupant; its weights arrive through `layer_writes`."""
+        self._check_saved_slot(adapter.name, slot, adapter)
+        self._saved_modules[slot] = frozenset(adapter.saved)
         self.ranks[slot] = {key: a.shape[0] for key, (a, _) in adapter.tensors.items()}
         self.occupants[slot] = adapter.name
         self._vocab_modules[slot] = frozenset(module for _, module in self.ranks[slot] if module in VOCAB_MODULES)
@@ -113,6 +141,13 @@ class LoraSlots:
 
     def any_dora(self, slots: Iterable[int]) -> bool:
         return any(self.dora[slot] for slot in slots)
+
+    def any_saves(self, slots: Iterable[int]) -> bool:
+        """Whether an adapter in `slots` replaces a vocabulary module (modules_to_save)."""
+        return any(self._saved_modules[slot] for slot in slots)
+
+    def replaces(self, slot: int, module: str) -> bool:
+        return slot != NO_ADAPTER and module in self._saved_modules[slot]
 
     def any_adapts(self, slots: Iterable[int], module: str) -> bool:
         """Whether an adapter in `slots` adapts vocabulary module `module`."""
@@ -128,6 +163,7 @@ class LoraSlots:
         self.occupants[slot] = None
         self.dora[slot] = False
         self._vocab_modules[slot] = frozenset()
+        self._saved_modules[slot] = frozenset()
         self._linear_rank[slot] = 0
 
     def layer_writes(self, slot: int, layer: int, adapter: HostAdapter) -> LayerWrites:
@@ -182,6 +218,25 @@ class LoraSlots:
             copies.append((b_t_slot[:rank], b_t))
             if rank < self.max_rank:
                 zeros.append(a_slot[rank:])
+        for module, table in adapter.saved.items():
+            if vocab_layer(module, self.num_layers) == layer:
+                copies.append((self.saved[module][slot], table))
+
+    def saved_embeddings(self, hidden: torch.Tensor, ids: torch.Tensor, inside: torch.Tensor | None,
+                         rows: torch.Tensor, row_slots: torch.Tensor) -> None:
+        """Overwrites the embeddings of the tokens `rows` (of slots `row_slots`, which replace the
+        embedding) with their slot's table rows; under tensor parallelism a token outside this
+        rank's vocabulary part gets zeros, as for the base table, and the all-reduce sums them."""
+        embedded = self.saved["embed_tokens"][row_slots, ids[rows]]
+        if inside is not None:
+            embedded = embedded * inside[rows].unsqueeze(-1).to(embedded.dtype)
+        hidden[rows] = embedded
+
+    def saved_logits(self, logits: torch.Tensor, hidden: torch.Tensor, rows_by_slot: dict[int, torch.Tensor]) -> None:
+        """Overwrites the logits of each slot's rows (this rank's vocabulary part) with those of its LM head."""
+        table = self.saved["lm_head"]
+        for slot, rows in rows_by_slot.items():
+            logits[rows] = hidden[rows] @ table[slot].t()
 
     def embedding_delta(self, ids: torch.Tensor, inside: torch.Tensor | None,
                         token_slots: torch.Tensor) -> torch.Tensor:

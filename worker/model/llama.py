@@ -24,7 +24,7 @@ from worker.kv_cache import PagedKVCache
 from worker.model.config import ModelConfig
 from worker.model.rope import RotaryEmbedding
 from worker.step_inputs import EagerStepTensors
-from worker.tensor_parallel import TensorParallel
+from worker.tensor_parallel import EmbeddingReplace, TensorParallel
 
 
 # (layer index, rotated queries [T, heads, head_dim]) -> attention output of the same shape,
@@ -57,6 +57,10 @@ class LoraHook(Protocol):
         ranges of one matrix [T, N], in order and covering it: either adds each module's LoRA
         delta for token t to out[t] and returns None, or returns the deltas as one [T, N]
         matrix for the caller's next kernel to add."""
+
+    # Swaps in the embedding tables of adapters that replace them (modules_to_save); None when no
+    # adapter of the step does (always on the static path, which such steps do not take).
+    saved_embeddings: EmbeddingReplace | None
 
 
 # A module's output and its LoRA deltas if they are still to be added (by the next norm's kernel).
@@ -174,7 +178,7 @@ class LlamaModel:
         ropes = {key: rope.cos_sin(positions, self.dtype) for key, rope in self.ropes.items()}
         # The embedding's LoRA is copied with layer 0's: layer 0's wait comes before the embedding.
         lora.before_layer(0)
-        hidden = self.tp.embed(self.weights.embed, input_ids, lora.embedding_delta)
+        hidden = self.tp.embed(self.weights.embed, input_ids, lora.embedding_delta, lora.saved_embeddings)
         if self.embed_scale is not None:  # PEFT scales the LoRA delta too
             hidden = hidden * self.embed_scale
         mlp_out = (None, None)  # the last MLP output and its LoRA deltas, added to hidden by the next norm's kernel
@@ -186,11 +190,14 @@ class LlamaModel:
                                           attend)
         return add_rms_norm(hidden, mlp_out[0], self.weights.norm, self.config.rms_norm_eps, mlp_out[1])[1]
 
-    def logits(self, hidden: torch.Tensor,
-               lora: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, lora: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               saved: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Logits of final-normed hidden states; `lora` gives their LM-head LoRA deltas (this rank's
-        vocabulary part), added before the soft cap as PEFT's wrapped lm_head does."""
+        vocabulary part), added before the soft cap as PEFT's wrapped lm_head does; `saved(logits,
+        hidden)` overwrites the rows of adapters with their own LM head (modules_to_save)."""
         logits = F.linear(hidden, self.weights.lm_head)
+        if saved is not None:
+            saved(logits, hidden)
         if lora is not None:
             logits += lora(hidden)
         cap = self.config.final_logit_softcap

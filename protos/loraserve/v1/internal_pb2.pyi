@@ -320,7 +320,7 @@ class WorkerEvent(_message.Message):
     def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ..., load_events: _Optional[_Union[LoadEvents, _Mapping]] = ...) -> None: ...
 
 class WorkerHello(_message.Message):
-    __slots__ = ("model", "architecture", "dtype", "device", "vocab_size", "max_context_length", "num_kv_pages", "page_size", "max_loras_per_batch", "max_loaded_loras", "max_lora_rank", "host_cache_bytes", "eos_token_ids", "pid")
+    __slots__ = ("model", "architecture", "dtype", "device", "vocab_size", "max_context_length", "num_kv_pages", "page_size", "max_loras_per_batch", "max_loaded_loras", "max_lora_rank", "host_cache_bytes", "eos_token_ids", "pid", "saved_module_slots")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -335,6 +335,7 @@ class WorkerHello(_message.Message):
     HOST_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    SAVED_MODULE_SLOTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     dtype: str
@@ -349,10 +350,11 @@ class WorkerHello(_message.Message):
     host_cache_bytes: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     pid: int
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_length: _Optional[int] = ..., num_kv_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., max_loras_per_batch: _Optional[int] = ..., max_loaded_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pid: _Optional[int] = ...) -> None: ...
+    saved_module_slots: int
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_length: _Optional[int] = ..., num_kv_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., max_loras_per_batch: _Optional[int] = ..., max_loaded_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pid: _Optional[int] = ..., saved_module_slots: _Optional[int] = ...) -> None: ...
 
 class RegisteredAdapter(_message.Message):
-    __slots__ = ("name", "rank", "size_bytes", "target_modules", "ranks", "alphas", "dora")
+    __slots__ = ("name", "rank", "size_bytes", "target_modules", "ranks", "alphas", "dora", "extra_modules")
     NAME_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +362,7 @@ class RegisteredAdapter(_message.Message):
     RANKS_FIELD_NUMBER: _ClassVar[int]
     ALPHAS_FIELD_NUMBER: _ClassVar[int]
     DORA_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_MODULES_FIELD_NUMBER: _ClassVar[int]
     name: str
     rank: int
     size_bytes: int
@@ -367,7 +370,8 @@ class RegisteredAdapter(_message.Message):
     ranks: _containers.RepeatedScalarFieldContainer[int]
     alphas: _containers.RepeatedScalarFieldContainer[float]
     dora: bool
-    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[int]] = ..., alphas: _Optional[_Iterable[float]] = ..., dora: _Optional[bool] = ...) -> None: ...
+    extra_modules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[int]] = ..., alphas: _Optional[_Iterable[float]] = ..., dora: _Optional[bool] = ..., extra_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("request_id", "token_id", "logprob")

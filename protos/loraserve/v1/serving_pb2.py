@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/loraserve/v1/serving.proto\x12\x0cloraserve.v1\"\x8e\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x87\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\tinput_ids\x18\x03 \x03(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"d\n\x06Timing\x12\x11\n\tqueued_ms\x18\x01 \x01(\x01\x12\x17\n\x0f\x61\x64\x61pter_wait_ms\x18\x02 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x04 \x01(\x01\"\xba\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12$\n\x06timing\x18\x06 \x01(\x0b\x32\x14.loraserve.v1.Timing\x12\x10\n\x08logprobs\x18\x07 \x03(\x02\"\xd2\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12$\n\x06timing\x18\x08 \x01(\x0b\x32\x14.loraserve.v1.Timing\"\xbb\x02\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12)\n\x05state\x18\x05 \x01(\x0e\x32\x1a.loraserve.v1.AdapterState\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x0c\n\x04slot\x18\x07 \x01(\x05\x12\x17\n\x0f\x61\x63tive_requests\x18\x08 \x01(\r\x12\x30\n\x08replicas\x18\t \x03(\x0b\x32\x1e.loraserve.v1.AdapterPlacement\x12\r\n\x05ranks\x18\n \x03(\r\x12\x0e\n\x06\x61lphas\x18\x0b \x03(\x02\x12\x12\n\nhost_bytes\x18\x0c \x01(\x04\x12\x11\n\tgpu_bytes\x18\r \x01(\x04\x12\x0c\n\x04\x64ora\x18\x0e \x01(\x08\"u\n\x10\x41\x64\x61pterPlacement\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.loraserve.v1.AdapterState\x12\x0c\n\x04slot\x18\x03 \x01(\x05\x12\x17\n\x0f\x61\x63tive_requests\x18\x04 \x01(\r\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"A\n\x13LoadAdapterResponse\x12*\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x19.loraserve.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"C\n\x14ListAdaptersResponse\x12+\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x19.loraserve.v1.AdapterInfo\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"5\n\x10TokenizeResponse\x12\x11\n\tinput_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x16\n\x14GetServerInfoRequest\"\xe6\x02\n\nServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x1a\n\x12max_context_length\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x1b\n\x13max_loras_per_batch\x18\x07 \x01(\r\x12\x18\n\x10max_loaded_loras\x18\x08 \x01(\r\x12\x15\n\rmax_lora_rank\x18\t \x01(\r\x12\x17\n\x0foverlap_loading\x18\n \x01(\x08\x12\x14\n\x0cnum_kv_pages\x18\x0b \x01(\r\x12\x11\n\tpage_size\x18\x0c \x01(\r\x12\x1b\n\x13max_queued_requests\x18\r \x01(\r\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_root\x18\x0f \x01(\t\x12\x10\n\x08replicas\x18\x10 \x03(\t\"\x11\n\x0fGetStatsRequest\"\xb9\x03\n\x0bServerStats\x12\x18\n\x10waiting_requests\x18\x01 \x01(\r\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x15\n\rkv_pages_used\x18\x03 \x01(\r\x12\x16\n\x0ekv_pages_total\x18\x04 \x01(\r\x12\x17\n\x0fslot_references\x18\x05 \x01(\r\x12\x12\n\nslots_used\x18\x06 \x01(\r\x12\x18\n\x10host_cache_bytes\x18\x07 \x01(\x04\x12\x19\n\x11requests_finished\x18\x08 \x01(\x04\x12\x18\n\x10requests_aborted\x18\t \x01(\x04\x12\x15\n\rforward_steps\x18\n \x01(\x04\x12\x15\n\rloads_started\x18\x0b \x01(\x04\x12\x16\n\x0eloads_finished\x18\x0c \x01(\x04\x12\x1e\n\x16worker_forward_seconds\x18\r \x01(\x01\x12\x1e\n\x16scheduler_step_seconds\x18\x0e \x01(\x01\x12\x17\n\x0frequests_paused\x18\x0f \x01(\x04\x12,\n\x08replicas\x18\x10 \x03(\x0b\x32\x1a.loraserve.v1.ReplicaStats\"I\n\x0cReplicaStats\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12(\n\x05stats\x18\x02 \x01(\x0b\x32\x19.loraserve.v1.ServerStats\"\x14\n\x12GetTimelineRequest\"%\n\x08Timeline\x12\x19\n\x11\x63hrome_trace_json\x18\x01 \x01(\t*\xcf\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_STATE_ON_DISK\x10\x01\x12\x19\n\x15\x41\x44\x41PTER_STATE_STAGING\x10\x02\x12\x16\n\x12\x41\x44\x41PTER_STATE_HOST\x10\x03\x12\x19\n\x15\x41\x44\x41PTER_STATE_LOADING\x10\x04\x12\x1a\n\x16\x41\x44\x41PTER_STATE_RESIDENT\x10\x05\x12\x1b\n\x17\x41\x44\x41PTER_STATE_UNLOADING\x10\x06\x32\xdf\x05\n\x0bLoraServing\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loraserve.v1.GenerateRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x12R\n\x0bLoadAdapter\x12 .loraserve.v1.LoadAdapterRequest\x1a!.loraserve.v1.LoadAdapterResponse\x12X\n\rUnloadAdapter\x12\".loraserve.v1.UnloadAdapterRequest\x1a#.loraserve.v1.UnloadAdapterResponse\x12U\n\x0cListAdapters\x12!.loraserve.v1.ListAdaptersRequest\x1a\".loraserve.v1.ListAdaptersResponse\x12I\n\x08Tokenize\x12\x1d.loraserve.v1.TokenizeRequest\x1a\x1e.loraserve.v1.TokenizeResponse\x12M\n\rGetServerInfo\x12\".loraserve.v1.GetServerInfoRequest\x1a\x18.loraserve.v1.ServerInfo\x12\x44\n\x08GetStats\x12\x1d.loraserve.v1.GetStatsRequest\x1a\x19.loraserve.v1.ServerStats\x12G\n\x0bGetTimeline\x12 .loraserve.v1.GetTimelineRequest\x1a\x16.loraserve.v1.Timelineb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/loraserve/v1/serving.proto\x12\x0cloraserve.v1\"\x8e\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x87\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\tinput_ids\x18\x03 \x03(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"d\n\x06Timing\x12\x11\n\tqueued_ms\x18\x01 \x01(\x01\x12\x17\n\x0f\x61\x64\x61pter_wait_ms\x18\x02 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x04 \x01(\x01\"\xba\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12$\n\x06timing\x18\x06 \x01(\x0b\x32\x14.loraserve.v1.Timing\x12\x10\n\x08logprobs\x18\x07 \x03(\x02\"\xd2\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12$\n\x06timing\x18\x08 \x01(\x0b\x32\x14.loraserve.v1.Timing\"\xd2\x02\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12)\n\x05state\x18\x05 \x01(\x0e\x32\x1a.loraserve.v1.AdapterState\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x0c\n\x04slot\x18\x07 \x01(\x05\x12\x17\n\x0f\x61\x63tive_requests\x18\x08 \x01(\r\x12\x30\n\x08replicas\x18\t \x03(\x0b\x32\x1e.loraserve.v1.AdapterPlacement\x12\r\n\x05ranks\x18\n \x03(\r\x12\x0e\n\x06\x61lphas\x18\x0b \x03(\x02\x12\x12\n\nhost_bytes\x18\x0c \x01(\x04\x12\x11\n\tgpu_bytes\x18\r \x01(\x04\x12\x0c\n\x04\x64ora\x18\x0e \x01(\x08\x12\x15\n\rextra_modules\x18\x0f \x03(\t\"u\n\x10\x41\x64\x61pterPlacement\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.loraserve.v1.AdapterState\x12\x0c\n\x04slot\x18\x03 \x01(\x05\x12\x17\n\x0f\x61\x63tive_requests\x18\x04 \x01(\r\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"A\n\x13LoadAdapterResponse\x12*\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x19.loraserve.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"C\n\x14ListAdaptersResponse\x12+\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x19.loraserve.v1.AdapterInfo\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"5\n\x10TokenizeResponse\x12\x11\n\tinput_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x16\n\x14GetServerInfoRequest\"\xe6\x02\n\nServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x1a\n\x12max_context_length\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x1b\n\x13max_loras_per_batch\x18\x07 \x01(\r\x12\x18\n\x10max_loaded_loras\x18\x08 \x01(\r\x12\x15\n\rmax_lora_rank\x18\t \x01(\r\x12\x17\n\x0foverlap_loading\x18\n \x01(\x08\x12\x14\n\x0cnum_kv_pages\x18\x0b \x01(\r\x12\x11\n\tpage_size\x18\x0c \x01(\r\x12\x1b\n\x13max_queued_requests\x18\r \x01(\r\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_root\x18\x0f \x01(\t\x12\x10\n\x08replicas\x18\x10 \x03(\t\"\x11\n\x0fGetStatsRequest\"\xb9\x03\n\x0bServerStats\x12\x18\n\x10waiting_requests\x18\x01 \x01(\r\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x15\n\rkv_pages_used\x18\x03 \x01(\r\x12\x16\n\x0ekv_pages_total\x18\x04 \x01(\r\x12\x17\n\x0fslot_references\x18\x05 \x01(\r\x12\x12\n\nslots_used\x18\x06 \x01(\r\x12\x18\n\x10host_cache_bytes\x18\x07 \x01(\x04\x12\x19\n\x11requests_finished\x18\x08 \x01(\x04\x12\x18\n\x10requests_aborted\x18\t \x01(\x04\x12\x15\n\rforward_steps\x18\n \x01(\x04\x12\x15\n\rloads_started\x18\x0b \x01(\x04\x12\x16\n\x0eloads_finished\x18\x0c \x01(\x04\x12\x1e\n\x16worker_forward_seconds\x18\r \x01(\x01\x12\x1e\n\x16scheduler_step_seconds\x18\x0e \x01(\x01\x12\x17\n\x0frequests_paused\x18\x0f \x01(\x04\x12,\n\x08replicas\x18\x10 \x03(\x0b\x32\x1a.loraserve.v1.ReplicaStats\"I\n\x0cReplicaStats\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12(\n\x05stats\x18\x02 \x01(\x0b\x32\x19.loraserve.v1.ServerStats\"\x14\n\x12GetTimelineRequest\"%\n\x08Timeline\x12\x19\n\x11\x63hrome_trace_json\x18\x01 \x01(\t*\xcf\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_STATE_ON_DISK\x10\x01\x12\x19\n\x15\x41\x44\x41PTER_STATE_STAGING\x10\x02\x12\x16\n\x12\x41\x44\x41PTER_STATE_HOST\x10\x03\x12\x19\n\x15\x41\x44\x41PTER_STATE_LOADING\x10\x04\x12\x1a\n\x16\x41\x44\x41PTER_STATE_RESIDENT\x10\x05\x12\x1b\n\x17\x41\x44\x41PTER_STATE_UNLOADING\x10\x06\x32\xdf\x05\n\x0bLoraServing\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loraserve.v1.GenerateRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x12R\n\x0bLoadAdapter\x12 .loraserve.v1.LoadAdapterRequest\x1a!.loraserve.v1.LoadAdapterResponse\x12X\n\rUnloadAdapter\x12\".loraserve.v1.UnloadAdapterRequest\x1a#.loraserve.v1.UnloadAdapterResponse\x12U\n\x0cListAdapters\x12!.loraserve.v1.ListAdaptersRequest\x1a\".loraserve.v1.ListAdaptersResponse\x12I\n\x08Tokenize\x12\x1d.loraserve.v1.TokenizeRequest\x1a\x1e.loraserve.v1.TokenizeResponse\x12M\n\rGetServerInfo\x12\".loraserve.v1.GetServerInfoRequest\x1a\x18.loraserve.v1.ServerInfo\x12\x44\n\x08GetStats\x12\x1d.loraserve.v1.GetStatsRequest\x1a\x19.loraserve.v1.ServerStats\x12G\n\x0bGetTimeline\x12 .loraserve.v1.GetTimelineRequest\x1a\x16.loraserve.v1.Timelineb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.loraserve.v1.serving_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERSTATE']._serialized_start=2807
-  _globals['_ADAPTERSTATE']._serialized_end=3014
+  _globals['_ADAPTERSTATE']._serialized_start=2830
+  _globals['_ADAPTERSTATE']._serialized_end=3037
   _globals['_SAMPLINGPARAMS']._serialized_start=52
   _globals['_SAMPLINGPARAMS']._serialized_end=322
   _globals['_GENERATEREQUEST']._serialized_start=325
@@ -46,39 +46,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATESTREAMRESPONSE']._serialized_start=813
   _globals['_GENERATESTREAMRESPONSE']._serialized_end=1023
   _globals['_ADAPTERINFO']._serialized_start=1026
-  _globals['_ADAPTERINFO']._serialized_end=1341
-  _globals['_ADAPTERPLACEMENT']._serialized_start=1343
-  _globals['_ADAPTERPLACEMENT']._serialized_end=1460
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1462
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1510
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=1512
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=1577
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1579
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1615
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1617
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1640
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1642
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1663
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1665
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1732
-  _globals['_TOKENIZEREQUEST']._serialized_start=1734
-  _globals['_TOKENIZEREQUEST']._serialized_end=1765
-  _globals['_TOKENIZERESPONSE']._serialized_start=1767
-  _globals['_TOKENIZERESPONSE']._serialized_end=1820
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1822
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1844
-  _globals['_SERVERINFO']._serialized_start=1847
-  _globals['_SERVERINFO']._serialized_end=2205
-  _globals['_GETSTATSREQUEST']._serialized_start=2207
-  _globals['_GETSTATSREQUEST']._serialized_end=2224
-  _globals['_SERVERSTATS']._serialized_start=2227
-  _globals['_SERVERSTATS']._serialized_end=2668
-  _globals['_REPLICASTATS']._serialized_start=2670
-  _globals['_REPLICASTATS']._serialized_end=2743
-  _globals['_GETTIMELINEREQUEST']._serialized_start=2745
-  _globals['_GETTIMELINEREQUEST']._serialized_end=2765
-  _globals['_TIMELINE']._serialized_start=2767
-  _globals['_TIMELINE']._serialized_end=2804
-  _globals['_LORASERVING']._serialized_start=3017
-  _globals['_LORASERVING']._serialized_end=3752
+  _globals['_ADAPTERINFO']._serialized_end=1364
+  _globals['_ADAPTERPLACEMENT']._serialized_start=1366
+  _globals['_ADAPTERPLACEMENT']._serialized_end=1483
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1485
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1533
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=1535
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=1600
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1602
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1638
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1640
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1663
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1665
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1686
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1688
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1755
+  _globals['_TOKENIZEREQUEST']._serialized_start=1757
+  _globals['_TOKENIZEREQUEST']._serialized_end=1788
+  _globals['_TOKENIZERESPONSE']._serialized_start=1790
+  _globals['_TOKENIZERESPONSE']._serialized_end=1843
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1845
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1867
+  _globals['_SERVERINFO']._serialized_start=1870
+  _globals['_SERVERINFO']._serialized_end=2228
+  _globals['_GETSTATSREQUEST']._serialized_start=2230
+  _globals['_GETSTATSREQUEST']._serialized_end=2247
+  _globals['_SERVERSTATS']._serialized_start=2250
+  _globals['_SERVERSTATS']._serialized_end=2691
+  _globals['_REPLICASTATS']._serialized_start=2693
+  _globals['_REPLICASTATS']._serialized_end=2766
+  _globals['_GETTIMELINEREQUEST']._serialized_start=2768
+  _globals['_GETTIMELINEREQUEST']._serialized_end=2788
+  _globals['_TIMELINE']._serialized_start=2790
+  _globals['_TIMELINE']._serialized_end=2827
+  _globals['_LORASERVING']._serialized_start=3040
+  _globals['_LORASERVING']._serialized_end=3775
 # @@protoc_insertion_point(module_scope)

@@ -119,7 +119,7 @@ class GenerateStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "path", "rank", "size_bytes", "state", "target_modules", "slot", "active_requests", "replicas", "ranks", "alphas", "host_bytes", "gpu_bytes", "dora")
+    __slots__ = ("name", "path", "rank", "size_bytes", "state", "target_modules", "slot", "active_requests", "replicas", "ranks", "alphas", "host_bytes", "gpu_bytes", "dora", "extra_modules")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class AdapterInfo(_message.Message):
     HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
     GPU_BYTES_FIELD_NUMBER: _ClassVar[int]
     DORA_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_MODULES_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     rank: int
@@ -148,7 +149,8 @@ class AdapterInfo(_message.Message):
     host_bytes: int
     gpu_bytes: int
     dora: bool
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., state: _Optional[_Union[AdapterState, str]] = ..., target_modules: _Optional[_Iterable[str]] = ..., slot: _Optional[int] = ..., active_requests: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[AdapterPlacement, _Mapping]]] = ..., ranks: _Optional[_Iterable[int]] = ..., alphas: _Optional[_Iterable[float]] = ..., host_bytes: _Optional[int] = ..., gpu_bytes: _Optional[int] = ..., dora: _Optional[bool] = ...) -> None: ...
+    extra_modules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., state: _Optional[_Union[AdapterState, str]] = ..., target_modules: _Optional[_Iterable[str]] = ..., slot: _Optional[int] = ..., active_requests: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[AdapterPlacement, _Mapping]]] = ..., ranks: _Optional[_Iterable[int]] = ..., alphas: _Optional[_Iterable[float]] = ..., host_bytes: _Optional[int] = ..., gpu_bytes: _Optional[int] = ..., dora: _Optional[bool] = ..., extra_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AdapterPlacement(_message.Message):
     __slots__ = ("replica", "state", "slot", "active_requests")

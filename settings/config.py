@@ -230,9 +230,9 @@ class EngineConfig:
     num_kv_pages: int = setting(2048, minimum=1, help="KV-cache pages")
     max_loras_per_batch: int = setting(8, minimum=1, help="GPU adapter slots")
     saved_module_slots: int = setting(
-        0, minimum=0, help="GPU adapter slots (the first ones, at most `--max-loras-per-batch`) that own an "
-                           "embedding and an LM head table, for adapters with `modules_to_save`: each takes "
-                           "2 x vocab x hidden elements")
+        0, minimum=0, help="GPU adapter slots (the first ones, at most all of them) that own an embedding and "
+                           "an LM head table, for adapters with `modules_to_save`: each takes 2 x vocab x hidden "
+                           "elements")
     max_loaded_loras: int = setting(16, minimum=1, help="adapters in the pinned host cache")
     max_lora_rank: int = setting(64, minimum=1, help="largest adapter rank accepted")
     lora_target_modules: tuple[str, ...] = setting(TARGET_MODULES, choices=TARGET_MODULES,

@@ -24,7 +24,8 @@ from tests.model_factory import AdapterSpec, build_saving_adapter, build_tiny_mo
 from tests.oracle import PeftOracle
 from tests.tp_group import run_group
 from tests.worker.test_equivalence import LOGIT_ATOL, prompt
-from tests.worker.test_vocab_lora import HALF_ATOL, check_against_peft, slow_layers
+from tests.worker import test_vocab_lora as vocab_lora
+from tests.worker.test_vocab_lora import HALF_ATOL, check_against_peft
 from worker.engine import Engine
 from worker.errors import AdapterConfigMismatchError, AdapterShapeError, UnsupportedAdapterError
 from worker.service import execute_command
@@ -37,29 +38,10 @@ SLOTS = {"save-embed": 0, "save-head": 1, "save-both": 2, "plain": 3}  # the sav
 LANDING = "save-both"  # loaded without blocking, slowly, while the batch runs
 
 
-def requests_for(adapters) -> list[Request]:
-    requests = [Request("base", prompt(60, 9), max_new_tokens=5)]
-    return requests + [Request(name, prompt(61 + slot, 6 + 3 * slot), adapter_slot=slot, max_new_tokens=4 + slot)
-                       for name, slot in SLOTS.items() if name in adapters]
-
-
 def run_mixed_batch(model_dir, adapters, *, static: bool, **settings) -> tuple[Engine, list[Request]]:
-    """Every adapter and the base model in one batch; `LANDING` still loading as it starts, so the
-    forwards wait on its per-layer events (the embedding's table on layer 0's, the LM head's on the last's)."""
-    engine = make_engine(model_dir, static_decode=static, saved_module_slots=SAVED_SLOTS, **settings)
-    engine.copier.hook = slow_layers
-    for name, path in adapters.items():
-        engine.register_adapter(name, path)
-    for name, slot in SLOTS.items():
-        if name != LANDING:
-            make_resident(engine, name, slot)
-    engine.load_adapter(LANDING, SLOTS[LANDING])
-    assert SLOTS[LANDING] in engine.pending
-    requests = requests_for(adapters)
-    Driver(engine, chunk=5).run(requests)
-    while engine.busy_loading:
-        engine.poll()
-    return engine, requests
+    """test_vocab_lora's batch over these adapters, the one with both tables still landing."""
+    return vocab_lora.run_mixed_batch(model_dir, adapters, static=static, slots=SLOTS, landing=LANDING,
+                                      saved_module_slots=SAVED_SLOTS, **settings)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
@@ -320,7 +302,7 @@ def _tp_workload(engine: Engine, adapters: dict[str, Path]) -> list[Request]:
         if name != LANDING:
             make_resident(engine, name, slot)
     engine.load_adapter(LANDING, SLOTS[LANDING])  # lands while the first forwards run
-    requests = requests_for(adapters)
+    requests = vocab_lora.requests_for(adapters, SLOTS)
     Driver(engine, chunk=5).run(requests)
     while engine.busy_loading:
         engine.poll()

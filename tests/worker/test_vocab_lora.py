@@ -37,25 +37,27 @@ def slow_layers(name: str, slot: int, layer: int) -> None:
     time.sleep(0.02)
 
 
-def requests_for(adapters) -> list[Request]:
+def requests_for(adapters, slots: dict[str, int] = SLOTS) -> list[Request]:
     requests = [Request("base", prompt(60, 9), max_new_tokens=5)]
     return requests + [Request(name, prompt(61 + slot, 6 + 3 * slot), adapter_slot=slot, max_new_tokens=4 + slot)
-                       for name, slot in SLOTS.items() if name in adapters]
+                       for name, slot in slots.items() if name in adapters]
 
 
-def run_mixed_batch(model_dir, adapters, *, static: bool, **settings) -> tuple[Engine, list[Request]]:
-    """Every adapter and the base model in one batch; `LANDING` still loading (from disk, layer by
-    layer) as it starts, so the forwards wait on its per-layer events, the embedding's on layer 0's."""
+def run_mixed_batch(model_dir, adapters, *, static: bool, slots: dict[str, int] = SLOTS, landing: str = LANDING,
+                    **settings) -> tuple[Engine, list[Request]]:
+    """Every adapter and the base model in one batch; `landing` still loading (from disk, layer by
+    layer) as it starts, so the forwards wait on its per-layer events: the embedding's (LoRA or
+    table) on layer 0's, the LM head's on the last layer's."""
     engine = make_engine(model_dir, static_decode=static, **settings)
     engine.copier.hook = slow_layers
     for name, path in adapters.items():
         engine.register_adapter(name, path)
-    for name, slot in SLOTS.items():
-        if name != LANDING:
+    for name, slot in slots.items():
+        if name != landing:
             make_resident(engine, name, slot)
-    engine.load_adapter(LANDING, SLOTS[LANDING])
-    assert SLOTS[LANDING] in engine.pending
-    requests = requests_for(adapters)
+    engine.load_adapter(landing, slots[landing])
+    assert slots[landing] in engine.pending
+    requests = requests_for(adapters, slots)
     Driver(engine, chunk=5).run(requests)
     while engine.busy_loading:
         engine.poll()

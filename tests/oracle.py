@@ -105,6 +105,22 @@ class PeftOracle:
             raise KeyError(f"unknown adapter {adapter!r}; loaded: {list(self.adapter_names)}")
 
 
+# A GPU batch against PEFT on the CPU in float32: kernels and bfloat16 rounding.
+CUDA_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.06}
+
+
+def assert_batch_matches_peft(model_dir: Path, adapters: Mapping[str, Path], requests: Sequence, dtype: str) -> None:
+    """Every request's logits and tokens (a GPU engine's, in `dtype`) against PEFT, teacher-forced;
+    a request's id names its adapter ("base": none)."""
+    oracle = PeftOracle(model_dir, adapters)
+    atol = CUDA_TOLERANCE[dtype]
+    for request in requests:
+        adapter = None if request.request_id == "base" else request.request_id
+        expected = oracle.logits(request.tokens[:-1], adapter)
+        torch.testing.assert_close(request.all_logits(), expected, atol=atol, rtol=0 if dtype == "float32" else 0.05)
+        oracle.assert_teacher_forced(request.prompt, request.generated, adapter, atol=atol)
+
+
 def _attach_adapters(base: PreTrainedModel, adapters: Mapping[str, Path]) -> PreTrainedModel | PeftModel:
     if not adapters:
         return base

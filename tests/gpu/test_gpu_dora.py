@@ -10,14 +10,13 @@ import torch
 
 from tests.conftest import DORA_ARCHS
 from tests.driver import forward_paths
-from tests.oracle import PeftOracle
+from tests.oracle import assert_batch_matches_peft
 from tests.worker.test_dora import run_mixed_batch
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-TOLERANCE = {"float32": 1e-3, "bfloat16": 0.06}
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "graphs"])
@@ -29,10 +28,4 @@ def test_dora_and_lora_batch_on_cuda_matches_peft(arch, dtype, static, model_dir
     paths = set(forward_paths(engine))
     assert ("eager" not in paths and engine.graph_runner.graphs_captured > 0) if static else paths == {"eager"}
     engine.close()
-    oracle = PeftOracle(model_dirs[arch], adapters)
-    atol = TOLERANCE[dtype]
-    for request in requests:
-        adapter = None if request.request_id == "base" else request.request_id
-        expected = oracle.logits(request.tokens[:-1], adapter)
-        torch.testing.assert_close(request.all_logits(), expected, atol=atol, rtol=0 if dtype == "float32" else 0.05)
-        oracle.assert_teacher_forced(request.prompt, request.generated, adapter, atol=atol)
+    assert_batch_matches_peft(model_dirs[arch], adapters, requests, dtype)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.driver import Driver, Request, forward_paths, make_engine, make_resident
-from tests.oracle import PeftOracle
+from tests.oracle import assert_batch_matches_peft
 from tests.worker.test_equivalence import prompt
 from tests.worker.test_modules_to_save import MODELS, run_mixed_batch
 
@@ -19,17 +19,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-TOLERANCE = {"float32": 1e-3, "bfloat16": 0.06}
-
-
-def _check(model_dir, adapters, requests, dtype: str) -> None:
-    oracle = PeftOracle(model_dir, adapters)
-    atol = TOLERANCE[dtype]
-    for request in requests:
-        adapter = None if request.request_id == "base" else request.request_id
-        expected = oracle.logits(request.tokens[:-1], adapter)
-        torch.testing.assert_close(request.all_logits(), expected, atol=atol, rtol=0 if dtype == "float32" else 0.05)
-        oracle.assert_teacher_forced(request.prompt, request.generated, adapter, atol=atol)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "graphs"])
@@ -42,7 +31,7 @@ def test_saved_modules_batch_on_cuda_matches_peft(model, dtype, static, mts_mode
     forwards = [event["args"] for event in engine.timeline.chrome_trace() if event.get("name") == "forward"]
     assert all(f["path"] == "eager" for f in forwards if set(f["adapters"]) - {"plain"}), forwards
     engine.close()
-    _check(mts_models[model], adapters, requests, dtype)
+    assert_batch_matches_peft(mts_models[model], adapters, requests, dtype)
 
 
 def test_steps_without_tables_replay_graphs_beside_a_resident_table(mts_models, mts_adapters):
@@ -57,4 +46,4 @@ def test_steps_without_tables_replay_graphs_beside_a_resident_table(mts_models, 
     Driver(engine).run(requests)
     assert "eager" not in forward_paths(engine) and engine.graph_runner.graphs_captured > 0
     engine.close()
-    _check(model_dir, {"plain": adapters["plain"]}, requests, "float32")
+    assert_batch_matches_peft(model_dir, {"plain": adapters["plain"]}, requests, "float32")

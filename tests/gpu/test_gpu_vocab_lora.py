@@ -11,7 +11,7 @@ import torch
 
 from tests.driver import Driver, Request, forward_paths, make_engine, make_resident
 from tests.conftest import VOCAB_MODELS
-from tests.oracle import PeftOracle
+from tests.oracle import assert_batch_matches_peft
 from tests.worker.test_equivalence import prompt
 from tests.worker.test_vocab_lora import run_mixed_batch
 
@@ -19,17 +19,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-TOLERANCE = {"float32": 1e-3, "bfloat16": 0.06}
-
-
-def _check(model_dir, adapters, requests, dtype: str) -> None:
-    oracle = PeftOracle(model_dir, adapters)
-    atol = TOLERANCE[dtype]
-    for request in requests:
-        adapter = None if request.request_id == "base" else request.request_id
-        expected = oracle.logits(request.tokens[:-1], adapter)
-        torch.testing.assert_close(request.all_logits(), expected, atol=atol, rtol=0 if dtype == "float32" else 0.05)
-        oracle.assert_teacher_forced(request.prompt, request.generated, adapter, atol=atol)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "graphs"])
@@ -47,7 +36,7 @@ def test_vocab_lora_batch_on_cuda_matches_peft(model, dtype, static, vocab_model
     else:
         assert paths == {"eager"}
     engine.close()
-    _check(vocab_models[model], adapters, requests, dtype)
+    assert_batch_matches_peft(vocab_models[model], adapters, requests, dtype)
 
 
 def test_steps_without_vocab_adapters_replay_the_plain_graphs(vocab_models, vocab_adapters):
@@ -66,4 +55,4 @@ def test_steps_without_vocab_adapters_replay_the_plain_graphs(vocab_models, voca
     assert runner.graphs_captured > 0
     assert not any(variant.embedding for _, variant in (*runner._graphs, *runner._layered))
     engine.close()
-    _check(model_dir, {name: adapters[name] for name in ("plain", "head")}, requests, "float32")
+    assert_batch_matches_peft(model_dir, {name: adapters[name] for name in ("plain", "head")}, requests, "float32")

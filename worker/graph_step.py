@@ -43,6 +43,7 @@ import torch
 
 from worker.batch import NO_ADAPTER, SequenceInput
 from worker.host_upload import mapped_bytes, upload_into
+from worker.kernels.elementwise import StagedDeltas
 from worker.kernels.lora_blocks import BLOCK_COLUMNS, BLOCK_M, PROMPT_BLOCK_M, lora_blocks, max_blocks
 from worker.kernels.multi_lora import (
     LoraScratch,
@@ -408,7 +409,7 @@ class _StaticLora:
         self.side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side_stream):
             lora_shrink(x, [self.slots.a[m][layer] for m in adapted], blocks, scratch, block_m=block_m)
-            if deltas is not None:  # every token is in a block (base-model ones store zeros)
+            if deltas is not None:  # rows of base-model tokens stay unwritten (StagedDeltas)
                 lora_expand([self.slots.b_t[m][layer] for m in adapted], self._split(deltas, adapted), blocks,
                             scratch, accumulate=False, block_m=block_m)
         self._started = _StartedGroup(layer, adapted, deltas)
@@ -424,7 +425,7 @@ class _StaticLora:
         return list(deltas.split([self.slots.b_t[m].shape[-1] for m in modules], dim=1))
 
     def finish_deltas(self, x: torch.Tensor, layer: int,
-                      outputs: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
+                      outputs: Sequence[tuple[str, torch.Tensor]]) -> StagedDeltas | None:
         adapted = [(module, out) for module, out in outputs if module in self.slots.a]
         started, self._started = self._started, None
         if not adapted:
@@ -440,10 +441,11 @@ class _StaticLora:
             if started.deltas is None:
                 lora_expand([m.b_t for m in group], [m.out for m in group], blocks, self.inputs.lora_scratch,
                             block_m=block_m)
-            elif len(adapted) == len(outputs) and not self.dora:
-                return started.deltas  # the caller's next kernel adds them
             else:
-                for module, delta in zip(group, self._split(started.deltas, started.modules)):
+                staged = StagedDeltas(started.deltas, self.inputs.device("token_slots"))
+                if len(adapted) == len(outputs) and not self.dora:
+                    return staged  # the caller's next kernel adds them
+                for module, delta in zip(group, self._split(staged.dense(), started.modules)):
                     module.out.add_(delta)
         else:
             add_lora_deltas(x, group, blocks, self.inputs.lora_scratch, block_m)

@@ -13,6 +13,7 @@ import torch
 
 from worker.kernels.elementwise import (
     ACTIVATIONS,
+    StagedDeltas,
     act_mul_reference,
     add_rms_norm_reference,
     rope_and_cache_kv_reference,
@@ -66,6 +67,16 @@ def randn(*shape: int, dtype: torch.dtype, device: str, seed: int, scale: float 
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype).to(device)
 
 
+def staged_deltas(tokens: int, width: int, *, dtype: torch.dtype, device: str, seed: int,
+                  scale: float = 1.0) -> StagedDeltas:
+    """LoRA deltas as a step stages them: rows of tokens without an adapter (every third, slot -1)
+    were never written (NaN here) and must read as zero."""
+    values = randn(tokens, width, dtype=dtype, device=device, seed=seed, scale=scale)
+    token_slots = torch.tensor([-1 if t % 3 == 0 else t % 4 for t in range(tokens)], device=device)
+    values[token_slots < 0] = float("nan")
+    return StagedDeltas(values, token_slots)
+
+
 def assert_matches(out: torch.Tensor, expected: torch.Tensor, dtype: str) -> None:
     assert out.dtype == expected.dtype and out.shape == expected.shape
     torch.testing.assert_close(out.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
@@ -79,7 +90,8 @@ def assert_matches(out: torch.Tensor, expected: torch.Tensor, dtype: str) -> Non
 def test_add_rms_norm_matches_reference(device, dtype, tokens, size, addends, norm_weight):
     hidden = randn(tokens, size, dtype=DTYPES[dtype], device=device, seed=0)
     delta = randn(tokens, size, dtype=DTYPES[dtype], device=device, seed=1) if addends != "none" else None
-    lora_delta = randn(tokens, size, dtype=DTYPES[dtype], device=device, seed=7) if addends == "delta+lora" else None
+    lora_delta = staged_deltas(tokens, size, dtype=DTYPES[dtype], device=device, seed=7) \
+        if addends == "delta+lora" else None
     weight = randn(size, dtype=NORM_WEIGHT_DTYPES[norm_weight] or DTYPES[dtype], device=device, seed=2, scale=0.1) + 1
     summed, normed = kernels().add_rms_norm(hidden, delta, weight, 1e-6, lora_delta)
     expected_sum, expected_normed = add_rms_norm_reference(hidden, delta, weight, 1e-6, lora_delta)
@@ -99,7 +111,7 @@ def test_rope_and_cache_kv_matches_reference(device, dtype, tokens, heads, kv_he
     is not compared), and no other row changes."""
     torch_dtype = DTYPES[dtype]
     qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=torch_dtype, device=device, seed=3)
-    lora_delta = randn(*qkv.shape, dtype=torch_dtype, device=device, seed=8, scale=0.1) if with_lora else None
+    lora_delta = staged_deltas(*qkv.shape, dtype=torch_dtype, device=device, seed=8, scale=0.1) if with_lora else None
     before = qkv.clone()
     positions = torch.randint(0, 100_000, (tokens,), generator=torch.Generator().manual_seed(4))
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -136,7 +148,7 @@ def test_rope_and_cache_kv_matches_reference(device, dtype, tokens, heads, kv_he
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 def test_act_mul_matches_reference(device, dtype, tokens, size, with_lora, activation):
     gate_up = randn(tokens, 2 * size, dtype=DTYPES[dtype], device=device, seed=6, scale=3.0)
-    lora_delta = randn(tokens, 2 * size, dtype=DTYPES[dtype], device=device, seed=7) if with_lora else None
+    lora_delta = staged_deltas(tokens, 2 * size, dtype=DTYPES[dtype], device=device, seed=7) if with_lora else None
     assert_matches(kernels().act_mul(gate_up, lora_delta, activation),
                    act_mul_reference(gate_up, lora_delta, activation), dtype)
 

@@ -46,7 +46,8 @@ def triton_group_delta(x, weights, token_slots, slot_ranks, block_m=BLOCK_M):
     """The grouped kernels over (a, b_t) per module, each adding into a column range of one fused
     output, over blocks of up to `block_m` tokens; run twice (a graph replays the same launch) to
     check the split-K sums are bitwise repeatable and leave their counters at zero; then once
-    storing into NaN-filled outputs, which must give the same (zeros for base-model tokens)."""
+    storing into NaN-filled outputs, which must give the same in adapted tokens' rows and leave
+    base-model tokens' rows unwritten."""
     blocks = torch.from_numpy(lora_blocks(token_slots, slot_ranks, block_m=block_m)).cuda()
     scratch = LoraScratch.allocate(x.shape[0], x.shape[1], weights[0][0].shape[1], weights[0][0].shape[0],
                                    x.dtype, x.device)
@@ -65,7 +66,9 @@ def triton_group_delta(x, weights, token_slots, slot_ranks, block_m=BLOCK_M):
     stored = torch.full((x.shape[0], sum(widths)), float("nan"), dtype=x.dtype, device=x.device).split(widths, dim=1)
     lora_shrink(x, [a for a, _ in weights], blocks, scratch, block_m=block_m)
     lora_expand([b_t for _, b_t in weights], stored, blocks, scratch, accumulate=False, block_m=block_m)
-    assert all(torch.equal(s, r) for s, r in zip(stored, runs[0])), "a storing expand writes every row"
+    adapted = torch.tensor(token_slots, device=x.device) >= 0
+    assert all(torch.equal(s[adapted], r[adapted]) for s, r in zip(stored, runs[0])), "adapted rows are stored"
+    assert all(s[~adapted].isnan().all() for s in stored), "base-model rows are not written"
     return runs[0]
 
 

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels._triton_common import tanh
+from worker.kernels.staged_deltas import StagedDeltas
 
 
 @triton.jit
@@ -25,17 +26,26 @@ def _scale_by_weight(x, rstd, weight):
 
 
 @triton.jit
-def _load_plus_lora(x_ptr, lora_ptr, cols, ok, HAS_LORA: tl.constexpr):
+def _adapted(slots_ptr, row, HAS_LORA: tl.constexpr):
+    """Whether the row's token has an adapter, so its staged LoRA delta was written."""
+    if HAS_LORA:
+        return tl.load(slots_ptr + row) >= 0
+    return False
+
+
+@triton.jit
+def _load_plus_lora(x_ptr, lora_ptr, cols, ok, adapted, HAS_LORA: tl.constexpr):
     """A module's output with its staged LoRA delta added, rounded to the model dtype as the
-    unfused `out += delta` is."""
+    unfused `out += delta` is (a row without an adapter reads no delta)."""
     x = tl.load(x_ptr + cols, mask=ok, other=0.0)
     if HAS_LORA:
-        x = (x.to(tl.float32) + tl.load(lora_ptr + cols, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
+        delta = tl.load(lora_ptr + cols, mask=tl.where(adapted, ok, False), other=0.0)
+        x = (x.to(tl.float32) + delta.to(tl.float32)).to(x.dtype)
     return x
 
 
 @triton.jit
-def _add_rms_norm_kernel(hidden_ptr, delta_ptr, lora_ptr, weight_ptr, sum_ptr, normed_ptr, eps, size,
+def _add_rms_norm_kernel(hidden_ptr, delta_ptr, lora_ptr, slots_ptr, weight_ptr, sum_ptr, normed_ptr, eps, size,
                          stride_h, stride_d, stride_l, stride_s, stride_n, BLOCK: tl.constexpr,
                          HAS_DELTA: tl.constexpr, HAS_LORA: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -43,7 +53,8 @@ def _add_rms_norm_kernel(hidden_ptr, delta_ptr, lora_ptr, weight_ptr, sum_ptr, n
     ok = cols < size
     x = tl.load(hidden_ptr + row * stride_h + cols, mask=ok, other=0.0)
     if HAS_DELTA:
-        delta = _load_plus_lora(delta_ptr + row * stride_d, lora_ptr + row * stride_l, cols, ok, HAS_LORA)
+        delta = _load_plus_lora(delta_ptr + row * stride_d, lora_ptr + row * stride_l, cols, ok,
+                                _adapted(slots_ptr, row, HAS_LORA), HAS_LORA)
         x = (x.to(tl.float32) + delta.to(tl.float32)).to(x.dtype)  # the residual add is in the model dtype
         tl.store(sum_ptr + row * stride_s + cols, x, mask=ok)
     x = x.to(tl.float32)
@@ -58,10 +69,10 @@ def _num_warps(block: int) -> int:
 
 
 def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 lora_delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 lora_delta: StagedDeltas | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, size = hidden.shape
     _check_norm_weight(hidden, weight)
-    for addend in (delta, lora_delta):
+    for addend in (delta, lora_delta and lora_delta.values):
         if addend is not None:
             _check(addend, hidden)
     if lora_delta is not None and delta is None:
@@ -70,9 +81,9 @@ def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch
     normed = torch.empty_like(hidden)
     block = triton.next_power_of_2(size)
     delta_or_hidden = hidden if delta is None else delta
-    lora_or_delta = delta_or_hidden if lora_delta is None else lora_delta
+    lora_or_delta, slots = _lora_operands(lora_delta, delta_or_hidden)
     _add_rms_norm_kernel[(tokens,)](
-        hidden, delta_or_hidden, lora_or_delta, weight, summed, normed, eps, size,
+        hidden, delta_or_hidden, lora_or_delta, slots, weight, summed, normed, eps, size,
         hidden.stride(0), delta_or_hidden.stride(0), lora_or_delta.stride(0), summed.stride(0), normed.stride(0),
         BLOCK=block, HAS_DELTA=delta is not None, HAS_LORA=lora_delta is not None, num_warps=_num_warps(block),
         enable_fp_fusion=False,
@@ -104,7 +115,7 @@ def _rope_head(x1, x2, cos_ptr, sin_ptr, out_ptr, norm_ptr, eps, dims, ok, HEAD_
 
 
 @triton.jit
-def _rope_cache_kernel(qkv_ptr, lora_ptr, cos_ptr, sin_ptr, q_ptr, keys_ptr, values_ptr, index_ptr, q_norm_ptr,
+def _rope_cache_kernel(qkv_ptr, lora_ptr, slots_ptr, cos_ptr, sin_ptr, q_ptr, keys_ptr, values_ptr, index_ptr, q_norm_ptr,
                        k_norm_ptr, eps, stride_x, stride_l, stride_c, stride_s, stride_q, stride_kv,
                        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_HALF: tl.constexpr, QK_NORM: tl.constexpr, HAS_LORA: tl.constexpr):
@@ -114,10 +125,11 @@ def _rope_cache_kernel(qkv_ptr, lora_ptr, cos_ptr, sin_ptr, q_ptr, keys_ptr, val
     dims = tl.arange(0, BLOCK_HALF)
     ok = dims < half
     column = head * HEAD_DIM
+    adapted = _adapted(slots_ptr, token, HAS_LORA)
     x1 = _load_plus_lora(qkv_ptr + token * stride_x + column, lora_ptr + token * stride_l + column, dims, ok,
-                         HAS_LORA)
+                         adapted, HAS_LORA)
     x2 = _load_plus_lora(qkv_ptr + token * stride_x + column + half, lora_ptr + token * stride_l + column + half,
-                         dims, ok, HAS_LORA)
+                         dims, ok, adapted, HAS_LORA)
     cache_row = tl.load(index_ptr + token) * stride_kv
     if head < HEADS:
         _rope_head(x1, x2, cos_ptr + token * stride_c, sin_ptr + token * stride_s,
@@ -131,7 +143,7 @@ def _rope_cache_kernel(qkv_ptr, lora_ptr, cos_ptr, sin_ptr, q_ptr, keys_ptr, val
         tl.store(v_ptr + half + dims, x2, mask=ok)
 
 
-def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: torch.Tensor | None, heads: int, kv_heads: int, head_dim: int,
+def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: StagedDeltas | None, heads: int, kv_heads: int, head_dim: int,
                       cos: torch.Tensor, sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                       eps: float, *, keys: torch.Tensor, values: torch.Tensor,
                       write_index: torch.Tensor) -> torch.Tensor:
@@ -143,16 +155,16 @@ def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: torch.Tensor | None, heads:
         _check_norm_weight(qkv, q_norm)
         _check_norm_weight(qkv, k_norm)
     if lora_delta is not None:
-        _check(lora_delta, qkv)
+        _check(lora_delta.values, qkv)
     for cache in (keys, values):
         _check(qkv, cache)
         if not cache.is_contiguous() or cache.shape[1:] != (kv_heads, head_dim):
             raise ValueError(f"the KV cache must be contiguous [rows, {kv_heads}, {head_dim}]")
     q = torch.empty(tokens, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     qk_norm = q_norm is not None
-    lora = qkv if lora_delta is None else lora_delta
+    lora, slots = _lora_operands(lora_delta, qkv)
     _rope_cache_kernel[(tokens, heads + 2 * kv_heads)](
-        qkv, lora, cos, sin, q, keys, values, write_index, q_norm if qk_norm else qkv, k_norm if qk_norm else qkv,
+        qkv, lora, slots, cos, sin, q, keys, values, write_index, q_norm if qk_norm else qkv, k_norm if qk_norm else qkv,
         eps, qkv.stride(0), lora.stride(0), cos.stride(0), sin.stride(0), q.stride(0), keys.stride(0),
         HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         QK_NORM=qk_norm, HAS_LORA=lora_delta is not None, num_warps=1, enable_fp_fusion=False,
@@ -164,13 +176,15 @@ ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # by the names of `worker.kernels.e
 
 
 @triton.jit
-def _act_mul_kernel(gate_up_ptr, lora_ptr, out_ptr, size, stride_g, stride_l, stride_o, BLOCK: tl.constexpr,
+def _act_mul_kernel(gate_up_ptr, lora_ptr, slots_ptr, out_ptr, size, stride_g, stride_l, stride_o, BLOCK: tl.constexpr,
                     HAS_LORA: tl.constexpr, ACTIVATION: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < size
-    gate = _load_plus_lora(gate_up_ptr + row * stride_g, lora_ptr + row * stride_l, cols, ok, HAS_LORA)
-    up = _load_plus_lora(gate_up_ptr + row * stride_g + size, lora_ptr + row * stride_l + size, cols, ok, HAS_LORA)
+    adapted = _adapted(slots_ptr, row, HAS_LORA)
+    gate = _load_plus_lora(gate_up_ptr + row * stride_g, lora_ptr + row * stride_l, cols, ok, adapted, HAS_LORA)
+    up = _load_plus_lora(gate_up_ptr + row * stride_g + size, lora_ptr + row * stride_l + size, cols, ok, adapted,
+                         HAS_LORA)
     g = gate.to(tl.float32)
     if ACTIVATION == "gelu_pytorch_tanh":  # F.gelu(approximate="tanh")'s formula; sqrt(2 / pi) = 0.79788...
         act = 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
@@ -180,23 +194,32 @@ def _act_mul_kernel(gate_up_ptr, lora_ptr, out_ptr, size, stride_g, stride_l, st
     tl.store(out_ptr + row * stride_o + cols, (act * up.to(tl.float32)).to(gate.dtype), mask=ok)
 
 
-def act_mul(gate_up: torch.Tensor, lora_delta: torch.Tensor | None = None, activation: str = "silu") -> torch.Tensor:
+def act_mul(gate_up: torch.Tensor, lora_delta: StagedDeltas | None = None, activation: str = "silu") -> torch.Tensor:
     tokens, width = gate_up.shape
     if gate_up.stride(-1) != 1:
         raise ValueError("act_mul needs a unit stride in the last dimension")
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}")
     if lora_delta is not None:
-        _check(lora_delta, gate_up)
+        _check(lora_delta.values, gate_up)
     size = width // 2
     out = torch.empty(tokens, size, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    lora = gate_up if lora_delta is None else lora_delta
+    lora, slots = _lora_operands(lora_delta, gate_up)
     _act_mul_kernel[(tokens, triton.cdiv(size, block))](
-        gate_up, lora, out, size, gate_up.stride(0), lora.stride(0), out.stride(0), BLOCK=block,
+        gate_up, lora, slots, out, size, gate_up.stride(0), lora.stride(0), out.stride(0), BLOCK=block,
         HAS_LORA=lora_delta is not None, ACTIVATION=activation, num_warps=4, enable_fp_fusion=False,
     )
     return out
+
+
+def _lora_operands(lora_delta: StagedDeltas | None, stand_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deltas and token slots to pass a kernel (without LoRA, a tensor it does not read)."""
+    if lora_delta is None:
+        return stand_in, stand_in
+    if lora_delta.token_slots.shape != lora_delta.values.shape[:1]:
+        raise ValueError("staged LoRA deltas need one token slot per row")
+    return lora_delta.values, lora_delta.token_slots
 
 
 def _check_norm_weight(x: torch.Tensor, weight: torch.Tensor) -> None:

@@ -83,10 +83,9 @@ def _expand_kernel(shrunk_ptr, b0_ptr, b1_ptr, b2_ptr, out0_ptr, out1_ptr, out2_
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
                    ACCUMULATE: tl.constexpr):
     slot, start, end, rank = lora_block(blocks_ptr, tl.program_id(0))
-    live = start < end
-    if ACCUMULATE:
-        live = live & (rank > 0)  # adding a base-model block's zeros changes nothing
-    if live:
+    # A base-model block has no delta: adding its zeros changes nothing, and a stored delta's
+    # reader skips its rows (`worker.kernels.elementwise.StagedDeltas`).
+    if (start < end) & (rank > 0):
         # Output tiles are numbered across the group: module 0's, then module 1's, then 2's.
         tile = tl.program_id(1)
         module = (tile >= tiles0).to(tl.int32) + (tile >= tiles0 + tiles1).to(tl.int32)

@@ -18,9 +18,10 @@ their count, not by memory.
 - `act_mul`: `act(gate) * up` from the fused gate_up matrix [T, 2I] -> [T, I], act one of
   `ACTIVATIONS`: silu (Llama's SwiGLU) or gelu with the tanh approximation (Gemma's GeGLU).
 
-Each takes an optional `lora_delta` shaped like the module output it reads (delta, qkv,
-gate_up): the LoRA deltas staged beside the base GEMM, added to that output first and
-rounded as the unfused `out += delta` would be, so that no separate add kernel runs.
+Each takes an optional `lora_delta` (`StagedDeltas`) shaped like the module output it reads
+(delta, qkv, gate_up): the LoRA deltas staged beside the base GEMM, added to that output first
+and rounded as the unfused `out += delta` would be, so that no separate add kernel runs. Rows
+of tokens without an adapter were never written (the expand skips them) and are not read.
 
 Each public function runs one Triton kernel on CUDA tensors and the torch reference (the
 code the model ran before, which CI covers) otherwise. The kernels round in the same places
@@ -33,6 +34,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from worker.kernels.staged_deltas import StagedDeltas
 
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -56,20 +59,20 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def add_rms_norm_reference(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                           lora_delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           lora_delta: StagedDeltas | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if lora_delta is not None:
-        delta = delta + lora_delta
+        delta = delta + lora_delta.dense()
     if delta is not None:
         hidden = hidden + delta
     return hidden, rms_norm(hidden, weight, eps)
 
 
-def rope_and_cache_kv_reference(qkv: torch.Tensor, lora_delta: torch.Tensor | None, heads: int, kv_heads: int,
+def rope_and_cache_kv_reference(qkv: torch.Tensor, lora_delta: StagedDeltas | None, heads: int, kv_heads: int,
                                 head_dim: int, cos: torch.Tensor, sin: torch.Tensor, q_norm: torch.Tensor | None,
                                 k_norm: torch.Tensor | None, eps: float, *, keys: torch.Tensor,
                                 values: torch.Tensor, write_index: torch.Tensor) -> torch.Tensor:
     if lora_delta is not None:
-        qkv = qkv + lora_delta
+        qkv = qkv + lora_delta.dense()
     q_end, kv_size = heads * head_dim, kv_heads * head_dim
     q = qkv[:, :q_end].view(-1, heads, head_dim)
     k = qkv[:, q_end:q_end + kv_size].view(-1, kv_heads, head_dim)
@@ -81,16 +84,16 @@ def rope_and_cache_kv_reference(qkv: torch.Tensor, lora_delta: torch.Tensor | No
     return rotate(q, cos, sin)
 
 
-def act_mul_reference(gate_up: torch.Tensor, lora_delta: torch.Tensor | None = None,
+def act_mul_reference(gate_up: torch.Tensor, lora_delta: StagedDeltas | None = None,
                       activation: str = "silu") -> torch.Tensor:
     if lora_delta is not None:
-        gate_up = gate_up + lora_delta
+        gate_up = gate_up + lora_delta.dense()
     i = gate_up.shape[-1] // 2
     return ACTIVATIONS[activation](gate_up[:, :i]) * gate_up[:, i:]
 
 
 def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 lora_delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 lora_delta: StagedDeltas | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden + (delta + lora_delta), its RMSNorm); delta None (the first norm): (hidden, its RMSNorm)."""
     if not hidden.is_cuda:
         return add_rms_norm_reference(hidden, delta, weight, eps, lora_delta)
@@ -99,7 +102,7 @@ def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch
     return kernels.add_rms_norm(hidden, delta, weight, eps, lora_delta)
 
 
-def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: torch.Tensor | None, heads: int, kv_heads: int, head_dim: int,
+def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: StagedDeltas | None, heads: int, kv_heads: int, head_dim: int,
                       cos: torch.Tensor, sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                       eps: float, *, keys: torch.Tensor, values: torch.Tensor,
                       write_index: torch.Tensor) -> torch.Tensor:
@@ -114,7 +117,7 @@ def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: torch.Tensor | None, heads:
                                      keys=keys, values=values, write_index=write_index)
 
 
-def act_mul(gate_up: torch.Tensor, lora_delta: torch.Tensor | None = None, activation: str = "silu") -> torch.Tensor:
+def act_mul(gate_up: torch.Tensor, lora_delta: StagedDeltas | None = None, activation: str = "silu") -> torch.Tensor:
     """act(gate) * up of the fused [T, 2I] gate_up (+ lora_delta) -> [T, I]; `activation` names act."""
     if not gate_up.is_cuda:
         return act_mul_reference(gate_up, lora_delta, activation)

@@ -25,8 +25,8 @@ that):
 - expand: one program per (block, output tile of one module):
   `out_m[start:end, n0:n1] += shrunk[start:end, m * R : m * R + rank] @ b_t_m[slot, :rank, n0:n1]`
   (an R loop up to the block's rank; accumulated in float32, added to `out_m` once), or with
-  `accumulate=False` stored (`=`): then base-model tokens' rank-0 blocks store zeros, so a
-  staging buffer needs no clearing.
+  `accumulate=False` stored (`=`) into a staging buffer, whose rows of base-model tokens
+  (rank-0 blocks) are left unwritten: their reader skips them by token slot.
 
 So a group costs two launches whatever its size and however many adapters it mixes. Each
 adapter's A and B are read once per block of its tokens, never per token, and slots no token
@@ -108,7 +108,7 @@ def lora_expand(b_t: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], block
                 scratch: LoraScratch, tiles: ExpandTiles | None = None, accumulate: bool = True,
                 block_m: int = BLOCK_M) -> None:
     """The second kernel alone, after `lora_shrink`: outs += scratch.shrunk @ B.T per block
-    (accumulate=False: outs =, every row of outs being in a block)."""
+    (accumulate=False: outs = in the rows of adapted tokens; base-model rows are not written)."""
     from worker.kernels import _multi_lora_triton as kernels
 
     tiles = tiles or expand_tiles(outs[0].shape[0], b_t[0].shape[1], block_m)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.attention import attention_mask, padded_group_attention
-from worker.kernels.elementwise import act_mul, add_rms_norm, rope_and_cache_kv
+from worker.kernels.elementwise import StagedDeltas, act_mul, add_rms_norm, rope_and_cache_kv
 from worker.kv_cache import PagedKVCache
 from worker.model.config import ModelConfig
 from worker.model.rope import RotaryEmbedding
@@ -52,7 +52,7 @@ class LoraHook(Protocol):
         deltas that needs x alone may start beside it; `finish_deltas` follows with the outputs."""
 
     def finish_deltas(self, x: torch.Tensor, layer: int,
-                      outputs: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
+                      outputs: Sequence[tuple[str, torch.Tensor]]) -> StagedDeltas | None:
         """For modules sharing the input x, whose outputs (module, out) are consecutive column
         ranges of one matrix [T, N], in order and covering it: either adds each module's LoRA
         delta for token t to out[t] and returns None, or returns the deltas as one [T, N]
@@ -64,7 +64,7 @@ class LoraHook(Protocol):
 
 
 # A module's output and its LoRA deltas if they are still to be added (by the next norm's kernel).
-ModuleOutput = tuple[torch.Tensor, torch.Tensor | None]
+ModuleOutput = tuple[torch.Tensor, StagedDeltas | None]
 
 
 @dataclass
@@ -220,7 +220,8 @@ class LlamaModel:
         """Gemma's norm of a module's output (its LoRA deltas added first) before the residual add."""
         if weight is None:
             return out
-        return add_rms_norm(out[0], out[1], weight, self.config.rms_norm_eps)[1], None
+        module_out, deltas = out
+        return add_rms_norm(module_out, None if deltas is None else deltas.dense(), weight, self.config.rms_norm_eps)[1], None
 
     def _attention(self, index, layer: LayerWeights, x, kv_write_index, kv_cache, lora, cos, sin,
                    attend) -> ModuleOutput:
@@ -249,11 +250,11 @@ class LlamaModel:
         out = F.linear(h, layer.down, layer.down_bias)
         return self._row_parallel_sum(out, lora.finish_deltas(h, index, (("down_proj", out),)))
 
-    def _row_parallel_sum(self, out: torch.Tensor, deltas: torch.Tensor | None) -> ModuleOutput:
+    def _row_parallel_sum(self, out: torch.Tensor, deltas: StagedDeltas | None) -> ModuleOutput:
         """A row-parallel module's output: each rank's partial sum, LoRA deltas included, summed over
         the ranks (without tensor parallelism, the deltas are left to the next norm's kernel to add)."""
         if not self.tp.enabled:
             return out, deltas
         if deltas is not None:
-            out += deltas
+            out += deltas.dense()
         return self.tp.all_reduce(out), None

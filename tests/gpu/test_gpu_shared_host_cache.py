@@ -22,8 +22,8 @@ pytestmark = [
 
 
 def test_a_rank_that_reads_nothing_copies_its_slices_once_rank_0_has_read_them(
-        model_dirs, mixed_adapter_dirs, tmp_path):
-    ranks = Ranks(model_dirs["llama"], tmp_path / "host-memory", pin=True)
+        model_dirs, mixed_adapter_dirs):
+    ranks = Ranks(model_dirs["llama"], pinned_rank=1)
     reader, follower = ranks.caches
     assert follower.arena.buffer.is_pinned()
     manifest = ranks.manifest(mixed_adapter_dirs["llama"]["a1"])

@@ -1,6 +1,6 @@
 """The host cache a tensor-parallel group shares: rank 0 reads each file once for every rank.
 
-Two host caches over two mappings of one file stand for two ranks' processes: rank 0's reads
+Two host caches over two mappings of one memfd stand for two ranks' processes: rank 0's reads
 and writes both ranks' slices, rank 1's reads nothing and follows rank 0's progress words."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from worker.errors import AdapterStateError, CorruptAdapterError
 from worker.lora.adapter import AdapterManifest, read_adapter_manifest
 from worker.lora.host_cache import HostCache, SharedStaging
-from worker.lora.shared_host_memory import SharedHostMemory, SharedLayout
+from worker.lora.shared_host_memory import SharedHostMemory, SharedLayout, create_shared_memory
 from worker.model.config import load_model_config
 from worker.tensor_parallel import TensorParallel
 
@@ -27,16 +27,17 @@ LAYOUT = SharedLayout(board_words=2, arena_bytes=4 << 20, ranks=RANKS)
 class Ranks:
     """Rank 0's and rank 1's host caches, as two processes would map them."""
 
-    def __init__(self, model_dir: Path, path: Path, agree=None, pin: bool = False) -> None:
-        with open(path, "wb") as file:
-            os.ftruncate(file.fileno(), LAYOUT.nbytes)
+    def __init__(self, model_dir: Path, agree=None, pinned_rank: int | None = None) -> None:
+        """`pinned_rank`: the rank whose pages are registered with CUDA, as the one GPU stands for it."""
+        self._fd = create_shared_memory(LAYOUT.nbytes)  # as the worker group's rank 0 creates it
+        path = f"/proc/self/fd/{self._fd}"
         self.model = load_model_config(model_dir)
         groups = [TensorParallel(rank=rank, size=RANKS) for rank in range(RANKS)]
         slices = [functools.partial(tp.lora_slices, self.model) for tp in groups]
         shard = groups[0].local_config(self.model)
         self.caches = [
-            HostCache(shard, LAYOUT.arena_bytes, LAYOUT.board_words, torch.float32, pin=pin,
-                      shared=SharedStaging(SharedHostMemory(str(path), LAYOUT, rank, pin), rank, slices),
+            HostCache(shard, LAYOUT.arena_bytes, LAYOUT.board_words, torch.float32, pin=rank == pinned_rank,
+                      shared=SharedStaging(SharedHostMemory(path, LAYOUT, rank, rank == pinned_rank), rank, slices),
                       **({} if agree is None else {"agree": agree}))
             for rank in range(RANKS)]
         self.slices = slices
@@ -47,6 +48,7 @@ class Ranks:
     def close(self) -> None:
         for cache in self.caches:
             cache.close()
+        os.close(self._fd)
 
 
 def expected_slices(manifest: AdapterManifest, slices) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
@@ -60,8 +62,8 @@ def expected_slices(manifest: AdapterManifest, slices) -> dict[tuple[int, str], 
 
 
 @pytest.fixture
-def ranks(model_dirs, tmp_path):
-    ranks = Ranks(model_dirs["llama"], tmp_path / "host-memory")
+def ranks(model_dirs):
+    ranks = Ranks(model_dirs["llama"])
     yield ranks
     ranks.close()
 
@@ -117,11 +119,11 @@ def test_a_failed_read_on_rank_0_fails_the_staging_on_every_rank(ranks, mixed_ad
     assert ranks.caches[0].arena.free_bytes == ranks.caches[1].arena.free_bytes == LAYOUT.arena_bytes
 
 
-def test_staging_is_reported_and_evicted_only_once_every_rank_has_it(model_dirs, mixed_adapter_dirs, tmp_path):
+def test_staging_is_reported_and_evicted_only_once_every_rank_has_it(model_dirs, mixed_adapter_dirs):
     def another_rank_is_behind(done: list[bool], failed: list[bool]) -> tuple[list[bool], list[bool]]:
         return [False] * len(done), failed
 
-    ranks = Ranks(model_dirs["llama"], tmp_path / "host-memory", agree=another_rank_is_behind)
+    ranks = Ranks(model_dirs["llama"], agree=another_rank_is_behind)
     manifest = ranks.manifest(mixed_adapter_dirs["llama"]["a0"])
     reader = ranks.caches[0]
     reader.stage("a0", manifest)

@@ -51,19 +51,28 @@ WIDE_INPUT = 8192
 DECODE_SHRINK_NARROW = ShrinkTiles(rank=64, k=128, k_per_split=1024)
 DECODE_SHRINK_WIDE = ShrinkTiles(rank=32, k=256, k_per_split=3584)
 DECODE_EXPAND_STAGES = 2
-PROMPT_SHRINK_NARROW = ShrinkTiles(rank=128, k=64, k_per_split=0, warps=8, stages=4, tokens=PROMPT_BLOCK_M)
-PROMPT_SHRINK_WIDE = ShrinkTiles(rank=64, k=128, k_per_split=3584, warps=8, stages=3, tokens=PROMPT_BLOCK_M)
+# Steps carrying a prompt, from `lora_kernel_sweep --prompt 400` (8 decodes and a 400-token prompt,
+# benchmarks/results/lora-kernel-sweep-mixed-r*-cd782df.json, H100). Slots of rank <= LOW_RANK give a
+# prompt's 64-token blocks one or two rank tiles: too few programs to fill the GPU, so the
+# reduction over `in` splits too (rank 16 shrink, per layer: qkv 20.8 -> 8.6 us, gate_up 21.1 -> 7.1).
+# Higher ranks have programs enough and split nothing (rank 256: qkv 30.8 -> 27.0, down 39.0 -> 33.4).
+LOW_RANK = 64
+PROMPT_SHRINK_LOW_RANK = ShrinkTiles(rank=16, k=128, k_per_split=2048, warps=8, stages=4, tokens=PROMPT_BLOCK_M)
+PROMPT_SHRINK_NARROW = ShrinkTiles(rank=32, k=128, k_per_split=0, warps=4, stages=3, tokens=PROMPT_BLOCK_M)
+PROMPT_SHRINK_WIDE = ShrinkTiles(rank=32, k=256, k_per_split=0, warps=4, stages=4, tokens=PROMPT_BLOCK_M)
 PROMPT_EXPAND = ExpandTiles(n=256, rank=64, stages=2, tokens=PROMPT_BLOCK_M)
+PROMPT_EXPAND_LOW_RANK = ExpandTiles(n=128, rank=16, stages=2, tokens=PROMPT_BLOCK_M)  # rank 16 gate_up: 22.3 -> 15.8 us
 # The split-K shapes a scratch serves.
-SPLIT_SHRINKS = (DECODE_SHRINK_NARROW, DECODE_SHRINK_WIDE, PROMPT_SHRINK_WIDE)
+SPLIT_SHRINKS = (DECODE_SHRINK_NARROW, DECODE_SHRINK_WIDE, PROMPT_SHRINK_LOW_RANK)
 
 
 def shrink_tiles(num_tokens: int, max_rank: int, in_features: int, block_m: int = BLOCK_M) -> ShrinkTiles:
     """The shrink's launch shape for a batch whose block table has blocks of up to `block_m` tokens."""
     wide = in_features > WIDE_INPUT
     if block_m > BLOCK_M:  # a step carrying a prompt
-        tiles = PROMPT_SHRINK_WIDE if wide else PROMPT_SHRINK_NARROW
-        return replace(tiles, tokens=block_m, k_per_split=tiles.k_per_split if num_tokens <= SPLIT_K_TOKENS else 0)
+        if max_rank <= LOW_RANK and num_tokens <= SPLIT_K_TOKENS:
+            return replace(PROMPT_SHRINK_LOW_RANK, tokens=block_m)
+        return replace(PROMPT_SHRINK_WIDE if wide else PROMPT_SHRINK_NARROW, tokens=block_m)
     if num_tokens > SPLIT_K_TOKENS:
         return ShrinkTiles(rank=_rank_tile(max_rank), k=128, k_per_split=0, tokens=block_m)
     return DECODE_SHRINK_WIDE if wide else DECODE_SHRINK_NARROW
@@ -71,7 +80,8 @@ def shrink_tiles(num_tokens: int, max_rank: int, in_features: int, block_m: int 
 
 def expand_tiles(num_tokens: int, max_rank: int, block_m: int = BLOCK_M) -> ExpandTiles:
     if block_m > BLOCK_M:
-        return replace(PROMPT_EXPAND, tokens=block_m)
+        tiles = PROMPT_EXPAND_LOW_RANK if max_rank <= LOW_RANK else PROMPT_EXPAND
+        return replace(tiles, rank=min(tiles.rank, _rank_tile(max_rank)), tokens=block_m)
     return ExpandTiles(n=128, rank=_rank_tile(max_rank), stages=DECODE_EXPAND_STAGES, tokens=block_m)
 
 

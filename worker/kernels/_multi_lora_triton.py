@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels._triton_common import dot, lora_block
-from worker.kernels.lora_launch import MAX_GROUP, ExpandTiles, LoraScratch, ShrinkTiles
+from worker.kernels.lora_launch import MAX_GROUP, ExpandTiles, LoraScratch, ShrinkTiles, fit_shared_memory
 
 
 @triton.jit
@@ -122,6 +122,7 @@ def shrink(x: torch.Tensor, a: Sequence[torch.Tensor], blocks: torch.Tensor, scr
     _check_unit_stride(x, scratch.shrunk, *a)
     if any(w.shape != a[0].shape or w.stride() != a[0].stride() for w in a):
         raise ValueError("modules of a LoRA group need A buffers of one shape")
+    tiles = fit_shared_memory(tiles, x.element_size())
     if tiles.k_per_split % tiles.k:
         raise ValueError("a shrink split must be a whole number of K steps")
     max_rank, in_features = a[0].shape[1], x.shape[1]

@@ -78,6 +78,19 @@ def shrink_tiles(num_tokens: int, max_rank: int, in_features: int, block_m: int 
     return DECODE_SHRINK_WIDE if wide else DECODE_SHRINK_NARROW
 
 
+# Under Hopper's 227 KiB of shared memory a block, with room for the compiler's own.
+SHARED_MEMORY_BYTES = 200 << 10
+
+
+def fit_shared_memory(tiles: ShrinkTiles, element_size: int) -> ShrinkTiles:
+    """The shapes above are for 2-byte weights: float32 ones take fewer columns per K step, so
+    that the pipeline's stages hold as many bytes (a prompt's wide shrink needs 288 KiB else)."""
+    k = tiles.k
+    while k > 16 and (tiles.stages - 1) * (tiles.tokens + tiles.rank) * k * element_size > SHARED_MEMORY_BYTES:
+        k //= 2
+    return replace(tiles, k=k)
+
+
 def expand_tiles(num_tokens: int, max_rank: int, block_m: int = BLOCK_M) -> ExpandTiles:
     if block_m > BLOCK_M:
         tiles = PROMPT_EXPAND_LOW_RANK if max_rank <= LOW_RANK else PROMPT_EXPAND

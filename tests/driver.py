@@ -29,6 +29,17 @@ def shared_host_memory_file(path: Path, config: EngineConfig, ranks: int) -> str
     return str(path)
 
 
+def serve_alone(model_dir, name: str, path: Path, tokens: list[int], **settings) -> list[Request]:
+    """One request of adapter `name` (registered from `path`, resident in slot 0) on a fresh engine."""
+    engine = make_engine(model_dir, **settings)
+    engine.register_adapter(name, path)
+    make_resident(engine, name, 0)
+    requests = [Request(name, tokens, adapter_slot=0, max_new_tokens=3)]
+    Driver(engine).run(requests)
+    engine.close()
+    return requests
+
+
 def make_resident(engine: Engine, name: str, slot: int) -> None:
     """Stages and loads an adapter synchronously (the blocking baseline)."""
     engine.stage_adapter(name)

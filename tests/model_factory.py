@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -329,6 +331,20 @@ def _restore_spec_fields(out_dir: Path, spec: AdapterSpec) -> None:
     config["target_modules"] = spec.target_modules
     config["fan_in_fan_out"] = spec.fan_in_fan_out
     path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def rewrite_adapter(source: Path, path: Path, *, config: Callable[[dict], dict] | None = None,
+                    rename: Callable[[str], str] | None = None, drop: Callable[[str], bool] | None = None) -> Path:
+    """A copy of an adapter at `path`, its config mapped by `config`, its weight keys renamed by
+    `rename` and those `drop` selects left out (the layouts and fields other trainers write)."""
+    shutil.copytree(source, path)
+    if config is not None:
+        config_path = path / "adapter_config.json"
+        config_path.write_text(json.dumps(config(json.loads(config_path.read_text()))))
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({(rename(k) if rename else k): v for k, v in tensors.items() if not (drop and drop(k))}, weights)
+    return path
 
 
 def build_dora_adapter(model_dir: Path, out_dir: Path) -> Path:

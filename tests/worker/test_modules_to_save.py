@@ -3,7 +3,6 @@ LoRA adapters and base requests, against PEFT; eviction, refusals, tensor parall
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from scheduler.metrics import SchedulerMetrics
 from settings.config import EngineConfig
 from tests.conftest import SAVED_MODULE_ADAPTERS, SAVED_MODULE_MODELS
 from tests import model_factory as factory
-from tests.driver import Driver, Request, forward_paths, make_engine, make_resident, shared_host_memory_file
+from tests.driver import (Driver, Request, forward_paths, make_engine, make_resident, serve_alone,
+                          shared_host_memory_file)
 from tests.model_factory import AdapterSpec, build_saving_adapter, build_tiny_model
 from tests.oracle import PeftOracle
 from tests.tp_group import run_group
@@ -140,27 +140,11 @@ def test_a_reloaded_saved_slot_serves_its_new_adapters_tables(mts_models, mts_ad
 # Key layouts, what is reported, refusals --------------------------------------------------------------
 
 
-def _rewrite(source: Path, path: Path, *, config=None, rename=None, drop=None) -> Path:
-    shutil.copytree(source, path)
-    if config is not None:
-        config_path = path / "adapter_config.json"
-        config_path.write_text(json.dumps(config(json.loads(config_path.read_text()))))
-    weights = path / "adapter_model.safetensors"
-    tensors = load_file(weights)
-    tensors = {(rename(k) if rename else k): v for k, v in tensors.items() if not (drop and drop(k))}
-    save_file(tensors, weights)
-    return path
-
-
 def test_tables_without_the_prefix_are_served(mts_models, mts_adapters, artifacts):
     model_dir, original = mts_models["llama"], mts_adapters["llama"]["save-both"]
-    path = _rewrite(original, artifacts / "mts-no-prefix", rename=lambda k: k.removeprefix("base_model.model."))
-    engine = make_engine(model_dir, saved_module_slots=1)
-    engine.register_adapter("save-both", path)
-    make_resident(engine, "save-both", 0)
-    requests = [Request("save-both", prompt(95, 7), adapter_slot=0, max_new_tokens=3)]
-    Driver(engine).run(requests)
-    engine.close()
+    path = factory.rewrite_adapter(original, artifacts / "mts-no-prefix",
+                                   rename=lambda k: k.removeprefix("base_model.model."))
+    requests = serve_alone(model_dir, "save-both", path, prompt(95, 7), saved_module_slots=1)
     check_against_peft(model_dir, {"save-both": original}, requests)
 
 
@@ -215,21 +199,21 @@ def _refused(model_dir, path, error, match, **settings) -> None:
 
 def test_other_module_names_are_refused(mts_models, mts_adapters, artifacts):
     model_dir = mts_models["llama"]
-    path = _rewrite(mts_adapters["llama"]["save-embed"], artifacts / "mts-score",
-                    config=lambda c: {**c, "modules_to_save": ["embed_tokens", "score"]})
+    path = factory.rewrite_adapter(mts_adapters["llama"]["save-embed"], artifacts / "mts-score",
+                                   config=lambda c: {**c, "modules_to_save": ["embed_tokens", "score"]})
     _refused(model_dir, path, UnsupportedAdapterError, r"modules_to_save names 'score'.*embed_tokens and lm_head")
 
 
 def test_a_module_both_replaced_and_adapted_is_refused(mts_models, mts_adapters, artifacts):
     model_dir = mts_models["llama"]
-    path = _rewrite(mts_adapters["llama"]["save-embed"], artifacts / "mts-both-ways",
-                    config=lambda c: {**c, "target_modules": ["q_proj", "embed_tokens"]})
+    path = factory.rewrite_adapter(mts_adapters["llama"]["save-embed"], artifacts / "mts-both-ways",
+                                   config=lambda c: {**c, "target_modules": ["q_proj", "embed_tokens"]})
     _refused(model_dir, path, UnsupportedAdapterError, r"modules_to_save and target_modules both reach \['embed_tokens'\]")
 
 
 def test_ensure_weight_tying_on_tied_embeddings_is_refused(mts_models, mts_adapters, artifacts):
-    path = _rewrite(mts_adapters["qwen2-tied"]["save-embed"], artifacts / "mts-tying",
-                    config=lambda c: {**c, "ensure_weight_tying": True})
+    path = factory.rewrite_adapter(mts_adapters["qwen2-tied"]["save-embed"], artifacts / "mts-tying",
+                                   config=lambda c: {**c, "ensure_weight_tying": True})
     _refused(mts_models["qwen2-tied"], path, UnsupportedAdapterError,
              r"ensure_weight_tying=true with modules_to_save \['embed_tokens'\] on a model with tied embeddings")
 
@@ -255,9 +239,11 @@ def test_tables_and_config_must_agree(case, match, mts_models, mts_adapters, art
     model_dir = mts_models["llama"]
     source = mts_adapters["llama"]["save-both"]
     if case == "unlisted":
-        path = _rewrite(source, artifacts / f"mts-{case}", config=lambda c: {**c, "modules_to_save": ["embed_tokens"]})
+        path = factory.rewrite_adapter(source, artifacts / f"mts-{case}",
+                                       config=lambda c: {**c, "modules_to_save": ["embed_tokens"]})
     else:
-        path = _rewrite(source, artifacts / f"mts-{case}", drop=lambda k: k.endswith("model.embed_tokens.weight"))
+        path = factory.rewrite_adapter(source, artifacts / f"mts-{case}",
+                                       drop=lambda k: k.endswith("model.embed_tokens.weight"))
     _refused(model_dir, path, AdapterConfigMismatchError, match)
 
 

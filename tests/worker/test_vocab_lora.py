@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 
@@ -16,7 +14,8 @@ import worker.lora.slots
 from settings.config import EngineConfig
 from tests import model_factory as factory
 from tests.conftest import VOCAB_ADAPTERS, VOCAB_MODELS
-from tests.driver import Driver, Request, forward_paths, make_engine, make_resident, shared_host_memory_file
+from tests.driver import (Driver, Request, forward_paths, make_engine, make_resident, serve_alone,
+                          shared_host_memory_file)
 from tests.model_factory import AdapterSpec, build_adapter, build_tiny_model
 from tests.oracle import PeftOracle
 from tests.tp_group import run_group
@@ -176,33 +175,20 @@ def test_bfloat16_serving_follows_the_reference(artifacts):
 # Key layouts and what is reported ---------------------------------------------------------------
 
 
-def _rename_vocab_keys(path: Path, rename) -> None:
-    weights = path / "adapter_model.safetensors"
-    save_file({rename(key): value for key, value in load_file(weights).items()}, weights)
-
-
 @pytest.mark.parametrize("layout", ["without-prefix", "default-name", "without-base-layers"])
 def test_vocab_key_layouts_are_served(layout, vocab_models, vocab_adapters, artifacts):
     """Trainers' layouts (no `base_model.model.` prefix, the adapter name `default` in the key) and
     an adapter saved without the base embedding and LM head (save_embedding_layers=False)."""
     model_dir, original = vocab_models["llama"], vocab_adapters["llama"]["both"]
-    path = artifacts / f"vocab-layout-{layout}"
-    shutil.copytree(original, path)
-    if layout == "without-prefix":
-        _rename_vocab_keys(path, lambda key: key.removeprefix("base_model.model."))
-    elif layout == "default-name":
-        _rename_vocab_keys(path, lambda key: key.replace("lora_embedding_A", "lora_embedding_A.default")
-                           .replace("lora_embedding_B", "lora_embedding_B.default")
-                           .replace("lm_head.lora_A.weight", "lm_head.lora_A.default.weight"))
-    else:
-        weights = path / "adapter_model.safetensors"
-        save_file({k: v for k, v in load_file(weights).items() if ".base_layer." not in k}, weights)
-    engine = make_engine(model_dir)
-    engine.register_adapter("both", path)
-    make_resident(engine, "both", 0)
-    requests = [Request("both", prompt(95, 7), adapter_slot=0, max_new_tokens=3)]
-    Driver(engine).run(requests)
-    engine.close()
+    rewrites = {
+        "without-prefix": dict(rename=lambda key: key.removeprefix("base_model.model.")),
+        "default-name": dict(rename=lambda key: key.replace("lora_embedding_A", "lora_embedding_A.default")
+                             .replace("lora_embedding_B", "lora_embedding_B.default")
+                             .replace("lm_head.lora_A.weight", "lm_head.lora_A.default.weight")),
+        "without-base-layers": dict(drop=lambda key: ".base_layer." in key),
+    }
+    path = factory.rewrite_adapter(original, artifacts / f"vocab-layout-{layout}", **rewrites[layout])
+    requests = serve_alone(model_dir, "both", path, prompt(95, 7))
     check_against_peft(model_dir, {"both": original}, requests)
 
 
@@ -254,11 +240,7 @@ def test_dora_on_a_vocab_module_is_refused(vocab_models, artifacts):
 
 
 def _with_weight_tying(source: Path, path: Path) -> Path:
-    shutil.copytree(source, path)
-    config = json.loads((path / "adapter_config.json").read_text())
-    config["ensure_weight_tying"] = True
-    (path / "adapter_config.json").write_text(json.dumps(config))
-    return path
+    return factory.rewrite_adapter(source, path, config=lambda config: {**config, "ensure_weight_tying": True})
 
 
 def test_ensure_weight_tying_is_refused_only_where_it_ties(vocab_models, vocab_adapters, artifacts):
@@ -272,12 +254,7 @@ def test_ensure_weight_tying_is_refused_only_where_it_ties(vocab_models, vocab_a
 
     model_dir = vocab_models["llama"]
     untied = _with_weight_tying(vocab_adapters["llama"]["embed"], artifacts / "vocab-tying-untied")
-    engine = make_engine(model_dir)
-    engine.register_adapter("embed", untied)
-    make_resident(engine, "embed", 0)
-    requests = [Request("embed", prompt(96, 6), adapter_slot=0, max_new_tokens=3)]
-    Driver(engine).run(requests)
-    engine.close()
+    requests = serve_alone(model_dir, "embed", untied, prompt(96, 6))
     check_against_peft(model_dir, {"embed": untied}, requests)
 
 

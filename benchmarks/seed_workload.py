@@ -234,18 +234,23 @@ def main() -> None:
             label = f"{adapter_set}-{mode}"
             results[label] = run_mode(base, adapters, mode, rate, args.num_prompts, args.out_dir, label,
                                       draw_timeline=adapter_set == "large" and mode != "resident")
+            record = write_record(args, bandwidth, assets.get("large_bytes"), results)
         names = [f"{adapter_set}-{m}" for m in modes]
         table = format_comparison(names, [results[n]["summary"] for n in names])
         (args.out_dir / f"{adapter_set}-table.txt").write_text(table + "\n")
         print(table, flush=True)
-    large_bytes = assets.get("large_bytes")
+    print(json.dumps(record["targets"], indent=2))
+
+
+def write_record(args: argparse.Namespace, bandwidth: dict, large_bytes: int | None, results: dict) -> dict:
+    """The result file as it stands after each mode, so that a run cut short keeps the modes it finished."""
     record = run_record("seed_workload", replicas=args.replicas, tp=args.tp, shape=args.shape,
                         routing_policy=args.routing_policy, scaled_with_replicas=args.scale_with_replicas,
                         num_kv_pages=args.num_kv_pages, bandwidth=bandwidth, large_adapter_bytes=large_bytes,
                         targets=targets(results, bandwidth, large_bytes),
                         runs={label: result_figures(r) for label, r in results.items()})
     write_result(args.out_dir / f"seed-{'-'.join(args.sets)}{run_suffix(args)}-{record['commit']}.json", record)
-    print(json.dumps(record["targets"], indent=2))
+    return record
 
 
 def run_suffix(args: argparse.Namespace) -> str:

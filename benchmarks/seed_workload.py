@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import run_record, write_result
+from benchmarks.request_phases import as_figures, groups, request_phases
 from loraserve.bench import add_bench_parser, format_comparison, run_benchmark
 from loraserve.client import Connection, LoraServeClient
 from loraserve.command_line import connection_from_args
@@ -147,6 +148,7 @@ def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: floa
                 result["decode_step_gaps"] = asdict(gaps) if gaps else None
                 stalls = load_start_stalls(trace)
                 result["load_start_stalls"] = asdict(stalls) if stalls else None
+                result["request_phases"] = as_figures(groups(request_phases(trace)))
             output.write_text(json.dumps(result, indent=1))
     finally:
         launcher.stop()
@@ -265,7 +267,7 @@ def run_suffix(args: argparse.Namespace) -> str:
 def result_figures(result: dict) -> dict:
     """What the result file keeps of one mode's run: not every token's latency, as the raw JSON does."""
     figures = {"summary": result["summary"], "ttft_ms": [round(r["ttft_ms"], 2) for r in result["records"]]}
-    for key in ("stats", "copy_gbps", "decode_step_gaps", "load_start_stalls"):
+    for key in ("stats", "copy_gbps", "decode_step_gaps", "load_start_stalls", "request_phases"):
         if result.get(key) is not None:
             figures[key] = result[key]
     return figures

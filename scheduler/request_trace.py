@@ -19,6 +19,11 @@ class RequestTrace:
         to_wall = time.time() - time.monotonic()
         args = {"request_id": request.request_id, "adapter": request.adapter, "finish_reason": reason,
                 "prompt_tokens": len(request.prompt), "output_tokens": len(request.generated)}
+        # When the scheduler heard its adapter was loaded and got its first token: where a request's
+        # time to first token went, beside the worker's forwards and loads (benchmarks/request_phases.py).
+        for key, moment in (("adapter_ready_us", request.adapter_ready_at), ("first_token_us", request.first_token_at)):
+            if moment is not None:
+                args[key] = (moment + to_wall) * 1e6
         admitted = request.admitted_at or time.monotonic()
         spans = [("queued", request.arrival, admitted)]
         if request.admitted_at is not None:

@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from benchmarks.request_phases import groups, request_phases
 from loraserve.bench import Record, summarize
 from loraserve.cli import main as cli
 from tests.integration.conftest import free_port, running_server
@@ -43,6 +44,13 @@ def test_bench_records_summary_and_timeline(base_config, tmp_path):
         assert during, "other requests' forwards should run while a3 loads"
         assert all("a3" not in f["args"]["adapters"] for f in during)
     assert Counter(e["name"] for e in trace if e["pid"] == "scheduler")["running"] >= 12
+    slow = [p for p in request_phases({"traceEvents": trace}) if p.adapter == "a3"]
+    assert len(slow) == 3 and all(p.copied_after_arrival for p in slow)
+    for p in slow:  # each waited for the slow copy, was admitted on hearing of it, then prefilled
+        assert p.copy_end - p.copy_start >= 1500
+        assert p.copy_end <= p.adapter_ready <= p.admitted <= p.forward_start < p.forward_end <= p.first_token
+    copied_count, _ = groups(request_phases({"traceEvents": trace}))["adapter copied after arrival"]
+    assert copied_count >= 3
     assert cli(["timeline", str(trace_file), "-o", str(picture)]) == 0
     assert picture.stat().st_size > 10_000
     assert cli(["timeline", str(trace_file), "-o", str(picture), "--last", "0.5"]) == 0

@@ -9,8 +9,11 @@ as soon as the reader has it (the wait is on the load's stream or thread, never 
 A forward is launched on the GPU and answered once its tokens are back; a forward command
 arriving meanwhile (the scheduler sends the next step before it has this one's tokens) is
 launched first, so the GPU has the next step queued when the current one ends, unless the
-current one has already ended: then its tokens are answered first. Any other command waits
-for the forward in flight to be answered.
+current one has already ended: then its tokens are answered first. An overlapped slot load
+(and the eviction before it) also runs while a forward runs: the forward's launch has read every
+slot it needs on the host, and the copies wait on the GPU for the forwards still reading the
+slot (the copier's last-use markers), so waiting here for the forward's tokens would only start
+the copy a step later. Any other command waits for the forward in flight to be answered.
 """
 
 from __future__ import annotations
@@ -139,7 +142,8 @@ class WorkerService:
 
     def _on_command(self, command: pb.WorkerCommand) -> None:
         if command.WhichOneof("kind") != "forward":
-            self._answer_in_flight()
+            if not (_starts_beside_a_forward(command) and self._forward_running()):
+                self._answer_in_flight()
             self._relay(command)
             self._send(pb.WorkerEvent(result=self.execute(command)))
             return
@@ -155,6 +159,9 @@ class WorkerService:
             return
         self._answer_in_flight()  # the previous step's tokens, while this one runs
         self.in_flight = launched
+
+    def _forward_running(self) -> bool:
+        return self.in_flight is not None and not self.in_flight.forward.is_done()
 
     def _answer_in_flight(self) -> None:
         if self.in_flight is None:
@@ -268,6 +275,13 @@ def sequence_input(message: pb.SequenceInput) -> SequenceInput:
             seed=s.seed if s.HasField("seed") else None, logprobs=s.logprobs,
         ),
     )
+
+
+def _starts_beside_a_forward(command: pb.WorkerCommand) -> bool:
+    """An overlapped slot load or a slot eviction: they need nothing from the forward in flight
+    but its GPU order, which the copier keeps."""
+    kind = command.WhichOneof("kind")
+    return kind == "evict_slot" or (kind == "load_slot" and not command.load_slot.blocking)
 
 
 def _load_events(report: LoadReport) -> pb.LoadEvents:

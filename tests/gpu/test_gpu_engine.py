@@ -90,6 +90,31 @@ def test_copy_waits_for_the_forward_reading_the_slot(model_dirs, mixed_adapter_d
     engine.close()
 
 
+def test_a_slot_reloaded_while_a_forward_reading_it_runs_leaves_that_forward_intact(model_dirs, mixed_adapter_dirs):
+    """The worker evicts and loads a slot while the forward it launched last still runs (it does
+    not wait for that forward's tokens): the forward must still see the old adapter."""
+    engine = cuda_engine(model_dirs["llama"], max_loras_per_batch=1)
+    for name, path in mixed_adapter_dirs["llama"].items():
+        engine.register_adapter(name, path)
+        engine.stage_adapter(name)
+        engine.wait_staged(name)
+    make_resident(engine, "a0", 0)
+    tokens = prompt(7, 12)
+    pages = list(range(-(-len(tokens) // engine.config.page_size)))
+    expected = engine.forward([SequenceInput("ref", tokens, 0, pages, adapter_slot=0)], return_logits=True).logits["ref"]
+    sleep_on_current_stream(50)  # the forward queues behind this, so the copy would overtake it if let
+    pending = engine.launch([SequenceInput("r", tokens, 0, pages, adapter_slot=0)], return_logits=True)
+    engine.evict_slot(0)
+    engine.load_adapter("a1", 0)
+    seen = engine.finish(pending).logits["r"]
+    torch.testing.assert_close(seen, expected, atol=0, rtol=0)
+    while engine.pending:
+        engine.poll()
+    reloaded = engine.forward([SequenceInput("a1", tokens, 0, pages, adapter_slot=0)], return_logits=True).logits["a1"]
+    assert not torch.allclose(reloaded, expected)
+    engine.close()
+
+
 def test_load_on_the_side_stream_overlaps_forwards(tmp_path):
     """Timestamps from CUDA events: a large adapter copy runs while forwards run."""
     model_dir = tmp_path / "mid"

@@ -120,6 +120,21 @@ def test_overlap_on_runs_ready_requests_while_a_load_lands():
     assert [(load.name, load.blocking) for load in loads] == [("a", False)]
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_request_arriving_while_no_forward_can_be_sent_starts_its_load_at_once(overlap):
+    """With overlap on, its copy runs beside the forwards in flight instead of waiting a step to
+    be issued; with overlap off, the blocking load goes with the request's own forward."""
+    worker = make(overlap=overlap, max_forwards_in_flight=2)
+    submit(worker, "base", "", max_new_tokens=8)
+    assert worker.core.schedule() is not None and worker.core.schedule() is not None  # two in flight
+    worker.core.take_commands()
+    submit(worker, "late", "a", max_new_tokens=2)
+    assert worker.core.schedule() is None
+    loads = [c.load_slot.name for c in worker.core.take_commands() if c.WhichOneof("kind") == "load_slot"]
+    assert loads == (["a"] if overlap else [])
+    assert not tokens_of(worker, "late")  # started loading, not running: it is admitted as usual
+
+
 def test_overlap_on_idle_server_starts_a_request_while_its_adapter_streams_from_disk():
     """Pipelined loading: the worker starts the load of an adapter only on disk at once,
     streaming each layer as it is read, so an idle server starts the request in the same

@@ -44,6 +44,15 @@ class RecordingEngine:
     def poll(self) -> LoadReport:
         return LoadReport()
 
+    def load_adapter(self, name: str, slot: int, *, blocking: bool = False) -> None:
+        self.events.append(f"load {name}{' blocking' if blocking else ''}")
+
+    def evict_slot(self, slot: int) -> None:
+        self.events.append(f"evict {slot}")
+
+    def stage_adapter(self, name: str) -> None:
+        self.events.append(f"stage {name}")
+
 
 @pytest.mark.parametrize(("ends_at_once", "expected"), [
     (True, ["launch 1", "finish 1", "answer 1", "launch 2"]),  # CPU: tokens leave before the next forward runs
@@ -56,6 +65,32 @@ def test_a_forward_already_ended_is_answered_before_the_next_is_launched(ends_at
     try:
         for command_id in (1, 2):
             service._on_command(pb.WorkerCommand(command_id=command_id, forward=pb.Forward()))
+    finally:
+        service.socket.close(linger=0)
+    assert engine.events == expected
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    # An overlapped load and the eviction before it run while the forward runs (the copier
+    # orders the copy on the GPU).
+    (pb.WorkerCommand(command_id=2, load_slot=pb.LoadSlot(name="a", slot=0)),
+     ["launch 1", "load a", "answer 2", "finish 1", "answer 1"]),
+    (pb.WorkerCommand(command_id=2, evict_slot=pb.EvictSlot(slot=0)),
+     ["launch 1", "evict 0", "answer 2", "finish 1", "answer 1"]),
+    # A blocking load and other commands wait for the forward's tokens first.
+    (pb.WorkerCommand(command_id=2, load_slot=pb.LoadSlot(name="a", slot=0, blocking=True)),
+     ["launch 1", "finish 1", "answer 1", "load a blocking", "answer 2"]),
+    (pb.WorkerCommand(command_id=2, stage_adapter=pb.StageAdapter(name="a")),
+     ["launch 1", "finish 1", "answer 1", "stage a", "answer 2"]),
+])
+def test_only_an_overlapped_load_and_an_eviction_run_beside_a_running_forward(command, expected):
+    engine = RecordingEngine(ends_at_once=False)
+    service = WorkerService(WorkerConfig("ipc:///unused", EngineConfig(model_path="/unused")), engine)
+    service._send = lambda event: engine.events.append(f"answer {event.result.command_id}")
+    try:
+        service._on_command(pb.WorkerCommand(command_id=1, forward=pb.Forward()))
+        service._on_command(command)
+        service._answer_in_flight()
     finally:
         service.socket.close(linger=0)
     assert engine.events == expected

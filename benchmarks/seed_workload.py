@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import tempfile
 import time
 from dataclasses import asdict
@@ -189,7 +190,32 @@ def targets(results: dict, bandwidth: dict, large_bytes: int | None) -> dict:
     if {"small16-off", "small16-on"} <= results.keys():
         checks["small16_throughput_on_vs_off"] = (results["small16-on"]["summary"]["output_token_throughput"]
                                                   / results["small16-off"]["summary"]["output_token_throughput"])
+    return checks | overlap_against_off(results)
+
+
+TTFT_PERCENTILES = (10, 25, 50, 75, 90, 99)
+
+
+def overlap_against_off(results: dict) -> dict:
+    """Per set and overlap mode run beside "off": the median TTFT ratio (issue 23's target: at most
+    0.9) and the TTFT percentiles at which overlap started requests later than off (target: none)."""
+    checks = {}
+    for label, result in results.items():
+        adapter_set, _, mode = label.partition("-")
+        off = results.get(f"{adapter_set}-off")
+        if off is None or mode in ("off", "resident"):
+            continue
+        ttft, ttft_off = ttft_percentiles(result), ttft_percentiles(off)
+        checks[f"{adapter_set}_median_ttft_{mode}_vs_off"] = (result["summary"]["ttft_ms"]["median"]
+                                                              / off["summary"]["ttft_ms"]["median"])
+        checks[f"{adapter_set}_ttft_percentiles_{mode}_later_than_off"] = [p for p in TTFT_PERCENTILES
+                                                                          if ttft[p] > ttft_off[p]]
     return checks
+
+
+def ttft_percentiles(result: dict) -> dict[int, float]:
+    ttft = sorted(record["ttft_ms"] for record in result["records"])
+    return {p: ttft[min(len(ttft) - 1, math.ceil(p / 100 * len(ttft)) - 1)] for p in TTFT_PERCENTILES}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.seed_workload import MODES, SHAPES, bench_args, parse_args, run_suffix, server_config
+from benchmarks.seed_workload import (
+    MODES,
+    SHAPES,
+    bench_args,
+    overlap_against_off,
+    parse_args,
+    run_suffix,
+    server_config,
+)
 from loraserve.bench import run_bench
 from loraserve.command_line import connection_from_args
 from loraserve.synthetic import write_model_config
@@ -53,3 +61,20 @@ def test_the_zipf_set_asks_for_skewed_requests_over_its_names(tmp_path):
     names = [f"adapter{i}" for i in range(1000)]
     args = bench_args("127.0.0.1:50123", names, 3.0, 100, tmp_path / "out.json", zipf=True)
     assert (args.lora_request_distribution, args.lora_zipf_alpha, len(args.lora_name)) == ("skewed", 1.1, 1000)
+
+
+def run_with_ttfts(ttfts: list[float]) -> dict:
+    ordered = sorted(ttfts)
+    median = (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+    return {"summary": {"ttft_ms": {"median": median}}, "records": [{"ttft_ms": t} for t in ttfts]}
+
+
+def test_overlap_is_judged_against_off_per_set_at_the_median_and_every_percentile():
+    off = [float(t) for t in range(10, 210, 2)]  # 100 requests, 10 to 208 ms
+    on = [t * 0.8 for t in off[:98]] + [500.0, 600.0]  # earlier, except the two slowest: later at P99
+    results = {"large-off": run_with_ttfts(off), "large-on": run_with_ttfts(on),
+               "large-resident": run_with_ttfts([5.0] * 100), "small-on": run_with_ttfts(on)}
+    checks = overlap_against_off(results)
+    assert set(checks) == {"large_median_ttft_on_vs_off", "large_ttft_percentiles_on_later_than_off"}
+    assert checks["large_median_ttft_on_vs_off"] == pytest.approx(0.8)
+    assert checks["large_ttft_percentiles_on_later_than_off"] == [99]

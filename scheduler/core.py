@@ -9,9 +9,9 @@ issued as a blocking load ahead of the forward, stalling it.
 
 Steps are scheduled one ahead (`max_forwards_in_flight`, 2 by default): the next batch is sent
 while the worker runs the current one, so the GPU never waits for this process; if a token in
-flight ends a request, the extra step's token is dropped. With overlap on, a request that
-arrives while no forward can be sent still starts its adapter's load at once (into a free or
-idle slot), not at the next step: the copy then runs beside the forwards in flight.
+flight ends a request, the extra step's token is dropped. With overlap on, a request's adapter
+load starts as the request arrives (into a free or idle slot), not at the next step: the copy
+then runs beside the forwards in flight.
 
 It delegates to three owners: `AdapterTier` (adapter states, slots, host room, loads, unloads
 and every adapter command), `SlotContention` (drains, reclaims, pause and resume) and
@@ -91,6 +91,16 @@ class SchedulerCore:
         self.waiting.append(request)
         if request.adapter:
             self._tier.request_queued(request.adapter)
+            self._start_load_on_arrival(request)
+
+    def _start_load_on_arrival(self, request: Request) -> None:
+        """With overlap on, a request's adapter starts loading as it arrives, into a slot free or
+        idle now, not at the next admission pass (up to a step later while forwards are in
+        flight): the copy runs beside them. Only into an empty queue: a request already waiting
+        goes first, and its adapter's idle slot must not be taken before it is admitted."""
+        adapter = self._tier[request.adapter]
+        if self.config.overlap_loading and adapter.state not in ON_GPU and len(self.waiting) == 1:
+            self._tier.start_loading(adapter)
 
     def _new_request(self, client: bytes, submit: pb.SubmitRequest) -> Request:
         if submit.request_id in self.requests:
@@ -175,7 +185,6 @@ class SchedulerCore:
     def schedule(self) -> pb.Forward | None:
         """Admits what it can, starts loads, and returns the next batch (None: nothing to run)."""
         if len(self._forwards_in_flight) >= self.config.max_forwards_in_flight:
-            self._start_waiting_loads()
             return None
         self._admit()
         if self.config.prefetch:
@@ -202,18 +211,6 @@ class SchedulerCore:
             if not self._pages.can_allocate(request.kv_tokens):
                 return  # later requests in this order wait behind this one for pages
             self._start_running(request, now)
-
-    def _start_waiting_loads(self) -> None:
-        """Overlapped loads for waiting requests, in admission order, into slots free or idle now;
-        the next admission pass does the rest (reclaiming slots, admitting)."""
-        if not self.config.overlap_loading:
-            return
-        for request in self.admission_order(time.monotonic()):
-            adapter = self._tier[request.adapter] if request.adapter else None
-            if adapter is None or adapter.state in ON_GPU:
-                continue
-            if self._tier.start_loading(adapter) is not LoadStart.STARTED:
-                return
 
     def _ids_in_flight(self) -> set[int]:
         return {id(r) for step in self._forwards_in_flight for r in step.members}

@@ -135,6 +135,21 @@ def test_a_request_arriving_while_no_forward_can_be_sent_starts_its_load_at_once
     assert not tokens_of(worker, "late")  # started loading, not running: it is admitted as usual
 
 
+def test_an_arrival_does_not_load_ahead_of_an_earlier_request_waiting_for_a_load():
+    worker = make(adapters=("a", "b", "c"), worker_hello=hello(max_loras_per_batch=1), drain_after_s=NO_PREEMPTION,
+                  pause_tokens_ratio=NO_PREEMPTION)
+    submit(worker, "first", "a", max_new_tokens=50)
+    worker.step()  # a takes the only slot
+    submit(worker, "waiting", "b", max_new_tokens=2)
+    worker.step()  # b finds no slot
+    worker.core.take_commands()
+    submit(worker, "late", "c", max_new_tokens=5)  # longer than b's: b is first in admission order too
+    assert not [c for c in worker.core.take_commands() if c.WhichOneof("kind") == "load_slot"]
+    worker.run_until_idle()
+    loads = [c.load_slot.name for c in worker.log if c.WhichOneof("kind") == "load_slot"]
+    assert loads.index("b") < loads.index("c")
+
+
 def test_overlap_on_idle_server_starts_a_request_while_its_adapter_streams_from_disk():
     """Pipelined loading: the worker starts the load of an adapter only on disk at once,
     streaming each layer as it is read, so an idle server starts the request in the same

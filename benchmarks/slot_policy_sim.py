@@ -2,16 +2,19 @@
 
 The real SchedulerCore drives an in-memory worker (tests/scheduler/fake_worker.py) on a
 simulated clock, two forwards in flight as the server runs them: each forward lasts what the
-H200 engine measured (`StepModel`), adapter copies run one at a time after the forward in
-flight and cost the GPU a stall (`AdapterSet`), and the benchmark's clock starts once the
-core's prefetch has filled the slots. Overlap on only. The workload is `loraserve bench`'s
+H200 engine measured (`StepModel`), adapter copies run one at a time, after the forward in
+flight (`--worker answers-first`, the worker the model was fitted to) or after the forwards
+that read their slot (`loads-beside`, as the worker runs them now), and cost the GPU a stall
+(`AdapterSet`); a forward carrying a copy still landing (`--landing-admission on`) ends a
+layer after it. The benchmark's clock starts once the core's prefetch has filled the slots.
+Overlap on only. The workload is `loraserve bench`'s
 own (`build_workload`): seed 1 is the request list of the H200 runs, so `--calibrate`
 compares with one request by request.
 
     python -m benchmarks.slot_policy_sim --calibrate OUT/large-on.json \
         --sets large small --seeds 20 --drain-after-s 0 0.5 1 2 3 4 inf --out FILE
-Prints, per adapter set, policy, drain_after_s and pause_tokens_ratio (slot preemption; inf:
-off), the median over seeds of median TTFT, P99 TTFT, mean TTFT, median TPOT (as `loraserve
+Prints, per adapter set, policy, drain_after_s, pause_tokens_ratio (slot preemption; inf:
+off), landing admission and worker, the median over seeds of median TTFT, P99 TTFT, mean TTFT, median TPOT (as `loraserve
 bench` computes it), mean E2E (simulated ms), the share of requests whose TTFT is within
 SGLang's large-set median (164 ms), loads and pauses. `arrival-order` is the admission order
 before shortest-first, for comparison.
@@ -87,6 +90,7 @@ LARGE = AdapterSet(1_342_177_280, 256, StepModel(6.4, 0.48, 10.7, 0.030), copy_m
 # the launch gap as large's (not measured).
 SMALL = AdapterSet(100_000_000, 64, StepModel(6.4, 0.15, 10.7, 0.030), copy_ms=2.0, load_stall_ms=5.0)
 SETS = {"large": LARGE, "small": SMALL}
+LAYERS = 32  # of the 8B model: a forward waiting on a copy layer by layer runs its last layer after it
 
 
 def workload(seed: int, count: int, rate: float) -> list[WorkItem]:
@@ -123,12 +127,12 @@ class SimulatedRun:
 
 
 def simulate(adapters: AdapterSet, items: list[WorkItem], config: SchedulerConfig,
-             core_class: type[SchedulerCore] = SchedulerCore) -> SimulatedRun:
+             core_class: type[SchedulerCore] = SchedulerCore, loads_wait_for_forward: bool = True) -> SimulatedRun:
     """Per-request results, loads and pauses. The core sees the simulated clock as
     `time.monotonic` (arrival times, waits)."""
     clock = SimulatedClock()
     with mock.patch.object(time, "monotonic", clock.monotonic):
-        return _simulate(adapters, items, core_class(config, worker_hello()), clock)
+        return _simulate(adapters, items, core_class(config, worker_hello()), clock, loads_wait_for_forward)
 
 
 def worker_hello(slots: int = 8, host_entries: int = 16, host_cache_bytes: int = 1 << 40) -> pb.WorkerHello:
@@ -140,42 +144,59 @@ def worker_hello(slots: int = 8, host_entries: int = 16, host_cache_bytes: int =
 @dataclass
 class TimedWorker(FakeWorker):
     """Times forwards by `steps` on the simulated clock, and copies adapters one at a time,
-    `copy_ms` each. As the real worker, it starts a copy once the forward running when the
-    load came has ended (a command other than a forward first answers that forward), and the
-    next forward starts `load_stall_ms` later."""
+    `copy_ms` each, and the next forward starts `load_stall_ms` later. With
+    `loads_wait_for_forward` (the worker before overlapped loads ran beside its forward in
+    flight) a copy starts once the forward running when the load came has ended; without it,
+    once the forwards that read its slot have."""
 
     clock: SimulatedClock = field(default_factory=SimulatedClock)
     steps: StepModel = StepModel(0.0, 0.0, 0.0, 0.0)
     copy_ms: float = 0.0
     load_stall_ms: float = 0.0
+    loads_wait_for_forward: bool = True
     stall_ms: float = 0.0  # owed by the next forward
     forward_end: float = 0.0  # of the forward answered last (ms)
     copy_free_at: float = 0.0
     copy_done_at: dict[str, float] = field(default_factory=dict)
+    slot_read_until: dict[int, float] = field(default_factory=dict)  # the end of the last forward reading each slot
 
     def forward(self, batch: pb.Forward) -> pb.ForwardResult:
-        self.forward_end = max(self.clock.ms, self.forward_end) + self.stall_ms + self.steps.step_ms(batch)
+        step_ms = self.steps.step_ms(batch)
+        end = max(self.clock.ms, self.forward_end) + self.stall_ms + step_ms
+        # Landing admission: a forward carrying an adapter still being copied waits for it layer
+        # by layer, so it ends no sooner than one layer's compute after the copy.
+        slots = {s.adapter_slot for s in batch.sequences if s.adapter_slot >= 0}
+        for name in {self.slots[slot] for slot in slots} & self.loading.keys():
+            end = max(end, self._copy_done(name) + step_ms / LAYERS)
+        self.forward_end = end
+        self.slot_read_until.update(dict.fromkeys(slots, end))
         self.stall_ms = 0.0
         return super().forward(batch)
+
+    def _copy_done(self, name: str) -> float:
+        """When the copy of a load already issued ends (timed when first asked)."""
+        if name not in self.copy_done_at:
+            slot, _ = self.loading[name]
+            previous = self.forward_end if self.loads_wait_for_forward else self.slot_read_until.get(slot, 0.0)
+            self.copy_free_at = max(self.clock.ms, previous, self.copy_free_at) + self.copy_ms
+            self.copy_done_at[name] = self.copy_free_at
+            self.stall_ms += self.load_stall_ms
+        return self.copy_done_at[name]
 
     def tick_loads(self) -> pb.LoadEvents:
         events = pb.LoadEvents(staged=self.staged)
         self.staged = []
         for name, (slot, _) in list(self.loading.items()):
-            if name not in self.copy_done_at:
-                self.copy_free_at = max(self.clock.ms, self.forward_end, self.copy_free_at) + self.copy_ms
-                self.copy_done_at[name] = self.copy_free_at
-                self.stall_ms += self.load_stall_ms
-            if self.copy_done_at[name] <= self.clock.ms:
+            if self._copy_done(name) <= self.clock.ms:
                 del self.loading[name], self.copy_done_at[name]
                 events.loaded.add(name=name, slot=slot)
         return events
 
 
 def _simulate(adapters: AdapterSet, items: list[WorkItem], core: SchedulerCore,
-              clock: SimulatedClock) -> SimulatedRun:
+              clock: SimulatedClock, loads_wait_for_forward: bool) -> SimulatedRun:
     worker = TimedWorker(core, one_ahead=True, clock=clock, steps=adapters.steps, copy_ms=adapters.copy_ms,
-                         load_stall_ms=adapters.load_stall_ms)
+                         load_stall_ms=adapters.load_stall_ms, loads_wait_for_forward=loads_wait_for_forward)
     for name in ADAPTERS:
         worker.register(name, size=adapters.size_bytes, rank=adapters.rank)
     start_ms = _prefetch(worker, clock)
@@ -246,16 +267,17 @@ class ArrivalOrderCore(SchedulerCore):
 
 
 POLICIES: dict[str, type[SchedulerCore]] = {"shortest-first": SchedulerCore, "arrival-order": ArrivalOrderCore}
+WORKERS = {"answers-first": True, "loads-beside": False}  # TimedWorker.loads_wait_for_forward
 METRICS = ("median_ttft_ms", "p99_ttft_ms", "mean_ttft_ms", "median_tpot_ms", "mean_e2e_ms", "fast_share", "loads",
            "pauses")
 
 
 def sweep(adapters: AdapterSet, core_class: type[SchedulerCore], config: SchedulerConfig, seeds: int,
-          num_prompts: int, rate: float) -> dict:
+          num_prompts: int, rate: float, loads_wait_for_forward: bool = True) -> dict:
     """Seeds 1..`seeds` (1 is the H200 runs' workload); the median over seeds of each figure."""
     runs = []
     for seed in range(1, seeds + 1):
-        run = simulate(adapters, workload(seed, num_prompts, rate), config, core_class)
+        run = simulate(adapters, workload(seed, num_prompts, rate), config, core_class, loads_wait_for_forward)
         runs.append({"seed": seed, **summarize(run.results), "loads": run.loads, "pauses": run.pauses})
     return {"median over seeds": {key: statistics.median(run[key] for run in runs) for key in METRICS},
             "runs": runs}
@@ -295,6 +317,11 @@ def main() -> None:
     parser.add_argument("--request-rate", type=float, default=4.0)
     parser.add_argument("--step-scale", type=float, default=1.0,
                         help="multiplies every forward time: what a faster engine would give")
+    parser.add_argument("--landing-admission", nargs="+", default=["off"], choices=["off", "on"],
+                        help="admit_landing_loads: a request joins the forward predicted to follow its copy")
+    parser.add_argument("--worker", nargs="+", default=["answers-first"], choices=list(WORKERS),
+                        help="answers-first: a copy starts once the forward in flight has ended, as the worker "
+                             "the model was fitted to; loads-beside: once the forwards reading its slot have, as now")
     parser.add_argument("--calibrate", type=Path, help="a `loraserve bench` JSON of the large set, overlap on")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -305,14 +332,16 @@ def main() -> None:
     for set_name in args.sets:
         for policy in args.policies:
             for drain_after_s in args.drain_after_s:
-                for ratio, max_pauses in itertools.product(args.pause_tokens_ratio, args.max_pauses_per_request):
+                for ratio, max_pauses, landing, worker in itertools.product(
+                        args.pause_tokens_ratio, args.max_pauses_per_request, args.landing_admission, args.worker):
                     name = (f"{set_name} {policy} drain_after_s={drain_after_s:g} pause_tokens_ratio={ratio:g}"
-                            f" max_pauses_per_request={max_pauses}")
+                            f" max_pauses_per_request={max_pauses} landing_admission={landing} worker={worker}")
                     config = SchedulerConfig(max_batch_tokens=4096, drain_after_s=drain_after_s,
-                                             pause_tokens_ratio=ratio, max_pauses_per_request=max_pauses)
+                                             pause_tokens_ratio=ratio, max_pauses_per_request=max_pauses,
+                                             admit_landing_loads=landing == "on")
                     adapters = replace(SETS[set_name], steps=SETS[set_name].steps.scaled(args.step_scale))
                     figures = sweep(adapters, POLICIES[policy], config, args.seeds, args.num_prompts,
-                                    args.request_rate)["median over seeds"]
+                                    args.request_rate, WORKERS[worker])["median over seeds"]
                     results["median_over_seeds"][name] = figures
                     print(name, " ".join(f"{key}={value:.3g}" for key, value in figures.items()), flush=True)
     if args.out:

@@ -26,32 +26,45 @@ LANDING_SLACK = 0.5  # of a step
 
 
 @dataclass
+class PlannedCopy:
+    issued: float
+    nbytes: int
+    start: float
+    end: float
+
+
+@dataclass
 class LoadClock:
     """Predicted end of each slot load, by adapter name."""
 
     bytes_per_s: float  # learned from finished loads; the first guess until one finishes
     stream_free_at: float = 0.0  # when the last predicted copy ends
-    _ends: dict[str, float] = field(default_factory=dict)
-    _starts: dict[str, float] = field(default_factory=dict)
+    _copies: dict[str, PlannedCopy] = field(default_factory=dict)  # in the order they queued
 
     def started(self, name: str, nbytes: int, now: float) -> None:
         start = max(now, self.stream_free_at)
-        self._starts[name] = start
-        self._ends[name] = self.stream_free_at = start + nbytes / self.bytes_per_s
+        self.stream_free_at = start + nbytes / self.bytes_per_s
+        self._copies[name] = PlannedCopy(now, nbytes, start, self.stream_free_at)
 
     def finished(self, name: str, nbytes: int, now: float) -> None:
-        start = self._starts.pop(name, None)
-        self._ends.pop(name, None)
-        if start is not None and now > start:
-            self.bytes_per_s += SMOOTHING * (nbytes / (now - start) - self.bytes_per_s)
+        """Its report came: the bandwidth learns from it, and the copies queued behind it are
+        planned again from now, when the stream was done with it at the latest. Otherwise a
+        prediction that erred long (the first guess does) would push every later copy back."""
+        copy = self._copies.pop(name, None)
+        if copy is not None and now > copy.start:
+            self.bytes_per_s += SMOOTHING * (nbytes / (now - copy.start) - self.bytes_per_s)
+        self.stream_free_at = min(self.stream_free_at, now)
+        for queued in self._copies.values():
+            queued.start = max(queued.issued, self.stream_free_at)
+            queued.end = self.stream_free_at = queued.start + queued.nbytes / self.bytes_per_s
 
     def forget(self, name: str) -> None:
         """A load that failed or will not be predicted (read from disk while copied)."""
-        self._starts.pop(name, None)
-        self._ends.pop(name, None)
+        self._copies.pop(name, None)
 
     def predicted_end(self, name: str) -> float | None:
-        return self._ends.get(name)
+        copy = self._copies.get(name)
+        return None if copy is None else copy.end
 
 
 @dataclass

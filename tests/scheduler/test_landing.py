@@ -26,6 +26,23 @@ def test_copies_queue_on_the_load_stream_and_the_bandwidth_follows_finished_ones
     assert loads.predicted_end("a") is None
 
 
+def test_a_report_plans_the_copies_queued_behind_it_again_from_its_time():
+    """The first guess errs long (1 GB/s for copies that run at 50): without planning again, eight
+    prefetched 1.3 GB loads would put every later prediction ten seconds out."""
+    loads = LoadClock(bytes_per_s=1e9)
+    for index in range(8):
+        loads.started(f"p{index}", 1_300_000_000, now=0.0)
+    assert loads.predicted_end("p7") == pytest.approx(10.4)
+    loads.finished("p0", 1_300_000_000, now=0.03)
+    bandwidth = loads.bytes_per_s
+    assert loads.predicted_end("p1") == pytest.approx(0.03 + 1.3e9 / bandwidth)
+    assert loads.predicted_end("p7") == pytest.approx(0.03 + 7 * 1.3e9 / bandwidth)
+    for index in range(1, 8):
+        loads.finished(f"p{index}", 1_300_000_000, now=0.03 * (index + 1))
+    loads.started("late", 1_300_000_000, now=1.0)  # the stream is idle: the copy starts now
+    assert loads.predicted_end("late") == pytest.approx(1.0 + 1.3e9 / loads.bytes_per_s)
+
+
 def test_the_step_period_is_learned_from_busy_spells_only():
     steps = StepClock()
     steps.result(1.000, still_in_flight=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gzip
 import json
 import os
 import shlex
@@ -10,6 +11,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+
+def read_trace(path: Path) -> dict | list:
+    """A Chrome trace file as written by `loraserve trace` or the benchmarks, gzipped or not."""
+    raw = path.read_bytes()
+    return json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
 
 
 def current_commit() -> str:

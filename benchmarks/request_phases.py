@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import gzip
-import json
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks.common import read_trace
+from loraserve.bench import nearest_rank
 
 # Host and GPU times share the host clock to within the worker's alignment at start-up; a
 # forward may appear to start this much before the admission that put the request in it.
@@ -124,13 +125,8 @@ def summarise(phases: list[RequestPhases]) -> list[Summary]:
         values = [getattr(p, until) - getattr(p, since) for p in phases
                   if getattr(p, since) is not None and getattr(p, until) is not None]
         series.append((f"{since} -> {until}", values))
-    return [Summary(name, len(values), statistics.median(values), _percentile(values, 0.9), statistics.fmean(values))
-            for name, values in series if values]
-
-
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+    return [Summary(name, len(values), statistics.median(values), nearest_rank(sorted(values), 0.9),
+                    statistics.fmean(values)) for name, values in series if values]
 
 
 def groups(phases: list[RequestPhases]) -> dict[str, tuple[int, list[Summary]]]:
@@ -161,9 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trace", type=Path)
     args = parser.parse_args()
-    raw = args.trace.read_bytes()
-    trace = json.loads(gzip.decompress(raw) if args.trace.suffix == ".gz" else raw)
-    print(format_groups(groups(request_phases(trace))))
+    print(format_groups(groups(request_phases(read_trace(args.trace)))))
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import gzip
-import json
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.common import read_trace
 from worker.graph_step import MIXED_TOKEN_BUCKETS
 
 
@@ -60,9 +59,8 @@ def main() -> None:
     parser.add_argument("--buckets", default=",".join(map(str, MIXED_TOKEN_BUCKETS)),
                         help="the run's mixed token buckets, comma-separated")
     args = parser.parse_args()
-    raw = args.trace.read_bytes()
     buckets = tuple(int(b) for b in args.buckets.split(","))
-    groups = step_groups(json.loads(gzip.decompress(raw) if args.trace.suffix == ".gz" else raw), buckets)
+    groups = step_groups(read_trace(args.trace), buckets)
     total = sum(group.total_ms for group in groups)
     prompt = sum(group.total_ms for group in groups if group.name.startswith("prompt"))
     print(f"{sum(len(g.durations_ms) for g in groups)} forwards, {total:.0f} ms; steps carrying a prompt "

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import tempfile
 import time
 from dataclasses import asdict
@@ -31,7 +30,7 @@ import torch
 
 from benchmarks.common import run_record, write_result
 from benchmarks.request_phases import as_figures, groups, request_phases
-from loraserve.bench import add_bench_parser, format_comparison, run_benchmark
+from loraserve.bench import add_bench_parser, format_comparison, nearest_rank, run_benchmark
 from loraserve.client import Connection, LoraServeClient
 from loraserve.command_line import connection_from_args
 from loraserve.launcher import Launcher
@@ -215,7 +214,7 @@ def overlap_against_off(results: dict) -> dict:
 
 def ttft_percentiles(result: dict) -> dict[int, float]:
     ttft = sorted(record["ttft_ms"] for record in result["records"])
-    return {p: ttft[min(len(ttft) - 1, math.ceil(p / 100 * len(ttft)) - 1)] for p in TTFT_PERCENTILES}
+    return {p: nearest_rank(ttft, p / 100) for p in TTFT_PERCENTILES}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

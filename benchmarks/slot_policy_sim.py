@@ -7,15 +7,14 @@ flight (`--worker answers-first`, the worker the model was fitted to) or after t
 that read their slot (`loads-beside`, as the worker runs them now), and cost the GPU a stall
 (`AdapterSet`); a forward carrying a copy still landing (`--landing-admission on`) ends a
 layer after it. The benchmark's clock starts once the core's prefetch has filled the slots.
-Overlap on only. The workload is `loraserve bench`'s
-own (`build_workload`): seed 1 is the request list of the H200 runs, so `--calibrate`
-compares with one request by request.
+Overlap on only. The workload is `loraserve bench`'s own (`build_workload`): seed 1 is the
+request list of the H200 runs, so `--calibrate` compares with one request by request.
 
     python -m benchmarks.slot_policy_sim --calibrate OUT/large-on.json \
         --sets large small --seeds 20 --drain-after-s 0 0.5 1 2 3 4 inf --out FILE
 Prints, per adapter set, policy, drain_after_s, pause_tokens_ratio (slot preemption; inf:
-off), landing admission and worker, the median over seeds of median TTFT, P99 TTFT, mean TTFT, median TPOT (as `loraserve
-bench` computes it), mean E2E (simulated ms), the share of requests whose TTFT is within
+off), landing admission and worker, the median over seeds of median TTFT, P99 TTFT, mean
+TTFT, median TPOT (as `loraserve bench` computes it), mean E2E (simulated ms), the share of requests whose TTFT is within
 SGLang's large-set median (164 ms), loads and pauses. `arrival-order` is the admission order
 before shortest-first, for comparison.
 """

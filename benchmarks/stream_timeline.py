@@ -12,12 +12,12 @@ the step waiting for the q/k/v LoRA deltas, or a launch gap inside the graph).
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks.common import read_trace
 
 STEP_GAP_US = 50.0  # no kernel running for this long: the host is between steps
 
@@ -30,8 +30,7 @@ class Kernel:
 
 
 def load_kernels(path: Path) -> list[Kernel]:
-    raw = path.read_bytes()
-    trace = json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
+    trace = read_trace(path)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     kernels = [Kernel(e["name"], e["ts"], e["ts"] + e["dur"])
                for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")]

@@ -146,8 +146,13 @@ def _stats(values: list[float]) -> dict[str, float]:
     if not values:
         return {"mean": 0.0, "median": 0.0, "p99": 0.0}
     ordered = sorted(values)
-    p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
-    return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered), "p99": p99}
+    return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered),
+            "p99": nearest_rank(ordered, 0.99)}
+
+
+def nearest_rank(ordered: list[float], fraction: float) -> float:
+    """The nearest-rank percentile of sorted values (a value that occurred, as SGLang's P99)."""
+    return ordered[min(len(ordered) - 1, math.ceil(fraction * len(ordered)) - 1)]
 
 
 def summarize(records: list[Record], duration_s: float) -> dict:

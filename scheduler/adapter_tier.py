@@ -325,7 +325,7 @@ class AdapterTier:
             self._move(adapter, AdapterState.RESIDENT)
             adapter.loaded_at = now
             self.loads_finished += 1
-            self.load_clock.finished(name, adapter.size_bytes, now)
+            self.load_clock.finished(name, now)
             log_adapter(logging.INFO, "adapter loaded", adapter, "gpu", self._metrics.gpu.finish(adapter, now),
                         slot=slot)
 

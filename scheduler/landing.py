@@ -46,13 +46,13 @@ class LoadClock:
         self.stream_free_at = start + nbytes / self.bytes_per_s
         self._copies[name] = PlannedCopy(now, nbytes, start, self.stream_free_at)
 
-    def finished(self, name: str, nbytes: int, now: float) -> None:
+    def finished(self, name: str, now: float) -> None:
         """Its report came: the bandwidth learns from it, and the copies queued behind it are
         planned again from now, when the stream was done with it at the latest. Otherwise a
         prediction that erred long (the first guess does) would push every later copy back."""
         copy = self._copies.pop(name, None)
         if copy is not None and now > copy.start:
-            self.bytes_per_s += SMOOTHING * (nbytes / (now - copy.start) - self.bytes_per_s)
+            self.bytes_per_s += SMOOTHING * (copy.nbytes / (now - copy.start) - self.bytes_per_s)
         self.stream_free_at = min(self.stream_free_at, now)
         for queued in self._copies.values():
             queued.start = max(queued.issued, self.stream_free_at)

@@ -21,7 +21,7 @@ def test_copies_queue_on_the_load_stream_and_the_bandwidth_follows_finished_ones
     loads.started("b", 20_000_000, now=1.001)
     assert loads.predicted_end("a") == pytest.approx(1.010)
     assert loads.predicted_end("b") == pytest.approx(1.030), "b's copy waits for a's"
-    loads.finished("a", 10_000_000, now=1.020)  # took 20 ms: half the guessed bandwidth
+    loads.finished("a", now=1.020)  # took 20 ms: half the guessed bandwidth
     assert loads.bytes_per_s == pytest.approx(1e9 + 0.3 * (0.5e9 - 1e9))
     assert loads.predicted_end("a") is None
 
@@ -33,12 +33,12 @@ def test_a_report_plans_the_copies_queued_behind_it_again_from_its_time():
     for index in range(8):
         loads.started(f"p{index}", 1_300_000_000, now=0.0)
     assert loads.predicted_end("p7") == pytest.approx(10.4)
-    loads.finished("p0", 1_300_000_000, now=0.03)
+    loads.finished("p0", now=0.03)
     bandwidth = loads.bytes_per_s
     assert loads.predicted_end("p1") == pytest.approx(0.03 + 1.3e9 / bandwidth)
     assert loads.predicted_end("p7") == pytest.approx(0.03 + 7 * 1.3e9 / bandwidth)
     for index in range(1, 8):
-        loads.finished(f"p{index}", 1_300_000_000, now=0.03 * (index + 1))
+        loads.finished(f"p{index}", now=0.03 * (index + 1))
     loads.started("late", 1_300_000_000, now=1.0)  # the stream is idle: the copy starts now
     assert loads.predicted_end("late") == pytest.approx(1.0 + 1.3e9 / loads.bytes_per_s)
 

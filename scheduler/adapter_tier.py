@@ -190,6 +190,13 @@ class AdapterTier:
     def free_slot(self, adapter: Adapter | None = None) -> int | None:
         return next((slot for slot in self.slots_for(adapter) if self._slot_owner[slot] is None), None)
 
+    def slot_unclaimed_by_waiters(self, adapter: Adapter) -> bool:
+        """Whether `adapter` would load into a free slot, or evict one no queued request asks for."""
+        if self.free_slot(adapter) is not None:
+            return True
+        victim = self.slot_victim(adapter)
+        return victim is not None and self._adapters[self._slot_owner[victim]].waiting == 0
+
     def slot_victim(self, adapter: Adapter | None = None) -> int | None:
         """The least recently used resident slot with no references (LRU eviction) among those
         `adapter` may take; for a plain adapter, a saved-module slot only if no other is idle."""

@@ -7,7 +7,7 @@ the GPU), once, and only if that token may not be its last.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from protos.loraserve.v1 import internal_pb2 as pb
 from scheduler.requests import Request
@@ -17,6 +17,7 @@ from scheduler.requests import Request
 class InFlightForward:
     members: list[Request]
     sampling: list[Request]  # the members that sample a token in it
+    extra_tokens: int = 0  # tokens beyond one a member (prompt chunks): what makes it longer than a decode step
 
 
 def build_forward(running: list[Request], leaving: set[int], token_budget: int) -> tuple[pb.Forward, InFlightForward]:
@@ -25,6 +26,7 @@ def build_forward(running: list[Request], leaving: set[int], token_budget: int) 
     budget = token_budget
     batch = pb.Forward()
     step = InFlightForward([], [])
+    extra_tokens = 0
     decodes = [r for r in running if not r.in_prefill and id(r) not in leaving]
     prefills = [r for r in running if r.in_prefill and id(r) not in leaving]
     for request in decodes + prefills:
@@ -40,10 +42,11 @@ def build_forward(running: list[Request], leaving: set[int], token_budget: int) 
             budget -= count
             _add_tokens(batch, request, count)
         step.members.append(request)
+        extra_tokens += max(len(batch.sequences[-1].token_ids) - 1, 0)
         if batch.sequences[-1].sample:
             request.tokens_in_flight += 1
             step.sampling.append(request)
-    return batch, step
+    return batch, replace(step, extra_tokens=extra_tokens)
 
 
 def _may_decode_blind(request: Request) -> bool:

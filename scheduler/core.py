@@ -96,11 +96,16 @@ class SchedulerCore:
     def _start_load_on_arrival(self, request: Request) -> None:
         """With overlap on, a request's adapter starts loading as it arrives, into a slot free or
         idle now, not at the next admission pass (up to a step later while forwards are in
-        flight): the copy runs beside them. Only into an empty queue: a request already waiting
-        goes first, and its adapter's idle slot must not be taken before it is admitted."""
+        flight): the copy runs beside them. Never ahead of a waiting request that still needs a
+        slot (it goes first), nor into the idle slot of an adapter whose requests await admission."""
         adapter = self._tier[request.adapter]
-        if self.config.overlap_loading and adapter.state not in ON_GPU and len(self.waiting) == 1:
+        if (self.config.overlap_loading and adapter.state not in ON_GPU and not self._waiting_for_slots(besides=request)
+                and self._tier.slot_unclaimed_by_waiters(adapter)):
             self._tier.start_loading(adapter)
+
+    def _waiting_for_slots(self, besides: Request) -> bool:
+        """Whether another waiting request has its adapter neither on the GPU nor loading."""
+        return any(r.adapter and r is not besides and self._tier[r.adapter].state not in ON_GPU for r in self.waiting)
 
     def _new_request(self, client: bytes, submit: pb.SubmitRequest) -> Request:
         if submit.request_id in self.requests:
@@ -251,17 +256,20 @@ class SchedulerCore:
         # Blocking mode: the copy is done before the next forward. Pipelined loads on an idle
         # server: the request starts at once (the worker starts every load when it arrives, one
         # still being read from disk streaming layer by layer) and its forward waits per layer
-        # on the copy. Otherwise it joins the first forward predicted to start once the copy has
-        # landed, so that no request in that forward waits for the copy (scheduler/landing.py).
+        # on the copy. Otherwise it joins the first forward predicted to meet the copy without
+        # waiting for it, so that no request in that forward waits (scheduler/landing.py).
         if not self.config.overlap_loading:
             return True
         if self.config.pipelined_loads and self._idle_before_admission:
             return True
-        return self.config.admit_landing_loads and self._lands_before_next_forward(adapter.name, now)
+        return self.config.admit_landing_loads and self._lands_in_time_for_next_forward(request, now)
 
-    def _lands_before_next_forward(self, name: str, now: float) -> bool:
-        end = self._tier.load_clock.predicted_end(name)
-        return end is not None and self._steps.lands_in_time(end, now, len(self._forwards_in_flight))
+    def _lands_in_time_for_next_forward(self, request: Request, now: float) -> bool:
+        copy = self._tier.load_clock.predicted(request.adapter)
+        prompt_chunk = min(request.num_tokens - request.fed, self.config.max_batch_tokens)
+        return copy is not None and self._steps.lands_in_time(
+            copy.end, copy.end - copy.start, now, [step.extra_tokens for step in self._forwards_in_flight],
+            extra_tokens=prompt_chunk - 1)
 
     def _start_running(self, request: Request, now: float) -> None:
         self.waiting.remove(request)
@@ -286,7 +294,7 @@ class SchedulerCore:
     def on_forward_result(self, result: pb.ForwardResult | None, error: pb.Error | None = None) -> None:
         """The oldest forward in flight has ended (the worker answers in order)."""
         step = self._forwards_in_flight.popleft() if self._forwards_in_flight else InFlightForward([], [])
-        self._steps.result(time.monotonic(), len(self._forwards_in_flight))
+        self._steps.result(time.monotonic(), len(self._forwards_in_flight), step.extra_tokens)
         for request in step.sampling:
             request.tokens_in_flight -= 1
         if error is not None:

@@ -15,14 +15,19 @@ their results.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 SMOOTHING = 0.3  # weight of the newest observation in the moving averages
-# A forward waits per layer on a copy still landing: its layer i, on the copy's layer i. A copy
-# that ends up to half a step after the forward starts costs it no wait when the copy is the
-# longer of the two (its last layers land while the forward is at its first ones), and at most
-# the copy's length when it is the shorter.
-LANDING_SLACK = 0.5  # of a step
+# A forward waits per layer on a copy still landing: its layer i on the copy's layer i. So it may
+# start before the copy ends by as much as the shorter of the two lasts and wait for nothing: a
+# forward shorter than the copy runs its last layer as the copy's last lands, one longer than
+# the copy falls behind the copy from its first layer on. A share of that margin is used, for
+# the predictions' error (a copy that lands late stalls every request in the forward).
+LANDING_OVERLAP = 0.75
+# A forward may wait up to this share of a step for a short copy: the request it brings saves a
+# whole step, its other members lose this much.
+LANDING_STALL = 0.5
 
 
 @dataclass
@@ -62,35 +67,52 @@ class LoadClock:
         """A load that failed or will not be predicted (read from disk while copied)."""
         self._copies.pop(name, None)
 
-    def predicted_end(self, name: str) -> float | None:
-        copy = self._copies.get(name)
-        return None if copy is None else copy.end
+    def predicted(self, name: str) -> PlannedCopy | None:
+        return self._copies.get(name)
 
 
 @dataclass
 class StepClock:
-    """When the forward sent next will start on the worker: after those in flight."""
+    """When the forward sent next will start on the worker, and how long a forward lasts: a step
+    of one token a sequence, plus a cost for each further token (prompt chunks), both learned
+    from the spacing of results while the worker was busy."""
 
-    period_s: float | None = None  # between consecutive results while the worker was busy
+    step_s: float | None = None  # a forward of one token a sequence
+    token_s: float = 0.0  # each token a forward carries beyond one a sequence
     last_result_at: float | None = None
     _busy: bool = False  # a forward was still in flight at the last result
 
-    def result(self, now: float, still_in_flight: int) -> None:
-        """A forward's result arrived, `still_in_flight` forwards behind it."""
+    def result(self, now: float, still_in_flight: int, extra_tokens: int) -> None:
+        """A forward carrying `extra_tokens` beyond one a sequence ended, `still_in_flight` behind it."""
         if self._busy and self.last_result_at is not None:
-            gap = now - self.last_result_at
-            self.period_s = gap if self.period_s is None else self.period_s + SMOOTHING * (gap - self.period_s)
+            self._learn(now - self.last_result_at, extra_tokens)
         self._busy = still_in_flight > 0
         self.last_result_at = now
 
-    def lands_in_time(self, copy_end: float, now: float, in_flight: int) -> bool:
-        """Whether a forward sent now, behind `in_flight`, would meet a copy ending at `copy_end` without
-        waiting for it (until a step has been timed, only a copy already done)."""
-        slack = LANDING_SLACK * self.period_s if self.period_s is not None else 0.0
-        return copy_end <= self.next_start(now, in_flight) + slack
+    def _learn(self, duration: float, extra_tokens: int) -> None:
+        if self.step_s is None:
+            self.step_s = duration
+        elif extra_tokens == 0:
+            self.step_s += SMOOTHING * (duration - self.step_s)
+        else:
+            per_token = max(0.0, duration - self.step_s) / extra_tokens
+            self.token_s += SMOOTHING * (per_token - self.token_s)
 
-    def next_start(self, now: float, in_flight: int) -> float:
-        """The predicted start of a forward sent now behind `in_flight` forwards."""
-        if in_flight == 0 or self.period_s is None or self.last_result_at is None:
+    def duration(self, extra_tokens: int) -> float:
+        return (self.step_s or 0.0) + self.token_s * extra_tokens
+
+    def lands_in_time(self, copy_end: float, copy_s: float, now: float, in_flight: Sequence[int],
+                      extra_tokens: int) -> bool:
+        """Whether a forward sent now behind forwards carrying `in_flight` extra tokens, itself
+        carrying `extra_tokens` or more, would meet a copy of `copy_s` ending at `copy_end` without
+        waiting for it (until a step has been timed, only a copy already done)."""
+        if self.step_s is None:
+            return copy_end <= now
+        margin = max(LANDING_OVERLAP * min(self.duration(extra_tokens), copy_s), LANDING_STALL * self.step_s)
+        return copy_end <= self.next_start(now, in_flight) + margin
+
+    def next_start(self, now: float, in_flight: Sequence[int]) -> float:
+        """The predicted start of a forward sent now behind forwards carrying `in_flight` extra tokens."""
+        if not in_flight or self.step_s is None or self.last_result_at is None:
             return now
-        return max(now, self.last_result_at + in_flight * self.period_s)
+        return max(now, self.last_result_at + sum(self.duration(tokens) for tokens in in_flight))

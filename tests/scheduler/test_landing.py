@@ -19,11 +19,11 @@ def test_copies_queue_on_the_load_stream_and_the_bandwidth_follows_finished_ones
     loads = LoadClock(bytes_per_s=1e9)
     loads.started("a", 10_000_000, now=1.0)
     loads.started("b", 20_000_000, now=1.001)
-    assert loads.predicted_end("a") == pytest.approx(1.010)
-    assert loads.predicted_end("b") == pytest.approx(1.030), "b's copy waits for a's"
+    assert loads.predicted("a").end == pytest.approx(1.010)
+    assert loads.predicted("b").end == pytest.approx(1.030), "b's copy waits for a's"
     loads.finished("a", now=1.020)  # took 20 ms: half the guessed bandwidth
     assert loads.bytes_per_s == pytest.approx(1e9 + 0.3 * (0.5e9 - 1e9))
-    assert loads.predicted_end("a") is None
+    assert loads.predicted("a") is None
 
 
 def test_a_report_plans_the_copies_queued_behind_it_again_from_its_time():
@@ -32,25 +32,50 @@ def test_a_report_plans_the_copies_queued_behind_it_again_from_its_time():
     loads = LoadClock(bytes_per_s=1e9)
     for index in range(8):
         loads.started(f"p{index}", 1_300_000_000, now=0.0)
-    assert loads.predicted_end("p7") == pytest.approx(10.4)
+    assert loads.predicted("p7").end == pytest.approx(10.4)
     loads.finished("p0", now=0.03)
     bandwidth = loads.bytes_per_s
-    assert loads.predicted_end("p1") == pytest.approx(0.03 + 1.3e9 / bandwidth)
-    assert loads.predicted_end("p7") == pytest.approx(0.03 + 7 * 1.3e9 / bandwidth)
+    assert loads.predicted("p1").end == pytest.approx(0.03 + 1.3e9 / bandwidth)
+    assert loads.predicted("p7").end == pytest.approx(0.03 + 7 * 1.3e9 / bandwidth)
     for index in range(1, 8):
         loads.finished(f"p{index}", now=0.03 * (index + 1))
     loads.started("late", 1_300_000_000, now=1.0)  # the stream is idle: the copy starts now
-    assert loads.predicted_end("late") == pytest.approx(1.0 + 1.3e9 / loads.bytes_per_s)
+    assert loads.predicted("late").end == pytest.approx(1.0 + 1.3e9 / loads.bytes_per_s)
 
 
-def test_the_step_period_is_learned_from_busy_spells_only():
+def test_step_times_are_learned_from_busy_spells_only():
     steps = StepClock()
-    steps.result(1.000, still_in_flight=1)
-    steps.result(1.010, still_in_flight=0)
-    steps.result(5.000, still_in_flight=1)  # idle before: not a period
-    assert steps.period_s == pytest.approx(0.010)
-    assert steps.next_start(now=5.001, in_flight=1) == pytest.approx(5.010)
-    assert steps.next_start(now=5.001, in_flight=0) == 5.001
+    steps.result(1.000, still_in_flight=1, extra_tokens=0)
+    steps.result(1.010, still_in_flight=0, extra_tokens=0)
+    steps.result(5.000, still_in_flight=1, extra_tokens=0)  # idle before: not a step
+    assert steps.step_s == pytest.approx(0.010)
+    assert steps.next_start(now=5.001, in_flight=[0]) == pytest.approx(5.010)
+    assert steps.next_start(now=5.001, in_flight=[]) == 5.001
+
+
+def test_a_forward_carrying_a_prompt_is_predicted_longer_by_its_tokens():
+    steps = StepClock(step_s=0.010)
+    steps.result(1.000, still_in_flight=1, extra_tokens=0)
+    steps.result(1.030, still_in_flight=1, extra_tokens=400)  # 20 ms over a step: 50 us a token
+    assert steps.token_s == pytest.approx(0.3 * 50e-6)
+    steps.token_s = 50e-6
+    assert steps.duration(400) == pytest.approx(0.030)
+    assert steps.next_start(now=1.031, in_flight=[400, 0]) == pytest.approx(1.030 + 0.030 + 0.010)
+
+
+@pytest.mark.parametrize(("copy_end", "copy_s", "prompt_tokens", "in_time"), [
+    (1.020, 0.030, 1, True),  # lands as the forward starts
+    (1.027, 0.030, 1, True),  # lands 7 ms into a 10 ms step: the step's last layers still meet it
+    (1.029, 0.030, 1, False),  # would stall the step's last layers
+    (1.034, 0.030, 201, True),  # a 20 ms forward (a prompt) may start 15 ms before a 30 ms copy ends
+    (1.036, 0.030, 201, False),
+    (1.025, 0.001, 201, True),  # a 1 ms copy: the forward's first layer waits for it, half a step at most
+    (1.028, 0.004, 201, False),  # a 4 ms copy: the forward's first layer would wait for most of it
+])
+def test_a_forward_may_start_before_a_copy_ends_by_a_share_of_the_shorter_of_the_two(copy_end, copy_s,
+                                                                                    prompt_tokens, in_time):
+    steps = StepClock(step_s=0.010, token_s=50e-6, last_result_at=1.010)
+    assert steps.lands_in_time(copy_end, copy_s, now=1.011, in_flight=[0], extra_tokens=prompt_tokens - 1) == in_time
 
 
 def busy_server(clock, **config) -> FakeWorker:  # noqa: F811

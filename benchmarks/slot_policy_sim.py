@@ -6,8 +6,9 @@ H200 engine measured (`StepModel`), adapter copies run one at a time, after the 
 flight (`--worker answers-first`, the worker the model was fitted to) or after the forwards
 that read their slot (`loads-beside`, as the worker runs them now), and cost the GPU a stall
 (`AdapterSet`); a forward carrying a copy still landing (`--landing-admission on`) ends a
-layer after it. The benchmark's clock starts once the core's prefetch has filled the slots.
-Overlap on only. The workload is `loraserve bench`'s own (`build_workload`): seed 1 is the
+layer after it. With `--overlap off` (the blocking baseline) a load's copy runs ahead of the
+next forward, which starts once it has landed. The benchmark's clock starts once the core's
+prefetch has filled the slots. The workload is `loraserve bench`'s own (`build_workload`): seed 1 is the
 request list of the H200 runs, so `--calibrate` compares with one request by request.
 
     python -m benchmarks.slot_policy_sim --calibrate OUT/large-on.json \
@@ -146,7 +147,8 @@ class TimedWorker(FakeWorker):
     `copy_ms` each, and the next forward starts `load_stall_ms` later. With
     `loads_wait_for_forward` (the worker before overlapped loads ran beside its forward in
     flight) a copy starts once the forward running when the load came has ended; without it,
-    once the forwards that read its slot have."""
+    once the forwards that read its slot have. A blocking load (overlap off) is reported done
+    at once, as the scheduler counts it, and the next forward starts after its copy."""
 
     clock: SimulatedClock = field(default_factory=SimulatedClock)
     steps: StepModel = StepModel(0.0, 0.0, 0.0, 0.0)
@@ -158,10 +160,15 @@ class TimedWorker(FakeWorker):
     copy_free_at: float = 0.0
     copy_done_at: dict[str, float] = field(default_factory=dict)
     slot_read_until: dict[int, float] = field(default_factory=dict)  # the end of the last forward reading each slot
+    blocking: set[str] = field(default_factory=set)  # blocking loads not yet timed
+    not_before: dict[int, float] = field(default_factory=dict)  # a forward's index: the blocking copies it waits for
+    answered: int = 0  # forwards timed so far (answered in the order they were sent)
 
     def forward(self, batch: pb.Forward) -> pb.ForwardResult:
         step_ms = self.steps.step_ms(batch)
-        end = max(self.clock.ms, self.forward_end) + self.stall_ms + step_ms
+        start = max(self.clock.ms, self.forward_end, self.not_before.pop(self.answered, 0.0))
+        self.answered += 1
+        end = start + self.stall_ms + step_ms
         # Landing admission: a forward carrying an adapter still being copied waits for it layer
         # by layer, so it ends no sooner than one layer's compute after the copy.
         slots = {s.adapter_slot for s in batch.sequences if s.adapter_slot >= 0}
@@ -170,6 +177,7 @@ class TimedWorker(FakeWorker):
         self.forward_end = end
         self.slot_read_until.update(dict.fromkeys(slots, end))
         self.stall_ms = 0.0
+        self.clock.ms = end  # the result reaches the scheduler as the forward ends
         return super().forward(batch)
 
     def _copy_done(self, name: str) -> float:
@@ -179,14 +187,28 @@ class TimedWorker(FakeWorker):
             previous = self.forward_end if self.loads_wait_for_forward else self.slot_read_until.get(slot, 0.0)
             self.copy_free_at = max(self.clock.ms, previous, self.copy_free_at) + self.copy_ms
             self.copy_done_at[name] = self.copy_free_at
-            self.stall_ms += self.load_stall_ms
+            if name in self.blocking:  # issued with the forward sent next, which waits for it
+                sent_next = len(self.batches)
+                self.not_before[sent_next] = max(self.not_before.get(sent_next, 0.0), self.copy_free_at)
+            else:
+                self.stall_ms += self.load_stall_ms
         return self.copy_done_at[name]
+
+    def _execute(self, commands: list[pb.WorkerCommand]) -> None:
+        self.blocking.update(c.load_slot.name for c in commands
+                             if c.WhichOneof("kind") == "load_slot" and c.load_slot.blocking)
+        super()._execute(commands)
 
     def tick_loads(self) -> pb.LoadEvents:
         events = pb.LoadEvents(staged=self.staged)
         self.staged = []
         for name, (slot, _) in list(self.loading.items()):
-            if self._copy_done(name) <= self.clock.ms:
+            if name in self.blocking:
+                self._copy_done(name)
+                self.blocking.discard(name)
+                del self.loading[name], self.copy_done_at[name]
+                events.loaded.add(name=name, slot=slot)
+            elif self._copy_done(name) <= self.clock.ms:
                 del self.loading[name], self.copy_done_at[name]
                 events.loaded.add(name=name, slot=slot)
         return events
@@ -316,6 +338,8 @@ def main() -> None:
     parser.add_argument("--request-rate", type=float, default=4.0)
     parser.add_argument("--step-scale", type=float, default=1.0,
                         help="multiplies every forward time: what a faster engine would give")
+    parser.add_argument("--overlap", nargs="+", default=["on"], choices=["on", "off"],
+                        help="overlap_loading; off: the blocking baseline (landing admission does not apply)")
     parser.add_argument("--landing-admission", nargs="+", default=["off"], choices=["off", "on"],
                         help="admit_landing_loads: a request joins the forward predicted to follow its copy")
     parser.add_argument("--worker", nargs="+", default=["answers-first"], choices=list(WORKERS),
@@ -331,13 +355,17 @@ def main() -> None:
     for set_name in args.sets:
         for policy in args.policies:
             for drain_after_s in args.drain_after_s:
-                for ratio, max_pauses, landing, worker in itertools.product(
-                        args.pause_tokens_ratio, args.max_pauses_per_request, args.landing_admission, args.worker):
+                for ratio, max_pauses, overlap, landing, worker in itertools.product(
+                        args.pause_tokens_ratio, args.max_pauses_per_request, args.overlap, args.landing_admission,
+                        args.worker):
+                    if overlap == "off" and landing == "on":
+                        continue
                     name = (f"{set_name} {policy} drain_after_s={drain_after_s:g} pause_tokens_ratio={ratio:g}"
-                            f" max_pauses_per_request={max_pauses} landing_admission={landing} worker={worker}")
+                            f" max_pauses_per_request={max_pauses} overlap={overlap} landing_admission={landing}"
+                            f" worker={worker}")
                     config = SchedulerConfig(max_batch_tokens=4096, drain_after_s=drain_after_s,
                                              pause_tokens_ratio=ratio, max_pauses_per_request=max_pauses,
-                                             admit_landing_loads=landing == "on")
+                                             overlap_loading=overlap == "on", admit_landing_loads=landing == "on")
                     adapters = replace(SETS[set_name], steps=SETS[set_name].steps.scaled(args.step_scale))
                     figures = sweep(adapters, POLICIES[policy], config, args.seeds, args.num_prompts,
                                     args.request_rate, WORKERS[worker])["median over seeds"]

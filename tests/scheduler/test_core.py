@@ -135,6 +135,19 @@ def test_a_request_arriving_while_no_forward_can_be_sent_starts_its_load_at_once
     assert not tokens_of(worker, "late")  # started loading, not running: it is admitted as usual
 
 
+def test_an_arrival_starts_its_load_while_an_earlier_request_waits_for_a_load_already_started():
+    """The earlier request needs no slot (its adapter is loading), so the arrival jumps no one."""
+    worker = make(adapters=("a", "b"), worker_hello=hello(max_loras_per_batch=3), max_forwards_in_flight=2)
+    worker.load_steps["a"] = 10
+    submit(worker, "base", "", max_new_tokens=8)
+    assert worker.core.schedule() is not None and worker.core.schedule() is not None  # two in flight
+    worker.core.take_commands()
+    submit(worker, "first", "a", max_new_tokens=2)
+    submit(worker, "second", "b", max_new_tokens=2)
+    loads = [c.load_slot.name for c in worker.core.take_commands() if c.WhichOneof("kind") == "load_slot"]
+    assert loads == ["a", "b"]
+
+
 def test_an_arrival_does_not_load_ahead_of_an_earlier_request_waiting_for_a_load():
     worker = make(adapters=("a", "b", "c"), worker_hello=hello(max_loras_per_batch=1), drain_after_s=NO_PREEMPTION,
                   pause_tokens_ratio=NO_PREEMPTION)

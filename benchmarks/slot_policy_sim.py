@@ -6,8 +6,9 @@ H200 engine measured (`StepModel`), adapter copies run one at a time, after the 
 flight (`--worker answers-first`, the worker the model was fitted to) or after the forwards
 that read their slot (`loads-beside`, as the worker runs them now), and cost the GPU a stall
 (`AdapterSet`); a forward carrying a copy still landing (`--landing-admission on`) ends a
-layer after it. With `--overlap off` (the blocking baseline) a load's copy runs ahead of the
-next forward, which starts once it has landed. The benchmark's clock starts once the core's
+layer after it. With `--overlap off` (the blocking baseline) a load's copy runs between the
+forward in flight and the next, the GPU idle meanwhile, as the H100 trace of
+seed-large-31e287b.json shows (67 idle gaps of 27 ms, a copy each). The benchmark's clock starts once the core's
 prefetch has filled the slots. The workload is `loraserve bench`'s own (`build_workload`): seed 1 is the
 request list of the H200 runs, so `--calibrate` compares with one request by request.
 
@@ -80,15 +81,16 @@ class AdapterSet:
 # Least squares over the forwards of an H200 trace (large set, overlap on, arrival-order
 # admission: the run of benchmarks/results/seed-large-a6a4a22.json) that overlap no copy: decode
 # 6.4 ms + 0.48 ms per adapter (2,505), with prefill 10.7 ms + 0.030 ms a token (82); copies
-# 26.2 ms (51 GB/s). Each of the 51 loads during the run left the GPU idle ~8.3 ms as its copy
-# started (the worker issued the copy before it launched the next forward) and slowed the
-# forwards it overlapped by ~7.9 ms in all: 16 ms a load.
-LARGE = AdapterSet(1_342_177_280, 256, StepModel(6.4, 0.48, 10.7, 0.030), copy_ms=26.2, load_stall_ms=16.0)
+# 26.2 ms (51 GB/s). Each of the 51 loads slowed the forwards it overlapped by ~7.9 ms in all
+# (the copy shares memory bandwidth). It also left the GPU idle ~8.3 ms as its copy started,
+# which the copier's own queuing thread has removed since (`load_start_stalls`: none in the
+# H100 and H200 runs seed-large-31e287b.json and seed-large-7a3ac05.json).
+LARGE = AdapterSet(1_342_177_280, 256, StepModel(6.4, 0.48, 10.7, 0.030), copy_ms=26.2, load_stall_ms=7.9)
 # No trace of the small set from that engine: its median TPOT on the engine before (8.64 ms,
 # large 11.88 ms) scaled by large's gain between the two (10.83 / 11.88) is ~7.9 ms, which a
 # per-adapter cost of 0.15 ms gives in this simulation. Copies of up to 170 MB: 3.3 ms at most;
-# the launch gap as large's (not measured).
-SMALL = AdapterSet(100_000_000, 64, StepModel(6.4, 0.15, 10.7, 0.030), copy_ms=2.0, load_stall_ms=5.0)
+# the slowdown as large's by bytes (not measured).
+SMALL = AdapterSet(100_000_000, 64, StepModel(6.4, 0.15, 10.7, 0.030), copy_ms=2.0, load_stall_ms=0.6)
 SETS = {"large": LARGE, "small": SMALL}
 LAYERS = 32  # of the 8B model: a forward waiting on a copy layer by layer runs its last layer after it
 
@@ -148,7 +150,8 @@ class TimedWorker(FakeWorker):
     `loads_wait_for_forward` (the worker before overlapped loads ran beside its forward in
     flight) a copy starts once the forward running when the load came has ended; without it,
     once the forwards that read its slot have. A blocking load (overlap off) is reported done
-    at once, as the scheduler counts it, and the next forward starts after its copy."""
+    at once, as the scheduler counts it; its copy runs after the forward in flight, and the
+    forward sent with it starts after the copy."""
 
     clock: SimulatedClock = field(default_factory=SimulatedClock)
     steps: StepModel = StepModel(0.0, 0.0, 0.0, 0.0)
@@ -160,13 +163,13 @@ class TimedWorker(FakeWorker):
     copy_free_at: float = 0.0
     copy_done_at: dict[str, float] = field(default_factory=dict)
     slot_read_until: dict[int, float] = field(default_factory=dict)  # the end of the last forward reading each slot
-    blocking: set[str] = field(default_factory=set)  # blocking loads not yet timed
-    not_before: dict[int, float] = field(default_factory=dict)  # a forward's index: the blocking copies it waits for
+    blocking: set[str] = field(default_factory=set)  # blocking loads not yet reported
+    copies_before: dict[int, int] = field(default_factory=dict)  # a forward's index: blocking copies run before it
     answered: int = 0  # forwards timed so far (answered in the order they were sent)
 
     def forward(self, batch: pb.Forward) -> pb.ForwardResult:
         step_ms = self.steps.step_ms(batch)
-        start = max(self.clock.ms, self.forward_end, self.not_before.pop(self.answered, 0.0))
+        start = max(self.clock.ms, self.forward_end) + self.copies_before.pop(self.answered, 0) * self.copy_ms
         self.answered += 1
         end = start + self.stall_ms + step_ms
         # Landing admission: a forward carrying an adapter still being copied waits for it layer
@@ -187,11 +190,7 @@ class TimedWorker(FakeWorker):
             previous = self.forward_end if self.loads_wait_for_forward else self.slot_read_until.get(slot, 0.0)
             self.copy_free_at = max(self.clock.ms, previous, self.copy_free_at) + self.copy_ms
             self.copy_done_at[name] = self.copy_free_at
-            if name in self.blocking:  # issued with the forward sent next, which waits for it
-                sent_next = len(self.batches)
-                self.not_before[sent_next] = max(self.not_before.get(sent_next, 0.0), self.copy_free_at)
-            else:
-                self.stall_ms += self.load_stall_ms
+            self.stall_ms += self.load_stall_ms
         return self.copy_done_at[name]
 
     def _execute(self, commands: list[pb.WorkerCommand]) -> None:
@@ -203,10 +202,11 @@ class TimedWorker(FakeWorker):
         events = pb.LoadEvents(staged=self.staged)
         self.staged = []
         for name, (slot, _) in list(self.loading.items()):
-            if name in self.blocking:
-                self._copy_done(name)
+            if name in self.blocking:  # issued with the forward sent next, which runs after its copy
+                sent_next = len(self.batches)
+                self.copies_before[sent_next] = self.copies_before.get(sent_next, 0) + 1
                 self.blocking.discard(name)
-                del self.loading[name], self.copy_done_at[name]
+                del self.loading[name]
                 events.loaded.add(name=name, slot=slot)
             elif self._copy_done(name) <= self.clock.ms:
                 del self.loading[name], self.copy_done_at[name]

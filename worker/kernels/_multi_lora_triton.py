@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -80,29 +79,15 @@ def _reduce_splits(acc, partial_tile, stride_ps, counters_ptr, split, shrunk_til
 
 @triton.jit
 def _expand_kernel(shrunk_ptr, b0_ptr, b1_ptr, b2_ptr, out0_ptr, out1_ptr, out2_ptr, blocks_ptr,
-                   out0_features, out1_features, out2_features, tiles0, tiles1, tiles_per_block, num_items,
-                   max_rank, stride_st, stride_ot, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_R: tl.constexpr, IEEE: tl.constexpr, ACCUMULATE: tl.constexpr):
-    # A fixed number of programs strides over the (block, output tile) items: a padded table's
-    # empty and base-model rows cost a row read each, not a program queued for an SM beside the
-    # base GEMM (most of a CUDA graph's table is padding).
-    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
-        _expand_tile(shrunk_ptr, b0_ptr, b1_ptr, b2_ptr, out0_ptr, out1_ptr, out2_ptr, blocks_ptr,
-                     out0_features, out1_features, out2_features, tiles0, tiles1, item // tiles_per_block,
-                     item % tiles_per_block, max_rank, stride_st, stride_ot, BLOCK_M, BLOCK_N, BLOCK_R, IEEE,
-                     ACCUMULATE)
-
-
-@triton.jit
-def _expand_tile(shrunk_ptr, b0_ptr, b1_ptr, b2_ptr, out0_ptr, out1_ptr, out2_ptr, blocks_ptr,
-                 out0_features, out1_features, out2_features, tiles0, tiles1, block, tile, max_rank, stride_st,
-                 stride_ot, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
-                 ACCUMULATE: tl.constexpr):
-    slot, start, end, rank = lora_block(blocks_ptr, block)
+                   out0_features, out1_features, out2_features, tiles0, tiles1, max_rank, stride_st, stride_ot,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+                   ACCUMULATE: tl.constexpr):
+    slot, start, end, rank = lora_block(blocks_ptr, tl.program_id(0))
     # A base-model block has no delta: adding its zeros changes nothing, and a stored delta's
     # reader skips its rows (`worker.kernels.elementwise.StagedDeltas`).
     if (start < end) & (rank > 0):
         # Output tiles are numbered across the group: module 0's, then module 1's, then 2's.
+        tile = tl.program_id(1)
         module = (tile >= tiles0).to(tl.int32) + (tile >= tiles0 + tiles1).to(tl.int32)
         tile -= tl.where(module > 0, tiles0, 0) + tl.where(module > 1, tiles1, 0)
         out_features = _pick(module, out0_features, out1_features, out2_features)
@@ -160,19 +145,13 @@ def expand(shrunk: torch.Tensor, b_t: Sequence[torch.Tensor], blocks: torch.Tens
         raise ValueError("expand needs contiguous B buffers and outputs of one row stride")
     max_rank = b_t[0].shape[1]
     column_tiles = [triton.cdiv(out.shape[1], tiles.n) for out in outs]
-    num_items = blocks.shape[0] * sum(column_tiles)
-    grid = (min(num_items, tiles.programs_per_sm * _multiprocessors(shrunk.device)),)
+    grid = (blocks.shape[0], sum(column_tiles))
     _expand_kernel[grid](shrunk, *_padded(b_t, b_t[0]), *_padded(outs, outs[0]), blocks,
-                         *_padded([out.shape[1] for out in outs], 0), *_padded(column_tiles, 0)[:2],
-                         sum(column_tiles), num_items, max_rank, shrunk.stride(0), outs[0].stride(0),
+                         *_padded([out.shape[1] for out in outs], 0), *_padded(column_tiles, 0)[:2], max_rank,
+                         shrunk.stride(0), outs[0].stride(0),
                          BLOCK_M=tiles.tokens, BLOCK_N=tiles.n, BLOCK_R=tiles.rank,
                          IEEE=outs[0].dtype == torch.float32, ACCUMULATE=accumulate, num_warps=tiles.warps,
                          num_stages=tiles.stages)
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _check_unit_stride(*tensors: torch.Tensor) -> None:

@@ -39,7 +39,6 @@ class ExpandTiles:
     warps: int = 4
     stages: int = 3
     tokens: int = BLOCK_M  # rows of x per program: at least the block table's block_m
-    programs_per_sm: int = 4  # programs launched, per multiprocessor, to stride over the (block, tile) items
 
 
 # Launch shapes from benchmarks/step_tile_sweep.py on an H200 (8B sizes, 8 rank-256 adapters,

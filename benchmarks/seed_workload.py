@@ -43,7 +43,7 @@ from worker.model.config import load_model_config
 SMALL_SPECS = [(8, ("q_proj", "v_proj")), (16, ("q_proj", "k_proj", "v_proj", "o_proj")), (32, TARGET_MODULES),
                (64, ("q_proj", "v_proj")), (8, TARGET_MODULES), (16, ("gate_proj", "up_proj", "down_proj")),
                (32, ("q_proj", "k_proj", "v_proj")), (64, ("o_proj", "down_proj"))]
-# "on-landing": overlap on, a request joining the forward predicted to follow its adapter's copy.
+# "on-landing": overlap on, a request joining the forward predicted to meet its adapter's copy without waiting for it.
 MODES = {"off": dict(overlap_loading=False), "on": dict(overlap_loading=True),
          "resident": dict(overlap_loading=True, max_loras_per_batch=16),
          "on-landing": dict(overlap_loading=True, admit_landing_loads=True)}

@@ -161,13 +161,14 @@ class SchedulerConfig:
                                                                           "while its adapter's copy runs "
                                                                           "(per-layer waits)")})
     # Overlap mode: a request whose adapter is being copied from host memory joins the first
-    # forward predicted to start after the copy ends, before the worker reports the load. Off by
-    # default until measured on a GPU: a copy slower than predicted stalls that whole forward.
+    # forward predicted to meet the copy without waiting for it (per-layer waits let it start
+    # before the copy ends), before the worker reports the load. Off by default until measured
+    # on a GPU: a copy slower than predicted stalls that whole forward.
     admit_landing_loads: bool = setting(
-        False, help="start a request in the first forward predicted to follow its adapter's copy, not after the "
-                    "load is reported", switches={"--admit-landing-loads": Switch(
-                        True, "start a request in the first forward predicted to follow its adapter's copy "
-                              "(scheduler/landing.py)")})
+        False, help="start a request in the first forward predicted to meet its adapter's copy without "
+                    "waiting for it, not after the load is reported", switches={"--admit-landing-loads": Switch(
+                        True, "start a request in the first forward predicted to meet its adapter's copy "
+                              "without waiting for it (scheduler/landing.py)")})
     # Slot preemption: a request that finds every slot referenced pauses the running request
     # with the most tokens left whose adapter runs nothing else, if it has at least this many
     # times the tokens the waiting one asks for (shortest remaining first). The paused request

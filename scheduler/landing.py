@@ -1,16 +1,16 @@
-"""When an adapter's copy will have landed, and when the forward being built will start.
+"""When an adapter's copy will have landed, and when the forward being built will start and end.
 
 With overlap loading, a request whose adapter is being copied may join a forward before the
 worker reports the copy finished: the worker orders the forward after the copy, layer by layer,
-so the output is right whatever the timing. The timing decides who waits: a forward that
-starts before the copy ends runs at the copy's pace and stalls every request in it. So the
-scheduler predicts both ends and admits the request into the first forward predicted to start
-once its copy has landed, instead of waiting to hear of the load (which costs one to two steps).
+so the output is right whatever the timing. The timing decides who waits: a forward whose
+layers overtake the copy's runs at the copy's pace and stalls every request in it. So the
+scheduler predicts both and admits the request into the first forward predicted to meet the
+copy without waiting, instead of waiting to hear of the load (which costs one to two steps).
 
 The predictions learn from what the scheduler sees: copies run one after another on the
 worker's load stream at the bandwidth of the finished ones (their reports arrive after the
-copy, so the estimate errs long: safe); forwards follow one another at the period between
-their results.
+copy, so the estimate errs long: safe); a forward lasts a step plus a cost per prompt token,
+from the spacing of results.
 """
 
 from __future__ import annotations

@@ -99,8 +99,9 @@ class SchedulerCore:
         flight): the copy runs beside them. Never ahead of a waiting request that still needs a
         slot (it goes first), nor into the idle slot of an adapter whose requests await admission."""
         adapter = self._tier[request.adapter]
-        if (self.config.overlap_loading and adapter.state not in ON_GPU and not self._waiting_for_slots(besides=request)
-                and self._tier.slot_unclaimed_by_waiters(adapter)):
+        # The queue is scanned last: under load every slot is usually referenced.
+        if (self.config.overlap_loading and adapter.state not in ON_GPU and self._tier.slot_unclaimed_by_waiters(adapter)
+                and not self._waiting_for_slots(besides=request)):
             self._tier.start_loading(adapter)
 
     def _waiting_for_slots(self, besides: Request) -> bool:

@@ -2,23 +2,25 @@
 
 The real SchedulerCore drives an in-memory worker (tests/scheduler/fake_worker.py) on a
 simulated clock, two forwards in flight as the server runs them: each forward lasts what the
-H200 engine measured (`StepModel`), adapter copies run one at a time, after the forward in
-flight (`--worker answers-first`, the worker the model was fitted to) or after the forwards
-that read their slot (`loads-beside`, as the worker runs them now), and cost the GPU a stall
-(`AdapterSet`); a forward carrying a copy still landing (`--landing-admission on`) ends a
-layer after it. With `--overlap off` (the blocking baseline) a load's copy runs between the
-forward in flight and the next, the GPU idle meanwhile, as the H100 trace of
-seed-large-31e287b.json shows (67 idle gaps of 27 ms, a copy each). The benchmark's clock starts once the core's
-prefetch has filled the slots. The workload is `loraserve bench`'s own (`build_workload`): seed 1 is the
-request list of the H200 runs, so `--calibrate` compares with one request by request.
+H200 engine measured (`StepModel`) and its result reaches the scheduler as it ends; adapter
+copies run one at a time, after the forward in flight (`--worker answers-first`, the worker
+the model was fitted to) or after the forwards that read their slot (`loads-beside`, as the
+worker runs them now), and cost the GPU a stall (`AdapterSet`); a forward carrying a copy
+still landing (`--landing-admission on`) ends a layer after it. With `--overlap off` (the
+blocking baseline) a load's copy runs between the forward in flight and the next, the GPU
+idle meanwhile, as the H100 trace of seed-large-31e287b.json shows (67 idle gaps of 27 ms, a
+copy each). The benchmark's clock starts once the core's prefetch has filled the slots. The
+workload is `loraserve bench`'s own (`build_workload`): seed 1 is the request list of the H200
+runs, so `--calibrate` compares with one request by request. Requests are submitted when a
+forward ends, not on arrival, so loads issued on arrival start up to a step late here.
 
     python -m benchmarks.slot_policy_sim --calibrate OUT/large-on.json \
         --sets large small --seeds 20 --drain-after-s 0 0.5 1 2 3 4 inf --out FILE
 Prints, per adapter set, policy, drain_after_s, pause_tokens_ratio (slot preemption; inf:
-off), landing admission and worker, the median over seeds of median TTFT, P99 TTFT, mean
-TTFT, median TPOT (as `loraserve bench` computes it), mean E2E (simulated ms), the share of requests whose TTFT is within
-SGLang's large-set median (164 ms), loads and pauses. `arrival-order` is the admission order
-before shortest-first, for comparison.
+off), overlap, landing admission and worker, the median over seeds of median TTFT, P99 TTFT,
+mean TTFT, median TPOT (as `loraserve bench` computes it), mean E2E (simulated ms), the share
+of requests whose TTFT is within SGLang's large-set median (164 ms), loads and pauses.
+`arrival-order` is the admission order before shortest-first, for comparison.
 """
 
 from __future__ import annotations

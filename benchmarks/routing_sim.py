@@ -160,7 +160,7 @@ class Replica:
         """One scheduler step at `now_ms`; returns when its outputs are out (ms)."""
         if self.worker.step():
             self.next_event_ms = self.worker.forward_end
-        elif self.worker.loading or self.core.has_requests():  # no forward: poll copies every ms, as slot_policy_sim
+        elif self.worker.loading or self.core.has_requests():  # no forward: poll copies every ms
             self.next_event_ms = now_ms + 1.0
         else:
             self.next_event_ms = math.inf

@@ -1,7 +1,8 @@
 """The scheduler's slot policy on the seed's workload, simulated on CPU (no model, no GPU).
 
 The real SchedulerCore drives an in-memory worker (tests/scheduler/fake_worker.py) on a
-simulated clock, two forwards in flight as the server runs them: each forward lasts what the
+simulated clock, event by event and two forwards in flight as the server runs them: a request
+is submitted at its arrival (the core may issue its load then), each forward lasts what the
 H200 engine measured (`StepModel`) and its result reaches the scheduler as it ends; adapter
 copies run one at a time, after the forward in flight (`--worker answers-first`, the worker
 the model was fitted to) or after the forwards that read their slot (`loads-beside`, as the
@@ -11,8 +12,7 @@ blocking baseline) a load's copy runs between the forward in flight and the next
 idle meanwhile, as the H100 trace of seed-large-31e287b.json shows (67 idle gaps of 27 ms, a
 copy each). The benchmark's clock starts once the core's prefetch has filled the slots. The
 workload is `loraserve bench`'s own (`build_workload`): seed 1 is the request list of the H200
-runs, so `--calibrate` compares with one request by request. Requests are submitted when a
-forward ends, not on arrival, so loads issued on arrival start up to a step late here.
+runs, so `--calibrate` compares with one request by request.
 
     python -m benchmarks.slot_policy_sim --calibrate OUT/large-on.json \
         --sets large small --seeds 20 --drain-after-s 0 0.5 1 2 3 4 inf --out FILE
@@ -31,6 +31,7 @@ import json
 import math
 import statistics
 import time
+from collections import deque
 from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 from unittest import mock
@@ -147,105 +148,119 @@ def worker_hello(slots: int = 8, host_entries: int = 16, host_cache_bytes: int =
 
 @dataclass
 class TimedWorker(FakeWorker):
-    """Times forwards by `steps` on the simulated clock, and copies adapters one at a time,
-    `copy_ms` each, and the next forward starts `load_stall_ms` later. With
-    `loads_wait_for_forward` (the worker before overlapped loads ran beside its forward in
-    flight) a copy starts once the forward running when the load came has ended; without it,
-    once the forwards that read its slot have. A blocking load (overlap off) is reported done
-    at once, as the scheduler counts it; its copy runs after the forward in flight, and the
-    forward sent with it starts after the copy."""
+    """Times each forward by `steps` on the simulated clock as it is sent (it starts when the
+    forward before it ends), and each copy as it is issued: one at a time, `copy_ms` each, and
+    the next forward sent starts `load_stall_ms` later. With `loads_wait_for_forward` (the
+    worker before overlapped loads ran beside its forward in flight) a copy starts once the
+    forward running when the load came has ended; without it, once the forwards that read its
+    slot have. A blocking load (overlap off) is reported done at once, as the scheduler counts
+    it; the forward sent next starts after its copy. A forward's result reaches the scheduler
+    as the forward ends."""
 
     clock: SimulatedClock = field(default_factory=SimulatedClock)
     steps: StepModel = StepModel(0.0, 0.0, 0.0, 0.0)
     copy_ms: float = 0.0
     load_stall_ms: float = 0.0
     loads_wait_for_forward: bool = True
-    stall_ms: float = 0.0  # owed by the next forward
+    stall_ms: float = 0.0  # owed by the next forward sent
+    blocking_copies: int = 0  # run before the next forward sent
+    last_end: float = 0.0  # of the forward sent last (ms)
     forward_end: float = 0.0  # of the forward answered last (ms)
+    ends: deque[float] = field(default_factory=deque)  # of the forwards in flight, oldest first
     copy_free_at: float = 0.0
     copy_done_at: dict[str, float] = field(default_factory=dict)
     slot_read_until: dict[int, float] = field(default_factory=dict)  # the end of the last forward reading each slot
-    blocking: set[str] = field(default_factory=set)  # blocking loads not yet reported
-    copies_before: dict[int, int] = field(default_factory=dict)  # a forward's index: blocking copies run before it
-    answered: int = 0  # forwards timed so far (answered in the order they were sent)
 
-    def forward(self, batch: pb.Forward) -> pb.ForwardResult:
+    def sent(self, batch: pb.Forward) -> None:
         step_ms = self.steps.step_ms(batch)
-        start = max(self.clock.ms, self.forward_end) + self.copies_before.pop(self.answered, 0) * self.copy_ms
-        self.answered += 1
+        start = max(self.clock.ms, self.last_end) + self.blocking_copies * self.copy_ms
         end = start + self.stall_ms + step_ms
         # Landing admission: a forward carrying an adapter still being copied waits for it layer
         # by layer, so it ends no sooner than one layer's compute after the copy.
         slots = {s.adapter_slot for s in batch.sequences if s.adapter_slot >= 0}
-        for name in {self.slots[slot] for slot in slots} & self.loading.keys():
-            end = max(end, self._copy_done(name) + step_ms / LAYERS)
-        self.forward_end = end
+        for name in {self.slots[slot] for slot in slots} & self.copy_done_at.keys():
+            end = max(end, self.copy_done_at[name] + step_ms / LAYERS)
+        self.last_end = end
+        self.ends.append(end)
         self.slot_read_until.update(dict.fromkeys(slots, end))
-        self.stall_ms = 0.0
-        self.clock.ms = end  # the result reaches the scheduler as the forward ends
+        self.stall_ms, self.blocking_copies = 0.0, 0
+
+    def forward(self, batch: pb.Forward) -> pb.ForwardResult:
+        self.forward_end = self.clock.ms = self.ends.popleft()
         return super().forward(batch)
 
-    def _copy_done(self, name: str) -> float:
-        """When the copy of a load already issued ends (timed when first asked)."""
-        if name not in self.copy_done_at:
-            slot, _ = self.loading[name]
-            previous = self.forward_end if self.loads_wait_for_forward else self.slot_read_until.get(slot, 0.0)
-            self.copy_free_at = max(self.clock.ms, previous, self.copy_free_at) + self.copy_ms
-            self.copy_done_at[name] = self.copy_free_at
-            self.stall_ms += self.load_stall_ms
-        return self.copy_done_at[name]
+    def next_event_ms(self) -> float:
+        """When the oldest forward in flight ends, or else the next copy does (inf: neither)."""
+        if self.ends:
+            return self.ends[0]
+        return min((self.copy_done_at[name] for name in self.loading), default=math.inf)
+
+    def pump(self) -> None:
+        """What the scheduler does at the current time: hears of copies landed, sends batches."""
+        self.core.on_load_events(self.tick_loads())
+        self._execute(self.core.take_commands())
+        self.send_batches()
 
     def _execute(self, commands: list[pb.WorkerCommand]) -> None:
-        self.blocking.update(c.load_slot.name for c in commands
-                             if c.WhichOneof("kind") == "load_slot" and c.load_slot.blocking)
-        super()._execute(commands)
+        for command in commands:
+            super()._execute([command])
+            if command.WhichOneof("kind") != "load_slot":
+                continue
+            if command.load_slot.blocking:
+                self.blocking_copies += 1
+            else:
+                self._time_copy(command.load_slot.name, command.load_slot.slot)
+
+    def _time_copy(self, name: str, slot: int) -> None:
+        running_until = self.ends[0] if self.ends else self.clock.ms
+        previous = running_until if self.loads_wait_for_forward else self.slot_read_until.get(slot, 0.0)
+        self.copy_free_at = max(self.clock.ms, previous, self.copy_free_at) + self.copy_ms
+        self.copy_done_at[name] = self.copy_free_at
+        self.stall_ms += self.load_stall_ms
 
     def tick_loads(self) -> pb.LoadEvents:
         events = pb.LoadEvents(staged=self.staged)
         self.staged = []
         for name, (slot, _) in list(self.loading.items()):
-            if name in self.blocking:  # issued with the forward sent next, which runs after its copy
-                sent_next = len(self.batches)
-                self.copies_before[sent_next] = self.copies_before.get(sent_next, 0) + 1
-                self.blocking.discard(name)
+            if self.copy_done_at.get(name, -math.inf) <= self.clock.ms:  # a blocking load: at once
                 del self.loading[name]
-                events.loaded.add(name=name, slot=slot)
-            elif self._copy_done(name) <= self.clock.ms:
-                del self.loading[name], self.copy_done_at[name]
+                self.copy_done_at.pop(name, None)
                 events.loaded.add(name=name, slot=slot)
         return events
 
 
 def _simulate(adapters: AdapterSet, items: list[WorkItem], core: SchedulerCore,
               clock: SimulatedClock, loads_wait_for_forward: bool) -> SimulatedRun:
+    """Event by event: an arrival is submitted at its time (the core may issue its load and send
+    a forward then), a forward's result at its end, a copy's landing at its end."""
     worker = TimedWorker(core, one_ahead=True, clock=clock, steps=adapters.steps, copy_ms=adapters.copy_ms,
                          load_stall_ms=adapters.load_stall_ms, loads_wait_for_forward=loads_wait_for_forward)
     for name in ADAPTERS:
         worker.register(name, size=adapters.size_bytes, rank=adapters.rank)
     start_ms = _prefetch(worker, clock)
     arrival = {item.index: start_ms + item.send_at * 1e3 for item in items}
-    pending = list(items)
+    pending = deque(items)
     first_token: dict[int, float] = {}
     finished: dict[int, float] = {}
     tokens: dict[int, int] = {}
-    seen_outputs = 0
     while len(finished) < len(items):
-        while pending and arrival[pending[0].index] <= clock.ms:
-            submit(core, pending.pop(0))
-        if worker.step():
-            clock.ms = worker.forward_end
-        elif worker.loading:  # the idle worker polls its copies every millisecond
-            clock.ms += 1.0
-        else:
-            clock.ms = arrival[pending[0].index] if pending else clock.ms + 1.0
-        for _, message in core.outputs[seen_outputs:]:
+        next_arrival = arrival[pending[0].index] if pending else math.inf
+        event = worker.next_event_ms()
+        if next_arrival < event:
+            clock.ms = max(clock.ms, next_arrival)
+            submit(core, pending.popleft())
+        elif worker.ends:
+            worker.core.on_forward_result(worker.forward(worker.in_flight.popleft()))
+        else:  # nothing in flight or landing: the core may be waiting for time alone (a drain)
+            clock.ms = max(clock.ms, event) if event < math.inf else clock.ms + 1.0
+        worker.pump()
+        for _, message in core.take_outputs():
             output, index = message.output, int(message.output.request_id)
             tokens[index] = tokens.get(index, 0) + len(output.token_ids)
             if output.token_ids and index not in first_token:
                 first_token[index] = clock.ms
             if output.finished:
                 finished[index] = clock.ms
-        seen_outputs = len(core.outputs)
     results = [RequestResult(first_token[i] - arrival[i], finished[i] - arrival[i], tokens[i]) for i in arrival]
     loads = sum(1 for c in worker.log if c.WhichOneof("kind") == "load_slot")
     return SimulatedRun(results, loads, core.stats().requests_paused)

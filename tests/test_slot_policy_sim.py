@@ -14,25 +14,36 @@ STEPS = StepModel(decode_ms=10.0, decode_ms_per_adapter=0.0, mixed_ms=10.0, mixe
 
 def worker_copying_into_slot_0(loads_wait_for_forward: bool) -> TimedWorker:
     """At 20 ms: the forward in flight ends at 50 ms, the last forward reading slot 0 at 30 ms,
-    and adapter a was just told to load into slot 0 (a 15 ms copy)."""
+    and adapter a is told to load into slot 0 (a 15 ms copy)."""
     clock = SimulatedClock(ms=20.0)
     worker = TimedWorker(SchedulerCore(SchedulerConfig(), worker_hello()), clock=clock, steps=STEPS, copy_ms=15.0,
                          loads_wait_for_forward=loads_wait_for_forward)
-    worker.forward_end, worker.slot_read_until = 50.0, {0: 30.0}
-    worker.loading["a"], worker.slots[0] = (0, 0), "a"
+    worker.ends.append(50.0)
+    worker.last_end, worker.slot_read_until = 50.0, {0: 30.0}
+    worker._execute([pb.WorkerCommand(load_slot=pb.LoadSlot(name="a", slot=0))])
     return worker
 
 
 @pytest.mark.parametrize(("loads_wait_for_forward", "copy_done"), [(True, 65.0), (False, 45.0)])
 def test_a_copy_waits_for_the_forward_in_flight_or_only_for_its_slots_readers(loads_wait_for_forward, copy_done):
     worker = worker_copying_into_slot_0(loads_wait_for_forward)
-    assert worker._copy_done("a") == copy_done
+    assert worker.copy_done_at["a"] == copy_done
     assert worker.tick_loads().loaded == []  # not landed at 20 ms
+    worker.clock.ms = copy_done
+    assert [event.name for event in worker.tick_loads().loaded] == ["a"]
 
 
 def test_a_forward_carrying_a_landing_adapter_ends_a_layer_after_its_copy():
     worker = worker_copying_into_slot_0(loads_wait_for_forward=True)
     batch = pb.Forward(sequences=[pb.SequenceInput(request_id="r", token_ids=[1], adapter_slot=0, sample=True)])
-    worker.forward(batch)
-    assert worker.forward_end == pytest.approx(65.0 + 10.0 / LAYERS)  # not 50 + 10: the copy ends later
-    assert worker.slot_read_until[0] == worker.forward_end
+    worker.sent(batch)
+    assert worker.ends[-1] == pytest.approx(65.0 + 10.0 / LAYERS)  # not 50 + 10: the copy ends later
+    assert worker.slot_read_until[0] == worker.ends[-1]
+
+
+def test_a_forward_sent_after_a_blocking_load_starts_after_its_copy():
+    worker = worker_copying_into_slot_0(loads_wait_for_forward=False)
+    worker._execute([pb.WorkerCommand(load_slot=pb.LoadSlot(name="b", slot=1, blocking=True))])
+    assert "b" not in worker.loading  # reported done at once, as the scheduler counts a blocking load
+    worker.sent(pb.Forward(sequences=[pb.SequenceInput(request_id="r", token_ids=[1], adapter_slot=1, sample=True)]))
+    assert worker.ends[-1] == 50.0 + 15.0 + 10.0  # after the forward in flight, then the copy

@@ -64,18 +64,26 @@ class FakeWorker:
         return batch is not None
 
     def _step_one_ahead(self) -> bool:
-        while (batch := self.core.schedule()) is not None:
-            self._execute(self.core.take_commands())
-            self.batches.append(batch)
-            self._check_batch(batch)
-            self.in_flight.append(batch)
-        self._execute(self.core.take_commands())
+        self.send_batches()
         answered = bool(self.in_flight)
         if answered:
             self.core.on_forward_result(self.forward(self.in_flight.popleft()))
         self.core.on_load_events(self.tick_loads())
         self._execute(self.core.take_commands())
         return answered
+
+    def send_batches(self) -> None:
+        """Queues every batch the core lets out, each after the commands that came with it."""
+        while (batch := self.core.schedule()) is not None:
+            self._execute(self.core.take_commands())
+            self.batches.append(batch)
+            self._check_batch(batch)
+            self.sent(batch)
+            self.in_flight.append(batch)
+        self._execute(self.core.take_commands())
+
+    def sent(self, batch: pb.Forward) -> None:
+        """A batch queued behind those in flight; a subclass may time it."""
 
     def run_until_idle(self, max_steps: int = 500) -> None:
         for _ in range(max_steps):

@@ -224,8 +224,8 @@ class TimedWorker(FakeWorker):
         for name, (slot, _) in list(self.loading.items()):
             if self.copy_done_at.get(name, -math.inf) <= self.clock.ms:  # a blocking load: at once
                 del self.loading[name]
-                self.copy_done_at.pop(name, None)
-                events.loaded.add(name=name, slot=slot)
+                timed = self.copy_done_at.pop(name, None) is not None
+                events.loaded.add(name=name, slot=slot, copy_s=self.copy_ms / 1e3 if timed else 0.0)
         return events
 
 

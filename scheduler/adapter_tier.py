@@ -326,13 +326,14 @@ class AdapterTier:
         if adapter.state is AdapterState.STAGING:
             self._move(adapter, AdapterState.HOST)
 
-    def on_loaded(self, name: str, slot: int, now: float) -> None:
+    def on_loaded(self, name: str, slot: int, now: float, copy_s: float = 0.0) -> None:
+        """`copy_s`: the copy's own time as the worker timed it (0: not timed)."""
         adapter = self._adapters.get(name)
         if adapter is not None and adapter.slot == slot and adapter.state is AdapterState.LOADING:
             self._move(adapter, AdapterState.RESIDENT)
             adapter.loaded_at = now
             self.loads_finished += 1
-            self.load_clock.finished(name, now)
+            self.load_clock.finished(name, now, copy_s)
             log_adapter(logging.INFO, "adapter loaded", adapter, "gpu", self._metrics.gpu.finish(adapter, now),
                         slot=slot)
 

@@ -147,7 +147,7 @@ class SchedulerCore:
         for name in events.staged:
             self._tier.on_staged(name, now)
         for loaded in events.loaded:
-            self._tier.on_loaded(loaded.name, loaded.slot, now)
+            self._tier.on_loaded(loaded.name, loaded.slot, now, loaded.copy_s)
         for failed in events.failed:
             self.on_adapter_failed(failed.name, failed.error)
         self._tier.complete_unloads()

@@ -8,9 +8,11 @@ scheduler predicts both and admits the request into the first forward predicted 
 copy without waiting, instead of waiting to hear of the load (which costs one to two steps).
 
 The predictions learn from what the scheduler sees: copies run one after another on the
-worker's load stream at the bandwidth of the finished ones (their reports arrive after the
-copy, so the estimate errs long: safe); a forward lasts a step plus a cost per prompt token,
-from the spacing of results.
+worker's load stream at the bandwidth of the finished ones, as the worker timed them on the
+GPU (a report reaches the scheduler with the next forward's result, up to a step after the
+copy: timed by its arrival, a 26 ms copy looked a third longer and its requests joined a
+forward a step late); a forward lasts a step plus a cost per prompt token, from the spacing
+of results.
 """
 
 from __future__ import annotations
@@ -51,13 +53,16 @@ class LoadClock:
         self.stream_free_at = start + nbytes / self.bytes_per_s
         self._copies[name] = PlannedCopy(now, nbytes, start, self.stream_free_at)
 
-    def finished(self, name: str, now: float) -> None:
-        """Its report came: the bandwidth learns from it, and the copies queued behind it are
-        planned again from now, when the stream was done with it at the latest. Otherwise a
-        prediction that erred long (the first guess does) would push every later copy back."""
+    def finished(self, name: str, now: float, copy_s: float = 0.0) -> None:
+        """Its report came: the bandwidth learns from the copy's own time as the worker timed it
+        (`copy_s`; else from the time since its predicted start, which counts the wait for the
+        report), and the copies queued behind it are planned again from now, when the stream was
+        done with it at the latest. Otherwise a prediction that erred long (the first guess
+        does) would push every later copy back."""
         copy = self._copies.pop(name, None)
-        if copy is not None and now > copy.start:
-            self.bytes_per_s += SMOOTHING * (copy.nbytes / (now - copy.start) - self.bytes_per_s)
+        took = copy_s if copy_s > 0 else (now - copy.start if copy is not None else 0.0)
+        if copy is not None and took > 0:
+            self.bytes_per_s += SMOOTHING * (copy.nbytes / took - self.bytes_per_s)
         self.stream_free_at = min(self.stream_free_at, now)
         for queued in self._copies.values():
             queued.start = max(queued.issued, self.stream_free_at)

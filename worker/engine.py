@@ -84,6 +84,7 @@ class PendingForward:
 class LoadReport:
     staged: list[str] = field(default_factory=list)
     loaded: list[tuple[str, int]] = field(default_factory=list)  # (adapter, slot)
+    copy_seconds: dict[str, float] = field(default_factory=dict)  # of the loaded adapters whose copy was timed
     failed: list[tuple[str, Exception]] = field(default_factory=list)
 
 
@@ -273,6 +274,8 @@ class Engine:
         self._add_copy_span(job)
         if not failed_somewhere:
             report.loaded.append((job.name, job.slot))
+            if (copy_s := self.copier.copy_seconds(job)) is not None:
+                report.copy_seconds[job.name] = copy_s
             return
         self.slots.clear(job.slot)
         self.failed_slots.add(job.slot)

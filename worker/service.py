@@ -211,7 +211,7 @@ class WorkerService:
     def _poll_events(self) -> pb.LoadEvents:
         if self.followers is not None and self.engine.busy_loading:  # the same loads and stagings on every rank
             self.followers.relay_poll()
-        return _load_events(self.engine.poll())
+        return load_events_message(self.engine.poll())
 
     def _hello(self) -> pb.WorkerHello:
         engine, model = self.engine, self.engine.model_config
@@ -284,10 +284,10 @@ def _starts_beside_a_forward(command: pb.WorkerCommand) -> bool:
     return kind == "evict_slot" or (kind == "load_slot" and not command.load_slot.blocking)
 
 
-def _load_events(report: LoadReport) -> pb.LoadEvents:
+def load_events_message(report: LoadReport) -> pb.LoadEvents:
     events = pb.LoadEvents(staged=report.staged)
     for name, slot in report.loaded:
-        events.loaded.add(name=name, slot=slot)
+        events.loaded.add(name=name, slot=slot, copy_s=report.copy_seconds.get(name, 0.0))
     for name, error in report.failed:
         events.failed.add(name=name, error=error_message(error))
     return events

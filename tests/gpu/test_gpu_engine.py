@@ -158,7 +158,9 @@ def test_load_on_the_side_stream_overlaps_forwards(tmp_path):
           f"({info.nbytes / copy_ms / 1e6:.1f} GB/s) from {load_start:.2f} to {load_end:.2f} ms; "
           f"forwards (ms): {[(round(a, 2), round(b, 2)) for a, b in intervals]}")
     assert overlapping, "no forward ran while the adapter was being copied"
-    assert engine.poll().loaded == [("big", 0)]
+    report = engine.poll()
+    assert report.loaded == [("big", 0)]
+    assert report.copy_seconds["big"] == pytest.approx(copy_ms / 1e3), "the scheduler learns copies' bandwidth from this"
     engine.close()
 
 

@@ -26,6 +26,15 @@ def test_copies_queue_on_the_load_stream_and_the_bandwidth_follows_finished_ones
     assert loads.predicted("a") is None
 
 
+def test_the_bandwidth_follows_the_copys_own_time_where_the_worker_timed_it():
+    """A report comes with the next forward's result, up to a step after the copy: timed by its
+    arrival, a 26 ms copy heard 9 ms late would put the next copies' ends a third too late."""
+    loads = LoadClock(bytes_per_s=50e9)
+    loads.started("a", 1_300_000_000, now=1.0)
+    loads.finished("a", now=1.035, copy_s=0.026)
+    assert loads.bytes_per_s == pytest.approx(50e9 + 0.3 * (1.3e9 / 0.026 - 50e9))
+
+
 def test_a_report_plans_the_copies_queued_behind_it_again_from_its_time():
     """The first guess errs long (1 GB/s for copies that run at 50): without planning again, eight
     prefetched 1.3 GB loads would put every later prediction ten seconds out."""

@@ -13,8 +13,11 @@ from tests.driver import Driver, Request, make_engine, make_resident
 from tests.model_factory import AdapterSpec, build_adapter
 from worker.errors import AdapterStateError
 from worker.lora.copier import LoadJob
+from worker.service import load_events_message
 
 WAIT_S = 30.0  # for a load that lands at once on an idle machine
+LAYER_COPY_S = 0.01  # a slowed copy's time per layer
+REPORT_DELAY_S = 0.2  # between a copy landing and the poll that reports it
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHURN_SPECS = [
     AdapterSpec(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=11),
@@ -218,6 +221,25 @@ def test_host_copy_is_kept_until_its_load_completes(model_dirs, churn_adapters):
     assert loaded == [("c2", 0)]
     engine.evict_host("c2")
     assert "c2" not in engine.host_cache.entries
+    engine.close()
+
+
+def test_a_loaded_adapter_is_reported_with_its_copys_own_time(model_dirs, churn_adapters):
+    """The time the copy took, not the time until the poll: the scheduler predicts copies by it."""
+    engine = make_engine(model_dirs["llama3"], max_loras_per_batch=1)
+    engine.copier.hook = lambda name, slot, layer: time.sleep(LAYER_COPY_S)
+    engine.register_adapter("c5", churn_adapters["c5"])
+    engine.stage_adapter("c5")
+    engine.wait_staged("c5")
+    issued = time.monotonic()
+    engine.load_adapter("c5", 0)
+    engine.copier.wait(engine.pending[0])
+    time.sleep(REPORT_DELAY_S)
+    report = engine.poll()
+    polled_after_s = time.monotonic() - issued
+    assert report.loaded == [("c5", 0)]
+    assert engine.model_config.num_layers * LAYER_COPY_S <= report.copy_seconds["c5"] <= polled_after_s - REPORT_DELAY_S
+    assert load_events_message(report).loaded[0].copy_s == report.copy_seconds["c5"]  # as sent to the scheduler
     engine.close()
 
 

@@ -144,6 +144,13 @@ class CudaCopier:
     def is_done(self, job: LoadJob) -> bool:
         return job.finished.done() and job.layer_ready[-1].query()
 
+    def copy_seconds(self, job: LoadJob) -> float | None:
+        """A finished copy's time on its stream, from its start there (after the slot's readers and
+        the copies queued before it) to its last layer landing."""
+        if job.copy_started is None or job.finished.exception() is not None:
+            return None
+        return job.copy_started.elapsed_time(job.layer_ready[-1]) / 1e3
+
     def wait(self, job: LoadJob) -> None:
         """Waits for every copy to land; raises the error that stopped the load being queued."""
         job.layer_queued[-1].wait()
@@ -218,6 +225,14 @@ class ThreadCopier:
 
     def is_done(self, job: LoadJob) -> bool:
         return job.finished.done()
+
+    def copy_seconds(self, job: LoadJob) -> float | None:
+        """A finished copy's time in its thread, from its start (after the slot's readers) to its
+        last layer written."""
+        if job.host_copy_span is None:
+            return None
+        start, end = job.host_copy_span
+        return end - start
 
     def wait(self, job: LoadJob) -> None:
         job.finished.result()

@@ -392,12 +392,14 @@ class ForwardResult(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., forward_ms: _Optional[float] = ...) -> None: ...
 
 class LoadedSlot(_message.Message):
-    __slots__ = ("name", "slot")
+    __slots__ = ("name", "slot", "copy_s")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
+    COPY_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     slot: int
-    def __init__(self, name: _Optional[str] = ..., slot: _Optional[int] = ...) -> None: ...
+    copy_s: float
+    def __init__(self, name: _Optional[str] = ..., slot: _Optional[int] = ..., copy_s: _Optional[float] = ...) -> None: ...
 
 class FailedLoad(_message.Message):
     __slots__ = ("name", "error")

@@ -23,6 +23,14 @@ LOAD_STALLS_BEFORE = "seed-large-ede5758.json"
 SMALL16 = "seed-small-ea7af66.json"  # the 16 requests/s run
 PEER = "peft-peer-5e47ac0.json"
 COLD = "cold-start-13ce2af.json"
+# The four overlap modes at one commit on one H100, two invocations a set (`--modes off on-landing`,
+# then `--modes on resident`); "on-landing" there is the default now, "on" waited for the load's report.
+H100_MODES = {"large": ("seed-large-off-landing-2d4fe9e-h100.json", "seed-large-on-resident-2d4fe9e-h100.json"),
+              "small": ("seed-small-off-landing-2d4fe9e-h100.json", "seed-small-on-resident-2d4fe9e-h100.json")}
+H100_COLUMNS = {"off": "overlap off", "on": "on, waiting for the load's report",
+                "on-landing": "on, landing admission (default)", "resident": "all-resident"}
+H100_METRICS = {"median TTFT": ("ttft_ms", "median"), "P99 TTFT": ("ttft_ms", "p99"), "mean TTFT": ("ttft_ms", "mean"),
+                "median TPOT": ("tpot_ms", "median"), "mean E2E": ("e2e_ms", "mean")}
 # SGLang on one H200, overlapped loading, the seed's workload (../shared/BENCHMARK.md).
 SGLANG = {"large": {"median TPOT": 7.76, "median TTFT": 164, "mean E2E": 4530},
           "small": {"median TPOT": 9.29, "median TTFT": 126, "mean E2E": 3408}}
@@ -49,6 +57,28 @@ def seed_rows() -> list[str]:
                               for mode in ("off", "on", "resident"))
             rows.append(f"| {adapter_set} | {metric} | {ours} | {SGLANG[adapter_set][metric]} |")
     return rows
+
+
+def h100_mode_rows() -> list[str]:
+    rows = ["| adapters | metric (ms) | " + " | ".join(H100_COLUMNS.values()) + " |",
+            "| --- | --- |" + " ---: |" * len(H100_COLUMNS)]
+    for adapter_set, files in H100_MODES.items():
+        runs = {label.removeprefix(f"{adapter_set}-"): value["summary"]
+                for name in files for label, value in load(name)["runs"].items()}
+        for metric, (key, stat) in H100_METRICS.items():
+            digits = 2 if "TPOT" in metric else 1 if "median TTFT" in metric else 0
+            figures = " | ".join(f"{runs[mode][key][stat]:.{digits}f}" for mode in H100_COLUMNS)
+            rows.append(f"| {adapter_set} | {metric} | {figures} |")
+    return rows
+
+
+def h100_modes() -> str:
+    large, small = (load(files[0])["targets"] for files in H100_MODES.values())
+    return (f"Overlap modes at one commit ({commit(H100_MODES['large'][0])}) on one NVIDIA H100 80GB: the same "
+            "workload, each set in two invocations (`--modes off on-landing`, then `--modes on resident`; "
+            f"`{'`, `'.join(name for files in H100_MODES.values() for name in files)}`). Median TTFT with landing "
+            f"admission against off: large {large['large_median_ttft_on-landing_vs_off']:.3f}, small "
+            f"{small['small_median_ttft_on-landing_vs_off']:.3f}.")
 
 
 def commit(name: str) -> str:
@@ -114,6 +144,10 @@ def report() -> str:
         f"{median['from_disk']:.0f} ms, against the read alone {median['disk_read']:.0f} ms of a "
         f"{cold['file_bytes'] / 1e9:.2f} GB file ({cold['file_bytes'] / median['disk_read'] / 1e6:.2f} GB/s) and "
         f"read + copy + warm {cold['from_disk_sequential_estimate_ms']:.0f} ms.",
+        "",
+        h100_modes(),
+        "",
+        *h100_mode_rows(),
     ]
     return "\n".join(lines)
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 SMOOTHING = 0.3  # weight of the newest observation in the moving averages
+LINE_SMOOTHING = 0.1  # the same for the line of a prompt forward's time: two parameters want more points
 # A forward waits per layer on a copy still landing: its layer i on the copy's layer i. So it may
 # start before the copy ends by as much as the shorter of the two lasts and wait for nothing: a
 # forward shorter than the copy runs its last layer as the copy's last lands, one longer than
@@ -77,13 +78,41 @@ class LoadClock:
 
 
 @dataclass
+class WeightedLine:
+    """y = intercept + slope * x by least squares, each new point weighing the older ones down
+    by 1 - LINE_SMOOTHING."""
+
+    n: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    sxy: float = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        keep = 1.0 - LINE_SMOOTHING
+        self.n, self.sx, self.sy = keep * self.n + 1.0, keep * self.sx + x, keep * self.sy + y
+        self.sxx, self.sxy = keep * self.sxx + x * x, keep * self.sxy + x * y
+
+    def at(self, x: float) -> float | None:
+        """None before any point; through the points' mean while their x are all alike."""
+        if self.n == 0.0:
+            return None
+        spread = self.n * self.sxx - self.sx * self.sx
+        if spread <= 1e-9 * self.n * self.sxx:
+            return self.sy / self.n
+        slope = (self.n * self.sxy - self.sx * self.sy) / spread
+        return (self.sy - slope * self.sx) / self.n + slope * x
+
+
+@dataclass
 class StepClock:
     """When the forward sent next will start on the worker, and how long a forward lasts: a step
-    of one token a sequence, plus a cost for each further token (prompt chunks), both learned
-    from the spacing of results while the worker was busy."""
+    of one token a sequence, and a forward carrying prompt tokens by a line over how many (it
+    costs a fixed part more than a step besides its tokens), both learned from the spacing of
+    results while the worker was busy."""
 
     step_s: float | None = None  # a forward of one token a sequence
-    token_s: float = 0.0  # each token a forward carries beyond one a sequence
+    prompt_forwards: WeightedLine = field(default_factory=WeightedLine)  # seconds by tokens beyond one a sequence
     last_result_at: float | None = None
     _busy: bool = False  # a forward was still in flight at the last result
 
@@ -95,16 +124,18 @@ class StepClock:
         self.last_result_at = now
 
     def _learn(self, duration: float, extra_tokens: int) -> None:
-        if self.step_s is None:
+        if extra_tokens > 0:
+            self.prompt_forwards.add(extra_tokens, duration)
+        elif self.step_s is None:
             self.step_s = duration
-        elif extra_tokens == 0:
-            self.step_s += SMOOTHING * (duration - self.step_s)
         else:
-            per_token = max(0.0, duration - self.step_s) / extra_tokens
-            self.token_s += SMOOTHING * (per_token - self.token_s)
+            self.step_s += SMOOTHING * (duration - self.step_s)
 
     def duration(self, extra_tokens: int) -> float:
-        return (self.step_s or 0.0) + self.token_s * extra_tokens
+        step = self.step_s or 0.0
+        if extra_tokens == 0:
+            return step
+        return max(step, self.prompt_forwards.at(extra_tokens) or step)
 
     def lands_in_time(self, copy_end: float, copy_s: float, now: float, in_flight: Sequence[int],
                       extra_tokens: int) -> bool:

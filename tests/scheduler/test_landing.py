@@ -6,7 +6,7 @@ import pytest
 
 from protos.loraserve.v1 import serving_pb2
 from scheduler.core import SchedulerCore
-from scheduler.landing import LoadClock, StepClock
+from scheduler.landing import LoadClock, StepClock, WeightedLine
 from settings.config import SchedulerConfig
 from tests.scheduler.fake_worker import FakeWorker, hello
 from tests.scheduler.test_core import adapter_info, assert_idle, clock, submit  # noqa: F401 - fixture
@@ -62,14 +62,35 @@ def test_step_times_are_learned_from_busy_spells_only():
     assert steps.next_start(now=5.001, in_flight=[]) == 5.001
 
 
-def test_a_forward_carrying_a_prompt_is_predicted_longer_by_its_tokens():
+def step_clock(**fields) -> StepClock:
+    """A 10 ms step, and a forward carrying a prompt 10 ms plus 50 us a token beyond one a sequence."""
+    steps = StepClock(step_s=0.010, **fields)
+    for extra_tokens in (100, 300):
+        steps.prompt_forwards.add(extra_tokens, 0.010 + 50e-6 * extra_tokens)
+    return steps
+
+
+def test_a_forward_carrying_a_prompt_is_predicted_by_a_line_over_its_tokens():
+    """Its fixed part (prompt forwards cost more than a step besides their tokens) and its slope."""
     steps = StepClock(step_s=0.010)
     steps.result(1.000, still_in_flight=1, extra_tokens=0)
-    steps.result(1.030, still_in_flight=1, extra_tokens=400)  # 20 ms over a step: 50 us a token
-    assert steps.token_s == pytest.approx(0.3 * 50e-6)
-    steps.token_s = 50e-6
-    assert steps.duration(400) == pytest.approx(0.030)
-    assert steps.next_start(now=1.031, in_flight=[400, 0]) == pytest.approx(1.030 + 0.030 + 0.010)
+    steps.result(1.022, still_in_flight=1, extra_tokens=100)  # 12 ms over a step for 100 tokens
+    assert steps.duration(100) == pytest.approx(0.022), "one point: its time"
+    steps.result(1.054, still_in_flight=1, extra_tokens=300)  # 32 ms: 10 ms more for 200 more tokens
+    assert steps.duration(200) == pytest.approx(0.027)
+    assert steps.duration(0) == pytest.approx(0.010), "a decode step keeps its own time"
+    assert steps.next_start(now=1.055, in_flight=[200, 0]) == pytest.approx(1.054 + 0.027 + 0.010)
+
+
+def test_the_line_follows_the_newer_forwards():
+    line = WeightedLine()
+    for _ in range(20):
+        line.add(100, 0.020)
+        line.add(300, 0.040)
+    for _ in range(20):
+        line.add(100, 0.030)
+        line.add(300, 0.050)
+    assert line.at(200) == pytest.approx(0.040, abs=0.001)
 
 
 @pytest.mark.parametrize(("copy_end", "copy_s", "prompt_tokens", "in_time"), [
@@ -83,7 +104,7 @@ def test_a_forward_carrying_a_prompt_is_predicted_longer_by_its_tokens():
 ])
 def test_a_forward_may_start_before_a_copy_ends_by_a_share_of_the_shorter_of_the_two(copy_end, copy_s,
                                                                                     prompt_tokens, in_time):
-    steps = StepClock(step_s=0.010, token_s=50e-6, last_result_at=1.010)
+    steps = step_clock(last_result_at=1.010)
     assert steps.lands_in_time(copy_end, copy_s, now=1.011, in_flight=[0], extra_tokens=prompt_tokens - 1) == in_time
 
 

@@ -24,11 +24,11 @@ SMALL16 = "seed-small-ea7af66.json"  # the 16 requests/s run
 PEER = "peft-peer-5e47ac0.json"
 COLD = "cold-start-13ce2af.json"
 # The four overlap modes at one commit on one H100, two invocations a set (`--modes off on-landing`,
-# then `--modes on resident`); "on-landing" there is the default now, "on" waited for the load's report.
+# then `--modes on resident`).
 H100_MODES = {"large": ("seed-large-off-landing-2d4fe9e-h100.json", "seed-large-on-resident-2d4fe9e-h100.json"),
               "small": ("seed-small-off-landing-2d4fe9e-h100.json", "seed-small-on-resident-2d4fe9e-h100.json")}
-H100_COLUMNS = {"off": "overlap off", "on": "on, waiting for the load's report",
-                "on-landing": "on, landing admission (default)", "resident": "all-resident"}
+H100_COLUMNS = {"off": "overlap off", "on": "overlap on", "on-landing": "on, `--admit-landing-loads`",
+                "resident": "all-resident"}
 H100_METRICS = {"median TTFT": ("ttft_ms", "median"), "P99 TTFT": ("ttft_ms", "p99"), "mean TTFT": ("ttft_ms", "mean"),
                 "median TPOT": ("tpot_ms", "median"), "mean E2E": ("e2e_ms", "mean")}
 # SGLang on one H200, overlapped loading, the seed's workload (../shared/BENCHMARK.md).

@@ -11,8 +11,8 @@ The predictions learn from what the scheduler sees: copies run one after another
 worker's load stream at the bandwidth of the finished ones, as the worker timed them on the
 GPU (a report reaches the scheduler with the next forward's result, up to a step after the
 copy: timed by its arrival, a 26 ms copy looked a third longer and its requests joined a
-forward a step late); a forward lasts a step plus a cost per prompt token, from the spacing
-of results.
+forward a step late); a decode step's time and a prompt forward's (a line over its tokens)
+come from the spacing of results.
 """
 
 from __future__ import annotations

@@ -226,6 +226,9 @@ class TimedWorker(FakeWorker):
                 del self.loading[name]
                 timed = self.copy_done_at.pop(name, None) is not None
                 events.loaded.add(name=name, slot=slot, copy_s=self.copy_ms / 1e3 if timed else 0.0)
+            else:
+                copied_ms = self.clock.ms - (self.copy_done_at[name] - self.copy_ms)
+                events.copying.add(name=name, landed=min(1.0, max(0.0, copied_ms / self.copy_ms)))
         return events
 
 

@@ -150,6 +150,8 @@ class SchedulerCore:
             self._tier.on_loaded(loaded.name, loaded.slot, now, loaded.copy_s)
         for failed in events.failed:
             self.on_adapter_failed(failed.name, failed.error)
+        for copying in events.copying:
+            self._tier.load_clock.progress(copying.name, copying.landed, now)
         self._tier.complete_unloads()
 
     def on_adapter_failed(self, name: str, error: pb.Error) -> None:
@@ -257,8 +259,9 @@ class SchedulerCore:
         # Blocking mode: the copy is done before the next forward. Pipelined loads on an idle
         # server: the request starts at once (the worker starts every load when it arrives, one
         # still being read from disk streaming layer by layer) and its forward waits per layer
-        # on the copy. Otherwise it joins the first forward predicted to meet the copy without
-        # waiting for it, so that no request in that forward waits (scheduler/landing.py).
+        # on the copy. Otherwise, once a worker report has shown the copy's pace, it joins the
+        # first forward predicted to meet the copy at that pace without waiting for it, so that
+        # no request in that forward waits (scheduler/landing.py).
         if not self.config.overlap_loading:
             return True
         if self.config.pipelined_loads and self._idle_before_admission:
@@ -267,9 +270,10 @@ class SchedulerCore:
 
     def _lands_in_time_for_next_forward(self, request: Request, now: float) -> bool:
         copy = self._tier.load_clock.predicted(request.adapter)
+        end = copy.projected_end() if copy is not None else None
         prompt_chunk = min(request.num_tokens - request.fed, self.config.max_batch_tokens)
-        return copy is not None and self._steps.lands_in_time(
-            copy.end, copy.end - copy.start, now, [step.extra_tokens for step in self._forwards_in_flight],
+        return end is not None and self._steps.lands_in_time(
+            end, end - copy.start, now, [step.extra_tokens for step in self._forwards_in_flight],
             extra_tokens=prompt_chunk - 1)
 
     def _start_running(self, request: Request, now: float) -> None:

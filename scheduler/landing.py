@@ -39,6 +39,18 @@ class PlannedCopy:
     nbytes: int
     start: float
     end: float
+    seen_at: float | None = None  # the last report of its progress
+    seen_landed: float = 0.0  # the share of its layers landed then
+
+    def projected_end(self) -> float | None:
+        """Its end at the pace the last report showed since its planned start; None until a
+        report since then shows a layer landed. Until then nothing says the copy is not far
+        slower than planned (a contended link), and a forward joining it would wait on it with
+        every request in it. A copy that waited for its slot's last readers started after its
+        plan, so the projection errs late: safe."""
+        if self.seen_at is None or self.seen_at <= self.start or self.seen_landed <= 0.0:
+            return None
+        return self.start + (self.seen_at - self.start) / self.seen_landed
 
 
 @dataclass
@@ -68,6 +80,12 @@ class LoadClock:
         for queued in self._copies.values():
             queued.start = max(queued.issued, self.stream_free_at)
             queued.end = self.stream_free_at = queued.start + queued.nbytes / self.bytes_per_s
+
+    def progress(self, name: str, landed: float, now: float) -> None:
+        """A report of a copy still running: `landed`, the share of its layers on the GPU."""
+        copy = self._copies.get(name)
+        if copy is not None:
+            copy.seen_at, copy.seen_landed = now, landed
 
     def forget(self, name: str) -> None:
         """A load that failed or will not be predicted (read from disk while copied)."""

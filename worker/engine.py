@@ -85,6 +85,7 @@ class LoadReport:
     staged: list[str] = field(default_factory=list)
     loaded: list[tuple[str, int]] = field(default_factory=list)  # (adapter, slot)
     copy_seconds: dict[str, float] = field(default_factory=dict)  # of the loaded adapters whose copy was timed
+    copying: dict[str, float] = field(default_factory=dict)  # the loads still copying: the share of layers landed
     failed: list[tuple[str, Exception]] = field(default_factory=list)
 
 
@@ -259,12 +260,19 @@ class Engine:
         for job, is_done, failed_somewhere in zip(jobs, done, failed):
             if is_done:
                 self._finish_load(job, report, failed_somewhere)
+            else:
+                report.copying[job.name] = self._layers_landed(job) / self.model_config.num_layers
         for result in self.host_cache.poll():
             if result.error is None:
                 report.staged.append(result.name)
             else:
                 report.failed.append((result.name, result.error))
         return report
+
+    def _layers_landed(self, job: LoadJob) -> int:
+        """Its layers land in order (one stream, or one thread)."""
+        return next((layer for layer in range(self.model_config.num_layers)
+                     if not self.copier.layer_copied(job, layer)), self.model_config.num_layers)
 
     def _finish_load(self, job: LoadJob, report: LoadReport, failed_somewhere: bool) -> None:
         del self.pending[job.slot]

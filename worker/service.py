@@ -290,6 +290,8 @@ def load_events_message(report: LoadReport) -> pb.LoadEvents:
         events.loaded.add(name=name, slot=slot, copy_s=report.copy_seconds.get(name, 0.0))
     for name, error in report.failed:
         events.failed.add(name=name, error=error_message(error))
+    for name, landed in report.copying.items():
+        events.copying.add(name=name, landed=landed)
     return events
 
 

@@ -147,5 +147,7 @@ class FakeWorker:
                 del self.loading[name]
                 events.loaded.add(name=name, slot=slot)
             else:
+                total = self.load_steps[name] + 1  # polls until reported: each lands an equal share
+                events.copying.add(name=name, landed=(total - steps) / total)
                 self.loading[name] = (slot, steps - 1)
         return events

@@ -123,20 +123,41 @@ def busy_server(clock, **config) -> FakeWorker:  # noqa: F811
     return worker
 
 
-@pytest.mark.parametrize(("bytes_per_s", "admit", "joins_before_the_report"), [
-    (1e12, True, True),  # a 1 µs copy lands before the next forward starts
-    (1e6, True, False),  # a 1 s copy would stall that forward: the request waits for the report
-    (1e12, False, False),  # the default: the request waits for the report
+PLANNED_AT_FAKE_PACE = 1_000_000 / (COPY_REPORTED_AFTER_STEPS * STEP_S)  # bytes/s: the fake copy's pace
+
+
+@pytest.mark.parametrize(("copy_polls", "bytes_per_s", "admit", "joins_polls_before_the_report"), [
+    (COPY_REPORTED_AFTER_STEPS, PLANNED_AT_FAKE_PACE, True, range(1, COPY_REPORTED_AFTER_STEPS + 1)),
+    (20, PLANNED_AT_FAKE_PACE, True, range(1, 3)),  # far slower than planned: joins near its end, as its pace shows
+    (20, 1e12, True, range(1, 3)),  # planned at 1 us: the same
+    (COPY_REPORTED_AFTER_STEPS, PLANNED_AT_FAKE_PACE, False, [None]),  # the default: after the report
 ])
-def test_a_request_joins_the_first_forward_predicted_to_start_after_its_copy(clock, bytes_per_s, admit,  # noqa: F811
-                                                                             joins_before_the_report):
+def test_a_request_joins_a_forward_near_its_copys_end_at_the_pace_the_worker_reports(  # noqa: F811
+        clock, copy_polls, bytes_per_s, admit, joins_polls_before_the_report):
     worker = busy_server(clock, admit_landing_loads=admit)
+    worker.load_steps["c"] = copy_polls
     worker.core._tier.load_clock.bytes_per_s = bytes_per_s
+    polls_left_when_sent = []  # for each batch carrying x: c's copy's polls before its report, or None after it
+    worker.sent = lambda batch: polls_left_when_sent.extend(
+        worker.loading["c"][1] + 1 if "c" in worker.loading else None
+        for seq in batch.sequences if seq.request_id == "x")
     submit(worker, "x", "c", max_new_tokens=2)
-    sent_before = len(worker.batches)
-    worker.step()
-    assert "c" in worker.loading, "the copy is issued and not reported yet"
-    joined = any(seq.request_id == "x" for batch in worker.batches[sent_before:] for seq in batch.sequences)
-    assert joined == joins_before_the_report
+    while "x" in worker.core.requests:
+        worker.step()
+        clock.advance(STEP_S)
+    assert polls_left_when_sent[0] in joins_polls_before_the_report
     worker.run_until_idle()
     assert_idle(worker)
+
+
+def test_a_copys_end_is_projected_from_the_pace_a_report_since_its_start_shows():
+    loads = LoadClock(bytes_per_s=1e9)
+    loads.started("a", 30_000_000, now=1.0)  # planned 1.000 to 1.030
+    copy = loads.predicted("a")
+    assert copy.projected_end() is None, "no report yet"
+    loads.progress("a", landed=0.5, now=1.0)
+    assert copy.projected_end() is None, "a report from before the copy's start says nothing of its pace"
+    loads.progress("a", landed=0.0, now=1.010)
+    assert copy.projected_end() is None, "nothing landed: no pace"
+    loads.progress("a", landed=0.25, now=1.020)  # a quarter in 20 ms: 80 ms in all
+    assert copy.projected_end() == pytest.approx(1.080)

@@ -410,14 +410,24 @@ class FailedLoad(_message.Message):
     def __init__(self, name: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class LoadEvents(_message.Message):
-    __slots__ = ("staged", "loaded", "failed")
+    __slots__ = ("staged", "loaded", "failed", "copying")
     STAGED_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    COPYING_FIELD_NUMBER: _ClassVar[int]
     staged: _containers.RepeatedScalarFieldContainer[str]
     loaded: _containers.RepeatedCompositeFieldContainer[LoadedSlot]
     failed: _containers.RepeatedCompositeFieldContainer[FailedLoad]
-    def __init__(self, staged: _Optional[_Iterable[str]] = ..., loaded: _Optional[_Iterable[_Union[LoadedSlot, _Mapping]]] = ..., failed: _Optional[_Iterable[_Union[FailedLoad, _Mapping]]] = ...) -> None: ...
+    copying: _containers.RepeatedCompositeFieldContainer[CopyProgress]
+    def __init__(self, staged: _Optional[_Iterable[str]] = ..., loaded: _Optional[_Iterable[_Union[LoadedSlot, _Mapping]]] = ..., failed: _Optional[_Iterable[_Union[FailedLoad, _Mapping]]] = ..., copying: _Optional[_Iterable[_Union[CopyProgress, _Mapping]]] = ...) -> None: ...
+
+class CopyProgress(_message.Message):
+    __slots__ = ("name", "landed")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LANDED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    landed: float
+    def __init__(self, name: _Optional[str] = ..., landed: _Optional[float] = ...) -> None: ...
 
 class CommandResult(_message.Message):
     __slots__ = ("command_id", "error", "adapter", "forward", "load_events", "timeline_json")

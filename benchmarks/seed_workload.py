@@ -43,10 +43,11 @@ from worker.model.config import load_model_config
 SMALL_SPECS = [(8, ("q_proj", "v_proj")), (16, ("q_proj", "k_proj", "v_proj", "o_proj")), (32, TARGET_MODULES),
                (64, ("q_proj", "v_proj")), (8, TARGET_MODULES), (16, ("gate_proj", "up_proj", "down_proj")),
                (32, ("q_proj", "k_proj", "v_proj")), (64, ("o_proj", "down_proj"))]
-# "on-landing": overlap on, a request joining the forward predicted to meet its adapter's copy without waiting for it.
+# "on" admits a request into the forward predicted to meet its adapter's copy (the default);
+# "on-reported" makes it wait for the load's report, as the server did before landing admission.
 MODES = {"off": dict(overlap_loading=False), "on": dict(overlap_loading=True),
          "resident": dict(overlap_loading=True, max_loras_per_batch=16),
-         "on-landing": dict(overlap_loading=True, admit_landing_loads=True)}
+         "on-reported": dict(overlap_loading=True, admit_landing_loads=False)}
 DEFAULT_MODES = ("off", "on", "resident")
 SHAPES = {"llama-8b": LLAMA31_8B, "llama-70b": LLAMA31_70B}
 SET_RATES = {"large": 4.0, "small": 4.0, "small16": 16.0, "rank64": 2.0, "zipf1000": 4.0}  # requests/s, one replica

@@ -360,7 +360,8 @@ def main() -> None:
                         help="multiplies every forward time: what a faster engine would give")
     parser.add_argument("--overlap", nargs="+", default=["on"], choices=["on", "off"],
                         help="overlap_loading; off: the blocking baseline (landing admission does not apply)")
-    parser.add_argument("--landing-admission", nargs="+", default=["off"], choices=["off", "on"],
+    parser.add_argument("--landing-admission", nargs="+", choices=["off", "on"],
+                        default=["on" if SchedulerConfig.admit_landing_loads else "off"],
                         help="admit_landing_loads: a request joins the forward predicted to follow its copy")
     parser.add_argument("--worker", nargs="+", default=["answers-first"], choices=list(WORKERS),
                         help="answers-first: a copy starts once the forward in flight has ended, as the worker "

@@ -162,16 +162,17 @@ class SchedulerConfig:
                                                                           "(per-layer waits)")})
     # Overlap mode: a request whose adapter is being copied from host memory joins the first
     # forward predicted to meet the copy without waiting for it (per-layer waits let it start
-    # before the copy ends), before the worker reports the load. Measured on the seed's workload
-    # it starts the median request 22-33% sooner (docs/performance.md), but a copy far slower
-    # than predicted stalls every request in the forward it joined, resident adapters' too
-    # (tests/integration/test_service.py's slow load): off by default until the worker can leave
-    # a late copy's requests out of a forward.
+    # before the copy ends), before the worker reports the load, once a report has shown the
+    # copy's pace. Measured on the seed's workload it starts the median request 22-33% sooner
+    # than waiting for the report, for about 1% on the median TPOT (docs/performance.md).
     admit_landing_loads: bool = setting(
-        False, help="start a request in the first forward predicted to meet its adapter's copy without "
-                    "waiting for it, not after the load is reported", switches={"--admit-landing-loads": Switch(
-                        True, "start a request in the first forward predicted to meet its adapter's copy "
-                              "without waiting for it (scheduler/landing.py)")})
+        True, help="start a request in the first forward predicted to meet its adapter's copy without "
+                   "waiting for it, not after the load is reported", switches={
+                       "--admit-landing-loads": Switch(True, "start a request in the first forward predicted to "
+                                                             "meet its adapter's copy, at the pace the worker "
+                                                             "reports, without waiting for it (scheduler/landing.py)"),
+                       "--no-admit-landing-loads": Switch(False, "a request whose adapter is loading waits for "
+                                                                 "the load's report (a step or two after the copy)")})
     # Slot preemption: a request that finds every slot referenced pauses the running request
     # with the most tokens left whose adapter runs nothing else, if it has at least this many
     # times the tokens the waiting one asks for (shortest remaining first). The paused request

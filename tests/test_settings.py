@@ -44,7 +44,7 @@ NON_DEFAULTS = {
     "tls_key": "/k", "tls_client_ca": "/ca", "replica_addresses": ("tcp://10.0.0.2:5555",),
     "replica_state_interval_s": 0.02, "routing_load_bound": 1.5, "routing_min_bound": 4,
     "routing_requests_per_replica": 3, "routing_spread_interval_s": 0.5, "routing_policy": "round-robin",
-    "initial_adapters": {"a": "/x", "b": "/y=z"}, "overlap_loading": False, "pipelined_loads": True, "admit_landing_loads": True,
+    "initial_adapters": {"a": "/x", "b": "/y=z"}, "overlap_loading": False, "pipelined_loads": True, "admit_landing_loads": False,
     "pause_tokens_ratio": math.inf, "max_pauses_per_request": 0, "max_forwards_in_flight": 1, "prefetch": False,
     "max_batch_tokens": 64, "max_running_requests": 4, "max_queued_requests": 0, "max_draining_slots": 2,
     "drain_after_s": 0.0, "adapter_root": "/adapters", "registry_file": "/r.json",

@@ -243,6 +243,28 @@ def test_a_loaded_adapter_is_reported_with_its_copys_own_time(model_dirs, churn_
     engine.close()
 
 
+def test_a_copy_still_running_is_reported_with_the_share_of_its_layers_landed(model_dirs, churn_adapters):
+    """The scheduler admits a request before its load is reported only at the pace this shows."""
+    engine = make_engine(model_dirs["llama3"], max_loras_per_batch=1)
+    release = threading.Event()
+    engine.copier.hook = lambda name, slot, layer: layer == 0 or release.wait(WAIT_S)  # holds layer 1 on
+    engine.register_adapter("c4", churn_adapters["c4"])
+    engine.stage_adapter("c4")
+    engine.wait_staged("c4")
+    engine.load_adapter("c4", 0)
+    layers = engine.model_config.num_layers
+    deadline = time.monotonic() + WAIT_S
+    while (report := engine.poll()).copying.get("c4") != 1 / layers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert report.copying == {"c4": 1 / layers} and report.loaded == []
+    assert load_events_message(report).copying[0].landed == 1 / layers  # as sent to the scheduler
+    release.set()
+    engine.copier.wait(engine.pending[0])
+    report = engine.poll()
+    assert report.loaded == [("c4", 0)] and report.copying == {}
+    engine.close()
+
+
 def test_blocking_load_is_complete_on_return(model_dirs, churn_adapters):
     engine = make_engine(model_dirs["llama3"], max_loras_per_batch=1)
     engine.copier.hook = lambda name, slot, layer: time.sleep(0.05)

@@ -270,9 +270,12 @@ class Engine:
         return report
 
     def _layers_landed(self, job: LoadJob) -> int:
-        """Its layers land in order (one stream, or one thread)."""
-        return next((layer for layer in range(self.model_config.num_layers)
-                     if not self.copier.layer_copied(job, layer)), self.model_config.num_layers)
+        """Its layers land in order (one stream, or one thread): each poll queries only those
+        not yet seen landed, at most one that has not."""
+        while (job.layers_seen_landed < self.model_config.num_layers
+               and self.copier.layer_copied(job, job.layers_seen_landed)):
+            job.layers_seen_landed += 1
+        return job.layers_seen_landed
 
     def _finish_load(self, job: LoadJob, report: LoadReport, failed_somewhere: bool) -> None:
         del self.pending[job.slot]

@@ -60,6 +60,7 @@ class LoadJob:
     host_copy_span: tuple[float, float] | None = None  # thread back-end: wall-clock copy start and end
     blocking: bool = False  # the seed's baseline: the command waited for the copy
     streamed: bool = False  # started while its adapter was still being read from disk
+    layers_seen_landed: int = 0  # by the engine's polls; layers land in order, so each poll resumes here
     # Set once the copier's thread is through with the job: every copy queued (CUDA) or made
     # (thread back-end); an error raised while doing so is set here, never lost in the thread.
     finished: Future = field(default_factory=Future)

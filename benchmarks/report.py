@@ -23,13 +23,15 @@ LOAD_STALLS_BEFORE = "seed-large-ede5758.json"
 SMALL16 = "seed-small-ea7af66.json"  # the 16 requests/s run
 PEER = "peft-peer-5e47ac0.json"
 COLD = "cold-start-13ce2af.json"
-# The four overlap modes at one commit on one H100, two invocations a set (`--modes off on-landing`,
-# then `--modes on resident`).
-H100_MODES = {"large": ("seed-large-off-landing-2d4fe9e-h100.json", "seed-large-on-resident-2d4fe9e-h100.json"),
-              "small": ("seed-small-off-landing-2d4fe9e-h100.json", "seed-small-on-resident-2d4fe9e-h100.json")}
-H100_COLUMNS = {"off": "overlap off", "on": "on, `--no-admit-landing-loads`", "on-landing": "on, landing admission",
+# The overlap modes at one commit on one GPU: the files of that run, and each mode's column head
+# (before landing admission was the default, "on" waited for the report and "on-landing" admitted).
+MODE_RUNS = ("seed-large-off-landing-2d4fe9e-h100.json", "seed-large-on-resident-2d4fe9e-h100.json",
+             "seed-small-off-landing-2d4fe9e-h100.json", "seed-small-on-resident-2d4fe9e-h100.json")
+MODE_COLUMNS = {"off": "overlap off", "on": "on, `--no-admit-landing-loads`", "on-landing": "on, landing admission",
                 "resident": "all-resident"}
-H100_METRICS = {"median TTFT": ("ttft_ms", "median"), "P99 TTFT": ("ttft_ms", "p99"), "mean TTFT": ("ttft_ms", "mean"),
+MODE_NOTE = ("Landing admission, the default now, ran there before it waited for a worker report of its copy's "
+             "pace (`benchmarks.slot_policy_sim`: no change for the large set, +0.7 ms median TTFT for the small).")
+MODE_METRICS = {"median TTFT": ("ttft_ms", "median"), "P99 TTFT": ("ttft_ms", "p99"), "mean TTFT": ("ttft_ms", "mean"),
                 "median TPOT": ("tpot_ms", "median"), "mean E2E": ("e2e_ms", "mean")}
 # SGLang on one H200, overlapped loading, the seed's workload (../shared/BENCHMARK.md).
 SGLANG = {"large": {"median TPOT": 7.76, "median TTFT": 164, "mean E2E": 4530},
@@ -59,28 +61,37 @@ def seed_rows() -> list[str]:
     return rows
 
 
-def h100_mode_rows() -> list[str]:
-    rows = ["| adapters | metric (ms) | " + " | ".join(H100_COLUMNS.values()) + " |",
-            "| --- | --- |" + " ---: |" * len(H100_COLUMNS)]
-    for adapter_set, files in H100_MODES.items():
-        runs = {label.removeprefix(f"{adapter_set}-"): value["summary"]
-                for name in files for label, value in load(name)["runs"].items()}
-        for metric, (key, stat) in H100_METRICS.items():
+def mode_runs() -> dict[str, dict[str, dict]]:
+    """Per adapter set, each mode's summary in the MODE_RUNS files."""
+    sets: dict[str, dict[str, dict]] = {}
+    for name in MODE_RUNS:
+        for label, value in load(name)["runs"].items():
+            adapter_set, _, mode = label.partition("-")
+            sets.setdefault(adapter_set, {})[mode] = value["summary"]
+    return sets
+
+
+def mode_rows() -> list[str]:
+    sets = mode_runs()
+    modes = [mode for mode in MODE_COLUMNS if all(mode in runs for runs in sets.values())]
+    rows = ["| adapters | metric (ms) | " + " | ".join(MODE_COLUMNS[mode] for mode in modes) + " |",
+            "| --- | --- |" + " ---: |" * len(modes)]
+    for adapter_set, runs in sets.items():
+        for metric, (key, stat) in MODE_METRICS.items():
             digits = 2 if "TPOT" in metric else 1 if "median TTFT" in metric else 0
-            figures = " | ".join(f"{runs[mode][key][stat]:.{digits}f}" for mode in H100_COLUMNS)
+            figures = " | ".join(f"{runs[mode][key][stat]:.{digits}f}" for mode in modes)
             rows.append(f"| {adapter_set} | {metric} | {figures} |")
     return rows
 
 
-def h100_modes() -> str:
-    large, small = (load(files[0])["targets"] for files in H100_MODES.values())
-    return (f"Overlap modes at one commit ({commit(H100_MODES['large'][0])}) on one NVIDIA H100 80GB: the same "
-            "workload, each set in two invocations (`--modes off on-landing`, then `--modes on resident`; "
-            f"`{'`, `'.join(name for files in H100_MODES.values() for name in files)}`). Median TTFT with landing "
-            f"admission against off: large {large['large_median_ttft_on-landing_vs_off']:.3f}, small "
-            f"{small['small_median_ttft_on-landing_vs_off']:.3f}. Landing admission, the default now, ran there before it "
-            "waited for a worker report of its copy's pace (`benchmarks.slot_policy_sim`: no change for the large set, "
-            "+0.7 ms median TTFT for the small).")
+def modes_run() -> str:
+    targets = {key: value for name in MODE_RUNS for key, value in load(name)["targets"].items()}
+    ratios = ", ".join(f"{adapter_set} {targets[key]:.3f}" for adapter_set in mode_runs()
+                       for key in (f"{adapter_set}_median_ttft_on_vs_off", f"{adapter_set}_median_ttft_on-landing_vs_off")
+                       if key in targets)
+    first = load(MODE_RUNS[0])
+    return (f"Overlap modes at one commit ({commit(MODE_RUNS[0])}) on one {first['gpu']}: the same workload "
+            f"(`{'`, `'.join(MODE_RUNS)}`). Median TTFT with landing admission against off: {ratios}. {MODE_NOTE}").strip()
 
 
 def commit(name: str) -> str:
@@ -147,9 +158,9 @@ def report() -> str:
         f"{cold['file_bytes'] / 1e9:.2f} GB file ({cold['file_bytes'] / median['disk_read'] / 1e6:.2f} GB/s) and "
         f"read + copy + warm {cold['from_disk_sequential_estimate_ms']:.0f} ms.",
         "",
-        h100_modes(),
+        modes_run(),
         "",
-        *h100_mode_rows(),
+        *mode_rows(),
     ]
     return "\n".join(lines)
 

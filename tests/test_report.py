@@ -23,12 +23,14 @@ def test_report_carries_every_seed_metric_for_both_adapter_sets():
     assert all(row.count("|") == 7 for row in rows)
 
 
-def test_the_h100_table_has_every_mode_of_both_sets_at_one_commit():
+def test_the_modes_table_has_every_mode_of_both_sets_at_one_commit_and_gpu():
     report = load_benchmark("report")
-    rows = report.h100_mode_rows()
-    assert len(rows) == 2 + 2 * len(report.H100_METRICS)
-    assert all(row.count("|") == 3 + len(report.H100_COLUMNS) for row in rows)
-    assert len({report.commit(name) for files in report.H100_MODES.values() for name in files}) == 1
+    rows = report.mode_rows()
+    assert len(rows) == 2 + 2 * len(report.MODE_METRICS)
+    assert {"overlap off", "all-resident", "on, landing admission"} <= set(rows[0].strip("| ").split(" | "))
+    assert all(row.count("|") == rows[0].count("|") for row in rows)
+    assert len({report.commit(name) for name in report.MODE_RUNS}) == 1
+    assert len({report.load(name)["gpu"] for name in report.MODE_RUNS}) == 1
 
 
 def test_every_result_file_records_how_it_was_made():

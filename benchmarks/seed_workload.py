@@ -30,7 +30,7 @@ import torch
 
 from benchmarks.common import run_record, write_result
 from benchmarks.request_phases import as_figures, groups, request_phases
-from loraserve.bench import add_bench_parser, format_comparison, nearest_rank, run_benchmark
+from loraserve.bench import TTFT_PERCENTILES, add_bench_parser, format_comparison, nearest_rank, run_benchmark
 from loraserve.client import Connection, LoraServeClient
 from loraserve.command_line import connection_from_args
 from loraserve.launcher import Launcher
@@ -191,9 +191,6 @@ def targets(results: dict, bandwidth: dict, large_bytes: int | None) -> dict:
         checks["small16_throughput_on_vs_off"] = (results["small16-on"]["summary"]["output_token_throughput"]
                                                   / results["small16-off"]["summary"]["output_token_throughput"])
     return checks | overlap_against_off(results)
-
-
-TTFT_PERCENTILES = (10, 25, 50, 75, 90, 99)
 
 
 def overlap_against_off(results: dict) -> dict:

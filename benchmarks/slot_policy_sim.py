@@ -37,7 +37,7 @@ from pathlib import Path
 from unittest import mock
 
 from benchmarks.common import run_record, write_result
-from loraserve.bench import WorkItem, build_workload
+from loraserve.bench import TTFT_PERCENTILES, WorkItem, build_workload, nearest_rank
 from protos.loraserve.v1 import internal_pb2 as pb
 from protos.loraserve.v1 import serving_pb2
 from scheduler.core import SchedulerCore
@@ -296,7 +296,7 @@ def summarize(results: list[RequestResult]) -> dict:
             "mean_ttft_ms": statistics.fmean(ttft), "median_tpot_ms": statistics.median(tpot),
             "mean_e2e_ms": statistics.fmean(r.e2e_ms for r in results),
             "fast_share": sum(t <= FAST_TTFT_MS for t in ttft) / len(ttft),
-            "ttft_deciles_ms": statistics.quantiles(ttft, n=10)}
+            "ttft_percentiles_ms": {p: nearest_rank(ttft, p / 100) for p in TTFT_PERCENTILES}}
 
 
 class ArrivalOrderCore(SchedulerCore):
@@ -322,6 +322,26 @@ def sweep(adapters: AdapterSet, core_class: type[SchedulerCore], config: Schedul
         runs.append({"seed": seed, **summarize(run.results), "loads": run.loads, "pauses": run.pauses})
     return {"median over seeds": {key: statistics.median(run[key] for run in runs) for key in METRICS},
             "runs": runs}
+
+
+def against_off(sweeps: dict[tuple, list[dict]]) -> dict[str, dict]:
+    """Each overlap-on sweep against the overlap-off sweep of the same set and policy, seed by seed
+    (the same requests): per TTFT percentile, in how many seeds overlap started later, and the
+    median difference. Issue 23's target is none later at any percentile."""
+    compared = {}
+    for key, runs in sweeps.items():
+        *same, overlap, landing = key
+        off = sweeps.get((*same, "off", "off"))
+        if overlap == "off" or off is None:
+            continue
+        name = f"{same[0]} {same[1]} overlap=on landing_admission={landing} worker={same[-1]}"
+        compared[name] = {p: {"later_in_seeds": sum(on["ttft_percentiles_ms"][p] > base["ttft_percentiles_ms"][p]
+                                                    for on, base in zip(runs, off)),
+                              "median_difference_ms": statistics.median(on["ttft_percentiles_ms"][p]
+                                                                        - base["ttft_percentiles_ms"][p]
+                                                                        for on, base in zip(runs, off))}
+                          for p in TTFT_PERCENTILES}
+    return compared
 
 
 def calibrate(measured_file: Path) -> dict:
@@ -373,6 +393,7 @@ def main() -> None:
     if args.calibrate:
         results["calibration"] = calibrate(args.calibrate)
         print(json.dumps(results["calibration"]))
+    sweeps: dict[tuple, list[dict]] = {}
     for set_name in args.sets:
         for policy in args.policies:
             for drain_after_s in args.drain_after_s:
@@ -388,10 +409,16 @@ def main() -> None:
                                              pause_tokens_ratio=ratio, max_pauses_per_request=max_pauses,
                                              overlap_loading=overlap == "on", admit_landing_loads=landing == "on")
                     adapters = replace(SETS[set_name], steps=SETS[set_name].steps.scaled(args.step_scale))
-                    figures = sweep(adapters, POLICIES[policy], config, args.seeds, args.num_prompts,
-                                    args.request_rate, WORKERS[worker])["median over seeds"]
+                    swept = sweep(adapters, POLICIES[policy], config, args.seeds, args.num_prompts,
+                                  args.request_rate, WORKERS[worker])
+                    figures = swept["median over seeds"]
                     results["median_over_seeds"][name] = figures
                     print(name, " ".join(f"{key}={value:.3g}" for key, value in figures.items()), flush=True)
+                    sweeps[(set_name, policy, drain_after_s, ratio, max_pauses, worker, overlap, landing)] = swept["runs"]
+    results["against_off"] = against_off(sweeps)
+    for name, percentiles in results["against_off"].items():
+        print(f"{name}: TTFT percentile: seeds later than off, median difference (ms):",
+              " ".join(f"P{p} {c['later_in_seeds']} {c['median_difference_ms']:+.1f}" for p, c in percentiles.items()))
     if args.out:
         write_result(args.out, results)
 

@@ -150,6 +150,10 @@ def _stats(values: list[float]) -> dict[str, float]:
             "p99": nearest_rank(ordered, 0.99)}
 
 
+# The TTFT percentiles at which overlap is compared with the blocking baseline (issue 23: never later).
+TTFT_PERCENTILES = (10, 25, 50, 75, 90, 99)
+
+
 def nearest_rank(ordered: list[float], fraction: float) -> float:
     """The nearest-rank percentile of sorted values (a value that occurred, as SGLang's P99)."""
     return ordered[min(len(ordered) - 1, math.ceil(fraction * len(ordered)) - 1)]

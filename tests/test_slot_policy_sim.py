@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.slot_policy_sim import LAYERS, SimulatedClock, StepModel, TimedWorker, worker_hello
+from benchmarks.slot_policy_sim import (LAYERS, TTFT_PERCENTILES, SimulatedClock, StepModel, TimedWorker, against_off,
+                                        worker_hello)
 from protos.loraserve.v1 import internal_pb2 as pb
 from scheduler.core import SchedulerCore
 from settings.config import SchedulerConfig
@@ -47,3 +48,17 @@ def test_a_forward_sent_after_a_blocking_load_starts_after_its_copy():
     assert "b" not in worker.loading  # reported done at once, as the scheduler counts a blocking load
     worker.sent(pb.Forward(sequences=[pb.SequenceInput(request_id="r", token_ids=[1], adapter_slot=1, sample=True)]))
     assert worker.ends[-1] == 50.0 + 15.0 + 10.0  # after the forward in flight, then the copy
+
+
+def test_overlap_is_compared_with_off_seed_by_seed_at_each_percentile():
+    def runs(*ttfts_by_seed):
+        return [{"ttft_percentiles_ms": dict.fromkeys(TTFT_PERCENTILES, ttft)} for ttft in ttfts_by_seed]
+
+    same = ("large", "shortest-first", 3.0, 1.5, 1, "loads-beside")
+    compared = against_off({(*same, "off", "off"): runs(50.0, 60.0, 70.0),
+                                (*same, "on", "on"): runs(40.0, 65.0, 80.0),
+                                (*same[:-1], "answers-first", "on", "on"): runs(1.0, 1.0, 1.0)})
+    assert list(compared) == ["large shortest-first overlap=on landing_admission=on worker=loads-beside"]
+    (percentiles,) = compared.values()
+    assert percentiles[50] == {"later_in_seeds": 2, "median_difference_ms": 5.0}
+    assert set(percentiles) == set(TTFT_PERCENTILES)

@@ -334,7 +334,9 @@ def against_off(sweeps: dict[tuple, list[dict]]) -> dict[str, dict]:
         off = sweeps.get((*same, "off", "off"))
         if overlap == "off" or off is None:
             continue
-        name = f"{same[0]} {same[1]} overlap=on landing_admission={landing} worker={same[-1]}"
+        set_name, policy, drain_after_s, ratio, max_pauses, worker = same
+        name = (f"{set_name} {policy} drain_after_s={drain_after_s:g} pause_tokens_ratio={ratio:g}"
+                f" max_pauses_per_request={max_pauses} landing_admission={landing} worker={worker}")
         compared[name] = {p: {"later_in_seeds": sum(on["ttft_percentiles_ms"][p] > base["ttft_percentiles_ms"][p]
                                                     for on, base in zip(runs, off)),
                               "median_difference_ms": statistics.median(on["ttft_percentiles_ms"][p]

@@ -29,6 +29,7 @@ MODE_RUNS = ("seed-large-off-landing-2d4fe9e-h100.json", "seed-large-on-resident
              "seed-small-off-landing-2d4fe9e-h100.json", "seed-small-on-resident-2d4fe9e-h100.json")
 MODE_COLUMNS = {"off": "overlap off", "on": "on, `--no-admit-landing-loads`", "on-landing": "on, landing admission",
                 "resident": "all-resident"}
+LANDING_MODE = "on-landing"  # the run's mode with landing admission
 MODE_NOTE = ("Landing admission, the default now, ran there before it waited for a worker report of its copy's "
              "pace (`benchmarks.slot_policy_sim`: no change for the large set, +0.7 ms median TTFT for the small).")
 MODE_METRICS = {"median TTFT": ("ttft_ms", "median"), "P99 TTFT": ("ttft_ms", "p99"), "mean TTFT": ("ttft_ms", "mean"),
@@ -86,9 +87,8 @@ def mode_rows() -> list[str]:
 
 def modes_run() -> str:
     targets = {key: value for name in MODE_RUNS for key, value in load(name)["targets"].items()}
-    ratios = ", ".join(f"{adapter_set} {targets[key]:.3f}" for adapter_set in mode_runs()
-                       for key in (f"{adapter_set}_median_ttft_on_vs_off", f"{adapter_set}_median_ttft_on-landing_vs_off")
-                       if key in targets)
+    ratios = ", ".join(f"{adapter_set} {targets[f'{adapter_set}_median_ttft_{LANDING_MODE}_vs_off']:.3f}"
+                       for adapter_set in mode_runs())
     first = load(MODE_RUNS[0])
     return (f"Overlap modes at one commit ({commit(MODE_RUNS[0])}) on one {first['gpu']}: the same workload "
             f"(`{'`, `'.join(MODE_RUNS)}`). Median TTFT with landing admission against off: {ratios}. {MODE_NOTE}").strip()

@@ -56,8 +56,8 @@ def test_overlap_is_compared_with_off_seed_by_seed_at_each_percentile():
 
     same = ("large", "shortest-first", 3.0, 1.5, 1, "loads-beside")
     compared = against_off({(*same, "off", "off"): runs(50.0, 60.0, 70.0),
-                                (*same, "on", "on"): runs(40.0, 65.0, 80.0),
-                                (*same[:-1], "answers-first", "on", "on"): runs(1.0, 1.0, 1.0)})
+                            (*same, "on", "on"): runs(40.0, 65.0, 80.0),
+                            (*same[:-1], "answers-first", "on", "on"): runs(1.0, 1.0, 1.0)})
     assert list(compared) == ["large shortest-first drain_after_s=3 pause_tokens_ratio=1.5 max_pauses_per_request=1"
                               " landing_admission=on worker=loads-beside"]
     (percentiles,) = compared.values()

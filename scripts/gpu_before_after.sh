@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # A change against an earlier tree on one GPU, in one device call: each run alternates
 # before (BASE, an unpacked earlier commit) and after (this tree), so both meet the same machine.
-# Runs, by name: profiles (profile_decode at batch 9 and a mixed step), seed-large and seed-small
-# (seed_workload; SEED_MODES, default "on", and SEED_MODES_BEFORE for an older tree that lacks
-# a mode), gpu-tests (this tree only). Into OUT: one log per run and side, and each side's seed
-# result file. SIDE_TIMEOUT bounds one benchmark run (seconds, default 300).
+# Runs, by name: profiles (profile_decode at batch 9 and a mixed step), step-times (the mixed
+# step with and without adapters and the decode step, timed in one engine a side; STEP_RANK),
+# seed-large and seed-small (seed_workload; SEED_MODES, default "on", and SEED_MODES_BEFORE for
+# an older tree that lacks a mode), gpu-tests (this tree only). Into OUT: one log per run and
+# side, and each side's seed result file. SIDE_TIMEOUT bounds one benchmark run (seconds,
+# default 300).
 #
 #   git archive OLD | tar x -C .baseline
 #   LORASERVE_COMMIT=$(git rev-parse --short HEAD) BASE_COMMIT=OLD \
@@ -60,6 +62,11 @@ for run in "$@"; do
             both profile-b9 profile_decode --batch 9 --adapters 8
             both profile-mixed profile_decode --batch 8 --adapters 8 --prefill 400
             grep -H "wall clock" "$out"/profile-*.txt ;;
+        step-times)  # this tree's script on both sides' code: one engine per side times all three steps
+            for which in before after; do
+                side "$which" "step-times-$which.txt" "$after/benchmarks/step_times.py" --rank "${STEP_RANK:-16}"
+            done
+            grep -H "ms\|against" "$out"/step-times-*.txt ;;
         seed-large | seed-small) seed "${run#seed-}" ;;
         gpu-tests)
             echo "== gpu tests ($(date -u +%H:%M:%S))" | tee -a "$out/before_after.log"

@@ -259,9 +259,10 @@ class SchedulerCore:
         # Blocking mode: the copy is done before the next forward. Pipelined loads on an idle
         # server: the request starts at once (the worker starts every load when it arrives, one
         # still being read from disk streaming layer by layer) and its forward waits per layer
-        # on the copy. Otherwise, once a worker report has shown the copy's pace, it joins the
-        # first forward predicted to meet the copy at that pace without waiting for it, so that
-        # no request in that forward waits (scheduler/landing.py).
+        # on the copy. Otherwise, once a worker report has shown the copy's pace (or the adapter's
+        # last copy kept the learned pace), it joins the first forward predicted to meet the copy
+        # at that pace without waiting for it, so that no request in that forward waits
+        # (scheduler/landing.py).
         if not self.config.overlap_loading:
             return True
         if self.config.pipelined_loads and self._idle_before_admission:
@@ -269,12 +270,11 @@ class SchedulerCore:
         return self.config.admit_landing_loads and self._lands_in_time_for_next_forward(request, now)
 
     def _lands_in_time_for_next_forward(self, request: Request, now: float) -> bool:
-        copy = self._tier.load_clock.predicted(request.adapter)
-        end = copy.projected_end() if copy is not None else None
+        in_flight = [step.extra_tokens for step in self._forwards_in_flight]
+        landing = self._tier.load_clock.landing(request.adapter, self._steps.next_start(now, in_flight))
         prompt_chunk = min(request.num_tokens - request.fed, self.config.max_batch_tokens)
-        return end is not None and self._steps.lands_in_time(
-            end, end - copy.start, now, [step.extra_tokens for step in self._forwards_in_flight],
-            extra_tokens=prompt_chunk - 1)
+        return landing is not None and self._steps.lands_in_time(*landing, now, in_flight,
+                                                                  extra_tokens=prompt_chunk - 1)
 
     def _start_running(self, request: Request, now: float) -> None:
         self.waiting.remove(request)

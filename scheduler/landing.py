@@ -31,6 +31,8 @@ LANDING_OVERLAP = 0.75
 # A forward may wait up to this share of a step for a short copy: the request it brings saves a
 # whole step, its other members lose this much.
 LANDING_STALL = 0.5
+# An adapter's copy kept its pace when it ran at this share of the learned bandwidth or better.
+PACE_KEPT = 0.5
 
 
 @dataclass
@@ -41,6 +43,7 @@ class PlannedCopy:
     end: float
     seen_at: float | None = None  # the last report of its progress
     seen_landed: float = 0.0  # the share of its layers landed then
+    kept_pace_before: bool = False  # the adapter's last timed copy kept the learned pace
 
     def projected_end(self) -> float | None:
         """Its end at the pace the last report showed since its planned start; None until a
@@ -60,11 +63,13 @@ class LoadClock:
     bytes_per_s: float  # learned from finished loads; the first guess until one finishes
     stream_free_at: float = 0.0  # when the last predicted copy ends
     _copies: dict[str, PlannedCopy] = field(default_factory=dict)  # in the order they queued
+    _kept_pace: set[str] = field(default_factory=set)  # adapters whose last timed copy kept the pace
 
     def started(self, name: str, nbytes: int, now: float) -> None:
         start = max(now, self.stream_free_at)
         self.stream_free_at = start + nbytes / self.bytes_per_s
-        self._copies[name] = PlannedCopy(now, nbytes, start, self.stream_free_at)
+        self._copies[name] = PlannedCopy(now, nbytes, start, self.stream_free_at,
+                                         kept_pace_before=name in self._kept_pace)
 
     def finished(self, name: str, now: float, copy_s: float = 0.0) -> None:
         """Its report came: the bandwidth learns from the copy's own time as the worker timed it
@@ -74,6 +79,8 @@ class LoadClock:
         does) would push every later copy back."""
         copy = self._copies.pop(name, None)
         took = copy_s if copy_s > 0 else (now - copy.start if copy is not None else 0.0)
+        if copy is not None and copy_s > 0:
+            self._note_pace(name, copy.nbytes / copy_s >= PACE_KEPT * self.bytes_per_s)
         if copy is not None and took > 0:
             self.bytes_per_s += SMOOTHING * (copy.nbytes / took - self.bytes_per_s)
         self.stream_free_at = min(self.stream_free_at, now)
@@ -90,9 +97,33 @@ class LoadClock:
     def forget(self, name: str) -> None:
         """A load that failed or will not be predicted (read from disk while copied)."""
         self._copies.pop(name, None)
+        self._note_pace(name, False)
 
     def predicted(self, name: str) -> PlannedCopy | None:
         return self._copies.get(name)
+
+    def landing(self, name: str, forward_start: float) -> tuple[float, float] | None:
+        """When the adapter's copy will have landed and how long it runs, as far as the scheduler
+        may trust them: at the pace a report since its start showed; before such a report, for an
+        adapter whose last timed copy kept the learned pace, at the learned bandwidth from the
+        later of its planned start and `forward_start` (a copy into a slot that forwards in flight
+        still read waits for them); None otherwise, or for a copy not predicted."""
+        copy = self._copies.get(name)
+        if copy is None:
+            return None
+        projected = copy.projected_end()
+        if projected is not None:
+            return projected, projected - copy.start
+        if not copy.kept_pace_before:
+            return None
+        seconds = copy.nbytes / self.bytes_per_s
+        return max(copy.start, forward_start) + seconds, seconds
+
+    def _note_pace(self, name: str, kept: bool) -> None:
+        if kept:
+            self._kept_pace.add(name)
+        else:
+            self._kept_pace.discard(name)
 
 
 @dataclass

@@ -161,3 +161,48 @@ def test_a_copys_end_is_projected_from_the_pace_a_report_since_its_start_shows()
     assert copy.projected_end() is None, "nothing landed: no pace"
     loads.progress("a", landed=0.25, now=1.020)  # a quarter in 20 ms: 80 ms in all
     assert copy.projected_end() == pytest.approx(1.080)
+
+
+def test_before_a_report_only_an_adapter_whose_last_copy_kept_the_pace_is_trusted_to_its_plan():
+    loads = LoadClock(bytes_per_s=1e9)
+    loads.started("a", 2_000_000, now=1.0)
+    assert loads.landing("a", forward_start=1.0) is None, "never timed: nothing says it is not far slower"
+    loads.finished("a", now=1.004, copy_s=0.002)  # at the learned pace
+    loads.started("a", 2_000_000, now=2.0)
+    assert loads.landing("a", forward_start=1.9) == pytest.approx((2.002, 0.002))
+    assert loads.landing("a", forward_start=2.005) == pytest.approx((2.007, 0.002)), \
+        "a copy into a slot still read waits for the forwards in flight"
+    loads.progress("a", landed=0.25, now=2.004)  # a report since its start: its pace rules
+    assert loads.landing("a", forward_start=2.005) == pytest.approx((2.016, 0.016))
+    loads.finished("a", now=2.017, copy_s=0.016)  # an eighth of the learned pace
+    loads.started("a", 2_000_000, now=3.0)
+    assert loads.landing("a", forward_start=3.0) is None
+    loads.finished("a", now=3.003, copy_s=0.002)
+    loads.started("a", 2_000_000, now=4.0)
+    loads.forget("a")  # failed
+    loads.started("a", 2_000_000, now=5.0)
+    assert loads.landing("a", forward_start=5.0) is None
+
+
+@pytest.mark.parametrize(("previous_copy_s", "trusted"), [(0.001, True), (0.010, False)])
+def test_an_adapter_whose_last_copy_kept_the_pace_joins_the_first_forward_a_short_copy_meets(  # noqa: F811
+        clock, previous_copy_s, trusted):
+    """A short copy into a slot that the forward in flight reads starts as the next forward does, and
+    no report of its pace can come before that forward is sent: waiting for one costs a step."""
+    worker = busy_server(clock, admit_landing_loads=True)
+    loads = worker.core._tier.load_clock
+    loads.started("c", 1_000_000, now=0.0)  # c's last copy, 1 MB in previous_copy_s
+    loads.finished("c", now=previous_copy_s, copy_s=previous_copy_s)
+    loads.bytes_per_s = 1e9  # plans c's copy at 1 ms: a fifth of a step
+    polls_left_when_sent = []
+    worker.sent = lambda batch: polls_left_when_sent.extend(
+        worker.loading["c"][1] + 1 if "c" in worker.loading else None
+        for seq in batch.sequences if seq.request_id == "x")
+    submit(worker, "x", "c", max_new_tokens=2)
+    while "x" in worker.core.requests:
+        worker.step()
+        clock.advance(STEP_S)
+    first_forward = COPY_REPORTED_AFTER_STEPS + 1  # sent before any poll of the copy
+    assert (polls_left_when_sent[0] == first_forward) == trusted
+    worker.run_until_idle()
+    assert_idle(worker)

@@ -123,6 +123,20 @@ def busy_server(clock, **config) -> FakeWorker:  # noqa: F811
     return worker
 
 
+def polls_left_when_x_joins(worker: FakeWorker, clock) -> int | None:  # noqa: F811
+    """Runs request x on adapter c to its end; c's copy's polls before its report when the first
+    batch carrying x was sent, None if that was after the report."""
+    polls_left_when_sent = []
+    worker.sent = lambda batch: polls_left_when_sent.extend(
+        worker.loading["c"][1] + 1 if "c" in worker.loading else None
+        for seq in batch.sequences if seq.request_id == "x")
+    submit(worker, "x", "c", max_new_tokens=2)
+    while "x" in worker.core.requests:
+        worker.step()
+        clock.advance(STEP_S)
+    return polls_left_when_sent[0]
+
+
 PLANNED_AT_FAKE_PACE = 1_000_000 / (COPY_REPORTED_AFTER_STEPS * STEP_S)  # bytes/s: the fake copy's pace
 
 
@@ -137,15 +151,7 @@ def test_a_request_joins_a_forward_near_its_copys_end_at_the_pace_the_worker_rep
     worker = busy_server(clock, admit_landing_loads=admit)
     worker.load_steps["c"] = copy_polls
     worker.core._tier.load_clock.bytes_per_s = bytes_per_s
-    polls_left_when_sent = []  # for each batch carrying x: c's copy's polls before its report, or None after it
-    worker.sent = lambda batch: polls_left_when_sent.extend(
-        worker.loading["c"][1] + 1 if "c" in worker.loading else None
-        for seq in batch.sequences if seq.request_id == "x")
-    submit(worker, "x", "c", max_new_tokens=2)
-    while "x" in worker.core.requests:
-        worker.step()
-        clock.advance(STEP_S)
-    assert polls_left_when_sent[0] in joins_polls_before_the_report
+    assert polls_left_when_x_joins(worker, clock) in joins_polls_before_the_report
     worker.run_until_idle()
     assert_idle(worker)
 
@@ -194,15 +200,7 @@ def test_an_adapter_whose_last_copy_kept_the_pace_joins_the_first_forward_a_shor
     loads.started("c", 1_000_000, now=0.0)  # c's last copy, 1 MB in previous_copy_s
     loads.finished("c", now=previous_copy_s, copy_s=previous_copy_s)
     loads.bytes_per_s = 1e9  # plans c's copy at 1 ms: a fifth of a step
-    polls_left_when_sent = []
-    worker.sent = lambda batch: polls_left_when_sent.extend(
-        worker.loading["c"][1] + 1 if "c" in worker.loading else None
-        for seq in batch.sequences if seq.request_id == "x")
-    submit(worker, "x", "c", max_new_tokens=2)
-    while "x" in worker.core.requests:
-        worker.step()
-        clock.advance(STEP_S)
     first_forward = COPY_REPORTED_AFTER_STEPS + 1  # sent before any poll of the copy
-    assert (polls_left_when_sent[0] == first_forward) == trusted
+    assert (polls_left_when_x_joins(worker, clock) == first_forward) == trusted
     worker.run_until_idle()
     assert_idle(worker)

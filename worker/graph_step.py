@@ -19,8 +19,10 @@ keys and values to the KV cache's scratch row.
 A step with a DoRA adapter also rescales each adapted module's output per token
 (worker/lora/dora.py), and a step with an embedding LoRA adds each token's embedding delta
 (worker/lora/slots.py): each such kind of step (`LoraVariant`) is a graph of its own,
-captured on first use, so steps without them pay nothing for them. The LM head's LoRA runs
-after the graph, with the logits (worker/engine.py).
+captured on first use, so steps without them pay nothing for them. So is a step in which no
+token has an adapter: it launches no LoRA kernel, where an empty block table would still queue
+them beside the base GEMMs. The LM head's LoRA runs after the graph, with the logits
+(worker/engine.py).
 
 A step that reads an adapter still being copied must wait before each layer on that layer's
 copy event, which is recorded after capture: a single graph cannot hold that wait. Such a
@@ -104,10 +106,11 @@ def mixed_shape(num_tokens: int, max_sequences: int, pages_needed: int) -> StepS
 
 
 class LoraVariant(NamedTuple):
-    """What a step's graph computes beyond the plain multi-LoRA deltas."""
+    """What a step's graph computes beside the base model."""
 
     dora: bool  # DoRA's per-token rescaling of adapted outputs
     embedding: bool  # the embedding's LoRA deltas
+    deltas: bool = True  # False: no token has an adapter, so no LoRA kernel is launched at all
 
 
 PLAIN = LoraVariant(dora=False, embedding=False)
@@ -262,7 +265,8 @@ class GraphStepRunner:
         inputs.fill(step, slot_ranks, self.kv_cache.scratch_index)
         feed(inputs.device("input_ids"))
         variant = LoraVariant(dora=self.slots.any_dora(step.active_slots),
-                              embedding=self.slots.any_adapts(step.active_slots, "embed_tokens"))
+                              embedding=self.slots.any_adapts(step.active_slots, "embed_tokens"),
+                              deltas=bool(step.active_slots))
         if not self.use_cuda_graphs:
             return self._step(inputs, variant, wait_for_layer)[:num_tokens]
         if wait_for_layer is not None:
@@ -384,6 +388,7 @@ class _StaticLora:
         self.slots = slots
         self.inputs = inputs
         self.use_triton = use_triton
+        self.adapted_modules = slots.a.keys() if variant.deltas else set()
         self.dora = variant.dora
         self.embedding = variant.embedding
         self.wait_for_layer = wait_for_layer
@@ -401,7 +406,7 @@ class _StaticLora:
             self.wait_for_layer(layer)
 
     def start_deltas(self, x: torch.Tensor, layer: int, modules: Sequence[str]) -> None:
-        adapted = tuple(m for m in modules if m in self.slots.a)
+        adapted = tuple(m for m in modules if m in self.adapted_modules)
         if self.side_stream is None or not adapted:  # a side stream exists only on CUDA (Triton)
             return
         blocks, scratch, block_m = self.inputs.device("blocks"), self.inputs.lora_scratch, self.inputs.block_m
@@ -426,7 +431,7 @@ class _StaticLora:
 
     def finish_deltas(self, x: torch.Tensor, layer: int,
                       outputs: Sequence[tuple[str, torch.Tensor]]) -> StagedDeltas | None:
-        adapted = [(module, out) for module, out in outputs if module in self.slots.a]
+        adapted = [(module, out) for module, out in outputs if module in self.adapted_modules]
         started, self._started = self._started, None
         if not adapted:
             return None

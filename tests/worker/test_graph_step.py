@@ -14,6 +14,7 @@ import torch
 
 from tests.driver import Driver, Request, make_engine, make_resident
 from tests.model_factory import ARCHITECTURES
+from worker import graph_step
 from worker.batch import NO_ADAPTER, SequenceInput
 from worker.graph_step import BATCH_BUCKETS, MIN_PAGE_BUCKET, decode_shape, mixed_shape
 
@@ -69,6 +70,33 @@ def test_static_decode_matches_eager_forward(arch, mixed, model_dirs, mixed_adap
     for eager, static in zip(runs[False], runs[True]):
         assert static.generated == eager.generated, static.request_id
         torch.testing.assert_close(static.all_logits(), eager.all_logits(), atol=2e-4, rtol=1e-4)
+
+
+def test_a_step_in_which_no_token_has_an_adapter_launches_no_lora_kernel(model_dirs, mixed_adapter_dirs,
+                                                                        monkeypatch):
+    """Base-model requests beside resident adapters: the static path skips every LoRA kernel
+    (an empty block table would still launch them), and its logits stay the eager path's."""
+    launched = []
+    reference = graph_step.add_lora_delta_reference
+    monkeypatch.setattr(graph_step, "add_lora_delta_reference",
+                        lambda *args, **kwargs: launched.append(1) or reference(*args, **kwargs))
+    runs = {}
+    for static in (False, True):
+        engine = engine_with_adapters(model_dirs["llama"], mixed_adapter_dirs["llama"], static_decode=static,
+                                      static_mixed=static)
+        requests = [Request(f"base{i}", prompt(10 + i, 7 + 4 * i), adapter_slot=NO_ADAPTER, max_new_tokens=6)
+                    for i in range(3)]
+        Driver(engine, chunk=5).run(requests)
+        runs[static] = requests
+        engine.close()
+    assert launched == []
+    for eager, static in zip(runs[False], runs[True]):
+        assert static.generated == eager.generated, static.request_id
+        torch.testing.assert_close(static.all_logits(), eager.all_logits(), atol=2e-4, rtol=1e-4)
+    engine = engine_with_adapters(model_dirs["llama"], mixed_adapter_dirs["llama"], static_mixed=True)
+    engine.forward([SequenceInput("a", [5, 6], context_len=0, page_table=[0], adapter_slot=2)])
+    assert launched, "a step with an adapted token launched no LoRA kernel"
+    engine.close()
 
 
 def test_padding_rows_write_only_the_scratch_row(model_dirs, mixed_adapter_dirs):

@@ -43,17 +43,19 @@ def build_engine(rank: int, adapters: int, static_decode: bool = True) -> Engine
     return engine
 
 
-def step_batch(batch: int, adapters: int, context: int, prefill: int) -> list[SequenceInput]:
-    """`batch` decodes at `context` tokens, round robin over the adapters, and a `prefill`-token prompt."""
+def step_batch(batch: int, adapters: int, context: int, prefill: int, *, adapted_decodes: bool = True,
+               adapted_prompt: bool = True) -> list[SequenceInput]:
+    """`batch` decodes at `context` tokens, round robin over the adapters, and a `prefill`-token prompt
+    with adapter 0; `adapted_decodes` or `adapted_prompt` False gives those the base model instead."""
     pages = -(-(context + 1) // 16)
     sequences = [SequenceInput(f"r{i}", [7], context, list(range(i * pages, (i + 1) * pages)),
-                               adapter_slot=i % adapters if adapters else NO_ADAPTER)
+                               adapter_slot=i % adapters if adapters and adapted_decodes else NO_ADAPTER)
                  for i in range(batch)]
     if prefill:
         first_page = batch * pages
         prompt_pages = list(range(first_page, first_page + -(-prefill // 16)))
         sequences.append(SequenceInput("prompt", [7] * prefill, 0, prompt_pages,
-                                       adapter_slot=0 if adapters else NO_ADAPTER))
+                                       adapter_slot=0 if adapters and adapted_prompt else NO_ADAPTER))
     return sequences
 
 

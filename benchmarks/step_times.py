@@ -1,7 +1,7 @@
 """Wall-clock time of the steps issue 23 compares, all in one engine on the 8B shape (dummy weights):
-the mixed step (8 decodes and a prompt) with 8 adapters and with none, and the decode step (batch 9
-over 8 adapters). Each round times every step in turn, so a shared machine's drift hits them
-alike; prints each step's median over the rounds and writes them with every round to --out.
+the mixed step (8 decodes and a prompt) with 8 adapters, with none, with the decodes' adapters only
+and with the prompt's only, and the decode step (batch 9 over 8 adapters). Each round times every
+step in turn, so a shared machine's drift hits them alike; prints each step's median over the rounds and writes them with every round to --out.
 
     python -m benchmarks.step_times --rank 16 --out step-times.json
 One engine serves all three steps (profile_decode builds one per step, and profiles kernels).
@@ -43,6 +43,8 @@ def main() -> None:
     engine = build_engine(args.rank, adapters=8)
     steps = {"mixed, 8 adapters": step_batch(8, 8, args.context, args.prefill),
              "mixed, no adapters": step_batch(8, 0, args.context, args.prefill),
+             "mixed, the decodes' adapters only": step_batch(8, 8, args.context, args.prefill, adapted_prompt=False),
+             "mixed, the prompt's adapter only": step_batch(8, 8, args.context, args.prefill, adapted_decodes=False),
              "decode, batch 9 over 8 adapters": step_batch(9, 8, args.context, 0)}
     for step in steps.values():
         step_ms(engine, step, 3)

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from tests.benchmark_scripts import load_benchmark
+from worker.batch import NO_ADAPTER
 from tests.driver import make_engine, make_resident
 
 
@@ -29,7 +30,20 @@ def test_every_step_is_timed_in_every_round(model_dirs, mixed_adapter_dirs, tmp_
                                       "--steps-per-round", "2", "--out", str(out)])
     step_times.main()
     record = json.loads(out.read_text())
-    assert set(record["median_ms"]) == {"mixed, 8 adapters", "mixed, no adapters", "decode, batch 9 over 8 adapters"}
+    assert set(record["median_ms"]) == {"mixed, 8 adapters", "mixed, no adapters", "mixed, the decodes' adapters only",
+                                        "mixed, the prompt's adapter only", "decode, batch 9 over 8 adapters"}
     assert all(len(rounds) == 3 and min(rounds) > 0 for rounds in record["rounds_ms"].values())
     medians = record["median_ms"]
     assert record["mixed_lora_overhead"] == medians["mixed, 8 adapters"] / medians["mixed, no adapters"] - 1
+
+
+def slots(step) -> list[int]:
+    return [seq.adapter_slot for seq in step]
+
+
+def test_a_breakdown_step_gives_only_the_decodes_or_only_the_prompt_an_adapter():
+    step_batch = load_benchmark("profile_decode").step_batch
+    assert slots(step_batch(3, 8, 20, 12)) == [0, 1, 2, 0]
+    assert slots(step_batch(3, 8, 20, 12, adapted_prompt=False)) == [0, 1, 2, NO_ADAPTER]
+    assert slots(step_batch(3, 8, 20, 12, adapted_decodes=False)) == [NO_ADAPTER] * 3 + [0]
+    assert slots(step_batch(3, 0, 20, 12)) == [NO_ADAPTER] * 4

@@ -23,14 +23,26 @@ def test_report_carries_every_seed_metric_for_both_adapter_sets():
     assert all(row.count("|") == 7 for row in rows)
 
 
-def test_the_modes_table_has_every_mode_of_both_sets_at_one_commit_and_gpu():
+def test_the_modes_table_has_every_mode_run_of_both_sets_at_one_commit_and_gpu():
     report = load_benchmark("report")
     rows = report.mode_rows()
     assert len(rows) == 2 + 2 * len(report.MODE_METRICS)
-    assert {"overlap off", "all-resident", "on, landing admission"} <= set(rows[0].strip("| ").split(" | "))
+    assert {"overlap off", "overlap on", "all-resident"} <= set(rows[0].strip("| ").split(" | "))
     assert all(row.count("|") == rows[0].count("|") for row in rows)
     assert len({report.commit(name) for name in report.MODE_RUNS}) == 1
     assert len({report.load(name)["gpu"] for name in report.MODE_RUNS}) == 1
+
+
+def test_a_mode_one_set_did_not_run_shows_a_dash_in_its_rows(monkeypatch):
+    report = load_benchmark("report")
+    summary = {key: {stat: 1.0 for stat in ("median", "p99", "mean")} for key in ("ttft_ms", "tpot_ms", "e2e_ms")}
+    monkeypatch.setattr(report, "mode_runs", lambda: {"large": {"off": summary, "resident": summary},
+                                                      "small": {"off": summary}})
+    rows = report.mode_rows()
+    assert rows[0] == "| adapters | metric (ms) | overlap off | all-resident |"
+    assert rows[2].startswith("| large |") and rows[2].endswith("| 1.0 | 1.0 |")
+    small = [row for row in rows if row.startswith("| small |")]
+    assert len(small) == len(report.MODE_METRICS) and all(row.endswith(" | - |") for row in small)
 
 
 def test_every_result_file_records_how_it_was_made():

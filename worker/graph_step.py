@@ -357,16 +357,6 @@ def _no_garbage_collection() -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class _PendingGroup:
-    """A group whose LoRA may start once `fork` (recorded on the step's stream) is reached."""
-
-    layer: int
-    modules: tuple[str, ...]
-    x: torch.Tensor
-    fork: torch.cuda.Event
-
-
-@dataclass(frozen=True)
 class _StartedGroup:
     """A group whose LoRA work was launched on the side stream beside its base GEMM."""
 
@@ -403,7 +393,7 @@ class _StaticLora:
         self.embedding = variant.embedding
         self.wait_for_layer = wait_for_layer
         self.side_stream = side_stream
-        self._pending: _PendingGroup | None = None
+        self._started: _StartedGroup | None = None
 
     def embedding_delta(self, ids: torch.Tensor, inside: torch.Tensor | None) -> torch.Tensor | None:
         """Padding and base-model tokens (slot NO_ADAPTER) read the slots' zero row."""
@@ -416,27 +406,18 @@ class _StaticLora:
             self.wait_for_layer(layer)
 
     def start_deltas(self, x: torch.Tensor, layer: int, modules: Sequence[str]) -> None:
-        """Marks where the group's LoRA may start (x is ready); its kernels are launched by
-        `finish_deltas`, after the base GEMM, so that the GEMM's blocks take the SMs first."""
         adapted = tuple(m for m in modules if m in self.adapted_modules)
         if self.side_stream is None or not adapted:  # a side stream exists only on CUDA (Triton)
             return
-        fork = torch.cuda.Event()
-        fork.record(torch.cuda.current_stream())
-        self._pending = _PendingGroup(layer, adapted, x, fork)
-
-    def _launch(self, pending: _PendingGroup) -> _StartedGroup:
-        """The group's shrink (and expand, where its deltas fit the staging buffer) on the side stream."""
-        layer, adapted, x = pending.layer, pending.modules, pending.x
         blocks, scratch, block_m = self.inputs.device("blocks"), self.inputs.lora_scratch, self.inputs.block_m
         deltas = self._deltas_buffer(x.shape[0], adapted)
-        self.side_stream.wait_event(pending.fork)
+        self.side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side_stream):
             lora_shrink(x, [self.slots.a[m][layer] for m in adapted], blocks, scratch, block_m=block_m)
             if deltas is not None:  # rows of base-model tokens stay unwritten (StagedDeltas)
                 lora_expand([self.slots.b_t[m][layer] for m in adapted], self._split(deltas, adapted), blocks,
                             scratch, accumulate=False, block_m=block_m)
-        return _StartedGroup(layer, adapted, deltas)
+        self._started = _StartedGroup(layer, adapted, deltas)
 
     def _deltas_buffer(self, num_tokens: int, modules: Sequence[str]) -> torch.Tensor | None:
         staging = self.inputs.lora_scratch.deltas
@@ -451,8 +432,7 @@ class _StaticLora:
     def finish_deltas(self, x: torch.Tensor, layer: int,
                       outputs: Sequence[tuple[str, torch.Tensor]]) -> StagedDeltas | None:
         adapted = [(module, out) for module, out in outputs if module in self.adapted_modules]
-        pending, self._pending = self._pending, None
-        started = self._launch(pending) if pending is not None else None
+        started, self._started = self._started, None
         if not adapted:
             return None
         group = [ModuleDelta(self.slots.a[module][layer], self.slots.b_t[module][layer], out) for module, out in adapted]

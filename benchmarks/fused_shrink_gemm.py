@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", help="the result file")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU: it times cuBLAS GEMMs replayed from CUDA graphs")
     results: dict[str, dict[str, dict[str, float]]] = {}
     for rank in args.ranks:
         results[str(rank)] = {}

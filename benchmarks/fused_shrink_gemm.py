@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.common import graph_microseconds, run_record, write_result
 
-HIDDEN, KV, INTERMEDIATE = 4096, 1024, 14336
+HIDDEN, KV, INTERMEDIATE, LAYERS = 4096, 1024, 14336, 32
 GROUPS = {  # name: (input width, output widths of its modules)
     "qkv": (HIDDEN, (HIDDEN, KV, KV)),
     "o": (HIDDEN, (HIDDEN,)),
@@ -66,9 +66,9 @@ def main() -> None:
             results[str(rank)][group] = figures
             print(f"rank {rank:3d} {group:8s} base {figures['base_us']:7.1f} us, with shrink columns "
                   f"{figures['with_shrink_us']:7.1f} (+{figures['shrink_us']:5.1f}), expand {figures['expand_us']:6.1f}")
-        total = {key: 32 * sum(g[key] for g in results[str(rank)].values()) / 1e3
+        total = {key: LAYERS * sum(g[key] for g in results[str(rank)].values()) / 1e3
                  for key in ("base_us", "shrink_us", "expand_us")}
-        print(f"rank {rank:3d} per step (32 layers): base {total['base_us']:.3f} ms, shrink columns "
+        print(f"rank {rank:3d} per step ({LAYERS} layers): base {total['base_us']:.3f} ms, shrink columns "
               f"+{total['shrink_us']:.3f} ms, expand {total['expand_us']:.3f} ms")
     if args.out:
         write_result(args.out, run_record("fused_shrink_gemm", tokens=args.tokens, prompt=args.prompt,

@@ -87,13 +87,17 @@ def modes_run() -> str:
     sets = mode_runs()
     ratios = ", ".join(f"{adapter_set} {targets[f'{adapter_set}_median_ttft_{LANDING_MODE}_vs_off']:.3f}"
                        for adapter_set in sets)
-    later = "; ".join(f"{adapter_set} " + (", ".join(f"P{p}" for p in percentiles) or "none")
-                      for adapter_set in sets
-                      for percentiles in [targets[f"{adapter_set}_ttft_percentiles_{LANDING_MODE}_later_than_off"]])
+    later = "; ".join(f"{adapter_set} {later_percentiles(targets, adapter_set)}" for adapter_set in sets)
     first = load(MODE_RUNS[0])
     return (f"Overlap modes at one commit ({commit(MODE_RUNS[0])}) on one {first['gpu']}: the same workload "
             f"(`{'`, `'.join(MODE_RUNS)}`). Median TTFT with landing admission against off: {ratios}. TTFT "
             f"percentiles (P10 to P99) at which it is later than off: {later}. {MODE_NOTE}").strip()
+
+
+def later_percentiles(targets: dict, adapter_set: str) -> str:
+    """The TTFT percentiles at which the landing mode started later than off, or "none"."""
+    percentiles = targets[f"{adapter_set}_ttft_percentiles_{LANDING_MODE}_later_than_off"]
+    return ", ".join(f"P{p}" for p in percentiles) or "none"
 
 
 def commit(name: str) -> str:

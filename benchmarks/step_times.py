@@ -1,10 +1,11 @@
 """Wall-clock time of the steps issue 23 compares, all in one engine on the 8B shape (dummy weights):
 the mixed step (8 decodes and a prompt) with 8 adapters, with none, with the decodes' adapters only
 and with the prompt's only, and the decode step (batch 9 over 8 adapters). Each round times every
-step in turn, so a shared machine's drift hits them alike; prints each step's median over the rounds and writes them with every round to --out.
+step in turn, so a shared machine's drift hits them alike; prints each step's median over the
+rounds and writes them with every round to --out.
 
     python -m benchmarks.step_times --rank 16 --out step-times.json
-One engine serves all three steps (profile_decode builds one per step, and profiles kernels).
+One engine serves every step (profile_decode builds one per step, and profiles kernels).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ import sys
 import torch
 
 from tests.benchmark_scripts import load_benchmark
-from worker.batch import NO_ADAPTER
 from tests.driver import make_engine, make_resident
+from worker.batch import NO_ADAPTER
 
 
 def test_every_step_is_timed_in_every_round(model_dirs, mixed_adapter_dirs, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import torch
 from tests.driver import Driver, Request, forward_paths, make_engine, make_resident
 from tests.worker.test_multi_lora import mixes, per_token_reference
 from worker import graph_step
-from worker.batch import SequenceInput
+from worker.batch import NO_ADAPTER, SequenceInput
 from worker.kernels.lora_blocks import BLOCK_M, PROMPT_BLOCK_M, lora_blocks
 from worker.kernels.paged_attention import (
     attention_blocks,
@@ -105,25 +105,42 @@ def test_triton_multi_lora_groups_at_8b_sizes(dtype, mix, tokens, block_m, group
     tokens and unsplit past it; each module of the group adds into its column range of one
     fused output."""
     rng = random.Random(3)
-    ranks = [16, 256, 64, 32, 256, 128, 8, 256]
     choices = {"identical": lambda: 5, "distinct": lambda: rng.randrange(8), "uniform": lambda: rng.randrange(-1, 8),
                "skewed": lambda: rng.choices(range(8), weights=[8, 1, 1, 1, 1, 1, 1, 1])[0]}
     token_slots = sorted(choices[mix]() for _ in range(tokens))
+    assert_group_matches_reference(DTYPES[dtype], group, token_slots, [16, 256, 64, 32, 256, 128, 8, 256], block_m)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("group", list(GROUPS_8B))
+def test_low_rank_slots_in_a_step_carrying_a_prompt(dtype, group):
+    """Slots of rank <= LOW_RANK with prompt-sized blocks (the split-K shape of
+    `PROMPT_SHRINK_LOW_RANK`, which the 8B test's rank-256 buffers never choose): one-token
+    decode blocks beside a prompt's full blocks and its last one of 17 tokens."""
+    token_slots = sorted([NO_ADAPTER] * 3 + list(range(8)) + [5] * 400)
+    assert_group_matches_reference(DTYPES[dtype], group, token_slots, [16, 8, 16, 4, 16, 16, 8, 16], PROMPT_BLOCK_M)
+
+
+def assert_group_matches_reference(dtype: torch.dtype, group: str, token_slots: list[int], ranks: list[int],
+                                   block_m: int) -> None:
+    """The grouped kernels (`triton_group_delta`) against the per-token product in float64; slot
+    buffers as wide as the largest rank, rows past each slot's rank zero (as slots keep them)."""
+    max_rank = max(ranks)
     in_features, out_features = GROUPS_8B[group]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(tokens, in_features, device="cuda", generator=gen, dtype=DTYPES[dtype])
+    x = torch.randn(len(token_slots), in_features, device="cuda", generator=gen, dtype=dtype)
     weights = []
     for width in out_features:
-        a = torch.randn(8, 256, in_features, device="cuda", generator=gen, dtype=DTYPES[dtype]) * 0.02
+        a = torch.randn(8, max_rank, in_features, device="cuda", generator=gen, dtype=dtype) * 0.02
         for slot, rank in enumerate(ranks):
             a[slot, rank:] = 0
-        weights.append((a, torch.randn(8, 256, width, device="cuda", generator=gen, dtype=DTYPES[dtype]) * 0.02))
+        weights.append((a, torch.randn(8, max_rank, width, device="cuda", generator=gen, dtype=dtype) * 0.02))
     outs = triton_group_delta(x, weights, token_slots, ranks, block_m)
-    tolerance = 1e-3 if dtype == "float32" else 3e-2
+    tolerance = 1e-3 if dtype == torch.float32 else 3e-2
     for (a, b_t), out in zip(weights, outs):
         expected = torch.zeros_like(out, dtype=torch.float64)
         add_lora_delta_reference(expected, x.double(), a.double(), b_t.double(),
-                                 torch.tensor(token_slots, device="cuda"), 256)
+                                 torch.tensor(token_slots, device="cuda"), max_rank)
         torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
 
 

@@ -108,13 +108,14 @@ def test_a_padded_batch_always_fits_its_block_table(seed):
     assert covered == list(range(capacity)), "every token is in exactly one block"
 
 
+@pytest.mark.parametrize("max_rank", [16, 256])
 @pytest.mark.parametrize("block_m", [BLOCK_M, PROMPT_BLOCK_M])
 @pytest.mark.parametrize("num_tokens", [1, 16, SPLIT_K_TOKENS, SPLIT_K_TOKENS + 1, 2048])
-def test_the_scratch_holds_the_split_k_work_of_every_chosen_shrink_shape(num_tokens, block_m):
+def test_the_scratch_holds_the_split_k_work_of_every_chosen_shrink_shape(num_tokens, block_m, max_rank):
     """8B sizes: every input width a LoRA group has gets a launch shape, for decode and for
     prompt-sized blocks, whose split-K partials and per-tile counters fit the scratch the
     decode runner allocates (and splits are whole K steps)."""
-    slots, max_rank, widths = 8, 256, (4096, 14336)
+    slots, widths = 8, (4096, 14336)
     scratch = LoraScratch.allocate(num_tokens, max(widths), max_rank, slots, torch.bfloat16, torch.device("cpu"))
     for in_features in widths:
         tiles = shrink_tiles(num_tokens, max_rank, in_features, block_m)

@@ -1,9 +1,14 @@
-"""What a prompt's LoRA would cost folded into cuBLAS GEMMs (the 8B shape, bf16, CUDA graphs):
-the base GEMM over [W; A] (the shrink as extra output columns) against the base GEMM alone, and
-the expand as one GEMM accumulating into the prompt's rows of the output (the group's modules' B
-stacked block-diagonally: one [G * rank, outputs] matrix, timed dense).
+"""What LoRA would cost folded into cuBLAS GEMMs (the 8B shape, bf16, CUDA graphs), each against
+the base GEMM alone:
+- the prompt's shrink as extra output columns, a GEMM over [W; A] (one adapter);
+- every slot's shrink as extra output columns, [W; A_1; ...; A_slots];
+- the expand as one GEMM accumulating into the prompt's rows of the output (the group's modules'
+  B stacked block-diagonally: one [G * rank, outputs] matrix, timed dense);
+- the expand as extra input columns of the base GEMM, [x | h] @ [W | B_1 | ... | B_slots]^T,
+  where h holds each token's shrunk rows in its slot's columns and zeros in the others (so
+  every token pays for every slot's columns, and a group's modules' B sit block-diagonally).
 
-    python -m benchmarks.fused_shrink_gemm --tokens 512 --prompt 400 --ranks 16 64 256
+    python -m benchmarks.fused_shrink_gemm --tokens 512 --prompt 400 --ranks 16 64 256 --slots 8
 Prints microseconds a call per module group, from replays of a graph that calls it once per
 layer over distinct weights (so weights come from memory, not L2).
 """
@@ -18,6 +23,7 @@ import torch
 from benchmarks.common import graph_microseconds, run_record, write_result
 
 HIDDEN, KV, INTERMEDIATE, LAYERS = 4096, 1024, 14336, 32
+DEVICE = "cuda"
 GROUPS = {  # name: (input width, output widths of its modules)
     "qkv": (HIDDEN, (HIDDEN, KV, KV)),
     "o": (HIDDEN, (HIDDEN,)),
@@ -31,20 +37,33 @@ def per_layer_us(call: Callable[[torch.Tensor], object], weights: list[torch.Ten
     return graph_microseconds(lambda: [call(w) for w in weights], repeats) / len(weights)
 
 
-def measure(group: str, rank: int, tokens: int, prompt: int, layers: int, repeats: int) -> dict[str, float]:
+def measure(group: str, rank: int, tokens: int, prompt: int, slots: int, layers: int,
+            repeats: int) -> dict[str, float]:
     width, outputs = GROUPS[group]
     n, shrunk = sum(outputs), rank * len(outputs)
-    x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
-    extended = [torch.randn(n + shrunk, width, device="cuda", dtype=torch.bfloat16) * 0.01 for _ in range(layers)]
-    b_side_by_side = [torch.randn(shrunk, n, device="cuda", dtype=torch.bfloat16) * 0.01 for _ in range(layers)]
-    out = torch.empty(tokens, n + shrunk, device="cuda", dtype=torch.bfloat16)
-    base_out = torch.empty(tokens, n, device="cuda", dtype=torch.bfloat16)
-    s = torch.randn(prompt, shrunk, device="cuda", dtype=torch.bfloat16)
+    every_slot = slots * shrunk
+
+    def weights(rows: int, columns: int) -> list[torch.Tensor]:
+        return [torch.randn(rows, columns, device=DEVICE, dtype=torch.bfloat16) * 0.01 for _ in range(layers)]
+
+    def gemm_us(inputs: torch.Tensor, rows: int, stacked: list[torch.Tensor]) -> float:
+        out = torch.empty(tokens, rows, device=DEVICE, dtype=torch.bfloat16)
+        return per_layer_us(lambda w: torch.matmul(inputs, w[:rows].t(), out=out), stacked, repeats)
+
+    x = torch.randn(tokens, width + every_slot, device=DEVICE, dtype=torch.bfloat16)
+    extended_rows = weights(n + every_slot, width)
+    base = gemm_us(x[:, :width], n, extended_rows)
+    prompt_shrink = gemm_us(x[:, :width], n + shrunk, extended_rows)
+    slots_shrink = gemm_us(x[:, :width], n + every_slot, extended_rows)
+    del extended_rows
+    expand_in_gemm = gemm_us(x, n, weights(n, width + every_slot))
+    base_out = torch.empty(tokens, n, device=DEVICE, dtype=torch.bfloat16)
+    s = torch.randn(prompt, shrunk, device=DEVICE, dtype=torch.bfloat16)
     rows = slice(tokens - prompt, tokens)
-    base = per_layer_us(lambda w: torch.matmul(x, w[:n].t(), out=base_out), extended, repeats)
-    fused = per_layer_us(lambda w: torch.matmul(x, w.t(), out=out), extended, repeats)
-    expand = per_layer_us(lambda b: base_out[rows].addmm_(s, b), b_side_by_side, repeats)
-    return {"base_us": base, "with_shrink_us": fused, "shrink_us": fused - base, "expand_us": expand}
+    expand = per_layer_us(lambda b: base_out[rows].addmm_(s, b), weights(shrunk, n), repeats)
+    return {"base_us": base, "with_shrink_us": prompt_shrink, "shrink_us": prompt_shrink - base,
+            "slots_shrink_us": slots_shrink - base, "expand_us": expand,
+            "expand_in_gemm_us": expand_in_gemm - base}
 
 
 def main() -> None:
@@ -52,6 +71,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512, help="the step's padded tokens")
     parser.add_argument("--prompt", type=int, default=400, help="the prompt's tokens (one adapter)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--slots", type=int, default=8, help="adapter slots whose columns every token pays for")
     parser.add_argument("--layers", type=int, default=8, help="distinct weights a graph cycles through")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", help="the result file")
@@ -62,17 +82,20 @@ def main() -> None:
     for rank in args.ranks:
         results[str(rank)] = {}
         for group in GROUPS:
-            figures = measure(group, rank, args.tokens, args.prompt, args.layers, args.repeats)
+            figures = measure(group, rank, args.tokens, args.prompt, args.slots, args.layers, args.repeats)
             results[str(rank)][group] = figures
             print(f"rank {rank:3d} {group:8s} base {figures['base_us']:7.1f} us, with shrink columns "
-                  f"{figures['with_shrink_us']:7.1f} (+{figures['shrink_us']:5.1f}), expand {figures['expand_us']:6.1f}")
-        total = {key: LAYERS * sum(g[key] for g in results[str(rank)].values()) / 1e3
-                 for key in ("base_us", "shrink_us", "expand_us")}
+                  f"{figures['with_shrink_us']:7.1f} (+{figures['shrink_us']:5.1f}; every slot's "
+                  f"+{figures['slots_shrink_us']:5.1f}), expand {figures['expand_us']:6.1f}, expand as input "
+                  f"columns +{figures['expand_in_gemm_us']:5.1f}")
+        keys = ("base_us", "shrink_us", "slots_shrink_us", "expand_us", "expand_in_gemm_us")
+        total = {key: LAYERS * sum(g[key] for g in results[str(rank)].values()) / 1e3 for key in keys}
         print(f"rank {rank:3d} per step ({LAYERS} layers): base {total['base_us']:.3f} ms, shrink columns "
-              f"+{total['shrink_us']:.3f} ms, expand {total['expand_us']:.3f} ms")
+              f"+{total['shrink_us']:.3f} ms (every slot's +{total['slots_shrink_us']:.3f}), expand "
+              f"{total['expand_us']:.3f} ms, expand as input columns +{total['expand_in_gemm_us']:.3f} ms")
     if args.out:
         write_result(args.out, run_record("fused_shrink_gemm", tokens=args.tokens, prompt=args.prompt,
-                                          groups_us=results))
+                                          slots=args.slots, groups_us=results))
 
 
 if __name__ == "__main__":

@@ -41,30 +41,32 @@ def per_layer_us(call: Callable[[torch.Tensor], object], weights: list[torch.Ten
     return graph_microseconds(lambda: [call(w) for w in weights], repeats) / len(weights)
 
 
+def per_layer_weights(layers: int, *shape: int) -> list[torch.Tensor]:
+    """Distinct small random bf16 weights of `shape` for each of `layers` layers."""
+    return [torch.randn(*shape, device=DEVICE, dtype=torch.bfloat16) * 0.01 for _ in range(layers)]
+
+
 def measure(group: str, rank: int, tokens: int, prompt: int, decodes: int, slots: int, layers: int,
             repeats: int) -> dict[str, float]:
     width, outputs = GROUPS[group]
     n, shrunk = sum(outputs), rank * len(outputs)
     every_slot = slots * shrunk
 
-    def weights(rows: int, columns: int) -> list[torch.Tensor]:
-        return [torch.randn(rows, columns, device=DEVICE, dtype=torch.bfloat16) * 0.01 for _ in range(layers)]
-
     def gemm_us(inputs: torch.Tensor, rows: int, stacked: list[torch.Tensor]) -> float:
         out = torch.empty(tokens, rows, device=DEVICE, dtype=torch.bfloat16)
         return per_layer_us(lambda w: torch.matmul(inputs, w[:rows].t(), out=out), stacked, repeats)
 
     x = torch.randn(tokens, width + every_slot, device=DEVICE, dtype=torch.bfloat16)
-    extended_rows = weights(n + every_slot, width)
+    extended_rows = per_layer_weights(layers, n + every_slot, width)
     base = gemm_us(x[:, :width], n, extended_rows)
     prompt_shrink = gemm_us(x[:, :width], n + shrunk, extended_rows)
     slots_shrink = gemm_us(x[:, :width], n + every_slot, extended_rows)
     del extended_rows
-    expand_in_gemm = gemm_us(x, n, weights(n, width + every_slot))
+    expand_in_gemm = gemm_us(x, n, per_layer_weights(layers, n, width + every_slot))
     base_out = torch.empty(tokens, n, device=DEVICE, dtype=torch.bfloat16)
     s = torch.randn(prompt, shrunk, device=DEVICE, dtype=torch.bfloat16)
     rows = slice(decodes, decodes + prompt)
-    expand = per_layer_us(lambda b: base_out[rows].addmm_(s, b), weights(shrunk, n), repeats)
+    expand = per_layer_us(lambda b: base_out[rows].addmm_(s, b), per_layer_weights(layers, shrunk, n), repeats)
     reader, reader_with_expand = reader_us(base_out, rank, decodes, prompt, slots, layers, repeats)
     return {"base_us": base, "with_shrink_us": prompt_shrink, "shrink_us": prompt_shrink - base,
             "slots_shrink_us": slots_shrink - base, "expand_us": expand,
@@ -80,8 +82,8 @@ def reader_us(y: torch.Tensor, rank: int, decodes: int, prompt: int, slots: int,
 
     tokens, outputs = y.shape
     h = torch.randn(tokens, slots * rank, device=DEVICE, dtype=y.dtype)
-    blocks = row_blocks(decodes, prompt, slots).to(DEVICE)
-    b_per_layer = [torch.randn(slots, rank, outputs, device=DEVICE, dtype=y.dtype) * 0.01 for _ in range(layers)]
+    blocks = row_blocks(decodes, prompt, slots, rank).to(DEVICE)
+    b_per_layer = per_layer_weights(layers, slots, rank, outputs)
     plain = per_layer_us(lambda b: read_back(y, h, b, blocks, expand=False), b_per_layer, repeats)
     folded = per_layer_us(lambda b: read_back(y, h, b, blocks, expand=True), b_per_layer, repeats)
     return plain, folded

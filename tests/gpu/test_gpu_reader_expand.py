@@ -29,11 +29,11 @@ def test_the_reader_adds_each_blocks_slot_expand_and_leaves_padding(device, dtyp
     y = torch.randn(tokens, outputs, generator=generator).to(device, dtype)
     h = torch.randn(tokens, slots * rank + 5, generator=generator).to(device, dtype)
     b = (torch.randn(slots, rank, outputs, generator=generator) / rank).to(device, dtype)
-    blocks = row_blocks(decodes, prompt, slots).to(device)
+    blocks = row_blocks(decodes, prompt, slots, rank).to(device)
     assert blocks[:, 0].tolist() == [row % slots for row in range(decodes)] + [0] * (blocks.shape[0] - decodes)
     expected = y.float()
-    for slot, start, count in blocks.tolist():
-        rows = slice(start, start + count)
+    for slot, start, end, _ in blocks.tolist():
+        rows = slice(start, end)
         expected[rows] += (h[rows, slot * rank:(slot + 1) * rank].float() @ b[slot].float()).to(dtype).float()
     untouched = y.clone()
     read_back(y, h, b, blocks, expand=False)

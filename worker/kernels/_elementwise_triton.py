@@ -93,13 +93,15 @@ def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch
 
 @triton.jit
 def _rope_head(x1, x2, cos_ptr, sin_ptr, out_ptr, norm_ptr, eps, dims, ok, HEAD_DIM: tl.constexpr,
-               QK_NORM: tl.constexpr):
-    """One head of one token (its halves x1, x2): the halves of head_dim are rotated into each other."""
+               QK_NORM: tl.constexpr, AXIS: tl.constexpr = 0):
+    """One head (its halves x1, x2) of one token ([half], AXIS 0) or of a block of tokens ([rows, half],
+    AXIS 1, the pointers broadcast per row): the halves of head_dim are rotated into each other."""
     half: tl.constexpr = HEAD_DIM // 2
     dtype = x1.dtype
     if QK_NORM:  # the normed head is rounded to the model dtype before the rotation, as HF's is
         a, b = x1.to(tl.float32), x2.to(tl.float32)
-        rstd = tl.math.rsqrt((tl.sum(a * a, 0) + tl.sum(b * b, 0)) / HEAD_DIM + eps)
+        squares = tl.sum(a * a, AXIS, keep_dims=True) + tl.sum(b * b, AXIS, keep_dims=True)
+        rstd = tl.math.rsqrt(squares / HEAD_DIM + eps)
         x1 = _scale_by_weight(a, rstd, tl.load(norm_ptr + dims, mask=ok, other=0.0)).to(dtype)
         x2 = _scale_by_weight(b, rstd, tl.load(norm_ptr + half + dims, mask=ok, other=0.0)).to(dtype)
     cos1 = tl.load(cos_ptr + dims, mask=ok, other=0.0).to(tl.float32)
@@ -185,13 +187,19 @@ def _act_mul_kernel(gate_up_ptr, lora_ptr, slots_ptr, out_ptr, size, stride_g, s
     gate = _load_plus_lora(gate_up_ptr + row * stride_g, lora_ptr + row * stride_l, cols, ok, adapted, HAS_LORA)
     up = _load_plus_lora(gate_up_ptr + row * stride_g + size, lora_ptr + row * stride_l + size, cols, ok, adapted,
                          HAS_LORA)
+    tl.store(out_ptr + row * stride_o + cols, _act_times(gate, up, ACTIVATION), mask=ok)
+
+
+@triton.jit
+def _act_times(gate, up, ACTIVATION: tl.constexpr):
+    """act(gate) * up in the model dtype, the activation's output rounded as torch's is."""
     g = gate.to(tl.float32)
     if ACTIVATION == "gelu_pytorch_tanh":  # F.gelu(approximate="tanh")'s formula; sqrt(2 / pi) = 0.79788...
         act = 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
     else:  # F.silu's formula
         act = g / (1.0 + tl.exp(-g))
-    act = act.to(gate.dtype).to(tl.float32)  # rounded like the activation's output
-    tl.store(out_ptr + row * stride_o + cols, (act * up.to(tl.float32)).to(gate.dtype), mask=ok)
+    act = act.to(gate.dtype).to(tl.float32)
+    return (act * up.to(tl.float32)).to(gate.dtype)
 
 
 def act_mul(gate_up: torch.Tensor, lora_delta: StagedDeltas | None = None, activation: str = "silu") -> torch.Tensor:

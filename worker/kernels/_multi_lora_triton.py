@@ -8,19 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels._triton_common import dot, lora_block
+from worker.kernels._triton_common import dot, lora_block, pick
 from worker.kernels.lora_launch import MAX_GROUP, ExpandTiles, LoraScratch, ShrinkTiles, fit_shared_memory
-
-
-@triton.jit
-def _pick(index, first, second, third):
-    """The group member `index` selects (pointers or sizes of up to three modules)."""
-    chosen = first
-    if index == 1:
-        chosen = second
-    if index == 2:
-        chosen = third
-    return chosen
 
 
 @triton.jit
@@ -36,7 +25,7 @@ def _shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, shrunk_ptr, partials_ptr, coun
         ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         mask = (rows < end)[:, None] & (ranks < rank)[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        a_base = _pick(module, a0_ptr, a1_ptr, a2_ptr) + slot * stride_as
+        a_base = pick(module, a0_ptr, a1_ptr, a2_ptr) + slot * stride_as
         k_begin = split * k_per_split
         for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, in_features), BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
@@ -90,13 +79,13 @@ def _expand_kernel(shrunk_ptr, b0_ptr, b1_ptr, b2_ptr, out0_ptr, out1_ptr, out2_
         tile = tl.program_id(1)
         module = (tile >= tiles0).to(tl.int32) + (tile >= tiles0 + tiles1).to(tl.int32)
         tile -= tl.where(module > 0, tiles0, 0) + tl.where(module > 1, tiles1, 0)
-        out_features = _pick(module, out0_features, out1_features, out2_features)
+        out_features = pick(module, out0_features, out1_features, out2_features)
         rows = start + tl.arange(0, BLOCK_M)
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < end
         col_ok = cols < out_features
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        b_base = _pick(module, b0_ptr, b1_ptr, b2_ptr) + slot * max_rank * out_features  # [slots, R, out]
+        b_base = pick(module, b0_ptr, b1_ptr, b2_ptr) + slot * max_rank * out_features  # [slots, R, out]
         for r0 in range(0, rank, BLOCK_R):
             ranks = r0 + tl.arange(0, BLOCK_R)
             rank_ok = ranks < rank
@@ -105,7 +94,7 @@ def _expand_kernel(shrunk_ptr, b0_ptr, b1_ptr, b2_ptr, out0_ptr, out1_ptr, out2_
             b = tl.load(b_base + ranks[:, None] * out_features + cols[None, :],
                         mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
             acc += dot(s, b, IEEE)
-        out_tile = _pick(module, out0_ptr, out1_ptr, out2_ptr) + rows[:, None] * stride_ot + cols[None, :]
+        out_tile = pick(module, out0_ptr, out1_ptr, out2_ptr) + rows[:, None] * stride_ot + cols[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
         if ACCUMULATE:
             acc += tl.load(out_tile, mask=mask, other=0.0).to(tl.float32)

@@ -25,3 +25,14 @@ def lora_block(blocks_ptr, index):
 def tanh(x):
     """tanh from exp (float32 x): exp(2x) overflowing to inf or vanishing gives exactly +-1."""
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def pick(index, first, second, third):
+    """The group member `index` selects (pointers or sizes of up to three modules)."""
+    chosen = first
+    if index == 1:
+        chosen = second
+    if index == 2:
+        chosen = third
+    return chosen

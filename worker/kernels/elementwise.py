@@ -18,10 +18,11 @@ their count, not by memory.
 - `act_mul`: `act(gate) * up` from the fused gate_up matrix [T, 2I] -> [T, I], act one of
   `ACTIVATIONS`: silu (Llama's SwiGLU) or gelu with the tanh approximation (Gemma's GeGLU).
 
-Each takes an optional `lora_delta` (`StagedDeltas`) shaped like the module output it reads
-(delta, qkv, gate_up): the LoRA deltas staged beside the base GEMM, added to that output first
-and rounded as the unfused `out += delta` would be, so that no separate add kernel runs. Rows
-of tokens without an adapter were never written (the expand skips them) and are not read.
+Each takes an optional `lora_delta` for the module output it reads (delta, qkv, gate_up), added
+to that output first and rounded as the unfused `out += delta` would be, so that no separate add
+kernel runs: either `StagedDeltas`, the deltas staged beside the base GEMM (rows of tokens without
+an adapter were never written and are not read), or `FoldedDeltas`, the shrunk inputs the base
+GEMM left in extra columns, which the reader expands itself (`_folded_readers_triton`).
 
 Each public function runs one Triton kernel on CUDA tensors and the torch reference (the
 code the model ran before, which CI covers) otherwise. The kernels round in the same places
@@ -35,7 +36,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from worker.kernels.staged_deltas import StagedDeltas
+from worker.kernels.staged_deltas import FoldedDeltas, StagedDeltas
+
+# A module output's LoRA deltas still to add: staged beside the GEMM, or folded into it.
+LoraDeltas = StagedDeltas | FoldedDeltas
 
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -59,7 +63,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def add_rms_norm_reference(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                           lora_delta: StagedDeltas | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           lora_delta: LoraDeltas | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if lora_delta is not None:
         delta = delta + lora_delta.dense()
     if delta is not None:
@@ -67,7 +71,7 @@ def add_rms_norm_reference(hidden: torch.Tensor, delta: torch.Tensor | None, wei
     return hidden, rms_norm(hidden, weight, eps)
 
 
-def rope_and_cache_kv_reference(qkv: torch.Tensor, lora_delta: StagedDeltas | None, heads: int, kv_heads: int,
+def rope_and_cache_kv_reference(qkv: torch.Tensor, lora_delta: LoraDeltas | None, heads: int, kv_heads: int,
                                 head_dim: int, cos: torch.Tensor, sin: torch.Tensor, q_norm: torch.Tensor | None,
                                 k_norm: torch.Tensor | None, eps: float, *, keys: torch.Tensor,
                                 values: torch.Tensor, write_index: torch.Tensor) -> torch.Tensor:
@@ -84,7 +88,7 @@ def rope_and_cache_kv_reference(qkv: torch.Tensor, lora_delta: StagedDeltas | No
     return rotate(q, cos, sin)
 
 
-def act_mul_reference(gate_up: torch.Tensor, lora_delta: StagedDeltas | None = None,
+def act_mul_reference(gate_up: torch.Tensor, lora_delta: LoraDeltas | None = None,
                       activation: str = "silu") -> torch.Tensor:
     if lora_delta is not None:
         gate_up = gate_up + lora_delta.dense()
@@ -93,16 +97,14 @@ def act_mul_reference(gate_up: torch.Tensor, lora_delta: StagedDeltas | None = N
 
 
 def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 lora_delta: StagedDeltas | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 lora_delta: LoraDeltas | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden + (delta + lora_delta), its RMSNorm); delta None (the first norm): (hidden, its RMSNorm)."""
     if not hidden.is_cuda:
         return add_rms_norm_reference(hidden, delta, weight, eps, lora_delta)
-    from worker.kernels import _elementwise_triton as kernels
-
-    return kernels.add_rms_norm(hidden, delta, weight, eps, lora_delta)
+    return _kernels(lora_delta).add_rms_norm(hidden, delta, weight, eps, lora_delta)
 
 
-def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: StagedDeltas | None, heads: int, kv_heads: int, head_dim: int,
+def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: LoraDeltas | None, heads: int, kv_heads: int, head_dim: int,
                       cos: torch.Tensor, sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                       eps: float, *, keys: torch.Tensor, values: torch.Tensor,
                       write_index: torch.Tensor) -> torch.Tensor:
@@ -111,16 +113,23 @@ def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: StagedDeltas | None, heads:
     if not qkv.is_cuda:
         return rope_and_cache_kv_reference(qkv, lora_delta, heads, kv_heads, head_dim, cos, sin, q_norm, k_norm,
                                            eps, keys=keys, values=values, write_index=write_index)
-    from worker.kernels import _elementwise_triton as kernels
-
-    return kernels.rope_and_cache_kv(qkv, lora_delta, heads, kv_heads, head_dim, cos, sin, q_norm, k_norm, eps,
-                                     keys=keys, values=values, write_index=write_index)
+    return _kernels(lora_delta).rope_and_cache_kv(qkv, lora_delta, heads, kv_heads, head_dim, cos, sin, q_norm,
+                                                  k_norm, eps, keys=keys, values=values, write_index=write_index)
 
 
-def act_mul(gate_up: torch.Tensor, lora_delta: StagedDeltas | None = None, activation: str = "silu") -> torch.Tensor:
+def act_mul(gate_up: torch.Tensor, lora_delta: LoraDeltas | None = None, activation: str = "silu") -> torch.Tensor:
     """act(gate) * up of the fused [T, 2I] gate_up (+ lora_delta) -> [T, I]; `activation` names act."""
     if not gate_up.is_cuda:
         return act_mul_reference(gate_up, lora_delta, activation)
-    from worker.kernels import _elementwise_triton as kernels
+    return _kernels(lora_delta).act_mul(gate_up, lora_delta, activation)
 
-    return kernels.act_mul(gate_up, lora_delta, activation)
+
+def _kernels(lora_delta: LoraDeltas | None):
+    """The Triton module of the readers: row by row, or a block of rows at a time for a folded expand."""
+    if isinstance(lora_delta, FoldedDeltas):
+        from worker.kernels import _folded_readers_triton
+
+        return _folded_readers_triton
+    from worker.kernels import _elementwise_triton
+
+    return _elementwise_triton

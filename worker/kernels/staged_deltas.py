@@ -23,3 +23,38 @@ class StagedDeltas:
         """The deltas with unwritten rows as zeros (the torch paths)."""
         zero = torch.zeros((), dtype=self.values.dtype, device=self.values.device)
         return torch.where(self.token_slots[:, None] >= 0, self.values, zero)
+
+
+@dataclass(frozen=True)
+class FoldedDeltas:
+    """A module group's LoRA folded into its base GEMM (`worker.lora.folded`): the GEMM's extra
+    output columns are every slot's shrunk input, and the kernel that next reads the output adds
+    `shrunk @ B^T` of each row's own slot, a block of rows at a time (`worker.kernels.lora_blocks`:
+    a block's rows share a slot; rank 0 marks rows without an adapter, which get no delta).
+
+    Per module i of the group, slot s's rank columns are `shrunk[:, (i * slots + s) * rank:][:, :rank]`;
+    `b_t[i]` is the module's [slots, rank, outputs] (already scaled, as the slots hold it), and the
+    modules' outputs lie side by side in the output's columns in the same order."""
+
+    shrunk: torch.Tensor  # [T, modules * slots * rank]
+    b_t: tuple[torch.Tensor, ...]
+    blocks: torch.Tensor  # [rows, 4] int64 (slot, start, end, rank): every row of the batch in a block
+    block_m: int  # the table's most rows per block
+    token_slots: torch.Tensor  # [T] integer, negative: no adapter
+
+    @property
+    def slots(self) -> int:
+        return self.b_t[0].shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.b_t[0].shape[1]
+
+    def dense(self) -> torch.Tensor:
+        """The deltas [T, the modules' outputs] (the torch paths): each row's own slot's columns
+        kept, the others zeroed, times every slot's B^T stacked."""
+        columns = self.slots * self.rank
+        own = (self.token_slots[:, None] == torch.arange(self.slots, device=self.shrunk.device)[None, :])
+        mask = own.repeat_interleave(self.rank, dim=1).to(self.shrunk.dtype)
+        return torch.cat([(self.shrunk[:, i * columns:(i + 1) * columns] * mask) @ b_t.flatten(0, 1)
+                          for i, b_t in enumerate(self.b_t)], dim=1)

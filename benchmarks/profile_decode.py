@@ -24,13 +24,15 @@ from worker.batch import NO_ADAPTER, SequenceInput
 from worker.engine import Engine
 
 
-def build_engine(rank: int, adapters: int, static_decode: bool = True) -> Engine:
-    """The 8B shape with dummy weights and `adapters` copies of one random adapter, resident in slots."""
+def build_engine(rank: int, adapters: int, static_decode: bool = True, lora_fold: bool = False) -> Engine:
+    """The 8B shape with dummy weights and `adapters` copies of one random adapter, resident in slots
+    (`lora_fold`: folded into the base GEMMs, `--lora-fold`)."""
     root = Path(tempfile.mkdtemp())
     write_model_config(root / "model")
     engine = Engine(EngineConfig(str(root / "model"), load_format="dummy", dtype="bfloat16", device="cuda",
                                  num_kv_pages=8192, page_size=16, max_loras_per_batch=8, max_lora_rank=rank,
-                                 host_cache_bytes=12 << 30, max_loaded_loras=8, static_decode=static_decode))
+                                 host_cache_bytes=12 << 30, max_loaded_loras=8, static_decode=static_decode,
+                                 lora_fold=lora_fold))
     if adapters:
         path = write_random_adapter(root / "adapter", engine.model_config, rank=rank, alpha=2 * rank,
                                     modules=TARGET_MODULES)

@@ -5,6 +5,7 @@ step in turn, so a shared machine's drift hits them alike; prints each step's me
 rounds and writes them with every round to --out.
 
     python -m benchmarks.step_times --rank 16 --out step-times.json
+    python -m benchmarks.step_times --rank 16 --lora-fold --out step-times-folded.json
 One engine serves every step (profile_decode builds one per step, and profiles kernels).
 """
 
@@ -19,6 +20,7 @@ import torch
 
 from benchmarks.common import run_record, write_result
 from benchmarks.profile_decode import build_engine, step_batch
+from settings.config import FOLD_RANK
 from worker.batch import SequenceInput
 from worker.engine import Engine
 
@@ -39,9 +41,13 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512, help="tokens each decode has seen")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps-per-round", type=int, default=20)
+    parser.add_argument("--lora-fold", action="store_true",
+                        help="LoRA folded into the base GEMMs and their readers (rank up to 16)")
     parser.add_argument("--out", type=Path, help="the result file")
     args = parser.parse_args()
-    engine = build_engine(args.rank, adapters=8)
+    if args.lora_fold and args.rank > FOLD_RANK:
+        parser.error(f"--lora-fold serves ranks up to {FOLD_RANK}, not --rank {args.rank}")
+    engine = build_engine(args.rank, adapters=8, lora_fold=args.lora_fold)
     steps = {"mixed, 8 adapters": step_batch(8, 8, args.context, args.prefill),
              "mixed, no adapters": step_batch(8, 0, args.context, args.prefill),
              "mixed, the decodes' adapters only": step_batch(8, 8, args.context, args.prefill, adapted_prompt=False),
@@ -59,7 +65,8 @@ def main() -> None:
     overhead = medians["mixed, 8 adapters"] / medians["mixed, no adapters"] - 1
     print(f"mixed step, 8 adapters against none: {overhead:+.1%}")
     if args.out:
-        write_result(args.out, run_record("step_times", rank=args.rank, prefill=args.prefill, median_ms=medians,
+        write_result(args.out, run_record("step_times", rank=args.rank, prefill=args.prefill,
+                                          lora_fold=args.lora_fold, median_ms=medians,
                                           rounds_ms=rounds, mixed_lora_overhead=overhead))
 
 

@@ -21,6 +21,8 @@ from settings.logs import LOG_FORMATS
 ROUTING_POLICIES = ("residency", "round-robin", "least-loaded")  # frontend/routing.py
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The rank of slots folded into the base GEMMs (`worker.lora.folded`): the most it pays for, and tl.dot's least.
+FOLD_RANK = 16
 GIB = 1 << 30
 
 
@@ -240,6 +242,10 @@ class EngineConfig:
                            "elements")
     max_loaded_loras: int = setting(16, minimum=1, help="adapters in the pinned host cache")
     max_lora_rank: int = setting(64, minimum=1, help="largest adapter rank accepted")
+    lora_fold: bool = setting(False, help="LoRA runs inside the base GEMMs and the kernels that read their outputs",
+                              switches={"--lora-fold": Switch(True, "LoRA folded into the base GEMMs and their "
+                                                                    "readers (adapters up to rank 16, no DoRA; "
+                                                                    "docs/performance.md)")})
     lora_target_modules: tuple[str, ...] = setting(TARGET_MODULES, choices=TARGET_MODULES,
                                                    help="projections the adapter slots hold (Phi-3's qkv_proj and "
                                                         "gate_up_proj as their q/k/v and gate/up parts)")
@@ -259,6 +265,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.lora_fold and self.max_lora_rank > FOLD_RANK:
+            raise ValueError(f"--lora-fold serves adapters up to rank {FOLD_RANK}: give --max-lora-rank {FOLD_RANK} "
+                             f"or less, not {self.max_lora_rank}")
         if self.saved_module_slots > self.max_loras_per_batch:
             raise ValueError(f"saved_module_slots ({self.saved_module_slots}) must be at most max_loras_per_batch "
                              f"({self.max_loras_per_batch}): they are among the GPU adapter slots")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 
 from tests.benchmark_scripts import load_benchmark
@@ -12,12 +13,14 @@ from tests.driver import make_engine, make_resident
 from worker.batch import NO_ADAPTER
 
 
-def test_every_step_is_timed_in_every_round(model_dirs, mixed_adapter_dirs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fold", [False, True])
+def test_every_step_is_timed_in_every_round(fold, model_dirs, mixed_adapter_dirs, tmp_path, monkeypatch):
     step_times = load_benchmark("step_times")
     adapter = next(iter(mixed_adapter_dirs["llama"].values()))
 
-    def tiny_engine(rank: int, adapters: int):
-        engine = make_engine(model_dirs["llama"], page_size=16, num_kv_pages=64, max_loras_per_batch=8)
+    def tiny_engine(rank: int, adapters: int, lora_fold: bool):
+        engine = make_engine(model_dirs["llama"], page_size=16, num_kv_pages=64, max_loras_per_batch=8,
+                             lora_fold=lora_fold, max_lora_rank=16 if lora_fold else 32)
         for slot in range(adapters):
             engine.register_adapter(f"a{slot}", adapter)
             make_resident(engine, f"a{slot}", slot)
@@ -27,9 +30,10 @@ def test_every_step_is_timed_in_every_round(model_dirs, mixed_adapter_dirs, tmp_
     monkeypatch.setattr(step_times, "build_engine", tiny_engine)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(sys, "argv", ["step_times", "--prefill", "12", "--context", "20", "--rounds", "3",
-                                      "--steps-per-round", "2", "--out", str(out)])
+                                      "--steps-per-round", "2", "--out", str(out)] + ["--lora-fold"] * fold)
     step_times.main()
     record = json.loads(out.read_text())
+    assert record["lora_fold"] is fold
     assert set(record["median_ms"]) == {"mixed, 8 adapters", "mixed, no adapters", "mixed, the decodes' adapters only",
                                         "mixed, the prompt's adapter only", "decode, batch 9 over 8 adapters"}
     assert all(len(rounds) == 3 and min(rounds) > 0 for rounds in record["rounds_ms"].values())

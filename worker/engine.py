@@ -28,10 +28,13 @@ from worker.errors import (
 )
 from worker.graph_step import GraphStepRunner
 from worker.host_upload import index_tensor
+from worker.kernels.lora_blocks import PROMPT_BLOCK_M, lora_blocks
+from worker.kernels.staged_deltas import FoldedDeltas
 from worker.kv_cache import PagedKVCache
 from worker.lora.adapter import AdapterManifest, read_adapter_manifest
 from worker.lora.copier import CudaCopier, LayerCopiedHook, LoadJob, ThreadCopier
 from worker.lora.dora import base_module_weights
+from worker.lora.folded import FOLD_RANK, FoldedWeights
 from worker.lora.host_cache import HostCache, LayerReadHook, SharedStaging
 from worker.lora.shared_host_memory import SharedHostMemory, SharedLayout
 from worker.lora.peft_config import VOCAB_MODULES
@@ -115,11 +118,13 @@ class Engine:
             num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=self.dtype, device=self.device,
         )
         vocab_rows = tp.vocab_rows(self.model_config)[1]
+        folded = (FoldedWeights(self.model.weights, config.lora_target_modules, config.max_loras_per_batch)
+                  if config.lora_fold else None)
         self.slots = LoraSlots(
-            c, num_slots=config.max_loras_per_batch, max_rank=config.max_lora_rank,
+            c, num_slots=config.max_loras_per_batch, max_rank=FOLD_RANK if folded else config.max_lora_rank,
             modules=config.lora_target_modules, dtype=self.dtype, device=self.device,
             base_weights=base_module_weights(self.model.weights, c), vocab_rows=vocab_rows,
-            saved_module_slots=config.saved_module_slots,
+            saved_module_slots=config.saved_module_slots, folded=folded,
         )
         on_gpu = self.device.type == "cuda"
         # Every LoRA module's shapes on this rank, the vocabulary modules' included: what it stages.
@@ -164,6 +169,8 @@ class Engine:
             raise AdapterStateError(f"adapter {name!r} is already registered")
         manifest = read_adapter_manifest(path, self.model_config, self.config.max_lora_rank)
         self.slots.check_servable(name, manifest.modules)
+        if manifest.dora and self.slots.folded is not None:
+            FoldedWeights.check_adapter(name, manifest.dora)
         if manifest.dora and self.tp.enabled:
             # A row-parallel module's weight norms would need the other ranks' input columns.
             raise UnsupportedAdapterError(f"adapter {name!r} is a DoRA adapter (use_dora), which is not served "
@@ -479,6 +486,16 @@ class _ForwardLora:
         self.token_slots = (index_tensor(step.token_slots, engine.device)
                             if engine.slots.any_adapts(step.active_slots, "embed_tokens") else None)
         self.saved_embeddings = self._saved_embeddings(engine, step)
+        self.folded_blocks = self._folded_blocks(engine, step)
+
+    def _folded_blocks(self, engine: Engine, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """With LoRA folded and a token with an adapter: the folded readers' block table and the
+        tokens' slots, on the device."""
+        if engine.slots.folded is None or self.batch is None:
+            return None
+        ranks = [engine.slots.adapter_rank(slot) for slot in range(engine.slots.num_slots)]
+        blocks = lora_blocks(step.token_slots, ranks, block_m=PROMPT_BLOCK_M)
+        return index_tensor(blocks, engine.device), index_tensor(step.token_slots, engine.device)
 
     def _saved_embeddings(self, engine: Engine, step: StepInputs) -> EmbeddingReplace | None:
         """The tokens whose adapter replaces the embedding (modules_to_save), looked up in its table."""
@@ -501,12 +518,22 @@ class _ForwardLora:
         for job in self.landing:
             self.copier.wait_layer(job, layer)
 
+    def gemm_operands(self, layer: int, modules: Sequence[str], weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        folded = self.slots.folded_operands(layer, modules) if self.folded_blocks is not None else None
+        return folded or (weight, bias)
+
     def start_deltas(self, x: torch.Tensor, layer: int, modules: Sequence[str]) -> None:
         """The eager path computes each delta whole in `finish_deltas`."""
 
-    def finish_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]]) -> None:
+    def finish_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]],
+                      shrunk: torch.Tensor | None = None) -> FoldedDeltas | None:
+        if shrunk is not None:
+            blocks, token_slots = self.folded_blocks
+            return self.slots.folded_deltas(layer, [module for module, _ in outputs], shrunk, blocks, PROMPT_BLOCK_M,
+                                            token_slots)
         if self.batch is None:
-            return
+            return None
         padded = self.batch.pad(x)
         for module, out in outputs:
             self.slots.add_delta(out, padded, layer, module, self.batch)

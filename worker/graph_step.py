@@ -45,7 +45,7 @@ import torch
 
 from worker.batch import NO_ADAPTER, SequenceInput
 from worker.host_upload import mapped_bytes, upload_into
-from worker.kernels.elementwise import StagedDeltas
+from worker.kernels.elementwise import LoraDeltas, StagedDeltas
 from worker.kernels.lora_blocks import BLOCK_COLUMNS, BLOCK_M, PROMPT_BLOCK_M, lora_blocks, max_blocks
 from worker.kernels.multi_lora import (
     LoraScratch,
@@ -405,9 +405,18 @@ class _StaticLora:
         if self.wait_for_layer is not None:
             self.wait_for_layer(layer)
 
+    def gemm_operands(self, layer: int, modules: Sequence[str], weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        folded = self.slots.folded_operands(layer, modules) if self._adapts(modules) else None
+        return folded or (weight, bias)
+
+    def _adapts(self, modules: Sequence[str]) -> bool:
+        return any(m in self.adapted_modules for m in modules)
+
     def start_deltas(self, x: torch.Tensor, layer: int, modules: Sequence[str]) -> None:
         adapted = tuple(m for m in modules if m in self.adapted_modules)
-        if self.side_stream is None or not adapted:  # a side stream exists only on CUDA (Triton)
+        # A side stream exists only on CUDA (Triton); a folded group's LoRA is in its GEMM.
+        if self.side_stream is None or not adapted or self.slots.folds(modules):
             return
         blocks, scratch, block_m = self.inputs.device("blocks"), self.inputs.lora_scratch, self.inputs.block_m
         deltas = self._deltas_buffer(x.shape[0], adapted)
@@ -429,10 +438,14 @@ class _StaticLora:
     def _split(self, deltas: torch.Tensor, modules: Sequence[str]) -> list[torch.Tensor]:
         return list(deltas.split([self.slots.b_t[m].shape[-1] for m in modules], dim=1))
 
-    def finish_deltas(self, x: torch.Tensor, layer: int,
-                      outputs: Sequence[tuple[str, torch.Tensor]]) -> StagedDeltas | None:
+    def finish_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]],
+                      shrunk: torch.Tensor | None = None) -> LoraDeltas | None:
         adapted = [(module, out) for module, out in outputs if module in self.adapted_modules]
         started, self._started = self._started, None
+        if shrunk is not None:
+            return self.slots.folded_deltas(layer, [module for module, _ in outputs], shrunk,
+                                            self.inputs.device("blocks"), self.inputs.block_m,
+                                            self.inputs.device("token_slots"))
         if not adapted:
             return None
         group = [ModuleDelta(self.slots.a[module][layer], self.slots.b_t[module][layer], out) for module, out in adapted]

@@ -39,11 +39,13 @@ def sleep_on_current_stream(milliseconds: float) -> None:
     torch.cuda._sleep(int(milliseconds * 1e-3 * torch.cuda.clock_rate() * 1e6))
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["kernels", "folded"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_mixed_batch_with_async_loads_matches_peft(arch, dtype, model_dirs, mixed_adapter_dirs):
-    """Loads still landing (the load stream is held back) when the mixed batch starts."""
-    engine = cuda_engine(model_dirs[arch], dtype=dtype)
+def test_mixed_batch_with_async_loads_matches_peft(arch, dtype, fold, model_dirs, mixed_adapter_dirs):
+    """Loads still landing (the load stream is held back) when the mixed batch starts; with the LoRA
+    kernels, or folded into the base GEMMs and their readers (`--lora-fold`)."""
+    engine = cuda_engine(model_dirs[arch], dtype=dtype, lora_fold=fold, max_lora_rank=16 if fold else 32)
     adapters = mixed_adapter_dirs[arch]
     engine.copier.hook = lambda name, slot, layer: sleep_on_current_stream(20) if layer == 0 else None
     for slot, (name, path) in zip((2, 0), adapters.items()):

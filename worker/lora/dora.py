@@ -16,14 +16,10 @@ from collections.abc import Callable
 import torch
 
 from worker.model.config import ModelConfig
-from worker.model.llama import DOWN_MODULES, GATE_UP_MODULES, LORA_GROUPS, O_MODULES, QKV_MODULES, ModelWeights
+from worker.model.llama import FUSED_FIELDS, LORA_GROUPS, ModelWeights
 
 # (layer, module) -> the module's base weight [out, in] and bias [out] (or None), on the device.
 BaseWeights = Callable[[int, str], tuple[torch.Tensor, torch.Tensor | None]]
-
-# Which fused LayerWeights field holds each group's modules, stacked by output in group order.
-_FUSED_FIELD = {QKV_MODULES: "qkv", O_MODULES: "o", GATE_UP_MODULES: "gate_up", DOWN_MODULES: "down"}
-
 
 # Rows of W + s B A are built this many elements at a time: a whole down_proj in float32
 # would be a temporary of hundreds of MB on the load stream.
@@ -52,7 +48,7 @@ def base_module_weights(weights: ModelWeights, config: ModelConfig) -> BaseWeigh
         start = sum(shapes[m][1] for m in group[:group.index(module)])
         rows = slice(start, start + shapes[module][1])
         fused = weights.layers[layer]
-        field = _FUSED_FIELD[group]
+        field = FUSED_FIELDS[group]
         bias = getattr(fused, f"{field}_bias")
         return getattr(fused, field)[rows], None if bias is None else bias[rows]
     return module_weights

@@ -38,7 +38,9 @@ import torch.nn.functional as F
 
 from worker.batch import NO_ADAPTER
 from worker.errors import UnsupportedAdapterError
+from worker.kernels.staged_deltas import FoldedDeltas
 from worker.lora.dora import BaseWeights, dora_scale_and_shift
+from worker.lora.folded import FOLD_RANK, FoldedWeights
 from worker.lora.host_cache import HostAdapter
 from worker.lora.peft_config import VOCAB_MODULES, vocab_layer
 from worker.model.config import ModelConfig
@@ -58,16 +60,25 @@ class LoraSlots:
         base_weights: BaseWeights,
         vocab_rows: int | None = None,
         saved_module_slots: int = 0,
+        folded: FoldedWeights | None = None,
     ) -> None:
         """`base_weights`: the base model's modules, which DoRA's weight norms are taken over;
         `vocab_rows`: this rank's part of the vocabulary (all of it without tensor parallelism);
-        `saved_module_slots`: the first slots, which own modules_to_save tables."""
+        `saved_module_slots`: the first slots, which own modules_to_save tables; `folded`: the
+        base weights with every slot's A below them (`--lora-fold`), which hold the folded
+        modules' A instead of buffers of their own (`max_rank` must then be `FOLD_RANK`)."""
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.modules = tuple(modules)
         shapes = model.module_shapes()
         layers = model.num_layers
-        self.a = {m: torch.zeros(layers, num_slots, max_rank, shapes[m][0], dtype=dtype, device=device)
+        self.folded = folded
+        folded_a = {} if folded is None else folded.a_views()
+        self._folded_modules = frozenset(folded_a)
+        if folded_a and max_rank != FOLD_RANK:
+            raise ValueError(f"folded slots have rank {FOLD_RANK}, not {max_rank}")
+        self.a = {m: folded_a[m] if m in folded_a else
+                  torch.zeros(layers, num_slots, max_rank, shapes[m][0], dtype=dtype, device=device)
                   for m in self.modules}
         self.b_t = {m: torch.zeros(layers, num_slots, max_rank, shapes[m][1], dtype=dtype, device=device)
                     for m in self.modules}
@@ -103,7 +114,8 @@ class LoraSlots:
 
     @property
     def nbytes(self) -> int:
-        buffers = (*self.a.values(), *self.b_t.values(), *self.scale.values(), *self.shift.values(),
+        own_a = [a for m, a in self.a.items() if m not in self._folded_modules]  # folded A is the weights'
+        buffers = (*own_a, *self.b_t.values(), *self.scale.values(), *self.shift.values(),
                    *self.vocab_a.values(), *self.vocab_b_t.values(), *self.saved.values())
         return sum(t.numel() * t.element_size() for t in buffers)
 
@@ -265,6 +277,19 @@ class LoraSlots:
         one_hot = (row_slots.remainder(slots).unsqueeze(-1) == torch.arange(slots, device=x.device)).to(x.dtype)
         spread = one_hot.unsqueeze(-1) * x.unsqueeze(1)  # [n, slots + 1, r]
         return spread.flatten(1) @ b_t.flatten(0, 1)
+
+    def folds(self, modules: Sequence[str]) -> bool:
+        """Whether the group `modules`' LoRA is folded into its base GEMM (`worker.lora.folded`)."""
+        return self.folded is not None and self.folded.operands(0, modules) is not None
+
+    def folded_operands(self, layer: int, modules: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The folded weight and bias of the group `modules` in `layer`, or None if it is not folded."""
+        return None if self.folded is None else self.folded.operands(layer, modules)
+
+    def folded_deltas(self, layer: int, modules: Sequence[str], shrunk: torch.Tensor, blocks: torch.Tensor,
+                      block_m: int, token_slots: torch.Tensor) -> FoldedDeltas:
+        """The group's LoRA deltas for its reader to expand from the shrunk columns of its GEMM."""
+        return FoldedDeltas(shrunk, tuple(self.b_t[m][layer] for m in modules), blocks, block_m, token_slots)
 
     def segment_batch(self, token_slots: Sequence[int], device: torch.device) -> SegmentBatch | None:
         return SegmentBatch.build(token_slots, self.ranks, device, self.dora)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.attention import attention_mask, padded_group_attention
-from worker.kernels.elementwise import StagedDeltas, act_mul, add_rms_norm, rope_and_cache_kv
+from worker.kernels.elementwise import LoraDeltas, StagedDeltas, act_mul, add_rms_norm, rope_and_cache_kv
 from worker.kv_cache import PagedKVCache
 from worker.model.config import ModelConfig
 from worker.model.rope import RotaryEmbedding
@@ -37,6 +37,8 @@ O_MODULES = ("o_proj",)
 GATE_UP_MODULES = ("gate_proj", "up_proj")
 DOWN_MODULES = ("down_proj",)
 LORA_GROUPS = (QKV_MODULES, O_MODULES, GATE_UP_MODULES, DOWN_MODULES)  # modules that share an input
+# The LayerWeights field of each group's fused weight (and, with `_bias`, of its bias).
+FUSED_FIELDS = {QKV_MODULES: "qkv", O_MODULES: "o", GATE_UP_MODULES: "gate_up", DOWN_MODULES: "down"}
 
 
 class LoraHook(Protocol):
@@ -47,16 +49,22 @@ class LoraHook(Protocol):
     def before_layer(self, layer: int) -> None:
         """Called before a layer's first use of adapter weights (a load may still be landing)."""
 
+    def gemm_operands(self, layer: int, modules: Sequence[str], weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias of the base product of `modules` (their fused `weight` and `bias`):
+        those, or with LoRA folded in (`worker.lora.folded`), taller ones whose extra output
+        columns, past `weight`'s rows, are the shrunk input that `finish_deltas` is given."""
+
     def start_deltas(self, x: torch.Tensor, layer: int, modules: Sequence[str]) -> None:
         """Called before the base product of `modules` (sharing the input x): the part of their
         deltas that needs x alone may start beside it; `finish_deltas` follows with the outputs."""
 
-    def finish_deltas(self, x: torch.Tensor, layer: int,
-                      outputs: Sequence[tuple[str, torch.Tensor]]) -> StagedDeltas | None:
+    def finish_deltas(self, x: torch.Tensor, layer: int, outputs: Sequence[tuple[str, torch.Tensor]],
+                      shrunk: torch.Tensor | None = None) -> LoraDeltas | None:
         """For modules sharing the input x, whose outputs (module, out) are consecutive column
         ranges of one matrix [T, N], in order and covering it: either adds each module's LoRA
-        delta for token t to out[t] and returns None, or returns the deltas as one [T, N]
-        matrix for the caller's next kernel to add."""
+        delta for token t to out[t] and returns None, or returns the deltas for the caller's
+        next kernel to add. `shrunk`: the product's extra columns, where `gemm_operands` folded."""
 
     # Swaps in the embedding tables of adapters that replace them (modules_to_save); None when no
     # adapter of the step does (always on the static path, which such steps do not take).
@@ -64,7 +72,7 @@ class LoraHook(Protocol):
 
 
 # A module's output and its LoRA deltas if they are still to be added (by the next norm's kernel).
-ModuleOutput = tuple[torch.Tensor, StagedDeltas | None]
+ModuleOutput = tuple[torch.Tensor, LoraDeltas | None]
 
 
 @dataclass
@@ -227,34 +235,54 @@ class LlamaModel:
                    attend) -> ModuleOutput:
         """The o projection's output and its LoRA deltas if not added yet; writes k and v to the cache."""
         c = self.config
-        lora.start_deltas(x, index, QKV_MODULES)
-        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-        qkv_lora = lora.finish_deltas(x, index, tuple(zip(QKV_MODULES, qkv.split((c.q_size, c.kv_size, c.kv_size), 1))))
+        qkv, shrunk = _split_shrunk(self._base_product(index, QKV_MODULES, x, layer.qkv, layer.qkv_bias, lora),
+                                    layer.qkv)
+        qkv_lora = lora.finish_deltas(x, index, tuple(zip(QKV_MODULES, qkv.split((c.q_size, c.kv_size, c.kv_size), 1))),
+                                      shrunk)
         norms = (layer.q_norm, layer.k_norm) if c.qk_norm else (None, None)
         q = rope_and_cache_kv(qkv, qkv_lora, c.num_heads, c.num_kv_heads, c.head_dim, cos, sin, *norms,
                               c.rms_norm_eps, keys=kv_cache.keys(index), values=kv_cache.values(index),
                               write_index=kv_write_index)
         attn = attend(index, q).reshape(-1, c.q_size)
-        lora.start_deltas(attn, index, O_MODULES)
-        out = F.linear(attn, layer.o, layer.o_bias)
-        return self._row_parallel_sum(out, lora.finish_deltas(attn, index, (("o_proj", out),)))
+        product = self._base_product(index, O_MODULES, attn, layer.o, layer.o_bias, lora)
+        out, shrunk = _split_shrunk(product, layer.o)
+        return self._row_parallel_sum(product, out, lora.finish_deltas(attn, index, (("o_proj", out),), shrunk))
 
     def _mlp(self, index, layer: LayerWeights, x, lora) -> ModuleOutput:
         """The down projection's output and its LoRA deltas if not added yet."""
         i = self.config.intermediate_size
-        lora.start_deltas(x, index, GATE_UP_MODULES)
-        gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
-        gate_up_lora = lora.finish_deltas(x, index, tuple(zip(GATE_UP_MODULES, gate_up.split(i, 1))))
+        gate_up, shrunk = _split_shrunk(
+            self._base_product(index, GATE_UP_MODULES, x, layer.gate_up, layer.gate_up_bias, lora), layer.gate_up)
+        gate_up_lora = lora.finish_deltas(x, index, tuple(zip(GATE_UP_MODULES, gate_up.split(i, 1))), shrunk)
         h = act_mul(gate_up, gate_up_lora, self.config.activation)
-        lora.start_deltas(h, index, DOWN_MODULES)
-        out = F.linear(h, layer.down, layer.down_bias)
-        return self._row_parallel_sum(out, lora.finish_deltas(h, index, (("down_proj", out),)))
+        product = self._base_product(index, DOWN_MODULES, h, layer.down, layer.down_bias, lora)
+        out, shrunk = _split_shrunk(product, layer.down)
+        return self._row_parallel_sum(product, out, lora.finish_deltas(h, index, (("down_proj", out),), shrunk))
 
-    def _row_parallel_sum(self, out: torch.Tensor, deltas: StagedDeltas | None) -> ModuleOutput:
+    @staticmethod
+    def _base_product(index: int, modules: Sequence[str], x: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None, lora: LoraHook) -> torch.Tensor:
+        """x's product with a group's fused weight, with the shrunk input as extra columns if the
+        hook folded LoRA in (`_split_shrunk`)."""
+        lora.start_deltas(x, index, modules)
+        return F.linear(x, *lora.gemm_operands(index, modules, weight, bias))
+
+    def _row_parallel_sum(self, product: torch.Tensor, out: torch.Tensor, deltas: LoraDeltas | None) -> ModuleOutput:
         """A row-parallel module's output: each rank's partial sum, LoRA deltas included, summed over
-        the ranks (without tensor parallelism, the deltas are left to the next norm's kernel to add)."""
+        the ranks (without tensor parallelism, the deltas are left to the next norm's kernel to add).
+        Folded, the shrunk columns are partial sums too: one all-reduce over the product sums both,
+        and the next norm's kernel adds the deltas."""
         if not self.tp.enabled:
             return out, deltas
-        if deltas is not None:
+        if isinstance(deltas, StagedDeltas):
             out += deltas.dense()
-        return self.tp.all_reduce(out), None
+            deltas = None
+        self.tp.all_reduce(product)
+        return out, deltas
+
+
+def _split_shrunk(product: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A base product's output (a column per row of the fused `weight`) and its extra columns, the
+    shrunk input of a folded LoRA (None if the product has none): views of the product."""
+    rows = weight.shape[0]
+    return product[:, :rows], product[:, rows:] if product.shape[1] > rows else None

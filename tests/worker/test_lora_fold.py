@@ -1,0 +1,120 @@
+"""LoRA folded into the base GEMMs (`--lora-fold`, `worker.lora.folded`) against transformers + PEFT,
+in float32 on CPU: the torch readers add `FoldedDeltas.dense()`, the kernels' reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import tp_group
+from tests.driver import Driver, Request, forward_paths, make_engine, make_resident
+from tests.model_factory import ARCHITECTURES, STANDARD_ADAPTER_SPECS, build_adapter, build_dora_adapter, build_tiny_model
+from tests.oracle import PeftOracle
+from tests.worker import test_tensor_parallel as tensor_parallel
+from tests.worker.test_equivalence import assert_matches_oracle, prompt
+from worker.errors import UnsupportedAdapterError
+
+
+def folded_engine(model_dir, **overrides):
+    return make_engine(model_dir, lora_fold=True, max_lora_rank=16, **overrides)
+
+
+# Every family on the static path (what a server runs), the eager one on families that differ in
+# the layer: Qwen2's q/k/v biases (zeros past the base rows) and Gemma 2's sandwich norms.
+CASES = [(arch, "static") for arch in ARCHITECTURES] + [(arch, "eager") for arch in ("llama3", "qwen2", "gemma2")]
+
+
+@pytest.mark.parametrize("arch,path", CASES)
+def test_folded_mixed_adapter_batch_matches_peft(arch, path, model_dirs, mixed_adapter_dirs):
+    """A rank-8 adapter of q and v (its other rows zero-padded to the fold's rank 16) and a rank-16
+    adapter of every module, beside the base model: prompts and decodes."""
+    engine = folded_engine(model_dirs[arch], static_decode=path == "static")
+    adapters = mixed_adapter_dirs[arch]
+    for name, directory in adapters.items():
+        engine.register_adapter(name, directory)
+    make_resident(engine, "a0", slot=3)
+    make_resident(engine, "a1", slot=1)
+    slot_names = {3: "a0", 1: "a1", -1: None}
+    requests = [
+        Request("base", prompt(3, 17), adapter_slot=-1, max_new_tokens=6),
+        Request("a0-long", prompt(4, 26), adapter_slot=3, max_new_tokens=4),
+        Request("a1", prompt(5, 4), adapter_slot=1, max_new_tokens=9),
+        Request("a0-short", prompt(6, 9), adapter_slot=3, max_new_tokens=7),
+    ]
+    Driver(engine, chunk=5).run(requests)
+    assert set(forward_paths(engine)) == {path}
+    oracle = PeftOracle(model_dirs[arch], adapters)
+    for request in requests:
+        assert_matches_oracle(oracle, request, slot_names[request.adapter_slot])
+    engine.close()
+
+
+def test_folded_slots_hold_a_in_the_base_weights(model_dirs):
+    """The slots' A of a folded module is the rows below its fused weight: no second copy."""
+    engine = folded_engine(model_dirs["llama3"])
+    layer = engine.model.weights.layers[1]
+    q_rows = engine.model_config.num_heads * engine.model_config.head_dim
+    folded_qkv = engine.slots.folded_operands(1, ("q_proj", "k_proj", "v_proj"))[0]
+    assert folded_qkv.data_ptr() == layer.qkv.data_ptr()
+    assert folded_qkv.shape[0] == layer.qkv.shape[0] + 3 * 4 * 16  # q, k, v x 4 slots x rank 16
+    first_a_row = folded_qkv[layer.qkv.shape[0]]
+    assert engine.slots.a["q_proj"][1, 0, 0].data_ptr() == first_a_row.data_ptr()
+    assert engine.slots.a["k_proj"][1, 0, 0].data_ptr() == folded_qkv[layer.qkv.shape[0] + 4 * 16].data_ptr()
+    assert layer.qkv.shape[0] > q_rows
+    engine.close()
+
+
+def test_lora_fold_refuses_what_it_cannot_serve(model_dirs, artifacts):
+    model_dir = model_dirs["llama3"]
+    with pytest.raises(ValueError, match="--lora-fold serves adapters up to rank 16"):
+        make_engine(model_dir, lora_fold=True, max_lora_rank=32)
+    with pytest.raises(ValueError, match="folds whole module groups"):
+        folded_engine(model_dir, lora_target_modules=("q_proj", "v_proj"))
+    engine = folded_engine(model_dir)
+    with pytest.raises(UnsupportedAdapterError, match="DoRA adapter, which --lora-fold does not serve"):
+        engine.register_adapter("dora", build_dora_adapter(model_dir, artifacts / "fold-dora"))
+    engine.close()
+
+
+def test_a_step_without_adapters_multiplies_by_the_base_rows_only(model_dirs, mixed_adapter_dirs, monkeypatch):
+    """The fold costs a base-model step nothing: its GEMMs take W's own rows."""
+    engine = folded_engine(model_dirs["llama3"])
+    engine.register_adapter("a1", mixed_adapter_dirs["llama3"]["a1"])
+    make_resident(engine, "a1", slot=0)
+    weights = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda x, w, b=None: weights.append((w.data_ptr(), w.shape)) or linear(x, w, b))
+    Driver(engine, chunk=8).run([Request("base", prompt(8, 5), adapter_slot=-1, max_new_tokens=2)])
+    folded = {(w.data_ptr(), w.shape) for w, _ in (engine.slots.folded_operands(layer, group)
+                                                     for layer in range(engine.model_config.num_layers)
+                                                     for group in engine.slots.folded.groups)}
+    assert weights and not folded & set(weights)
+    weights.clear()
+    Driver(engine, chunk=8).run([Request("a1", prompt(9, 5), adapter_slot=0, max_new_tokens=2)])
+    assert folded <= set(weights)
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def tp_fold_models(artifacts) -> dict[str, Path]:
+    return {arch: build_tiny_model(artifacts / f"fold-tp-{arch}", arch) for arch in ("llama3", "qwen2", "gemma3")}
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen2", "gemma3"])
+def test_folded_tensor_parallel_matches_one_rank_and_peft(arch, tp_fold_models, artifacts, tmp_path):
+    """TP=2 on gloo: o and down's shrunk columns are partial sums that their output's all-reduce
+    sums too; the tensor-parallel test's workload (ranks 2 to 16, a load while others decode)."""
+    model_dir = tp_fold_models[arch]
+    adapters = {name: build_adapter(model_dir, artifacts / f"fold-tp-{arch}-{name}", STANDARD_ADAPTER_SPECS[name])
+                for name in (*tensor_parallel.ADAPTERS, tensor_parallel.LATE_ADAPTER)}
+    settings = {**tensor_parallel.ENGINE_SETTINGS, "lora_fold": True, "max_lora_rank": 16}
+    reference = tp_group.run_group(1, model_dir, adapters, tmp_path, settings, tensor_parallel.workload)
+    sharded = tp_group.run_group(2, model_dir, adapters, tmp_path, settings, tensor_parallel.workload)
+    assert sharded.keys() == reference.keys()
+    oracle = PeftOracle(model_dir, adapters)
+    for request_id, request in sharded.items():
+        assert request.generated == reference[request_id].generated, request_id
+        assert_matches_oracle(oracle, request, tensor_parallel.adapter_of(request_id))

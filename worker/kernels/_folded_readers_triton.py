@@ -14,18 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels._elementwise_triton import (
-    ACTIVATIONS,
-    _act_times,
-    _check,
-    _check_norm_weight,
-    _rope_head,
-    _scale_by_weight,
-)
+from worker.kernels import _elementwise_triton as row_kernels
+from worker.kernels._elementwise_triton import ACTIVATIONS, _act_times, _check, _check_norm_weight, _rope_head
 from worker.kernels._triton_common import dot, lora_block, pick
 from worker.kernels.staged_deltas import FoldedDeltas
 
-NORM_COLUMNS = 256  # columns of a norm's tile: its rows are summed over two passes of such tiles
+NORM_COLUMNS = 256
 ACT_COLUMNS = 256
 
 
@@ -54,51 +48,39 @@ def _plus_folded(y, h_ptr, stride_h, h_column, b_ptr, stride_bs, stride_br, slot
 
 
 @triton.jit
-def _add_rms_norm_kernel(hidden_ptr, out_ptr, h_ptr, b_ptr, blocks_ptr, weight_ptr, sum_ptr, normed_ptr, eps, size,
-                         stride_hidden, stride_o, stride_h, stride_bs, stride_s, stride_n, BM: tl.constexpr,
-                         BN: tl.constexpr, RANK: tl.constexpr, IEEE: tl.constexpr):
+def _add_expanded_kernel(hidden_ptr, out_ptr, h_ptr, b_ptr, blocks_ptr, sum_ptr, size, stride_hidden, stride_o,
+                         stride_h, stride_bs, stride_s, BM: tl.constexpr, BN: tl.constexpr, RANK: tl.constexpr,
+                         IEEE: tl.constexpr):
     slot, rank, rows, row_ok, count = _block_rows(blocks_ptr, BM)
     if count > 0:
-        squares = tl.zeros((BM,), dtype=tl.float32)
-        for first in range(0, size, BN):
-            cols = first + tl.arange(0, BN)
-            col_ok = cols < size
-            mask = row_ok[:, None] & col_ok[None, :]
-            out = tl.load(out_ptr + rows[:, None] * stride_o + cols[None, :], mask=mask, other=0.0)
-            out = _plus_folded(out, h_ptr, stride_h, 0, b_ptr, stride_bs, size, slot, rank, rows, row_ok, cols,
-                               col_ok, RANK, IEEE)
-            x = tl.load(hidden_ptr + rows[:, None] * stride_hidden + cols[None, :], mask=mask, other=0.0)
-            x = (x.to(tl.float32) + out.to(tl.float32)).to(x.dtype)  # the residual add is in the model dtype
-            tl.store(sum_ptr + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
-            x = x.to(tl.float32)
-            squares += tl.sum(x * x, 1)
-        rstd = tl.math.rsqrt(squares / size + eps)[:, None]
-        tl.debug_barrier()  # the second pass reads the sums the first stored
-        for first in range(0, size, BN):
-            cols = first + tl.arange(0, BN)
-            col_ok = cols < size
-            mask = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(sum_ptr + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0)
-            normed = _scale_by_weight(x, rstd, weight[None, :]).to(normed_ptr.dtype.element_ty)
-            tl.store(normed_ptr + rows[:, None] * stride_n + cols[None, :], normed, mask=mask)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        col_ok = cols < size
+        mask = row_ok[:, None] & col_ok[None, :]
+        out = tl.load(out_ptr + rows[:, None] * stride_o + cols[None, :], mask=mask, other=0.0)
+        out = _plus_folded(out, h_ptr, stride_h, 0, b_ptr, stride_bs, size, slot, rank, rows, row_ok, cols, col_ok,
+                           RANK, IEEE)
+        x = tl.load(hidden_ptr + rows[:, None] * stride_hidden + cols[None, :], mask=mask, other=0.0)
+        x = (x.to(tl.float32) + out.to(tl.float32)).to(x.dtype)  # the residual add is in the model dtype
+        tl.store(sum_ptr + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
 
 
 def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                  lora_delta: FoldedDeltas) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two kernels: the residual sum with the expand, over [rows, columns] tiles of every block in
+    parallel, then the row kernel's norm of it. One kernel would walk each block's rows' columns in
+    turn for their sum of squares: a step's few blocks then kept a few SMs busy (a mixed step's
+    norms +4 ms). The sum's extra read replaces the staged deltas' read, so the bytes are as many."""
     tokens, size = hidden.shape
     _check_norm_weight(hidden, weight)
     _check_folded(lora_delta, delta, [size])
     summed = torch.empty_like(hidden)
-    normed = torch.empty_like(hidden)
     (b_t,) = lora_delta.b_t
-    _add_rms_norm_kernel[(lora_delta.blocks.shape[0],)](
-        hidden, delta, lora_delta.shrunk, b_t, lora_delta.blocks, weight, summed, normed, eps, size,
-        hidden.stride(0), delta.stride(0), lora_delta.shrunk.stride(0), b_t.stride(0), summed.stride(0),
-        normed.stride(0), BM=lora_delta.block_m, BN=NORM_COLUMNS, RANK=lora_delta.rank,
-        IEEE=hidden.dtype == torch.float32, num_warps=8, enable_fp_fusion=False,
+    _add_expanded_kernel[(lora_delta.blocks.shape[0], triton.cdiv(size, NORM_COLUMNS))](
+        hidden, delta, lora_delta.shrunk, b_t, lora_delta.blocks, summed, size, hidden.stride(0), delta.stride(0),
+        lora_delta.shrunk.stride(0), b_t.stride(0), summed.stride(0), BM=lora_delta.block_m, BN=NORM_COLUMNS,
+        RANK=lora_delta.rank, IEEE=hidden.dtype == torch.float32, num_warps=4, enable_fp_fusion=False,
     )
-    return summed, normed
+    return row_kernels.add_rms_norm(summed, None, weight, eps)
 
 
 @triton.jit

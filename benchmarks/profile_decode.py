@@ -69,9 +69,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--prefill", type=int, default=0, help="add one prompt of this many tokens (a mixed step)")
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--lora-fold", action="store_true", help="LoRA folded into the base GEMMs (rank up to 16)")
     parser.add_argument("--trace", type=Path, help="write the profiled steps' chrome trace (.json or .json.gz)")
     args = parser.parse_args()
-    engine = build_engine(args.rank, args.adapters, static_decode=not args.eager)
+    engine = build_engine(args.rank, args.adapters, static_decode=not args.eager, lora_fold=args.lora_fold)
     decode = step_batch(args.batch, args.adapters, args.context, args.prefill)
     for _ in range(3):
         engine.forward(decode)

@@ -21,6 +21,8 @@ from settings.logs import LOG_FORMATS
 ROUTING_POLICIES = ("residency", "round-robin", "least-loaded")  # frontend/routing.py
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Target modules that share an input: one fused base GEMM each (`worker.model.llama`).
+MODULE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 # The rank of slots folded into the base GEMMs (`worker.lora.folded`): the most it pays for, and tl.dot's least.
 FOLD_RANK = 16
 GIB = 1 << 30
@@ -265,12 +267,21 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.lora_fold and self.max_lora_rank > FOLD_RANK:
-            raise ValueError(f"--lora-fold serves adapters up to rank {FOLD_RANK}: give --max-lora-rank {FOLD_RANK} "
-                             f"or less, not {self.max_lora_rank}")
+        if self.lora_fold:
+            self._check_foldable()
         if self.saved_module_slots > self.max_loras_per_batch:
             raise ValueError(f"saved_module_slots ({self.saved_module_slots}) must be at most max_loras_per_batch "
                              f"({self.max_loras_per_batch}): they are among the GPU adapter slots")
+
+
+    def _check_foldable(self) -> None:
+        if self.max_lora_rank > FOLD_RANK:
+            raise ValueError(f"--lora-fold serves adapters up to rank {FOLD_RANK}: give --max-lora-rank {FOLD_RANK} "
+                             f"or less, not {self.max_lora_rank}")
+        for group in MODULE_GROUPS:
+            if 0 < len(set(group) & set(self.lora_target_modules)) < len(group):
+                raise ValueError(f"--lora-fold folds whole module groups (one base GEMM each): give all of "
+                                 f"{', '.join(group)} in --lora-target-modules, or none")
 
 
 @dataclass(frozen=True)

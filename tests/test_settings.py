@@ -33,8 +33,8 @@ NON_DEFAULTS = {
     "model_path": "/models/m", "load_format": "dummy", "device": "cpu", "dtype": "float16", "context_length": 512,
     "tensor_parallel_size": 4, "tp_timeout_s": 5.0,
     "page_size": 8,
-    "num_kv_pages": 99, "max_loras_per_batch": 3, "saved_module_slots": 2, "max_loaded_loras": 5, "max_lora_rank": 32,
-    "lora_target_modules": ("q_proj", "down_proj"), "host_cache_bytes": 12345, "seed": 7, "static_decode": False,
+    "num_kv_pages": 99, "max_loras_per_batch": 3, "saved_module_slots": 2, "max_loaded_loras": 5, "max_lora_rank": 16,
+    "lora_fold": True, "lora_target_modules": ("gate_proj", "up_proj", "down_proj"), "host_cache_bytes": 12345, "seed": 7, "static_decode": False,
     "cuda_graphs": False, "max_decode_batch": 64, "static_mixed": False,
     "host": "0.0.0.0", "port": 0, "tokenizer_path": "/tok", "model_name": "served", "http_port": 8000,
     "metrics_port": 9400, "max_message_bytes": 1024, "grace_seconds": 30.5, "admin_timeout_s": 1.25,
@@ -69,7 +69,7 @@ def test_every_field_has_a_non_default_value_here_and_a_unique_flag():
 
 # What a field needs beside it: a required field, or a check between fields.
 COMPANIONS = {"tls_cert": {"tls_key": "/k"}, "tls_key": {"tls_cert": "/c"},
-              "tls_client_ca": {"tls_cert": "/c", "tls_key": "/k"}}
+              "tls_client_ca": {"tls_cert": "/c", "tls_key": "/k"}, "lora_fold": {"max_lora_rank": 16}}
 
 
 def required_of(config_type: type) -> dict:

@@ -170,7 +170,9 @@ class Engine:
         manifest = read_adapter_manifest(path, self.model_config, self.config.max_lora_rank)
         self.slots.check_servable(name, manifest.modules)
         if manifest.dora and self.slots.folded is not None:
-            FoldedWeights.check_adapter(name, manifest.dora)
+            raise UnsupportedAdapterError(f"adapter {name!r} is a DoRA adapter (use_dora), which --lora-fold does not "
+                                          "serve (its per-token rescaling follows the delta): serve it without "
+                                          "--lora-fold")
         if manifest.dora and self.tp.enabled:
             # A row-parallel module's weight norms would need the other ranks' input columns.
             raise UnsupportedAdapterError(f"adapter {name!r} is a DoRA adapter (use_dora), which is not served "

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from settings.config import FOLD_RANK
-from worker.errors import UnsupportedAdapterError
 from worker.model.llama import FUSED_FIELDS, LORA_GROUPS, ModelWeights
 
 
@@ -46,13 +45,8 @@ class FoldedWeights:
         self.num_slots = num_slots
         self.groups: dict[tuple[str, ...], FoldedGroup] = {}
         for group in LORA_GROUPS:
-            adapted = [m for m in group if m in served]
-            if not adapted:
-                continue
-            if len(adapted) < len(group):
-                raise ValueError(f"--lora-fold folds whole module groups: serve all of {', '.join(group)} "
-                                 f"or none (lora target modules had {', '.join(adapted)})")
-            self.groups[group] = _fold_group(weights, FUSED_FIELDS[group], len(group) * num_slots * FOLD_RANK)
+            if set(group) <= served:  # the settings refuse part of a group (`EngineConfig`)
+                self.groups[group] = _fold_group(weights, FUSED_FIELDS[group], len(group) * num_slots * FOLD_RANK)
 
     def a_views(self) -> dict[str, torch.Tensor]:
         """Each folded module's A rows as the slots hold A: [layers, slots, FOLD_RANK, in] (views)."""
@@ -70,13 +64,6 @@ class FoldedWeights:
         if folded is None:
             return None
         return folded.weights[layer], None if folded.biases is None else folded.biases[layer]
-
-    @staticmethod
-    def check_adapter(name: str, dora: bool) -> None:
-        if dora:
-            raise UnsupportedAdapterError(
-                f"adapter {name!r} is a DoRA adapter, which --lora-fold does not serve (its per-token rescaling "
-                "follows the delta): serve it without --lora-fold")
 
 
 def _fold_group(weights: ModelWeights, field: str, extra_rows: int) -> FoldedGroup:

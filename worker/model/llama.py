@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from settings.config import MODULE_GROUPS
 from worker.attention import attention_mask, padded_group_attention
 from worker.kernels.elementwise import LoraDeltas, StagedDeltas, act_mul, add_rms_norm, rope_and_cache_kv
 from worker.kv_cache import PagedKVCache
@@ -32,11 +33,8 @@ from worker.tensor_parallel import EmbeddingReplace, TensorParallel
 Attend = Callable[[int, torch.Tensor], torch.Tensor]
 
 
-QKV_MODULES = ("q_proj", "k_proj", "v_proj")
-O_MODULES = ("o_proj",)
-GATE_UP_MODULES = ("gate_proj", "up_proj")
-DOWN_MODULES = ("down_proj",)
-LORA_GROUPS = (QKV_MODULES, O_MODULES, GATE_UP_MODULES, DOWN_MODULES)  # modules that share an input
+LORA_GROUPS = MODULE_GROUPS  # modules that share an input
+QKV_MODULES, O_MODULES, GATE_UP_MODULES, DOWN_MODULES = LORA_GROUPS
 # The LayerWeights field of each group's fused weight (and, with `_bias`, of its bias).
 FUSED_FIELDS = {QKV_MODULES: "qkv", O_MODULES: "o", GATE_UP_MODULES: "gate_up", DOWN_MODULES: "down"}
 

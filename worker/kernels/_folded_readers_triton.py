@@ -1,9 +1,9 @@
 """The readers of `worker.kernels.elementwise` with a folded LoRA expand (`FoldedDeltas`; imported
 only on CUDA machines or under TRITON_INTERPRET=1).
 
-Each program takes one block of the step's LoRA block table (up to `block_m` rows of one slot)
-instead of one row, so that the expand `shrunk @ B^T` is a `tl.dot` of the block's rows against
-its slot's B, read once per block: row by row a 400-token prompt would read its B 400 times. The
+Each program takes 16 rows of one block of the step's LoRA block table (rows of one slot) instead
+of one row, so that the expand `shrunk @ B^T` is a `tl.dot` of those rows against their slot's B,
+read once per 16 rows: row by row a 400-token prompt would read its B 400 times. The
 arithmetic after the delta is the per-row kernels' own (`_elementwise_triton`), on [rows, columns]
 tiles, rounding in the same places.
 """
@@ -19,16 +19,22 @@ from worker.kernels._elementwise_triton import ACTIVATIONS, _act_times, _check, 
 from worker.kernels._triton_common import dot, lora_block, pick
 from worker.kernels.staged_deltas import FoldedDeltas
 
+# A program's rows: a block's part. Whole blocks (up to 64 rows) made tiles of 64 x 256 that spilled
+# registers (act_mul 54 us a call in a mixed step) and, for a decode block's one row, 31 rows of
+# waste; 16 is tl.dot's least.
+PART_ROWS = 16
 NORM_COLUMNS = 256
-ACT_COLUMNS = 256
+ACT_COLUMNS = 128
 
 
 @triton.jit
 def _block_rows(blocks_ptr, BM: tl.constexpr):
-    """The program's block: (slot, rank, its rows [BM] int64, which of them exist, how many do)."""
+    """The program's rows: the `BM`-row part program_id(1) of block program_id(0), as (slot, rank, its
+    rows [BM] int64, which of them exist, how many do)."""
     slot, start, end, rank = lora_block(blocks_ptr, tl.program_id(0))
+    first = start + tl.program_id(1) * BM
     offsets = tl.arange(0, BM)
-    return slot, rank, (start + offsets).to(tl.int64), offsets < end - start, end - start
+    return slot, rank, (first + offsets).to(tl.int64), offsets < end - first, end - first
 
 
 @triton.jit
@@ -53,7 +59,7 @@ def _add_expanded_kernel(hidden_ptr, out_ptr, h_ptr, b_ptr, blocks_ptr, sum_ptr,
                          IEEE: tl.constexpr):
     slot, rank, rows, row_ok, count = _block_rows(blocks_ptr, BM)
     if count > 0:
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        cols = tl.program_id(2) * BN + tl.arange(0, BN)
         col_ok = cols < size
         mask = row_ok[:, None] & col_ok[None, :]
         out = tl.load(out_ptr + rows[:, None] * stride_o + cols[None, :], mask=mask, other=0.0)
@@ -75,9 +81,9 @@ def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor
     _check_folded(lora_delta, delta, [size])
     summed = torch.empty_like(hidden)
     (b_t,) = lora_delta.b_t
-    _add_expanded_kernel[(lora_delta.blocks.shape[0], triton.cdiv(size, NORM_COLUMNS))](
+    _add_expanded_kernel[_grid(lora_delta, triton.cdiv(size, NORM_COLUMNS))](
         hidden, delta, lora_delta.shrunk, b_t, lora_delta.blocks, summed, size, hidden.stride(0), delta.stride(0),
-        lora_delta.shrunk.stride(0), b_t.stride(0), summed.stride(0), BM=lora_delta.block_m, BN=NORM_COLUMNS,
+        lora_delta.shrunk.stride(0), b_t.stride(0), summed.stride(0), BM=PART_ROWS, BN=NORM_COLUMNS,
         RANK=lora_delta.rank, IEEE=hidden.dtype == torch.float32, num_warps=4, enable_fp_fusion=False,
     )
     return row_kernels.add_rms_norm(summed, None, weight, eps)
@@ -91,7 +97,7 @@ def _rope_cache_kernel(qkv_ptr, h_ptr, bq_ptr, bk_ptr, bv_ptr, blocks_ptr, cos_p
                        RANK: tl.constexpr, IEEE: tl.constexpr):
     slot, rank, rows, row_ok, count = _block_rows(blocks_ptr, BM)
     if count > 0:
-        head = tl.program_id(1)  # q heads, then k heads, then v heads, as in qkv's columns
+        head = tl.program_id(2)  # q heads, then k heads, then v heads, as in qkv's columns
         half: tl.constexpr = HEAD_DIM // 2
         dims = tl.arange(0, BLOCK_HALF)
         ok = dims < half
@@ -135,12 +141,12 @@ def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: FoldedDeltas, heads: int, k
         _check_norm_weight(qkv, q_norm)
         _check_norm_weight(qkv, k_norm)
     q = torch.empty(tokens, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    _rope_cache_kernel[(lora_delta.blocks.shape[0], heads + 2 * kv_heads)](
+    _rope_cache_kernel[_grid(lora_delta, heads + 2 * kv_heads)](
         qkv, lora_delta.shrunk, *lora_delta.b_t, lora_delta.blocks, cos, sin, q, keys, values, write_index,
         q_norm if qk_norm else qkv, k_norm if qk_norm else qkv, eps, qkv.stride(0), lora_delta.shrunk.stride(0),
         cos.stride(0), sin.stride(0), q.stride(0), keys.stride(0), HEADS=heads, KV_HEADS=kv_heads,
         HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(head_dim // 2), QK_NORM=qk_norm,
-        SLOTS=lora_delta.slots, BM=lora_delta.block_m, RANK=lora_delta.rank, IEEE=qkv.dtype == torch.float32,
+        SLOTS=lora_delta.slots, BM=PART_ROWS, RANK=lora_delta.rank, IEEE=qkv.dtype == torch.float32,
         num_warps=4, enable_fp_fusion=False,
     )
     return q
@@ -152,7 +158,7 @@ def _act_mul_kernel(gate_up_ptr, h_ptr, b_gate_ptr, b_up_ptr, blocks_ptr, out_pt
                     IEEE: tl.constexpr, ACTIVATION: tl.constexpr):
     slot, rank, rows, row_ok, count = _block_rows(blocks_ptr, BM)
     if count > 0:
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        cols = tl.program_id(2) * BN + tl.arange(0, BN)
         col_ok = cols < size
         mask = row_ok[:, None] & col_ok[None, :]
         tile = gate_up_ptr + rows[:, None] * stride_g + cols[None, :]
@@ -170,13 +176,18 @@ def act_mul(gate_up: torch.Tensor, lora_delta: FoldedDeltas, activation: str = "
     size = width // 2
     _check_folded(lora_delta, gate_up, [size, size])
     out = torch.empty(tokens, size, dtype=gate_up.dtype, device=gate_up.device)
-    _act_mul_kernel[(lora_delta.blocks.shape[0], triton.cdiv(size, ACT_COLUMNS))](
+    _act_mul_kernel[_grid(lora_delta, triton.cdiv(size, ACT_COLUMNS))](
         gate_up, lora_delta.shrunk, *lora_delta.b_t, lora_delta.blocks, out, size, gate_up.stride(0),
-        lora_delta.shrunk.stride(0), out.stride(0), SLOTS=lora_delta.slots, BM=lora_delta.block_m, BN=ACT_COLUMNS,
+        lora_delta.shrunk.stride(0), out.stride(0), SLOTS=lora_delta.slots, BM=PART_ROWS, BN=ACT_COLUMNS,
         RANK=lora_delta.rank, IEEE=gate_up.dtype == torch.float32, ACTIVATION=activation, num_warps=4,
         enable_fp_fusion=False,
     )
     return out
+
+
+def _grid(lora_delta: FoldedDeltas, tiles: int) -> tuple[int, int, int]:
+    """(blocks, parts of a block, tiles of a part): parts past a block's rows exit at once."""
+    return lora_delta.blocks.shape[0], triton.cdiv(lora_delta.block_m, PART_ROWS), tiles
 
 
 def _check_folded(lora_delta: FoldedDeltas, out: torch.Tensor, module_outputs: list[int]) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from tests.driver import Driver, Request, make_engine, make_resident
 from tests.model_factory import ARCHITECTURES, STANDARD_ADAPTER_SPECS, build_adapter, build_tiny_model
 from tests.oracle import PeftOracle
+from worker.engine import Engine
 
 LOGIT_ATOL = 2e-4  # float32; observed differences are around 1e-6
 
@@ -37,9 +40,14 @@ def test_base_model_matches_transformers(arch, model_dirs):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_mixed_adapter_batch_matches_peft(arch, model_dirs, mixed_adapter_dirs):
-    """[base, a0, a1, a0] with prompts of different lengths: prefill chunks and decodes mix."""
     engine = make_engine(model_dirs[arch])
-    adapters = mixed_adapter_dirs[arch]
+    serve_mixed_batch_as_peft(engine, model_dirs[arch], mixed_adapter_dirs[arch])
+    engine.close()
+
+
+def serve_mixed_batch_as_peft(engine: Engine, model_dir: Path, adapters: dict[str, Path]) -> None:
+    """[base, a0, a1, a0] with prompts of different lengths: prefill chunks and decodes mix; each
+    request's logits are PEFT's."""
     for name, path in adapters.items():
         engine.register_adapter(name, path)
     make_resident(engine, "a0", slot=3)
@@ -52,10 +60,9 @@ def test_mixed_adapter_batch_matches_peft(arch, model_dirs, mixed_adapter_dirs):
         Request("a0-short", prompt(6, 9), adapter_slot=3, max_new_tokens=7),
     ]
     Driver(engine, chunk=5).run(requests)
-    oracle = PeftOracle(model_dirs[arch], adapters)
+    oracle = PeftOracle(model_dir, adapters)
     for request in requests:
         assert_matches_oracle(oracle, request, slot_names[request.adapter_slot])
-    engine.close()
 
 
 @pytest.mark.parametrize("spec_name", sorted(STANDARD_ADAPTER_SPECS))

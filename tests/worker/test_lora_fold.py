@@ -13,7 +13,7 @@ from tests.driver import Driver, Request, forward_paths, make_engine, make_resid
 from tests.model_factory import ARCHITECTURES, STANDARD_ADAPTER_SPECS, build_adapter, build_dora_adapter, build_tiny_model
 from tests.oracle import PeftOracle
 from tests.worker import test_tensor_parallel as tensor_parallel
-from tests.worker.test_equivalence import assert_matches_oracle, prompt
+from tests.worker.test_equivalence import assert_matches_oracle, prompt, serve_mixed_batch_as_peft
 from worker.errors import UnsupportedAdapterError
 
 
@@ -31,23 +31,8 @@ def test_folded_mixed_adapter_batch_matches_peft(arch, path, model_dirs, mixed_a
     """A rank-8 adapter of q and v (its other rows zero-padded to the fold's rank 16) and a rank-16
     adapter of every module, beside the base model: prompts and decodes."""
     engine = folded_engine(model_dirs[arch], static_decode=path == "static")
-    adapters = mixed_adapter_dirs[arch]
-    for name, directory in adapters.items():
-        engine.register_adapter(name, directory)
-    make_resident(engine, "a0", slot=3)
-    make_resident(engine, "a1", slot=1)
-    slot_names = {3: "a0", 1: "a1", -1: None}
-    requests = [
-        Request("base", prompt(3, 17), adapter_slot=-1, max_new_tokens=6),
-        Request("a0-long", prompt(4, 26), adapter_slot=3, max_new_tokens=4),
-        Request("a1", prompt(5, 4), adapter_slot=1, max_new_tokens=9),
-        Request("a0-short", prompt(6, 9), adapter_slot=3, max_new_tokens=7),
-    ]
-    Driver(engine, chunk=5).run(requests)
+    serve_mixed_batch_as_peft(engine, model_dirs[arch], mixed_adapter_dirs[arch])
     assert set(forward_paths(engine)) == {path}
-    oracle = PeftOracle(model_dirs[arch], adapters)
-    for request in requests:
-        assert_matches_oracle(oracle, request, slot_names[request.adapter_slot])
     engine.close()
 
 

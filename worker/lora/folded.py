@@ -6,14 +6,15 @@ slot's `FOLD_RANK` rows together): the base GEMM of a step with adapters compute
 shrunk input as extra output columns, and the kernel that next reads the output adds each row's
 own slot's `shrunk @ B^T` (`FoldedDeltas`, `worker.kernels._folded_readers_triton`). The slots'
 A buffers are views of those rows, so adapter copies land there and nothing is stored twice; a
-step without adapters multiplies by W's own rows only (a view) and pays nothing.
+step without adapters multiplies by W's own rows only (a view) and pays nothing. Which steps fold
+is the LoRA hook's choice (`worker.graph_step`: those carrying a prompt).
 
-Why: the LoRA kernels beside the base GEMMs take SMs from them, and a step carrying a prompt
-paid +14.7% for rank-16 adapters; every slot's shrink as GEMM columns and the expand in the
-readers priced at +3.3% (docs/performance.md). It pays for low ranks only: the extra columns
-are slots x rank, so rank 16 is the fold's rank (lower ranks are zero-padded to it, and
-`tl.dot` needs 16). The cost: every adapted step's GEMMs read every slot's A, and a forward
-carrying a landing slot's tokens waits for each layer's copy before that layer's base GEMM.
+Why: the LoRA kernels beside the base GEMMs take SMs from them: a step carrying a prompt paid
++15.4% for rank-16 adapters, +6.3% folded (H100, docs/performance.md). It pays for low ranks
+only: the extra columns are slots x rank, so rank 16 is the fold's rank (lower ranks are
+zero-padded to it, and `tl.dot` needs 16). The cost: every adapted step's GEMMs read every
+slot's A, and a forward carrying a landing slot's tokens waits for each layer's copy before that
+layer's base GEMM.
 Under tensor parallelism a row-parallel module's shrunk columns are partial sums that the
 all-reduce of its output sums too.
 """
@@ -31,7 +32,6 @@ from worker.model.llama import FUSED_FIELDS, LORA_GROUPS, ModelWeights
 
 @dataclass(frozen=True)
 class FoldedGroup:
-    field: str
     base_rows: int  # the fused weight's own output rows
     weights: torch.Tensor  # [layers, base_rows + modules * slots * FOLD_RANK, in]
     biases: torch.Tensor | None  # [layers, same rows], zeros past base_rows
@@ -82,4 +82,4 @@ def _fold_group(weights: ModelWeights, field: str, extra_rows: int) -> FoldedGro
         if biases is not None:
             biases[index, :base_rows].copy_(getattr(layer, f"{field}_bias"))
             setattr(layer, f"{field}_bias", biases[index, :base_rows])
-    return FoldedGroup(field, base_rows, folded, biases)
+    return FoldedGroup(base_rows, folded, biases)

@@ -23,6 +23,8 @@ LOAD_STALLS_BEFORE = "seed-large-ede5758.json"
 SMALL16 = "seed-small-ea7af66.json"  # the 16 requests/s run
 PEER = "peft-peer-5e47ac0.json"
 COLD = "cold-start-13ce2af.json"
+# The mixed step with the LoRA kernels and with `--lora-fold`: two step_times runs on one machine.
+STEP_TIMES = {"kernels": "step-times-kernels-588474d-h100.json", "folded": "step-times-folded-588474d-h100.json"}
 # The overlap modes at one commit on one GPU: the files of that run, and each mode's column head.
 MODE_RUNS = ("seed-large-e4f03b8-h100.json", "seed-small-e4f03b8-h100.json")
 MODE_COLUMNS = {"off": "overlap off", "on": "overlap on", "resident": "all-resident"}
@@ -134,6 +136,19 @@ def large_ttft_starts() -> str:
             "(the last two runs) the median sat on that jump and moved with a few requests.")
 
 
+def mixed_step() -> str:
+    runs = {variant: load(name) for variant, name in STEP_TIMES.items()}
+    kernels, folded = (runs[v]["median_ms"] for v in ("kernels", "folded"))
+    return (f"- The mixed step (8 decodes and a 400-token prompt, 8 rank-16 adapters; `python -m benchmarks.step_times "
+            f"--rank 16`, then with `--lora-fold`; commit {runs['kernels']['commit'][:7]}, one "
+            f"{runs['kernels']['gpu']}): {kernels['mixed, 8 adapters']:.2f} ms with the LoRA kernels "
+            f"({runs['kernels']['mixed_lora_overhead']:+.1%} over the base model's {kernels['mixed, no adapters']:.2f}), "
+            f"{folded['mixed, 8 adapters']:.2f} ms folded into the base GEMMs "
+            f"({runs['folded']['mixed_lora_overhead']:+.1%} over {folded['mixed, no adapters']:.2f}); the decode step "
+            f"(batch 9 over 8 adapters) {kernels['decode, batch 9 over 8 adapters']:.2f} ms with the kernels, which "
+            f"`--lora-fold` keeps for decode steps.")
+
+
 def report() -> str:
     peer, cold = load(PEER), load(COLD)
     small16 = {mode: run(SMALL16, f"small16-{mode}")["summary"]["output_token_throughput"] for mode in ("off", "on")}
@@ -165,6 +180,7 @@ def report() -> str:
         f"{median['from_disk']:.0f} ms, against the read alone {median['disk_read']:.0f} ms of a "
         f"{cold['file_bytes'] / 1e9:.2f} GB file ({cold['file_bytes'] / median['disk_read'] / 1e6:.2f} GB/s) and "
         f"read + copy + warm {cold['from_disk_sequential_estimate_ms']:.0f} ms.",
+        mixed_step(),
         "",
         modes_run(),
         "",

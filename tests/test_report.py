@@ -53,3 +53,11 @@ def test_every_result_file_records_how_it_was_made():
         assert record["command"].startswith(("python -m benchmarks.", "python3 -m pytest", "LORASERVE_COMMIT=")), path
         assert {"benchmark", "commit", "gpu", "date"} <= record.keys(), path
         assert path.stat().st_size < 64_000, f"{path.name}: keep result files small"
+
+
+def test_the_mixed_step_line_compares_runs_of_one_commit_and_gpu():
+    report = load_benchmark("report")
+    runs = [report.load(name) for name in report.STEP_TIMES.values()]
+    assert {(run["commit"], run["gpu"]) for run in runs} == {(runs[0]["commit"], runs[0]["gpu"])}
+    assert [run["lora_fold"] for run in runs] == [False, True]
+    assert "folded into the base GEMMs (+6.3%" in report.mixed_step()

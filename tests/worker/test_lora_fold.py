@@ -15,6 +15,7 @@ from tests.oracle import PeftOracle
 from tests.worker import test_tensor_parallel as tensor_parallel
 from tests.worker.test_equivalence import assert_matches_oracle, prompt, serve_mixed_batch_as_peft
 from worker.errors import UnsupportedAdapterError
+from worker.kernels.staged_deltas import FoldedDeltas
 
 
 def folded_engine(model_dir, **overrides):
@@ -106,3 +107,13 @@ def test_folded_tensor_parallel_matches_one_rank_and_peft(arch, tp_fold_models, 
     for request_id, request in sharded.items():
         assert request.generated == reference[request_id].generated, request_id
         assert_matches_oracle(oracle, request, tensor_parallel.adapter_of(request_id))
+
+
+def test_a_row_reads_only_its_own_slots_shrunk_columns():
+    """Another slot's columns may hold anything (its A copied during the GEMM): no NaN reaches a row."""
+    shrunk = torch.full((3, 2 * 16), float("nan"))
+    shrunk[0, :16] = 1.0  # row 0: slot 0
+    shrunk[1, 16:] = 2.0  # row 1: slot 1
+    b_t = torch.ones(2, 16, 4)
+    deltas = FoldedDeltas(shrunk, (b_t,), torch.zeros(1, 4, dtype=torch.long), 16, torch.tensor([0, 1, -1]))
+    torch.testing.assert_close(deltas.dense(), torch.tensor([[16.0] * 4, [32.0] * 4, [0.0] * 4]))

@@ -52,9 +52,11 @@ class FoldedDeltas:
 
     def dense(self) -> torch.Tensor:
         """The deltas [T, the modules' outputs] (the torch paths): each row's own slot's columns
-        kept, the others zeroed, times every slot's B^T stacked."""
+        kept, the others zeroed (selected, not multiplied: a slot being copied during the GEMM
+        may have left anything in its columns), times every slot's B^T stacked."""
         columns = self.slots * self.rank
         own = (self.token_slots[:, None] == torch.arange(self.slots, device=self.shrunk.device)[None, :])
-        mask = own.repeat_interleave(self.rank, dim=1).to(self.shrunk.dtype)
-        return torch.cat([(self.shrunk[:, i * columns:(i + 1) * columns] * mask) @ b_t.flatten(0, 1)
+        mask = own.repeat_interleave(self.rank, dim=1)
+        zero = torch.zeros((), dtype=self.shrunk.dtype, device=self.shrunk.device)
+        return torch.cat([torch.where(mask, self.shrunk[:, i * columns:(i + 1) * columns], zero) @ b_t.flatten(0, 1)
                           for i, b_t in enumerate(self.b_t)], dim=1)

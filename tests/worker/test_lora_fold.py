@@ -10,7 +10,13 @@ import torch
 
 from tests import tp_group
 from tests.driver import Driver, Request, forward_paths, make_engine, make_resident
-from tests.model_factory import ARCHITECTURES, STANDARD_ADAPTER_SPECS, build_adapter, build_dora_adapter, build_tiny_model
+from tests.model_factory import (
+    ARCHITECTURES,
+    STANDARD_ADAPTER_SPECS,
+    build_adapter,
+    build_dora_adapter,
+    build_tiny_model,
+)
 from tests.oracle import PeftOracle
 from tests.worker import test_tensor_parallel as tensor_parallel
 from tests.worker.test_equivalence import assert_matches_oracle, prompt, serve_mixed_batch_as_peft

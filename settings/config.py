@@ -245,9 +245,9 @@ class EngineConfig:
     max_loaded_loras: int = setting(16, minimum=1, help="adapters in the pinned host cache")
     max_lora_rank: int = setting(64, minimum=1, help="largest adapter rank accepted")
     lora_fold: bool = setting(False, help="LoRA runs inside the base GEMMs and the kernels that read their outputs",
-                              switches={"--lora-fold": Switch(True, "LoRA folded into the base GEMMs and their "
-                                                                    "readers (adapters up to rank 16, no DoRA; "
-                                                                    "docs/performance.md)")})
+                              switches={"--lora-fold": Switch(True, "steps carrying a prompt run LoRA inside the "
+                                                                    "base GEMMs and their readers (adapters up to "
+                                                                    "rank 16, no DoRA; docs/design.md)")})
     lora_target_modules: tuple[str, ...] = setting(TARGET_MODULES, choices=TARGET_MODULES,
                                                    help="projections the adapter slots hold (Phi-3's qkv_proj and "
                                                         "gate_up_proj as their q/k/v and gate/up parts)")

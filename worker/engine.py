@@ -495,8 +495,7 @@ class _ForwardLora:
         tokens' slots, on the device."""
         if engine.slots.folded is None or self.batch is None:
             return None
-        ranks = [engine.slots.adapter_rank(slot) for slot in range(engine.slots.num_slots)]
-        blocks = lora_blocks(step.token_slots, ranks, block_m=PROMPT_BLOCK_M)
+        blocks = lora_blocks(step.token_slots, engine.slots.adapter_ranks(), block_m=PROMPT_BLOCK_M)
         return index_tensor(blocks, engine.device), index_tensor(step.token_slots, engine.device)
 
     def _saved_embeddings(self, engine: Engine, step: StepInputs) -> EmbeddingReplace | None:

@@ -261,7 +261,7 @@ class GraphStepRunner:
         shape = (decode_shape(num_tokens, pages) if num_tokens == len(step.sequences)
                  else mixed_shape(num_tokens, self.max_batch, pages))
         inputs = self._inputs_of(shape)
-        slot_ranks = [self.slots.adapter_rank(slot) for slot in range(self.slots.num_slots)]
+        slot_ranks = self.slots.adapter_ranks()
         inputs.fill(step, slot_ranks, self.kv_cache.scratch_index)
         feed(inputs.device("input_ids"))
         variant = LoraVariant(dora=self.slots.any_dora(step.active_slots),

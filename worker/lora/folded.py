@@ -14,9 +14,8 @@ Why: the LoRA kernels beside the base GEMMs take SMs from them: a step carrying 
 only: the extra columns are slots x rank, so rank 16 is the fold's rank (lower ranks are
 zero-padded to it, and `tl.dot` needs 16). The cost: every adapted step's GEMMs read every
 slot's A, and a forward carrying a landing slot's tokens waits for each layer's copy before that
-layer's base GEMM.
-Under tensor parallelism a row-parallel module's shrunk columns are partial sums that the
-all-reduce of its output sums too.
+layer's base GEMM. Under tensor parallelism a row-parallel module's shrunk columns are partial
+sums that the all-reduce of its output sums too.
 """
 
 from __future__ import annotations

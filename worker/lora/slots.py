@@ -170,6 +170,10 @@ class LoraSlots:
         none): what the batched products of those modules read."""
         return self._linear_rank[slot]
 
+    def adapter_ranks(self) -> list[int]:
+        """`adapter_rank` of every slot, in slot order (what a LoRA block table is built from)."""
+        return list(self._linear_rank)
+
     def clear(self, slot: int) -> None:
         self.ranks[slot] = {}
         self.occupants[slot] = None

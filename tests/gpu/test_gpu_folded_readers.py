@@ -124,6 +124,35 @@ def test_folded_act_mul_matches_reference(device, dtype, batch, size, activation
     assert_matches(kernels().act_mul(gate_up, lora, activation), act_mul_reference(gate_up, lora, activation), dtype)
 
 
+# Launch shapes `benchmarks.folded_reader_sweep` may choose: wider parts than a decode block's rows,
+# narrow and wide column tiles.
+OTHER_TILES = [(32, 64, 2), (64, 512, 8)]
+
+
+@pytest.mark.parametrize("dtype", FOLDED_DTYPES)
+@pytest.mark.parametrize("rows,columns,warps", OTHER_TILES)
+def test_folded_readers_match_reference_in_other_launch_shapes(device, dtype, rows, columns, warps):
+    tiles = kernels().FoldedTiles(rows=rows, columns=columns, warps=warps)
+    torch_dtype = DTYPES[dtype]
+    lora = folded("mixed", [1100, 1100], dtype=torch_dtype, device=device)
+    tokens = lora.shrunk.shape[0]
+    gate_up = randn(tokens, 2200, dtype=torch_dtype, device=device, seed=6, scale=3.0)
+    assert_matches(kernels().act_mul(gate_up, lora, "silu", tiles), act_mul_reference(gate_up, lora, "silu"), dtype)
+    lora = folded("prompt", [600], dtype=torch_dtype, device=device)
+    hidden, out = (randn(lora.shrunk.shape[0], 600, dtype=torch_dtype, device=device, seed=s) for s in (0, 1))
+    weight = randn(600, dtype=torch_dtype, device=device, seed=2, scale=0.1) + 1
+    for got, expected in zip(kernels().add_rms_norm(hidden, out, weight, 1e-6, lora, tiles),
+                             add_rms_norm_reference(hidden, out, weight, 1e-6, lora)):
+        assert_matches(got, expected, dtype)
+
+
+def test_folded_readers_refuse_parts_smaller_than_a_dot(device):
+    lora = folded("mixed", [72, 72], dtype=torch.float32, device=device)
+    gate_up = randn(lora.shrunk.shape[0], 144, dtype=torch.float32, device=device, seed=6)
+    with pytest.raises(ValueError, match="at least 16 rows, got 8"):
+        kernels().act_mul(gate_up, lora, "silu", kernels().FoldedTiles(rows=8))
+
+
 def test_folded_readers_refuse_operands_that_do_not_fit(device):
     lora = folded("mixed", [72], dtype=torch.float32, device=device)
     hidden = randn(lora.shrunk.shape[0], 64, dtype=torch.float32, device=device, seed=0)

@@ -1,14 +1,16 @@
 """The readers of `worker.kernels.elementwise` with a folded LoRA expand (`FoldedDeltas`; imported
 only on CUDA machines or under TRITON_INTERPRET=1).
 
-Each program takes 16 rows of one block of the step's LoRA block table (rows of one slot) instead
-of one row, so that the expand `shrunk @ B^T` is a `tl.dot` of those rows against their slot's B,
-read once per 16 rows: row by row a 400-token prompt would read its B 400 times. The
+Each program takes several rows of one block of the step's LoRA block table (rows of one slot)
+instead of one row, so that the expand `shrunk @ B^T` is a `tl.dot` of those rows against their
+slot's B, read once for them: row by row a 400-token prompt would read its B 400 times. The
 arithmetic after the delta is the per-row kernels' own (`_elementwise_triton`), on [rows, columns]
 tiles, rounding in the same places.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -19,12 +21,23 @@ from worker.kernels._elementwise_triton import ACTIVATIONS, _act_times, _check, 
 from worker.kernels._triton_common import dot, lora_block, pick
 from worker.kernels.staged_deltas import FoldedDeltas
 
-# A program's rows: a block's part. Whole blocks (up to 64 rows) made tiles of 64 x 256 that spilled
-# registers (act_mul 54 us a call in a mixed step) and, for a decode block's one row, 31 rows of
-# waste; 16 is tl.dot's least.
-PART_ROWS = 16
-NORM_COLUMNS = 256
-ACT_COLUMNS = 128
+
+@dataclass(frozen=True)
+class FoldedTiles:
+    """A reader's launch shape (`benchmarks.folded_reader_sweep` times them). A program takes `rows`
+    of one block (a power of two from 16, tl.dot's least, to the block table's block_m) and, in the
+    column-parallel kernels, `columns` of them; rope takes a head's columns."""
+
+    rows: int = 16
+    columns: int = 128
+    warps: int = 4
+
+
+# Whole blocks (up to 64 rows) made tiles of 64 x 256 that spilled registers (act_mul 54 us a call in
+# a mixed step) and, for a decode block's one row, 31 rows of waste.
+NORM_TILES = FoldedTiles(rows=16, columns=256)
+ROPE_TILES = FoldedTiles(rows=16)
+ACT_TILES = FoldedTiles(rows=16, columns=128)
 
 
 @triton.jit
@@ -71,7 +84,7 @@ def _add_expanded_kernel(hidden_ptr, out_ptr, h_ptr, b_ptr, blocks_ptr, sum_ptr,
 
 
 def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                 lora_delta: FoldedDeltas) -> tuple[torch.Tensor, torch.Tensor]:
+                 lora_delta: FoldedDeltas, tiles: FoldedTiles = NORM_TILES) -> tuple[torch.Tensor, torch.Tensor]:
     """Two kernels: the residual sum with the expand, over [rows, columns] tiles of every block in
     parallel, then the row kernel's norm of it. One kernel would walk each block's rows' columns in
     turn for their sum of squares: a step's few blocks then kept a few SMs busy (a mixed step's
@@ -81,10 +94,10 @@ def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor
     _check_folded(lora_delta, delta, [size])
     summed = torch.empty_like(hidden)
     (b_t,) = lora_delta.b_t
-    _add_expanded_kernel[_grid(lora_delta, triton.cdiv(size, NORM_COLUMNS))](
+    _add_expanded_kernel[_grid(lora_delta, tiles, triton.cdiv(size, tiles.columns))](
         hidden, delta, lora_delta.shrunk, b_t, lora_delta.blocks, summed, size, hidden.stride(0), delta.stride(0),
-        lora_delta.shrunk.stride(0), b_t.stride(0), summed.stride(0), BM=PART_ROWS, BN=NORM_COLUMNS,
-        RANK=lora_delta.rank, IEEE=hidden.dtype == torch.float32, num_warps=4, enable_fp_fusion=False,
+        lora_delta.shrunk.stride(0), b_t.stride(0), summed.stride(0), BM=tiles.rows, BN=tiles.columns,
+        RANK=lora_delta.rank, IEEE=hidden.dtype == torch.float32, num_warps=tiles.warps, enable_fp_fusion=False,
     )
     return row_kernels.add_rms_norm(summed, None, weight, eps)
 
@@ -132,7 +145,7 @@ def _rope_cache_kernel(qkv_ptr, h_ptr, bq_ptr, bk_ptr, bv_ptr, blocks_ptr, cos_p
 def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: FoldedDeltas, heads: int, kv_heads: int, head_dim: int,
                       cos: torch.Tensor, sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                       eps: float, *, keys: torch.Tensor, values: torch.Tensor,
-                      write_index: torch.Tensor) -> torch.Tensor:
+                      write_index: torch.Tensor, tiles: FoldedTiles = ROPE_TILES) -> torch.Tensor:
     tokens = qkv.shape[0]
     _check(qkv, cos)
     _check_folded(lora_delta, qkv, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
@@ -141,13 +154,13 @@ def rope_and_cache_kv(qkv: torch.Tensor, lora_delta: FoldedDeltas, heads: int, k
         _check_norm_weight(qkv, q_norm)
         _check_norm_weight(qkv, k_norm)
     q = torch.empty(tokens, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    _rope_cache_kernel[_grid(lora_delta, heads + 2 * kv_heads)](
+    _rope_cache_kernel[_grid(lora_delta, tiles, heads + 2 * kv_heads)](
         qkv, lora_delta.shrunk, *lora_delta.b_t, lora_delta.blocks, cos, sin, q, keys, values, write_index,
         q_norm if qk_norm else qkv, k_norm if qk_norm else qkv, eps, qkv.stride(0), lora_delta.shrunk.stride(0),
         cos.stride(0), sin.stride(0), q.stride(0), keys.stride(0), HEADS=heads, KV_HEADS=kv_heads,
         HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(head_dim // 2), QK_NORM=qk_norm,
-        SLOTS=lora_delta.slots, BM=PART_ROWS, RANK=lora_delta.rank, IEEE=qkv.dtype == torch.float32,
-        num_warps=4, enable_fp_fusion=False,
+        SLOTS=lora_delta.slots, BM=tiles.rows, RANK=lora_delta.rank, IEEE=qkv.dtype == torch.float32,
+        num_warps=tiles.warps, enable_fp_fusion=False,
     )
     return q
 
@@ -169,25 +182,28 @@ def _act_mul_kernel(gate_up_ptr, h_ptr, b_gate_ptr, b_up_ptr, blocks_ptr, out_pt
         tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], _act_times(gate, up, ACTIVATION), mask=mask)
 
 
-def act_mul(gate_up: torch.Tensor, lora_delta: FoldedDeltas, activation: str = "silu") -> torch.Tensor:
+def act_mul(gate_up: torch.Tensor, lora_delta: FoldedDeltas, activation: str = "silu",
+            tiles: FoldedTiles = ACT_TILES) -> torch.Tensor:
     tokens, width = gate_up.shape
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}")
     size = width // 2
     _check_folded(lora_delta, gate_up, [size, size])
     out = torch.empty(tokens, size, dtype=gate_up.dtype, device=gate_up.device)
-    _act_mul_kernel[_grid(lora_delta, triton.cdiv(size, ACT_COLUMNS))](
+    _act_mul_kernel[_grid(lora_delta, tiles, triton.cdiv(size, tiles.columns))](
         gate_up, lora_delta.shrunk, *lora_delta.b_t, lora_delta.blocks, out, size, gate_up.stride(0),
-        lora_delta.shrunk.stride(0), out.stride(0), SLOTS=lora_delta.slots, BM=PART_ROWS, BN=ACT_COLUMNS,
-        RANK=lora_delta.rank, IEEE=gate_up.dtype == torch.float32, ACTIVATION=activation, num_warps=4,
+        lora_delta.shrunk.stride(0), out.stride(0), SLOTS=lora_delta.slots, BM=tiles.rows, BN=tiles.columns,
+        RANK=lora_delta.rank, IEEE=gate_up.dtype == torch.float32, ACTIVATION=activation, num_warps=tiles.warps,
         enable_fp_fusion=False,
     )
     return out
 
 
-def _grid(lora_delta: FoldedDeltas, tiles: int) -> tuple[int, int, int]:
-    """(blocks, parts of a block, tiles of a part): parts past a block's rows exit at once."""
-    return lora_delta.blocks.shape[0], triton.cdiv(lora_delta.block_m, PART_ROWS), tiles
+def _grid(lora_delta: FoldedDeltas, tiles: FoldedTiles, column_tiles: int) -> tuple[int, int, int]:
+    """(blocks, parts of a block, column tiles of a part): parts past a block's rows exit at once."""
+    if tiles.rows < 16 or tiles.rows & (tiles.rows - 1):
+        raise ValueError(f"a folded reader's programs take a power of two of at least 16 rows, got {tiles.rows}")
+    return lora_delta.blocks.shape[0], triton.cdiv(lora_delta.block_m, tiles.rows), column_tiles
 
 
 def _check_folded(lora_delta: FoldedDeltas, out: torch.Tensor, module_outputs: list[int]) -> None:

@@ -1,0 +1,165 @@
+"""Launch shapes of the folded readers (`--lora-fold`) in the 8B model's mixed step.
+
+    python -m benchmarks.folded_reader_sweep --out folded-sweep.json
+
+The step of `step_times`: 8 decodes, one per slot, and a 400-token prompt on slot 0, every slot of
+rank 16, in PROMPT_BLOCK_M blocks. Each reader (`act_mul` with the gate/up expand, `add_rms_norm`
+with the o or down expand, `rope_and_cache_kv` with the q/k/v expand) reads a GEMM output whose
+extra columns are the shrunk inputs, as in a step. 32 layers' calls with distinct operands (so
+that nothing is served from L2) are captured in a CUDA graph and replayed, for each launch shape
+(`FoldedTiles`); the same reader without LoRA (the row kernel, the base model's step) is the
+floor. Prints microseconds per layer and the GB/s of the reader's own bytes (its input and output,
+not B), the default and the best shape per reader; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from benchmarks.common import graph_microseconds, run_record, write_result
+from worker.kernels import _folded_readers_triton as folded
+from worker.kernels import elementwise
+from worker.kernels._folded_readers_triton import FoldedTiles
+from worker.kernels.lora_blocks import PROMPT_BLOCK_M, lora_blocks, max_blocks
+from worker.kernels.staged_deltas import FoldedDeltas
+
+LAYERS, SLOTS, RANK = 32, 8, 16
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128
+ROWS, COLUMNS, WARPS = (16, 32, 64), (64, 128, 256, 512), (2, 4, 8)
+DTYPE = torch.bfloat16
+DEVICE = "cuda"
+
+
+@dataclass(frozen=True)
+class Reader:
+    name: str
+    default: FoldedTiles
+    tilings: list[FoldedTiles]
+    nbytes: int  # its input and output
+    folded: Callable[[int, FoldedTiles], object]  # layer, tiles
+    floor: Callable[[int], object]  # layer: the row kernel without LoRA
+
+
+def step_slots(prompt: int) -> list[int]:
+    """The token slots of 8 decodes and a prompt on slot 0, sorted by slot as a step's batch."""
+    return sorted([*range(SLOTS), *[0] * prompt])
+
+
+class Operands:
+    """Per layer: GEMM outputs with the shrunk columns beside them, every slot's B^T."""
+
+    def __init__(self, token_slots: list[int]) -> None:
+        self.tokens = len(token_slots)
+        self._gen = torch.Generator(device=DEVICE).manual_seed(0)
+        table = lora_blocks(token_slots, [RANK] * SLOTS, max_blocks(self.tokens, SLOTS, PROMPT_BLOCK_M),
+                            PROMPT_BLOCK_M)
+        self.blocks = torch.from_numpy(table).to(DEVICE)
+        self.token_slots = torch.tensor(token_slots, device=DEVICE)
+
+    def randn(self, *shape: int, scale: float = 0.1) -> torch.Tensor:
+        return torch.randn(*shape, generator=self._gen, device=DEVICE, dtype=DTYPE) * scale
+
+    def gemm_output(self, outputs: list[int]) -> tuple[torch.Tensor, FoldedDeltas]:
+        """A group's GEMM output [T, sum(outputs)] and its folded LoRA, the shrunk columns a view of it."""
+        width = sum(outputs)
+        gemm = self.randn(self.tokens, width + len(outputs) * SLOTS * RANK, scale=1.0)
+        b_t = tuple(self.randn(SLOTS, RANK, n, scale=0.01) for n in outputs)
+        return gemm[:, :width], FoldedDeltas(gemm[:, width:], b_t, self.blocks, PROMPT_BLOCK_M, self.token_slots)
+
+
+def act_mul_reader(ops: Operands) -> Reader:
+    layers = [ops.gemm_output([INTERMEDIATE, INTERMEDIATE]) for _ in range(LAYERS)]
+    tilings = [FoldedTiles(r, c, w) for r, c, w in itertools.product(ROWS, COLUMNS, WARPS) if r * c <= 64 * 256]
+    return Reader("act_mul", folded.ACT_TILES, tilings, 3 * ops.tokens * INTERMEDIATE * DTYPE.itemsize,
+                  lambda layer, tiles: folded.act_mul(*layers[layer], "silu", tiles),
+                  lambda layer: elementwise.act_mul(layers[layer][0]))
+
+
+def add_rms_norm_reader(ops: Operands) -> Reader:
+    layers = [(ops.randn(ops.tokens, HIDDEN), *ops.gemm_output([HIDDEN])) for _ in range(LAYERS)]
+    weight = ops.randn(HIDDEN) + 1
+    tilings = [FoldedTiles(r, c, w) for r, c, w in itertools.product(ROWS, COLUMNS, WARPS) if r * c <= 64 * 512]
+    return Reader("add_rms_norm", folded.NORM_TILES, tilings, 4 * ops.tokens * HIDDEN * DTYPE.itemsize,
+                  lambda layer, tiles: folded.add_rms_norm(layers[layer][0], layers[layer][1], weight, 1e-5,
+                                                           layers[layer][2], tiles),
+                  lambda layer: elementwise.add_rms_norm(layers[layer][0], layers[layer][1], weight, 1e-5))
+
+
+def rope_reader(ops: Operands) -> Reader:
+    outputs = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
+    layers = [ops.gemm_output(outputs) for _ in range(LAYERS)]
+    cos, sin = (ops.randn(ops.tokens, 1, HEAD_DIM, scale=1.0) for _ in range(2))
+    keys, values = (torch.zeros(ops.tokens, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    write_index = torch.arange(ops.tokens, device=DEVICE)
+
+    def call(layer: int, lora: FoldedDeltas | None, tiles: FoldedTiles | None):
+        qkv = layers[layer][0]
+        args = (HEADS, KV_HEADS, HEAD_DIM, cos, sin, None, None, 1e-5)
+        caches = {"keys": keys, "values": values, "write_index": write_index}
+        if tiles is None:
+            return elementwise.rope_and_cache_kv(qkv, None, *args, **caches)
+        return folded.rope_and_cache_kv(qkv, lora, *args, **caches, tiles=tiles)
+
+    tilings = [FoldedTiles(rows=r, warps=w) for r, w in itertools.product(ROWS, WARPS)]
+    return Reader("rope_and_cache_kv", folded.ROPE_TILES, tilings, 2 * ops.tokens * sum(outputs) * DTYPE.itemsize,
+                  lambda layer, tiles: call(layer, layers[layer][1], tiles), lambda layer: call(layer, None, None))
+
+
+def layers_microseconds(call: Callable[[int], object]) -> float:
+    def all_layers() -> None:
+        for layer in range(LAYERS):
+            call(layer)
+    return graph_microseconds(all_layers, repeats=5) / LAYERS
+
+
+def sweep(reader: Reader, deadline: float) -> dict:
+    floor = layers_microseconds(reader.floor)
+    print(f"{reader.name:18} without LoRA: {floor:7.2f} us/layer {reader.nbytes / floor / 1e3:6.0f} GB/s", flush=True)
+    measured: dict[FoldedTiles, float] = {}
+    for tiles in dict.fromkeys([reader.default, *reader.tilings]):
+        if time.monotonic() > deadline:
+            break
+        try:
+            measured[tiles] = layers_microseconds(lambda layer: reader.folded(layer, tiles))
+        except Exception as error:  # a shape the compiler or the GPU refuses (registers, shared memory)
+            print(f"{reader.name:18} {tiles}: failed ({type(error).__name__})", flush=True)
+            continue
+        print(f"{reader.name:18} {tiles}: {measured[tiles]:7.2f} us/layer "
+              f"{reader.nbytes / measured[tiles] / 1e3:6.0f} GB/s", flush=True)
+    best = min(measured, key=measured.__getitem__, default=None)
+    return {"without_lora_us": floor, "bytes": reader.nbytes, "default": asdict(reader.default),
+            "default_us": measured.get(reader.default), "best": best and {**asdict(best), "us": measured[best]},
+            "all": [{**asdict(tiles), "us": us} for tiles, us in measured.items()]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--prompt", type=int, default=400, help="the prompt's tokens beside the 8 decodes")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="stop sweeping after this long")
+    args = parser.parse_args()
+    deadline = time.monotonic() + args.budget_s
+    ops = Operands(step_slots(args.prompt))
+    report = run_record("folded_reader_sweep", prompt=args.prompt, rank=RANK, slots=SLOTS, results={})
+    for build in (act_mul_reader, add_rms_norm_reader, rope_reader):
+        reader = build(ops)
+        report["results"][reader.name] = sweep(reader, deadline)
+        del reader
+        torch.cuda.empty_cache()
+    for name, result in report["results"].items():
+        best = result["best"]
+        if best is not None:
+            print(f"{name:18} without LoRA {result['without_lora_us']:.2f} us, default {result['default_us']} us, "
+                  f"best {best}")
+    if args.out:
+        write_result(args.out, report)
+
+
+if __name__ == "__main__":
+    main()

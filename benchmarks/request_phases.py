@@ -8,7 +8,9 @@ request's first forward ended), the moment the scheduler heard the adapter was r
 admission into a forward, that forward on the GPU (the first forward carrying the adapter and a
 prompt that started after the admission) and the moment the scheduler had its first token.
 Prints the median, P90 and mean of each moment and of the gaps between them, for the requests
-whose adapter was copied after they arrived and for the others. Asserts nothing.
+whose adapter was copied after they arrived and for the others. `each_request` gives every
+request's moments in arrival order (a seed run's result file keeps them, so that which request
+got a slot when can be read off both modes' runs of the same workload). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class RequestPhases:
     """Moments of one request in ms after its arrival; None where the trace does not have it."""
 
     adapter: str
+    arrival_us: float  # trace time
+    output_tokens: int
     copy_start: float | None
     copy_end: float | None
     adapter_ready: float | None
@@ -40,13 +44,15 @@ class RequestPhases:
     forward_start: float | None
     forward_end: float | None
     first_token: float | None
+    finished: float | None
 
     @property
     def copied_after_arrival(self) -> bool:
         return self.copy_end is not None and self.copy_end > 0
 
 
-MOMENTS = ("copy_start", "copy_end", "adapter_ready", "admitted", "forward_start", "forward_end", "first_token")
+MOMENTS = ("copy_start", "copy_end", "adapter_ready", "admitted", "forward_start", "forward_end", "first_token",
+           "finished")
 GAPS = (("copy_end", "forward_start"), ("copy_end", "admitted"), ("admitted", "forward_start"),
         ("forward_start", "forward_end"), ("forward_end", "first_token"))
 
@@ -55,8 +61,10 @@ def request_phases(trace: dict) -> list[RequestPhases]:
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
     loads = _spans_by_adapter(e for e in events if e.get("tid") == "pcie")
     prompt_forwards = _prompt_forwards_by_adapter(e for e in events if e.get("name") == "forward")
+    spans = [e for e in events if e.get("pid") == "scheduler"]
+    running_ends = {e["tid"]: e["ts"] + e["dur"] for e in spans if e["name"] == "running"}
     phases = []
-    for queued in (e for e in events if e.get("pid") == "scheduler" and e.get("name") == "queued"):
+    for queued in (e for e in spans if e["name"] == "queued"):
         args = queued["args"]
         arrival = queued["ts"]
         admitted = arrival + queued["dur"]
@@ -69,11 +77,12 @@ def request_phases(trace: dict) -> list[RequestPhases]:
         forward_end = forward["ts"] + forward["dur"] if forward else None
         copy = _latest_copy_before(loads.get(adapter, []), forward_end if forward_end is not None else admitted)
         phases.append(RequestPhases(
-            adapter=adapter, copy_start=ms(copy and copy["ts"]), copy_end=ms(copy and copy["ts"] + copy["dur"]),
+            adapter=adapter, arrival_us=arrival, output_tokens=args.get("output_tokens", 0),
+            copy_start=ms(copy and copy["ts"]), copy_end=ms(copy and copy["ts"] + copy["dur"]),
             adapter_ready=ms(args.get("adapter_ready_us")), admitted=ms(admitted),
             forward_start=ms(forward and forward["ts"]), forward_end=ms(forward_end),
-            first_token=ms(args.get("first_token_us"))))
-    return phases
+            first_token=ms(args.get("first_token_us")), finished=ms(running_ends.get(queued["tid"]))))
+    return sorted(phases, key=lambda p: p.arrival_us)
 
 
 def _spans_by_adapter(events) -> dict[str, list[dict]]:
@@ -142,6 +151,16 @@ def as_figures(summaries: dict[str, tuple[int, list[Summary]]]) -> dict:
     return {name: {"requests": count} | {r.name: {"median": round(r.median, 2), "p90": round(r.p90, 2),
                                                   "mean": round(r.mean, 2), "count": r.count} for r in rows}
             for name, (count, rows) in summaries.items()}
+
+
+def each_request(phases: list[RequestPhases]) -> list[dict]:
+    """Every request in arrival order: its adapter, output tokens, arrival (ms after the first
+    request's) and each moment it has (ms after its own arrival)."""
+    first = phases[0].arrival_us if phases else 0.0
+    return [{"adapter": p.adapter, "output_tokens": p.output_tokens,
+             "arrival": round((p.arrival_us - first) / 1e3, 2)}
+            | {moment: round(value, 2) for moment in MOMENTS if (value := getattr(p, moment)) is not None}
+            for p in phases]
 
 
 def format_groups(summaries: dict[str, tuple[int, list[Summary]]]) -> str:

@@ -10,8 +10,8 @@ all-module file under 16 names) for the larger shapes; `zipf1000` (the 8 small f
 runs want), `--routing-policy round-robin` for the adapter-blind baseline, `--tp N` per
 replica, `--shape llama-70b`. Writes every run's raw
 JSON, comparison tables and timeline PNGs under --out-dir, and the run's result file
-`seed-<sets>-<commit>.json` (command, commit, GPU, each mode's summary, per-request TTFTs and
-timeline figures): the file to copy into benchmarks/results/.
+`seed-<sets>-<commit>.json` (command, commit, GPU, each mode's summary, per-request TTFTs, and
+with overlap off and on the timeline figures and each request's phases): the file to copy into benchmarks/results/.
 
     python -m benchmarks.seed_workload --out-dir $OUT --sets large small
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import run_record, write_result
-from benchmarks.request_phases import as_figures, groups, request_phases
+from benchmarks.request_phases import as_figures, each_request, groups, request_phases
 from loraserve.bench import TTFT_PERCENTILES, add_bench_parser, format_comparison, nearest_rank, run_benchmark
 from loraserve.client import Connection, LoraServeClient
 from loraserve.command_line import connection_from_args
@@ -149,7 +149,9 @@ def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: floa
                 result["decode_step_gaps"] = asdict(gaps) if gaps else None
                 stalls = load_start_stalls(trace)
                 result["load_start_stalls"] = asdict(stalls) if stalls else None
-                result["request_phases"] = as_figures(groups(request_phases(trace)))
+                phases = request_phases(trace)
+                result["request_phases"] = as_figures(groups(phases))
+                result["requests"] = each_request(phases)
             output.write_text(json.dumps(result, indent=1))
     finally:
         launcher.stop()
@@ -258,7 +260,7 @@ def main() -> None:
         for mode in modes:
             label = f"{adapter_set}-{mode}"
             results[label] = run_mode(base, adapters, mode, rate, args.num_prompts, args.out_dir, label,
-                                      draw_timeline=adapter_set == "large" and mode != "resident")
+                                      draw_timeline=mode != "resident")
             record = write_record(args, bandwidth, assets.get("large_bytes"), results)
         names = [f"{adapter_set}-{m}" for m in modes]
         table = format_comparison(names, [results[n]["summary"] for n in names])
@@ -290,7 +292,7 @@ def run_suffix(args: argparse.Namespace) -> str:
 def result_figures(result: dict) -> dict:
     """What the result file keeps of one mode's run: not every token's latency, as the raw JSON does."""
     figures = {"summary": result["summary"], "ttft_ms": [round(r["ttft_ms"], 2) for r in result["records"]]}
-    for key in ("stats", "copy_gbps", "decode_step_gaps", "load_start_stalls", "request_phases"):
+    for key in ("stats", "copy_gbps", "decode_step_gaps", "load_start_stalls", "request_phases", "requests"):
         if result.get(key) is not None:
             figures[key] = result[key]
     return figures

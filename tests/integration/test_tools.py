@@ -49,6 +49,7 @@ def test_bench_records_summary_and_timeline(base_config, tmp_path):
     for p in slow:  # each waited for the slow copy, was admitted on hearing of it, then prefilled
         assert p.copy_end - p.copy_start >= 1500
         assert p.copy_end <= p.adapter_ready <= p.admitted <= p.forward_start < p.forward_end <= p.first_token
+        assert p.first_token < p.finished and p.output_tokens > 0
     copied_count, _ = groups(request_phases({"traceEvents": trace}))["adapter copied after arrival"]
     assert copied_count >= 3
     assert cli(["timeline", str(trace_file), "-o", str(picture)]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import math
 import signal
 import socket
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -68,10 +70,21 @@ class BackgroundFrontend:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def stop(self) -> None:
-        self._run(self.server.stop(grace_s=0.5))
+        try:
+            self._run(self.server.stop(grace_s=0.5))
+        except FutureTimeout:
+            self._show_where_the_loop_is_stuck()
+            raise
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         self._loop.close()
+
+    def _show_where_the_loop_is_stuck(self) -> None:
+        """Every thread's stack (a call blocking the loop shows in the frontend thread's) and every
+        task's await, in the failed test's captured output."""
+        faulthandler.dump_traceback(all_threads=True)
+        for task in asyncio.all_tasks(self._loop):
+            task.print_stack()
 
 
 @contextmanager

@@ -8,8 +8,10 @@ with the o or down expand, `rope_and_cache_kv` with the q/k/v expand) reads a GE
 extra columns are the shrunk inputs, as in a step. 32 layers' calls with distinct operands (so
 that nothing is served from L2) are captured in a CUDA graph and replayed, for each launch shape
 (`FoldedTiles`); the same reader without LoRA (the row kernel, the base model's step) is the
-floor. Prints microseconds per layer and the GB/s of the reader's own bytes (its input and output,
-not B), the default and the best shape per reader; asserts nothing.
+floor. `add_rms_norm` is timed twice: as the server runs it (two kernels) and as the one-kernel
+candidate of `benchmarks._fused_norm_triton`. Prints microseconds per layer and the GB/s of the
+reader's own bytes (its input and output, not B), the default and the best shape per reader;
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from benchmarks._fused_norm_triton import SumAndNorm
 from benchmarks.common import graph_microseconds, run_record, write_result
 from worker.kernels import _folded_readers_triton as folded
 from worker.kernels import elementwise
@@ -81,14 +84,32 @@ def act_mul_reader(ops: Operands) -> Reader:
                   lambda layer: elementwise.act_mul(layers[layer][0]))
 
 
-def add_rms_norm_reader(ops: Operands) -> Reader:
+def norm_operands(ops: Operands) -> tuple[list, torch.Tensor, list[FoldedTiles], int]:
+    """Per layer (hidden, the o or down output, its folded LoRA); the norm weight; the tilings; the bytes."""
     layers = [(ops.randn(ops.tokens, HIDDEN), *ops.gemm_output([HIDDEN])) for _ in range(LAYERS)]
-    weight = ops.randn(HIDDEN) + 1
     tilings = [FoldedTiles(r, c, w) for r, c, w in itertools.product(ROWS, COLUMNS, WARPS) if r * c <= 64 * 512]
-    return Reader("add_rms_norm", folded.NORM_TILES, tilings, 4 * ops.tokens * HIDDEN * DTYPE.itemsize,
-                  lambda layer, tiles: folded.add_rms_norm(layers[layer][0], layers[layer][1], weight, 1e-5,
-                                                           layers[layer][2], tiles),
-                  lambda layer: elementwise.add_rms_norm(layers[layer][0], layers[layer][1], weight, 1e-5))
+    return layers, ops.randn(HIDDEN) + 1, tilings, 4 * ops.tokens * HIDDEN * DTYPE.itemsize
+
+
+def add_rms_norm_reader(ops: Operands) -> Reader:
+    layers, weight, tilings, nbytes = norm_operands(ops)
+    return Reader("add_rms_norm", folded.NORM_TILES, tilings, nbytes,
+                  lambda layer, tiles: folded.add_rms_norm(*layers[layer][:2], weight, 1e-5, layers[layer][2], tiles),
+                  lambda layer: elementwise.add_rms_norm(*layers[layer][:2], weight, 1e-5))
+
+
+def sum_and_norm_reader(ops: Operands) -> Reader:
+    """The one-kernel candidate for `add_rms_norm` (`benchmarks._fused_norm_triton`), on its operands."""
+    layers, weight, tilings, nbytes = norm_operands(ops)
+    candidates: dict[FoldedTiles, SumAndNorm] = {}
+
+    def call(layer: int, tiles: FoldedTiles):
+        if tiles not in candidates:
+            candidates[tiles] = SumAndNorm(ops.tokens, HIDDEN, ops.blocks.shape[0], PROMPT_BLOCK_M, tiles, DEVICE)
+        return candidates[tiles](*layers[layer][:2], weight, 1e-5, layers[layer][2])
+
+    return Reader("add_rms_norm 1 kernel", folded.NORM_TILES, tilings, nbytes, call,
+                  lambda layer: elementwise.add_rms_norm(*layers[layer][:2], weight, 1e-5))
 
 
 def rope_reader(ops: Operands) -> Reader:
@@ -120,7 +141,7 @@ def layers_microseconds(call: Callable[[int], object]) -> float:
 
 def sweep(reader: Reader, deadline: float) -> dict:
     floor = layers_microseconds(reader.floor)
-    print(f"{reader.name:18} without LoRA: {floor:7.2f} us/layer {reader.nbytes / floor / 1e3:6.0f} GB/s", flush=True)
+    print(f"{reader.name:22} without LoRA: {floor:7.2f} us/layer {reader.nbytes / floor / 1e3:6.0f} GB/s", flush=True)
     measured: dict[FoldedTiles, float] = {}
     for tiles in dict.fromkeys([reader.default, *reader.tilings]):
         if time.monotonic() > deadline:
@@ -128,9 +149,9 @@ def sweep(reader: Reader, deadline: float) -> dict:
         try:
             measured[tiles] = layers_microseconds(lambda layer: reader.folded(layer, tiles))
         except Exception as error:  # a shape the compiler or the GPU refuses (registers, shared memory)
-            print(f"{reader.name:18} {tiles}: failed ({type(error).__name__})", flush=True)
+            print(f"{reader.name:22} {tiles}: failed ({type(error).__name__})", flush=True)
             continue
-        print(f"{reader.name:18} {tiles}: {measured[tiles]:7.2f} us/layer "
+        print(f"{reader.name:22} {tiles}: {measured[tiles]:7.2f} us/layer "
               f"{reader.nbytes / measured[tiles] / 1e3:6.0f} GB/s", flush=True)
     best = min(measured, key=measured.__getitem__, default=None)
     return {"without_lora_us": floor, "bytes": reader.nbytes, "default": asdict(reader.default),
@@ -147,7 +168,7 @@ def main() -> None:
     deadline = time.monotonic() + args.budget_s
     ops = Operands(step_slots(args.prompt))
     report = run_record("folded_reader_sweep", prompt=args.prompt, rank=RANK, slots=SLOTS, results={})
-    for build in (act_mul_reader, add_rms_norm_reader, rope_reader):
+    for build in (act_mul_reader, add_rms_norm_reader, sum_and_norm_reader, rope_reader):
         reader = build(ops)
         report["results"][reader.name] = sweep(reader, deadline)
         del reader
@@ -155,7 +176,7 @@ def main() -> None:
     for name, result in report["results"].items():
         best = result["best"]
         if best is not None:
-            print(f"{name:18} without LoRA {result['without_lora_us']:.2f} us, default {result['default_us']} us, "
+            print(f"{name:22} without LoRA {result['without_lora_us']:.2f} us, default {result['default_us']} us, "
                   f"best {best}")
     if args.out:
         write_result(args.out, report)

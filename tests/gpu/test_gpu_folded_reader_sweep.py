@@ -36,7 +36,7 @@ def test_the_sweep_times_each_reader_in_each_shape_and_writes_the_best(monkeypat
     monkeypatch.setattr("sys.argv", ["folded_reader_sweep", "--prompt", "40", "--out", str(out)])
     bench.main()
     results = json.loads(out.read_text())["results"]
-    assert list(results) == ["act_mul", "add_rms_norm", "rope_and_cache_kv"]
+    assert list(results) == ["act_mul", "add_rms_norm", "add_rms_norm 1 kernel", "rope_and_cache_kv"]
     act = results["act_mul"]
     # The default (16 rows, 128 columns) first, then the grid's two shapes.
     assert [(r["rows"], r["columns"]) for r in act["all"]] == [(16, 128), (16, 64), (32, 64)]

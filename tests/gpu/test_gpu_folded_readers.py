@@ -146,6 +146,25 @@ def test_folded_readers_match_reference_in_other_launch_shapes(device, dtype, ro
         assert_matches(got, expected, dtype)
 
 
+@pytest.mark.parametrize("dtype", FOLDED_DTYPES)
+@pytest.mark.parametrize("rows,columns,warps", [(16, 256, 4), *OTHER_TILES])
+def test_the_one_kernel_sum_and_norm_candidate_matches_reference_call_after_call(device, dtype, rows, columns, warps):
+    from benchmarks._fused_norm_triton import SumAndNorm
+
+    torch_dtype = DTYPES[dtype]
+    lora = folded("mixed", [1100], dtype=torch_dtype, device=device)
+    tokens = lora.shrunk.shape[0]
+    candidate = SumAndNorm(tokens, 1100, lora.blocks.shape[0], lora.block_m,
+                           kernels().FoldedTiles(rows=rows, columns=columns, warps=warps), device=device)
+    weight = randn(1100, dtype=torch_dtype, device=device, seed=2, scale=0.1) + 1
+    for seed in (0, 10):  # the second call finds the parts' counts reset by the first
+        hidden, out = (randn(tokens, 1100, dtype=torch_dtype, device=device, seed=seed + s) for s in (0, 1))
+        for got, expected in zip(candidate(hidden, out, weight, 1e-6, lora),
+                                 add_rms_norm_reference(hidden, out, weight, 1e-6, lora)):
+            assert_matches(got, expected, dtype)
+    assert not candidate.counts.any()
+
+
 def test_folded_readers_refuse_parts_smaller_than_a_dot(device):
     lora = folded("mixed", [72, 72], dtype=torch.float32, device=device)
     gate_up = randn(lora.shrunk.shape[0], 144, dtype=torch.float32, device=device, seed=6)

@@ -176,8 +176,9 @@ def main() -> None:
     for name, result in report["results"].items():
         best = result["best"]
         if best is not None:
-            print(f"{name:22} without LoRA {result['without_lora_us']:.2f} us, default {result['default_us']} us, "
-                  f"best {best}")
+            default = result["default_us"] or float("nan")  # the budget ran out before the default was timed
+            print(f"{name:22} without LoRA {result['without_lora_us']:.2f} us, default {default:.2f} us, best "
+                  f"{best['us']:.2f} us {FoldedTiles(best['rows'], best['columns'], best['warps'])}")
     if args.out:
         write_result(args.out, report)
 

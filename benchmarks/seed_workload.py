@@ -8,7 +8,7 @@ all-module file under 16 names) for the larger shapes; `zipf1000` (the 8 small f
 1,000 names, requested Zipf(1.1)-skewed; `--rate` sets its load). On machines of several GPUs:
 `--replicas N --scale-with-replicas` (16*N adapter names at N times the rate, as the replica
 runs want), `--routing-policy round-robin` for the adapter-blind baseline, `--tp N` per
-replica, `--shape llama-70b`. Writes every run's raw
+replica, `--shape llama-70b`; `--workload-seed N` draws another request list. Writes every run's raw
 JSON, comparison tables and timeline PNGs under --out-dir, and the run's result file
 `seed-<sets>-<commit>.json` (command, commit, GPU, each mode's summary, per-request TTFTs, and
 with overlap off and on the timeline figures and each request's phases): the file to copy into benchmarks/results/.
@@ -113,7 +113,7 @@ def wait_for_adapters(client: LoraServeClient, resident: bool, timeout: float = 
 
 
 def bench_args(address: str, names: list[str], rate: float, num_prompts: int, output: Path,
-               zipf: bool = False) -> argparse.Namespace:
+               zipf: bool = False, workload_seed: int = 1) -> argparse.Namespace:
     """`loraserve bench`'s own parsed flags for the seed's client: prompts and outputs uniform over
     [1, 512], Poisson arrivals at `rate`, adapters in turn (or Zipf-skewed)."""
     distribution = ["skewed", "--lora-zipf-alpha", str(ZIPF_ALPHA)] if zipf else ["distinct"]
@@ -122,12 +122,12 @@ def bench_args(address: str, names: list[str], rate: float, num_prompts: int, ou
     return parser.parse_args([
         "bench", "--address", address, "--dataset", "random", "--random-input-len", "512",
         "--random-output-len", "512", "--random-range-ratio", "0.0", "--num-prompts", str(num_prompts),
-        "--request-rate", str(rate), "--seed", "1", "--lora-name", *names, "--lora-request-distribution", *distribution,
+        "--request-rate", str(rate), "--seed", str(workload_seed), "--lora-name", *names, "--lora-request-distribution", *distribution,
         "--output-file", str(output), "--disable-progress"])
 
 
 def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: float, num_prompts: int,
-             out_dir: Path, label: str, draw_timeline: bool) -> dict:
+             out_dir: Path, label: str, draw_timeline: bool, workload_seed: int = 1) -> dict:
     config = base.replace(initial_adapters={n: str(p) for n, p in adapters.items()}, **MODES[mode])
     launcher = Launcher(config)
     launcher.start()
@@ -137,7 +137,7 @@ def run_mode(base: ServeConfig, adapters: dict[str, Path], mode: str, rate: floa
             wait_for_adapters(client, resident=mode == "resident")
             output = out_dir / f"{label}.json"
             args = bench_args(launcher.address, list(adapters), rate, num_prompts, output,
-                              zipf=label.startswith("zipf"))
+                              zipf=label.startswith("zipf"), workload_seed=workload_seed)
             result = asyncio.run(run_benchmark(args, connection_from_args(args.parser, args)))
             result["stats"] = json_stats(client.stats())
             if draw_timeline:
@@ -223,6 +223,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sets", nargs="+", default=["large", "small"], choices=list(SET_RATES))
     parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=list(MODES))
     parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument("--workload-seed", type=int, default=1,
+                        help="the request list's seed (1: the seed runs' list; others check that a comparison "
+                             "between modes holds beyond one list)")
     parser.add_argument("--no-mixed-graphs", action="store_true", help="serve with --disable-mixed-graphs")
     parser.add_argument("--replicas", type=int, default=1, help="scheduler+worker pairs (on one GPU: all share it)")
     parser.add_argument("--num-kv-pages", type=int, default=16384, help="per replica")
@@ -260,7 +263,7 @@ def main() -> None:
         for mode in modes:
             label = f"{adapter_set}-{mode}"
             results[label] = run_mode(base, adapters, mode, rate, args.num_prompts, args.out_dir, label,
-                                      draw_timeline=mode != "resident")
+                                      draw_timeline=mode != "resident", workload_seed=args.workload_seed)
             record = write_record(args, bandwidth, assets.get("large_bytes"), results)
         names = [f"{adapter_set}-{m}" for m in modes]
         table = format_comparison(names, [results[n]["summary"] for n in names])
@@ -271,7 +274,7 @@ def main() -> None:
 
 def write_record(args: argparse.Namespace, bandwidth: dict, large_bytes: int | None, results: dict) -> dict:
     """The result file as it stands after each mode, so that a run cut short keeps the modes it finished."""
-    record = run_record("seed_workload", replicas=args.replicas, tp=args.tp, shape=args.shape,
+    record = run_record("seed_workload", workload_seed=args.workload_seed, replicas=args.replicas, tp=args.tp, shape=args.shape,
                         routing_policy=args.routing_policy, scaled_with_replicas=args.scale_with_replicas,
                         num_kv_pages=args.num_kv_pages, bandwidth=bandwidth, large_adapter_bytes=large_bytes,
                         targets=targets(results, bandwidth, large_bytes),
@@ -281,11 +284,13 @@ def write_record(args: argparse.Namespace, bandwidth: dict, large_bytes: int | N
 
 
 def run_suffix(args: argparse.Namespace) -> str:
-    """What sets a run apart from the seed's one-GPU, 8B, residency-routed run, for its file name."""
+    """What sets a run apart from the seed's one-GPU, 8B, residency-routed run of request list 1, for its
+    file name."""
     parts = [f"replicas{args.replicas}" if args.replicas > 1 else "", f"tp{args.tp}" if args.tp > 1 else "",
              "scaled" if args.scale_with_replicas and args.replicas > 1 else "",
              args.routing_policy if args.routing_policy != "residency" else "",
-             args.shape if args.shape != "llama-8b" else ""]
+             args.shape if args.shape != "llama-8b" else "",
+             f"workload{args.workload_seed}" if args.workload_seed != 1 else ""]
     return "".join(f"-{part}" for part in parts if part)
 
 

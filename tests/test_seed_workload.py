@@ -30,6 +30,8 @@ def test_the_client_is_loraserve_bench_with_the_seeds_workload(tmp_path):
     assert (args.request_rate, args.num_prompts, args.lora_name) == (4.0, 100, ["a", "b"])
     assert args.lora_request_distribution == "distinct" and args.output_file == Path(tmp_path / "out.json")
     assert connection_from_args(args.parser, args).address == "127.0.0.1:50123"
+    assert args.seed == 1  # the seed runs' request list
+    assert bench_args("127.0.0.1:50123", ["a"], 4.0, 100, tmp_path / "out.json", workload_seed=3).seed == 3
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -55,6 +57,7 @@ def test_a_multi_gpu_run_is_a_server_configuration_and_names_its_result_file():
         "round-robin", 2, 4)
     assert run_suffix(args) == "-replicas4-tp2-scaled-round-robin-llama-70b"
     assert run_suffix(parse_args(["--out-dir", "/o"])) == ""
+    assert run_suffix(parse_args(["--out-dir", "/o", "--workload-seed", "2"])) == "-workload2"
 
 
 def test_the_zipf_set_asks_for_skewed_requests_over_its_names(tmp_path):

@@ -17,12 +17,13 @@ runs, so `--calibrate` compares with one request by request.
     python -m benchmarks.slot_policy_sim --calibrate OUT/large-on.json \
         --sets large small --seeds 20 --drain-after-s 0 0.5 1 2 3 4 inf --out FILE
 Prints, per adapter set, policy, drain_after_s, pause_tokens_ratio (slot preemption; inf:
-off), overlap, landing admission and worker, the median over seeds of median TTFT, P99 TTFT,
+off), overlap, landing admission, worker and step scale, the median over seeds of median TTFT, P99 TTFT,
 mean TTFT, median TPOT (as `loraserve bench` computes it), mean E2E (simulated ms), the share
 of requests whose TTFT is within SGLang's large-set median (164 ms), loads and pauses.
 `arrival-order` is the admission order before shortest-first, for comparison. Each overlap-on
 setting swept beside `--overlap off` is then compared with it seed by seed (the same requests):
-per TTFT percentile, the seeds in which it started later and the median difference.
+per TTFT percentile, the seeds in which it started later and the median difference. The result
+file also keeps each seed's TTFT percentiles.
 """
 
 from __future__ import annotations
@@ -336,9 +337,10 @@ def against_off(sweeps: dict[tuple, list[dict]]) -> dict[str, dict]:
         off = sweeps.get((*same, "off", "off"))
         if overlap == "off" or off is None:
             continue
-        set_name, policy, drain_after_s, ratio, max_pauses, worker = same
+        set_name, policy, drain_after_s, ratio, max_pauses, worker, step_scale = same
         name = (f"{set_name} {policy} drain_after_s={drain_after_s:g} pause_tokens_ratio={ratio:g}"
-                f" max_pauses_per_request={max_pauses} landing_admission={landing} worker={worker}")
+                f" max_pauses_per_request={max_pauses} landing_admission={landing} worker={worker}"
+                f" step_scale={step_scale:g}")
         compared[name] = {p: {"later_in_seeds": sum(on["ttft_percentiles_ms"][p] > base["ttft_percentiles_ms"][p]
                                                     for on, base in zip(runs, off)),
                               "median_difference_ms": statistics.median(on["ttft_percentiles_ms"][p]
@@ -380,8 +382,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--num-prompts", type=int, default=100)
     parser.add_argument("--request-rate", type=float, default=4.0)
-    parser.add_argument("--step-scale", type=float, default=1.0,
-                        help="multiplies every forward time: what a faster engine would give")
+    parser.add_argument("--step-scale", type=float, nargs="+", default=[1.0],
+                        help="multiplies every forward time: what a faster engine would give (several: how much "
+                             "a result moves with the engine's speed)")
     parser.add_argument("--overlap", nargs="+", default=["on"], choices=["on", "off"],
                         help="overlap_loading; off: the blocking baseline (landing admission does not apply)")
     parser.add_argument("--landing-admission", nargs="+", choices=["off", "on"],
@@ -393,7 +396,7 @@ def main() -> None:
     parser.add_argument("--calibrate", type=Path, help="a `loraserve bench` JSON of the large set, overlap on")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    results = run_record("slot_policy_sim", median_over_seeds={})
+    results = run_record("slot_policy_sim", median_over_seeds={}, ttft_percentiles_by_seed={})
     if args.calibrate:
         results["calibration"] = calibrate(args.calibrate)
         print(json.dumps(results["calibration"]))
@@ -401,24 +404,27 @@ def main() -> None:
     for set_name in args.sets:
         for policy in args.policies:
             for drain_after_s in args.drain_after_s:
-                for ratio, max_pauses, overlap, landing, worker in itertools.product(
+                for ratio, max_pauses, overlap, landing, worker, step_scale in itertools.product(
                         args.pause_tokens_ratio, args.max_pauses_per_request, args.overlap, args.landing_admission,
-                        args.worker):
+                        args.worker, args.step_scale):
                     if overlap == "off" and landing == "on":
                         continue
                     name = (f"{set_name} {policy} drain_after_s={drain_after_s:g} pause_tokens_ratio={ratio:g}"
                             f" max_pauses_per_request={max_pauses} overlap={overlap} landing_admission={landing}"
-                            f" worker={worker}")
+                            f" worker={worker} step_scale={step_scale:g}")
                     config = SchedulerConfig(max_batch_tokens=4096, drain_after_s=drain_after_s,
                                              pause_tokens_ratio=ratio, max_pauses_per_request=max_pauses,
                                              overlap_loading=overlap == "on", admit_landing_loads=landing == "on")
-                    adapters = replace(SETS[set_name], steps=SETS[set_name].steps.scaled(args.step_scale))
+                    adapters = replace(SETS[set_name], steps=SETS[set_name].steps.scaled(step_scale))
                     swept = sweep(adapters, POLICIES[policy], config, args.seeds, args.num_prompts,
                                   args.request_rate, WORKERS[worker])
                     figures = swept["median over seeds"]
                     results["median_over_seeds"][name] = figures
+                    results["ttft_percentiles_by_seed"][name] = [
+                        {str(p): round(ms, 1) for p, ms in run["ttft_percentiles_ms"].items()} for run in swept["runs"]]
                     print(name, " ".join(f"{key}={value:.3g}" for key, value in figures.items()), flush=True)
-                    sweeps[(set_name, policy, drain_after_s, ratio, max_pauses, worker, overlap, landing)] = swept["runs"]
+                    sweeps[(set_name, policy, drain_after_s, ratio, max_pauses, worker, step_scale, overlap,
+                            landing)] = swept["runs"]
     results["against_off"] = against_off(sweeps)
     for name, percentiles in results["against_off"].items():
         print(f"{name}: TTFT percentile: seeds later than off, median difference (ms):",

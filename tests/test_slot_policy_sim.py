@@ -54,12 +54,13 @@ def test_overlap_is_compared_with_off_seed_by_seed_at_each_percentile():
     def runs(*ttfts_by_seed):
         return [{"ttft_percentiles_ms": dict.fromkeys(TTFT_PERCENTILES, ttft)} for ttft in ttfts_by_seed]
 
-    same = ("large", "shortest-first", 3.0, 1.5, 1, "loads-beside")
+    same = ("large", "shortest-first", 3.0, 1.5, 1, "loads-beside", 0.9)
     compared = against_off({(*same, "off", "off"): runs(50.0, 60.0, 70.0),
                             (*same, "on", "on"): runs(40.0, 65.0, 80.0),
-                            (*same[:-1], "answers-first", "on", "on"): runs(1.0, 1.0, 1.0)})
+                            (*same[:-2], "answers-first", 0.9, "on", "on"): runs(1.0, 1.0, 1.0),
+                            (*same[:-1], 1.0, "on", "on"): runs(1.0, 1.0, 1.0)})
     assert list(compared) == ["large shortest-first drain_after_s=3 pause_tokens_ratio=1.5 max_pauses_per_request=1"
-                              " landing_admission=on worker=loads-beside"]
+                              " landing_admission=on worker=loads-beside step_scale=0.9"]
     (percentiles,) = compared.values()
     assert percentiles[50] == {"later_in_seeds": 2, "median_difference_ms": 5.0}
     assert set(percentiles) == set(TTFT_PERCENTILES)

@@ -22,7 +22,7 @@ from worker.kernels._folded_readers_triton import (
     _block_rows,
     _check_folded,
     _grid,
-    _plus_folded,
+    residual_sum_tile,
 )
 from worker.kernels.staged_deltas import FoldedDeltas
 
@@ -34,18 +34,9 @@ def _sum_and_norm_kernel(hidden_ptr, out_ptr, h_ptr, b_ptr, blocks_ptr, weight_p
                          RANK: tl.constexpr, IEEE: tl.constexpr):
     slot, rank, rows, row_ok, count = _block_rows(blocks_ptr, BM)
     if count > 0:
-        tile = tl.program_id(2)
-        cols = tile * BN + tl.arange(0, BN)
-        col_ok = cols < size
-        mask = row_ok[:, None] & col_ok[None, :]
-        out = tl.load(out_ptr + rows[:, None] * stride_o + cols[None, :], mask=mask, other=0.0)
-        out = _plus_folded(out, h_ptr, stride_h, 0, b_ptr, stride_bs, size, slot, rank, rows, row_ok, cols, col_ok,
-                           RANK, IEEE)
-        x = tl.load(hidden_ptr + rows[:, None] * stride_hidden + cols[None, :], mask=mask, other=0.0)
-        x = (x.to(tl.float32) + out.to(tl.float32)).to(x.dtype)  # the residual add is in the model dtype
-        tl.store(sum_ptr + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
-        x32 = x.to(tl.float32)
-        tl.store(squares_ptr + rows * TILES + tile, tl.sum(x32 * x32, 1), mask=row_ok)
+        x32 = residual_sum_tile(hidden_ptr, out_ptr, h_ptr, b_ptr, sum_ptr, size, stride_hidden, stride_o, stride_h,
+                                stride_bs, stride_s, slot, rank, rows, row_ok, BN, RANK, IEEE).to(tl.float32)
+        tl.store(squares_ptr + rows * TILES + tl.program_id(2), tl.sum(x32 * x32, 1), mask=row_ok)
         part = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         if tl.atomic_add(counts_ptr + part, 1, sem="acq_rel") == TILES - 1:
             tl.store(counts_ptr + part, 0)

@@ -67,20 +67,30 @@ def _plus_folded(y, h_ptr, stride_h, h_column, b_ptr, stride_bs, stride_br, slot
 
 
 @triton.jit
+def residual_sum_tile(hidden_ptr, out_ptr, h_ptr, b_ptr, sum_ptr, size, stride_hidden, stride_o, stride_h, stride_bs,
+                      stride_s, slot, rank, rows, row_ok, BN: tl.constexpr, RANK: tl.constexpr, IEEE: tl.constexpr):
+    """hidden + (out + its LoRA delta) on the program's [rows, BN] tile (column tile program_id(2)),
+    stored to sum_ptr and returned."""
+    cols = tl.program_id(2) * BN + tl.arange(0, BN)
+    col_ok = cols < size
+    mask = row_ok[:, None] & col_ok[None, :]
+    out = tl.load(out_ptr + rows[:, None] * stride_o + cols[None, :], mask=mask, other=0.0)
+    out = _plus_folded(out, h_ptr, stride_h, 0, b_ptr, stride_bs, size, slot, rank, rows, row_ok, cols, col_ok,
+                       RANK, IEEE)
+    x = tl.load(hidden_ptr + rows[:, None] * stride_hidden + cols[None, :], mask=mask, other=0.0)
+    x = (x.to(tl.float32) + out.to(tl.float32)).to(x.dtype)  # the residual add is in the model dtype
+    tl.store(sum_ptr + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
+    return x
+
+
+@triton.jit
 def _add_expanded_kernel(hidden_ptr, out_ptr, h_ptr, b_ptr, blocks_ptr, sum_ptr, size, stride_hidden, stride_o,
                          stride_h, stride_bs, stride_s, BM: tl.constexpr, BN: tl.constexpr, RANK: tl.constexpr,
                          IEEE: tl.constexpr):
     slot, rank, rows, row_ok, count = _block_rows(blocks_ptr, BM)
     if count > 0:
-        cols = tl.program_id(2) * BN + tl.arange(0, BN)
-        col_ok = cols < size
-        mask = row_ok[:, None] & col_ok[None, :]
-        out = tl.load(out_ptr + rows[:, None] * stride_o + cols[None, :], mask=mask, other=0.0)
-        out = _plus_folded(out, h_ptr, stride_h, 0, b_ptr, stride_bs, size, slot, rank, rows, row_ok, cols, col_ok,
-                           RANK, IEEE)
-        x = tl.load(hidden_ptr + rows[:, None] * stride_hidden + cols[None, :], mask=mask, other=0.0)
-        x = (x.to(tl.float32) + out.to(tl.float32)).to(x.dtype)  # the residual add is in the model dtype
-        tl.store(sum_ptr + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
+        residual_sum_tile(hidden_ptr, out_ptr, h_ptr, b_ptr, sum_ptr, size, stride_hidden, stride_o, stride_h,
+                          stride_bs, stride_s, slot, rank, rows, row_ok, BN, RANK, IEEE)
 
 
 def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -8,10 +8,11 @@ all-module file under 16 names) for the larger shapes; `zipf1000` (the 8 small f
 1,000 names, requested Zipf(1.1)-skewed; `--rate` sets its load). On machines of several GPUs:
 `--replicas N --scale-with-replicas` (16*N adapter names at N times the rate, as the replica
 runs want), `--routing-policy round-robin` for the adapter-blind baseline, `--tp N` per
-replica, `--shape llama-70b`; `--workload-seed N` draws another request list. Writes every run's raw
-JSON, comparison tables and timeline PNGs under --out-dir, and the run's result file
+replica, `--shape llama-70b`; `--workload-seed N` draws another request list. Writes every
+run's raw JSON, comparison tables and timeline PNGs under --out-dir, and the run's result file
 `seed-<sets>-<commit>.json` (command, commit, GPU, each mode's summary, per-request TTFTs, and
-with overlap off and on the timeline figures and each request's phases): the file to copy into benchmarks/results/.
+with overlap off and on the timeline figures and each request's phases): the file to copy into
+benchmarks/results/.
 
     python -m benchmarks.seed_workload --out-dir $OUT --sets large small
 """

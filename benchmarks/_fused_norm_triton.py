@@ -16,15 +16,8 @@ import triton
 import triton.language as tl
 
 from worker.kernels._elementwise_triton import _check_norm_weight, _scale_by_weight
-from worker.kernels._folded_readers_triton import (
-    NORM_TILES,
-    FoldedTiles,
-    _block_rows,
-    _check_folded,
-    _grid,
-    residual_sum_tile,
-)
-from worker.kernels.staged_deltas import FoldedDeltas
+from worker.kernels._folded_readers_triton import _block_rows, _check_folded, _grid, residual_sum_tile
+from worker.kernels.staged_deltas import NORM_TILES, FoldedDeltas, FoldedTiles
 
 
 @triton.jit

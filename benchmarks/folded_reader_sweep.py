@@ -24,13 +24,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks._fused_norm_triton import SumAndNorm
 from benchmarks.common import graph_microseconds, run_record, write_result
-from worker.kernels import _folded_readers_triton as folded
 from worker.kernels import elementwise
-from worker.kernels._folded_readers_triton import FoldedTiles
 from worker.kernels.lora_blocks import PROMPT_BLOCK_M, lora_blocks, max_blocks
-from worker.kernels.staged_deltas import FoldedDeltas
+from worker.kernels.staged_deltas import ACT_TILES, NORM_TILES, ROPE_TILES, FoldedDeltas, FoldedTiles
 
 LAYERS, SLOTS, RANK = 32, 8, 16
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128
@@ -77,9 +74,11 @@ class Operands:
 
 
 def act_mul_reader(ops: Operands) -> Reader:
+    from worker.kernels import _folded_readers_triton as folded  # Triton: on use, so that --help runs anywhere
+
     layers = [ops.gemm_output([INTERMEDIATE, INTERMEDIATE]) for _ in range(LAYERS)]
     tilings = [FoldedTiles(r, c, w) for r, c, w in itertools.product(ROWS, COLUMNS, WARPS) if r * c <= 64 * 256]
-    return Reader("act_mul", folded.ACT_TILES, tilings, 3 * ops.tokens * INTERMEDIATE * DTYPE.itemsize,
+    return Reader("act_mul", ACT_TILES, tilings, 3 * ops.tokens * INTERMEDIATE * DTYPE.itemsize,
                   lambda layer, tiles: folded.act_mul(*layers[layer], "silu", tiles),
                   lambda layer: elementwise.act_mul(layers[layer][0]))
 
@@ -92,27 +91,33 @@ def norm_operands(ops: Operands) -> tuple[list, torch.Tensor, list[FoldedTiles],
 
 
 def add_rms_norm_reader(ops: Operands) -> Reader:
+    from worker.kernels import _folded_readers_triton as folded
+
     layers, weight, tilings, nbytes = norm_operands(ops)
-    return Reader("add_rms_norm", folded.NORM_TILES, tilings, nbytes,
+    return Reader("add_rms_norm", NORM_TILES, tilings, nbytes,
                   lambda layer, tiles: folded.add_rms_norm(*layers[layer][:2], weight, 1e-5, layers[layer][2], tiles),
                   lambda layer: elementwise.add_rms_norm(*layers[layer][:2], weight, 1e-5))
 
 
 def sum_and_norm_reader(ops: Operands) -> Reader:
     """The one-kernel candidate for `add_rms_norm` (`benchmarks._fused_norm_triton`), on its operands."""
+    from benchmarks._fused_norm_triton import SumAndNorm
+
     layers, weight, tilings, nbytes = norm_operands(ops)
-    candidates: dict[FoldedTiles, SumAndNorm] = {}
+    candidates: dict[FoldedTiles, Callable] = {}
 
     def call(layer: int, tiles: FoldedTiles):
         if tiles not in candidates:
             candidates[tiles] = SumAndNorm(ops.tokens, HIDDEN, ops.blocks.shape[0], PROMPT_BLOCK_M, tiles, DEVICE)
         return candidates[tiles](*layers[layer][:2], weight, 1e-5, layers[layer][2])
 
-    return Reader("add_rms_norm 1 kernel", folded.NORM_TILES, tilings, nbytes, call,
+    return Reader("add_rms_norm 1 kernel", NORM_TILES, tilings, nbytes, call,
                   lambda layer: elementwise.add_rms_norm(*layers[layer][:2], weight, 1e-5))
 
 
 def rope_reader(ops: Operands) -> Reader:
+    from worker.kernels import _folded_readers_triton as folded
+
     outputs = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
     layers = [ops.gemm_output(outputs) for _ in range(LAYERS)]
     cos, sin = (ops.randn(ops.tokens, 1, HEAD_DIM, scale=1.0) for _ in range(2))
@@ -128,7 +133,7 @@ def rope_reader(ops: Operands) -> Reader:
         return folded.rope_and_cache_kv(qkv, lora, *args, **caches, tiles=tiles)
 
     tilings = [FoldedTiles(rows=r, warps=w) for r, w in itertools.product(ROWS, WARPS)]
-    return Reader("rope_and_cache_kv", folded.ROPE_TILES, tilings, 2 * ops.tokens * sum(outputs) * DTYPE.itemsize,
+    return Reader("rope_and_cache_kv", ROPE_TILES, tilings, 2 * ops.tokens * sum(outputs) * DTYPE.itemsize,
                   lambda layer, tiles: call(layer, layers[layer][1], tiles), lambda layer: call(layer, None, None))
 
 
@@ -165,6 +170,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=400, help="the prompt's tokens beside the 8 decodes")
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop sweeping after this long")
     args = parser.parse_args()
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        parser.error("times the folded readers on a CUDA GPU: this machine has none")
     deadline = time.monotonic() + args.budget_s
     ops = Operands(step_slots(args.prompt))
     report = run_record("folded_reader_sweep", prompt=args.prompt, rank=RANK, slots=SLOTS, results={})

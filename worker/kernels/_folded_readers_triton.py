@@ -10,8 +10,6 @@ tiles, rounding in the same places.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -19,25 +17,7 @@ import triton.language as tl
 from worker.kernels import _elementwise_triton as row_kernels
 from worker.kernels._elementwise_triton import ACTIVATIONS, _act_times, _check, _check_norm_weight, _rope_head
 from worker.kernels._triton_common import dot, lora_block, pick
-from worker.kernels.staged_deltas import FoldedDeltas
-
-
-@dataclass(frozen=True)
-class FoldedTiles:
-    """A reader's launch shape (`benchmarks.folded_reader_sweep` times them). A program takes `rows`
-    of one block (a power of two from 16, tl.dot's least, to the block table's block_m) and, in the
-    column-parallel kernels, `columns` of them; rope takes a head's columns."""
-
-    rows: int = 16
-    columns: int = 128
-    warps: int = 4
-
-
-# Whole blocks (up to 64 rows) made tiles of 64 x 256 that spilled registers (act_mul 54 us a call in
-# a mixed step) and, for a decode block's one row, 31 rows of waste.
-NORM_TILES = FoldedTiles(rows=16, columns=256)
-ROPE_TILES = FoldedTiles(rows=16)
-ACT_TILES = FoldedTiles(rows=16, columns=128)
+from worker.kernels.staged_deltas import ACT_TILES, NORM_TILES, ROPE_TILES, FoldedDeltas, FoldedTiles
 
 
 @triton.jit

@@ -1,6 +1,7 @@
-"""LoRA deltas staged beside a base GEMM for the kernel that next reads its output
-(`worker.kernels.elementwise`), apart from both the public functions and the Triton module so
-that each imports them without a cycle."""
+"""LoRA deltas staged beside a base GEMM, or folded into it, for the kernel that next reads its
+output (`worker.kernels.elementwise`), and the folded readers' launch shapes: apart from both the
+public functions and the Triton modules so that each imports them without a cycle (and without
+Triton)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,22 @@ class FoldedDeltas:
         zero = torch.zeros((), dtype=self.shrunk.dtype, device=self.shrunk.device)
         return torch.cat([torch.where(mask, self.shrunk[:, i * columns:(i + 1) * columns], zero) @ b_t.flatten(0, 1)
                           for i, b_t in enumerate(self.b_t)], dim=1)
+
+
+@dataclass(frozen=True)
+class FoldedTiles:
+    """A folded reader's launch shape (`worker.kernels._folded_readers_triton`;
+    `benchmarks.folded_reader_sweep` times them). A program takes `rows` of one block (a power of
+    two from 16, tl.dot's least, to the block table's block_m) and, in the column-parallel
+    kernels, `columns` of them; rope takes a head's columns."""
+
+    rows: int = 16
+    columns: int = 128
+    warps: int = 4
+
+
+# Whole blocks (up to 64 rows) made tiles of 64 x 256 that spilled registers (act_mul 54 us a call in
+# a mixed step) and, for a decode block's one row, 31 rows of waste.
+NORM_TILES = FoldedTiles(rows=16, columns=256)
+ROPE_TILES = FoldedTiles(rows=16)
+ACT_TILES = FoldedTiles(rows=16, columns=128)

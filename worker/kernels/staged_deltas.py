@@ -74,6 +74,10 @@ class FoldedTiles:
     columns: int = 128
     warps: int = 4
 
+    def __post_init__(self) -> None:
+        if self.rows < 16 or self.rows & (self.rows - 1):
+            raise ValueError(f"a folded reader's programs take a power of two of at least 16 rows, got {self.rows}")
+
 
 # Whole blocks (up to 64 rows) made tiles of 64 x 256 that spilled registers (act_mul 54 us a call in
 # a mixed step) and, for a decode block's one row, 31 rows of waste.

@@ -8,8 +8,9 @@ with the o or down expand, `rope_and_cache_kv` with the q/k/v expand) reads a GE
 extra columns are the shrunk inputs, as in a step. 32 layers' calls with distinct operands (so
 that nothing is served from L2) are captured in a CUDA graph and replayed, for each launch shape
 (`FoldedTiles`); the same reader without LoRA (the row kernel, the base model's step) is the
-floor. `add_rms_norm` is timed twice: as the server runs it (two kernels) and as the one-kernel
-candidate of `benchmarks._fused_norm_triton`. Prints microseconds per layer and the GB/s of the
+floor. `add_rms_norm` is timed three times: as the server runs it (two kernels) and as the two
+one-kernel candidates of `benchmarks._fused_norm_triton`. Each reader gets an equal share of
+`--budget-s`, its default shape timed first. Prints microseconds per layer and the GB/s of the
 reader's own bytes (its input and output, not B), the default and the best shape per reader;
 asserts nothing.
 """
@@ -21,6 +22,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,9 +31,13 @@ from worker.kernels import elementwise
 from worker.kernels.lora_blocks import PROMPT_BLOCK_M, lora_blocks, max_blocks
 from worker.kernels.staged_deltas import ACT_TILES, NORM_TILES, ROPE_TILES, FoldedDeltas, FoldedTiles
 
+if TYPE_CHECKING:
+    from benchmarks._fused_norm_triton import RowTiles
+
 LAYERS, SLOTS, RANK = 32, 8, 16
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128
-ROWS, COLUMNS, WARPS = (16, 32, 64), (64, 128, 256, 512), (2, 4, 8)
+ROWS, COLUMNS, WARPS = (64, 32, 16), (64, 128, 256, 512), (2, 4, 8)  # wide parts first: B read fewer times
+WALKING_ROWS, WALKING_COLUMNS, WALKING_WARPS = (2, 4, 8, 16), (512, 1024), (4, 8)
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
 
@@ -39,10 +45,10 @@ DEVICE = "cuda"
 @dataclass(frozen=True)
 class Reader:
     name: str
-    default: FoldedTiles
-    tilings: list[FoldedTiles]
+    default: FoldedTiles | RowTiles
+    tilings: list[FoldedTiles | RowTiles]
     nbytes: int  # its input and output
-    folded: Callable[[int, FoldedTiles], object]  # layer, tiles
+    folded: Callable[[int, FoldedTiles | RowTiles], object]  # layer, tiles
     floor: Callable[[int], object]  # layer: the row kernel without LoRA
 
 
@@ -115,6 +121,17 @@ def sum_and_norm_reader(ops: Operands) -> Reader:
                   lambda layer: elementwise.add_rms_norm(*layers[layer][:2], weight, 1e-5))
 
 
+def sum_and_norm_rows_reader(ops: Operands) -> Reader:
+    """The row-walking one-kernel candidate for `add_rms_norm` (`benchmarks._fused_norm_triton`)."""
+    from benchmarks._fused_norm_triton import RowTiles, sum_and_norm_rows
+
+    layers, weight, _, nbytes = norm_operands(ops)
+    tilings = [RowTiles(*shape) for shape in itertools.product(WALKING_ROWS, WALKING_COLUMNS, WALKING_WARPS)]
+    return Reader("add_rms_norm rows", RowTiles(), tilings, nbytes,
+                  lambda layer, tiles: sum_and_norm_rows(*layers[layer][:2], weight, 1e-5, layers[layer][2], tiles),
+                  lambda layer: elementwise.add_rms_norm(*layers[layer][:2], weight, 1e-5))
+
+
 def rope_reader(ops: Operands) -> Reader:
     from worker.kernels import _folded_readers_triton as folded
 
@@ -172,12 +189,12 @@ def main() -> None:
     args = parser.parse_args()
     if DEVICE == "cuda" and not torch.cuda.is_available():
         parser.error("times the folded readers on a CUDA GPU: this machine has none")
-    deadline = time.monotonic() + args.budget_s
     ops = Operands(step_slots(args.prompt))
     report = run_record("folded_reader_sweep", prompt=args.prompt, rank=RANK, slots=SLOTS, results={})
-    for build in (act_mul_reader, add_rms_norm_reader, sum_and_norm_reader, rope_reader):
+    builders = (act_mul_reader, add_rms_norm_reader, sum_and_norm_reader, sum_and_norm_rows_reader, rope_reader)
+    for build in builders:
         reader = build(ops)
-        report["results"][reader.name] = sweep(reader, deadline)
+        report["results"][reader.name] = sweep(reader, time.monotonic() + args.budget_s / len(builders))
         del reader
         torch.cuda.empty_cache()
     for name, result in report["results"].items():
@@ -185,7 +202,7 @@ def main() -> None:
         if best is not None:
             default = result["default_us"] or float("nan")  # the budget ran out before the default was timed
             print(f"{name:22} without LoRA {result['without_lora_us']:.2f} us, default {default:.2f} us, best "
-                  f"{best['us']:.2f} us {FoldedTiles(best['rows'], best['columns'], best['warps'])}")
+                  f"{best['us']:.2f} us (rows {best['rows']}, columns {best['columns']}, warps {best['warps']})")
     if args.out:
         write_result(args.out, report)
 

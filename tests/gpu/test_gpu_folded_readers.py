@@ -165,6 +165,22 @@ def test_the_one_kernel_sum_and_norm_candidate_matches_reference_call_after_call
     assert not candidate.counts.any()
 
 
+@pytest.mark.parametrize("dtype", FOLDED_DTYPES)
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize("rows,columns,warps", [(1, 512, 4), (4, 256, 4), (16, 1024, 8)])
+def test_the_row_walking_sum_and_norm_candidate_matches_reference(device, dtype, batch, rows, columns, warps):
+    from benchmarks._fused_norm_triton import RowTiles, sum_and_norm_rows
+
+    torch_dtype = DTYPES[dtype]
+    lora = folded(batch, [1100], dtype=torch_dtype, device=device)
+    tokens = lora.shrunk.shape[0]
+    hidden, out = (randn(tokens, 1100, dtype=torch_dtype, device=device, seed=s) for s in (0, 1))
+    weight = randn(1100, dtype=torch_dtype, device=device, seed=2, scale=0.1) + 1
+    got = sum_and_norm_rows(hidden, out, weight, 1e-6, lora, RowTiles(rows, columns, warps))
+    for got_part, expected in zip(got, add_rms_norm_reference(hidden, out, weight, 1e-6, lora)):
+        assert_matches(got_part, expected, dtype)
+
+
 def test_folded_readers_refuse_parts_smaller_than_a_dot(device):
     lora = folded("mixed", [72, 72], dtype=torch.float32, device=device)
     gate_up = randn(lora.shrunk.shape[0], 144, dtype=torch.float32, device=device, seed=6)

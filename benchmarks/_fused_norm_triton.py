@@ -5,7 +5,7 @@ sum, then the row norm). `benchmarks.folded_reader_sweep` times them all; the se
 `sum_and_norm_rows`: a program takes a few rows of one block (1 to 16, `RowTiles`) and walks their
 columns twice: the sum with the expand (outer products over the rank, as tl.dot needs 16 rows)
 and its sum of squares, then the norm of the sum read back (from L2: just written). Few rows a
-program keep a step's programs many (a 400-token prompt: 100 of 4 rows), and each reads its slot's
+program keep a step's programs many (a 400-token prompt: 200 of 2 rows), and each reads its slot's
 B once for its rows, from L2 after the first.
 
 `SumAndNorm`: programs are `_add_expanded_kernel`'s (rows of one block x a column tile). Each also stores its rows'
@@ -33,9 +33,9 @@ class RowTiles:
     """`sum_and_norm_rows`' launch shape: `rows` of one block a program (a power of two), its
     columns walked `columns` at a time."""
 
-    rows: int = 4
-    columns: int = 512
-    warps: int = 4
+    rows: int = 2
+    columns: int = 2048
+    warps: int = 8
 
     def __post_init__(self) -> None:
         if self.rows < 1 or self.rows & (self.rows - 1):

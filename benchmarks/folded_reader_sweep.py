@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 LAYERS, SLOTS, RANK = 32, 8, 16
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128
 ROWS, COLUMNS, WARPS = (64, 32, 16), (64, 128, 256, 512), (2, 4, 8)  # wide parts first: B read fewer times
-WALKING_ROWS, WALKING_COLUMNS, WALKING_WARPS = (2, 4, 8, 16), (512, 1024), (4, 8)
+WALKING_ROWS, WALKING_COLUMNS, WALKING_WARPS = (1, 2, 4, 8), (1024, 2048, 4096), (4, 8)
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
 
@@ -126,7 +126,8 @@ def sum_and_norm_rows_reader(ops: Operands) -> Reader:
     from benchmarks._fused_norm_triton import RowTiles, sum_and_norm_rows
 
     layers, weight, _, nbytes = norm_operands(ops)
-    tilings = [RowTiles(*shape) for shape in itertools.product(WALKING_ROWS, WALKING_COLUMNS, WALKING_WARPS)]
+    tilings = [RowTiles(r, c, w) for r, c, w in itertools.product(WALKING_ROWS, WALKING_COLUMNS, WALKING_WARPS)
+               if r * c <= 8192]
     return Reader("add_rms_norm rows", RowTiles(), tilings, nbytes,
                   lambda layer, tiles: sum_and_norm_rows(*layers[layer][:2], weight, 1e-5, layers[layer][2], tiles),
                   lambda layer: elementwise.add_rms_norm(*layers[layer][:2], weight, 1e-5))

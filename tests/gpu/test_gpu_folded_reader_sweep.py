@@ -43,6 +43,6 @@ def test_the_sweep_times_each_reader_in_each_shape_and_writes_the_best(monkeypat
     # The default (16 rows, 128 columns) first, then the grid's two shapes.
     assert [(r["rows"], r["columns"]) for r in act["all"]] == [(16, 128), (16, 64), (32, 64)]
     assert act["default_us"] == act["all"][0]["us"] and act["best"] == act["all"][0]
-    assert [(r["rows"], r["columns"]) for r in results["add_rms_norm rows"]["all"]] == [(4, 512), (2, 32), (16, 32)]
+    assert [(r["rows"], r["columns"]) for r in results["add_rms_norm rows"]["all"]] == [(2, 2048), (2, 32), (16, 32)]
     assert [r["rows"] for r in results["rope_and_cache_kv"]["all"]] == [16, 32]
     assert "best" in capsys.readouterr().out

@@ -67,6 +67,7 @@ def _sum_norm_rows_kernel(hidden_ptr, out_ptr, h_ptr, b_ptr, blocks_ptr, weight_
             x32 = x.to(tl.float32)
             squares += tl.sum(x32 * x32, 1)
         rstd = tl.math.rsqrt(squares / size + eps)
+        tl.debug_barrier()  # the sums read back below may have been stored by other threads of the program
         for start in range(0, size, BN):
             cols = start + tl.arange(0, BN)
             col_ok = cols < size
